@@ -25,8 +25,10 @@ def _register() -> None:
     import importlib
 
     for module, names in [
-        ("extract.cli", ("spec", "extract", "store", "train", "sample")),
-        ("probe.cli", ("probe",)),
+        ("diffbank.commands.spec", ("spec",)),
+        ("diffbank.commands.extract", ("extract", "store")),
+        ("diffbank.commands.model", ("train", "sample")),
+        ("diffbank.commands.probe", ("probe",)),
         ("diffbank.demo", ("demo",)),
     ]:
         try:
