@@ -1,0 +1,86 @@
+"""`diffbank train` and `diffbank sample`: the embedded model's own training and a look at its samples."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+@click.command("train")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/train-fmnist32", show_default=True,
+              help="Run directory; rerunning with the same directory resumes.")
+@click.option("--data", "data_dir", type=click.Path(file_okay=False), default=None,
+              help="Folder with Fashion-MNIST's IDX files (default: Debian's /usr/share/datasets/fashion-mnist).")
+@click.option("--steps", type=int, default=1500, show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--lr", type=float, default=6e-4, show_default=True)
+@click.option("--ema-decay", type=float, default=0.995, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--autocast", type=click.Choice(["auto", "bfloat16", "none"]), default="auto", show_default=True,
+              help="auto: bf16 where the CPU has AMX/AVX512-BF16 (faster there), else float32.")
+@click.option("--threads", type=int, default=None, help="torch threads (default: all cores).")
+@click.option("--checkpoint-every", type=int, default=100, show_default=True)
+@click.option("--export", "export_path", type=click.Path(dir_okay=False), default=None,
+              help="After training, write the EMA weights as safetensors with a JSON card beside them.")
+def train_command(out_dir, data_dir, steps, batch_size, lr, ema_decay, seed, autocast, threads, checkpoint_every,
+                  export_path):
+    """Train the embedded Fashion-MNIST ADM (DDPM epsilon-prediction, EMA weights); resumable."""
+    from extract.idx import FASHION_MNIST_DIR
+    from extract.models import fmnist
+    from extract.models.training import TrainConfig, export_ema, train
+
+    cfg = TrainConfig(flags=fmnist.FLAGS, steps=steps, batch_size=batch_size, lr=lr, ema_decay=ema_decay,
+                      seed=seed, autocast=autocast, threads=threads, checkpoint_every=checkpoint_every)
+    try:
+        images = fmnist.training_images(data_dir or FASHION_MNIST_DIR)
+    except FileNotFoundError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"training {fmnist.NAME} on {len(images)} images -> {out_dir}", err=True)
+    record = train(images, cfg, out_dir)
+    click.echo(json.dumps({k: v for k, v in record.items() if k != "losses"} | {"final_loss": record["losses"][-1][1]}))
+    if export_path:
+        export_ema(out_dir, export_path, fmnist.NAME, command=_reproduce_command(cfg, data_dir))
+        click.echo(f"wrote {export_path}", err=True)
+
+
+def _reproduce_command(cfg, data_dir) -> str:
+    parts = ["diffbank train", f"--steps {cfg.steps}", f"--batch-size {cfg.batch_size}", f"--lr {cfg.lr}",
+             f"--ema-decay {cfg.ema_decay}", f"--seed {cfg.seed}", f"--autocast {cfg.autocast}"]
+    if data_dir:
+        parts.append(f"--data {data_dir}")
+    return " ".join(parts)
+
+
+@click.command("sample")
+@click.option("--model", "model_name", default="embedded:fmnist32", show_default=True,
+              help="embedded:NAME, or a checkpoint path together with --preset/--flags-json.")
+@click.option("--flags-json", default=None, help="guided-diffusion flags as JSON, for a checkpoint path.")
+@click.option("-n", "--num", type=int, default=64, show_default=True)
+@click.option("--steps", type=int, default=100, show_default=True, help="DDIM steps.")
+@click.option("--eta", type=float, default=0.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), default="samples.png", show_default=True)
+def sample_command(model_name, flags_json, num, steps, eta, seed, out_path):
+    """Generate a grid of images (PNG) from a diffusion model, by default the embedded one."""
+    from PIL import Image
+
+    from extract.diffusion import NoiseSchedule
+    from extract.models.registry import EMBEDDED_PREFIX, build_model, embedded_card
+    from extract.models.sampling import ddim_sample, image_grid
+
+    if model_name.startswith(EMBEDDED_PREFIX):
+        card = embedded_card(model_name.removeprefix(EMBEDDED_PREFIX))
+        model, _ = build_model(model_name, None, model_name)
+        schedule = NoiseSchedule.from_flags(card.get("noise_schedule", "linear"), card.get("diffusion_steps", 1000))
+    else:
+        if not flags_json:
+            raise click.UsageError("a checkpoint path needs --flags-json with the network's flags")
+        flags = json.loads(flags_json)
+        model, _ = build_model(None, flags, model_name)
+        schedule = NoiseSchedule.from_flags(flags.get("noise_schedule", "linear"), flags.get("diffusion_steps", 1000))
+    images = ddim_sample(model, schedule, num, steps=steps, eta=eta, seed=seed, progress=True)
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image_grid(images, nrow=int(num**0.5) or 1)).save(out_path)
+    click.echo(f"wrote {out_path} ({num} images, {steps} DDIM steps)")

@@ -1,0 +1,143 @@
+"""`diffbank probe ...`: thin click wrappers over `probe.api` (all logic lives there)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+SUBSET_HELP = "label subset of train: 1%, 10% (stratified) or K-shot, e.g. 5-shot (seeded)"
+
+
+def _common(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Options every probe command takes (applied bottom-up, so listed here in reverse help order)."""
+    options = [
+        click.argument("store"),
+        click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+                     help="directory for results.json, weights and checkpoints (a rerun resumes)"),
+        click.option("--feature", "features", multiple=True,
+                     help="feature name (repeatable); default: the paper's choice or the nearest available"),
+        click.option("--seed", default=0, show_default=True, type=int, help="seed of splits, subsets, order, init"),
+        click.option("--subset", default=None, help=SUBSET_HELP),
+        click.option("--val-fraction", default=0.1, show_default=True, type=float,
+                     help="validation fraction carved from train when the store has no validation split"),
+        click.option("--standardize", type=click.Choice(["dim", "channel", "none"]), default=None,
+                     help="train-split standardisation (default: dim for linear heads, channel for attention)"),
+        click.option("--memory-budget", default=None,
+                     help="features up to this size are loaded into memory, larger ones streamed "
+                          "(bytes, 2GiB, 25%; default 25% of RAM)"),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _training(func: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--epochs", default=28, show_default=True, type=int),
+        click.option("--batch-size", default=128, show_default=True, type=int),
+        click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda:0"),
+        click.option("--quiet", is_flag=True, help="no per-epoch progress"),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _run(name: str, **kwargs: Any) -> None:
+    """Call `probe.api.run_<name>` and print its table; known input problems become clean CLI errors."""
+    from probe import api
+    from probe.data import ProbeDataError
+    from probe.report import render
+
+    kwargs["features"] = list(kwargs.get("features") or []) or None
+    if kwargs.get("standardize") is None:
+        kwargs.pop("standardize", None)
+    if "quiet" in kwargs:
+        kwargs["progress"] = not kwargs.pop("quiet")
+    try:
+        results = getattr(api, f"run_{name}")(**kwargs)
+    except (ProbeDataError, api.RunConflictError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(render(results))
+    click.echo(f"\nresults: {kwargs['out_dir']}/results.json")
+
+
+@click.group("probe")
+def probe_command() -> None:
+    """Train and evaluate probes on a feature store (no U-Net needed).
+
+    \b
+    Selection is on the validation split, the report on test. Every command writes
+    OUT/results.json (metrics, exact config, store fingerprint, seeds, split definition)
+    and prints a table; training commands save weights as safetensors and resume when rerun.
+    """
+
+
+@probe_command.command("linear")
+@_common
+@_training
+@click.option("--lr", default=1e-2, show_default=True, type=float)
+@click.option("--batchnorm", is_flag=True, help="parameter-free BatchNorm before the linear layer (MAE-style)")
+def linear(**kwargs: Any) -> None:
+    """The paper's linear head on one feature (default t090_b24_avg2)."""
+    _run("linear", **kwargs)
+
+
+@probe_command.command("attention")
+@_common
+@_training
+@click.option("--lr", default=5e-2, show_default=True, type=float)
+@click.option("--preset", type=click.Choice(["tiny", "small", "paper"]), default="small", show_default=True)
+def attention(**kwargs: Any) -> None:
+    """The attention-pool head on one block map (default t090_b24_tok16)."""
+    _run("attention", **kwargs)
+
+
+@probe_command.command("fusion")
+@_common
+@_training
+@click.option("--lr", default=5e-2, show_default=True, type=float)
+@click.option("--preset", type=click.Choice(["tiny", "small", "paper"]), default="small", show_default=True)
+def fusion(**kwargs: Any) -> None:
+    """DifFormer over blocks x timesteps (default blocks 19, 24, 30 x t 90, 150, 300)."""
+    _run("fusion", **kwargs)
+
+
+@probe_command.command("logistic")
+@_common
+@click.option("--c", "cs", multiple=True, type=float, help="C values (repeatable; default DINOv2's 45 from 1e-6 to 1e5)")
+@click.option("--max-iter", default=1000, show_default=True, type=int)
+def logistic(**kwargs: Any) -> None:
+    """Logistic regression (lbfgs) with C selected on validation, refit on train+val."""
+    kwargs["cs"] = list(kwargs["cs"]) or None
+    _run("logistic", **kwargs)
+
+
+@probe_command.command("knn")
+@_common
+@click.option("--k", "ks", multiple=True, type=int, help="k values (repeatable; default 10, 20, 100, 200)")
+@click.option("--temperature", default=0.07, show_default=True, type=float)
+@click.option("--batch-size", default=4096, show_default=True, type=int, help="bank rows per similarity chunk")
+@click.option("--device", default="cpu", show_default=True)
+def knn(**kwargs: Any) -> None:
+    """Cosine kNN with exp(sim/T)-weighted votes, k selected on validation."""
+    if not kwargs["ks"]:
+        kwargs.pop("ks")
+    else:
+        kwargs["ks"] = list(kwargs["ks"])
+    _run("knn", **kwargs)
+
+
+@probe_command.command("sweep")
+@_common
+@_training
+@click.option("--lr", "lrs", multiple=True, type=float, help="learning rates (repeatable; default 1e-3, 1e-2, 1e-1)")
+def sweep(**kwargs: Any) -> None:
+    """Linear heads for every (t, block, pooling) x lr in one pass; heat map over t x block."""
+    if not kwargs["lrs"]:
+        kwargs.pop("lrs")
+    else:
+        kwargs["lrs"] = list(kwargs["lrs"])
+    _run("sweep", **kwargs)

@@ -1,0 +1,87 @@
+"""The reference preprocessing of guided-diffusion, and the views a store can hold.
+
+`center_crop_arr` reproduces guided-diffusion's `image_datasets.center_crop_arr` step for step:
+BOX halvings while the short side is at least twice the target (cheap, alias-free shrinking of
+large photos), one BICUBIC resize that brings the short side to the target (sizes rounded with
+Python's `round`), then a centre crop. Small images (Fashion-MNIST's 28 -> 32) take the same
+bicubic step upwards. Pixels then map from uint8 to float32 [-1, 1] as `x / 127.5 - 1`, CHW.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+PREPROCESSING = ("reference",)
+
+
+def _as_pil_rgb(image: Any) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image if image.mode == "RGB" else image.convert("RGB")
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8:
+        raise TypeError(f"expected uint8 pixels, got {arr.dtype}")
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim == 2:
+        return Image.fromarray(arr).convert("RGB")  # uint8 2-d: mode L
+    if arr.ndim == 3 and arr.shape[2] in (3, 4):
+        return Image.fromarray(np.ascontiguousarray(arr[:, :, :3]))
+    raise ValueError(f"expected an image of shape (H, W[, 1|3|4]), got {arr.shape}")
+
+
+def center_crop_arr(image: Any, image_size: int) -> np.ndarray:
+    """guided-diffusion's resize-and-centre-crop: uint8 (image_size, image_size, 3).
+
+    `image` is a PIL image or a uint8 array (H, W[, C]); grayscale and RGBA become RGB.
+    """
+    if image_size < 1:
+        raise ValueError(f"image_size must be positive, got {image_size}")
+    pil = _as_pil_rgb(image)
+    while min(*pil.size) >= 2 * image_size:
+        pil = pil.resize(tuple(x // 2 for x in pil.size), resample=Image.BOX)
+    scale = image_size / min(*pil.size)
+    pil = pil.resize(tuple(round(x * scale) for x in pil.size), resample=Image.BICUBIC)
+    arr = np.asarray(pil)
+    crop_y = (arr.shape[0] - image_size) // 2
+    crop_x = (arr.shape[1] - image_size) // 2
+    return np.ascontiguousarray(arr[crop_y: crop_y + image_size, crop_x: crop_x + image_size])
+
+
+def to_model_range(arr: np.ndarray) -> np.ndarray:
+    """uint8 HWC -> float32 CHW in [-1, 1], as the reference scales pixels."""
+    if arr.dtype != np.uint8:
+        raise TypeError(f"expected uint8 pixels, got {arr.dtype}")
+    out = arr.astype(np.float32) / 127.5 - 1
+    return np.ascontiguousarray(out.transpose(2, 0, 1))
+
+
+def reference(image: Any, image_size: int) -> np.ndarray:
+    """The reference preprocessing end to end: float32 (3, image_size, image_size) in [-1, 1]."""
+    return to_model_range(center_crop_arr(image, image_size))
+
+
+def preprocess(image: Any, image_size: int, method: str = "reference") -> np.ndarray:
+    """Dispatch on a spec's `dataset.preprocess`."""
+    if method == "reference":
+        return reference(image, image_size)
+    raise ValueError(f"unknown preprocessing {method!r}; choose one of {', '.join(PREPROCESSING)}")
+
+
+def views(array: np.ndarray, center: bool = True, hflip: bool = False) -> dict[str, np.ndarray]:
+    """The views of one preprocessed image (CHW, or a batch NCHW): 'center' and/or 'flip'.
+
+    The flip mirrors the last axis (width); keys follow the feature-name views of `extract.spec`.
+    """
+    if not (center or hflip):
+        raise ValueError("at least one view (center or hflip) is needed")
+    if array.ndim not in (3, 4):
+        raise ValueError(f"expected CHW or NCHW, got shape {array.shape}")
+    out: dict[str, np.ndarray] = {}
+    if center:
+        out["center"] = array
+    if hflip:
+        out["flip"] = np.ascontiguousarray(array[..., ::-1])
+    return out

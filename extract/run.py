@@ -1,0 +1,490 @@
+"""The extraction loop: images -> seeded noise -> U-Net taps -> pooling -> store, unit by unit.
+
+One *unit* is one shard of rows (the store's work unit). For each unit with unmarked features:
+
+    load + preprocess (background threads) -> x0 -> for each timestep and draw: seeded noise,
+    q_sample, one forward that serves every requested block and stops after the deepest ->
+    average over draws -> pool -> unit buffer -> writer thread -> whole shards, then markers.
+
+Determinism. Each sample's noise depends only on (seed, sample index, t, draw). The U-Net runs on
+fixed *micro-batches*: the rows of a unit taken `micro_batch` at a time from the unit's first row.
+CPU (oneDNN) and GPU convolution kernels pick different blocking for different batch sizes, so the
+same image in a batch of 3 and of 8 differs in the last bits; fixing the grouping by row position
+makes the bytes independent of `--batch-size` (which only sizes loading), of the number of workers
+and of resumption. The micro-batch is recorded in the store and reused on resume. cuDNN runs with
+benchmark off and deterministic algorithms on.
+
+The horizontally flipped view mirrors the centre view's noised input x_t (same noise, mirrored).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from extract.diffusion import NoiseSchedule, seeded_noise
+from extract.pooling import pool
+from extract.preprocess import preprocess
+from extract.sources import ImageSource, open_source
+from extract.spec import Spec, load_spec
+from extract.store import FeatureInfo, StoreError, StoreWriter, create_store
+
+DEFAULT_MICRO_BATCH = 16
+NOISE_SEED_RULE = ("noise for (seed, sample index i, timestep t, draw d): torch.randn on the CPU in float32 "
+                   "from a torch.Generator seeded with blake2b-64('diffbank-noise/{seed}/{i}/{t}/{d}') "
+                   "(extract.diffusion.noise_seed); features are averaged over draws d = 0..draws-1; the "
+                   "flip view uses the mirrored x_t of the centre view")
+TIMESTEP_CONVENTION = ("t is the 0-based index of the diffusion_steps-step process (alpha_bar_0 = 1 - beta_0); "
+                       "the U-Net receives that raw integer")
+# Testing hook: seconds to sleep after each unit is marked, so a test can kill a run mid-way.
+_UNIT_DELAY_ENV = "DIFFBANK_DEBUG_UNIT_DELAY"
+
+
+class ExtractionError(RuntimeError):
+    """A run that must stop (strict mode met a bad image, the writer failed, ...)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Preparation (the client side: validation, model provenance, store creation)
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """`auto` picks CUDA, then MPS, then the CPU."""
+    name = name or "auto"
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ExtractionError(f"device {name!r} asked for, but CUDA is not available here; use --device cpu")
+    return device
+
+
+def store_features(spec: Spec) -> list[FeatureInfo]:
+    """The store arrays a spec asks for, as the store describes them."""
+    return [FeatureInfo(name=f.name, t=f.t, block=f.block, module=f.module, channels=f.channels,
+                        resolution=f.resolution, pool_kind=f.pool_kind, pool_size=f.pool_size,
+                        shape=tuple(f.shape), dtype=spec.storage.dtype, view=f.view)
+            for f in spec.features()]
+
+
+def as_spec(spec: Spec | str | os.PathLike | Mapping[str, Any], base_dir: str | os.PathLike | None = None) -> Spec:
+    """A validated Spec (raises extract.spec.SpecError listing every problem, before any work)."""
+    return spec if isinstance(spec, Spec) else load_spec(spec, base_dir=base_dir)
+
+
+def _check_model_supported(spec: Spec) -> None:
+    if spec.model.flags.get("class_cond"):
+        raise ExtractionError("this model is class-conditional: its features would need the class label as input, "
+                              "which leaks the label into what is probed; use an unconditional model")
+
+
+def build(spec: Spec, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
+    from extract.models.registry import build_model
+
+    model, record = build_model(spec.model.preset, dict(spec.model.flags),
+                                None if spec.model.checkpoint is None else str(spec.checkpoint_path()),
+                                spec.model.init_seed)
+    return model.to(device), record
+
+
+@dataclasses.dataclass
+class Prepared:
+    spec: Spec
+    source: ImageSource
+    writer: StoreWriter
+    model: torch.nn.Module | None
+    device: torch.device
+    micro_batch: int
+
+
+def model_record(spec: Spec) -> dict[str, Any]:
+    """The model's provenance without building it (the checkpoint is hashed, not loaded)."""
+    from extract.models.checkpoints import sha256_file
+
+    path = spec.checkpoint_path()
+    return {"preset": spec.model.preset, "flags": dict(spec.model.flags), "checkpoint": spec.model.checkpoint,
+            "checkpoint_sha256": sha256_file(path) if path is not None else None,
+            "init": "checkpoint" if path is not None else f"random(seed={spec.model.init_seed})"}
+
+
+def prepare(spec: Spec | str | os.PathLike | Mapping[str, Any], store_url: str | os.PathLike, *,
+            device: str | None = None, micro_batch: int | None = None,
+            storage_options: dict[str, Any] | None = None, load_model: bool = True,
+            announce: Callable[[str], None] | None = None) -> Prepared:
+    """Validate, open the source, load the model, create (or reopen / extend) the store.
+
+    With load_model=False (a cluster's client) the checkpoint is only hashed; workers load it.
+    """
+    spec = as_spec(spec)
+    _check_model_supported(spec)
+    dev = resolve_device(device or spec.compute.device)
+    mb = int(micro_batch or DEFAULT_MICRO_BATCH)
+    if mb < 1:
+        raise ExtractionError(f"micro_batch must be positive, got {mb}")
+    source = open_source(spec.dataset)
+    if len(source) == 0:
+        raise ExtractionError(f"the dataset ({source.describe()}) has no rows for splits {spec.dataset.splits}")
+    if announce:
+        from extract.spec import format_bytes
+
+        announce(f"{len(source)} images x {len(spec.features())} features -> about "
+                 f"{format_bytes(spec.estimated_bytes(len(source)))} uncompressed ({spec.storage.dtype})")
+    if load_model:
+        model, built = build(spec, dev)
+        record = {k: built.get(k) for k in ("preset", "flags", "checkpoint", "checkpoint_sha256", "init")}
+    else:
+        model, record = None, model_record(spec)
+    provenance = {
+        **record, "noise_seed_rule": NOISE_SEED_RULE, "timestep_convention": TIMESTEP_CONVENTION,
+        "dataset": source.describe(), "dataset_manifest_sha256_source": source.manifest_hash(),
+        "compute": {"micro_batch": mb, "dtype": spec.compute.dtype, "device": str(dev),
+                    "device_name": _device_name(dev), "cudnn_deterministic": dev.type == "cuda"},
+        "preprocess": spec.dataset.preprocess, "image_size": spec.dataset.image_size,
+    }
+    writer = create_store(store_url, spec, len(source), source.sample_ids, source.labels, source.splits,
+                          list(source.class_names) or None, provenance, features=store_features(spec),
+                          shard_rows=spec.storage.shard_rows, chunk_rows=spec.storage.chunk_rows,
+                          compression=spec.storage.compressor, storage_options=storage_options)
+    stored = writer.attrs.get("provenance", {})
+    if stored.get("checkpoint_sha256") != record.get("checkpoint_sha256"):
+        raise StoreError(f"{store_url} was written with checkpoint sha256 {stored.get('checkpoint_sha256')}; the "
+                         f"checkpoint now at {spec.model.checkpoint} has {record.get('checkpoint_sha256')}: refusing "
+                         f"to mix weights in one store")
+    if stored.get("compute", {}).get("device", str(dev)).split(":")[0] != dev.type and announce:
+        announce(f"warning: this store was started on {stored['compute']['device']}; resuming on {dev} may give "
+                 f"slightly different bytes for the remaining units")
+    # Resume with the grouping the store was started with: it decides the bytes.
+    mb = int(stored.get("compute", {}).get("micro_batch", mb))
+    return Prepared(spec, source, writer, model, dev, mb)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return device.type
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading (background threads)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Batch:
+    unit: int
+    offset: int  # first row of this micro-batch inside the unit
+    indices: np.ndarray  # global sample indices
+    x0: torch.Tensor  # (m, 3, S, S) float32 in [-1, 1]; zeros for failed images
+    ids: list[str]
+    errors: list[str]  # "" for good rows, else why the image failed
+
+
+def _load_batch(source: ImageSource, spec: Spec, unit: int, offset: int, indices: np.ndarray) -> Batch:
+    size = spec.dataset.image_size
+    x0 = np.zeros((len(indices), 3, size, size), dtype=np.float32)
+    errors: list[str] = []
+    ids: list[str] = []
+    for row, index in enumerate(indices):
+        item = source.load(int(index))
+        ids.append(item.sample_id)
+        if item.error is None:
+            try:
+                x0[row] = preprocess(item.image, size, spec.dataset.preprocess)
+            except Exception as exc:  # a decodable image that preprocessing cannot take is a failure too
+                errors.append(f"preprocess: {type(exc).__name__}: {exc}")
+                continue
+            errors.append("")
+        else:
+            errors.append(item.error)
+    return Batch(unit, offset, indices, torch.from_numpy(x0), ids, errors)
+
+
+def _plan_batches(writer: StoreWriter, units: Sequence[int], micro_batch: int) -> list[tuple[int, int, np.ndarray]]:
+    out = []
+    for unit in units:
+        start, stop = writer.unit_rows(unit)
+        for lo in range(start, stop, micro_batch):
+            out.append((unit, lo - start, np.arange(lo, min(stop, lo + micro_batch), dtype=np.int64)))
+    return out
+
+
+def _prefetch(pool_: ThreadPoolExecutor, fn: Any, jobs: Sequence[tuple[Any, ...]], depth: int) -> Iterator[Any]:
+    """Results of fn(*job) in order, with at most `depth` jobs in flight."""
+    pending: list[Future] = []
+    it = iter(jobs)
+    for job in it:
+        pending.append(pool_.submit(fn, *job))
+        if len(pending) >= depth:
+            break
+    while pending:
+        fut = pending.pop(0)
+        nxt = next(it, None)
+        if nxt is not None:
+            pending.append(pool_.submit(fn, *nxt))
+        yield fut.result()
+
+
+# ---------------------------------------------------------------------------------------------
+# The writer thread
+# ---------------------------------------------------------------------------------------------
+
+
+class UnitWriter:
+    """Writes finished units in a background thread so the U-Net never waits on compression."""
+
+    def __init__(self, writer: StoreWriter, max_queued: int = 2):
+        self.writer = writer
+        self._queue: queue.Queue = queue.Queue(maxsize=max_queued)
+        self._error: BaseException | None = None
+        self.written: list[int] = []
+        self.seconds = 0.0
+        self._delay = float(os.environ.get(_UNIT_DELAY_ENV, "0") or 0)
+        self._thread = threading.Thread(target=self._loop, name="diffbank-writer", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            if self._error is not None:
+                continue  # drain without writing after a failure
+            unit, arrays, valid, errors = job
+            try:
+                t0 = time.perf_counter()
+                self.writer.write_unit(unit, arrays, valid=valid, errors=errors)
+                self.seconds += time.perf_counter() - t0
+                self.written.append(unit)
+                if self._delay:
+                    time.sleep(self._delay)
+            except BaseException as exc:  # surfaced to the main thread at its next put/close
+                self._error = exc
+
+    def check(self) -> None:
+        if self._error is not None:
+            raise ExtractionError(f"writing to the store failed: {self._error}") from self._error
+
+    def put(self, unit: int, arrays: dict[str, np.ndarray], valid: np.ndarray, errors: list[str]) -> None:
+        self.check()
+        self._queue.put((unit, arrays, valid, errors))
+
+    def close(self) -> None:
+        """Write what is queued (finished units are worth keeping, even on Ctrl-C), then stop."""
+        self._queue.put(None)
+        self._thread.join()
+        self.check()
+
+
+# ---------------------------------------------------------------------------------------------
+# Compute
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class UnitJob:
+    unit: int
+    features: list[FeatureInfo]
+
+    @property
+    def timesteps(self) -> list[int]:
+        return sorted({f.t for f in self.features})
+
+    def blocks_at(self, t: int) -> list[int]:
+        return sorted({f.block for f in self.features if f.t == t})
+
+    def views(self) -> list[str]:
+        return [v for v in ("center", "flip") if any(f.view == v for f in self.features)]
+
+
+class Computer:
+    """Noise, forward, draw-averaging and pooling for one micro-batch; times the model alone."""
+
+    def __init__(self, model: torch.nn.Module, spec: Spec, device: torch.device):
+        self.model = model
+        self.spec = spec
+        self.device = device
+        self.schedule = NoiseSchedule.from_flags(spec.model.noise_schedule, spec.model.diffusion_steps)
+        self.model_seconds = 0.0
+        self.forwards = 0
+        dtype = spec.compute.dtype
+        self._autocast = (torch.autocast(device.type, dtype=getattr(torch, dtype))
+                          if dtype != "float32" else contextlib.nullcontext())
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def forward(self, x_t: torch.Tensor, t: int, blocks: list[int]) -> dict[int, torch.Tensor]:
+        tt = torch.full((x_t.shape[0],), t, dtype=torch.long, device=self.device)
+        self._sync()
+        t0 = time.perf_counter()
+        with self._autocast:
+            out = self.model.features(x_t.to(self.device, non_blocking=True), tt, blocks)
+        out = {b: v.float() for b, v in out.items()}
+        self._sync()
+        self.model_seconds += time.perf_counter() - t0
+        self.forwards += 1
+        return out
+
+    def compute(self, batch: Batch, job: UnitJob) -> dict[str, np.ndarray]:
+        """Pooled float32 features of one micro-batch, for every feature of the job."""
+        out: dict[str, np.ndarray] = {}
+        draws = self.spec.noise.draws
+        shape = tuple(batch.x0.shape[1:])
+        for t in job.timesteps:
+            blocks = job.blocks_at(t)
+            sums: dict[str, dict[int, torch.Tensor]] = {v: {} for v in job.views()}
+            for draw in range(draws):
+                noise = seeded_noise(self.spec.noise.seed, batch.indices.tolist(), t, draw, shape)
+                x_t = self.schedule.q_sample(batch.x0, t, noise)
+                for view in job.views():
+                    x_v = x_t if view == "center" else x_t.flip(-1)
+                    feats = self.forward(x_v, t, blocks)
+                    for b, v in feats.items():
+                        sums[view][b] = v if draw == 0 else sums[view][b] + v
+            for f in job.features:
+                if f.t != t:
+                    continue
+                mean = sums[f.view][f.block]
+                if draws > 1:
+                    mean = mean / draws
+                out[f.name] = pool(mean, (f.pool_kind, f.pool_size)).cpu().numpy()
+        return out
+
+
+def _configure_determinism(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = False  # autotuning picks kernels by timing: not reproducible
+        torch.backends.cudnn.deterministic = True
+
+
+def run_units(prepared: Prepared, units: Iterable[int] | None = None, *, strict: bool = False,
+              progress: bool = True, batch_size: int | None = None, num_workers: int | None = None) -> dict[str, Any]:
+    """Compute and write every unmarked (unit, feature) pair of `units` (None: all units)."""
+    spec, writer, source = prepared.spec, prepared.writer, prepared.source
+    if prepared.model is None:
+        raise ExtractionError("run_units needs a loaded model (prepare(..., load_model=True))")
+    pending = writer.pending()
+    wanted = sorted(pending) if units is None else sorted(u for u in set(units) if u in pending)
+    infos = writer.infos
+    jobs = {u: UnitJob(u, [infos[name] for name in pending[u]]) for u in wanted}
+    _configure_determinism(prepared.device)
+    computer = Computer(prepared.model, spec, prepared.device)
+    mb = prepared.micro_batch
+    batches = _plan_batches(writer, wanted, mb)
+    load_batch = max(1, int(batch_size or spec.compute.batch_size))
+    workers = max(1, int(num_workers if num_workers is not None else spec.compute.num_workers) or 2)
+    depth = max(2, (load_batch + mb - 1) // mb * 2)  # about two loading batches ahead
+    total = sum(len(b[2]) for b in batches)
+    bar = _progress_bar(total, progress)
+    unit_writer = UnitWriter(writer)
+    failures: list[dict[str, Any]] = []
+    t_start = time.perf_counter()
+    images = 0
+    buffers: dict[str, np.ndarray] = {}
+    errors: list[str] = []
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="diffbank-load") as loader, \
+                torch.inference_mode():
+            for batch in _prefetch(loader, lambda u, o, i: _load_batch(source, spec, u, o, i), batches, depth):
+                job = jobs[batch.unit]
+                start, stop = writer.unit_rows(batch.unit)
+                if batch.offset == 0:
+                    buffers = {f.name: np.zeros((stop - start, *f.shape), np.float32) for f in job.features}
+                    errors = [""] * (stop - start)
+                bad = [(sid, e) for sid, e in zip(batch.ids, batch.errors) if e]
+                if bad and strict:
+                    raise ExtractionError(f"unreadable image {bad[0][0]} (strict mode): {bad[0][1]}; nothing of "
+                                          f"unit {batch.unit} (rows {start}-{stop - 1}) was written")
+                result = computer.compute(batch, job)
+                rows = slice(batch.offset, batch.offset + len(batch.indices))
+                for name, arr in result.items():
+                    buffers[name][rows] = arr
+                errors[rows] = batch.errors
+                for index, sid, err in zip(batch.indices, batch.ids, batch.errors):
+                    if err:
+                        failures.append({"index": int(index), "id": sid, "reason": err})
+                images += len(batch.indices)
+                bar.update(len(batch.indices))
+                if batch.offset + len(batch.indices) == stop - start:  # the unit is complete
+                    valid = np.array([e == "" for e in errors])
+                    unit_writer.put(batch.unit, buffers, valid, errors)
+                    buffers, errors = {}, []
+    finally:
+        bar.close()
+        unit_writer.close()
+    wall = time.perf_counter() - t_start
+    return {
+        "store": writer.url, "units_total": writer.num_units, "units_computed": sorted(unit_writer.written),
+        "units_already_done": sorted(set(range(writer.num_units)) - set(pending)),
+        "images": images, "failures": failures, "seconds": wall, "model_seconds": computer.model_seconds,
+        "write_seconds": unit_writer.seconds, "forwards": computer.forwards,
+        "images_per_s": images / wall if wall > 0 else None, "device": str(prepared.device), "micro_batch": mb,
+    }
+
+
+def _progress_bar(total: int, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="img", desc="extract", disable=not enabled, smoothing=0.1, dynamic_ncols=True)
+
+
+def extract(spec: Spec | str | os.PathLike | Mapping[str, Any], store_url: str | os.PathLike, *, strict: bool = False,
+            progress: bool = True, units: Iterable[int] | None = None, batch_size: int | None = None,
+            device: str | None = None, micro_batch: int | None = None, num_workers: int | None = None,
+            storage_options: dict[str, Any] | None = None, finalize: bool = True,
+            announce: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Extract a spec's features into a store; rerunning resumes (redoes only unmarked units).
+
+    Returns a summary: units computed / already done, images, failures, wall and model seconds.
+    """
+    prepared = prepare(spec, store_url, device=device, micro_batch=micro_batch, storage_options=storage_options,
+                       announce=announce)
+    if announce:
+        pending = prepared.writer.pending()
+        announce(f"{prepared.writer.url}: {len(pending)} of {prepared.writer.num_units} unit(s) of "
+                 f"{prepared.writer.shard_rows} rows to compute on {prepared.device}")
+    summary = run_units(prepared, units, strict=strict, progress=progress, batch_size=batch_size,
+                        num_workers=num_workers)
+    if finalize:
+        prepared.writer.finalize()
+    summary["complete"] = not prepared.writer.pending()
+    summary["fingerprint"] = prepared.writer.fingerprint
+    return summary
+
+
+def run_units_worker(spec_dict: Mapping[str, Any], base_dir: str, store_url: str, units: Sequence[int], *,
+                     device: str | None = None, batch_size: int | None = None, strict: bool = False,
+                     threads: int | None = None, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A cluster task: reopen the store for data writes only (no metadata) and compute `units`."""
+    if threads:
+        torch.set_num_threads(int(threads))  # several worker processes share the machine's cores
+    spec = load_spec(dict(spec_dict), base_dir=base_dir)
+    writer = StoreWriter.open(store_url, storage_options)
+    if writer.fingerprint != spec.fingerprint:
+        raise StoreError(f"{store_url} has fingerprint {writer.fingerprint[:12]}, the task's spec {spec.fingerprint[:12]}")
+    dev = resolve_device(device or spec.compute.device)
+    model, _ = build(spec, dev)
+    mb = int(writer.attrs.get("provenance", {}).get("compute", {}).get("micro_batch", DEFAULT_MICRO_BATCH))
+    prepared = Prepared(spec, open_source(spec.dataset), writer, model, dev, mb)
+    return run_units(prepared, units, strict=strict, progress=False, batch_size=batch_size)
+
+
+def spec_base_dir(spec: Spec) -> str:
+    return str(Path(spec.dataset.base_dir))

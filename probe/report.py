@@ -1,0 +1,354 @@
+"""Results for machines (JSON) and for people (aligned tables, heat maps, curves).
+
+- `classification_metrics`: top-1, top-5, per-class accuracy, mean per-class accuracy, confusion matrix.
+- `write_results` / `read_results`: a JSON file written atomically, NaN as null, numpy values as plain JSON,
+  with the library versions of the run (`environment()`).
+- `format_table`: a plain-text table with aligned columns.
+- `plot_heatmap` / `plot_accuracy_vs_t`: the paper's (timestep x block) ablation figure drawn from the cache,
+  and accuracy-over-t curves per block. Matplotlib's Agg backend: no display needed.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RESULTS_SCHEMA = "diffbank.probe.results/1"
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+
+def topk_correct(scores: np.ndarray, y_true: np.ndarray, k: int) -> np.ndarray:
+    """Whether each true label is among the k highest scores (per row; ties broken by class index)."""
+    k = min(k, scores.shape[1])
+    # argsort of -scores with a stable sort: among equal scores the lower class index ranks first.
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return (top == y_true[:, None]).any(axis=1)
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """(num_classes, num_classes) int64 counts; rows are true classes, columns predictions (sklearn's layout)."""
+    idx = np.asarray(y_true, np.int64) * num_classes + np.asarray(y_pred, np.int64)
+    return np.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def classification_metrics(y_true: np.ndarray | Sequence[int], scores: np.ndarray | None = None, *,
+                           y_pred: np.ndarray | None = None, num_classes: int | None = None,
+                           class_names: Sequence[str] | None = None) -> dict[str, Any]:
+    """Metrics of one evaluation from class scores (N, K) (logits, probabilities, votes) or predictions.
+
+    `top5` needs scores; with fewer than 5 classes it is top-K (then always 1.0) and says so in `top5_k`.
+    Per-class accuracy is recall per class; a class without samples gets `None` (JSON null), not 0.
+    """
+    y_true = np.asarray(y_true, dtype=np.int64)
+    if scores is not None:
+        scores = np.asarray(scores)
+        if scores.ndim != 2 or len(scores) != len(y_true):
+            raise ValueError(f"scores must be (N, classes) with N={len(y_true)}, got {scores.shape}")
+        num_classes = num_classes or scores.shape[1]
+        y_pred = np.argmax(scores, axis=1)  # ties go to the lowest class index, as in topk_correct
+    elif y_pred is None:
+        raise ValueError("give scores or y_pred")
+    y_pred = np.asarray(y_pred, dtype=np.int64)
+    if num_classes is None:
+        num_classes = int(max(y_true.max(initial=-1), y_pred.max(initial=-1))) + 1
+    if len(y_true) == 0:
+        raise ValueError("no samples to evaluate")
+    cm = confusion_matrix(y_true, y_pred, num_classes)
+    support = cm.sum(axis=1)
+    per_class = [float(cm[c, c] / support[c]) if support[c] else None for c in range(num_classes)]
+    present = [a for a in per_class if a is not None]
+    out: dict[str, Any] = {
+        "n": int(len(y_true)),
+        "top1": float(np.mean(y_pred == y_true)),
+        "top5": None,
+        "top5_k": None,
+        "mean_per_class_accuracy": float(np.mean(present)) if present else None,
+        "per_class_accuracy": per_class,
+        "support": support.tolist(),
+        "confusion_matrix": cm.tolist(),
+    }
+    if scores is not None:
+        k = min(5, scores.shape[1])
+        out["top5"] = float(np.mean(topk_correct(scores, y_true, k)))
+        out["top5_k"] = k
+    if class_names is not None:
+        out["class_names"] = [str(c) for c in class_names]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- JSON
+
+def environment() -> dict[str, Any]:
+    """Library versions and platform of this process: what a result was computed with."""
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for dist in ("diffbank", "torch", "numpy", "scikit-learn", "zarr", "dask", "safetensors", "matplotlib"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    return {"versions": versions, "platform": platform.platform(), "executable": sys.executable}
+
+
+def now_utc() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def to_jsonable(value: Any) -> Any:
+    """Plain JSON values from numpy/torch scalars and arrays, tuples, paths; non-finite floats become None."""
+    if isinstance(value, Mapping):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return to_jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return to_jsonable(value.item())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if hasattr(value, "tolist"):  # torch tensors
+        return to_jsonable(value.tolist())
+    return str(value)
+
+
+def write_results(path: str | os.PathLike, results: Mapping[str, Any]) -> Path:
+    """Write `results` as JSON atomically (a reader never sees half a file); adds schema and environment."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"schema": RESULTS_SCHEMA, **to_jsonable(results)}
+    doc.setdefault("environment", environment())
+    text = json.dumps(doc, indent=2, allow_nan=False) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_results(path: str | os.PathLike) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())
+
+
+# ----------------------------------------------------------------------------------------------- tables
+
+def _cell(value: Any, precision: int) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    if isinstance(value, (float, np.floating)):
+        return "nan" if not math.isfinite(float(value)) else f"{float(value):.{precision}f}"
+    return str(value)
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None, *,
+                 headers: Mapping[str, str] | None = None, title: str | None = None, precision: int = 4,
+                 percent: Sequence[str] = ()) -> str:
+    """A plain-text table: text left-aligned, numbers right-aligned, a rule under the header.
+
+    `percent` names columns holding fractions to show as percentages (0.6491 -> 64.91).
+    """
+    columns = list(columns) if columns is not None else list(dict.fromkeys(k for r in rows for k in r))
+    headers = dict(headers or {})
+    text_rows = []
+    for r in rows:
+        cells = []
+        for c in columns:
+            v = r.get(c)
+            if c in percent and isinstance(v, (int, float, np.number)) and v is not None:
+                cells.append(f"{100 * float(v):.2f}")
+            else:
+                cells.append(_cell(v, precision))
+        text_rows.append(cells)
+    numeric = [all(_is_number(r.get(c)) for r in rows if r.get(c) is not None) for c in columns]
+    names = [headers.get(c, c) for c in columns]
+    widths = [max([len(n)] + [len(tr[i]) for tr in text_rows]) for i, n in enumerate(names)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in zip(cells, widths, numeric)).rstrip()
+
+    out = [title] if title else []
+    out += [line(names), "  ".join("-" * w for w in widths)]
+    out += [line(tr) for tr in text_rows]
+    return "\n".join(out)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
+
+
+def summary_table(results: Mapping[str, Any]) -> str:
+    """The table a command prints: one row per evaluated split (and per candidate for sweeps)."""
+    rows = []
+    for split in ("val", "test"):
+        m = results.get("metrics", {}).get(split)
+        if m:
+            rows.append({"split": split, "n": m["n"], "top1": m["top1"], "top5": m.get("top5"),
+                         "mean/class": m.get("mean_per_class_accuracy")})
+    title = f"{results.get('command', 'probe')}: {', '.join(results.get('features', []))}"
+    return format_table(rows, ["split", "n", "top1", "top5", "mean/class"], title=title,
+                        percent=("top1", "top5", "mean/class"))
+
+
+def sweep_table(results: Mapping[str, Any]) -> str:
+    """The sweep's grid: per (t, block), the validation-selected pooling and lr with its accuracies."""
+    rows = [{"t": g["t"], "block": g["block"], "pool": g["pool"], "lr": g["lr"], "val top1": g["val_top1"],
+             "test top1": g["test_top1"]} for g in results.get("grid", [])]
+    sel = results.get("selected", {})
+    return format_table(rows, title=f"sweep: {len(results.get('sweep', []))} heads; selected on val: "
+                                    f"{sel.get('feature')} lr={sel.get('lr')}",
+                        percent=("val top1", "test top1"))
+
+
+def render(results: Mapping[str, Any]) -> str:
+    """What a command prints for people: the sweep grid (for sweeps) and the val/test summary."""
+    parts = []
+    if results.get("command") == "sweep":
+        parts.append(sweep_table(results))
+    elif results.get("sweep"):
+        key = "C" if results.get("command") == "logistic" else "k"
+        rows = [{key: r[key], "val top1": r["val_top1"]} for r in results["sweep"]]
+        parts.append(format_table(rows, title=f"{results.get('command')}: {key} on validation",
+                                  percent=("val top1",)))
+    parts.append(summary_table(results))
+    sel = {k: v for k, v in (results.get("selected") or {}).items()}
+    if sel:
+        parts.append("selected on val: " + ", ".join(f"{k}={v}" for k, v in sel.items()))
+    return "\n\n".join(parts)
+
+
+def per_class_table(metrics: Mapping[str, Any], class_names: Sequence[str] | None = None) -> str:
+    names = class_names or metrics.get("class_names") or [str(i) for i in range(len(metrics["per_class_accuracy"]))]
+    rows = [{"class": n, "n": s, "accuracy": a}
+            for n, s, a in zip(names, metrics["support"], metrics["per_class_accuracy"])]
+    return format_table(rows, ["class", "n", "accuracy"], percent=("accuracy",))
+
+
+# ----------------------------------------------------------------------------------------------- figures
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_heatmap(values: Mapping[tuple[int, int], float], path: str | os.PathLike, *,
+                 title: str = "top-1 accuracy", xlabel: str = "block", ylabel: str = "timestep t",
+                 labels: Mapping[tuple[int, int], str] | None = None, percent: bool = True,
+                 best: tuple[int, int] | None = None) -> Path:
+    """Heat map of accuracy over (timestep, block); every cell annotated, the best one outlined.
+
+    `values` maps (t, block) to an accuracy in [0, 1]; missing cells are left blank. `labels` adds a second
+    line to a cell (e.g. the pooling that won it). `best` names the cell to outline (e.g. the one selected
+    on validation); by default the highest value.
+    """
+    if not values:
+        raise ValueError("no values to draw")
+    plt = _pyplot()
+    from matplotlib.patches import Rectangle
+
+    ts = sorted({t for t, _ in values})
+    blocks = sorted({b for _, b in values})
+    grid = np.full((len(ts), len(blocks)), np.nan)
+    for (t, b), v in values.items():
+        grid[ts.index(t), blocks.index(b)] = np.nan if v is None else float(v)
+    scale = 100.0 if percent else 1.0
+    fig_w = max(4.0, 0.8 * len(blocks) + 2.0)
+    fig_h = max(3.0, 0.6 * len(ts) + 1.6)
+    fig, ax = plt.subplots(figsize=(fig_w, fig_h), dpi=110)
+    try:
+        finite = grid[np.isfinite(grid)]
+        im = ax.imshow(grid * scale, cmap="viridis", aspect="auto",
+                       vmin=float(finite.min()) * scale if finite.size else None,
+                       vmax=float(finite.max()) * scale if finite.size else None)
+        ax.set_xticks(range(len(blocks)), [str(b) for b in blocks])
+        ax.set_yticks(range(len(ts)), [str(t) for t in ts])
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        word = "best"
+        if best is not None and best in values:
+            best, word = (ts.index(best[0]), blocks.index(best[1])), "selected"
+        else:
+            best = tuple(np.unravel_index(np.nanargmax(grid), grid.shape)) if finite.size else None
+        mid = (float(finite.min()) + float(finite.max())) / 2 if finite.size else 0.0
+        for i in range(len(ts)):
+            for j in range(len(blocks)):
+                v = grid[i, j]
+                if not np.isfinite(v):
+                    continue
+                text = f"{v * scale:.1f}" if percent else f"{v:.3f}"
+                extra = (labels or {}).get((ts[i], blocks[j]))
+                if extra:
+                    text += f"\n{extra}"
+                is_best = best is not None and (i, j) == best
+                ax.text(j, i, text, ha="center", va="center", fontsize=7,
+                        fontweight="bold" if is_best else "normal", color="black" if v > mid else "white")
+        if best is not None:
+            i, j = best
+            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.5))
+            title = f"{title}\n{word}: t={ts[i]}, block {blocks[j]}: {grid[i, j] * scale:.2f}{'%' if percent else ''}"
+        ax.set_title(title, fontsize=9)
+        fig.colorbar(im, ax=ax, label="top-1 (%)" if percent else "top-1")
+        fig.tight_layout()
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def plot_accuracy_vs_t(values: Mapping[tuple[int, int], float], path: str | os.PathLike, *,
+                       title: str = "top-1 accuracy over timestep", percent: bool = True,
+                       best: tuple[int, int] | None = None) -> Path:
+    """One line per block: accuracy over t (the paper's curves); the best point (or `best`) marked with a star."""
+    if not values:
+        raise ValueError("no values to draw")
+    plt = _pyplot()
+    scale = 100.0 if percent else 1.0
+    fig, ax = plt.subplots(figsize=(6.0, 4.0), dpi=110)
+    try:
+        for b in sorted({b for _, b in values}):
+            pts = sorted((t, v) for (t, bb), v in values.items() if bb == b and v is not None)
+            ax.plot([t for t, _ in pts], [v * scale for _, v in pts], marker="o", label=f"block {b}")
+        if best is not None and values.get(best) is not None:
+            (bt, bb), bv = best, values[best]
+        else:
+            (bt, bb), bv = max(((k, v) for k, v in values.items() if v is not None), key=lambda kv: kv[1])
+        ax.plot([bt], [bv * scale], marker="*", markersize=16, color="red", linestyle="none",
+                label=f"best: t={bt}, block {bb}")
+        ax.set_xlabel("timestep t")
+        ax.set_ylabel("top-1 (%)" if percent else "top-1")
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def _save(fig: Any, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path

@@ -1,0 +1,96 @@
+"""`diffbank probe ...` end to end on a small synthetic store written with save_features."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from diffbank.cli import main
+from extract.store import save_features
+
+N, K = 150, 3
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    y = np.arange(N) % K
+    centres = rng.normal(size=(K, 6)) * 2
+    feats = {}
+    for t in (90, 150):
+        for block in (19, 24):
+            noise = 0.5 if (t, block) == (90, 24) else 3.0  # one cell is clearly the best
+            base = (centres[y] + rng.normal(size=(N, 6)) * noise).astype(np.float32)
+            feats[f"t{t:03d}_b{block:02d}_avg1"] = base[:, :, None, None]
+            feats[f"t{t:03d}_b{block:02d}_tok2"] = np.tile(base[:, :, None, None], (1, 1, 2, 2))
+    path = tmp_path_factory.mktemp("store") / "s.zarr"
+    save_features(path, feats, y, {"train": np.arange(120), "test": np.arange(120, N)},
+                  class_names=["x", "y", "z"], shard_rows=32)
+    return str(path)
+
+
+def _invoke(*args):
+    result = CliRunner().invoke(main, ["probe", *args], catch_exceptions=False)
+    return result
+
+
+def _results(out):
+    doc = json.loads((out / "results.json").read_text())
+    test = doc["metrics"]["test"]
+    assert {"top1", "top5", "per_class_accuracy", "confusion_matrix"} <= set(test)
+    assert doc["store"]["fingerprint"] and doc["seeds"]["seed"] == 0
+    assert doc["split_definition"]["splits"]["test"]["n"] == 30
+    assert doc["environment"]["versions"]["torch"]
+    return doc
+
+
+@pytest.mark.parametrize("command,args", [
+    ("linear", ["--epochs", "2", "--lr", "0.1", "--quiet"]),
+    ("attention", ["--epochs", "1", "--preset", "tiny", "--batch-size", "64", "--quiet"]),
+    ("fusion", ["--epochs", "1", "--preset", "tiny", "--batch-size", "64", "--quiet"]),
+    ("logistic", ["--c", "0.01", "--c", "1"]),
+    ("knn", ["--k", "5", "--k", "10"]),
+])
+def test_command_writes_results_and_prints_a_table(store, tmp_path, command, args):
+    out = tmp_path / command
+    result = _invoke(command, store, "--out", str(out), *args)
+    assert result.exit_code == 0, result.output
+    assert "split" in result.output and "top1" in result.output and "test" in result.output
+    doc = _results(out)
+    assert doc["command"] == command
+    if command in ("linear", "attention", "fusion"):
+        assert (out / "head.safetensors").exists()
+    if command == "linear":
+        assert doc["features"] == ["t090_b24_avg1"]  # nearest to the paper's t090_b24_avg2
+    if command == "fusion":
+        assert doc["config"]["grid"] == {"timesteps": [90, 150], "blocks": [19, 24]}
+    if command in ("logistic", "knn"):
+        assert doc["metrics"]["test"]["top1"] > 0.8  # chance is 1/3
+
+
+def test_sweep_draws_the_heatmap_and_resumes(store, tmp_path):
+    out = tmp_path / "sweep"
+    args = ["sweep", store, "--out", str(out), "--lr", "0.1", "--lr", "0.01", "--batch-size", "32", "--quiet"]
+    result = _invoke(*args, "--epochs", "2")
+    assert result.exit_code == 0, result.output
+    assert "block" in result.output and "selected on val" in result.output
+    doc = _results(out)
+    assert len(doc["sweep"]) == 8 * 2 and len(doc["grid"]) == 4
+    assert doc["selected"]["feature"].startswith("t090_b24")
+    for png in ("heatmap.png", "accuracy_vs_t.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    # a rerun with more epochs continues from the checkpoint instead of starting over
+    result = _invoke(*args, "--epochs", "3")
+    assert result.exit_code == 0, result.output
+    doc = _results(out)
+    histories = [h["history"] for h in doc["training"].values()]
+    assert all(len(h) == 3 for h in histories) and all(h[0]["epoch"] == 0 for h in histories)
+    # another setting in the same directory is refused rather than mixed into the checkpoint
+    result = _invoke(*args[:-1], "--seed", "1", "--quiet")
+    assert result.exit_code != 0 and "other settings" in result.output
+
+
+def test_bad_feature_is_a_clean_error(store, tmp_path):
+    result = _invoke("linear", store, "--out", str(tmp_path / "x"), "--feature", "t001_b01_avg9")
+    assert result.exit_code != 0 and "features that exist" in result.output and "t090_b24_avg1" in result.output

@@ -1,0 +1,218 @@
+"""The trainer: learning with the paper's recipe, determinism, many heads per pass, checkpoints, validation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from probe.heads import DifFormerHead, LinearHead, seeded_init
+from probe.train import ArrayStream, BatchStream, evaluate, train, train_many
+
+
+def subspace_classes(n: int, seed: int, dim: int = 64, informative: int = 3, num_classes: int = 3):
+    """Gaussian classes separated only inside a random `informative`-dim subspace of `dim` noise dimensions."""
+    basis = np.linalg.qr(np.random.default_rng(99).normal(size=(dim, informative)))[0]
+    means = np.random.default_rng(98).normal(size=(num_classes, informative)) * 2.5
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, num_classes, n)
+    x = rng.normal(size=(n, dim)) + (means[y] + 0.5 * rng.normal(size=(n, informative))) @ basis.T * 1.0
+    return x.astype(np.float32), y
+
+
+@pytest.fixture(scope="module")
+def data():
+    torch.set_num_threads(1)
+    x, y = subspace_classes(1200, seed=0)
+    xv, yv = subspace_classes(600, seed=1)
+    xt, yt = subspace_classes(600, seed=2)
+    return x, y, xv, yv, xt, yt
+
+
+def streams(data, *, features=None, batch_size=64, seed=0):
+    x, y, xv, yv, xt, yt = data
+    features = features or {"f": lambda a: a}
+    make = lambda a: {k: f(a) for k, f in features.items()}  # noqa: E731
+    return (
+        ArrayStream(make(x), y, batch_size=batch_size, seed=seed),
+        ArrayStream(make(xv), yv, batch_size=256, shuffle=False),
+        ArrayStream(make(xt), yt, batch_size=256, shuffle=False),
+    )
+
+
+def linear(seed: int = 0, dim: int = 64, classes: int = 3) -> LinearHead:
+    with seeded_init(seed):
+        return LinearHead(dim, classes)
+
+
+def states_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_array_stream_is_a_batch_stream_and_seeded_per_epoch() -> None:
+    x, y = np.arange(20, dtype=np.float32).reshape(10, 2), np.arange(10)
+    s = ArrayStream({"a": x}, y, batch_size=4, seed=3)
+    assert isinstance(s, BatchStream) and s.num_samples == 10 and len(s) == 3
+    order = lambda st, e: (st.set_epoch(e), torch.cat([b for _, b in st]))[1]  # noqa: E731
+    e0, e1 = order(s, 0), order(s, 1)
+    assert sorted(e0.tolist()) == list(range(10)) and not torch.equal(e0, e1)
+    assert torch.equal(order(ArrayStream({"a": x}, y, batch_size=4, seed=3), 1), e1)  # no dependence on history
+    xs, yb = next(iter(s))
+    assert xs["a"].dtype == torch.float32 and yb.dtype == torch.int64
+    assert torch.equal(xs["a"][:, 0] / 2, yb.float())  # rows stay paired with their labels
+    assert ArrayStream({"a": x}, y, batch_size=4, drop_last=True).num_samples == 8
+    with pytest.raises(ValueError, match="batch_size"):
+        ArrayStream({"a": x}, y, batch_size=0)
+    with pytest.raises(ValueError, match="feature 'a'"):
+        ArrayStream({"a": x[:5]}, y)
+
+
+def test_linear_head_learns_a_buried_subspace_and_shuffled_labels_do_not(data) -> None:
+    train_s, val_s, test_s = streams(data)
+    head = linear()
+    assert evaluate({"h": head}, {"h": "f"}, test_s)["h"][1] < 0.5  # chance (3 classes) before training
+    result = train(head, train_s, val_s, test_s, lr=0.05, momentum=0.9, epochs=8, step_size=6, progress=False)
+    assert result.test_accuracy >= 0.85
+    assert result.val_accuracy == max(row["val_accuracy"] for row in result.history)
+    assert result.history[result.best_epoch]["val_accuracy"] == result.val_accuracy
+
+    x, y, *_ = data
+    shuffled = ArrayStream({"f": x}, np.random.default_rng(0).permutation(y), batch_size=64, seed=0)
+    control = train(linear(), shuffled, None, test_s, lr=0.05, momentum=0.9, epochs=8, step_size=6, progress=False)
+    assert control.test_accuracy < 0.5
+
+
+def test_paper_recipe_defaults() -> None:
+    import inspect
+
+    sig = inspect.signature(train_many).parameters
+    assert (sig["epochs"].default, sig["step_size"].default, sig["gamma"].default) == (28, 7, 0.1)
+    assert (sig["momentum"].default, sig["weight_decay"].default) == (0.0, 0.0)
+
+
+def test_learning_rate_steps_down_by_gamma(data) -> None:
+    train_s, _, _ = streams(data)
+    result = train(linear(), train_s, lr=0.1, epochs=5, step_size=2, gamma=0.1, progress=False)
+    assert [round(r["lr"], 12) for r in result.history] == [0.1, 0.01, 0.01, 0.001, 0.001]
+    assert result.best_epoch == 4 and result.val_accuracy is None
+
+
+def test_same_seed_same_weights_and_different_seed_different(data) -> None:
+    heads = []
+    for init_seed, order_seed in [(0, 0), (0, 0), (0, 1)]:
+        train_s, _, _ = streams(data, seed=order_seed)
+        head = linear(init_seed)
+        train(head, train_s, lr=0.05, epochs=2, progress=False)
+        heads.append(head)
+    assert states_equal(heads[0], heads[1])
+    assert not states_equal(heads[0], heads[2])
+
+
+def test_many_heads_in_one_pass_equal_separate_runs(data) -> None:
+    features = {"f": lambda a: a, "g": lambda a: a[:, :32] * 2}
+    keys = [("f", 0.01), ("f", 0.1), ("g", 0.05)]
+    build = lambda: {k: linear(i, 64 if k[0] == "f" else 32) for i, k in enumerate(keys)}  # noqa: E731
+    train_s, val_s, test_s = streams(data, features=features)
+    together = build()
+    sweep = train_many(together, {k: k[0] for k in keys}, train_s, val_s, test_s,
+                       lrs={k: k[1] for k in keys}, epochs=3, step_size=2, progress=False)
+    for k in keys:
+        alone = build()[k]
+        train_s, val_s, test_s = streams(data, features={k[0]: features[k[0]]})
+        single = train(alone, train_s, val_s, test_s, input=k[0], lr=k[1], epochs=3, step_size=2, progress=False)
+        assert states_equal(alone, together[k]), k
+        assert single.history == sweep.heads[k].history
+        assert single.test_accuracy == sweep.heads[k].test_accuracy
+    # selection: the best lr per feature and overall, by validation accuracy
+    f_best = max([("f", 0.01), ("f", 0.1)], key=lambda k: sweep.heads[k].val_accuracy)
+    assert sweep.best_per_input["f"] == f_best and sweep.best_per_input["g"] == ("g", 0.05)
+    assert sweep.best == max(keys, key=lambda k: sweep.heads[k].val_accuracy)
+    assert {row["input"] for row in sweep.rows()} == {"f", "g"}
+
+
+def test_resume_from_checkpoint_equals_uninterrupted_run(data, tmp_path) -> None:
+    kwargs = dict(lr=0.05, momentum=0.9, epochs=5, step_size=2, progress=False)  # momentum: optimizer state matters
+    train_s, val_s, _ = streams(data)
+    reference = linear()
+    ref = train(reference, train_s, val_s, **kwargs)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_two(epoch, rows):
+        if epoch == 1:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(linear(), train_s, val_s, checkpoint_dir=tmp_path, on_epoch_end=stop_after_two, **kwargs)
+    meta = json.loads((tmp_path / "state.json").read_text())
+    assert meta["epochs_done"] == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["state-0002.safetensors", "state.json"]
+
+    resumed_head = linear(seed=7)  # a different init: the checkpoint must override it
+    resumed = train(resumed_head, train_s, val_s, checkpoint_dir=tmp_path, resume=True, **kwargs)
+    assert states_equal(resumed_head, reference)
+    assert resumed.history == ref.history and resumed.best_epoch == ref.best_epoch
+
+    with pytest.raises(FileExistsError, match="resume=True"):
+        train(linear(), train_s, val_s, checkpoint_dir=tmp_path, **kwargs)
+    with pytest.raises(ValueError, match="lrs differs"):
+        train(linear(), train_s, val_s, checkpoint_dir=tmp_path, resume=True, **(kwargs | {"lr": 0.5}))
+
+
+def test_diverging_head_is_stopped_without_stopping_the_sweep(data) -> None:
+    train_s, val_s, _ = streams(data)
+    x, *_ = data
+    heads = {"ok": linear(), "wild": linear()}
+    sweep = train_many(heads, {"ok": "f", "wild": "f"}, train_s, val_s, lrs={"ok": 0.05, "wild": 1e38},
+                       epochs=3, progress=False)
+    assert sweep.heads["wild"].diverged and not sweep.heads["ok"].diverged
+    assert sweep.best == "ok"
+    assert sweep.heads["ok"].val_accuracy > 0.8
+
+
+def test_difformer_trains_on_dict_inputs(data) -> None:
+    x, y, xv, yv, xt, yt = data
+    # Two timesteps x one block; the class signal lives in t=150 only.
+    maps = lambda a, t: (a[:, :16] if t == 150 else np.random.default_rng(t).normal(size=(len(a), 16))).reshape(-1, 4, 2, 2)  # noqa: E731
+    names = {(90, 24): "t090_b24", (150, 24): "t150_b24"}
+    make = lambda a, yy, **kw: ArrayStream({n: maps(a, t) for (t, _), n in names.items()}, yy, **kw)  # noqa: E731
+    with seeded_init(0):
+        head = DifFormerHead({24: (4, 2, 2)}, [90, 150], 3, dim=16, heads=2, depth=1)
+    result = train(head, make(x, y, batch_size=64), make(xv, yv, batch_size=256, shuffle=False),
+                   input=names, lr=0.05, momentum=0.9, epochs=4, progress=False)
+    assert result.val_accuracy > 0.6 and not result.diverged
+
+
+def test_bad_parameters_are_named(data) -> None:
+    train_s, _, _ = streams(data)
+    for kwargs, match in [
+        (dict(lr=0.0), "lr must be"),
+        (dict(lr=float("nan")), "lr must be"),
+        (dict(epochs=0), "epochs must be"),
+        (dict(epochs=2.5), "epochs must be"),
+        (dict(step_size=0), "step_size must be"),
+        (dict(gamma=-1.0), "gamma must be"),
+        (dict(momentum=-0.1), "momentum must be"),
+        (dict(weight_decay=-1), "weight_decay must be"),
+        (dict(resume=True), "checkpoint_dir"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            train(linear(), train_s, progress=False, **kwargs)
+    with pytest.raises(ValueError, match="inputs_of"):
+        train_many({"a": linear()}, {}, train_s, progress=False)
+    with pytest.raises(ValueError, match="lrs has no"):
+        train_many({"a": linear()}, {"a": "f"}, train_s, lrs={}, progress=False)
+    two = ArrayStream({"f": data[0], "g": data[0]}, data[1])
+    with pytest.raises(ValueError, match="input="):
+        train(linear(), two, progress=False)
+
+
+def test_progress_line_can_be_silenced(data, capsys) -> None:
+    train_s, val_s, _ = streams(data)
+    train(linear(), train_s, val_s, lr=0.05, epochs=1, progress=False)
+    assert capsys.readouterr().err == ""
+    train(linear(), train_s, val_s, lr=0.05, epochs=1, progress=True)
+    assert "epoch 1/1" in capsys.readouterr().err
