@@ -1,69 +1,41 @@
-"""Sweep benchmark: 9 (t, block) features x 3 learning rates, one pass (`train_many`) vs 27 separate runs.
+"""Sweep benchmark: 9 (t, block) features x 3 learning rates as a user runs them.
 
-Both arms read from a Zarr store written by `extract.store.save_features` (float16, as caches usually are), so
-the comparison includes decompression and casting; if the store module is unavailable the arrays are served
-from memory instead and the output says so. The two arms see identical batches (same stream seeds) and start
-from identical weights, so their selected accuracies must match exactly; only the wall time may differ.
+- Arm A: ONE call of `probe.api.run_sweep(store, out, lrs=LRS, epochs=E)` over the store's 9 features (one
+  statistics pass and one read, all 27 linear heads trained in one pass over the batches).
+- Arm B: 27 separate calls of `probe.api.run_linear(store, out_i, features=[f], lr=lr, epochs=E)`, each with its
+  own statistics pass, reads, evaluation and results file, as 27 separate runs are.
 
-    python benchmarks/bench_sweep.py [--samples 10000] [--epochs 3] [--classes 10] [--threads 1]
+Both arms read the same Zarr store written by `extract.store.save_features` (float16, as caches usually are:
+10k samples, 9 features of 512-2048 dims with class structure strongest at t=90, block 24), use the same seed
+(same splits, same batch order, same initial weights per feature), the same epochs and the same recipe, so both
+should select the same (feature, lr) with the same accuracies; the script checks that and prints the time ratio.
+
+    python benchmarks/bench_sweep.py [--samples 10000] [--epochs 4] [--classes 10] [--threads 1] [--profile]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import cProfile
+import io
+import os
+import pstats
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+import warnings
+from typing import Any
 
 import numpy as np
 import torch
 
-from probe.heads import LinearHead, seeded_init
-from probe.train import ArrayStream, train, train_many
-
 TIMESTEPS = (60, 90, 150)
 BLOCKS = {19: (512, 2, 2), 24: (256, 2, 2), 30: (128, 2, 2)}  # 2048-, 1024- and 512-d features
-LRS = (1e-3, 1e-2, 5e-2)
-
-
-class StoreStream:
-    """A `BatchStream` over rows of a feature store: contiguous windows in shuffled order, rows shuffled inside.
-
-    Windows keep reads chunk-friendly (random single rows would decompress a chunk per row); the order depends
-    only on (seed, epoch), like `ArrayStream`.
-    """
-
-    def __init__(self, store, names: Sequence[str], rows: np.ndarray, labels: np.ndarray, batch_size: int,
-                 shuffle: bool, seed: int, window_rows: int = 2048) -> None:
-        self.store, self.names, self.rows = store, list(names), np.asarray(rows)
-        self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64))
-        self.batch_size, self.shuffle, self.seed, self.window_rows = batch_size, shuffle, seed, window_rows
-        self.epoch = 0
-
-    @property
-    def num_samples(self) -> int:
-        return len(self.rows)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-        rng = np.random.default_rng([self.seed, self.epoch])
-        starts = np.arange(0, len(self.rows), self.window_rows)
-        if self.shuffle:
-            starts = rng.permutation(starts)
-        for start in starts:
-            local = np.arange(start, min(start + self.window_rows, len(self.rows)))
-            rows = self.rows[local]  # split rows are sorted and contiguous here: one slice read per feature
-            block = {n: self.store.read(n, slice(int(rows[0]), int(rows[-1]) + 1)) for n in self.names}
-            order = rng.permutation(len(local)) if self.shuffle else np.arange(len(local))
-            for lo in range(0, len(order), self.batch_size):
-                idx = order[lo:lo + self.batch_size]
-                yield {n: torch.from_numpy(block[n][idx]) for n in self.names}, self.labels[local[idx]]
+LRS = (1e-3, 1e-2, 1e-1)
 
 
 def synthetic(n: int, classes: int, seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Features whose class signal (a random low-dim subspace) is strongest at t=90, block 24."""
+    """float16 features whose class signal (a random 16-d subspace) is strongest at t=90, block 24."""
     rng = np.random.default_rng(seed)
     y = rng.integers(0, classes, n)
     feats = {}
@@ -78,83 +50,118 @@ def synthetic(n: int, classes: int, seed: int = 0) -> tuple[dict[str, np.ndarray
     return feats, y
 
 
-def heads_for(names: Sequence[str], classes: int) -> dict[tuple[str, float], LinearHead]:
-    heads = {}
-    for i, name in enumerate(names):
-        for lr in LRS:
-            with seeded_init(i):  # same init for a feature in both arms
-                heads[(name, lr)] = LinearHead(BLOCKS[int(name[6:8])], classes)
-    return heads
+def _profiled(enabled: bool, label: str):
+    if not enabled:
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def run():
+        prof = cProfile.Profile()
+        prof.enable()
+        try:
+            yield
+        finally:
+            prof.disable()
+            out = io.StringIO()
+            pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(25)
+            print(f"---- profile: {label}\n{out.getvalue()}")
+    return run()
+
+
+def _separate_selection(results: dict[tuple[str, float], dict[str, Any]]) -> tuple[str, float]:
+    """The best of the separate runs, ranked as `train_many` ranks a sweep: val top-1, then val loss, then order."""
+    def rank(key: tuple[str, float]) -> tuple[float, float]:
+        tr = results[key]["training"]
+        loss = tr["history"][tr["best_epoch"]]["val_loss"] if tr["best_epoch"] is not None else None
+        return (tr["val_accuracy"] if tr["val_accuracy"] is not None else -1.0,
+                -(loss if loss is not None else float("inf")))
+    best = None
+    for key in results:  # features sorted, lrs ascending: the sweep's head order
+        if best is None or rank(key) > rank(best):
+            best = key
+    assert best is not None
+    return best
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=10_000)
     parser.add_argument("--classes", type=int, default=10)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--profile", action="store_true", help="print a cProfile summary of both arms")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", category=UserWarning)
 
-    feats, y = synthetic(args.samples, args.classes)
+    from extract.store import save_features
+    from probe.api import run_linear, run_sweep
+
+    n = args.samples
+    feats, y = synthetic(n, args.classes)
     names = sorted(feats)
-    n_train = int(0.8 * args.samples)
-    train_rows, val_rows = np.arange(n_train), np.arange(n_train, args.samples)
-    tmp = tempfile.TemporaryDirectory()
-    try:
-        from extract.store import open_store, save_features
+    n_train, n_val = int(0.7 * n), int(0.15 * n)
+    rows = np.arange(n)
+    splits = {"train": rows[:n_train], "val": rows[n_train:n_train + n_val], "test": rows[n_train + n_val:]}
+    with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        save_features(f"{tmp.name}/bench.zarr", feats, y,
-                      {"train": np.arange(args.samples) < n_train, "val": np.arange(args.samples) >= n_train})
-        source = f"Zarr store (float16, written in {time.perf_counter() - t0:.1f}s)"
+        store_path = os.path.join(tmp, "bench.zarr")
+        save_features(store_path, feats, y, splits)
+        write_s = time.perf_counter() - t0
+        del feats
+        dims = sorted({int(np.prod(s)) for s in BLOCKS.values()})
+        print(f"store: Zarr, float16, {n} samples ({n_train} train / {n_val} val / {n - n_train - n_val} test), "
+              f"{len(names)} features of {dims} dims, {args.classes} classes (written in {write_s:.1f}s)")
+        print(f"recipe: {len(LRS)} lrs {LRS}, {args.epochs} epochs, batch {args.batch_size}, "
+              f"{args.threads} thread(s), seed 0")
 
-        def make(names_: Sequence[str]):
-            store = open_store(f"{tmp.name}/bench.zarr")  # each run opens and reads the store itself
-            return (StoreStream(store, names_, train_rows, y[train_rows], args.batch_size, True, 0),
-                    StoreStream(store, names_, val_rows, y[val_rows], 1024, False, 0))
-    except ImportError:
-        source = "in-memory arrays (extract.store unavailable: I/O NOT included)"
+        # Warm-up outside the timings (imports incl. matplotlib, torch's first optimizer step): tiny runs of
+        # both commands on one feature, so neither arm pays one-off process costs.
+        run_linear(store_path, os.path.join(tmp, "warm"), features=[names[0]], epochs=1, progress=False)
+        run_sweep(store_path, os.path.join(tmp, "warm_sweep"), features=[names[0]], lrs=LRS[:2], epochs=1,
+                  progress=False)
 
-        def make(names_: Sequence[str]):
-            return (ArrayStream({n: feats[n][train_rows] for n in names_}, y[train_rows], args.batch_size, True, 0),
-                    ArrayStream({n: feats[n][val_rows] for n in names_}, y[val_rows], 1024, False, 0))
+        common = dict(epochs=args.epochs, batch_size=args.batch_size, seed=0, progress=False)
+        t0 = time.perf_counter()
+        with _profiled(args.profile, "arm A (run_sweep)"):
+            sweep = run_sweep(store_path, os.path.join(tmp, "sweep"), features=names, lrs=LRS, **common)
+        time_a = time.perf_counter() - t0
 
-    dims = sorted({int(np.prod(s)) for s in BLOCKS.values()})
-    print(f"data: {source}; {args.samples} samples ({n_train} train), {len(names)} features of {dims} dims, "
-          f"{len(LRS)} lrs, {args.epochs} epochs, batch {args.batch_size}, {args.threads} thread(s)")
+        separate: dict[tuple[str, float], dict[str, Any]] = {}
+        t0 = time.perf_counter()
+        with _profiled(args.profile, "arm B (27 x run_linear)"):
+            for i, name in enumerate(names):
+                for j, lr in enumerate(sorted(LRS)):
+                    separate[(name, lr)] = run_linear(store_path, os.path.join(tmp, f"linear_{i}_{j}"),
+                                                      features=[name], lr=lr, **common)
+        time_b = time.perf_counter() - t0
 
-    # Warm-up outside the timings: torch's first optimizer step imports its compiler stack (seconds).
-    with seeded_init(0):
-        warm = LinearHead(4, 2)
-    train(warm, ArrayStream({"w": np.zeros((4, 4), np.float32)}, np.array([0, 1, 0, 1])), epochs=1, progress=False)
+    sel_a = (sweep["selected"]["feature"], sweep["selected"]["lr"])
+    sel_b = _separate_selection(separate)
+    acc_a = (sweep["metrics"]["val"]["top1"], sweep["metrics"]["test"]["top1"])
+    acc_b = (separate[sel_b]["metrics"]["val"]["top1"], separate[sel_b]["metrics"]["test"]["top1"])
+    print()
+    print(f"{'arm':34s} {'wall s':>8s}  {'selected (feature, lr)':28s} {'epoch':>5s} {'val top1':>8s} {'test top1':>9s}")
+    print(f"{'A: 1 x run_sweep (27 heads)':34s} {time_a:8.1f}  {str(sel_a):28s} "
+          f"{sweep['selected']['epoch']:5d} {acc_a[0]:8.4f} {acc_a[1]:9.4f}")
+    print(f"{'B: 27 x run_linear':34s} {time_b:8.1f}  {str(sel_b):28s} "
+          f"{separate[sel_b]['selected']['epoch']:5d} {acc_b[0]:8.4f} {acc_b[1]:9.4f}")
+    print(f"speed-up B/A: {time_b / time_a:.2f}x (target >= 5x)")
 
-    heads = heads_for(names, args.classes)
-    t0 = time.perf_counter()
-    train_s, val_s = make(names)
-    sweep = train_many(heads, {k: k[0] for k in heads}, train_s, val_s, lrs={k: k[1] for k in heads},
-                       epochs=args.epochs, step_size=max(1, args.epochs - 1), progress=False)
-    one_pass = time.perf_counter() - t0
-
-    separate_heads = heads_for(names, args.classes)
-    separate = {}
-    t0 = time.perf_counter()
-    for key, head in separate_heads.items():
-        train_s, val_s = make([key[0]])
-        separate[key] = train(head, train_s, val_s, input=key[0], lr=key[1], epochs=args.epochs,
-                              step_size=max(1, args.epochs - 1), progress=False)
-    separate_time = time.perf_counter() - t0
-
-    best_sep = max(separate, key=lambda k: (separate[k].val_accuracy, -separate[k].val_loss))
-    print(f"one pass (train_many, 27 heads): {one_pass:8.1f} s   selected {sweep.best}: "
-          f"val acc {sweep.heads[sweep.best].val_accuracy:.4f}")
-    print(f"27 separate runs:                {separate_time:8.1f} s   selected {best_sep}: "
-          f"val acc {separate[best_sep].val_accuracy:.4f}")
-    print(f"speed-up: {separate_time / one_pass:.2f}x (target >= 5x)")
-    same = all(separate[k].history == sweep.heads[k].history for k in heads)
-    print(f"identical per-head histories in both arms: {same}")
-    print("best lr per feature:", {f: k[1] for f, k in sweep.best_per_input.items()})
-    tmp.cleanup()
+    # Per head: the sweep's head against the separate run with the same (feature, lr).
+    table = {(r["feature"], r["lr"]): r for r in sweep["sweep"]}
+    same_val = sum(table[k]["val_top1"] == separate[k]["training"]["val_accuracy"] for k in separate)
+    same_test = sum(table[k]["test_top1"] == separate[k]["training"]["test_accuracy"] for k in separate)
+    same_epoch = sum(table[k]["best_epoch"] == separate[k]["training"]["best_epoch"] for k in separate)
+    print(f"per head, sweep vs separate run: same best epoch {same_epoch}/27, same val top-1 {same_val}/27, "
+          f"same test top-1 {same_test}/27")
+    print(f"same selection: {sel_a == sel_b}; same selected accuracies: {acc_a == acc_b}")
+    best_lr = {}
+    for r in sweep["sweep"]:
+        if r["selected_for_feature"]:
+            best_lr[r["feature"]] = (r["lr"], round(r["val_top1"], 4))
+    print("sweep, best (lr, val top-1) per feature:", best_lr)
 
 
 if __name__ == "__main__":

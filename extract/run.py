@@ -40,7 +40,7 @@ from extract.sources import ImageSource, open_source
 from extract.spec import Spec, load_spec
 from extract.store import FeatureInfo, StoreError, StoreWriter, create_store
 
-DEFAULT_MICRO_BATCH = 16
+DEFAULT_MICRO_BATCH = 64  # rows per U-Net call; fixed so the bytes never depend on --batch-size
 NOISE_SEED_RULE = ("noise for (seed, sample index i, timestep t, draw d): torch.randn on the CPU in float32 "
                    "from a torch.Generator seeded with blake2b-64('diffbank-noise/{seed}/{i}/{t}/{d}') "
                    "(extract.diffusion.noise_seed); features are averaged over draws d = 0..draws-1; the "

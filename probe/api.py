@@ -254,6 +254,11 @@ def _save_heads(path: Path, heads: Mapping[str, torch.nn.Module], metadata: Mapp
     save_file(tensors, str(path), metadata={k: json.dumps(to_jsonable(v)) for k, v in metadata.items()})
 
 
+def _sgd_config(**settings: Any) -> dict[str, Any]:
+    """A training command's configuration: its settings, then the recipe `train_many` runs with by default."""
+    return {**settings, "optimizer": "SGD(momentum=0, weight_decay=0)", "schedule": "StepLR(step_size=7, gamma=0.1)"}
+
+
 def _head_record(result: Any) -> dict[str, Any]:
     return {"lr": result.lr, "epochs_trained": result.epochs_trained, "best_epoch": result.best_epoch,
             "val_accuracy": result.val_accuracy, "test_accuracy": result.test_accuracy,
@@ -276,8 +281,7 @@ def run_linear(store: Any, out_dir: str | Path, *, features: Sequence[str] | str
                resume: bool = True) -> dict[str, Any]:
     """The paper's linear probe on one feature (default t090_b24_avg2); weights -> out_dir/head.safetensors."""
     run = _Run("linear", store, out_dir, features,
-               {"epochs": epochs, "lr": lr, "batch_size": batch_size, "batchnorm": batchnorm, "device": device,
-                "optimizer": "SGD(momentum=0, weight_decay=0)", "schedule": "StepLR(step_size=7, gamma=0.1)"},
+               _sgd_config(epochs=epochs, lr=lr, batch_size=batch_size, batchnorm=batchnorm, device=device),
                seed=seed, subset=subset, val_fraction=val_fraction, standardize=standardize,
                memory_budget=memory_budget, resume=resume)
     name = _single_feature(run)
@@ -294,8 +298,7 @@ def run_attention(store: Any, out_dir: str | Path, *, features: Sequence[str] | 
     """The attention-pool head on one block map (default t090_b24_tok16); `preset` tiny|small|paper."""
     sizes = resolve_preset(preset)
     run = _Run("attention", store, out_dir, features,
-               {"epochs": epochs, "lr": lr, "batch_size": batch_size, "preset": preset, **sizes, "device": device,
-                "optimizer": "SGD(momentum=0, weight_decay=0)", "schedule": "StepLR(step_size=7, gamma=0.1)"},
+               _sgd_config(epochs=epochs, lr=lr, batch_size=batch_size, preset=preset, **sizes, device=device),
                seed=seed, subset=subset, val_fraction=val_fraction, standardize=standardize,
                memory_budget=memory_budget, resume=resume)
     name = _single_feature(run)
@@ -312,8 +315,7 @@ def run_fusion(store: Any, out_dir: str | Path, *, features: Sequence[str] | str
     """DifFormer over a complete timestep x block grid (default blocks {19, 24, 30} x t {90, 150, 300})."""
     sizes = resolve_preset(preset)
     run = _Run("fusion", store, out_dir, features,
-               {"epochs": epochs, "lr": lr, "batch_size": batch_size, "preset": preset, **sizes, "device": device,
-                "optimizer": "SGD(momentum=0, weight_decay=0)", "schedule": "StepLR(step_size=7, gamma=0.1)"},
+               _sgd_config(epochs=epochs, lr=lr, batch_size=batch_size, preset=preset, **sizes, device=device),
                seed=seed, subset=subset, val_fraction=val_fraction, standardize=standardize,
                memory_budget=memory_budget, resume=resume)
     keyed, ts, shapes = _fusion_inputs(run.store, run.features)
@@ -393,8 +395,7 @@ def run_sweep(store: Any, out_dir: str | Path, *, features: Sequence[str] | str 
     if not lrs:
         raise ValueError("give at least one learning rate")
     run = _Run("sweep", store, out_dir, features,
-               {"lrs": lrs, "epochs": epochs, "batch_size": batch_size, "device": device,
-                "optimizer": "SGD(momentum=0, weight_decay=0)", "schedule": "StepLR(step_size=7, gamma=0.1)"},
+               _sgd_config(lrs=lrs, epochs=epochs, batch_size=batch_size, device=device),
                seed=seed, subset=subset, val_fraction=val_fraction, standardize=standardize,
                memory_budget=memory_budget, resume=resume)
     heads: dict[str, torch.nn.Module] = {}

@@ -359,9 +359,8 @@ class _TransformerParams:
         )
 
 
-class AttentionProbe(_TransformerParams, _TorchProbe):
-    """The paper's attention head. `preset` ("paper", "small", "tiny") sets dim/heads/depth; explicit
-    `dim`/`heads`/`depth` override it. Paper defaults: lr 5e-2, 28 epochs, batch 128."""
+class _TransformerProbe(_TransformerParams, _TorchProbe):
+    """Parameters shared by the transformer heads (scikit-learn reads them from this `__init__`)."""
 
     def __init__(
         self,
@@ -406,6 +405,11 @@ class AttentionProbe(_TransformerParams, _TorchProbe):
 
     def _check_own_params(self) -> None:
         self._transformer_sizes()
+
+
+class AttentionProbe(_TransformerProbe):
+    """The paper's attention head. `preset` ("paper", "small", "tiny") sets dim/heads/depth; explicit
+    `dim`/`heads`/`depth` override it. Paper defaults: lr 5e-2, 28 epochs, batch 128."""
 
     def _build_head(self, shapes: Any, num_classes: int) -> nn.Module:
         return AttentionPoolHead(shapes, num_classes, final_norm=bool(self.final_norm), **self._transformer_sizes())
@@ -415,52 +419,8 @@ def _feature_key(key: tuple[int, Hashable]) -> str:
     return f"t{key[0]}|b{key[1]}"
 
 
-class DifFormerProbe(_TransformerParams, _TorchProbe):
+class DifFormerProbe(_TransformerProbe):
     """DifFormer fusion over {(t, block): (N, C, H, W)} inputs; parameters as `AttentionProbe`."""
-
-    def __init__(
-        self,
-        *,
-        preset: str | None = "paper",
-        dim: int | None = None,
-        heads: int | None = None,
-        depth: int | None = None,
-        final_norm: bool = False,
-        standardize: bool = False,
-        lr: float = 5e-2,
-        epochs: int = 28,
-        batch_size: int = 128,
-        step_size: int = 7,
-        gamma: float = 0.1,
-        momentum: float = 0.0,
-        weight_decay: float = 0.0,
-        random_state: int | np.random.RandomState | None = None,
-        device: str = "cpu",
-        verbose: bool = False,
-        checkpoint_dir: str | os.PathLike[str] | None = None,
-        resume: bool = False,
-    ) -> None:
-        self.preset = preset
-        self.dim = dim
-        self.heads = heads
-        self.depth = depth
-        self.final_norm = final_norm
-        self.standardize = standardize
-        self.lr = lr
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.step_size = step_size
-        self.gamma = gamma
-        self.momentum = momentum
-        self.weight_decay = weight_decay
-        self.random_state = random_state
-        self.device = device
-        self.verbose = verbose
-        self.checkpoint_dir = checkpoint_dir
-        self.resume = resume
-
-    def _check_own_params(self) -> None:
-        self._transformer_sizes()
 
     def _arrays(self, X: Any, *, fitting: bool) -> dict[str, np.ndarray]:
         if not isinstance(X, Mapping) or not X:

@@ -108,6 +108,12 @@ def _check_transformer_sizes(dim: int, heads: int, depth: int) -> None:
         raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
 
 
+def _check_head_sizes(num_classes: int, dim: int, heads: int, depth: int) -> None:
+    """The checks every transformer head makes before building anything."""
+    _check_positive("num_classes", num_classes)
+    _check_transformer_sizes(dim, heads, depth)
+
+
 class LinearHead(nn.Module):
     """Linear classifier on a flattened (channel-major) pooled feature.
 
@@ -221,8 +227,7 @@ class AttentionPoolHead(nn.Module):
         final_norm: bool = False,
     ) -> None:
         super().__init__()
-        _check_positive("num_classes", num_classes)
-        _check_transformer_sizes(dim, heads, depth)
+        _check_head_sizes(num_classes, dim, heads, depth)
         self.tokenizer = BlockTokenizer(in_shape, dim)
         self.encoder = ClsTransformer(dim, heads, depth, mlp_ratio, final_norm)
         self.classifier = nn.Linear(dim, num_classes)
@@ -266,8 +271,7 @@ class DifFormerHead(nn.Module):
         self.timesteps = [int(t) for t in timesteps]
         if not self.timesteps or len(set(self.timesteps)) != len(self.timesteps):
             raise ValueError(f"timesteps must be a non-empty list of distinct ints, got {list(timesteps)!r}")
-        _check_positive("num_classes", num_classes)
-        _check_transformer_sizes(dim, heads, depth)
+        _check_head_sizes(num_classes, dim, heads, depth)
         self.blocks = list(block_shapes)
         keys = [_block_key(b) for b in self.blocks]
         if len(set(keys)) != len(keys):

@@ -8,8 +8,9 @@ Data interface: anything satisfying `BatchStream` (below). `probe/data.py` adapt
 
 Determinism: the trainer itself draws no random numbers. A run is fixed by (initial head weights, the stream's
 batches): build heads under `probe.heads.seeded_init(seed)` and give the stream a seed; the same seeds then give
-bit-identical weights on the same device, and heads trained together with `train_many` end exactly as they do
-when trained one by one over the same batches.
+bit-identical weights on the same device, and heads trained together with `train_many` end as they do when
+trained one by one over the same batches: exactly, or, for linear heads fused into one bank (same feature,
+several lrs; see `train_many`), up to float32 rounding of the shared matmuls.
 
 Checkpoints (`checkpoint_dir`): after every epoch, `state-{epochs_done:04d}.safetensors` holds every head's
 weights, its best-so-far weights and its optimizer tensors; `state.json` (written after it, atomically, so it
@@ -35,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from .heads import LinearHead
 
 __all__ = [
     "DEFAULT_LR",
@@ -263,6 +266,164 @@ class _Run:
         self.history: list[dict[str, float | None]] = []
 
 
+# ------------------------------------------------------------------------------------------ fused linear heads
+
+def _fusion_key(head: nn.Module, spec: InputSpec) -> tuple[Any, ...] | None:
+    """Heads with equal keys can be trained and evaluated as one `_LinearBank`; None: this head cannot.
+
+    Only plain `LinearHead`s without BatchNorm that read one feature qualify; subclasses, other heads and dict
+    inputs take the ordinary per-head path.
+    """
+    if type(head) is not LinearHead or not isinstance(head.norm, nn.Identity) or not isinstance(spec, str):
+        return None
+    w, b = head.linear.weight, head.linear.bias
+    if b is None or b.dtype != w.dtype or b.device != w.device:
+        return None
+    return (spec, w.shape[0], w.shape[1], w.dtype, w.device)
+
+
+def _fusable_groups(heads: Sequence[tuple[Any, nn.Module, InputSpec]]) -> tuple[list[list[Any]], list[Any]]:
+    """Split (tag, head, spec) triples into groups of >= 2 fusable heads (tags, in order) and the rest."""
+    groups: dict[tuple[Any, ...], list[Any]] = {}
+    rest: list[Any] = []
+    for tag, head, spec in heads:
+        key = _fusion_key(head, spec)
+        if key is None:
+            rest.append(tag)
+        else:
+            groups.setdefault(key, []).append(tag)
+    fused = [g for g in groups.values() if len(g) >= 2]
+    rest += [g[0] for g in groups.values() if len(g) == 1]
+    return fused, rest
+
+
+class _LinearBank:
+    """H `LinearHead`s on the same feature as one (H*K, D) weight: one matmul gives every head's logits.
+
+    Training: the loss is the sum over heads of each head's mean cross-entropy, so each head's gradient is
+    exactly the gradient it gets alone; the SGD update (weight decay, momentum, lr) is applied head slice by head
+    slice with the same tensor operations as `torch.optim.SGD`, so each head ends as it does alone up to the
+    rounding of the shared matmuls. The bank is loaded from the heads (and their optimizers' momentum buffers)
+    with `from_runs` and written back with `write_back`, so between epochs the heads, optimizers and checkpoints
+    are exactly those of the per-head path.
+    """
+
+    def __init__(self, heads: Sequence[LinearHead], spec: str, device: torch.device) -> None:
+        self.spec = spec
+        self.heads = list(heads)
+        self.num_heads = len(self.heads)
+        self.classes = self.heads[0].linear.out_features
+        self.in_features = self.heads[0].linear.in_features
+        self.in_shape = self.heads[0].in_shape
+        with torch.no_grad():
+            self.weight = torch.cat([h.linear.weight.detach() for h in self.heads]).to(device)
+            self.bias = torch.cat([h.linear.bias.detach() for h in self.heads]).to(device)
+
+    def _check(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 2 or math.prod(x.shape[1:]) != self.in_features:
+            raise ValueError(f"LinearHead expects inputs of shape (N, {self.in_shape}), got {tuple(x.shape)}")
+        return x.flatten(1)
+
+    def per_head_ce(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """(B, H*K) logits -> (B, H) cross-entropy of every sample under every head."""
+        n, h = int(y.shape[0]), self.num_heads
+        targets = y.unsqueeze(1).expand(n, h).reshape(-1)
+        return F.cross_entropy(logits.reshape(n * h, self.classes), targets, reduction="none").view(n, h)
+
+    def correct(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """(H,) number of samples each head classifies correctly."""
+        n = int(y.shape[0])
+        return (logits.view(n, self.num_heads, self.classes).argmax(2) == y.unsqueeze(1)).sum(0)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.bias, self._check(x), self.weight.t())
+
+
+class _TrainBank(_LinearBank):
+    """A `_LinearBank` that trains its heads (the `_Run`s of one fusable group) for one epoch."""
+
+    def __init__(self, runs: Sequence[_Run], device: torch.device, momentum: float, weight_decay: float) -> None:
+        super().__init__([r.head for r in runs], runs[0].spec, device)  # type: ignore[arg-type, misc]
+        self.runs = list(runs)
+        self.momentum, self.weight_decay = float(momentum), float(weight_decay)
+        # The scheduler already set this epoch's lr in each optimizer (as for the per-head path).
+        self.lrs = [float(r.optimizer.param_groups[0]["lr"]) for r in self.runs]
+        self.weight.requires_grad_(True)
+        self.bias.requires_grad_(True)
+        self.buffers: list[torch.Tensor | None] = [None, None]
+        self.has_buffer = [False] * self.num_heads
+        if self.momentum:
+            for i, name in enumerate(("weight", "bias")):
+                parts = [r.optimizer.state.get(getattr(r.head.linear, name), {}).get("momentum_buffer") for r in self.runs]
+                if any(p is not None for p in parts):
+                    ref = getattr(self, name)
+                    self.buffers[i] = torch.cat([p.detach() if p is not None else torch.zeros_like(ref[:self.classes])
+                                                 for p in parts]).to(ref.device)
+            self.has_buffer = [r.optimizer.state.get(r.head.linear.weight, {}).get("momentum_buffer") is not None
+                               for r in self.runs]
+        dev = self.weight.device
+        self.loss_sum = torch.zeros(self.num_heads, dtype=torch.float64, device=dev)
+        self.correct_sum = torch.zeros(self.num_heads, dtype=torch.int64, device=dev)
+        self.seen = 0
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        n = int(y.shape[0])
+        logits = self.logits(x)
+        ce = self.per_head_ce(logits, y)
+        # sum over heads of each head's mean: d loss / d logits of head h is what head h's own mean CE gives.
+        gw, gb = torch.autograd.grad(ce.sum() / n, (self.weight, self.bias))
+        with torch.no_grad():
+            self._sgd(self.weight, gw, 0)
+            self._sgd(self.bias, gb, 1)
+            self.loss_sum += ce.detach().mean(0).double() * n
+            self.correct_sum += self.correct(logits.detach(), y)
+        self.seen += n
+
+    def _sgd(self, param: torch.Tensor, grad: torch.Tensor, which: int) -> None:
+        # The operations of torch.optim.SGD's single-tensor step (dampening 0, no nesterov), per head slice.
+        k = self.classes
+        if self.weight_decay != 0:
+            grad = grad.add(param, alpha=self.weight_decay)
+        if self.momentum != 0:
+            buf = self.buffers[which]
+            if buf is None:
+                buf = self.buffers[which] = grad.detach().clone()
+            elif all(self.has_buffer):
+                buf.mul_(self.momentum).add_(grad, alpha=1)
+            else:  # some heads have stepped before (resumed mid-way), some not
+                for h, seen in enumerate(self.has_buffer):
+                    part = buf[h * k:(h + 1) * k]
+                    if seen:
+                        part.mul_(self.momentum).add_(grad[h * k:(h + 1) * k], alpha=1)
+                    else:
+                        part.copy_(grad[h * k:(h + 1) * k])
+            if which == 1:
+                self.has_buffer = [True] * self.num_heads
+            grad = buf
+        if len(set(self.lrs)) == 1:
+            param.add_(grad, alpha=-self.lrs[0])
+        else:
+            for h, lr in enumerate(self.lrs):
+                param[h * k:(h + 1) * k].add_(grad[h * k:(h + 1) * k], alpha=-lr)
+
+    def write_back(self) -> None:
+        """Copy weights and momentum buffers into the heads and their optimizers."""
+        k = self.classes
+        with torch.no_grad():
+            for h, r in enumerate(self.runs):
+                lin = r.head.linear
+                lin.weight.copy_(self.weight[h * k:(h + 1) * k])
+                lin.bias.copy_(self.bias[h * k:(h + 1) * k])
+                for i, param in enumerate((lin.weight, lin.bias)):
+                    buf = self.buffers[i]
+                    if buf is not None:
+                        r.optimizer.state[param]["momentum_buffer"] = buf[h * k:(h + 1) * k].clone()
+                if self.seen:
+                    # The bank stepped for this optimizer: tell its StepLR (which otherwise warns that the
+                    # scheduler stepped before the optimizer ever did).
+                    r.optimizer._opt_called = True  # type: ignore[attr-defined]
+
+
 def _clone_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
@@ -273,22 +434,35 @@ def evaluate(
     inputs_of: Mapping[K, InputSpec],
     stream: BatchStream,
     device: str | torch.device = "cpu",
+    *,
+    fuse: bool = True,
 ) -> dict[K, tuple[float, float]]:
-    """Mean cross-entropy and accuracy of every head on one pass over `stream`: {key: (loss, accuracy)}."""
+    """Mean cross-entropy and accuracy of every head on one pass over `stream`: {key: (loss, accuracy)}.
+
+    With `fuse`, linear heads on the same feature are evaluated together, with one matmul per batch.
+    """
     device = torch.device(device)
     was_training = {k: h.training for k, h in heads.items()}
     for h in heads.values():
         h.eval()
     names = sorted({n for k in heads for n in _feature_names(inputs_of[k])})
-    loss_sum = {k: torch.zeros((), dtype=torch.float64, device=device) for k in heads}
-    correct = {k: torch.zeros((), dtype=torch.int64, device=device) for k in heads}
+    groups, single = _fusable_groups([(k, h, inputs_of[k]) for k, h in heads.items()]) if fuse else ([], list(heads))
+    banks = [(g, _LinearBank([heads[k] for k in g], inputs_of[g[0]], device)) for g in groups]  # type: ignore[misc]
+    bank_loss = [torch.zeros(len(g), dtype=torch.float64, device=device) for g, _ in banks]
+    bank_correct = [torch.zeros(len(g), dtype=torch.int64, device=device) for g, _ in banks]
+    loss_sum = {k: torch.zeros((), dtype=torch.float64, device=device) for k in single}
+    correct = {k: torch.zeros((), dtype=torch.int64, device=device) for k in single}
     count = 0
     stream.set_epoch(0)
     for xs, y in stream:
         y = y.to(device)
         feats = {n: xs[n].to(device) for n in names}
-        for k, h in heads.items():
-            logits = h(_gather(inputs_of[k], feats))
+        for i, (_, bank) in enumerate(banks):
+            logits = bank.logits(feats[bank.spec])
+            bank_loss[i] += bank.per_head_ce(logits.float(), y).sum(0).double()
+            bank_correct[i] += bank.correct(logits, y)
+        for k in single:
+            logits = heads[k](_gather(inputs_of[k], feats))
             loss_sum[k] += F.cross_entropy(logits.float(), y, reduction="sum").double()
             correct[k] += (logits.argmax(1) == y).sum()
         count += int(y.shape[0])
@@ -296,6 +470,9 @@ def evaluate(
         h.train(was_training[k])
     if count == 0:
         raise ValueError("evaluation stream yielded no samples")
+    for (g, _), ls, cs in zip(banks, bank_loss, bank_correct):
+        for j, k in enumerate(g):
+            loss_sum[k], correct[k] = ls[j], cs[j]
     return {k: (float(loss_sum[k]) / count, int(correct[k]) / count) for k in heads}
 
 
@@ -376,6 +553,7 @@ def train_many(
     progress: bool = True,
     device: str | torch.device = "cpu",
     on_epoch_end: Callable[[int, Mapping[K, dict[str, float | None]]], None] | None = None,
+    fuse: bool = True,
 ) -> SweepResult:
     """Train several heads in one pass over the data (DINOv2 linear-evaluation style).
 
@@ -389,6 +567,13 @@ def train_many(
     the sweep carries on with the others. `on_epoch_end(epoch, {key: history row})` is called after each epoch
     (after the checkpoint is written); an exception raised there stops training, which resumes cleanly.
     The heads are trained in place (and moved to `device`).
+
+    Fusion (`fuse=True`, the default): plain `LinearHead`s (no BatchNorm) that read the same feature, e.g. one
+    feature at several lrs, train as one bank: one matmul for all their logits, one backward, and an SGD update
+    that applies each head's own lr (same operations as `torch.optim.SGD`, per head slice). Every head still
+    gets exactly its own gradient, so results equal per-head training up to float rounding of the shared
+    matmuls (about 1e-7 relative); between epochs the heads, optimizers, checkpoints and results are the
+    ordinary per-head ones. `fuse=False` trains every head on its own.
     """
     started = time.perf_counter()
     if not heads:
@@ -450,15 +635,20 @@ def train_many(
         active = [r for r in runs if not r.diverged]
         for r in runs:
             r.head.train()
-        loss_sum = {id(r): torch.zeros((), dtype=torch.float64, device=device) for r in active}
-        correct = {id(r): torch.zeros((), dtype=torch.int64, device=device) for r in active}
+        # Linear heads on one feature train as one bank (rebuilt each epoch: diverged heads drop out).
+        groups, single = _fusable_groups([(r, r.head, r.spec) for r in active]) if fuse else ([], active)
+        banks = [_TrainBank(g, device, momentum, weight_decay) for g in groups]
+        loss_sum = {id(r): torch.zeros((), dtype=torch.float64, device=device) for r in single}
+        correct = {id(r): torch.zeros((), dtype=torch.int64, device=device) for r in single}
         seen = {id(r): 0 for r in active}
         train_stream.set_epoch(epoch)
         for xs, y in train_stream:
             y = y.to(device, non_blocking=True)
             feats = {n: xs[n].to(device, non_blocking=True) for n in names}  # one copy per feature, shared
             batch = int(y.shape[0])
-            for r in active:
+            for bank in banks:
+                bank.step(feats[bank.spec], y)
+            for r in single:
                 if r.needs_pairs and batch < 2:
                     continue  # BatchNorm cannot normalise a single sample in training mode
                 logits = r.head(_gather(r.spec, feats))
@@ -470,11 +660,15 @@ def train_many(
                 loss_sum[id(r)] += loss.detach().double() * batch
                 correct[id(r)] += (logits.detach().argmax(1) == y).sum()
                 seen[id(r)] += batch
+        for bank in banks:
+            bank.write_back()
+            for j, r in enumerate(bank.runs):
+                loss_sum[id(r)], correct[id(r)], seen[id(r)] = bank.loss_sum[j], bank.correct_sum[j], bank.seen
         if not any(seen.values()) and active:
             raise ValueError("training stream yielded no samples")
         for r in active:
             r.scheduler.step()
-        val = evaluate({id(r): r.head for r in runs}, {id(r): r.spec for r in runs}, val_stream, device) if val_stream is not None else {}
+        val = _evaluate_runs(runs, val_stream, device, fuse) if val_stream is not None else {}
         rows: dict[K, dict[str, float | None]] = {}
         for r in runs:
             row: dict[str, float | None] = {"epoch": float(epoch), "lr": r.optimizer.param_groups[0]["lr"]}
@@ -510,7 +704,7 @@ def train_many(
             r.head.load_state_dict(r.best_state)
         elif val_stream is None:
             r.best_epoch = epochs - 1 if not r.diverged else None
-    test = evaluate({id(r): r.head for r in runs}, {id(r): r.spec for r in runs}, test_stream, device) if test_stream is not None else {}
+    test = _evaluate_runs(runs, test_stream, device, fuse) if test_stream is not None else {}
     results: dict[Hashable, HeadResult] = {}
     for r in runs:
         results[r.key] = HeadResult(
@@ -534,6 +728,10 @@ def train_many(
             if best is None or rank(r.key) > rank(best):
                 best = r.key
     return SweepResult(results, best_per_input, best, time.perf_counter() - started)
+
+
+def _evaluate_runs(runs: list[_Run], stream: BatchStream, device: torch.device, fuse: bool) -> dict[int, tuple[float, float]]:
+    return evaluate({id(r): r.head for r in runs}, {id(r): r.spec for r in runs}, stream, device, fuse=fuse)
 
 
 def _print_progress(epoch: int, epochs: int, runs: list[_Run], rows: Mapping[Any, dict[str, float | None]], seconds: float) -> None:

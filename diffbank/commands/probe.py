@@ -45,6 +45,13 @@ def _training(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
+def _transformer(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Options of the transformer heads (attention, fusion): the paper's lr 5e-2 and a size preset."""
+    func = click.option("--preset", type=click.Choice(["tiny", "small", "paper"]), default="small",
+                        show_default=True)(func)
+    return click.option("--lr", default=5e-2, show_default=True, type=float)(func)
+
+
 def _run(name: str, **kwargs: Any) -> None:
     """Call `probe.api.run_<name>` and print its table; known input problems become clean CLI errors."""
     from probe import api
@@ -88,8 +95,7 @@ def linear(**kwargs: Any) -> None:
 @probe_command.command("attention")
 @_common
 @_training
-@click.option("--lr", default=5e-2, show_default=True, type=float)
-@click.option("--preset", type=click.Choice(["tiny", "small", "paper"]), default="small", show_default=True)
+@_transformer
 def attention(**kwargs: Any) -> None:
     """The attention-pool head on one block map (default t090_b24_tok16)."""
     _run("attention", **kwargs)
@@ -98,8 +104,7 @@ def attention(**kwargs: Any) -> None:
 @probe_command.command("fusion")
 @_common
 @_training
-@click.option("--lr", default=5e-2, show_default=True, type=float)
-@click.option("--preset", type=click.Choice(["tiny", "small", "paper"]), default="small", show_default=True)
+@_transformer
 def fusion(**kwargs: Any) -> None:
     """DifFormer over blocks x timesteps (default blocks 19, 24, 30 x t 90, 150, 300)."""
     _run("fusion", **kwargs)

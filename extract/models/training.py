@@ -143,8 +143,12 @@ def _load_optimizer(opt: torch.optim.Optimizer, path: Path) -> None:
 
 
 def train(images: torch.Tensor, cfg: TrainConfig, out_dir: str | Path,
-          log: Callable[[str], None] = print, progress: bool = True) -> dict[str, Any]:
-    """Train on `images` (N, 3, H, W) float32 in [-1, 1]; resumes from `out_dir` when it holds a run."""
+          log: Callable[[str], None] = print, progress: bool = True, until_step: int | None = None) -> dict[str, Any]:
+    """Train on `images` (N, 3, H, W) float32 in [-1, 1]; resumes from `out_dir` when it holds a run.
+
+    `until_step` stops early (after checkpointing) without changing the run's config, so a later call
+    continues the same trajectory: time-boxed sessions give the same weights as one long run.
+    """
     out = Path(out_dir)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -186,7 +190,8 @@ def train(images: torch.Tensor, cfg: TrainConfig, out_dir: str | Path,
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=start_step, unit="step", dynamic_ncols=True)
-    for step in range(start_step, cfg.steps):
+    stop = cfg.steps if until_step is None else min(cfg.steps, until_step)
+    for step in range(start_step, stop):
         g = _step_rng(cfg.seed, step)
         idx = torch.from_numpy(_batch_indices(n, cfg.batch_size, cfg.seed, step))
         x0 = images[idx]
@@ -213,7 +218,7 @@ def train(images: torch.Tensor, cfg: TrainConfig, out_dir: str | Path,
             if step % 20 == 0:
                 bar.set_postfix(loss=f"{np.mean(window[-100:]):.4f}")
         done = step + 1
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+        if done % cfg.checkpoint_every == 0 or done == stop:
             record["losses"].append([done, float(np.mean(window))])
             window = []
             record["step"] = done
