@@ -8,21 +8,27 @@ returns the same dict. Trained heads are saved as safetensors in `out_dir`; trai
 | function | what |
 |---|---|
 | `run_linear` | the paper's linear head (SGD, StepLR) on one feature |
-| `run_attention` | the attention-pool head on one block map |
-| `run_fusion` | DifFormer: blocks x timesteps through one shared transformer |
+| `run_attention` | the attention-pool head on one block map (one lr, or several `lrs` selected on validation) |
+| `run_fusion` | DifFormer: blocks x timesteps through one shared transformer (one lr or several `lrs`) |
 | `run_logistic` | scikit-learn logistic regression, C swept on validation |
 | `run_knn` | cosine kNN, temperature-weighted votes, k swept on validation |
 | `run_sweep` | linear heads for every (t, block, pooling) x lr in one pass; heat map over t x block |
 
 Selection is always on the validation split; the test split is only reported.
+
+The trained commands (linear, attention, fusion, sweep) default to the paper's recipe: SGD with `momentum=0`,
+`weight_decay=0`, StepLR with `step_size=7`, `gamma=0.1`. Each is a keyword argument; the values used are
+recorded in `results.json` (`config`). Bad values raise `ProbeConfigError` (a `ValueError` naming the
+parameter) before any data is read.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import numbers
 import time
-from collections.abc import Hashable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +44,7 @@ from probe.report import (classification_metrics, environment, now_utc, plot_acc
 from probe.train import DEFAULT_LR, predict_logits, train_many
 
 __all__ = ["run_linear", "run_attention", "run_fusion", "run_logistic", "run_knn", "run_sweep",
-           "default_features", "RunConflictError", "SWEEP_LRS"]
+           "default_features", "RunConflictError", "ProbeConfigError", "SWEEP_LRS"]
 
 PAPER_LINEAR_FEATURE = "t090_b24_avg2"
 PAPER_ATTENTION_FEATURE = "t090_b24_tok16"
@@ -47,11 +53,68 @@ PAPER_FUSION_TIMESTEPS = (90, 150, 300)
 PAPER_T, PAPER_BLOCK = 90, 24
 SWEEP_LRS: tuple[float, ...] = (1e-3, 1e-2, 1e-1)
 RESULTS_FILE = "results.json"
+_RECIPE_KEYS = ("momentum", "weight_decay", "step_size", "gamma")
 RUN_FILE = "run.json"
 
 
 class RunConflictError(ValueError):
     """`out_dir` holds a run made with other settings or another store: resuming it would mix two runs."""
+
+
+class ProbeConfigError(ValueError):
+    """A training setting (lr, momentum, weight_decay, step_size, gamma) is out of range; names the parameter."""
+
+
+# ------------------------------------------------------------------------------------ training settings
+
+def _real(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+        raise ProbeConfigError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _recipe(momentum: Any, weight_decay: Any, step_size: Any, gamma: Any) -> dict[str, Any]:
+    """The validated optimizer/schedule settings, as `train_many` takes them."""
+    m = _real("momentum", momentum)
+    if not 0.0 <= m < 1.0:
+        raise ProbeConfigError(f"momentum must be in [0, 1), got {momentum!r}")
+    wd = _real("weight_decay", weight_decay)
+    if wd < 0.0:
+        raise ProbeConfigError(f"weight_decay must be >= 0, got {weight_decay!r}")
+    step = _real("step_size", step_size)
+    if not step.is_integer() or step < 1:
+        raise ProbeConfigError(f"step_size must be an integer >= 1, got {step_size!r}")
+    g = _real("gamma", gamma)
+    if not 0.0 < g <= 1.0:
+        raise ProbeConfigError(f"gamma must be in (0, 1], got {gamma!r}")
+    return {"momentum": m, "weight_decay": wd, "step_size": int(step), "gamma": g}
+
+
+def _check_lr(name: str, value: Any) -> float:
+    lr = _real(name, value)
+    if lr <= 0.0:
+        raise ProbeConfigError(f"{name} must be > 0, got {value!r}")
+    return lr
+
+
+def _lr_choice(lr: Any, lrs: Sequence[float] | None, default: float) -> tuple[float | None, list[float] | None]:
+    """(lr, None) for one head, (None, sorted distinct lrs) for an lr sweep; errors name the parameter."""
+    if lrs is None:
+        return _check_lr("lr", default if lr is None else lr), None
+    if lr is not None:
+        raise ProbeConfigError("give either lr or lrs, not both")
+    if isinstance(lrs, (str, bytes, numbers.Number)) or not isinstance(lrs, Iterable):
+        raise ProbeConfigError(f"lrs must be a sequence of learning rates, got {lrs!r}")
+    values = sorted({_check_lr("lrs", v) for v in lrs})
+    if not values:
+        raise ProbeConfigError("lrs must hold at least one learning rate")
+    return None, values
+
+
+def _fmt(value: float) -> str:
+    """0.0 -> '0', 0.1 -> '0.1', 7 -> '7': exact (repr) and equal to the strings older runs recorded."""
+    value = float(value)
+    return str(int(value)) if value.is_integer() else repr(value)
 
 
 # ------------------------------------------------------------------------------------- feature choice
@@ -173,7 +236,10 @@ class _Run:
         self._guard(resume, guard)
 
     def _identity(self) -> dict[str, Any]:
-        ignored = {"epochs", "device", "progress"}  # may change between a run and its resumption
+        # epochs, device and progress may change between a run and its resumption. The numeric recipe keys
+        # repeat (exactly) what the "optimizer"/"schedule" strings hold, which older runs recorded alone, so
+        # leaving them out keeps those runs resumable while any change of value is still a conflict.
+        ignored = {"epochs", "device", "progress", *_RECIPE_KEYS}
         return to_jsonable({"config": {k: v for k, v in self.config.items() if k not in ignored},
                             "store_fingerprint": self.store.fingerprint,
                             "splits": {s: v["rows_sha256_16"] for s, v in
@@ -228,10 +294,13 @@ class _Run:
 
 
 def _train_heads(run: _Run, heads: Mapping[Hashable, torch.nn.Module], inputs: Mapping[Hashable, Any],
-                 lrs: Mapping[Hashable, float], *, epochs: int, batch_size: int, device: str, progress: bool):
+                 lrs: Mapping[Hashable, float], *, epochs: int, batch_size: int, device: str, progress: bool,
+                 recipe: Mapping[str, Any]):
     t0 = time.perf_counter()
     result = train_many(heads, inputs, run.stream("train", batch_size, True), run.stream("val", batch_size, False),
                         run.stream("test", batch_size, False), lrs=dict(lrs), epochs=epochs,
+                        momentum=recipe["momentum"], weight_decay=recipe["weight_decay"],
+                        step_size=recipe["step_size"], gamma=recipe["gamma"],
                         checkpoint_dir=run.out / "checkpoint", resume=True, progress=progress, device=device)
     run.timings["train_s"] = time.perf_counter() - t0
     return result
@@ -254,9 +323,12 @@ def _save_heads(path: Path, heads: Mapping[str, torch.nn.Module], metadata: Mapp
     save_file(tensors, str(path), metadata={k: json.dumps(to_jsonable(v)) for k, v in metadata.items()})
 
 
-def _sgd_config(**settings: Any) -> dict[str, Any]:
-    """A training command's configuration: its settings, then the recipe `train_many` runs with by default."""
-    return {**settings, "optimizer": "SGD(momentum=0, weight_decay=0)", "schedule": "StepLR(step_size=7, gamma=0.1)"}
+def _sgd_config(recipe: Mapping[str, Any], **settings: Any) -> dict[str, Any]:
+    """A training command's configuration: its settings, then the optimizer and schedule it trains with."""
+    m, wd, step, g = (recipe[k] for k in _RECIPE_KEYS)
+    return {**settings, "optimizer": f"SGD(momentum={_fmt(m)}, weight_decay={_fmt(wd)})",
+            "schedule": f"StepLR(step_size={step}, gamma={_fmt(g)})",
+            "momentum": m, "weight_decay": wd, "step_size": step, "gamma": g}
 
 
 def _head_record(result: Any) -> dict[str, Any]:
@@ -278,61 +350,137 @@ def run_linear(store: Any, out_dir: str | Path, *, features: Sequence[str] | str
                lr: float = DEFAULT_LR["linear"], batch_size: int = 128, seed: int = 0, subset: str | None = None,
                val_fraction: float = 0.1, standardize: str = "dim", batchnorm: bool = False,
                memory_budget: int | str | None = None, device: str = "cpu", progress: bool = True,
-               resume: bool = True) -> dict[str, Any]:
-    """The paper's linear probe on one feature (default t090_b24_avg2); weights -> out_dir/head.safetensors."""
+               resume: bool = True, momentum: float = 0.0, weight_decay: float = 0.0, step_size: int = 7,
+               gamma: float = 0.1) -> dict[str, Any]:
+    """The paper's linear probe on one feature (default t090_b24_avg2); weights -> out_dir/head.safetensors.
+
+    `momentum`, `weight_decay` (SGD) and `step_size`, `gamma` (StepLR) default to the paper's recipe.
+    """
+    recipe = _recipe(momentum, weight_decay, step_size, gamma)
+    lr, _ = _lr_choice(lr, None, DEFAULT_LR["linear"])
     run = _Run("linear", store, out_dir, features,
-               _sgd_config(epochs=epochs, lr=lr, batch_size=batch_size, batchnorm=batchnorm, device=device),
+               _sgd_config(recipe, epochs=epochs, lr=lr, batch_size=batch_size, batchnorm=batchnorm, device=device),
                seed=seed, subset=subset, val_fraction=val_fraction, standardize=standardize,
                memory_budget=memory_budget, resume=resume)
     name = _single_feature(run)
     with seeded_init(seed):
         head = LinearHead(run.data.feature_shapes[name], run.data.num_classes, batchnorm=batchnorm)
-    return _finish_single(run, head, name, lr, epochs, batch_size, device, progress)
+    return _finish_single(run, head, name, lr, epochs, batch_size, device, progress, recipe)
 
 
 def run_attention(store: Any, out_dir: str | Path, *, features: Sequence[str] | str | None = None,
-                  epochs: int = 28, lr: float = DEFAULT_LR["attention"], batch_size: int = 128, seed: int = 0,
+                  epochs: int = 28, lr: float | None = None, batch_size: int = 128, seed: int = 0,
                   subset: str | None = None, preset: str = "small", val_fraction: float = 0.1,
                   standardize: str = "channel", memory_budget: int | str | None = None, device: str = "cpu",
-                  progress: bool = True, resume: bool = True) -> dict[str, Any]:
-    """The attention-pool head on one block map (default t090_b24_tok16); `preset` tiny|small|paper."""
-    sizes = resolve_preset(preset)
-    run = _Run("attention", store, out_dir, features,
-               _sgd_config(epochs=epochs, lr=lr, batch_size=batch_size, preset=preset, **sizes, device=device),
-               seed=seed, subset=subset, val_fraction=val_fraction, standardize=standardize,
-               memory_budget=memory_budget, resume=resume)
+                  progress: bool = True, resume: bool = True, lrs: Sequence[float] | None = None,
+                  momentum: float = 0.0, weight_decay: float = 0.0, step_size: int = 7,
+                  gamma: float = 0.1) -> dict[str, Any]:
+    """The attention-pool head on one block map (default t090_b24_tok16); `preset` tiny|small|paper.
+
+    `lr` defaults to the paper's 5e-2. `lrs` (instead of `lr`) trains one head per lr in one pass, all from
+    the same initial weights, and reports the head whose lr is best on validation (see `results["lr_sweep"]`).
+    `momentum`, `weight_decay` (SGD) and `step_size`, `gamma` (StepLR) default to the paper's recipe.
+    """
+    run, recipe, lr, lrs, sizes = _start_transformer(
+        "attention", DEFAULT_LR["attention"], store, out_dir, features, lr=lr, lrs=lrs, epochs=epochs,
+        batch_size=batch_size, preset=preset, device=device, seed=seed, subset=subset, val_fraction=val_fraction,
+        standardize=standardize, memory_budget=memory_budget, resume=resume, momentum=momentum,
+        weight_decay=weight_decay, step_size=step_size, gamma=gamma)
     name = _single_feature(run)
-    with seeded_init(seed):
-        head = AttentionPoolHead(run.data.feature_shapes[name], run.data.num_classes, **sizes)
-    return _finish_single(run, head, name, lr, epochs, batch_size, device, progress)
+    shape = run.data.feature_shapes[name]
+    return _finish_transformer(run, lambda: AttentionPoolHead(shape, run.data.num_classes, **sizes), name, lr, lrs,
+                               seed, epochs, batch_size, device, progress, recipe)
 
 
 def run_fusion(store: Any, out_dir: str | Path, *, features: Sequence[str] | str | None = None, epochs: int = 28,
-               lr: float = DEFAULT_LR["difformer"], batch_size: int = 128, seed: int = 0, subset: str | None = None,
+               lr: float | None = None, batch_size: int = 128, seed: int = 0, subset: str | None = None,
                preset: str = "small", val_fraction: float = 0.1, standardize: str = "channel",
                memory_budget: int | str | None = None, device: str = "cpu", progress: bool = True,
-               resume: bool = True) -> dict[str, Any]:
-    """DifFormer over a complete timestep x block grid (default blocks {19, 24, 30} x t {90, 150, 300})."""
+               resume: bool = True, lrs: Sequence[float] | None = None, momentum: float = 0.0,
+               weight_decay: float = 0.0, step_size: int = 7, gamma: float = 0.1) -> dict[str, Any]:
+    """DifFormer over a complete timestep x block grid (default blocks {19, 24, 30} x t {90, 150, 300}).
+
+    `lr` defaults to the paper's 5e-2; `lrs`, `momentum`, `weight_decay`, `step_size`, `gamma` as in
+    `run_attention`.
+    """
+    run, recipe, lr, lrs, sizes = _start_transformer(
+        "fusion", DEFAULT_LR["difformer"], store, out_dir, features, lr=lr, lrs=lrs, epochs=epochs,
+        batch_size=batch_size, preset=preset, device=device, seed=seed, subset=subset, val_fraction=val_fraction,
+        standardize=standardize, memory_budget=memory_budget, resume=resume, momentum=momentum,
+        weight_decay=weight_decay, step_size=step_size, gamma=gamma)
+    keyed, ts, shapes = _fusion_inputs(run.store, run.features)
+    run.config["grid"] = {"timesteps": ts, "blocks": list(shapes)}
+    return _finish_transformer(run, lambda: DifFormerHead(shapes, ts, run.data.num_classes, **sizes), keyed, lr,
+                               lrs, seed, epochs, batch_size, device, progress, recipe)
+
+
+def _start_transformer(command: str, default_lr: float, store: Any, out_dir: str | Path,
+                       features: Sequence[str] | str | None, *, lr: Any, lrs: Sequence[float] | None, epochs: int,
+                       batch_size: int, preset: str, device: str, seed: int, subset: str | None,
+                       val_fraction: float, standardize: str, memory_budget: int | str | None, resume: bool,
+                       momentum: Any, weight_decay: Any, step_size: Any, gamma: Any,
+                       ) -> tuple[_Run, dict[str, Any], float | None, list[float] | None, dict[str, int]]:
+    """The start `run_attention` and `run_fusion` share: settings checked (before any data is read), then the run
+    opened with one config layout, so both record and resume alike. Returns (run, recipe, lr, lrs, sizes)."""
+    recipe = _recipe(momentum, weight_decay, step_size, gamma)
+    lr, lrs = _lr_choice(lr, lrs, default_lr)
     sizes = resolve_preset(preset)
-    run = _Run("fusion", store, out_dir, features,
-               _sgd_config(epochs=epochs, lr=lr, batch_size=batch_size, preset=preset, **sizes, device=device),
+    run = _Run(command, store, out_dir, features,
+               _sgd_config(recipe, epochs=epochs, **_lr_settings(lr, lrs), batch_size=batch_size, preset=preset,
+                           **sizes, device=device),
                seed=seed, subset=subset, val_fraction=val_fraction, standardize=standardize,
                memory_budget=memory_budget, resume=resume)
-    keyed, ts, shapes = _fusion_inputs(run.store, run.features)
-    with seeded_init(seed):
-        head = DifFormerHead(shapes, ts, run.data.num_classes, **sizes)
-    run.config["grid"] = {"timesteps": ts, "blocks": list(shapes)}
-    return _finish_single(run, head, keyed, lr, epochs, batch_size, device, progress)
+    return run, recipe, lr, lrs, sizes
+
+
+def _lr_settings(lr: float | None, lrs: list[float] | None) -> dict[str, Any]:
+    # One lr keeps the key older runs recorded ("lr"), so their out_dirs still resume.
+    return {"lr": lr} if lrs is None else {"lrs": lrs}
+
+
+def _finish_transformer(run: _Run, make_head: Callable[[], torch.nn.Module], input: Any, lr: float | None,
+                        lrs: list[float] | None, seed: int, epochs: int, batch_size: int, device: str,
+                        progress: bool, recipe: Mapping[str, Any]) -> dict[str, Any]:
+    if lrs is None:
+        assert lr is not None
+        with seeded_init(seed):
+            head = make_head()
+        return _finish_single(run, head, input, lr, epochs, batch_size, device, progress, recipe)
+    heads: dict[str, torch.nn.Module] = {}
+    lr_of: dict[str, float] = {}
+    for value in lrs:
+        key = f"lr={_fmt(value)}"
+        with seeded_init(seed):  # same start for every lr: each head equals the single-lr run's head
+            heads[key] = make_head()
+        lr_of[key] = value
+    result = _train_heads(run, heads, {k: input for k in heads}, lr_of, epochs=epochs, batch_size=batch_size,
+                          device=device, progress=progress, recipe=recipe)
+    assert result.best is not None  # a validation split always exists
+    best = str(result.best)
+    chosen = result.heads[best]
+    metrics = _evaluate_head(run, heads[best], input, batch_size, device)
+    _save_heads(run.out / "head.safetensors", {"": heads[best]},
+                {"command": run.command, "features": run.features, "config": run.config, "lr": chosen.lr})
+    _save_heads(run.out / "heads.safetensors", heads,
+                {"command": run.command, "features": run.features, "config": run.config, "heads": list(heads)})
+    table = [{"head": k, "lr": r.lr, "best_epoch": r.best_epoch, "epochs_trained": r.epochs_trained,
+              "val_accuracy": r.val_accuracy, "test_accuracy": r.test_accuracy, "diverged": r.diverged,
+              "selected": k == best, "history": r.history} for k, r in result.heads.items()]
+    return run.finish({"metrics": metrics,
+                       "selected": {"lr": chosen.lr, "epoch": chosen.best_epoch, "val_accuracy": chosen.val_accuracy},
+                       "training": _head_record(chosen), "lr_sweep": table,
+                       "weights": "head.safetensors", "all_weights": "heads.safetensors"})
 
 
 def _finish_single(run: _Run, head: torch.nn.Module, input: Any, lr: float, epochs: int, batch_size: int,
-                   device: str, progress: bool) -> dict[str, Any]:
+                   device: str, progress: bool, recipe: Mapping[str, Any]) -> dict[str, Any]:
     result = _train_heads(run, {"head": head}, {"head": input}, {"head": lr}, epochs=epochs,
-                          batch_size=batch_size, device=device, progress=progress).heads["head"]
+                          batch_size=batch_size, device=device, progress=progress, recipe=recipe).heads["head"]
     metrics = _evaluate_head(run, head, input, batch_size, device)
     _save_heads(run.out / "head.safetensors", {"": head},
                 {"command": run.command, "features": run.features, "config": run.config})
-    return run.finish({"metrics": metrics, "selected": {"epoch": result.best_epoch, "lr": lr},
+    return run.finish({"metrics": metrics,
+                       "selected": {"epoch": result.best_epoch, "lr": lr, "val_accuracy": result.val_accuracy},
                        "training": _head_record(result), "weights": "head.safetensors"})
 
 
@@ -385,17 +533,19 @@ def run_sweep(store: Any, out_dir: str | Path, *, features: Sequence[str] | str 
               lrs: Sequence[float] = SWEEP_LRS, epochs: int = 28, batch_size: int = 128, seed: int = 0,
               subset: str | None = None, val_fraction: float = 0.1, standardize: str = "dim",
               memory_budget: int | str | None = None, device: str = "cpu", progress: bool = True,
-              resume: bool = True) -> dict[str, Any]:
+              resume: bool = True, momentum: float = 0.0, weight_decay: float = 0.0, step_size: int = 7,
+              gamma: float = 0.1) -> dict[str, Any]:
     """Linear heads for every feature x lr in one pass over the data; selection on validation.
+
+    `momentum`, `weight_decay` (SGD) and `step_size`, `gamma` (StepLR) apply to every head (default: the paper's).
 
     Writes heatmap.png (test top-1 of the validation-selected (pooling, lr) per (t, block) cell, the
     validation-selected cell outlined) and accuracy_vs_t.png, and all heads to heads.safetensors.
     """
-    lrs = sorted({float(v) for v in lrs})
-    if not lrs:
-        raise ValueError("give at least one learning rate")
+    recipe = _recipe(momentum, weight_decay, step_size, gamma)
+    _, lrs = _lr_choice(None, lrs, DEFAULT_LR["linear"])
     run = _Run("sweep", store, out_dir, features,
-               _sgd_config(lrs=lrs, epochs=epochs, batch_size=batch_size, device=device),
+               _sgd_config(recipe, lrs=lrs, epochs=epochs, batch_size=batch_size, device=device),
                seed=seed, subset=subset, val_fraction=val_fraction, standardize=standardize,
                memory_budget=memory_budget, resume=resume)
     heads: dict[str, torch.nn.Module] = {}
@@ -408,7 +558,7 @@ def run_sweep(store: Any, out_dir: str | Path, *, features: Sequence[str] | str 
                 heads[key] = LinearHead(run.data.feature_shapes[name], run.data.num_classes)
             inputs[key], lr_of[key] = name, lr
     result = _train_heads(run, heads, inputs, lr_of, epochs=epochs, batch_size=batch_size, device=device,
-                          progress=progress)
+                          progress=progress, recipe=recipe)
     assert result.best is not None  # a validation split always exists
     best_key = str(result.best)
     metrics = _evaluate_head(run, heads[best_key], inputs[best_key], batch_size, device)

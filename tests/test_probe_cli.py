@@ -2,32 +2,19 @@
 
 import json
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from diffbank.cli import main
-from extract.store import save_features
 
 N, K = 150, 3
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    y = np.arange(N) % K
-    centres = rng.normal(size=(K, 6)) * 2
-    feats = {}
-    for t in (90, 150):
-        for block in (19, 24):
-            noise = 0.5 if (t, block) == (90, 24) else 3.0  # one cell is clearly the best
-            base = (centres[y] + rng.normal(size=(N, 6)) * noise).astype(np.float32)
-            feats[f"t{t:03d}_b{block:02d}_avg1"] = base[:, :, None, None]
-            feats[f"t{t:03d}_b{block:02d}_tok2"] = np.tile(base[:, :, None, None], (1, 1, 2, 2))
-    path = tmp_path_factory.mktemp("store") / "s.zarr"
-    save_features(path, feats, y, {"train": np.arange(120), "test": np.arange(120, N)},
-                  class_names=["x", "y", "z"], shard_rows=32)
-    return str(path)
+def store(synthetic_store):
+    # one cell (t 90, block 24) is clearly the best
+    return synthetic_store(n=N, k=K, dim=6, seed=0, n_train=120, class_names=["x", "y", "z"],
+                           noise=lambda t, block: 0.5 if (t, block) == (90, 24) else 3.0)
 
 
 def _invoke(*args):
@@ -63,6 +50,8 @@ def test_command_writes_results_and_prints_a_table(store, tmp_path, command, arg
         assert (out / "head.safetensors").exists()
     if command == "linear":
         assert doc["features"] == ["t090_b24_avg1"]  # nearest to the paper's t090_b24_avg2
+    if command in ("attention", "fusion"):
+        assert doc["config"]["lr"] == 0.05 and doc["selected"]["lr"] == 0.05  # the paper's lr by default
     if command == "fusion":
         assert doc["config"]["grid"] == {"timesteps": [90, 150], "blocks": [19, 24]}
     if command in ("logistic", "knn"):
@@ -94,3 +83,42 @@ def test_sweep_draws_the_heatmap_and_resumes(store, tmp_path):
 def test_bad_feature_is_a_clean_error(store, tmp_path):
     result = _invoke("linear", store, "--out", str(tmp_path / "x"), "--feature", "t001_b01_avg9")
     assert result.exit_code != 0 and "features that exist" in result.output and "t090_b24_avg1" in result.output
+
+
+def test_recipe_options_are_recorded(store, tmp_path):
+    out = tmp_path / "recipe"
+    result = _invoke("linear", store, "--out", str(out), "--epochs", "2", "--quiet", "--momentum", "0.9",
+                     "--weight-decay", "1e-4", "--step-size", "1", "--gamma", "0.5")
+    assert result.exit_code == 0, result.output
+    cfg = _results(out)["config"]
+    assert (cfg["momentum"], cfg["weight_decay"], cfg["step_size"], cfg["gamma"]) == (0.9, 1e-4, 1, 0.5)
+    assert cfg["optimizer"] == "SGD(momentum=0.9, weight_decay=0.0001)"
+    assert cfg["schedule"] == "StepLR(step_size=1, gamma=0.5)"
+
+
+@pytest.mark.parametrize("option,value", [("--momentum", "1"), ("--weight-decay", "-1"), ("--step-size", "0"),
+                                          ("--gamma", "0")])
+def test_bad_recipe_option_is_a_clean_error(store, tmp_path, option, value):
+    for command in ("linear", "attention", "fusion", "sweep"):
+        result = _invoke(command, store, "--out", str(tmp_path / command), option, value)
+        assert result.exit_code == 2 and option in result.output, result.output
+
+
+def test_repeated_lr_trains_one_head_per_lr(store, tmp_path):
+    out = tmp_path / "fusion_lrs"
+    result = _invoke("fusion", store, "--out", str(out), "--epochs", "1", "--preset", "tiny", "--batch-size", "64",
+                     "--quiet", "--lr", "0.1", "--lr", "0.01", "--momentum", "0.5")
+    assert result.exit_code == 0, result.output
+    assert "lr on validation" in result.output
+    doc = _results(out)
+    assert doc["config"]["lrs"] == [0.01, 0.1] and doc["config"]["momentum"] == 0.5
+    assert [r["lr"] for r in doc["lr_sweep"]] == [0.01, 0.1]
+    assert doc["selected"]["lr"] in (0.01, 0.1) and "val_accuracy" in doc["selected"]
+    assert (out / "head.safetensors").exists() and (out / "heads.safetensors").exists()
+    # one --lr is the single-head path
+    out1 = tmp_path / "attention_one"
+    result = _invoke("attention", store, "--out", str(out1), "--epochs", "1", "--preset", "tiny", "--quiet",
+                     "--lr", "0.02")
+    assert result.exit_code == 0, result.output
+    doc = _results(out1)
+    assert doc["config"]["lr"] == 0.02 and "lr_sweep" not in doc

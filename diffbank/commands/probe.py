@@ -39,6 +39,14 @@ def _training(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--batch-size", default=128, show_default=True, type=int),
         click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda:0"),
         click.option("--quiet", is_flag=True, help="no per-epoch progress"),
+        click.option("--momentum", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+                     help="SGD momentum"),
+        click.option("--weight-decay", default=0.0, show_default=True, type=click.FloatRange(min=0),
+                     help="SGD weight decay"),
+        click.option("--step-size", default=7, show_default=True, type=click.IntRange(min=1),
+                     help="StepLR: epochs between lr decays"),
+        click.option("--gamma", default=0.1, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+                     help="StepLR: lr factor at each decay"),
     ]
     for option in reversed(options):
         func = option(func)
@@ -49,7 +57,19 @@ def _transformer(func: Callable[..., Any]) -> Callable[..., Any]:
     """Options of the transformer heads (attention, fusion): the paper's lr 5e-2 and a size preset."""
     func = click.option("--preset", type=click.Choice(["tiny", "small", "paper"]), default="small",
                         show_default=True)(func)
-    return click.option("--lr", default=5e-2, show_default=True, type=float)(func)
+    return click.option("--lr", "lr", multiple=True, type=float,
+                        help="learning rate (default 5e-2); repeat it to train one head per lr in one pass "
+                             "and keep the one best on validation")(func)
+
+
+def _lr_values(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """--lr given 0 times: the API default; once: lr; several times: lrs (one head per lr)."""
+    values = list(dict.fromkeys(kwargs.pop("lr")))
+    if len(values) == 1:
+        kwargs["lr"] = values[0]
+    elif values:
+        kwargs["lrs"] = values
+    return kwargs
 
 
 def _run(name: str, **kwargs: Any) -> None:
@@ -65,9 +85,16 @@ def _run(name: str, **kwargs: Any) -> None:
         kwargs["progress"] = not kwargs.pop("quiet")
     try:
         results = getattr(api, f"run_{name}")(**kwargs)
-    except (ProbeDataError, api.RunConflictError, FileNotFoundError) as exc:
+    except (ProbeDataError, api.RunConflictError, api.ProbeConfigError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(render(results))
+    if results.get("lr_sweep"):
+        from probe.report import format_table
+
+        rows = [{"lr": r["lr"], "best epoch": r["best_epoch"], "val top1": r["val_accuracy"],
+                 "test top1": r["test_accuracy"], "selected": "*" if r["selected"] else ""}
+                for r in results["lr_sweep"]]
+        click.echo("\n" + format_table(rows, title=f"{name}: lr on validation", percent=("val top1", "test top1")))
     click.echo(f"\nresults: {kwargs['out_dir']}/results.json")
 
 
@@ -98,7 +125,7 @@ def linear(**kwargs: Any) -> None:
 @_transformer
 def attention(**kwargs: Any) -> None:
     """The attention-pool head on one block map (default t090_b24_tok16)."""
-    _run("attention", **kwargs)
+    _run("attention", **_lr_values(kwargs))
 
 
 @probe_command.command("fusion")
@@ -107,7 +134,7 @@ def attention(**kwargs: Any) -> None:
 @_transformer
 def fusion(**kwargs: Any) -> None:
     """DifFormer over blocks x timesteps (default blocks 19, 24, 30 x t 90, 150, 300)."""
-    _run("fusion", **kwargs)
+    _run("fusion", **_lr_values(kwargs))
 
 
 @probe_command.command("logistic")

@@ -1,0 +1,37 @@
+"""Shared fixtures."""
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from extract.store import save_features
+
+
+@pytest.fixture(scope="session")
+def synthetic_store(tmp_path_factory) -> Callable[..., str]:
+    """Factory for a small class-separable feature store (avg1 and tok2 maps for t 90, 150 x blocks 19, 24).
+
+    Rows 0..n_train-1 are the train split, the rest test; `noise(t, block)` scales each cell's noise (default 1).
+    """
+
+    def make(*, n: int, k: int, dim: int, seed: int, n_train: int, class_names: list[str],
+             noise: Callable[[int, int], float] | None = None) -> str:
+        rng = np.random.default_rng(seed)
+        y = np.arange(n) % k
+        centres = rng.normal(size=(k, dim)) * 2
+        feats = {}
+        for t in (90, 150):
+            for block in (19, 24):
+                draw = rng.normal(size=(n, dim))
+                if noise is not None:
+                    draw = draw * noise(t, block)
+                base = (centres[y] + draw).astype(np.float32)
+                feats[f"t{t:03d}_b{block:02d}_avg1"] = base[:, :, None, None]
+                feats[f"t{t:03d}_b{block:02d}_tok2"] = np.tile(base[:, :, None, None], (1, 1, 2, 2))
+        path = tmp_path_factory.mktemp("store") / "s.zarr"
+        save_features(path, feats, y, {"train": np.arange(n_train), "test": np.arange(n_train, n)},
+                      class_names=class_names, shard_rows=32)
+        return str(path)
+
+    return make
