@@ -10,7 +10,11 @@ Both arms read the same Zarr store written by `extract.store.save_features` (flo
 (same splits, same batch order, same initial weights per feature), the same epochs and the same recipe, so both
 should select the same (feature, lr) with the same accuracies; the script checks that and prints the time ratio.
 
-    python benchmarks/bench_sweep.py [--samples 10000] [--epochs 4] [--classes 10] [--threads 1] [--profile]
+- With `--cli`, the same two arms again as commands a user types, each its own process: one
+  `diffbank probe sweep` against 27 `diffbank probe linear` (process start-up and imports included, which is
+  what separate runs cost in practice).
+
+    python benchmarks/bench_sweep.py [--samples 10000] [--epochs 4] [--classes 10] [--threads 1] [--profile] [--cli]
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import cProfile
 import io
 import os
 import pstats
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -91,6 +97,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--profile", action="store_true", help="print a cProfile summary of both arms")
+    parser.add_argument("--cli", action="store_true", help="also time both arms as separate CLI processes")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=UserWarning)
@@ -136,6 +143,7 @@ def main() -> None:
                     separate[(name, lr)] = run_linear(store_path, os.path.join(tmp, f"linear_{i}_{j}"),
                                                       features=[name], lr=lr, **common)
         time_b = time.perf_counter() - t0
+        cli_times = _cli_arms(store_path, tmp, names, args) if args.cli else None
 
     sel_a = (sweep["selected"]["feature"], sweep["selected"]["lr"])
     sel_b = _separate_selection(separate)
@@ -148,6 +156,11 @@ def main() -> None:
     print(f"{'B: 27 x run_linear':34s} {time_b:8.1f}  {str(sel_b):28s} "
           f"{separate[sel_b]['selected']['epoch']:5d} {acc_b[0]:8.4f} {acc_b[1]:9.4f}")
     print(f"speed-up B/A: {time_b / time_a:.2f}x (target >= 5x)")
+    if cli_times:
+        c, d = cli_times
+        print(f"{'C: 1 x diffbank probe sweep':34s} {c:8.1f}")
+        print(f"{'D: 27 x diffbank probe linear':34s} {d:8.1f}")
+        print(f"speed-up D/C (separate processes): {d / c:.2f}x")
 
     # Per head: the sweep's head against the separate run with the same (feature, lr).
     table = {(r["feature"], r["lr"]): r for r in sweep["sweep"]}
@@ -162,6 +175,26 @@ def main() -> None:
         if r["selected_for_feature"]:
             best_lr[r["feature"]] = (r["lr"], round(r["val_top1"], 4))
     print("sweep, best (lr, val top-1) per feature:", best_lr)
+
+
+def _cli_arms(store: str, tmp: str, names: list[str], args: argparse.Namespace) -> tuple[float, float]:
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    common = ["--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--seed", "0"]
+
+    def run(argv: list[str]) -> None:
+        subprocess.run([sys.executable, "-m", "diffbank.cli", *argv], check=True, env=env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    t0 = time.perf_counter()
+    lr_args = [a for lr in LRS for a in ("--lr", str(lr))]
+    run(["probe", "sweep", store, "--out", os.path.join(tmp, "cli_sweep"), *lr_args, *common])
+    c = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for i, name in enumerate(names):
+        for j, lr in enumerate(sorted(LRS)):
+            run(["probe", "linear", store, "--out", os.path.join(tmp, f"cli_linear_{i}_{j}"), "--feature", name,
+                 "--lr", str(lr), *common])
+    return c, time.perf_counter() - t0
 
 
 if __name__ == "__main__":

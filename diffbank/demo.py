@@ -26,12 +26,14 @@ from extract.idx import FASHION_MNIST_DIR, FASHION_MNIST_FILES, find_idx_file
 
 APT_PACKAGE = "dataset-fashion-mnist"
 DEFAULT_TIMESTEPS = (10, 100, 400)
-DEFAULT_BLOCKS = (10, 13, 15)  # middle block (8x8), first 16x16 decoder block, last 16x16 decoder block
-DEFAULT_TOKEN_BLOCK = 15  # analogue of the paper's block 24: the last decoder block before the final level
+# The middle block (8x8), the last 8x8 decoder block, and the first 16x16 decoder block (after the upsampling
+# ResBlock): the decoder side the paper finds best. Blocks past 13 cost 1.4-2.6x more per image on a CPU.
+DEFAULT_BLOCKS = (10, 12, 13)
+DEFAULT_TOKEN_BLOCK = 13  # 16x16 map -> at most 8x8 tokens for the attention head
 # Short CPU schedules: the lr drops once, at ~2/3 of the epochs (the paper's 28 epochs drop every 7). The
 # transformer heads get momentum and an lr chosen on validation: without momentum, SGD moves them too
 # little in a few hundred steps (measured on the demo's store).
-HEAD_LRS = (0.01, 0.05)
+HEAD_LRS = (0.05,)  # the paper's lr; with momentum (measured on a small demo store: 0.05 beat 0.01 and 0.2)
 HEAD_MOMENTUM = 0.9
 
 
@@ -116,7 +118,7 @@ def _print_table(rows: list[dict[str, Any]], echo=click.echo) -> None:
 
 def run_demo(out: Path, data_dir: Path, *, train: int | None = 10_000, test: int | None = 2_000,
              timesteps=DEFAULT_TIMESTEPS, blocks=DEFAULT_BLOCKS, token_block: int = DEFAULT_TOKEN_BLOCK,
-             epochs: int = 10, head_epochs: int = 10, lrs=(1e-3, 1e-2, 1e-1), preset: str = "tiny",
+             epochs: int = 10, head_epochs: int = 6, lrs=(1e-3, 1e-2, 1e-1), preset: str = "tiny",
              install: bool = True, progress: bool = True, echo=click.echo) -> dict[str, Any]:
     """Extract, sweep, and train the linear, attention and fusion heads; returns the summary it writes."""
     from extract.run import extract
@@ -202,7 +204,7 @@ def _ints(text: str) -> tuple[int, ...]:
 @click.option("--timesteps", default=",".join(map(str, DEFAULT_TIMESTEPS)), show_default=True)
 @click.option("--blocks", default=",".join(map(str, DEFAULT_BLOCKS)), show_default=True)
 @click.option("--epochs", type=int, default=10, show_default=True, help="Epochs of the linear sweep and head.")
-@click.option("--head-epochs", type=int, default=10, show_default=True, help="Epochs of the attention/fusion heads.")
+@click.option("--head-epochs", type=int, default=6, show_default=True, help="Epochs of the attention/fusion heads.")
 @click.option("--preset", type=click.Choice(["tiny", "small", "paper"]), default="tiny", show_default=True,
               help="Size of the attention and fusion heads.")
 @click.option("--no-install", is_flag=True, help="Never try to install Debian's dataset package.")

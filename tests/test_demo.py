@@ -31,7 +31,7 @@ def test_missing_data_explains_how_to_point_at_idx_files(tmp_path):
 @pytest.mark.slow
 def test_demo_runs_end_to_end_and_resumes(tmp_path):
     args = ["demo", "--out", str(tmp_path / "demo"), "--train", "160", "--test", "64", "--timesteps", "10,100",
-            "--blocks", "10,15", "--epochs", "2", "--head-epochs", "1", "--quiet"]
+            "--blocks", "10,13", "--epochs", "2", "--head-epochs", "1", "--quiet"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "demo" / "demo.json").read_text())

@@ -22,10 +22,12 @@ import click
               help="auto: bf16 where the CPU has AMX/AVX512-BF16 (faster there), else float32.")
 @click.option("--threads", type=int, default=None, help="torch threads (default: all cores).")
 @click.option("--checkpoint-every", type=int, default=100, show_default=True)
+@click.option("--until-step", type=int, default=None,
+              help="Stop after this step (checkpointed); rerun without it to continue the same run.")
 @click.option("--export", "export_path", type=click.Path(dir_okay=False), default=None,
               help="After training, write the EMA weights as safetensors with a JSON card beside them.")
 def train_command(out_dir, data_dir, steps, batch_size, lr, ema_decay, seed, autocast, threads, checkpoint_every,
-                  export_path):
+                  until_step, export_path):
     """Train the embedded Fashion-MNIST ADM (DDPM epsilon-prediction, EMA weights); resumable."""
     from extract.idx import FASHION_MNIST_DIR
     from extract.models import fmnist
@@ -38,16 +40,18 @@ def train_command(out_dir, data_dir, steps, batch_size, lr, ema_decay, seed, aut
     except FileNotFoundError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"training {fmnist.NAME} on {len(images)} images -> {out_dir}", err=True)
-    record = train(images, cfg, out_dir)
+    record = train(images, cfg, out_dir, until_step=until_step)
     click.echo(json.dumps({k: v for k, v in record.items() if k != "losses"} | {"final_loss": record["losses"][-1][1]}))
     if export_path:
-        export_ema(out_dir, export_path, fmnist.NAME, command=_reproduce_command(cfg, data_dir))
+        export_ema(out_dir, export_path, fmnist.NAME, command=_reproduce_command(cfg, data_dir, record["step"]))
         click.echo(f"wrote {export_path}", err=True)
 
 
-def _reproduce_command(cfg, data_dir) -> str:
+def _reproduce_command(cfg, data_dir, step: int) -> str:
     parts = ["diffbank train", f"--steps {cfg.steps}", f"--batch-size {cfg.batch_size}", f"--lr {cfg.lr}",
              f"--ema-decay {cfg.ema_decay}", f"--seed {cfg.seed}", f"--autocast {cfg.autocast}"]
+    if step < cfg.steps:
+        parts.append(f"--until-step {step}")
     if data_dir:
         parts.append(f"--data {data_dir}")
     return " ".join(parts)

@@ -257,6 +257,8 @@ def export_ema(out_dir: str | Path, path: str | Path, name: str, command: str = 
         "data": f"Fashion-MNIST training split ({record['num_images']} images), reference preprocessing to 32x32, "
                 "grayscale as 3 channels, random horizontal flips",
         "steps": record["step"],
+        "schedule_steps": cfg["steps"],
+        "images_seen": record["step"] * cfg["batch_size"],
         "batch_size": cfg["batch_size"],
         "optimizer": f"AdamW lr {cfg['lr']} (warm-up {cfg['warmup_steps']}, cosine to 10%), grad clip {cfg['grad_clip']}",
         "ema_decay": cfg["ema_decay"],

@@ -1,0 +1,3 @@
+from diffbank.cli import main
+
+main()
