@@ -42,7 +42,7 @@ def pixel_store(url: Path, data_dir: Path) -> str:
     y = np.concatenate([train_y, test_y])
     rows = np.arange(len(y))
     save_features(url, {"pixels": x}, y, {"train": rows[:60_000], "test": rows[60_000:]},
-                  class_names=list(FASHION_MNIST_CLASSES), info={"pixels": {"note": "raw 28x28 pixels / 255"}})
+                  class_names=list(FASHION_MNIST_CLASSES))
     return str(url)
 
 
@@ -143,6 +143,14 @@ def main() -> None:
                           out / "fusion", features=feats, **head_opts)
         claims["fusion"] = {"seconds": secs, "features": feats, "test": fus["metrics"]["test"]["top1"],
                             "val": fus["metrics"]["val"]["top1"]}
+        save()
+
+    if "tok8" in stages:  # larger pooled maps (8x8 tokens, 4096-d) for the linear head, at the selected t
+        toks = [f"t{best_t:03d}_b{b:02d}_tok8" for b in blocks]
+        tsweep, secs = timed("linear sweep on 8x8 maps", api.run_sweep, store_url, out / "sweep_tok8", features=toks,
+                             epochs=args.epochs, step_size=short_schedule(args.epochs))
+        claims["sweep_tok8"] = {"seconds": secs, "selected": tsweep["selected"],
+                                "test": tsweep["metrics"]["test"]["top1"], "grid": tsweep["grid"]}
         save()
 
     print(json.dumps({k: v for k, v in claims.items() if k != "sweep"} | {"sweep_selected": claims["sweep"]["selected"],
