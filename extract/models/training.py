@@ -118,12 +118,9 @@ def _save(out: Path, model: ADMUNet, ema: EMA, opt: torch.optim.Optimizer, recor
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "online.safetensors.tmp"))
     save_file({k: v.contiguous() for k, v in ema.shadow.items()}, str(out / "ema.safetensors.tmp"))
-    opt_tensors, opt_meta = {}, []
-    for i, (pid, state) in enumerate(opt.state_dict()["state"].items()):
-        for name, value in state.items():
-            if isinstance(value, torch.Tensor):
-                opt_tensors[f"{pid}.{name}"] = value.contiguous()
-        opt_meta.append(pid)
+    opt_tensors = {f"{pid}.{name}": value.contiguous()
+                   for pid, state in opt.state_dict()["state"].items()
+                   for name, value in state.items() if isinstance(value, torch.Tensor)}
     save_file(opt_tensors, str(out / "optimizer.safetensors.tmp"))
     # Rename after all three are complete so a crash mid-save leaves the previous checkpoint intact.
     for name in ("online", "ema", "optimizer"):
