@@ -59,7 +59,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
     if isinstance(obj, dict):
         for key in _WRAPPER_KEYS:
-            if key in obj and isinstance(obj[key], dict) and not isinstance(obj.get(key), torch.Tensor):
+            if isinstance(obj.get(key), dict):
                 return _unwrap(obj[key], path)
     if not isinstance(obj, dict) or not obj:
         raise CheckpointError(f"{path}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}")
