@@ -225,6 +225,14 @@ class GroupNorm32(nn.GroupNorm):
         return F.group_norm(x.float(), self.num_groups, self.weight, self.bias, self.eps).to(x.dtype)
 
 
+def zero_module(module: nn.Module) -> nn.Module:
+    """Zero a module's parameters, as guided-diffusion does for the layers that close a residual branch:
+    a freshly built block then starts as the identity, which is what training from scratch relies on."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
 def normalization(channels: int) -> GroupNorm32:
     return GroupNorm32(32, channels)
 
@@ -270,7 +278,7 @@ class ResBlock(nn.Module):
             nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels)
         )
         self.out_layers = nn.Sequential(normalization(out_channels), nn.SiLU(), nn.Dropout(dropout),
-                                        nn.Conv2d(out_channels, out_channels, 3, padding=1))
+                                        zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)))
         self.skip_connection = (nn.Identity() if out_channels == channels
                                 else nn.Conv2d(channels, out_channels, 1))
 
@@ -309,7 +317,7 @@ class AttentionBlock(nn.Module):
         self.legacy_order = not use_new_attention_order
         self.norm = normalization(channels)
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
-        self.proj_out = nn.Conv1d(channels, channels, 1)
+        self.proj_out = zero_module(nn.Conv1d(channels, channels, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, *spatial = x.shape
@@ -407,7 +415,7 @@ class ADMUNet(nn.Module):
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
                 shapes.append((ch, cfg.image_size // ds))
 
-        self.out = nn.Sequential(normalization(ch), nn.SiLU(), nn.Conv2d(input_ch, cfg.out_channels, 3, padding=1))
+        self.out = nn.Sequential(normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(input_ch, cfg.out_channels, 3, padding=1)))
 
         names = ([f"input_blocks.{i}" for i in range(len(self.input_blocks))] + ["middle_block"]
                  + [f"output_blocks.{j}" for j in range(len(self.output_blocks))])
