@@ -24,23 +24,43 @@ import click
 @click.option("--checkpoint-every", type=int, default=100, show_default=True)
 @click.option("--until-step", type=int, default=None,
               help="Stop after this step (checkpointed); rerun without it to continue the same run.")
+@click.option("--max-seconds", type=float, default=None,
+              help="Stop after this much wall-clock time (checkpointed); rerun to continue the same run.")
+@click.option("--warmup-steps", type=int, default=100, show_default=True)
+@click.option("--weighting", type=click.Choice(["uniform", "min-snr"]), default="uniform", show_default=True,
+              help="min-snr: epsilon-MSE weighted by min(SNR, gamma)/SNR (Hang et al., ICCV 2023).")
+@click.option("--snr-gamma", type=float, default=5.0, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
+@click.option("--channels-last/--no-channels-last", default=False, show_default=True)
+@click.option("--compile/--no-compile", "compile_", default=False, show_default=True,
+              help="torch.compile the network for the training step.")
+@click.option("--snapshot-epochs", default="", show_default=True,
+              help="Comma-separated epochs (e.g. 0.5,1,2,5) at which to keep a copy of the EMA weights.")
 @click.option("--export", "export_path", type=click.Path(dir_okay=False), default=None,
               help="After training, write the EMA weights as safetensors with a JSON card beside them.")
 def train_command(out_dir, data_dir, steps, batch_size, lr, ema_decay, seed, autocast, threads, checkpoint_every,
-                  until_step, export_path):
+                  until_step, max_seconds, warmup_steps, weighting, snr_gamma, device, channels_last, compile_,
+                  snapshot_epochs, export_path):
     """Train the embedded Fashion-MNIST ADM (DDPM epsilon-prediction, EMA weights); resumable."""
     from extract.idx import FASHION_MNIST_DIR
     from extract.models import fmnist
     from extract.models.training import TrainConfig, export_ema, train
 
     cfg = TrainConfig(flags=fmnist.FLAGS, steps=steps, batch_size=batch_size, lr=lr, ema_decay=ema_decay,
-                      seed=seed, autocast=autocast, threads=threads, checkpoint_every=checkpoint_every)
+                      seed=seed, autocast=autocast, threads=threads, checkpoint_every=checkpoint_every,
+                      warmup_steps=warmup_steps, weighting=weighting, snr_gamma=snr_gamma, device=device,
+                      channels_last=channels_last, compile=compile_)
+    try:
+        epochs = [float(v) for v in snapshot_epochs.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"not a list of numbers: {snapshot_epochs!r}", param_hint="--snapshot-epochs") from None
     try:
         images = fmnist.training_images(data_dir or FASHION_MNIST_DIR)
     except FileNotFoundError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"training {fmnist.NAME} on {len(images)} images -> {out_dir}", err=True)
-    record = train(images, cfg, out_dir, until_step=until_step)
+    marks = tuple(round(e * len(images)) for e in epochs)
+    record = train(images, cfg, out_dir, until_step=until_step, max_seconds=max_seconds, snapshot_images=marks)
     click.echo(json.dumps({k: v for k, v in record.items() if k != "losses"} | {"final_loss": record["losses"][-1][1]}))
     if export_path:
         export_ema(out_dir, export_path, fmnist.NAME, command=_reproduce_command(cfg, data_dir, record["step"]))
@@ -49,7 +69,10 @@ def train_command(out_dir, data_dir, steps, batch_size, lr, ema_decay, seed, aut
 
 def _reproduce_command(cfg, data_dir, step: int) -> str:
     parts = ["diffbank train", f"--steps {cfg.steps}", f"--batch-size {cfg.batch_size}", f"--lr {cfg.lr}",
-             f"--ema-decay {cfg.ema_decay}", f"--seed {cfg.seed}", f"--autocast {cfg.autocast}"]
+             f"--warmup-steps {cfg.warmup_steps}", f"--ema-decay {cfg.ema_decay}", f"--seed {cfg.seed}",
+             f"--autocast {cfg.autocast}", f"--weighting {cfg.weighting}", f"--snr-gamma {cfg.snr_gamma}",
+             f"--device {cfg.device}"]
+    parts += ["--channels-last"] * cfg.channels_last + ["--compile"] * cfg.compile
     if step < cfg.steps:
         parts.append(f"--until-step {step}")
     if data_dir:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -19,13 +20,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from extract.diffusion import NoiseSchedule
 from extract.models.adm import ADMUNet
 from extract.models.checkpoints import read_state_dict
 
 STATE_FILE = "train_state.json"
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +46,12 @@ class TrainConfig:
     checkpoint_every: int = 500
     threads: int | None = None
     channels_last: bool = False  # NHWC: faster on some CPUs and GPUs, slower on this 2-core EPYC
+    # Min-SNR-gamma (Hang et al., ICCV 2023): epsilon-MSE weighted by min(SNR, gamma)/SNR, so the
+    # low-noise steps, whose epsilon targets are nearly unlearnable, stop dominating the gradient.
+    weighting: str = "uniform"  # uniform | min-snr
+    snr_gamma: float = 5.0
+    device: str = "cpu"
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -53,6 +60,10 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
         if self.autocast not in ("auto", "bfloat16", "none"):
             raise ValueError(f"autocast must be auto, bfloat16 or none, got {self.autocast!r}")
+        if self.weighting not in ("uniform", "min-snr"):
+            raise ValueError(f"weighting must be uniform or min-snr, got {self.weighting!r}")
+        if self.snr_gamma <= 0:
+            raise ValueError(f"snr_gamma must be positive, got {self.snr_gamma}")
 
 
 def _cpu_has_fast_bf16() -> bool:
@@ -74,25 +85,25 @@ def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if _cpu_has_fast_bf16() else None
 
 
-class EMA:
-    """Exponential moving average of parameters, with the usual warm-up of the decay."""
+def ema_average(decay: float) -> Callable[..., None]:
+    """swa_utils' multi-tensor EMA update, with the usual warm-up of the decay over the first steps.
 
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+    The warm-up needs the update count on the host; reading AveragedModel's n_averaged (a device
+    tensor) would synchronise the GPU on every step, so the closure keeps its own count.
+    """
+    count = {"n": 0}
 
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module, step: int) -> None:
-        decay = min(self.decay, (1 + step) / (10 + step))
-        for k, v in model.state_dict().items():
-            if v.dtype.is_floating_point:
-                self.shadow[k].mul_(decay).add_(v.detach().float(), alpha=1 - decay)
-            else:
-                self.shadow[k].copy_(v)
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], _num_averaged: Any) -> None:
+        d = min(decay, (1 + count["n"]) / (10 + count["n"]))
+        torch._foreach_lerp_(averaged, current, 1 - d)
+        count["n"] += 1
+
+    update.count = count  # type: ignore[attr-defined]
+    return update
 
 
-def _step_rng(seed: int, step: int) -> torch.Generator:
-    g = torch.Generator()
+def _step_rng(seed: int, step: int, device: torch.device) -> torch.Generator:
+    g = torch.Generator(device=device)
     g.manual_seed((seed * 1_000_003 + step) % (2**63))
     return g
 
@@ -105,20 +116,25 @@ def _batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
     return perm[k * batch_size:(k + 1) * batch_size]
 
 
-def _lr_at(cfg: TrainConfig, step: int) -> float:
-    warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
-    # cosine decay to 10% keeps late steps from undoing the EMA's averaging
-    progress = step / max(1, cfg.steps)
-    return cfg.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+def _lr_factor(cfg: TrainConfig) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+        # cosine decay to 10% keeps late steps from undoing the EMA's averaging
+        progress = step / max(1, cfg.steps)
+        return warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    return factor
 
 
-def _save(out: Path, model: ADMUNet, ema: EMA, opt: torch.optim.Optimizer, record: dict[str, Any]) -> None:
+def _save(out: Path, model: ADMUNet, ema: torch.optim.swa_utils.AveragedModel, opt: torch.optim.Optimizer,
+          record: dict[str, Any]) -> None:
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "online.safetensors.tmp"))
-    save_file({k: v.contiguous() for k, v in ema.shadow.items()}, str(out / "ema.safetensors.tmp"))
-    opt_tensors = {f"{pid}.{name}": value.contiguous()
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+              str(out / "online.safetensors.tmp"))
+    save_file(_ema_state(ema), str(out / "ema.safetensors.tmp"))
+    opt_tensors = {f"{pid}.{name}": value.detach().cpu().contiguous()
                    for pid, state in opt.state_dict()["state"].items()
                    for name, value in state.items() if isinstance(value, torch.Tensor)}
     save_file(opt_tensors, str(out / "optimizer.safetensors.tmp"))
@@ -129,7 +145,12 @@ def _save(out: Path, model: ADMUNet, ema: EMA, opt: torch.optim.Optimizer, recor
     (out / (STATE_FILE + ".tmp")).replace(out / STATE_FILE)
 
 
-def _load_optimizer(opt: torch.optim.Optimizer, path: Path) -> None:
+def _ema_state(ema: torch.optim.swa_utils.AveragedModel) -> dict[str, torch.Tensor]:
+    """The averaged network's own state dict (guided-diffusion keys), float32 on the CPU."""
+    return {k: v.detach().float().cpu().contiguous() for k, v in ema.module.state_dict().items()}
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, path: Path, device: torch.device) -> None:
     tensors = read_state_dict(path) if path.is_file() else {}
     sd = opt.state_dict()
     for pid in range(len(sd["param_groups"][0]["params"])):
@@ -137,19 +158,30 @@ def _load_optimizer(opt: torch.optim.Optimizer, path: Path) -> None:
         if keys:
             sd["state"][pid] = keys
     opt.load_state_dict(sd)
+    for state in opt.state.values():  # Adam keeps `step` on the CPU unless capturable; moments follow the params
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor) and name != "step":
+                state[name] = value.to(device)
 
 
-def train(images: torch.Tensor, cfg: TrainConfig, out_dir: str | Path,
-          log: Callable[[str], None] = print, progress: bool = True, until_step: int | None = None) -> dict[str, Any]:
+def snapshot_name(images_seen: int) -> str:
+    return f"ema_{images_seen:09d}.safetensors"
+
+
+def train(images: torch.Tensor, cfg: TrainConfig, out_dir: str | Path, progress: bool = True,
+          until_step: int | None = None, max_seconds: float | None = None,
+          snapshot_images: tuple[int, ...] = ()) -> dict[str, Any]:
     """Train on `images` (N, 3, H, W) float32 in [-1, 1]; resumes from `out_dir` when it holds a run.
 
-    `until_step` stops early (after checkpointing) without changing the run's config, so a later call
-    continues the same trajectory: time-boxed sessions give the same weights as one long run.
+    `until_step` and `max_seconds` stop early (after checkpointing) without changing the run's config,
+    so a later call continues the same trajectory: time-boxed sessions give the same weights as one
+    long run. `snapshot_images` keeps a copy of the EMA weights in `out_dir/snapshots/` each time the
+    count of images seen passes one of its marks (a training-progress curve's points).
     """
     out = Path(out_dir)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = torch.device("cpu")
+    device = torch.device(cfg.device)
     amp = autocast_dtype(cfg.autocast, device)
     torch.manual_seed(cfg.seed)
     model = ADMUNet.from_flags(**cfg.flags).to(device).train()
@@ -159,13 +191,18 @@ def train(images: torch.Tensor, cfg: TrainConfig, out_dir: str | Path,
         raise ValueError(f"images must be (N, 3, {model.config.image_size}, {model.config.image_size}), "
                          f"got {tuple(images.shape)}")
     schedule = NoiseSchedule.from_flags(cfg.noise_schedule, cfg.diffusion_steps)
-    sqrt_ab = torch.from_numpy(schedule.sqrt_alphas_cumprod).float()
-    sqrt_1mab = torch.from_numpy(schedule.sqrt_one_minus_alphas_cumprod).float()
+    sqrt_ab = torch.from_numpy(schedule.sqrt_alphas_cumprod).float().to(device)
+    sqrt_1mab = torch.from_numpy(schedule.sqrt_one_minus_alphas_cumprod).float().to(device)
+    snr = (sqrt_ab / sqrt_1mab) ** 2
+    weight_of_t = (snr.clamp(max=cfg.snr_gamma) / snr if cfg.weighting == "min-snr" else torch.ones_like(snr))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    ema = EMA(model, cfg.ema_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(cfg))
+    ema_fn = ema_average(cfg.ema_decay)
+    ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_fn)
+    forward = torch.compile(model) if cfg.compile else model
     record: dict[str, Any] = {"config": dataclasses.asdict(cfg), "step": 0, "losses": [], "wall_seconds": 0.0,
                               "autocast": str(amp).replace("torch.", "") if amp else "none",
-                              "num_images": int(len(images))}
+                              "num_images": int(len(images)), "snapshots": []}
     if (out / STATE_FILE).is_file():
         prev = json.loads((out / STATE_FILE).read_text())
         if prev["config"] != record["config"]:
@@ -173,59 +210,85 @@ def train(images: torch.Tensor, cfg: TrainConfig, out_dir: str | Path,
             raise ValueError(f"{out} holds a run with a different config (differs in: {', '.join(changed)}); "
                              f"use another output directory")
         model.load_state_dict(read_state_dict(out / "online.safetensors"))
-        ema.shadow = {k: v.float() for k, v in read_state_dict(out / "ema.safetensors").items()}
-        _load_optimizer(opt, out / "optimizer.safetensors")
+        ema.module.load_state_dict(read_state_dict(out / "ema.safetensors"))
+        ema.n_averaged.fill_(prev["step"])
+        ema_fn.count["n"] = max(0, prev["step"] - 1)  # the first update copies; later ones average
+        _load_optimizer(opt, out / "optimizer.safetensors", device)
+        sched.load_state_dict(prev["scheduler"])
+        for group, lr in zip(opt.param_groups, sched.get_last_lr()):  # load_state_dict leaves the groups' lr as built
+            group["lr"] = lr
         record = prev
-        log(f"resuming from step {record['step']} of {cfg.steps}")
+        log.info("resuming from step %d of %d", record["step"], cfg.steps)
 
+    data = images.to(device)
     n = len(images)
     start_step, started = record["step"], time.time()
     wall_before = record["wall_seconds"]
-    window: list[float] = []
+    loss_sum, loss_count = torch.zeros((), device=device), 0
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=start_step, unit="step", dynamic_ncols=True)
     stop = cfg.steps if until_step is None else min(cfg.steps, until_step)
+    marks = sorted(m for m in snapshot_images if m > start_step * cfg.batch_size)
     for step in range(start_step, stop):
-        g = _step_rng(cfg.seed, step)
-        idx = torch.from_numpy(_batch_indices(n, cfg.batch_size, cfg.seed, step))
-        x0 = images[idx]
+        g = _step_rng(cfg.seed, step, device)
+        idx = torch.from_numpy(_batch_indices(n, cfg.batch_size, cfg.seed, step)).to(device)
+        x0 = data[idx]
         if cfg.hflip:
-            flip = torch.rand(len(idx), generator=g) < 0.5
+            flip = torch.rand(len(idx), generator=g, device=device) < 0.5
             x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-        t = torch.randint(0, cfg.diffusion_steps, (len(idx),), generator=g)
-        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, cfg.diffusion_steps, (len(idx),), generator=g, device=device)
+        noise = torch.randn(x0.shape, generator=g, device=device)
         x_t = sqrt_ab[t].view(-1, 1, 1, 1) * x0 + sqrt_1mab[t].view(-1, 1, 1, 1) * noise
         x_t = x_t.contiguous(memory_format=layout)
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(cfg, step)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            pred = model(x_t, t)
-        loss = F.mse_loss(pred.float()[:, :3], noise)
+            pred = forward(x_t, t)
+        per_sample = (pred.float()[:, :3] - noise).pow(2).mean(dim=(1, 2, 3))
+        loss = (weight_of_t[t] * per_sample).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-        ema.update(model, step)
-        window.append(loss.item())
+        sched.step()
+        ema.update_parameters(model)
+        loss_sum += loss.detach()
+        loss_count += 1
+        done = step + 1
         if bar is not None:
             bar.update(1)
-            if step % 20 == 0:
-                bar.set_postfix(loss=f"{np.mean(window[-100:]):.4f}")
-        done = step + 1
-        if done % cfg.checkpoint_every == 0 or done == stop:
-            record["losses"].append([done, float(np.mean(window))])
-            window = []
+            if done % 50 == 0:
+                bar.set_postfix(loss=f"{loss_sum.item() / loss_count:.4f}")
+        while marks and done * cfg.batch_size >= marks[0]:
+            _save_snapshot(out, ema, marks.pop(0), done, record)
+        timed_out = max_seconds is not None and time.time() - started >= max_seconds
+        if done % cfg.checkpoint_every == 0 or done == stop or timed_out:
+            record["losses"].append([done, loss_sum.item() / loss_count])
+            loss_sum.zero_()
+            loss_count = 0
             record["step"] = done
             record["wall_seconds"] = wall_before + time.time() - started
+            record["scheduler"] = sched.state_dict()
             _save(out, model, ema, opt, record)
             if bar is None:
-                log(f"step {done}/{cfg.steps} loss {record['losses'][-1][1]:.4f}")
+                log.info("step %d/%d loss %.4f", done, cfg.steps, record["losses"][-1][1])
+        if timed_out:
+            log.info("stopping after %.0f s at step %d (max_seconds); rerun to continue", max_seconds, done)
+            break
     if bar is not None:
         bar.close()
     return record
+
+
+def _save_snapshot(out: Path, ema: torch.optim.swa_utils.AveragedModel, mark: int, step: int,
+                   record: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    (out / "snapshots").mkdir(parents=True, exist_ok=True)
+    path = out / "snapshots" / snapshot_name(mark)
+    save_file(_ema_state(ema), str(path), metadata={"images_seen_mark": str(mark), "step": str(step)})
+    record["snapshots"].append({"file": path.name, "mark_images": mark, "step": step})
 
 
 def ema_model(out_dir: str | Path, flags: dict[str, Any]) -> ADMUNet:
@@ -250,7 +313,9 @@ def export_ema(out_dir: str | Path, path: str | Path, name: str, command: str = 
         "flags": cfg["flags"],
         "noise_schedule": cfg["noise_schedule"],
         "diffusion_steps": cfg["diffusion_steps"],
-        "objective": "DDPM epsilon-prediction (MSE), uniform t",
+        "objective": ("DDPM epsilon-prediction, uniform t, "
+                      + ("Min-SNR-gamma weighting (gamma %g; Hang et al., ICCV 2023)" % cfg["snr_gamma"]
+                         if cfg.get("weighting") == "min-snr" else "plain MSE")),
         "data": f"Fashion-MNIST training split ({record['num_images']} images), reference preprocessing to 32x32, "
                 "grayscale as 3 channels, random horizontal flips",
         "steps": record["step"],
