@@ -37,7 +37,7 @@ from extract.diffusion import NoiseSchedule, seeded_noise
 from extract.pooling import pool
 from extract.preprocess import preprocess
 from extract.sources import ImageSource, open_source
-from extract.spec import Spec, load_spec
+from extract.spec import Spec, extension_problem, load_spec
 from extract.store import FeatureInfo, StoreError, StoreWriter, create_store
 
 DEFAULT_MICRO_BATCH = 64  # rows per U-Net call; fixed so the bytes never depend on --batch-size
@@ -157,10 +157,11 @@ def prepare(spec: Spec | str | os.PathLike | Mapping[str, Any], store_url: str |
                     "device_name": _device_name(dev), "cudnn_deterministic": dev.type == "cuda"},
         "preprocess": spec.dataset.preprocess, "image_size": spec.dataset.image_size,
     }
-    writer = create_store(store_url, spec, len(source), source.sample_ids, source.labels, source.splits,
+    writer = create_store(store_url, spec.to_dict(), len(source), source.sample_ids, source.labels, source.splits,
                           list(source.class_names) or None, provenance, features=store_features(spec),
                           shard_rows=spec.storage.shard_rows, chunk_rows=spec.storage.chunk_rows,
-                          compression=spec.storage.compressor, storage_options=storage_options)
+                          compression=spec.storage.compressor, storage_options=storage_options,
+                          fingerprint=spec.fingerprint, can_extend=lambda old: extension_problem(old, spec))
     stored = writer.attrs.get("provenance", {})
     if stored.get("checkpoint_sha256") != record.get("checkpoint_sha256"):
         raise StoreError(f"{store_url} was written with checkpoint sha256 {stored.get('checkpoint_sha256')}; the "

@@ -58,7 +58,9 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
+
+from extract.features import FeatureKey, feature_name, parse_feature_name, pool_label  # noqa: F401
 
 SPEC_VERSION = 1
 
@@ -68,8 +70,6 @@ COMPRESSORS = ("blosc-lz4", "zstd", "none")
 DATASET_KINDS = ("folder", "csv", "hdf5", "idx", "digits")
 PREPROCESSING = ("reference",)
 SCHEDULES = ("linear", "cosine")
-VIEW_NAMES = ("center", "flip")
-POOL_KINDS = ("avg", "tok")
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 DEFAULT_POOLING = (2,)
 # Settings that change how fast a store is written, never what is in it.
@@ -87,62 +87,6 @@ class SpecError(ValueError):
         where = f" in {source}" if source else ""
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"{len(self.problems)} problem(s){where}:\n{lines}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Feature names (the store imports these; they are the one naming rule of the project)
-# ---------------------------------------------------------------------------------------------
-
-_NAME_RE = re.compile(r"^t(\d{3,})_b(\d{2,})_(avg|tok)(\d+)(_flip)?$")
-
-
-class FeatureKey(NamedTuple):
-    """The parts of a feature name, in `feature_name`'s argument order."""
-
-    t: int
-    block: int
-    pool: str  # 'avg2', 'tok16'
-    view: str = "center"
-
-
-def pool_label(kind: str, size: int) -> str:
-    if kind not in POOL_KINDS:
-        raise ValueError(f"pool kind {kind!r}: expected one of {', '.join(POOL_KINDS)}")
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"pool size {size!r}: expected a positive integer")
-    return f"{kind}{size}"
-
-
-def parse_pool(pool: str) -> tuple[str, int]:
-    """'avg2' -> ('avg', 2); 'tok16' -> ('tok', 16)."""
-    m = re.fullmatch(r"(avg|tok)([1-9]\d*)", pool)
-    if not m:
-        raise ValueError(f"pool {pool!r}: expected 'avg<p>' or 'tok<s>' with a positive size")
-    return m.group(1), int(m.group(2))
-
-
-def feature_name(t: int, block: int, pool: str | tuple[str, int], view: str = "center") -> str:
-    """`t{t:03d}_b{block:02d}_{pool}` plus `_flip` for the flipped view, e.g. 't090_b24_avg2'."""
-    kind, size = parse_pool(pool) if isinstance(pool, str) else pool
-    if view not in VIEW_NAMES:
-        raise ValueError(f"view {view!r}: expected one of {', '.join(VIEW_NAMES)}")
-    for label, value in (("t", t), ("block", block)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{label} {value!r}: expected a non-negative integer")
-    suffix = "_flip" if view == "flip" else ""
-    return f"t{t:03d}_b{block:02d}_{pool_label(kind, size)}{suffix}"
-
-
-def parse_feature_name(name: str) -> FeatureKey:
-    """Reverse `feature_name`: `feature_name(*parse_feature_name(n)) == n`."""
-    m = _NAME_RE.fullmatch(name)
-    if not m or m.group(4).startswith("0"):
-        raise ValueError(f"{name!r} is not a feature name (expected e.g. 't090_b24_avg2' or 't150_b19_tok16_flip')")
-    t, block, kind, size, flip = m.groups()
-    key = FeatureKey(int(t), int(block), f"{kind}{int(size)}", "flip" if flip else "center")
-    if feature_name(*key) != name:  # e.g. 't0090_b24_avg2': not the canonical spelling
-        raise ValueError(f"{name!r} is not in canonical form; expected {feature_name(*key)!r}")
-    return key
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,17 +194,16 @@ class Feature:
         return pool_label(self.pool_kind, self.pool_size)
 
     @property
-    def side(self) -> int:
-        # avg: exactly p x p (validation guarantees p <= H); tok: at most s x s
-        return self.pool_size if self.pool_kind == "avg" else min(self.pool_size, self.resolution)
+    def key(self) -> FeatureKey:
+        return FeatureKey(self.t, self.block, self.pool, self.view)
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return (self.channels, self.side, self.side)
+        return self.key.shape(self.channels, self.resolution)
 
     @property
     def name(self) -> str:
-        return feature_name(self.t, self.block, self.pool, self.view)
+        return self.key.name
 
     def nbytes(self, itemsize: int) -> int:
         """Bytes of one sample's feature."""
@@ -453,6 +396,25 @@ def spec_only_adds(old_resolved: Mapping[str, Any], new: Spec | Mapping[str, Any
     if not old_names <= {f.name for f in new_features}:
         return None
     return [f for f in new_features if f.name not in old_names]
+
+
+def extension_problem(old_resolved: Mapping[str, Any], new: Spec) -> str:
+    """"" when `new` only adds features to a store written from `old_resolved`, else why not."""
+    try:
+        added = spec_only_adds(old_resolved, new)
+    except Exception as exc:  # a spec it cannot compare is a spec we will not mix into this store
+        return str(exc)
+    if added is None:
+        return "it changes more than the list of (timestep, block, pooling) features, or drops some"
+    return ""
+
+
+def fingerprint_of_resolved(resolved: Mapping[str, Any]) -> str | None:
+    """The fingerprint of a recorded spec (`Spec.to_dict()`), or None when it no longer loads."""
+    try:
+        return load_spec(dict(resolved), check_files=False).fingerprint
+    except SpecError:
+        return None
 
 
 @functools.lru_cache(maxsize=16)

@@ -1,4 +1,4 @@
-"""extract/preprocess.py: guided-diffusion's center_crop_arr, the [-1, 1] scaling, views."""
+"""extract/preprocess.py: guided-diffusion's center_crop_arr, the [-1, 1] scaling."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from extract.preprocess import center_crop_arr, preprocess, reference, to_model_range, views
+from extract.preprocess import center_crop_arr, preprocess, reference, to_model_range
 
 
 def photo(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -75,14 +75,3 @@ def test_scaling_to_minus_one_one():
     with pytest.raises(ValueError, match="unknown preprocessing"):
         preprocess(photo(8, 8), 8, method="imagenet")
 
-
-def test_views():
-    x = reference(photo(40, 40), 32)
-    both = views(x, center=True, hflip=True)
-    assert list(both) == ["center", "flip"]
-    np.testing.assert_array_equal(both["flip"], x[:, :, ::-1])
-    assert list(views(x, center=False, hflip=True)) == ["flip"]
-    batch = np.stack([x, x])
-    np.testing.assert_array_equal(views(batch, hflip=True)["flip"][1], x[:, :, ::-1])
-    with pytest.raises(ValueError):
-        views(x, center=False, hflip=False)

@@ -8,14 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from extract.spec import (
-    FeatureKey,
-    SpecError,
-    feature_name,
-    load_spec,
-    parse_feature_name,
-    spec_only_adds,
-)
+from extract.spec import SpecError, load_spec, spec_only_adds
 
 SPECS = Path(__file__).resolve().parents[1] / "cache_specs"
 
@@ -272,23 +265,6 @@ def test_known_num_samples():
     assert load_spec(base()).known_num_samples() == 1797
     assert load_spec(edit("dataset.limit", {"test": 100})).known_num_samples() == 1438 + 100
     assert load_spec(edit("dataset.splits", ["test"])).known_num_samples() == 359
-
-
-# -- naming ----------------------------------------------------------------------------------------
-
-
-def test_feature_names_round_trip():
-    assert feature_name(90, 24, "avg2") == "t090_b24_avg2"
-    assert feature_name(150, 19, ("tok", 16), view="flip") == "t150_b19_tok16_flip"
-    assert feature_name(5, 3, "avg1") == "t005_b03_avg1"
-    assert parse_feature_name("t150_b19_tok16_flip") == FeatureKey(150, 19, "tok16", "flip")
-    for name in ("t090_b24_avg2", "t000_b01_tok8", "t999_b37_avg4_flip", "t1500_b100_avg2"):
-        assert feature_name(*parse_feature_name(name)) == name
-    for bad in ("t90_b24_avg2", "t090_b24_max2", "t090_b24_avg0", "t090_b24_avg02", "t090_b24_avg2_flipped", "x"):
-        with pytest.raises(ValueError):
-            parse_feature_name(bad)
-    with pytest.raises(ValueError):
-        feature_name(90, 24, "avg2", view="mirror")
 
 
 # -- extending a store -----------------------------------------------------------------------------

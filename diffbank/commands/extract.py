@@ -107,38 +107,15 @@ def _open(url: str) -> Any:
         raise click.ClickException(str(exc)) from None
 
 
-def store_summary(fs: Any) -> dict[str, Any]:
-    """What `store info` shows, as data."""
-    status = fs.unit_status()
-    feats = []
-    for name in fs.feature_names(None):
-        info = fs.feature_info(name)
-        arr = fs.array(name)
-        done = status.get(name)
-        feats.append({"name": name, "shape": list(arr.shape), "dims": list(arr.metadata.dimension_names or ()),
-                      "dtype": info.dtype, "t": info.t, "block": info.block, "module": info.module,
-                      "channels": info.channels, "resolution": info.resolution,
-                      "pool": None if info.pool_kind is None else f"{info.pool_kind}{info.pool_size}",
-                      "view": info.view, "chunks": list(arr.chunks), "shards": list(arr.shards or arr.chunks),
-                      "units_done": int(done.sum()) if done is not None else None,
-                      "units": int(len(done)) if done is not None else None, "stats": info.stats})
-    return {"url": fs.url, "fingerprint": fs.fingerprint, "format_version": fs.attrs.get("format_version"),
-            "created": fs.attrs.get("created"), "diffbank_version": fs.attrs.get("diffbank_version"),
-            "num_samples": fs.num_samples, "shard_rows": fs.shard_rows, "num_units": fs.num_units,
-            "complete": fs.is_complete(), "num_failures": len(fs.failures), "bytes_on_disk": fs.nbytes_stored(),
-            "class_names": fs.class_names, "splits": {k: int(len(v)) for k, v in fs.splits.items()},
-            "checkpoint_sha256": fs.attrs.get("checkpoint_sha256"), "compression": fs.attrs.get("compression"),
-            "features": feats}
-
-
 @store_command.command("info")
 @click.argument("store", metavar="STORE")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def info_command(store: str, as_json: bool) -> None:
     """Features (dims, pooling, chunks, completeness), samples, splits and provenance of STORE."""
     from extract.spec import format_bytes
+    from extract.store import info
 
-    s = store_summary(_open(store))
+    s = info(_open(store))
     if as_json:
         click.echo(json.dumps(s, indent=2, default=str))
         return
@@ -165,9 +142,10 @@ def info_command(store: str, as_json: bool) -> None:
 @click.option("--full", is_flag=True, help="Also read every value and compare NaN/inf counts with the records.")
 def verify_command(store: str, full: bool) -> None:
     """Check markers, shapes, dtypes and the fingerprint of STORE; exit 1 on any problem."""
+    from extract.spec import fingerprint_of_resolved
     from extract.store import verify
 
-    report = verify(_open(store), full_scan=full)
+    report = verify(_open(store), full_scan=full, fingerprint_of_spec=fingerprint_of_resolved)
     click.echo(str(report))
     if not report.ok:
         sys.exit(1)
