@@ -94,11 +94,24 @@ def _check_model_supported(spec: Spec) -> None:
                               "which leaks the label into what is probed; use an unconditional model")
 
 
+def checkpoint_path(spec: Spec) -> Path | None:
+    """The checkpoint as a filesystem path (embedded names resolved); None for random weights."""
+    from extract.models.registry import EMBEDDED_PREFIX, resolve_checkpoint
+
+    c = spec.model.checkpoint
+    if c is None:
+        return None
+    if c.startswith(EMBEDDED_PREFIX):
+        return resolve_checkpoint(c)
+    p = Path(c).expanduser()
+    return p if p.is_absolute() else Path(spec.dataset.base_dir) / p
+
+
 def build(spec: Spec, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
     from extract.models.registry import build_model
 
     model, record = build_model(spec.model.preset, dict(spec.model.flags),
-                                None if spec.model.checkpoint is None else str(spec.checkpoint_path()),
+                                None if spec.model.checkpoint is None else str(checkpoint_path(spec)),
                                 spec.model.init_seed)
     return model.to(device), record
 
@@ -117,7 +130,7 @@ def model_record(spec: Spec) -> dict[str, Any]:
     """The model's provenance without building it (the checkpoint is hashed, not loaded)."""
     from extract.models.checkpoints import sha256_file
 
-    path = spec.checkpoint_path()
+    path = checkpoint_path(spec)
     return {"preset": spec.model.preset, "flags": dict(spec.model.flags), "checkpoint": spec.model.checkpoint,
             "checkpoint_sha256": sha256_file(path) if path is not None else None,
             "init": "checkpoint" if path is not None else f"random(seed={spec.model.init_seed})"}
@@ -141,7 +154,8 @@ def prepare(spec: Spec | str | os.PathLike | Mapping[str, Any], store_url: str |
     if len(source) == 0:
         raise ExtractionError(f"the dataset ({source.describe()}) has no rows for splits {spec.dataset.splits}")
     if announce:
-        from extract.spec import format_bytes
+        from dask.utils import format_bytes
+
 
         announce(f"{len(source)} images x {len(spec.features())} features -> about "
                  f"{format_bytes(spec.estimated_bytes(len(source)))} uncompressed ({spec.storage.dtype})")

@@ -260,11 +260,11 @@ def test_fashion_mnist_from_debian_package():
 
 
 def test_digits():
-    from extract.spec import _KNOWN_SPLIT_SIZES
+    from extract.spec import KNOWN_SPLIT_SIZES
 
     src = DigitsSource()
     assert len(src) == 1797 and src.class_names == tuple(str(i) for i in range(10))
-    assert {k: len(v) for k, v in src.splits.items()} == _KNOWN_SPLIT_SIZES["digits"]
+    assert {k: len(v) for k, v in src.splits.items()} == KNOWN_SPLIT_SIZES["digits"]
     item = src.load(0)
     assert item.image.shape == (8, 8, 3) and item.image.dtype == np.uint8
     assert max(src.load(i).image.max() for i in range(10)) == 255

@@ -112,7 +112,8 @@ def _open(url: str) -> Any:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def info_command(store: str, as_json: bool) -> None:
     """Features (dims, pooling, chunks, completeness), samples, splits and provenance of STORE."""
-    from extract.spec import format_bytes
+    from dask.utils import format_bytes
+
     from extract.store import info
 
     s = info(_open(store))

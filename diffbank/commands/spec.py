@@ -75,7 +75,8 @@ def _report(spec: Any, n: int | None) -> dict[str, Any]:
 def _print_text(spec: Any, report: dict[str, Any], n_note: str) -> None:
     import yaml
 
-    from extract.spec import format_bytes
+    from dask.utils import format_bytes
+
 
     click.echo("# resolved spec")
     click.echo(yaml.safe_dump(report["resolved"], sort_keys=False, default_flow_style=None).rstrip())
