@@ -59,7 +59,7 @@ def main() -> None:
 
     with torch.inference_mode():
         assert torch.equal(full_with_hook(), early_exit()), "early exit must equal the hooked full forward"
-        times: dict[str, list[float]] = {"full forward + hook": [], "features(blocks=[%d])" % args.block: []}
+        times: dict[str, list[float]] = {"full forward + hook": [], f"features(blocks=[{args.block}])": []}
         for _ in range(args.repeats):
             for name, fn in zip(times, (full_with_hook, early_exit)):
                 start = time.perf_counter()

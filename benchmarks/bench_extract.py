@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from extract.diffusion import NoiseSchedule, seeded_noise
+from extract.pipeline import DEFAULT_MICRO_BATCH, build, extract, resolve_device
 from extract.preprocess import preprocess
-from extract.run import DEFAULT_MICRO_BATCH, build, extract, resolve_device
 from extract.sources import open_source
 from extract.spec import load_spec
 

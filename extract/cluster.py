@@ -3,17 +3,24 @@
 The client validates the spec, creates (or reopens) the store and writes all metadata; each task
 reopens the store for data writes, computes a contiguous range of whole units (shards) and marks
 them. Units never straddle tasks, so no two processes ever write one shard, and the bytes are those
-of a single-process run whatever the number of workers (see extract.run on determinism).
+of a single-process run whatever the number of workers (see extract.pipeline on determinism).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from extract.run import ExtractionError, prepare, run_units_worker, spec_base_dir
+from tqdm.auto import tqdm
+
+from extract.pipeline import ExtractionError, prepare, run_units_worker, spec_base_dir
+
+log = logging.getLogger(__name__)
+MISSING_DISTRIBUTED = "running on a dask cluster needs dask.distributed: pip install 'diffbank[cluster]'"
 
 
 def plan_ranges(units: Sequence[int], n_workers: int, tasks_per_worker: int = 4) -> list[list[int]]:
@@ -42,12 +49,12 @@ def _merge(summaries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 def extract_distributed(spec: Any, store_url: str | os.PathLike, *, workers: int = 2, scheduler: str | None = None,
                         strict: bool = False, progress: bool = True, batch_size: int | None = None,
                         device: str | None = None, micro_batch: int | None = None, threads_per_worker: int | None = None,
-                        storage_options: dict[str, Any] | None = None,
-                        announce: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """`extract.run.extract` spread over a LocalCluster of `workers` processes or a scheduler address."""
-    import time
-
-    from dask.distributed import Client, LocalCluster, as_completed
+                        storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`extract.pipeline.extract` spread over a LocalCluster of `workers` processes or a scheduler address."""
+    try:
+        from dask.distributed import Client, LocalCluster, as_completed
+    except ImportError as exc:  # distributed is the optional extra `cluster`
+        raise ExtractionError(MISSING_DISTRIBUTED) from exc
 
     url = os.fspath(store_url)
     if url.startswith("memory://"):
@@ -57,7 +64,7 @@ def extract_distributed(spec: Any, store_url: str | os.PathLike, *, workers: int
         raise ExtractionError(f"--workers must be at least 1, got {workers}")
     t0 = time.perf_counter()
     prepared = prepare(spec, url, device=device, micro_batch=micro_batch, storage_options=storage_options,
-                       load_model=False, announce=announce)
+                       load_model=False)
     writer, resolved = prepared.writer, prepared.spec
     pending = writer.pending()
     done_before = sorted(set(range(writer.num_units)) - set(pending))
@@ -72,11 +79,8 @@ def extract_distributed(spec: Any, store_url: str | os.PathLike, *, workers: int
         client = Client(scheduler)
         n_workers = max(1, len(client.scheduler_info().get("workers", {})))
     ranges = plan_ranges(sorted(pending), n_workers)
-    if announce:
-        where = scheduler or f"a local cluster of {workers} process(es)"
-        announce(f"{url}: {len(pending)} of {writer.num_units} unit(s) in {len(ranges)} task(s) on {where}")
-    from tqdm.auto import tqdm
-
+    where = scheduler or f"a local cluster of {workers} process(es)"
+    log.info(f"{url}: {len(pending)} of {writer.num_units} unit(s) in {len(ranges)} task(s) on {where}")
     bar = tqdm(total=sum(writer.unit_rows(u)[1] - writer.unit_rows(u)[0] for u in pending), unit="img",
                desc="extract", disable=not progress, dynamic_ncols=True)
     summaries = []

@@ -47,7 +47,7 @@ class NoiseSchedule:
         object.__setattr__(self, "betas", betas)
 
     @classmethod
-    def from_flags(cls, noise_schedule: str = "linear", diffusion_steps: int = 1000) -> "NoiseSchedule":
+    def from_flags(cls, noise_schedule: str = "linear", diffusion_steps: int = 1000) -> NoiseSchedule:
         if diffusion_steps < 1:
             raise ValueError(f"diffusion_steps must be positive, got {diffusion_steps}")
         if noise_schedule == "linear":

@@ -136,7 +136,7 @@ class ImageSource:
         return tuple(seen)
 
     def select(self, splits: Sequence[str] | None = None,
-               limit: int | Mapping[str, int] | None = None) -> "ImageSource":
+               limit: int | Mapping[str, int] | None = None) -> ImageSource:
         """Keep `splits` (in that order; None = all) and at most `limit` first rows of each; returns self."""
         available = self.available_splits
         wanted = tuple(splits) if splits is not None else available
@@ -406,8 +406,14 @@ class IDXSource(ImageSource):
     kind = "idx"
 
     def __init__(self, directory: str | os.PathLike | None = None, splits: Sequence[str] | None = None):
-        from extract.idx import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, FASHION_MNIST_FILES, IDXError, \
-            find_idx_file, read_idx
+        from extract.idx import (
+            FASHION_MNIST_CLASSES,
+            FASHION_MNIST_DIR,
+            FASHION_MNIST_FILES,
+            IDXError,
+            find_idx_file,
+            read_idx,
+        )
 
         self.directory = Path(directory) if directory is not None else FASHION_MNIST_DIR
         wanted = tuple(splits) if splits is not None else tuple(FASHION_MNIST_FILES)

@@ -37,6 +37,12 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path):
     summary = json.loads((tmp_path / "demo" / "demo.json").read_text())
     assert [r["probe"] for r in summary["probes"]] == ["sweep", "linear", "attention", "fusion"]
     assert all(0.0 <= r["test_top1"] <= 1.0 for r in summary["probes"])
+    # Chance is 0.10 on 10 classes (sd 0.04 on 64 test images); measured: linear 0.52, attention 0.44,
+    # fusion 0.27 after one epoch. A pipeline that loses the signal (zeroed or shuffled rows, wrong labels)
+    # stays near chance, below these floors.
+    floors = {"sweep": 0.35, "linear": 0.35, "attention": 0.2, "fusion": 0.2}
+    for r in summary["probes"]:
+        assert r["test_top1"] >= floors[r["probe"]], r
     assert (tmp_path / "demo" / "sweep" / "heatmap.png").stat().st_size > 0
     assert "test top1" in result.output
     again = CliRunner().invoke(main, args)

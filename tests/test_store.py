@@ -9,9 +9,21 @@ import numpy as np
 import pytest
 import zarr
 
-from extract.store import (FEATURE_DIMS, FLOAT16_MAX, FeatureInfo, FingerprintMismatch, StoreError, StoreWriter,
-                           cast_with_stats, create_store, export_hdf5, open_store, plan_layout, save_features,
-                           verify)
+from extract.store import (
+    FEATURE_DIMS,
+    FLOAT16_MAX,
+    FeatureInfo,
+    FingerprintMismatch,
+    StoreError,
+    StoreWriter,
+    cast_with_stats,
+    create_store,
+    export_hdf5,
+    open_store,
+    plan_layout,
+    save_features,
+    verify,
+)
 
 N = 23
 

@@ -1,18 +1,16 @@
-"""`diffbank extract` and `diffbank store info|verify|export`: thin wrappers over extract.run / extract.store."""
+"""`diffbank extract` and `diffbank store info|verify|export`: thin wrappers over extract.pipeline / extract.store."""
 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from typing import Any
 
 import click
 
 DEFAULT_STORE_DIR = "stores"
-
-
-def _say(message: str) -> None:
-    click.echo(message, err=True)
+log = logging.getLogger(__name__)
 
 
 @click.command("extract")
@@ -35,7 +33,8 @@ def extract_command(spec_path: str, store_url: str | None, strict: bool, workers
                     batch_size: int | None, device: str | None, micro_batch: int | None, no_progress: bool,
                     as_json: bool) -> None:
     """Extract SPEC's features into a Zarr store. Rerunning the same command resumes an interrupted run."""
-    from extract.run import ExtractionError
+    from diffbank.commands.spec import echo_problems
+    from extract.pipeline import ExtractionError
     from extract.spec import SpecError, load_spec
     from extract.store import StoreError
 
@@ -44,9 +43,7 @@ def extract_command(spec_path: str, store_url: str | None, strict: bool, workers
     try:
         spec = load_spec(spec_path)  # every problem reported before anything is created
     except SpecError as exc:
-        _say(f"{spec_path}: {len(exc.problems)} problem(s)")
-        for problem in exc.problems:
-            _say(f"  - {problem}")
+        echo_problems(spec_path, exc.problems)
         sys.exit(2)
     url = store_url or f"{DEFAULT_STORE_DIR}/{spec.name}.zarr"
     resume = f"diffbank extract {spec_path} --store {url}"
@@ -56,19 +53,19 @@ def extract_command(spec_path: str, store_url: str | None, strict: bool, workers
 
             summary = extract_distributed(spec, url, workers=workers or 1, scheduler=scheduler, strict=strict,
                                           progress=not no_progress, batch_size=batch_size, device=device,
-                                          micro_batch=micro_batch, announce=_say)
+                                          micro_batch=micro_batch)
         else:
-            from extract.run import extract
+            from extract.pipeline import extract
 
             summary = extract(spec, url, strict=strict, progress=not no_progress, batch_size=batch_size,
-                              device=device, micro_batch=micro_batch, announce=_say)
+                              device=device, micro_batch=micro_batch)
     except KeyboardInterrupt:
-        _say(f"\ninterrupted: finished units are saved in {url}. Resume with:\n  {resume}")
+        log.warning(f"interrupted: finished units are saved in {url}. Resume with:\n  {resume}")
         sys.exit(130)
     except (ExtractionError, StoreError, OSError, ValueError) as exc:
-        _say(f"error: {exc}")
+        log.error(f"error: {exc}")
         if not isinstance(exc, ValueError) or "strict" in str(exc):
-            _say(f"units already marked done are kept; after fixing the cause, resume with:\n  {resume}")
+            log.error(f"units already marked done are kept; after fixing the cause, resume with:\n  {resume}")
         sys.exit(1)
     _report_run(summary, as_json)
 
@@ -78,14 +75,14 @@ def _report_run(summary: dict[str, Any], as_json: bool) -> None:
         click.echo(json.dumps(summary, indent=2, default=str))
         return
     rate = summary.get("images_per_s")
-    _say(f"{summary['store']}: computed {len(summary['units_computed'])} unit(s) {summary['units_computed']}, "
+    log.info(f"{summary['store']}: computed {len(summary['units_computed'])} unit(s) {summary['units_computed']}, "
          f"{len(summary['units_already_done'])} already done; {summary['images']} images in {summary['seconds']:.1f} s"
          + (f" ({rate:.1f} images/s, U-Net {summary['model_seconds']:.1f} s)" if rate else ""))
     if summary["failures"]:
-        _say(f"{len(summary['failures'])} image(s) failed and are marked invalid (rows zero-filled):")
+        log.warning(f"{len(summary['failures'])} image(s) failed and are marked invalid (rows zero-filled):")
         for f in summary["failures"][:10]:
-            _say(f"  - [{f['index']}] {f.get('id', '')}: {f['reason']}")
-    _say("complete" if summary.get("complete") else "incomplete: rerun the same command to finish")
+            log.warning(f"  - [{f['index']}] {f.get('id', '')}: {f['reason']}")
+    log.info("complete" if summary.get("complete") else "incomplete: rerun the same command to finish")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""`diffbank spec check`: validate a spec and show what it would extract, before any work."""
+"""`diffbank spec check|schema`: validate a spec and show what it would extract, before any work."""
 
 from __future__ import annotations
 
@@ -12,6 +12,21 @@ import click
 @click.group("spec")
 def spec_command() -> None:
     """Inspect and validate extraction specs (cache_specs/*.yaml)."""
+
+
+def echo_problems(spec_path: str, problems: list[str]) -> None:
+    """A refused spec's problems, one per line, on stderr."""
+    click.echo(f"{spec_path}: {len(problems)} problem(s)", err=True)
+    for problem in problems:
+        click.echo(f"  - {problem}", err=True)
+
+
+@spec_command.command("schema")
+def schema_command() -> None:
+    """Print the JSON Schema of a spec file (for editors' completion and validation)."""
+    from extract.spec import json_schema
+
+    click.echo(json.dumps(json_schema(), indent=2))
 
 
 @spec_command.command("check")
@@ -32,9 +47,7 @@ def check_command(spec_path: str, as_json: bool, no_files: bool) -> None:
         if as_json:
             click.echo(json.dumps({"ok": False, "spec": spec_path, "problems": exc.problems}, indent=2))
         else:
-            click.echo(f"{spec_path}: {len(exc.problems)} problem(s)", err=True)
-            for problem in exc.problems:
-                click.echo(f"  - {problem}", err=True)
+            echo_problems(spec_path, exc.problems)
         sys.exit(2)
 
     n, n_note = _count_samples(spec, count_files=not no_files)
@@ -74,7 +87,6 @@ def _report(spec: Any, n: int | None) -> dict[str, Any]:
 
 def _print_text(spec: Any, report: dict[str, Any], n_note: str) -> None:
     import yaml
-
     from dask.utils import format_bytes
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from extract.models.adm import ADMUNet, PRESETS, config_from_flags
+from extract.models.adm import PRESETS, ADMUNet, config_from_flags
 from extract.models.checkpoints import load_checkpoint
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"

@@ -14,31 +14,33 @@ makes the bytes independent of `--batch-size` (which only sizes loading), of the
 and of resumption. The micro-batch is recorded in the store and reused on resume. cuDNN runs with
 benchmark off and deterministic algorithms on.
 
-The horizontally flipped view mirrors the centre view's noised input x_t (same noise, mirrored).
+Loading and writing overlap the compute in threads (extract/overlap.py); the compute of one
+micro-batch is extract/compute.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import functools
+import logging
 import os
-import queue
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from dask.utils import format_bytes
 
-from extract.diffusion import NoiseSchedule, seeded_noise
-from extract.pooling import pool
-from extract.preprocess import preprocess
+from extract.compute import Computer, ExtractionError, UnitJob, configure_determinism, device_name, resolve_device
+from extract.overlap import UnitWriter, load_batch, plan_batches, prefetch
 from extract.sources import ImageSource, open_source
 from extract.spec import Spec, extension_problem, load_spec
 from extract.store import FeatureInfo, StoreError, StoreWriter, create_store
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MICRO_BATCH = 64  # rows per U-Net call; fixed so the bytes never depend on --batch-size
 NOISE_SEED_RULE = ("noise for (seed, sample index i, timestep t, draw d): torch.randn on the CPU in float32 "
@@ -47,32 +49,11 @@ NOISE_SEED_RULE = ("noise for (seed, sample index i, timestep t, draw d): torch.
                    "flip view uses the mirrored x_t of the centre view")
 TIMESTEP_CONVENTION = ("t is the 0-based index of the diffusion_steps-step process (alpha_bar_0 = 1 - beta_0); "
                        "the U-Net receives that raw integer")
-# Testing hook: seconds to sleep after each unit is marked, so a test can kill a run mid-way.
-_UNIT_DELAY_ENV = "DIFFBANK_DEBUG_UNIT_DELAY"
-
-
-class ExtractionError(RuntimeError):
-    """A run that must stop (strict mode met a bad image, the writer failed, ...)."""
 
 
 # ---------------------------------------------------------------------------------------------
 # Preparation (the client side: validation, model provenance, store creation)
 # ---------------------------------------------------------------------------------------------
-
-
-def resolve_device(name: str | None) -> torch.device:
-    """`auto` picks CUDA, then MPS, then the CPU."""
-    name = name or "auto"
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ExtractionError(f"device {name!r} asked for, but CUDA is not available here; use --device cpu")
-    return device
 
 
 def store_features(spec: Spec) -> list[FeatureInfo]:
@@ -138,8 +119,7 @@ def model_record(spec: Spec) -> dict[str, Any]:
 
 def prepare(spec: Spec | str | os.PathLike | Mapping[str, Any], store_url: str | os.PathLike, *,
             device: str | None = None, micro_batch: int | None = None,
-            storage_options: dict[str, Any] | None = None, load_model: bool = True,
-            announce: Callable[[str], None] | None = None) -> Prepared:
+            storage_options: dict[str, Any] | None = None, load_model: bool = True) -> Prepared:
     """Validate, open the source, load the model, create (or reopen / extend) the store.
 
     With load_model=False (a cluster's client) the checkpoint is only hashed; workers load it.
@@ -153,12 +133,8 @@ def prepare(spec: Spec | str | os.PathLike | Mapping[str, Any], store_url: str |
     source = open_source(spec.dataset)
     if len(source) == 0:
         raise ExtractionError(f"the dataset ({source.describe()}) has no rows for splits {spec.dataset.splits}")
-    if announce:
-        from dask.utils import format_bytes
-
-
-        announce(f"{len(source)} images x {len(spec.features())} features -> about "
-                 f"{format_bytes(spec.estimated_bytes(len(source)))} uncompressed ({spec.storage.dtype})")
+    log.info(f"{len(source)} images x {len(spec.features())} features -> about "
+             f"{format_bytes(spec.estimated_bytes(len(source)))} uncompressed ({spec.storage.dtype})")
     if load_model:
         model, built = build(spec, dev)
         record = {k: built.get(k) for k in ("preset", "flags", "checkpoint", "checkpoint_sha256", "init")}
@@ -168,7 +144,7 @@ def prepare(spec: Spec | str | os.PathLike | Mapping[str, Any], store_url: str |
         **record, "noise_seed_rule": NOISE_SEED_RULE, "timestep_convention": TIMESTEP_CONVENTION,
         "dataset": source.describe(), "dataset_manifest_sha256_source": source.manifest_hash(),
         "compute": {"micro_batch": mb, "dtype": spec.compute.dtype, "device": str(dev),
-                    "device_name": _device_name(dev), "cudnn_deterministic": dev.type == "cuda"},
+                    "device_name": device_name(dev), "cudnn_deterministic": dev.type == "cuda"},
         "preprocess": spec.dataset.preprocess, "image_size": spec.dataset.image_size,
     }
     writer = create_store(store_url, spec.to_dict(), len(source), source.sample_ids, source.labels, source.splits,
@@ -181,18 +157,12 @@ def prepare(spec: Spec | str | os.PathLike | Mapping[str, Any], store_url: str |
         raise StoreError(f"{store_url} was written with checkpoint sha256 {stored.get('checkpoint_sha256')}; the "
                          f"checkpoint now at {spec.model.checkpoint} has {record.get('checkpoint_sha256')}: refusing "
                          f"to mix weights in one store")
-    if stored.get("compute", {}).get("device", str(dev)).split(":")[0] != dev.type and announce:
-        announce(f"warning: this store was started on {stored['compute']['device']}; resuming on {dev} may give "
+    if stored.get("compute", {}).get("device", str(dev)).split(":")[0] != dev.type:
+        log.warning(f"this store was started on {stored['compute']['device']}; resuming on {dev} may give "
                  f"slightly different bytes for the remaining units")
     # Resume with the grouping the store was started with: it decides the bytes.
     mb = int(stored.get("compute", {}).get("micro_batch", mb))
     return Prepared(spec, source, writer, model, dev, mb)
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return device.type
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,193 +170,14 @@ def _device_name(device: torch.device) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class Batch:
-    unit: int
-    offset: int  # first row of this micro-batch inside the unit
-    indices: np.ndarray  # global sample indices
-    x0: torch.Tensor  # (m, 3, S, S) float32 in [-1, 1]; zeros for failed images
-    ids: list[str]
-    errors: list[str]  # "" for good rows, else why the image failed
-
-
-def _load_batch(source: ImageSource, spec: Spec, unit: int, offset: int, indices: np.ndarray) -> Batch:
-    size = spec.dataset.image_size
-    x0 = np.zeros((len(indices), 3, size, size), dtype=np.float32)
-    errors: list[str] = []
-    ids: list[str] = []
-    for row, index in enumerate(indices):
-        item = source.load(int(index))
-        ids.append(item.sample_id)
-        if item.error is None:
-            try:
-                x0[row] = preprocess(item.image, size, spec.dataset.preprocess)
-            except Exception as exc:  # a decodable image that preprocessing cannot take is a failure too
-                errors.append(f"preprocess: {type(exc).__name__}: {exc}")
-                continue
-            errors.append("")
-        else:
-            errors.append(item.error)
-    return Batch(unit, offset, indices, torch.from_numpy(x0), ids, errors)
-
-
-def _plan_batches(writer: StoreWriter, units: Sequence[int], micro_batch: int) -> list[tuple[int, int, np.ndarray]]:
-    out = []
-    for unit in units:
-        start, stop = writer.unit_rows(unit)
-        for lo in range(start, stop, micro_batch):
-            out.append((unit, lo - start, np.arange(lo, min(stop, lo + micro_batch), dtype=np.int64)))
-    return out
-
-
-def _prefetch(pool_: ThreadPoolExecutor, fn: Any, jobs: Sequence[tuple[Any, ...]], depth: int) -> Iterator[Any]:
-    """Results of fn(*job) in order, with at most `depth` jobs in flight."""
-    pending: list[Future] = []
-    it = iter(jobs)
-    for job in it:
-        pending.append(pool_.submit(fn, *job))
-        if len(pending) >= depth:
-            break
-    while pending:
-        fut = pending.pop(0)
-        nxt = next(it, None)
-        if nxt is not None:
-            pending.append(pool_.submit(fn, *nxt))
-        yield fut.result()
-
-
 # ---------------------------------------------------------------------------------------------
 # The writer thread
 # ---------------------------------------------------------------------------------------------
 
 
-class UnitWriter:
-    """Writes finished units in a background thread so the U-Net never waits on compression."""
-
-    def __init__(self, writer: StoreWriter, max_queued: int = 2):
-        self.writer = writer
-        self._queue: queue.Queue = queue.Queue(maxsize=max_queued)
-        self._error: BaseException | None = None
-        self.written: list[int] = []
-        self.seconds = 0.0
-        self._delay = float(os.environ.get(_UNIT_DELAY_ENV, "0") or 0)
-        self._thread = threading.Thread(target=self._loop, name="diffbank-writer", daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            if self._error is not None:
-                continue  # drain without writing after a failure
-            unit, arrays, valid, errors = job
-            try:
-                t0 = time.perf_counter()
-                self.writer.write_unit(unit, arrays, valid=valid, errors=errors)
-                self.seconds += time.perf_counter() - t0
-                self.written.append(unit)
-                if self._delay:
-                    time.sleep(self._delay)
-            except BaseException as exc:  # surfaced to the main thread at its next put/close
-                self._error = exc
-
-    def check(self) -> None:
-        if self._error is not None:
-            raise ExtractionError(f"writing to the store failed: {self._error}") from self._error
-
-    def put(self, unit: int, arrays: dict[str, np.ndarray], valid: np.ndarray, errors: list[str]) -> None:
-        self.check()
-        self._queue.put((unit, arrays, valid, errors))
-
-    def close(self) -> None:
-        """Write what is queued (finished units are worth keeping, even on Ctrl-C), then stop."""
-        self._queue.put(None)
-        self._thread.join()
-        self.check()
-
-
 # ---------------------------------------------------------------------------------------------
 # Compute
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class UnitJob:
-    unit: int
-    features: list[FeatureInfo]
-
-    @property
-    def timesteps(self) -> list[int]:
-        return sorted({f.t for f in self.features})
-
-    def blocks_at(self, t: int) -> list[int]:
-        return sorted({f.block for f in self.features if f.t == t})
-
-    def views(self) -> list[str]:
-        return [v for v in ("center", "flip") if any(f.view == v for f in self.features)]
-
-
-class Computer:
-    """Noise, forward, draw-averaging and pooling for one micro-batch; times the model alone."""
-
-    def __init__(self, model: torch.nn.Module, spec: Spec, device: torch.device):
-        self.model = model
-        self.spec = spec
-        self.device = device
-        self.schedule = NoiseSchedule.from_flags(spec.model.noise_schedule, spec.model.diffusion_steps)
-        self.model_seconds = 0.0
-        self.forwards = 0
-        dtype = spec.compute.dtype
-        self._autocast = (torch.autocast(device.type, dtype=getattr(torch, dtype))
-                          if dtype != "float32" else contextlib.nullcontext())
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def forward(self, x_t: torch.Tensor, t: int, blocks: list[int]) -> dict[int, torch.Tensor]:
-        tt = torch.full((x_t.shape[0],), t, dtype=torch.long, device=self.device)
-        self._sync()
-        t0 = time.perf_counter()
-        with self._autocast:
-            out = self.model.features(x_t.to(self.device, non_blocking=True), tt, blocks)
-        out = {b: v.float() for b, v in out.items()}
-        self._sync()
-        self.model_seconds += time.perf_counter() - t0
-        self.forwards += 1
-        return out
-
-    def compute(self, batch: Batch, job: UnitJob) -> dict[str, np.ndarray]:
-        """Pooled float32 features of one micro-batch, for every feature of the job."""
-        out: dict[str, np.ndarray] = {}
-        draws = self.spec.noise.draws
-        shape = tuple(batch.x0.shape[1:])
-        for t in job.timesteps:
-            blocks = job.blocks_at(t)
-            sums: dict[str, dict[int, torch.Tensor]] = {v: {} for v in job.views()}
-            for draw in range(draws):
-                noise = seeded_noise(self.spec.noise.seed, batch.indices.tolist(), t, draw, shape)
-                x_t = self.schedule.q_sample(batch.x0, t, noise)
-                for view in job.views():
-                    x_v = x_t if view == "center" else x_t.flip(-1)
-                    feats = self.forward(x_v, t, blocks)
-                    for b, v in feats.items():
-                        sums[view][b] = v if draw == 0 else sums[view][b] + v
-            for f in job.features:
-                if f.t != t:
-                    continue
-                mean = sums[f.view][f.block]
-                if draws > 1:
-                    mean = mean / draws
-                out[f.name] = pool(mean, (f.pool_kind, f.pool_size)).cpu().numpy()
-        return out
-
-
-def _configure_determinism(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = False  # autotuning picks kernels by timing: not reproducible
-        torch.backends.cudnn.deterministic = True
 
 
 def run_units(prepared: Prepared, units: Iterable[int] | None = None, *, strict: bool = False,
@@ -399,13 +190,13 @@ def run_units(prepared: Prepared, units: Iterable[int] | None = None, *, strict:
     wanted = sorted(pending) if units is None else sorted(u for u in set(units) if u in pending)
     infos = writer.infos
     jobs = {u: UnitJob(u, [infos[name] for name in pending[u]]) for u in wanted}
-    _configure_determinism(prepared.device)
+    configure_determinism(prepared.device)
     computer = Computer(prepared.model, spec, prepared.device)
     mb = prepared.micro_batch
-    batches = _plan_batches(writer, wanted, mb)
-    load_batch = max(1, int(batch_size or spec.compute.batch_size))
+    batches = plan_batches(writer, wanted, mb)
+    load_rows = max(1, int(batch_size or spec.compute.batch_size))
     workers = max(1, int(num_workers if num_workers is not None else spec.compute.num_workers) or 2)
-    depth = max(2, (load_batch + mb - 1) // mb * 2)  # about two loading batches ahead
+    depth = max(2, (load_rows + mb - 1) // mb * 2)  # about two loading batches ahead
     total = sum(len(b[2]) for b in batches)
     bar = _progress_bar(total, progress)
     unit_writer = UnitWriter(writer)
@@ -417,7 +208,8 @@ def run_units(prepared: Prepared, units: Iterable[int] | None = None, *, strict:
     try:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="diffbank-load") as loader, \
                 torch.inference_mode():
-            for batch in _prefetch(loader, lambda u, o, i: _load_batch(source, spec, u, o, i), batches, depth):
+            load = functools.partial(load_batch, source, spec.dataset.image_size, spec.dataset.preprocess)
+            for batch in prefetch(loader, load, batches, depth):
                 job = jobs[batch.unit]
                 start, stop = writer.unit_rows(batch.unit)
                 if batch.offset == 0:
@@ -427,7 +219,7 @@ def run_units(prepared: Prepared, units: Iterable[int] | None = None, *, strict:
                 if bad and strict:
                     raise ExtractionError(f"unreadable image {bad[0][0]} (strict mode): {bad[0][1]}; nothing of "
                                           f"unit {batch.unit} (rows {start}-{stop - 1}) was written")
-                result = computer.compute(batch, job)
+                result = computer.compute(batch.x0, batch.indices, job)
                 rows = slice(batch.offset, batch.offset + len(batch.indices))
                 for name, arr in result.items():
                     buffers[name][rows] = arr
@@ -463,18 +255,15 @@ def _progress_bar(total: int, enabled: bool) -> Any:
 def extract(spec: Spec | str | os.PathLike | Mapping[str, Any], store_url: str | os.PathLike, *, strict: bool = False,
             progress: bool = True, units: Iterable[int] | None = None, batch_size: int | None = None,
             device: str | None = None, micro_batch: int | None = None, num_workers: int | None = None,
-            storage_options: dict[str, Any] | None = None, finalize: bool = True,
-            announce: Callable[[str], None] | None = None) -> dict[str, Any]:
+            storage_options: dict[str, Any] | None = None, finalize: bool = True) -> dict[str, Any]:
     """Extract a spec's features into a store; rerunning resumes (redoes only unmarked units).
 
     Returns a summary: units computed / already done, images, failures, wall and model seconds.
     """
-    prepared = prepare(spec, store_url, device=device, micro_batch=micro_batch, storage_options=storage_options,
-                       announce=announce)
-    if announce:
-        pending = prepared.writer.pending()
-        announce(f"{prepared.writer.url}: {len(pending)} of {prepared.writer.num_units} unit(s) of "
-                 f"{prepared.writer.shard_rows} rows to compute on {prepared.device}")
+    prepared = prepare(spec, store_url, device=device, micro_batch=micro_batch, storage_options=storage_options)
+    pending = prepared.writer.pending()
+    log.info(f"{prepared.writer.url}: {len(pending)} of {prepared.writer.num_units} unit(s) of "
+             f"{prepared.writer.shard_rows} rows to compute on {prepared.device}")
     summary = run_units(prepared, units, strict=strict, progress=progress, batch_size=batch_size,
                         num_workers=num_workers)
     if finalize:

@@ -18,7 +18,7 @@ import zarr
 from PIL import Image
 
 from extract.diffusion import seeded_noise
-from extract.run import ExtractionError, extract
+from extract.pipeline import ExtractionError, extract
 from extract.store import FingerprintMismatch, open_store
 
 TINY = {"image_size": 16, "num_channels": 32, "num_res_blocks": 1, "channel_mult": "1,2",
