@@ -24,6 +24,7 @@ from typing import Any
 import click
 
 from extract.idx import FASHION_MNIST_DIR, FASHION_MNIST_FILES, find_idx_file
+from extract.provenance import to_jsonable
 
 log = logging.getLogger(__name__)
 
@@ -64,28 +65,52 @@ def ensure_fashion_mnist(directory: Path, install: bool = True) -> Path:
     """The folder with Fashion-MNIST's IDX files; installs Debian's package when it can."""
     if fashion_mnist_present(directory):
         return directory
-    how = (f"Point diffbank at Fashion-MNIST's four IDX files with --data FOLDER (train-images-idx3-ubyte.gz, "
-           f"train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz, from the "
-           f"Fashion-MNIST repository), or install Debian's package: sudo apt-get install {APT_PACKAGE}")
+    how = (
+        f"Point diffbank at Fashion-MNIST's four IDX files with --data FOLDER (train-images-idx3-ubyte.gz, "
+        f"train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz, from the "
+        f"Fashion-MNIST repository), or install Debian's package: sudo apt-get install {APT_PACKAGE}"
+    )
     if directory != FASHION_MNIST_DIR:
         raise DataMissing(f"Fashion-MNIST not found in {directory}. {how}")
     apt = shutil.which("apt-get")
     is_root = hasattr(os, "geteuid") and os.geteuid() == 0
     if not install or apt is None or not is_root:
-        reason = ("installing is off" if not install else "this system has no apt-get" if apt is None
-                  else "installing needs root")
+        reason = (
+            "installing is off"
+            if not install
+            else "this system has no apt-get"
+            if apt is None
+            else "installing needs root"
+        )
         raise DataMissing(f"Fashion-MNIST not found in {directory} and {reason}. {how}")
     log.info(f"Fashion-MNIST not found; installing Debian's {APT_PACKAGE} ...")
-    for cmd in ([apt, "install", "-y", "-q", APT_PACKAGE], [apt, "update", "-q"], [apt, "install", "-y", "-q", APT_PACKAGE]):
-        done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    for cmd in (
+        [apt, "install", "-y", "-q", APT_PACKAGE],
+        [apt, "update", "-q"],
+        [apt, "install", "-y", "-q", APT_PACKAGE],
+    ):
+        done = subprocess.run(
+            cmd,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+        )
         if done.returncode == 0 and fashion_mnist_present(directory):
             return directory
-    raise DataMissing(f"could not install {APT_PACKAGE} ({done.stderr.strip().splitlines()[-1:] or 'no output'}). {how}")
+    raise DataMissing(
+        f"could not install {APT_PACKAGE} ({done.stderr.strip().splitlines()[-1:] or 'no output'}). {how}"
+    )
 
 
-def demo_spec(data_dir: Path, train: int | None, test: int | None, timesteps=DEFAULT_TIMESTEPS,
-              blocks=DEFAULT_BLOCKS, token_block: int = DEFAULT_TOKEN_BLOCK) -> dict[str, Any]:
+def demo_spec(
+    data_dir: Path,
+    train: int | None,
+    test: int | None,
+    timesteps=DEFAULT_TIMESTEPS,
+    blocks=DEFAULT_BLOCKS,
+    token_block: int = DEFAULT_TOKEN_BLOCK,
+) -> dict[str, Any]:
     """cache_specs/fmnist_demo.yaml with the demo's data folder, image counts, timesteps and blocks."""
     import yaml
 
@@ -107,8 +132,13 @@ def _row(name: str, result: dict[str, Any], seconds: float) -> dict[str, Any]:
     feature = result.get("selected", {}).get("feature") or ", ".join(result.get("features", []))
     if len(feature) > 48:
         feature = f"{len(result.get('features', []))} features"
-    return {"probe": name, "feature": feature, "val_top1": val.get("top1"), "test_top1": test.get("top1"),
-            "seconds": round(seconds, 1)}
+    return {
+        "probe": name,
+        "feature": feature,
+        "val_top1": val.get("top1"),
+        "test_top1": test.get("top1"),
+        "seconds": round(seconds, 1),
+    }
 
 
 def _print_table(rows: list[dict[str, Any]]) -> None:
@@ -119,10 +149,22 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
         click.echo(fmt.format(r["probe"], r["feature"], pct(r["val_top1"]), pct(r["test_top1"]), r["seconds"]))
 
 
-def run_demo(out: Path, data_dir: Path, *, train: int | None = 10_000, test: int | None = 2_000,
-             timesteps=DEFAULT_TIMESTEPS, blocks=DEFAULT_BLOCKS, token_block: int = DEFAULT_TOKEN_BLOCK,
-             epochs: int = 10, head_epochs: int = 6, lrs=(1e-3, 1e-2, 1e-1), preset: str = "tiny",
-             install: bool = True, progress: bool = True) -> dict[str, Any]:
+def run_demo(
+    out: Path,
+    data_dir: Path,
+    *,
+    train: int | None = 10_000,
+    test: int | None = 2_000,
+    timesteps=DEFAULT_TIMESTEPS,
+    blocks=DEFAULT_BLOCKS,
+    token_block: int = DEFAULT_TOKEN_BLOCK,
+    epochs: int = 10,
+    head_epochs: int = 6,
+    lrs=(1e-3, 1e-2, 1e-1),
+    preset: str = "tiny",
+    install: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Extract, sweep, and train the linear, attention and fusion heads; returns the summary it writes."""
     from extract.pipeline import extract
     from extract.spec import load_spec
@@ -137,8 +179,9 @@ def run_demo(out: Path, data_dir: Path, *, train: int | None = 10_000, test: int
     spec = load_spec(spec_dict)  # every problem reported before any work
     (out / "spec.json").write_text(json.dumps(spec.to_dict(), indent=1))
     store_url = str(out / "features.zarr")
-    log.info(f"[1/5] extracting {spec.known_num_samples() or '?'} images x {len(spec.features())} features "
-             f"-> {store_url}")
+    log.info(
+        f"[1/5] extracting {spec.known_num_samples() or '?'} images x {len(spec.features())} features -> {store_url}"
+    )
     t0 = time.perf_counter()
     summary = extract(spec, store_url, progress=progress)
     timings = {"extract_s": time.perf_counter() - t0}
@@ -146,42 +189,71 @@ def run_demo(out: Path, data_dir: Path, *, train: int | None = 10_000, test: int
 
     log.info(f"[2/5] linear sweep: {len(lrs)} learning rates x every (t, block, pooling), one pass")
     t0 = time.perf_counter()
-    sweep = api.run_sweep(store_url, out / "sweep", lrs=lrs, epochs=epochs, step_size=short_schedule(epochs),
-                          progress=progress)
+    sweep = api.run_sweep(
+        store_url, out / "sweep", lrs=lrs, epochs=epochs, step_size=short_schedule(epochs), progress=progress
+    )
     rows.append(_row("sweep", sweep, time.perf_counter() - t0))
     best = sweep["selected"]
     log.info(f"      selected on val: {best['feature']} lr={best['lr']:g}")
 
     log.info("[3/5] linear head on the selected feature (paper recipe, selected lr)")
     t0 = time.perf_counter()
-    linear = api.run_linear(store_url, out / "linear", features=[best["feature"]], lr=best["lr"], epochs=epochs,
-                            step_size=short_schedule(epochs), progress=progress)
+    linear = api.run_linear(
+        store_url,
+        out / "linear",
+        features=[best["feature"]],
+        lr=best["lr"],
+        epochs=epochs,
+        step_size=short_schedule(epochs),
+        progress=progress,
+    )
     rows.append(_row("linear", linear, time.perf_counter() - t0))
 
     best_t = int(best["feature"][1:4])
     tok_feature = f"t{best_t:03d}_b{token_block:02d}_tok8"
     log.info(f"[4/5] attention head on {tok_feature}")
     t0 = time.perf_counter()
-    head_opts = {"preset": preset, "epochs": head_epochs, "lrs": HEAD_LRS, "momentum": HEAD_MOMENTUM,
-                 "step_size": short_schedule(head_epochs), "progress": progress}
+    head_opts = {
+        "preset": preset,
+        "epochs": head_epochs,
+        "lrs": HEAD_LRS,
+        "momentum": HEAD_MOMENTUM,
+        "step_size": short_schedule(head_epochs),
+        "progress": progress,
+    }
     attention = api.run_attention(store_url, out / "attention", features=[tok_feature], **head_opts)
     rows.append(_row("attention", attention, time.perf_counter() - t0))
 
     fusion_features = [f"t{t:03d}_b{b:02d}_avg4" for t in spec.grid.timesteps for b in spec.grid.blocks]
-    log.info(f"[5/5] DifFormer fusion over blocks {list(spec.grid.blocks)} x t {list(spec.grid.timesteps)} "
-             f"(4x4 tokens per block)")
+    log.info(
+        f"[5/5] DifFormer fusion over blocks {list(spec.grid.blocks)} x t {list(spec.grid.timesteps)} "
+        f"(4x4 tokens per block)"
+    )
     t0 = time.perf_counter()
     fusion = api.run_fusion(store_url, out / "fusion", features=fusion_features, **head_opts)
     rows.append(_row("fusion", fusion, time.perf_counter() - t0))
 
     timings["total_s"] = time.perf_counter() - started
-    result = {"store": store_url, "extraction": {k: summary.get(k) for k in ("images", "units_computed",
-                                                                               "units_already_done", "seconds",
-                                                                               "model_seconds", "images_per_s",
-                                                                               "failures")},
-              "probes": rows, "heatmap": str(out / "sweep" / "heatmap.png"),
-              "accuracy_vs_t": str(out / "sweep" / "accuracy_vs_t.png"), "timings": timings}
-    (out / "demo.json").write_text(json.dumps(result, indent=1, default=str))
+    result = {
+        "store": store_url,
+        "extraction": {
+            k: summary.get(k)
+            for k in (
+                "images",
+                "units_computed",
+                "units_already_done",
+                "seconds",
+                "model_seconds",
+                "images_per_s",
+                "failures",
+            )
+        },
+        "probes": rows,
+        "heatmap": str(out / "sweep" / "heatmap.png"),
+        "accuracy_vs_t": str(out / "sweep" / "accuracy_vs_t.png"),
+        "timings": timings,
+    }
+    (out / "demo.json").write_text(json.dumps(to_jsonable(result), indent=1))
     click.echo("")
     _print_table(rows)
     click.echo(f"\nheat map (test top-1 over t x block): {result['heatmap']}")
@@ -198,26 +270,54 @@ def _ints(text: str) -> tuple[int, ...]:
 
 @click.command("demo")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"), show_default=True)
-@click.option("--data", "data_dir", type=click.Path(file_okay=False, path_type=Path), default=FASHION_MNIST_DIR,
-              show_default=True, help="Folder with Fashion-MNIST's IDX files.")
-@click.option("--train", "train_n", type=int, default=10_000, show_default=True,
-              help="Training images to extract (0: all 60,000).")
-@click.option("--test", "test_n", type=int, default=2_000, show_default=True,
-              help="Test images to extract (0: all 10,000).")
+@click.option(
+    "--data",
+    "data_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=FASHION_MNIST_DIR,
+    show_default=True,
+    help="Folder with Fashion-MNIST's IDX files.",
+)
+@click.option(
+    "--train",
+    "train_n",
+    type=int,
+    default=10_000,
+    show_default=True,
+    help="Training images to extract (0: all 60,000).",
+)
+@click.option(
+    "--test", "test_n", type=int, default=2_000, show_default=True, help="Test images to extract (0: all 10,000)."
+)
 @click.option("--timesteps", default=",".join(map(str, DEFAULT_TIMESTEPS)), show_default=True)
 @click.option("--blocks", default=",".join(map(str, DEFAULT_BLOCKS)), show_default=True)
 @click.option("--epochs", type=int, default=10, show_default=True, help="Epochs of the linear sweep and head.")
 @click.option("--head-epochs", type=int, default=6, show_default=True, help="Epochs of the attention/fusion heads.")
-@click.option("--preset", type=click.Choice(["tiny", "small", "paper"]), default="tiny", show_default=True,
-              help="Size of the attention and fusion heads.")
+@click.option(
+    "--preset",
+    type=click.Choice(["tiny", "small", "paper"]),
+    default="tiny",
+    show_default=True,
+    help="Size of the attention and fusion heads.",
+)
 @click.option("--no-install", is_flag=True, help="Never try to install Debian's dataset package.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def demo_command(out, data_dir, train_n, test_n, timesteps, blocks, epochs, head_epochs, preset, no_install, quiet):
     """Real images end to end: embedded Fashion-MNIST diffusion model -> feature store -> probes."""
     try:
-        run_demo(out, data_dir, train=train_n or None, test=test_n or None, timesteps=_ints(timesteps),
-                 blocks=_ints(blocks), epochs=epochs, head_epochs=head_epochs, preset=preset,
-                 install=not no_install, progress=not quiet)
+        run_demo(
+            out,
+            data_dir,
+            train=train_n or None,
+            test=test_n or None,
+            timesteps=_ints(timesteps),
+            blocks=_ints(blocks),
+            epochs=epochs,
+            head_epochs=head_epochs,
+            preset=preset,
+            install=not no_install,
+            progress=not quiet,
+        )
     except KeyboardInterrupt:
         log.warning(f"interrupted; rerun the same command to resume from {out}")
         sys.exit(130)

@@ -30,12 +30,18 @@ def plan_ranges(units: Sequence[int], n_workers: int, tasks_per_worker: int = 4)
         return []
     n_tasks = max(1, min(len(units), n_workers * tasks_per_worker))
     size = math.ceil(len(units) / n_tasks)
-    return [units[i:i + size] for i in range(0, len(units), size)]
+    return [units[i : i + size] for i in range(0, len(units), size)]
 
 
 def _merge(summaries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {"units_computed": [], "images": 0, "failures": [], "model_seconds": 0.0,
-                           "write_seconds": 0.0, "forwards": 0}
+    out: dict[str, Any] = {
+        "units_computed": [],
+        "images": 0,
+        "failures": [],
+        "model_seconds": 0.0,
+        "write_seconds": 0.0,
+        "forwards": 0,
+    }
     for s in summaries:
         out["units_computed"] += list(s["units_computed"])
         out["failures"] += list(s["failures"])
@@ -46,10 +52,20 @@ def _merge(summaries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def extract_distributed(spec: Any, store_url: str | os.PathLike, *, workers: int = 2, scheduler: str | None = None,
-                        strict: bool = False, progress: bool = True, batch_size: int | None = None,
-                        device: str | None = None, micro_batch: int | None = None, threads_per_worker: int | None = None,
-                        storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+def extract_distributed(
+    spec: Any,
+    store_url: str | os.PathLike,
+    *,
+    workers: int = 2,
+    scheduler: str | None = None,
+    strict: bool = False,
+    progress: bool = True,
+    batch_size: int | None = None,
+    device: str | None = None,
+    micro_batch: int | None = None,
+    threads_per_worker: int | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """`extract.pipeline.extract` spread over a LocalCluster of `workers` processes or a scheduler address."""
     try:
         from dask.distributed import Client, LocalCluster, as_completed
@@ -58,13 +74,16 @@ def extract_distributed(spec: Any, store_url: str | os.PathLike, *, workers: int
 
     url = os.fspath(store_url)
     if url.startswith("memory://"):
-        raise ExtractionError("a memory:// store lives in one process; worker processes cannot write it. "
-                              "Use a local path or an object store URL")
+        raise ExtractionError(
+            "a memory:// store lives in one process; worker processes cannot write it. "
+            "Use a local path or an object store URL"
+        )
     if scheduler is None and workers < 1:
         raise ExtractionError(f"--workers must be at least 1, got {workers}")
     t0 = time.perf_counter()
-    prepared = prepare(spec, url, device=device, micro_batch=micro_batch, storage_options=storage_options,
-                       load_model=False)
+    prepared = prepare(
+        spec, url, device=device, micro_batch=micro_batch, storage_options=storage_options, load_model=False
+    )
     writer, resolved = prepared.writer, prepared.spec
     pending = writer.pending()
     done_before = sorted(set(range(writer.num_units)) - set(pending))
@@ -81,14 +100,31 @@ def extract_distributed(spec: Any, store_url: str | os.PathLike, *, workers: int
     ranges = plan_ranges(sorted(pending), n_workers)
     where = scheduler or f"a local cluster of {workers} process(es)"
     log.info(f"{url}: {len(pending)} of {writer.num_units} unit(s) in {len(ranges)} task(s) on {where}")
-    bar = tqdm(total=sum(writer.unit_rows(u)[1] - writer.unit_rows(u)[0] for u in pending), unit="img",
-               desc="extract", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=sum(writer.unit_rows(u)[1] - writer.unit_rows(u)[0] for u in pending),
+        unit="img",
+        desc="extract",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     summaries = []
     try:
-        futures = [client.submit(run_units_worker, resolved.to_dict(), spec_base_dir(resolved), url, rng,
-                                 device=device, batch_size=batch_size, strict=strict, threads=threads,
-                                 storage_options=storage_options, pure=False)
-                   for rng in ranges]
+        futures = [
+            client.submit(
+                run_units_worker,
+                resolved.to_dict(),
+                spec_base_dir(resolved),
+                url,
+                rng,
+                device=device,
+                batch_size=batch_size,
+                strict=strict,
+                threads=threads,
+                storage_options=storage_options,
+                pure=False,
+            )
+            for rng in ranges
+        ]
         for fut in as_completed(futures):
             result = fut.result()  # a task's failure (strict mode, a bad store) stops the run here
             summaries.append(result)
@@ -101,10 +137,20 @@ def extract_distributed(spec: Any, store_url: str | os.PathLike, *, workers: int
     writer.finalize()  # the client alone writes metadata
     summary = _merge(summaries)
     wall = time.perf_counter() - t0
-    summary.update({"store": url, "units_total": writer.num_units, "units_already_done": done_before,
-                    "seconds": wall, "images_per_s": summary["images"] / wall if wall > 0 else None,
-                    "tasks": len(ranges), "workers": n_workers, "complete": not writer.pending(),
-                    "fingerprint": writer.fingerprint, "micro_batch": prepared.micro_batch})
+    summary.update(
+        {
+            "store": url,
+            "units_total": writer.num_units,
+            "units_already_done": done_before,
+            "seconds": wall,
+            "images_per_s": summary["images"] / wall if wall > 0 else None,
+            "tasks": len(ranges),
+            "workers": n_workers,
+            "complete": not writer.pending(),
+            "fingerprint": writer.fingerprint,
+            "micro_batch": prepared.micro_batch,
+        }
+    )
     return summary
 
 

@@ -71,8 +71,9 @@ class Computer:
         self.model_seconds = 0.0
         self.forwards = 0
         dtype = spec.compute.dtype
-        self._autocast = (torch.autocast(device.type, dtype=getattr(torch, dtype))
-                          if dtype != "float32" else contextlib.nullcontext())
+        self._autocast = (
+            torch.autocast(device.type, dtype=getattr(torch, dtype)) if dtype != "float32" else contextlib.nullcontext()
+        )
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

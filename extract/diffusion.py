@@ -106,8 +106,9 @@ def noise_seed(seed: int, sample_index: int, timestep: int, draw: int) -> int:
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") & ((1 << 63) - 1)
 
 
-def seeded_noise(seed: int, sample_indices: Sequence[int], timestep: int, draw: int,
-                 shape: Sequence[int]) -> torch.Tensor:
+def seeded_noise(
+    seed: int, sample_indices: Sequence[int], timestep: int, draw: int, shape: Sequence[int]
+) -> torch.Tensor:
     """Standard normal noise, one seeded stream per sample: row i depends only on its own key.
 
     Drawn on the CPU in float32 so the bytes do not depend on the device that consumes them.

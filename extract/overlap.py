@@ -34,8 +34,7 @@ class Batch:
     errors: list[str]  # "" for good rows, else why the image failed
 
 
-def load_batch(source: ImageSource, image_size: int, method: str, unit: int, offset: int,
-               indices: np.ndarray) -> Batch:
+def load_batch(source: ImageSource, image_size: int, method: str, unit: int, offset: int, indices: np.ndarray) -> Batch:
     size = image_size
     x0 = np.zeros((len(indices), 3, size, size), dtype=np.float32)
     errors: list[str] = []

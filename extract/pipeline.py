@@ -43,12 +43,16 @@ from extract.store import FeatureInfo, StoreError, StoreWriter, create_store
 log = logging.getLogger(__name__)
 
 DEFAULT_MICRO_BATCH = 64  # rows per U-Net call; fixed so the bytes never depend on --batch-size
-NOISE_SEED_RULE = ("noise for (seed, sample index i, timestep t, draw d): torch.randn on the CPU in float32 "
-                   "from a torch.Generator seeded with blake2b-64('diffbank-noise/{seed}/{i}/{t}/{d}') "
-                   "(extract.diffusion.noise_seed); features are averaged over draws d = 0..draws-1; the "
-                   "flip view uses the mirrored x_t of the centre view")
-TIMESTEP_CONVENTION = ("t is the 0-based index of the diffusion_steps-step process (alpha_bar_0 = 1 - beta_0); "
-                       "the U-Net receives that raw integer")
+NOISE_SEED_RULE = (
+    "noise for (seed, sample index i, timestep t, draw d): torch.randn on the CPU in float32 "
+    "from a torch.Generator seeded with blake2b-64('diffbank-noise/{seed}/{i}/{t}/{d}') "
+    "(extract.diffusion.noise_seed); features are averaged over draws d = 0..draws-1; the "
+    "flip view uses the mirrored x_t of the centre view"
+)
+TIMESTEP_CONVENTION = (
+    "t is the 0-based index of the diffusion_steps-step process (alpha_bar_0 = 1 - beta_0); "
+    "the U-Net receives that raw integer"
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -58,10 +62,22 @@ TIMESTEP_CONVENTION = ("t is the 0-based index of the diffusion_steps-step proce
 
 def store_features(spec: Spec) -> list[FeatureInfo]:
     """The store arrays a spec asks for, as the store describes them."""
-    return [FeatureInfo(name=f.name, t=f.t, block=f.block, module=f.module, channels=f.channels,
-                        resolution=f.resolution, pool_kind=f.pool_kind, pool_size=f.pool_size,
-                        shape=tuple(f.shape), dtype=spec.storage.dtype, view=f.view)
-            for f in spec.features()]
+    return [
+        FeatureInfo(
+            name=f.name,
+            t=f.t,
+            block=f.block,
+            module=f.module,
+            channels=f.channels,
+            resolution=f.resolution,
+            pool_kind=f.pool_kind,
+            pool_size=f.pool_size,
+            shape=tuple(f.shape),
+            dtype=spec.storage.dtype,
+            view=f.view,
+        )
+        for f in spec.features()
+    ]
 
 
 def as_spec(spec: Spec | str | os.PathLike | Mapping[str, Any], base_dir: str | os.PathLike | None = None) -> Spec:
@@ -71,8 +87,10 @@ def as_spec(spec: Spec | str | os.PathLike | Mapping[str, Any], base_dir: str | 
 
 def _check_model_supported(spec: Spec) -> None:
     if spec.model.flags.get("class_cond"):
-        raise ExtractionError("this model is class-conditional: its features would need the class label as input, "
-                              "which leaks the label into what is probed; use an unconditional model")
+        raise ExtractionError(
+            "this model is class-conditional: its features would need the class label as input, "
+            "which leaks the label into what is probed; use an unconditional model"
+        )
 
 
 def checkpoint_path(spec: Spec) -> Path | None:
@@ -91,9 +109,12 @@ def checkpoint_path(spec: Spec) -> Path | None:
 def build(spec: Spec, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
     from extract.models.registry import build_model
 
-    model, record = build_model(spec.model.preset, dict(spec.model.flags),
-                                None if spec.model.checkpoint is None else str(checkpoint_path(spec)),
-                                spec.model.init_seed)
+    model, record = build_model(
+        spec.model.preset,
+        dict(spec.model.flags),
+        None if spec.model.checkpoint is None else str(checkpoint_path(spec)),
+        spec.model.init_seed,
+    )
     return model.to(device), record
 
 
@@ -112,14 +133,24 @@ def model_record(spec: Spec) -> dict[str, Any]:
     from extract.models.checkpoints import sha256_file
 
     path = checkpoint_path(spec)
-    return {"preset": spec.model.preset, "flags": dict(spec.model.flags), "checkpoint": spec.model.checkpoint,
-            "checkpoint_sha256": sha256_file(path) if path is not None else None,
-            "init": "checkpoint" if path is not None else f"random(seed={spec.model.init_seed})"}
+    return {
+        "preset": spec.model.preset,
+        "flags": dict(spec.model.flags),
+        "checkpoint": spec.model.checkpoint,
+        "checkpoint_sha256": sha256_file(path) if path is not None else None,
+        "init": "checkpoint" if path is not None else f"random(seed={spec.model.init_seed})",
+    }
 
 
-def prepare(spec: Spec | str | os.PathLike | Mapping[str, Any], store_url: str | os.PathLike, *,
-            device: str | None = None, micro_batch: int | None = None,
-            storage_options: dict[str, Any] | None = None, load_model: bool = True) -> Prepared:
+def prepare(
+    spec: Spec | str | os.PathLike | Mapping[str, Any],
+    store_url: str | os.PathLike,
+    *,
+    device: str | None = None,
+    micro_batch: int | None = None,
+    storage_options: dict[str, Any] | None = None,
+    load_model: bool = True,
+) -> Prepared:
     """Validate, open the source, load the model, create (or reopen / extend) the store.
 
     With load_model=False (a cluster's client) the checkpoint is only hashed; workers load it.
@@ -133,33 +164,60 @@ def prepare(spec: Spec | str | os.PathLike | Mapping[str, Any], store_url: str |
     source = open_source(spec.dataset)
     if len(source) == 0:
         raise ExtractionError(f"the dataset ({source.describe()}) has no rows for splits {spec.dataset.splits}")
-    log.info(f"{len(source)} images x {len(spec.features())} features -> about "
-             f"{format_bytes(spec.estimated_bytes(len(source)))} uncompressed ({spec.storage.dtype})")
+    log.info(
+        f"{len(source)} images x {len(spec.features())} features -> about "
+        f"{format_bytes(spec.estimated_bytes(len(source)))} uncompressed ({spec.storage.dtype})"
+    )
     if load_model:
         model, built = build(spec, dev)
         record = {k: built.get(k) for k in ("preset", "flags", "checkpoint", "checkpoint_sha256", "init")}
     else:
         model, record = None, model_record(spec)
     provenance = {
-        **record, "noise_seed_rule": NOISE_SEED_RULE, "timestep_convention": TIMESTEP_CONVENTION,
-        "dataset": source.describe(), "dataset_manifest_sha256_source": source.manifest_hash(),
-        "compute": {"micro_batch": mb, "dtype": spec.compute.dtype, "device": str(dev),
-                    "device_name": device_name(dev), "cudnn_deterministic": dev.type == "cuda"},
-        "preprocess": spec.dataset.preprocess, "image_size": spec.dataset.image_size,
+        **record,
+        "noise_seed_rule": NOISE_SEED_RULE,
+        "timestep_convention": TIMESTEP_CONVENTION,
+        "dataset": source.describe(),
+        "dataset_manifest_sha256_source": source.manifest_hash(),
+        "compute": {
+            "micro_batch": mb,
+            "dtype": spec.compute.dtype,
+            "device": str(dev),
+            "device_name": device_name(dev),
+            "cudnn_deterministic": dev.type == "cuda",
+        },
+        "preprocess": spec.dataset.preprocess,
+        "image_size": spec.dataset.image_size,
     }
-    writer = create_store(store_url, spec.to_dict(), len(source), source.sample_ids, source.labels, source.splits,
-                          list(source.class_names) or None, provenance, features=store_features(spec),
-                          shard_rows=spec.storage.shard_rows, chunk_rows=spec.storage.chunk_rows,
-                          compression=spec.storage.compressor, storage_options=storage_options,
-                          fingerprint=spec.fingerprint, can_extend=lambda old: extension_problem(old, spec))
+    writer = create_store(
+        store_url,
+        spec.to_dict(),
+        len(source),
+        source.sample_ids,
+        source.labels,
+        source.splits,
+        list(source.class_names) or None,
+        provenance,
+        features=store_features(spec),
+        shard_rows=spec.storage.shard_rows,
+        chunk_rows=spec.storage.chunk_rows,
+        compression=spec.storage.compressor,
+        storage_options=storage_options,
+        fingerprint=spec.fingerprint,
+        can_extend=lambda old: extension_problem(old, spec),
+    )
     stored = writer.attrs.get("provenance", {})
     if stored.get("checkpoint_sha256") != record.get("checkpoint_sha256"):
-        raise StoreError(f"{store_url} was written with checkpoint sha256 {stored.get('checkpoint_sha256')}; the "
-                         f"checkpoint now at {spec.model.checkpoint} has {record.get('checkpoint_sha256')}: refusing "
-                         f"to mix weights in one store")
+        raise StoreError(
+            f"{store_url} was written with checkpoint sha256 {stored.get('checkpoint_sha256')}; the "
+            f"checkpoint now at {spec.model.checkpoint} has {record.get('checkpoint_sha256')}: refusing "
+            f"to mix weights in one store"
+        )
     if stored.get("compute", {}).get("device", str(dev)).split(":")[0] != dev.type:
-        log.warning(f"this store was started on {stored['compute']['device']}; resuming on {dev} may give "
-                 f"slightly different bytes for the remaining units")
+        log.warning(
+            f"this store was started on {stored['compute']['device']}; resuming on {dev} may give "
+            f"slightly different bytes for the remaining units"
+        )
     # Resume with the grouping the store was started with: it decides the bytes.
     mb = int(stored.get("compute", {}).get("micro_batch", mb))
     return Prepared(spec, source, writer, model, dev, mb)
@@ -180,8 +238,15 @@ def prepare(spec: Spec | str | os.PathLike | Mapping[str, Any], store_url: str |
 # ---------------------------------------------------------------------------------------------
 
 
-def run_units(prepared: Prepared, units: Iterable[int] | None = None, *, strict: bool = False,
-              progress: bool = True, batch_size: int | None = None, num_workers: int | None = None) -> dict[str, Any]:
+def run_units(
+    prepared: Prepared,
+    units: Iterable[int] | None = None,
+    *,
+    strict: bool = False,
+    progress: bool = True,
+    batch_size: int | None = None,
+    num_workers: int | None = None,
+) -> dict[str, Any]:
     """Compute and write every unmarked (unit, feature) pair of `units` (None: all units)."""
     spec, writer, source = prepared.spec, prepared.writer, prepared.source
     if prepared.model is None:
@@ -206,8 +271,10 @@ def run_units(prepared: Prepared, units: Iterable[int] | None = None, *, strict:
     buffers: dict[str, np.ndarray] = {}
     errors: list[str] = []
     try:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="diffbank-load") as loader, \
-                torch.inference_mode():
+        with (
+            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="diffbank-load") as loader,
+            torch.inference_mode(),
+        ):
             load = functools.partial(load_batch, source, spec.dataset.image_size, spec.dataset.preprocess)
             for batch in prefetch(loader, load, batches, depth):
                 job = jobs[batch.unit]
@@ -217,8 +284,10 @@ def run_units(prepared: Prepared, units: Iterable[int] | None = None, *, strict:
                     errors = [""] * (stop - start)
                 bad = [(sid, e) for sid, e in zip(batch.ids, batch.errors) if e]
                 if bad and strict:
-                    raise ExtractionError(f"unreadable image {bad[0][0]} (strict mode): {bad[0][1]}; nothing of "
-                                          f"unit {batch.unit} (rows {start}-{stop - 1}) was written")
+                    raise ExtractionError(
+                        f"unreadable image {bad[0][0]} (strict mode): {bad[0][1]}; nothing of "
+                        f"unit {batch.unit} (rows {start}-{stop - 1}) was written"
+                    )
                 result = computer.compute(batch.x0, batch.indices, job)
                 rows = slice(batch.offset, batch.offset + len(batch.indices))
                 for name, arr in result.items():
@@ -238,11 +307,19 @@ def run_units(prepared: Prepared, units: Iterable[int] | None = None, *, strict:
         unit_writer.close()
     wall = time.perf_counter() - t_start
     return {
-        "store": writer.url, "units_total": writer.num_units, "units_computed": sorted(unit_writer.written),
+        "store": writer.url,
+        "units_total": writer.num_units,
+        "units_computed": sorted(unit_writer.written),
         "units_already_done": sorted(set(range(writer.num_units)) - set(pending)),
-        "images": images, "failures": failures, "seconds": wall, "model_seconds": computer.model_seconds,
-        "write_seconds": unit_writer.seconds, "forwards": computer.forwards,
-        "images_per_s": images / wall if wall > 0 else None, "device": str(prepared.device), "micro_batch": mb,
+        "images": images,
+        "failures": failures,
+        "seconds": wall,
+        "model_seconds": computer.model_seconds,
+        "write_seconds": unit_writer.seconds,
+        "forwards": computer.forwards,
+        "images_per_s": images / wall if wall > 0 else None,
+        "device": str(prepared.device),
+        "micro_batch": mb,
     }
 
 
@@ -252,20 +329,33 @@ def _progress_bar(total: int, enabled: bool) -> Any:
     return tqdm(total=total, unit="img", desc="extract", disable=not enabled, smoothing=0.1, dynamic_ncols=True)
 
 
-def extract(spec: Spec | str | os.PathLike | Mapping[str, Any], store_url: str | os.PathLike, *, strict: bool = False,
-            progress: bool = True, units: Iterable[int] | None = None, batch_size: int | None = None,
-            device: str | None = None, micro_batch: int | None = None, num_workers: int | None = None,
-            storage_options: dict[str, Any] | None = None, finalize: bool = True) -> dict[str, Any]:
+def extract(
+    spec: Spec | str | os.PathLike | Mapping[str, Any],
+    store_url: str | os.PathLike,
+    *,
+    strict: bool = False,
+    progress: bool = True,
+    units: Iterable[int] | None = None,
+    batch_size: int | None = None,
+    device: str | None = None,
+    micro_batch: int | None = None,
+    num_workers: int | None = None,
+    storage_options: dict[str, Any] | None = None,
+    finalize: bool = True,
+) -> dict[str, Any]:
     """Extract a spec's features into a store; rerunning resumes (redoes only unmarked units).
 
     Returns a summary: units computed / already done, images, failures, wall and model seconds.
     """
     prepared = prepare(spec, store_url, device=device, micro_batch=micro_batch, storage_options=storage_options)
     pending = prepared.writer.pending()
-    log.info(f"{prepared.writer.url}: {len(pending)} of {prepared.writer.num_units} unit(s) of "
-             f"{prepared.writer.shard_rows} rows to compute on {prepared.device}")
-    summary = run_units(prepared, units, strict=strict, progress=progress, batch_size=batch_size,
-                        num_workers=num_workers)
+    log.info(
+        f"{prepared.writer.url}: {len(pending)} of {prepared.writer.num_units} unit(s) of "
+        f"{prepared.writer.shard_rows} rows to compute on {prepared.device}"
+    )
+    summary = run_units(
+        prepared, units, strict=strict, progress=progress, batch_size=batch_size, num_workers=num_workers
+    )
     if finalize:
         prepared.writer.finalize()
     summary["complete"] = not prepared.writer.pending()
@@ -273,16 +363,27 @@ def extract(spec: Spec | str | os.PathLike | Mapping[str, Any], store_url: str |
     return summary
 
 
-def run_units_worker(spec_dict: Mapping[str, Any], base_dir: str, store_url: str, units: Sequence[int], *,
-                     device: str | None = None, batch_size: int | None = None, strict: bool = False,
-                     threads: int | None = None, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_units_worker(
+    spec_dict: Mapping[str, Any],
+    base_dir: str,
+    store_url: str,
+    units: Sequence[int],
+    *,
+    device: str | None = None,
+    batch_size: int | None = None,
+    strict: bool = False,
+    threads: int | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """A cluster task: reopen the store for data writes only (no metadata) and compute `units`."""
     if threads:
         torch.set_num_threads(int(threads))  # several worker processes share the machine's cores
     spec = load_spec(dict(spec_dict), base_dir=base_dir)
     writer = StoreWriter.open(store_url, storage_options)
     if writer.fingerprint != spec.fingerprint:
-        raise StoreError(f"{store_url} has fingerprint {writer.fingerprint[:12]}, the task's spec {spec.fingerprint[:12]}")
+        raise StoreError(
+            f"{store_url} has fingerprint {writer.fingerprint[:12]}, the task's spec {spec.fingerprint[:12]}"
+        )
     dev = resolve_device(device or spec.compute.device)
     model, _ = build(spec, dev)
     mb = int(writer.attrs.get("provenance", {}).get("compute", {}).get("micro_batch", DEFAULT_MICRO_BATCH))

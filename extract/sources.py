@@ -37,8 +37,9 @@ from typing import Any
 
 import numpy as np
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
-                              ".ppm", ".pgm", ".pbm", ".jfif"})
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif"}
+)
 # Top-level folder names that mark a split layout (root/train/<class>/...).
 SPLIT_DIR_NAMES = frozenset({"train", "training", "val", "valid", "validation", "test", "testing", "dev"})
 DIGITS_SPLITS = ("train", "test")
@@ -114,14 +115,21 @@ class ImageSource:
 
     kind = "abstract"
 
-    def __init__(self, ids: Sequence[str], labels: Sequence[int] | np.ndarray, row_splits: Sequence[str],
-                 class_names: Sequence[str]):
+    def __init__(
+        self,
+        ids: Sequence[str],
+        labels: Sequence[int] | np.ndarray,
+        row_splits: Sequence[str],
+        class_names: Sequence[str],
+    ):
         self._all_ids = np.asarray(list(ids), dtype=object)
         self._all_labels = np.asarray(labels, dtype=np.int64)
         self._all_splits = np.asarray(list(row_splits), dtype=object)
         if not len(self._all_ids) == len(self._all_labels) == len(self._all_splits):
-            raise SourceError(f"{len(self._all_ids)} ids, {len(self._all_labels)} labels and "
-                              f"{len(self._all_splits)} split names: they must match")
+            raise SourceError(
+                f"{len(self._all_ids)} ids, {len(self._all_labels)} labels and "
+                f"{len(self._all_splits)} split names: they must match"
+            )
         self.class_names: tuple[str, ...] = tuple(class_names)
         self.select(None, None)
 
@@ -135,15 +143,16 @@ class ImageSource:
             seen.setdefault(s, None)
         return tuple(seen)
 
-    def select(self, splits: Sequence[str] | None = None,
-               limit: int | Mapping[str, int] | None = None) -> ImageSource:
+    def select(self, splits: Sequence[str] | None = None, limit: int | Mapping[str, int] | None = None) -> ImageSource:
         """Keep `splits` (in that order; None = all) and at most `limit` first rows of each; returns self."""
         available = self.available_splits
         wanted = tuple(splits) if splits is not None else available
         missing = [s for s in wanted if s not in available]
         if missing:
-            raise SourceError(f"{self.describe()}: no split(s) {', '.join(map(repr, missing))}; "
-                              f"it has {', '.join(map(repr, available)) or 'no rows'}")
+            raise SourceError(
+                f"{self.describe()}: no split(s) {', '.join(map(repr, missing))}; "
+                f"it has {', '.join(map(repr, available)) or 'no rows'}"
+            )
         rows, ranges, start = [], {}, 0
         for split in wanted:
             idx = np.flatnonzero(self._all_splits == split)
@@ -177,8 +186,9 @@ class ImageSource:
     def manifest_hash(self) -> str:
         """sha256 over (id, label, split) of every kept row, in order: the dataset's identity."""
         h = hashlib.sha256()
-        for sid, label, split in zip(self._all_ids[self._rows], self._all_labels[self._rows],
-                                     self._all_splits[self._rows]):
+        for sid, label, split in zip(
+            self._all_ids[self._rows], self._all_labels[self._rows], self._all_splits[self._rows]
+        ):
             h.update(f"{sid}\t{int(label)}\t{split}\n".encode())
         return h.hexdigest()
 
@@ -296,8 +306,10 @@ class CSVSource(ImageSource):
             raise SourceError(f"cannot read list file {self.list_file}: {exc}") from None
         for needed in ("path", "label"):
             if needed not in columns:
-                raise SourceError(f"list file {self.list_file} has columns {columns}; it needs 'path' and 'label' "
-                                  f"(and optionally 'split') in a header line")
+                raise SourceError(
+                    f"list file {self.list_file} has columns {columns}; it needs 'path' and 'label' "
+                    f"(and optionally 'split') in a header line"
+                )
         paths = [(r.get("path") or "").strip() for r in rows]
         for n, p in enumerate(paths):
             if not p:
@@ -354,8 +366,11 @@ class HDF5Source(ImageSource):
                 n = images.shape[0]
                 labels = np.asarray(f["labels"][()], dtype=np.int64) if "labels" in f else np.full(n, -1, np.int64)
                 splits = _strings(f["split"][()]) if "split" in f else ["all"] * n
-                class_names = [str(c) for c in _strings(np.asarray(f.attrs["class_names"]))] \
-                    if "class_names" in f.attrs else [str(i) for i in range(int(labels.max(initial=-1)) + 1)]
+                class_names = (
+                    [str(c) for c in _strings(np.asarray(f.attrs["class_names"]))]
+                    if "class_names" in f.attrs
+                    else [str(i) for i in range(int(labels.max(initial=-1)) + 1)]
+                )
                 if "ids" in f:
                     ids = _strings(f["ids"][()])
                 else:
@@ -448,8 +463,9 @@ class IDXSource(ImageSource):
             try:
                 arr = read_idx(self._image_files[split])
                 if arr.ndim != 3 or arr.dtype != np.uint8:
-                    raise ValueError(f"{self._image_files[split]}: expected uint8 (N, H, W), "
-                                     f"got {arr.dtype} {arr.shape}")
+                    raise ValueError(
+                        f"{self._image_files[split]}: expected uint8 (N, H, W), got {arr.dtype} {arr.shape}"
+                    )
                 self._arrays[split] = arr
             except Exception as exc:
                 self._arrays[split] = exc

@@ -8,8 +8,16 @@ import torch
 from extract.models.adm import PRESETS, ADMUNet, config_from_flags
 from extract.models.blocks import block_table
 
-TINY = {"image_size": 32, "num_channels": 32, "num_res_blocks": 1, "channel_mult": "1,2,2",
-        "attention_resolutions": "16,8", "num_head_channels": 16, "resblock_updown": True}
+# The byte-identity reference's network (tests/data/reference/spec.yaml), with updown ResBlocks.
+TINY = dict(
+    image_size=16,
+    num_channels=32,
+    num_res_blocks=1,
+    channel_mult="1,2",
+    attention_resolutions="8",
+    num_head_channels=16,
+    resblock_updown=True,
+)
 
 
 @pytest.mark.parametrize("flags", [*PRESETS.values(), TINY], ids=[*PRESETS, "tiny"])
@@ -19,10 +27,13 @@ def test_block_table_equals_the_built_network(flags):
     assert block_table(config_from_flags(**flags)) == model.blocks
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"num_head_channels": 24}, "not divisible by num_head_channels=24"),
-    ({"num_channels": 48}, "cannot be normalised in 32 groups"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"num_head_channels": 24}, "not divisible by num_head_channels=24"),
+        ({"num_channels": 48}, "cannot be normalised in 32 groups"),
+    ],
+)
 def test_block_table_refuses_what_the_network_refuses(change, message):
     flags = {**TINY, **change}
     with pytest.raises(ValueError, match=message):

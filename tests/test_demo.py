@@ -10,8 +10,9 @@ from diffbank.demo import DataMissing, ensure_fashion_mnist, fashion_mnist_prese
 from extract.idx import FASHION_MNIST_DIR
 from extract.models.registry import embedded_card, embedded_checkpoint
 
-needs_fmnist = pytest.mark.skipif(not fashion_mnist_present(FASHION_MNIST_DIR),
-                                  reason="Debian's dataset-fashion-mnist is not installed")
+needs_fmnist = pytest.mark.skipif(
+    not fashion_mnist_present(FASHION_MNIST_DIR), reason="Debian's dataset-fashion-mnist is not installed"
+)
 
 
 def test_embedded_model_is_shipped_with_its_card():
@@ -30,8 +31,24 @@ def test_missing_data_explains_how_to_point_at_idx_files(tmp_path):
 @needs_fmnist
 @pytest.mark.slow
 def test_demo_runs_end_to_end_and_resumes(tmp_path):
-    args = ["demo", "--out", str(tmp_path / "demo"), "--train", "160", "--test", "64", "--timesteps", "10,100",
-            "--blocks", "10,13", "--epochs", "2", "--head-epochs", "1", "--quiet"]
+    args = [
+        "demo",
+        "--out",
+        str(tmp_path / "demo"),
+        "--train",
+        "160",
+        "--test",
+        "64",
+        "--timesteps",
+        "10,100",
+        "--blocks",
+        "10,13",
+        "--epochs",
+        "2",
+        "--head-epochs",
+        "1",
+        "--quiet",
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "demo" / "demo.json").read_text())

@@ -21,8 +21,14 @@ from extract.diffusion import seeded_noise
 from extract.pipeline import ExtractionError, extract
 from extract.store import FingerprintMismatch, open_store
 
-TINY = {"image_size": 16, "num_channels": 32, "num_res_blocks": 1, "channel_mult": "1,2",
-        "attention_resolutions": "8", "num_head_channels": 16}
+TINY = {
+    "image_size": 16,
+    "num_channels": 32,
+    "num_res_blocks": 1,
+    "channel_mult": "1,2",
+    "attention_resolutions": "8",
+    "num_head_channels": 16,
+}
 N_PER_CLASS = 7
 
 
@@ -38,10 +44,15 @@ def _images(root: Path, bad: bool = False) -> Path:
 
 
 def _spec(path: Path, **over) -> dict:
-    spec = {"model": {"flags": dict(TINY)}, "dataset": {"kind": "folder", "path": str(path)},
-            "features": {"timesteps": [10, 50], "blocks": [2, 4], "pooling": [1, 2], "tokens": 4},
-            "noise": {"seed": 3, "draws": 2}, "views": {"center": True, "hflip": True},
-            "storage": {"shard_rows": 4, "chunk_rows": 2}, "compute": {"batch_size": 3}}
+    spec = {
+        "model": {"flags": dict(TINY)},
+        "dataset": {"kind": "folder", "path": str(path)},
+        "features": {"timesteps": [10, 50], "blocks": [2, 4], "pooling": [1, 2], "tokens": 4},
+        "noise": {"seed": 3, "draws": 2},
+        "views": {"center": True, "hflip": True},
+        "storage": {"shard_rows": 4, "chunk_rows": 2},
+        "compute": {"batch_size": 3},
+    }
     for key, value in over.items():
         spec[key] = {**spec.get(key, {}), **value}
     return spec
@@ -141,8 +152,11 @@ def test_only_adds_extension_and_refusal(images, tmp_path):
     for name in fs.feature_names():
         assert fs.read(name).tobytes() == open_store(ref).read(name).tobytes(), name
     with pytest.raises(FingerprintMismatch, match="different spec"):
-        extract(_spec(images, features={"timesteps": [10, 50]}, views={"hflip": False}, noise={"seed": 9, "draws": 1}),
-                url, progress=False)
+        extract(
+            _spec(images, features={"timesteps": [10, 50]}, views={"hflip": False}, noise={"seed": 9, "draws": 1}),
+            url,
+            progress=False,
+        )
 
 
 def _cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -156,8 +170,10 @@ def test_resume_after_sigkill(images, tmp_path):
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(_spec(images, views={"hflip": False})))
     killed, whole = tmp_path / "killed.zarr", tmp_path / "whole.zarr"
-    proc = _cli(["extract", str(spec_path), "--store", str(killed), "--no-progress", "--json"],
-                env={"DIFFBANK_DEBUG_UNIT_DELAY": "0.8"})
+    proc = _cli(
+        ["extract", str(spec_path), "--store", str(killed), "--no-progress", "--json"],
+        env={"DIFFBANK_DEBUG_UNIT_DELAY": "0.8"},
+    )
     marker = killed / "_progress" / "done" / "c" / "0" / "0"  # unit 0's marker chunk
     deadline = time.time() + 25
     while not marker.exists() and proc.poll() is None and time.time() < deadline:

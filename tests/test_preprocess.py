@@ -36,7 +36,7 @@ def test_tall_image_and_repeated_halvings():
     arr = photo(530, 140, seed=1)  # halvings: 140 >= 64 -> (70, 265); 70 >= 64 -> (35, 132); then bicubic
     step = Image.fromarray(arr).resize((70, 265), resample=Image.BOX).resize((35, 132), resample=Image.BOX)
     step = step.resize((32, round(132 * 32 / 35)), resample=Image.BICUBIC)  # (32, 121)
-    expected = np.asarray(step)[(121 - 32) // 2:(121 - 32) // 2 + 32, 0:32]
+    expected = np.asarray(step)[(121 - 32) // 2 : (121 - 32) // 2 + 32, 0:32]
     np.testing.assert_array_equal(center_crop_arr(arr, 32), expected)
 
 
@@ -74,4 +74,3 @@ def test_scaling_to_minus_one_one():
     assert x.shape == (3, 32, 32) and -1.0 <= x.min() and x.max() <= 1.0
     with pytest.raises(ValueError, match="unknown preprocessing"):
         preprocess(photo(8, 8), 8, method="imagenet")
-

@@ -44,8 +44,9 @@ def fresh(tmp_path_factory) -> Path:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the reference was written single-threaded; kernels may block by thread count
     try:
-        result = CliRunner().invoke(main, ["extract", str(REFERENCE / "spec.yaml"), "--store", str(out),
-                                           "--no-progress"])
+        result = CliRunner().invoke(
+            main, ["extract", str(REFERENCE / "spec.yaml"), "--store", str(out), "--no-progress"]
+        )
     finally:
         torch.set_num_threads(threads)
     assert result.exit_code == 0, result.output

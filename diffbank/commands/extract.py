@@ -9,29 +9,53 @@ from typing import Any
 
 import click
 
+from extract.provenance import to_jsonable
+
 DEFAULT_STORE_DIR = "stores"
 log = logging.getLogger(__name__)
 
 
 @click.command("extract")
 @click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False))
-@click.option("--store", "store_url", metavar="PATH_OR_URL",
-              help=f"Where to write (a local path or an fsspec URL such as s3://b/x.zarr); "
-                   f"default {DEFAULT_STORE_DIR}/<spec name>.zarr.")
+@click.option(
+    "--store",
+    "store_url",
+    metavar="PATH_OR_URL",
+    help=f"Where to write (a local path or an fsspec URL such as s3://b/x.zarr); "
+    f"default {DEFAULT_STORE_DIR}/<spec name>.zarr.",
+)
 @click.option("--strict", is_flag=True, help="Stop at the first unreadable image instead of recording it.")
-@click.option("--workers", type=click.IntRange(min=1), default=None,
-              help="Run on a local dask cluster of N worker processes.")
+@click.option(
+    "--workers", type=click.IntRange(min=1), default=None, help="Run on a local dask cluster of N worker processes."
+)
 @click.option("--scheduler", metavar="ADDR", default=None, help="Run on an existing dask scheduler (tcp://host:8786).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None,
-              help="Images loaded per batch (run-only: the stored bytes do not depend on it).")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Images loaded per batch (run-only: the stored bytes do not depend on it).",
+)
 @click.option("--device", default=None, help="auto (default: the spec's), cpu, cuda, cuda:N or mps.")
-@click.option("--micro-batch", type=click.IntRange(min=1), default=None,
-              help="Images per U-Net forward; fixed for a store's lifetime (it decides the last bits).")
+@click.option(
+    "--micro-batch",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Images per U-Net forward; fixed for a store's lifetime (it decides the last bits).",
+)
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run's summary as JSON on stdout.")
-def extract_command(spec_path: str, store_url: str | None, strict: bool, workers: int | None, scheduler: str | None,
-                    batch_size: int | None, device: str | None, micro_batch: int | None, no_progress: bool,
-                    as_json: bool) -> None:
+def extract_command(
+    spec_path: str,
+    store_url: str | None,
+    strict: bool,
+    workers: int | None,
+    scheduler: str | None,
+    batch_size: int | None,
+    device: str | None,
+    micro_batch: int | None,
+    no_progress: bool,
+    as_json: bool,
+) -> None:
     """Extract SPEC's features into a Zarr store. Rerunning the same command resumes an interrupted run."""
     from diffbank.commands.spec import echo_problems
     from extract.pipeline import ExtractionError
@@ -51,14 +75,29 @@ def extract_command(spec_path: str, store_url: str | None, strict: bool, workers
         if workers is not None or scheduler is not None:
             from extract.cluster import extract_distributed
 
-            summary = extract_distributed(spec, url, workers=workers or 1, scheduler=scheduler, strict=strict,
-                                          progress=not no_progress, batch_size=batch_size, device=device,
-                                          micro_batch=micro_batch)
+            summary = extract_distributed(
+                spec,
+                url,
+                workers=workers or 1,
+                scheduler=scheduler,
+                strict=strict,
+                progress=not no_progress,
+                batch_size=batch_size,
+                device=device,
+                micro_batch=micro_batch,
+            )
         else:
             from extract.pipeline import extract
 
-            summary = extract(spec, url, strict=strict, progress=not no_progress, batch_size=batch_size,
-                              device=device, micro_batch=micro_batch)
+            summary = extract(
+                spec,
+                url,
+                strict=strict,
+                progress=not no_progress,
+                batch_size=batch_size,
+                device=device,
+                micro_batch=micro_batch,
+            )
     except KeyboardInterrupt:
         log.warning(f"interrupted: finished units are saved in {url}. Resume with:\n  {resume}")
         sys.exit(130)
@@ -72,12 +111,14 @@ def extract_command(spec_path: str, store_url: str | None, strict: bool, workers
 
 def _report_run(summary: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        click.echo(json.dumps(summary, indent=2, default=str))
+        click.echo(json.dumps(to_jsonable(summary), indent=2))
         return
     rate = summary.get("images_per_s")
-    log.info(f"{summary['store']}: computed {len(summary['units_computed'])} unit(s) {summary['units_computed']}, "
-         f"{len(summary['units_already_done'])} already done; {summary['images']} images in {summary['seconds']:.1f} s"
-         + (f" ({rate:.1f} images/s, U-Net {summary['model_seconds']:.1f} s)" if rate else ""))
+    log.info(
+        f"{summary['store']}: computed {len(summary['units_computed'])} unit(s) {summary['units_computed']}, "
+        f"{len(summary['units_already_done'])} already done; {summary['images']} images in {summary['seconds']:.1f} s"
+        + (f" ({rate:.1f} images/s, U-Net {summary['model_seconds']:.1f} s)" if rate else "")
+    )
     if summary["failures"]:
         log.warning(f"{len(summary['failures'])} image(s) failed and are marked invalid (rows zero-filled):")
         for f in summary["failures"][:10]:
@@ -115,14 +156,16 @@ def info_command(store: str, as_json: bool) -> None:
 
     s = info(_open(store))
     if as_json:
-        click.echo(json.dumps(s, indent=2, default=str))
+        click.echo(json.dumps(to_jsonable(s), indent=2))
         return
     size = format_bytes(s["bytes_on_disk"]) if s["bytes_on_disk"] is not None else "n/a (remote)"
     click.echo(f"{s['url']}  format {s['format_version']}  diffbank {s['diffbank_version']}  created {s['created']}")
     click.echo(f"fingerprint {s['fingerprint']}  checkpoint sha256 {s['checkpoint_sha256']}")
-    click.echo(f"{s['num_samples']} samples, {s['num_failures']} failed; units of {s['shard_rows']} rows: "
-               f"{s['num_units']}; {'complete' if s['complete'] else 'INCOMPLETE'}; {size} on disk "
-               f"({s['compression']})")
+    click.echo(
+        f"{s['num_samples']} samples, {s['num_failures']} failed; units of {s['shard_rows']} rows: "
+        f"{s['num_units']}; {'complete' if s['complete'] else 'INCOMPLETE'}; {size} on disk "
+        f"({s['compression']})"
+    )
     click.echo("splits: " + (", ".join(f"{k} {v}" for k, v in s["splits"].items()) or "none"))
     header = f"{'feature':<24} {'shape (N, C, h, w)':<22} {'dtype':<8} {'module':<18} {'res':>4} {'done':>9} {'max|x|':>10} {'inf':>5}"
     click.echo(header)
@@ -130,9 +173,11 @@ def info_command(store: str, as_json: bool) -> None:
     for f in s["features"]:
         stats = f["stats"] or {}
         max_abs = stats.get("max_abs")
-        click.echo(f"{f['name']:<24} {str(tuple(f['shape'])):<22} {f['dtype']:<8} {str(f['module']):<18} "
-                   f"{str(f['resolution']):>4} {f['units_done']}/{f['units']:<7} "
-                   f"{'' if max_abs is None else f'{max_abs:.4g}':>10} {stats.get('n_inf', ''):>5}")
+        click.echo(
+            f"{f['name']:<24} {str(tuple(f['shape'])):<22} {f['dtype']:<8} {str(f['module']):<18} "
+            f"{str(f['resolution']):>4} {f['units_done']}/{f['units']:<7} "
+            f"{'' if max_abs is None else f'{max_abs:.4g}':>10} {stats.get('n_inf', ''):>5}"
+        )
 
 
 @store_command.command("verify")
@@ -152,8 +197,13 @@ def verify_command(store: str, full: bool) -> None:
 @store_command.command("export")
 @click.argument("store", metavar="STORE")
 @click.argument("out", metavar="OUT.h5", type=click.Path(dir_okay=False))
-@click.option("--compression", type=click.Choice(["gzip", "lzf", "none"]), default="gzip", show_default=True,
-              help="gzip reads everywhere but writes slowly; lzf and none write fast.")
+@click.option(
+    "--compression",
+    type=click.Choice(["gzip", "lzf", "none"]),
+    default="gzip",
+    show_default=True,
+    help="gzip reads everywhere but writes slowly; lzf and none write fast.",
+)
 @click.option("--feature", "features", multiple=True, help="Export only these features (repeatable).")
 @click.option("--keep-dtype", is_flag=True, help="Keep the stored dtype (float16) instead of float32.")
 def export_command(store: str, out: str, compression: str, features: tuple[str, ...], keep_dtype: bool) -> None:
@@ -162,8 +212,13 @@ def export_command(store: str, out: str, compression: str, features: tuple[str, 
 
     fs = _open(store)
     try:
-        path = export_hdf5(fs, out, compression=None if compression == "none" else compression,
-                           features=list(features) or None, keep_dtype=keep_dtype)
+        path = export_hdf5(
+            fs,
+            out,
+            compression=None if compression == "none" else compression,
+            features=list(features) or None,
+            keep_dtype=keep_dtype,
+        )
     except KeyError as exc:
         raise click.ClickException(str(exc.args[0])) from None
     click.echo(f"wrote {path}")

@@ -7,34 +7,81 @@ from pathlib import Path
 
 import click
 
+from extract.idx import FASHION_MNIST_DIR
+
 
 @click.command("train")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/train-fmnist32", show_default=True,
-              help="Run directory; rerunning with the same directory resumes.")
-@click.option("--data", "data_dir", type=click.Path(file_okay=False), default=None,
-              help="Folder with Fashion-MNIST's IDX files (default: Debian's /usr/share/datasets/fashion-mnist).")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    default="runs/train-fmnist32",
+    show_default=True,
+    help="Run directory; rerunning with the same directory resumes.",
+)
+@click.option(
+    "--data",
+    "data_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help=f"Folder with Fashion-MNIST's IDX files (default: Debian's {FASHION_MNIST_DIR}).",
+)
 @click.option("--steps", type=int, default=1500, show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--lr", type=float, default=6e-4, show_default=True)
 @click.option("--ema-decay", type=float, default=0.995, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--autocast", type=click.Choice(["auto", "bfloat16", "none"]), default="auto", show_default=True,
-              help="auto: bf16 where the CPU has AMX/AVX512-BF16 (faster there), else float32.")
+@click.option(
+    "--autocast",
+    type=click.Choice(["auto", "bfloat16", "none"]),
+    default="auto",
+    show_default=True,
+    help="auto: bf16 where the CPU has AMX/AVX512-BF16 (faster there), else float32.",
+)
 @click.option("--threads", type=int, default=None, help="torch threads (default: all cores).")
 @click.option("--checkpoint-every", type=int, default=100, show_default=True)
-@click.option("--until-step", type=int, default=None,
-              help="Stop after this step (checkpointed); rerun without it to continue the same run.")
-@click.option("--export", "export_path", type=click.Path(dir_okay=False), default=None,
-              help="After training, write the EMA weights as safetensors with a JSON card beside them.")
-def train_command(out_dir, data_dir, steps, batch_size, lr, ema_decay, seed, autocast, threads, checkpoint_every,
-                  until_step, export_path):
+@click.option(
+    "--until-step",
+    type=int,
+    default=None,
+    help="Stop after this step (checkpointed); rerun without it to continue the same run.",
+)
+@click.option(
+    "--export",
+    "export_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="After training, write the EMA weights as safetensors with a JSON card beside them.",
+)
+def train_command(
+    out_dir,
+    data_dir,
+    steps,
+    batch_size,
+    lr,
+    ema_decay,
+    seed,
+    autocast,
+    threads,
+    checkpoint_every,
+    until_step,
+    export_path,
+):
     """Train the embedded Fashion-MNIST ADM (DDPM epsilon-prediction, EMA weights); resumable."""
-    from extract.idx import FASHION_MNIST_DIR
     from extract.models import fmnist
     from extract.models.training import TrainConfig, export_ema, train
 
-    cfg = TrainConfig(flags=fmnist.FLAGS, steps=steps, batch_size=batch_size, lr=lr, ema_decay=ema_decay,
-                      seed=seed, autocast=autocast, threads=threads, checkpoint_every=checkpoint_every)
+    cfg = TrainConfig(
+        flags=fmnist.FLAGS,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        ema_decay=ema_decay,
+        seed=seed,
+        autocast=autocast,
+        threads=threads,
+        checkpoint_every=checkpoint_every,
+    )
     try:
         images = fmnist.training_images(data_dir or FASHION_MNIST_DIR)
     except FileNotFoundError as exc:
@@ -48,8 +95,15 @@ def train_command(out_dir, data_dir, steps, batch_size, lr, ema_decay, seed, aut
 
 
 def _reproduce_command(cfg, data_dir, step: int) -> str:
-    parts = ["diffbank train", f"--steps {cfg.steps}", f"--batch-size {cfg.batch_size}", f"--lr {cfg.lr}",
-             f"--ema-decay {cfg.ema_decay}", f"--seed {cfg.seed}", f"--autocast {cfg.autocast}"]
+    parts = [
+        "diffbank train",
+        f"--steps {cfg.steps}",
+        f"--batch-size {cfg.batch_size}",
+        f"--lr {cfg.lr}",
+        f"--ema-decay {cfg.ema_decay}",
+        f"--seed {cfg.seed}",
+        f"--autocast {cfg.autocast}",
+    ]
     if step < cfg.steps:
         parts.append(f"--until-step {step}")
     if data_dir:
@@ -58,8 +112,13 @@ def _reproduce_command(cfg, data_dir, step: int) -> str:
 
 
 @click.command("sample")
-@click.option("--model", "model_name", default="embedded:fmnist32", show_default=True,
-              help="embedded:NAME, or a checkpoint path together with --preset/--flags-json.")
+@click.option(
+    "--model",
+    "model_name",
+    default="embedded:fmnist32",
+    show_default=True,
+    help="embedded:NAME, or a checkpoint path together with --preset/--flags-json.",
+)
 @click.option("--flags-json", default=None, help="guided-diffusion flags as JSON, for a checkpoint path.")
 @click.option("-n", "--num", type=int, default=64, show_default=True)
 @click.option("--steps", type=int, default=100, show_default=True, help="DDIM steps.")

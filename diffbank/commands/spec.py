@@ -32,8 +32,11 @@ def schema_command() -> None:
 @spec_command.command("check")
 @click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-@click.option("--no-files", is_flag=True,
-              help="Skip the checkpoint and dataset existence checks (inspect a spec before the data is at hand).")
+@click.option(
+    "--no-files",
+    is_flag=True,
+    help="Skip the checkpoint and dataset existence checks (inspect a spec before the data is at hand).",
+)
 def check_command(spec_path: str, as_json: bool, no_files: bool) -> None:
     """Validate SPEC; print the resolved spec, its fingerprint, its features and the store size.
 
@@ -89,7 +92,6 @@ def _print_text(spec: Any, report: dict[str, Any], n_note: str) -> None:
     import yaml
     from dask.utils import format_bytes
 
-
     click.echo("# resolved spec")
     click.echo(yaml.safe_dump(report["resolved"], sort_keys=False, default_flow_style=None).rstrip())
     click.echo(f"\nfingerprint: {report['fingerprint']}")
@@ -97,8 +99,19 @@ def _print_text(spec: Any, report: dict[str, Any], n_note: str) -> None:
     click.echo(f"\n{len(feats)} feature(s):")
     rows = [("name", "t", "block", "module", "map", "pool", "view", "shape", "bytes/img")]
     for f in feats:
-        rows.append((f.name, str(f.t), str(f.block), f.module, f"{f.resolution}x{f.resolution}", f.pool, f.view,
-                     "x".join(map(str, f.shape)), format_bytes(f.nbytes(spec.storage.itemsize))))
+        rows.append(
+            (
+                f.name,
+                str(f.t),
+                str(f.block),
+                f.module,
+                f"{f.resolution}x{f.resolution}",
+                f.pool,
+                f.view,
+                "x".join(map(str, f.shape)),
+                format_bytes(f.nbytes(spec.storage.itemsize)),
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         click.echo("  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
@@ -108,5 +121,7 @@ def _print_text(spec: Any, report: dict[str, Any], n_note: str) -> None:
         click.echo(f"images: {n_note}")
     else:
         click.echo(f"images: {n} ({n_note})")
-        click.echo(f"estimated store size: {format_bytes(report['estimated_bytes'])} "
-                   f"(N · Σ C·p²·itemsize · |T| · views; lossless compression gains little on features)")
+        click.echo(
+            f"estimated store size: {format_bytes(report['estimated_bytes'])} "
+            f"(N · Σ C·p²·itemsize · |T| · views; lossless compression gains little on features)"
+        )

@@ -11,6 +11,14 @@ from extract.spec.resolved import KNOWN_SPLIT_SIZES, Feature, Spec
 from extract.spec.schema import SPEC_VERSION, json_schema
 
 __all__ = [
-    "KNOWN_SPLIT_SIZES", "SPEC_VERSION", "Feature", "Spec", "SpecError", "extension_problem",
-    "fingerprint_of_resolved", "json_schema", "load_spec", "spec_only_adds",
+    "KNOWN_SPLIT_SIZES",
+    "SPEC_VERSION",
+    "Feature",
+    "Spec",
+    "SpecError",
+    "extension_problem",
+    "fingerprint_of_resolved",
+    "json_schema",
+    "load_spec",
+    "spec_only_adds",
 ]

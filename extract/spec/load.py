@@ -33,8 +33,9 @@ class SpecError(ValueError):
         super().__init__(f"{len(self.problems)} problem(s){where}:\n{lines}")
 
 
-def load_spec(spec: str | os.PathLike | Mapping[str, Any], *, check_files: bool = True,
-              base_dir: str | os.PathLike | None = None) -> Spec:
+def load_spec(
+    spec: str | os.PathLike | Mapping[str, Any], *, check_files: bool = True, base_dir: str | os.PathLike | None = None
+) -> Spec:
     """Read, validate and resolve a spec (a YAML path or a dict); raise `SpecError` listing every problem.
 
     `check_files=False` skips the existence checks of the checkpoint and the dataset, so a spec's
@@ -127,7 +128,7 @@ def spec_only_adds(old_resolved: Mapping[str, Any], new: Spec | Mapping[str, Any
 
 
 def extension_problem(old_resolved: Mapping[str, Any], new: Spec) -> str:
-    """"" when `new` only adds features to a store written from `old_resolved`, else why not."""
+    """ "" when `new` only adds features to a store written from `old_resolved`, else why not."""
     try:
         added = spec_only_adds(old_resolved, new)
     except Exception as exc:  # a spec it cannot compare is a spec we will not mix into this store

@@ -43,8 +43,9 @@ Problems = list[tuple[str, str]]
 _BAD: Any = object()  # a per-block value that was refused (its problem is already reported)
 
 
-def resolve(sections: Mapping[str, Any], name: str, *, base_dir: str, check_files: bool,
-            problems: Problems) -> Spec | None:
+def resolve(
+    sections: Mapping[str, Any], name: str, *, base_dir: str, check_files: bool, problems: Problems
+) -> Spec | None:
     """The resolved spec, or None when a problem was found (every problem is appended to `problems`).
 
     `sections` maps each section name to its validated model, or None where the schema refused it.
@@ -54,8 +55,9 @@ def resolve(sections: Mapping[str, Any], name: str, *, base_dir: str, check_file
         model, table = _model(sections["model"], problems, base_dir, check_files)
     dataset = None
     if sections.get("dataset") is not None:
-        dataset = _dataset(sections["dataset"], problems, base_dir, check_files,
-                           model.image_size if model is not None else None, table)
+        dataset = _dataset(
+            sections["dataset"], problems, base_dir, check_files, model.image_size if model is not None else None, table
+        )
     if table is not None and dataset is not None and model is not None:
         table = _scale_table(table, model.image_size, dataset.image_size)
     grid = None
@@ -84,8 +86,9 @@ def _preset_names() -> list[str]:
     return sorted(PRESETS) + [EMBEDDED_PREFIX + n for n in embedded_models()]
 
 
-def _model(s: ModelSection, problems: Problems, base_dir: str,
-           check_files: bool) -> tuple[ModelSpec | None, tuple[Any, ...] | None]:
+def _model(
+    s: ModelSection, problems: Problems, base_dir: str, check_files: bool
+) -> tuple[ModelSpec | None, tuple[Any, ...] | None]:
     from extract.models.adm import DEFAULT_FLAGS, DIFFUSION_ONLY_FLAGS, config_from_flags
     from extract.models.blocks import block_table
     from extract.models.registry import resolve_flags
@@ -95,16 +98,18 @@ def _model(s: ModelSection, problems: Problems, base_dir: str,
     known_flags = sorted(set(DEFAULT_FLAGS) | DIFFUSION_ONLY_FLAGS)
     for key in flags:
         if key not in known_flags:
-            problems.append((f"model.flags.{key}",
-                             f"unknown key{suggest(key, known_flags)}; allowed: {', '.join(known_flags)}"))
+            problems.append(
+                (f"model.flags.{key}", f"unknown key{suggest(key, known_flags)}; allowed: {', '.join(known_flags)}")
+            )
             ok = False
     if s.preset is not None:
         try:
             resolve_flags(s.preset, None)
         except (KeyError, FileNotFoundError, ValueError, TypeError) as exc:
             msg = str(exc.args[0] if exc.args else exc)
-            problems.append(("model.preset", msg + suggest(s.preset, _preset_names()) if isinstance(exc, KeyError)
-                             else msg))
+            problems.append(
+                ("model.preset", msg + suggest(s.preset, _preset_names()) if isinstance(exc, KeyError) else msg)
+            )
             ok = False
     resolved: dict[str, Any] = {}
     if ok:
@@ -115,8 +120,9 @@ def _model(s: ModelSection, problems: Problems, base_dir: str,
             ok = False
     schedule = s.noise_schedule or resolved.get("noise_schedule", "linear")
     if schedule not in SCHEDULES:
-        problems.append(("model.noise_schedule", f"unknown noise schedule {schedule!r}; choose one of "
-                                                 f"{', '.join(SCHEDULES)}"))
+        problems.append(
+            ("model.noise_schedule", f"unknown noise schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        )
         ok = False
     steps = int(s.diffusion_steps or resolved.get("diffusion_steps", 1000))
     if s.checkpoint is not None and check_files:
@@ -146,8 +152,10 @@ def _checkpoint_problem(checkpoint: str, base_dir: str) -> str:
     p = _resolve(checkpoint, base_dir)
     if not p.is_file():
         what = "is a directory, not a file" if p.is_dir() else "does not exist"
-        return (f"{checkpoint!r} {what} (looked at {p}); download the checkpoint "
-                f"or pass --no-files to check the rest of the spec")
+        return (
+            f"{checkpoint!r} {what} (looked at {p}); download the checkpoint "
+            f"or pass --no-files to check the rest of the spec"
+        )
     if not os.access(p, os.R_OK):
         return f"{p} is not readable"
     return ""
@@ -170,8 +178,14 @@ def _resolve(path: str, base_dir: str) -> Path:
     return p if p.is_absolute() else Path(base_dir) / p
 
 
-def _dataset(s: DatasetSection, problems: Problems, base_dir: str, check_files: bool,
-             model_size: int | None, table: tuple[Any, ...] | None) -> DatasetSpec | None:
+def _dataset(
+    s: DatasetSection,
+    problems: Problems,
+    base_dir: str,
+    check_files: bool,
+    model_size: int | None,
+    table: tuple[Any, ...] | None,
+) -> DatasetSpec | None:
     ok = True
     kind, path = s.kind, s.path
     if kind in ("folder", "csv", "hdf5") and path is None:
@@ -191,8 +205,12 @@ def _dataset(s: DatasetSection, problems: Problems, base_dir: str, check_files: 
                 problems.append((f"dataset.splits[{i}]", f"duplicate split {v!r}"))
                 ok = False
             elif fixed is not None and v not in fixed:
-                problems.append((f"dataset.splits[{i}]", f"the {kind} dataset has splits {', '.join(fixed)}, "
-                                                         f"not {v!r}{suggest(v, fixed)}"))
+                problems.append(
+                    (
+                        f"dataset.splits[{i}]",
+                        f"the {kind} dataset has splits {', '.join(fixed)}, not {v!r}{suggest(v, fixed)}",
+                    )
+                )
                 ok = False
         splits = tuple(s.splits)
     if isinstance(s.limit, Mapping) and splits is not None:
@@ -205,8 +223,13 @@ def _dataset(s: DatasetSection, problems: Problems, base_dir: str, check_files: 
     if image_size is not None and table is not None and model_size is not None:
         factor = model_size // min(b.resolution for b in table)  # the U-Net's total downsampling
         if image_size % factor:
-            problems.append(("dataset.image_size", f"{image_size} is not divisible by {factor}, the U-Net's total "
-                                                   f"downsampling; the skips would not line up"))
+            problems.append(
+                (
+                    "dataset.image_size",
+                    f"{image_size} is not divisible by {factor}, the U-Net's total "
+                    f"downsampling; the skips would not line up",
+                )
+            )
             image_size = None
     if path is not None and check_files and ok:
         from extract.sources import check_dataset
@@ -238,13 +261,19 @@ class _Blocks:
                 if info.module == ref:
                     return info.number
             names = [b.module for b in self.table]
-            problems.append((path, f"this model has no block named {ref!r}{suggest(ref, names)}; blocks are 1..{n} "
-                                   f"or module names such as 'input_blocks.0', 'middle_block', '{names[-1]}'"))
+            problems.append(
+                (
+                    path,
+                    f"this model has no block named {ref!r}{suggest(ref, names)}; blocks are 1..{n} "
+                    f"or module names such as 'input_blocks.0', 'middle_block', '{names[-1]}'",
+                )
+            )
             return None
         number = int(ref)
         if not 1 <= number <= n:
-            problems.append((path, f"block {number} does not exist: this model has blocks 1..{n} "
-                                   f"(paper numbering, 1-based)"))
+            problems.append(
+                (path, f"block {number} does not exist: this model has blocks 1..{n} (paper numbering, 1-based)")
+            )
             return None
         return number
 
@@ -252,8 +281,9 @@ class _Blocks:
         return self.table[number - 1]
 
 
-def _per_block(raw: Any, path: str, problems: Problems, lookup: _Blocks, blocks: list[int] | None,
-               default: Any) -> tuple[dict[int, Any], bool]:
+def _per_block(
+    raw: Any, path: str, problems: Problems, lookup: _Blocks, blocks: list[int] | None, default: Any
+) -> tuple[dict[int, Any], bool]:
     """Expand `value | {default: value, <block>: value}` into one value per block of `blocks`.
 
     Returns the values per block and whether every key named a block of `blocks` once.
@@ -301,15 +331,20 @@ def _distinct(values: list[Any], path: str, problems: Problems, what: str) -> bo
     return ok
 
 
-def _features(s: FeaturesSection, problems: Problems, table: tuple[Any, ...] | None,
-              model: ModelSpec | None) -> FeatureGrid | None:
+def _features(
+    s: FeaturesSection, problems: Problems, table: tuple[Any, ...] | None, model: ModelSpec | None
+) -> FeatureGrid | None:
     ts_ok = _distinct(s.timesteps, "features.timesteps", problems, "value")
     if model is not None:
         for i, t in enumerate(s.timesteps):
             if not 0 <= t < model.diffusion_steps:
-                problems.append((f"features.timesteps[{i}]",
-                                 f"{t} is outside [0, {model.diffusion_steps}) of the {model.diffusion_steps}-step "
-                                 f"{model.noise_schedule} schedule (t is the 0-based step index)"))
+                problems.append(
+                    (
+                        f"features.timesteps[{i}]",
+                        f"{t} is outside [0, {model.diffusion_steps}) of the {model.diffusion_steps}-step "
+                        f"{model.noise_schedule} schedule (t is the 0-based step index)",
+                    )
+                )
                 ts_ok = False
 
     lookup = _Blocks(table)
@@ -329,8 +364,7 @@ def _features(s: FeaturesSection, problems: Problems, table: tuple[Any, ...] | N
             blocks.append(number)
     known_blocks = blocks if table is not None else None
 
-    pooling, pool_ok = _per_block(s.pooling, "features.pooling", problems, lookup, known_blocks,
-                                  list(DEFAULT_POOLING))
+    pooling, pool_ok = _per_block(s.pooling, "features.pooling", problems, lookup, known_blocks, list(DEFAULT_POOLING))
     written = s.pooling.items() if isinstance(s.pooling, Mapping) else [(None, s.pooling or [])]
     for key, sizes in written:
         where = "features.pooling" if key is None else f"features.pooling.{key}"
@@ -341,16 +375,24 @@ def _features(s: FeaturesSection, problems: Problems, table: tuple[Any, ...] | N
         info = lookup.info(number)
         for p in pooling[number]:
             if p > info.resolution:
-                problems.append((_pool_path(s.pooling, number, info),
-                                 f"average pool {p} is larger than block {number}'s {info.resolution}x"
-                                 f"{info.resolution} map ({info.module})"))
+                problems.append(
+                    (
+                        _pool_path(s.pooling, number, info),
+                        f"average pool {p} is larger than block {number}'s {info.resolution}x"
+                        f"{info.resolution} map ({info.module})",
+                    )
+                )
                 pool_ok = False
         if pool_ok and tok_ok and not pooling[number] and tokens[number] is None:
-            problems.append(("features.pooling",
-                             f"block {number} has neither average pooling nor tokens: it would store nothing"))
+            problems.append(
+                ("features.pooling", f"block {number} has neither average pooling nor tokens: it would store nothing")
+            )
             pool_ok = False
     if not (ts_ok and blocks_ok and pool_ok and tok_ok):
         return None
-    return FeatureGrid(tuple(sorted(s.timesteps)), tuple(sorted(blocks)),
-                       {b: tuple(sorted(pooling[b])) for b in sorted(blocks)},
-                       {b: tokens[b] for b in sorted(blocks) if tokens[b] is not None})
+    return FeatureGrid(
+        tuple(sorted(s.timesteps)),
+        tuple(sorted(blocks)),
+        {b: tuple(sorted(pooling[b])) for b in sorted(blocks)},
+        {b: tokens[b] for b in sorted(blocks) if tokens[b] is not None},
+    )

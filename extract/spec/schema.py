@@ -102,8 +102,11 @@ def _shape(value: Any) -> str:
 
 def _block_ref(value: Any) -> Any:
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise PydanticCustomError("block_ref", "expected a block number or module name, got {kind} {value}",
-                                  {"kind": type_name(value), "value": repr(value)})
+        raise PydanticCustomError(
+            "block_ref",
+            "expected a block number or module name, got {kind} {value}",
+            {"kind": type_name(value), "value": repr(value)},
+        )
     return value
 
 
@@ -114,7 +117,9 @@ def _tokens(value: Any) -> Any:
 def _by_shape(one: Any, many: Any, mapping: Any) -> Any:
     """A value spelled as a scalar, a list or a {block/split: value} mapping, validated by its shape."""
     return Annotated[
-        Annotated[one, Tag(_ONE)] | Annotated[many, Tag(_LIST)] | Annotated[mapping, Tag(_MAP)]
+        Annotated[one, Tag(_ONE)]
+        | Annotated[many, Tag(_LIST)]
+        | Annotated[mapping, Tag(_MAP)]
         | Annotated[None, Tag(_NONE)],
         Discriminator(_shape),
     ]
@@ -150,7 +155,8 @@ class DatasetSection(_Section):
     kind: Literal[DATASET_KINDS] = Field(title="dataset kind")  # type: ignore[valid-type]
     path: Path_ = None
     splits: Annotated[list[Annotated[str, Field(min_length=1)]] | None, BeforeValidator(_listify)] = Field(
-        None, min_length=1)
+        None, min_length=1
+    )
     limit: LimitField = None
     image_size: PosInt | None = None
     preprocess: Literal[PREPROCESSING] = Field("reference", title="preprocessing")  # type: ignore[valid-type]
@@ -190,8 +196,9 @@ class StorageSection(_Section):
     def _whole_chunks(cls, value: int | None, info: Any) -> int | None:
         chunk_rows = info.data.get("chunk_rows")
         if value is not None and chunk_rows and value % chunk_rows:
-            raise PydanticCustomError("shard_rows", "{value} is not a multiple of chunk_rows={chunk}",
-                                      {"value": value, "chunk": chunk_rows})
+            raise PydanticCustomError(
+                "shard_rows", "{value} is not a multiple of chunk_rows={chunk}", {"value": value, "chunk": chunk_rows}
+            )
         return value
 
 
@@ -205,8 +212,9 @@ class ComputeSection(_Section):
     @classmethod
     def _device(cls, value: Any) -> Any:
         if not isinstance(value, str) or not _DEVICE_RE.match(value):
-            raise PydanticCustomError("device", "unknown device {value}; use auto, cpu, cuda, cuda:<index> or mps",
-                                      {"value": repr(value)})
+            raise PydanticCustomError(
+                "device", "unknown device {value}; use auto, cpu, cuda, cuda:<index> or mps", {"value": repr(value)}
+            )
         return value
 
 
@@ -235,14 +243,22 @@ class SpecDocument(_Section):
     @classmethod
     def _version(cls, value: Any) -> Any:
         if value != SPEC_VERSION:
-            raise PydanticCustomError("version", "unsupported spec version {value}; this diffbank reads version "
-                                      "{supported}", {"value": repr(value), "supported": SPEC_VERSION})
+            raise PydanticCustomError(
+                "version",
+                "unsupported spec version {value}; this diffbank reads version {supported}",
+                {"value": repr(value), "supported": SPEC_VERSION},
+            )
         return value
 
 
 SECTION_MODELS: dict[str, type[_Section]] = {
-    "model": ModelSection, "dataset": DatasetSection, "features": FeaturesSection, "noise": NoiseSection,
-    "views": ViewsSection, "storage": StorageSection, "compute": ComputeSection,
+    "model": ModelSection,
+    "dataset": DatasetSection,
+    "features": FeaturesSection,
+    "noise": NoiseSection,
+    "views": ViewsSection,
+    "storage": StorageSection,
+    "compute": ComputeSection,
 }
 
 
@@ -303,8 +319,11 @@ def _message(err: Any) -> str:
         field = model.model_fields[loc[-1]] if model is not None else None
         choices = _literals(field.annotation) if field is not None else []
         what = field.title if field is not None and field.title else "value"
-        hint = " (bfloat16 is not a core zarr dtype; use it as compute.dtype)" \
-            if loc == ("storage", "dtype") and value == "bfloat16" else ""
+        hint = (
+            " (bfloat16 is not a core zarr dtype; use it as compute.dtype)"
+            if loc == ("storage", "dtype") and value == "bfloat16"
+            else ""
+        )
         return f"unknown {what} {value!r}{suggest(value, choices)}; choose one of {', '.join(choices)}{hint}"
     if kind in ("int_type", "int_parsing", "int_from_float"):
         return f"expected an integer, {got}"
