@@ -20,7 +20,13 @@ TINY = dict(
 )
 
 
-@pytest.mark.parametrize("flags", [*PRESETS.values(), TINY], ids=[*PRESETS, "tiny"])
+def _embedded() -> dict:
+    from extract.models.registry import resolve_flags
+
+    return resolve_flags("embedded:fmnist32", None)
+
+
+@pytest.mark.parametrize("flags", [*PRESETS.values(), TINY, _embedded()], ids=[*PRESETS, "tiny", "embedded:fmnist32"])
 def test_block_table_equals_the_built_network(flags):
     with torch.device("meta"):
         model = ADMUNet.from_flags(**flags)

@@ -4,8 +4,10 @@ themselves; the store loads without the spec, the model or the CLI."""
 from __future__ import annotations
 
 import logging
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -37,3 +39,19 @@ def test_the_store_imports_no_spec_model_or_cli():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_store_verify_recomputes_an_extracted_stores_fingerprint(tmp_path):
+    import zarr
+
+    reference = Path(__file__).resolve().parent / "data" / "reference" / "store.zarr"
+    store = tmp_path / "s.zarr"
+    shutil.copytree(reference, store)
+    ok = CliRunner().invoke(main, ["store", "verify", str(store)])
+    assert ok.exit_code == 0 and "OK" in ok.output, ok.output
+    root = zarr.open_group(str(store), mode="r+", use_consolidated=False)
+    spec = dict(root.attrs["spec"])
+    spec["noise"] = {**spec["noise"], "seed": 99}  # the recorded spec no longer matches its fingerprint
+    root.attrs.update({"spec": spec, "consolidated": False})
+    bad = CliRunner().invoke(main, ["store", "verify", str(store)])
+    assert bad.exit_code == 1 and "does not match the stored spec" in bad.output, bad.output
