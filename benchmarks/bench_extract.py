@@ -1,6 +1,6 @@
 """Extraction benchmark: images/s of the whole pipeline vs the U-Net alone, and the pipeline's overhead.
 
-Runs `extract.run.extract` on a spec (default cache_specs/cpu_small.yaml) into a temporary store, then
+Runs `extract.pipeline.extract` on a spec (default cache_specs/cpu_small.yaml) into a temporary store, then
 times the model alone on the very same micro-batches (same inputs, same timesteps, same blocks,
 no loading, no pooling, no writing), and reports
 

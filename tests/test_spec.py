@@ -1,4 +1,4 @@
-"""extract/spec.py: validation (every problem at once), resolution, fingerprint, size, naming."""
+"""extract/spec: validation (every problem at once), resolution, fingerprint, size."""
 
 from __future__ import annotations
 

@@ -163,7 +163,7 @@ class Spec:
     views: ViewSpec
     storage: StorageSpec
     compute: ComputeSpec
-    # Tappable blocks at the dataset's image size, learnt from a meta-device model at load time.
+    # Tappable blocks at the dataset's image size, computed from the flags at load time (extract.models.blocks).
     block_table: tuple[Any, ...] = dataclasses.field(default=(), compare=False, repr=False)
 
     # -- resolved views --------------------------------------------------------------------
