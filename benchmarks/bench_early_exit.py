@@ -33,10 +33,14 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     scale = 256 // args.size  # keep attention at the same downsample rates as the 256 model
-    flags = {**PRESETS["256x256_diffusion_uncond"], "image_size": args.size, "num_channels": args.channels,
-             "num_head_channels": 64 if args.channels >= 64 else args.channels // 2,
-             "channel_mult": "1,1,2,2,4,4",
-             "attention_resolutions": ",".join(str(r // scale) for r in (32, 16, 8))}
+    flags = {
+        **PRESETS["256x256_diffusion_uncond"],
+        "image_size": args.size,
+        "num_channels": args.channels,
+        "num_head_channels": 64 if args.channels >= 64 else args.channels // 2,
+        "channel_mult": "1,1,2,2,4,4",
+        "attention_resolutions": ",".join(str(r // scale) for r in (32, 16, 8)),
+    }
     torch.manual_seed(0)
     model = ADMUNet.from_flags(**flags).eval()
     info = model.block_info(args.block)
@@ -59,7 +63,7 @@ def main() -> None:
 
     with torch.inference_mode():
         assert torch.equal(full_with_hook(), early_exit()), "early exit must equal the hooked full forward"
-        times: dict[str, list[float]] = {"full forward + hook": [], "features(blocks=[%d])" % args.block: []}
+        times: dict[str, list[float]] = {"full forward + hook": [], f"features(blocks=[{args.block}])": []}
         for _ in range(args.repeats):
             for name, fn in zip(times, (full_with_hook, early_exit)):
                 start = time.perf_counter()
@@ -67,10 +71,14 @@ def main() -> None:
                 times[name].append(time.perf_counter() - start)
 
     share = model.flops_to_block(args.block) / model.flops_to_block(None)
-    print(f"model: 256x256_diffusion_uncond topology, {args.channels} channels, {args.size}x{args.size} input, "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {model.num_blocks} blocks")
-    print(f"block {args.block} = {info.module} ({info.channels} ch, {info.resolution}x{info.resolution}); "
-          f"its share of the full forward's MACs: {share:.1%}")
+    print(
+        f"model: 256x256_diffusion_uncond topology, {args.channels} channels, {args.size}x{args.size} input, "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {model.num_blocks} blocks"
+    )
+    print(
+        f"block {args.block} = {info.module} ({info.channels} ch, {info.resolution}x{info.resolution}); "
+        f"its share of the full forward's MACs: {share:.1%}"
+    )
     print(f"batch {args.batch}, {args.repeats} interleaved repeats, {torch.get_num_threads()} threads")
     print(f"{'arm':<28}{'median s/batch':>16}{'images/s':>12}")
     med = {k: statistics.median(v) for k, v in times.items()}

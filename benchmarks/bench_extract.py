@@ -1,6 +1,6 @@
 """Extraction benchmark: images/s of the whole pipeline vs the U-Net alone, and the pipeline's overhead.
 
-Runs `extract.run.extract` on a spec (default cache_specs/cpu_small.yaml) into a temporary store, then
+Runs `extract.pipeline.extract` on a spec (default cache_specs/cpu_small.yaml) into a temporary store, then
 times the model alone on the very same micro-batches (same inputs, same timesteps, same blocks,
 no loading, no pooling, no writing), and reports
 
@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from extract.diffusion import NoiseSchedule, seeded_noise
+from extract.pipeline import DEFAULT_MICRO_BATCH, build, extract, resolve_device
 from extract.preprocess import preprocess
-from extract.run import DEFAULT_MICRO_BATCH, build, extract, resolve_device
 from extract.sources import open_source
 from extract.spec import load_spec
 
@@ -38,8 +38,9 @@ def pure_model_seconds(spec_path: str, micro_batch: int, device: str | None) -> 
     model, _ = build(spec, dev)
     source = open_source(spec.dataset)
     size = spec.dataset.image_size
-    x0 = torch.from_numpy(np.stack([preprocess(source.load(i).image, size, spec.dataset.preprocess)
-                                    for i in range(len(source))]))
+    x0 = torch.from_numpy(
+        np.stack([preprocess(source.load(i).image, size, spec.dataset.preprocess) for i in range(len(source))])
+    )
     schedule = NoiseSchedule.from_flags(spec.model.noise_schedule, spec.model.diffusion_steps)
     grid = spec.grid
     inputs = []
@@ -91,8 +92,10 @@ def main() -> None:
         ("overhead (wall - pure) / pure", f"{100 * (wall - pure) / pure:.1f} %", "target <= 15 %"),
         ("overhead vs in-run model time", f"{100 * (wall - in_run) / in_run:.1f} %", ""),
     ]
-    print(f"spec {args.spec}  device {summary['device']}  micro-batch {summary['micro_batch']}  "
-          f"torch threads {torch.get_num_threads()}")
+    print(
+        f"spec {args.spec}  device {summary['device']}  micro-batch {summary['micro_batch']}  "
+        f"torch threads {torch.get_num_threads()}"
+    )
     for label, value, note in rows:
         print(f"  {label:<32} {value:>12}   {note}")
 

@@ -24,8 +24,15 @@ from extract.models.training import TrainConfig, train
 
 
 def measure(arm: dict, args: argparse.Namespace, images: torch.Tensor) -> dict:
-    cfg = TrainConfig(flags=fmnist.FLAGS, steps=args.warmup + args.steps, batch_size=args.batch_size,
-                      checkpoint_every=10**9, device=args.device, weighting="min-snr", **arm)
+    cfg = TrainConfig(
+        flags=fmnist.FLAGS,
+        steps=args.warmup + args.steps,
+        batch_size=args.batch_size,
+        checkpoint_every=10**9,
+        device=args.device,
+        weighting="min-snr",
+        **arm,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         train(images, cfg, tmp, progress=False, until_step=args.warmup)  # includes compilation
@@ -36,8 +43,12 @@ def measure(arm: dict, args: argparse.Namespace, images: torch.Tensor) -> dict:
         _sync(args.device)
         steady = time.perf_counter() - t1
     ips = args.steps * args.batch_size / steady
-    return {**arm, "images_per_s": round(ips, 1), "warmup_s": round(first, 2),
-            "images_per_s_incl_compile": round((args.steps + args.warmup) * args.batch_size / (first + steady), 1)}
+    return {
+        **arm,
+        "images_per_s": round(ips, 1),
+        "warmup_s": round(first, 2),
+        "images_per_s_incl_compile": round((args.steps + args.warmup) * args.batch_size / (first + steady), 1),
+    }
 
 
 def _sync(device: str) -> None:
@@ -63,8 +74,7 @@ def main() -> None:
     rows = []
     for spec in args.arms.split(","):
         precision, mode = spec.split(":")
-        arm = {"autocast": precision, "compile": mode == "compile",
-               "channels_last": args.device.startswith("cuda")}
+        arm = {"autocast": precision, "compile": mode == "compile", "channels_last": args.device.startswith("cuda")}
         try:
             row = measure(arm, args, images)
         except Exception as exc:  # an arm that cannot run here (e.g. no compiler) is reported, not fatal
@@ -73,9 +83,15 @@ def main() -> None:
             row["gflop_per_s"] = round(row["images_per_s"] * gflop_per_image, 1)
         rows.append(row)
         print(json.dumps(row), flush=True)
-        result = {"device": args.device, "threads": args.threads, "batch_size": args.batch_size,
-                  "steps": args.steps, "train_gflop_per_image": round(gflop_per_image, 4), "arms": rows,
-                  "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}
+        result = {
+            "device": args.device,
+            "threads": args.threads,
+            "batch_size": args.batch_size,
+            "steps": args.steps,
+            "train_gflop_per_image": round(gflop_per_image, 4),
+            "arms": rows,
+            "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        }
         if args.json:  # after every arm, so a time-boxed run keeps what it measured
             with open(args.json, "w") as fh:
                 json.dump(result, fh, indent=1)

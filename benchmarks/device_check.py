@@ -55,12 +55,15 @@ def correctness(device: torch.device) -> dict:
         blocks = meta["global_blocks"]
         row = {}
         for label, dtype in DTYPES.items():
-            with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.float32,
-                                                        enabled=dtype is not None):
+            with (
+                torch.inference_mode(),
+                torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None),
+            ):
                 feats = model.features(x, t, blocks, y=y)
                 final = model(x, t, y=y)
-            err = max([rel_err(feats[b].float(), ref[f"act/{b}"]) for b in blocks]
-                      + [rel_err(final.float(), ref["act/out"])])
+            err = max(
+                [rel_err(feats[b].float(), ref[f"act/{b}"]) for b in blocks] + [rel_err(final.float(), ref["act/out"])]
+            )
             row[label] = {"max_rel_err": err, "tolerance": TOLERANCE[label], "ok": err <= TOLERANCE[label]}
         out[name] = row
     return out
@@ -77,7 +80,7 @@ def batch_independence(device: torch.device) -> dict:
     block = meta["global_blocks"][len(meta["global_blocks"]) // 2]
     with torch.inference_mode():
         whole = model.features(x, t, [block])[block]
-        parts = torch.cat([model.features(x[i:i + 3], t[i:i + 3], [block])[block] for i in range(0, 8, 3)])
+        parts = torch.cat([model.features(x[i : i + 3], t[i : i + 3], [block])[block] for i in range(0, 8, 3)])
     diff = float((whole - parts).abs().max())
     return {"block": block, "max_abs_diff": diff, "bitwise_equal": bool(torch.equal(whole, parts))}
 
@@ -131,9 +134,11 @@ def throughput(device: torch.device, quick: bool, compile_: bool, budget_s: floa
             handle.remove()
         return captured["h"]
 
-    arms = [("features [24]", lambda net: net.features(x, t, [24]), macs[24]),
-            ("features [19,24,30]", lambda net: net.features(x, t, [19, 24, 30]), macs[30]),
-            ("full forward + hook 24", hooked, macs["full"])]
+    arms = [
+        ("features [24]", lambda net: net.features(x, t, [24]), macs[24]),
+        ("features [19,24,30]", lambda net: net.features(x, t, [19, 24, 30]), macs[30]),
+        ("full forward + hook 24", hooked, macs["full"]),
+    ]
     # Quick (CPU) mode times float32 only: bf16/fp16 run ~35x slower on CPUs without native support.
     precisions = {"float32": None} if quick else DTYPES
     for precision, dtype in precisions.items():
@@ -145,18 +150,31 @@ def throughput(device: torch.device, quick: bool, compile_: bool, budget_s: floa
                 if time.perf_counter() - started > budget_s:
                     rows.append({"arm": arm, "precision": precision, "layout": layout, "skipped": "time budget"})
                     continue
-                with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.float32,
-                                                            enabled=dtype is not None):
+                with (
+                    torch.inference_mode(),
+                    torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None),
+                ):
                     # float32 without TF32 is ~15x slower: fewer repeats keep the section inside its budget
-                    sec = timer(lambda: fn(net), repeats if dtype is not None else max(1, repeats // 2))
+                    sec = timer(lambda fn=fn, net=net: fn(net), repeats if dtype is not None else max(1, repeats // 2))
                 ips = batch / sec
-                rows.append({"arm": arm, "precision": precision, "layout": layout, "images_per_s": round(ips, 2),
-                             "tflop_per_s": round(2 * arm_macs * ips / 1e12, 2)})
+                rows.append(
+                    {
+                        "arm": arm,
+                        "precision": precision,
+                        "layout": layout,
+                        "images_per_s": round(ips, 2),
+                        "tflop_per_s": round(2 * arm_macs * ips / 1e12, 2),
+                    }
+                )
                 print(json.dumps(rows[-1]), flush=True)
     model.to(memory_format=torch.contiguous_format)
-    result = {"flags": flags, "batch": batch, "input": size, "gflop_per_image": {k: round(2 * v / 1e9, 1)
-                                                                                 for k, v in macs.items()},
-              "arms": rows}
+    result = {
+        "flags": flags,
+        "batch": batch,
+        "input": size,
+        "gflop_per_image": {k: round(2 * v / 1e9, 1) for k, v in macs.items()},
+        "arms": rows,
+    }
     if compile_ and time.perf_counter() - started < budget_s:
         try:
             net = model.to(memory_format=torch.channels_last)
@@ -169,15 +187,22 @@ def throughput(device: torch.device, quick: bool, compile_: bool, budget_s: floa
                 compile_s = time.perf_counter() - t0
                 sec = timer(lambda: compiled(x, t), repeats)
             ips = batch / sec
-            result["compile"] = {"arm": "features [24]", "precision": "bfloat16", "layout": "channels_last",
-                                 "compile_seconds": round(compile_s, 1), "images_per_s": round(ips, 2),
-                                 "tflop_per_s": round(2 * macs[24] * ips / 1e12, 2)}
+            result["compile"] = {
+                "arm": "features [24]",
+                "precision": "bfloat16",
+                "layout": "channels_last",
+                "compile_seconds": round(compile_s, 1),
+                "images_per_s": round(ips, 2),
+                "tflop_per_s": round(2 * macs[24] * ips / 1e12, 2),
+            }
         except Exception as exc:  # compilation may be unavailable on a bare machine
             result["compile"] = {"error": f"{type(exc).__name__}: {exc}"[:400]}
     by = {(r["arm"], r["precision"], r["layout"]): r.get("images_per_s") for r in rows}
     for precision in DTYPES:
-        early, full = by.get(("features [24]", precision, "contiguous")), by.get(("full forward + hook 24", precision,
-                                                                                  "contiguous"))
+        early, full = (
+            by.get(("features [24]", precision, "contiguous")),
+            by.get(("full forward + hook 24", precision, "contiguous")),
+        )
         if early and full:
             result.setdefault("early_exit_speedup", {})[precision] = round(early / full, 2)
     return result
@@ -194,12 +219,17 @@ def main() -> None:
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    report: dict = {"device": str(device), "torch": torch.__version__,
-                    "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                    "quick": args.quick}
-    for name, fn in (("correctness", lambda: correctness(device)),
-                     ("batch_independence", lambda: batch_independence(device)),
-                     ("throughput", lambda: throughput(device, args.quick, args.compile, args.budget))):
+    report: dict = {
+        "device": str(device),
+        "torch": torch.__version__,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "quick": args.quick,
+    }
+    for name, fn in (
+        ("correctness", lambda: correctness(device)),
+        ("batch_independence", lambda: batch_independence(device)),
+        ("throughput", lambda: throughput(device, args.quick, args.compile, args.budget)),
+    ):
         t0 = time.perf_counter()
         try:
             report[name] = fn()
@@ -207,8 +237,16 @@ def main() -> None:
             report[name] = {"error": traceback.format_exc()[-2000:]}
         report[name + "_seconds"] = round(time.perf_counter() - t0, 1)
         print(f"{name}: {json.dumps(report[name])[:600]}", flush=True)
-    report["ok"] = all(row["ok"] for model in report.get("correctness", {}).values() if isinstance(model, dict)
-                       for row in model.values() if isinstance(row, dict)) and "error" not in report["correctness"]
+    report["ok"] = (
+        all(
+            row["ok"]
+            for model in report.get("correctness", {}).values()
+            if isinstance(model, dict)
+            for row in model.values()
+            if isinstance(row, dict)
+        )
+        and "error" not in report["correctness"]
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "device_check.json").write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out / 'device_check.json'}; correctness ok: {report['ok']}")

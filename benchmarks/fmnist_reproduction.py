@@ -67,7 +67,7 @@ def all_noise(n: int, t: int, workers: int) -> torch.Tensor:
     chunks = [range(i, min(n, i + 2048)) for i in range(0, n, 2048)]
 
     def fill(rows: range) -> None:
-        out[rows.start:rows.stop] = seeded_noise(NOISE_SEED, rows, t, 0, (3, 32, 32))
+        out[rows.start : rows.stop] = seeded_noise(NOISE_SEED, rows, t, 0, (3, 32, 32))
 
     with ThreadPoolExecutor(workers) as pool_:
         list(pool_.map(fill, chunks))
@@ -77,15 +77,25 @@ def all_noise(n: int, t: int, workers: int) -> torch.Tensor:
 class Features:
     """Pooled features of one model: {(t, block, pool): (N, C, h, w) float32 on the device}."""
 
-    def __init__(self, model: ADMUNet, x0: torch.Tensor, noise: dict[int, torch.Tensor], schedule: NoiseSchedule,
-                 timesteps, blocks, pools, device: torch.device, batch: int = 2048):
+    def __init__(
+        self,
+        model: ADMUNet,
+        x0: torch.Tensor,
+        noise: dict[int, torch.Tensor],
+        schedule: NoiseSchedule,
+        timesteps,
+        blocks,
+        pools,
+        device: torch.device,
+        batch: int = 2048,
+    ):
         self.maps: dict[tuple[int, int, str], torch.Tensor] = {}
         model = model.to(device).eval()
         for t in timesteps:
             parts: dict[tuple[int, str], list[torch.Tensor]] = {}
             for i in range(0, len(x0), batch):
-                x = x0[i:i + batch].to(device)
-                x_t = schedule.q_sample(x, t, noise[t][i:i + batch].to(device))
+                x = x0[i : i + batch].to(device)
+                x_t = schedule.q_sample(x, t, noise[t][i : i + batch].to(device))
                 with torch.inference_mode():
                     feats = model.features(x_t, torch.full((len(x),), t, device=device), blocks)
                 for b in blocks:
@@ -117,9 +127,18 @@ def probe_grid(feats: dict, y: torch.Tensor, rows: dict[str, torch.Tensor], keys
     val_acc, key, fit, x = best
     with torch.no_grad():
         correct = (fit.logits(x[rows["test"]]).argmax(1) == y[rows["test"]]).cpu().numpy()
-    return {"selected": {"t": key[0], "block": key[1], "pool": key[2], "l2": fit.l2,
-                         "val": round(100 * val_acc, 2), "test": round(100 * correct.mean(), 2)},
-            "grid": table, "_correct": correct}
+    return {
+        "selected": {
+            "t": key[0],
+            "block": key[1],
+            "pool": key[2],
+            "l2": fit.l2,
+            "val": round(100 * val_acc, 2),
+            "test": round(100 * correct.mean(), 2),
+        },
+        "grid": table,
+        "_correct": correct,
+    }
 
 
 def head_run(kind: str, feats: dict, keys, y: np.ndarray, rows: dict, seed: int, epochs: int, device) -> dict:
@@ -128,8 +147,13 @@ def head_run(kind: str, feats: dict, keys, y: np.ndarray, rows: dict, seed: int,
     names = list(arrays)
     split = {s: {n: a[rows[s].cpu().numpy()] for n, a in arrays.items()} for s in ("fit", "val", "test")}
     ys = {s: y[rows[s].cpu().numpy()] for s in ("fit", "val", "test")}
-    stats = {n: (split["fit"][n].mean(axis=(0, 2, 3), keepdims=True),
-                 split["fit"][n].std(axis=(0, 2, 3), keepdims=True) + 1e-6) for n in names}
+    stats = {
+        n: (
+            split["fit"][n].mean(axis=(0, 2, 3), keepdims=True),
+            split["fit"][n].std(axis=(0, 2, 3), keepdims=True) + 1e-6,
+        )
+        for n in names
+    }
     norm = {s: {n: (split[s][n] - stats[n][0]) / stats[n][1] for n in names} for s in split}
     with seeded_init(seed):
         if kind == "attention":
@@ -143,16 +167,36 @@ def head_run(kind: str, feats: dict, keys, y: np.ndarray, rows: dict, seed: int,
     stream = lambda s, shuffle: ArrayStream(norm[s], ys[s], batch_size=128, shuffle=shuffle, seed=seed)  # noqa: E731
     t0 = time.perf_counter()
     # The paper's optimiser for these heads: SGD lr 5e-2, no momentum or weight decay, StepLR(7, 0.1), batch 128.
-    res = train(head, stream("fit", True), stream("val", False), None, input=spec, lr=5e-2, epochs=epochs,
-                step_size=7, gamma=0.1, momentum=0.0, progress=False, device=device)
+    res = train(
+        head,
+        stream("fit", True),
+        stream("val", False),
+        None,
+        input=spec,
+        lr=5e-2,
+        epochs=epochs,
+        step_size=7,
+        gamma=0.1,
+        momentum=0.0,
+        progress=False,
+        device=device,
+    )
     logits = predict_logits(head, stream("test", False), spec, device=device)
-    correct = (logits.argmax(1).numpy() == ys["test"])
-    return {"kind": kind, "seed": seed, "epochs": epochs, "best_epoch": res.best_epoch,
-            "val": round(100 * res.val_accuracy, 2), "test": round(100 * correct.mean(), 2),
-            "seconds": round(time.perf_counter() - t0, 1), "inputs": [list(k) for k in keys],
-            "sizes": HEAD_SIZES, "optimizer": "SGD lr 5e-2, no momentum/wd, StepLR(7, 0.1), batch 128; per-channel standardised inputs; "
-                         "epoch selected on val",
-            "_correct": correct}
+    correct = logits.argmax(1).numpy() == ys["test"]
+    return {
+        "kind": kind,
+        "seed": seed,
+        "epochs": epochs,
+        "best_epoch": res.best_epoch,
+        "val": round(100 * res.val_accuracy, 2),
+        "test": round(100 * correct.mean(), 2),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "inputs": [list(k) for k in keys],
+        "sizes": HEAD_SIZES,
+        "optimizer": "SGD lr 5e-2, no momentum/wd, StepLR(7, 0.1), batch 128; per-channel standardised inputs; "
+        "epoch selected on val",
+        "_correct": correct,
+    }
 
 
 def _commit() -> str | None:
@@ -188,8 +232,13 @@ def main() -> None:
     curve_t = [int(v) for v in args.curve_timesteps.split(",")]
     blocks = [int(v) for v in args.blocks.split(",")]
     pools = ["avg4", "tok8"]
-    result: dict = {"code_commit": _commit(), "protocol": __doc__.split("\n\n")[2].replace("\n", " "), "l2_grid": L2_GRID,
-                    "grid": {"timesteps": grid_t, "blocks": blocks, "pools": pools}, "device": str(device)}
+    result: dict = {
+        "code_commit": _commit(),
+        "protocol": __doc__.split("\n\n")[2].replace("\n", " "),
+        "l2_grid": L2_GRID,
+        "grid": {"timesteps": grid_t, "blocks": blocks, "pools": pools},
+        "device": str(device),
+    }
 
     def save() -> None:
         clean = json.loads(json.dumps(result, default=lambda o: None))
@@ -198,8 +247,12 @@ def main() -> None:
     x0, labels, n_train = load_images(args.data, args.limit_train, args.limit_test)
     n = len(labels)
     fit_rows, val_rows = train_test_split(np.arange(n_train), test_size=0.1, stratify=labels[:n_train], random_state=0)
-    rows = {"train": np.sort(fit_rows), "fit": np.sort(fit_rows), "val": np.sort(val_rows),
-            "test": np.arange(n_train, n)}
+    rows = {
+        "train": np.sort(fit_rows),
+        "fit": np.sort(fit_rows),
+        "val": np.sort(val_rows),
+        "test": np.arange(n_train, n),
+    }
     rows_t = {k: torch.from_numpy(v).to(device) for k, v in rows.items()}
     y = torch.from_numpy(labels).to(device)
     log(f"{n_train} train ({len(val_rows)} val) + {n - n_train} test images; noise for {sorted(set(grid_t + curve_t))}")
@@ -231,8 +284,15 @@ def main() -> None:
         t_extract = time.perf_counter() - t0
         res = probe_grid(feats.maps, y, rows_t, sorted(feats.maps))
         correct[name] = res.pop("_correct")
-        result["progress"].append({"model": name, "images_seen": seen, "epochs": round(seen / 60000, 3),
-                                   "extract_seconds": round(t_extract, 1), **res})
+        result["progress"].append(
+            {
+                "model": name,
+                "images_seen": seen,
+                "epochs": round(seen / 60000, 3),
+                "extract_seconds": round(t_extract, 1),
+                **res,
+            }
+        )
         log(f"{name} ({seen / 60000:.2f} epochs): {res['selected']}")
         if name == "final":
             final_feats, final_model = feats, model
@@ -240,12 +300,15 @@ def main() -> None:
 
     final = result["progress"][-1]["selected"]
     random_sel = result["progress"][0]["selected"]
-    result["tests"] = {"final_vs_random": mcnemar(correct["final"], correct["random"]),
-                       "final_vs_pixels": mcnemar(correct["final"], correct["pixels"])}
+    result["tests"] = {
+        "final_vs_random": mcnemar(correct["final"], correct["random"]),
+        "final_vs_pixels": mcnemar(correct["final"], correct["pixels"]),
+    }
 
     # Timestep curve at the final model's selected block, both poolings, every t.
-    curve_feats = Features(final_model, x0, noise, schedule, [t for t in curve_t if t not in grid_t], [final["block"]],
-                           pools, device)
+    curve_feats = Features(
+        final_model, x0, noise, schedule, [t for t in curve_t if t not in grid_t], [final["block"]], pools, device
+    )
     curve_feats.maps.update({k: v for k, v in final_feats.maps.items() if k[1] == final["block"]})
     result["t_curve"] = []
     for t in curve_t:
@@ -255,8 +318,12 @@ def main() -> None:
         log(f"t={t}: {res['selected']}")
     save()
 
-    result["summary"] = {"final": final, "random": random_sel, "pixels": result["pixels"],
-                         "gain_over_random_points": round(final["test"] - random_sel["test"], 2)}
+    result["summary"] = {
+        "final": final,
+        "random": random_sel,
+        "pixels": result["pixels"],
+        "gain_over_random_points": round(final["test"] - random_sel["test"], 2),
+    }
     np.savez_compressed(args.out / "test_correct.npz", **correct)
     save()
 

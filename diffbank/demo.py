@@ -12,6 +12,7 @@ units and finished probe epochs are not recomputed.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -23,8 +24,13 @@ from typing import Any
 import click
 
 from extract.idx import FASHION_MNIST_DIR, FASHION_MNIST_FILES, find_idx_file
+from extract.provenance import to_jsonable
+
+log = logging.getLogger(__name__)
 
 APT_PACKAGE = "dataset-fashion-mnist"
+# The demo's spec lives once, with the other shipped specs; the options below override parts of it.
+DEMO_SPEC = Path(__file__).resolve().parents[1] / "cache_specs" / "fmnist_demo.yaml"
 DEFAULT_TIMESTEPS = (10, 100, 400)
 # The middle block (8x8), the last 8x8 decoder block, and the first 16x16 decoder block (after the upsampling
 # ResBlock): the decoder side the paper finds best. Blocks past 13 cost 1.4-2.6x more per image on a CPU.
@@ -55,46 +61,68 @@ def fashion_mnist_present(directory: Path) -> bool:
     return True
 
 
-def ensure_fashion_mnist(directory: Path, install: bool = True, echo=click.echo) -> Path:
+def ensure_fashion_mnist(directory: Path, install: bool = True) -> Path:
     """The folder with Fashion-MNIST's IDX files; installs Debian's package when it can."""
     if fashion_mnist_present(directory):
         return directory
-    how = (f"Point diffbank at Fashion-MNIST's four IDX files with --data FOLDER (train-images-idx3-ubyte.gz, "
-           f"train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz, from the "
-           f"Fashion-MNIST repository), or install Debian's package: sudo apt-get install {APT_PACKAGE}")
+    how = (
+        f"Point diffbank at Fashion-MNIST's four IDX files with --data FOLDER (train-images-idx3-ubyte.gz, "
+        f"train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz, from the "
+        f"Fashion-MNIST repository), or install Debian's package: sudo apt-get install {APT_PACKAGE}"
+    )
     if directory != FASHION_MNIST_DIR:
         raise DataMissing(f"Fashion-MNIST not found in {directory}. {how}")
     apt = shutil.which("apt-get")
     is_root = hasattr(os, "geteuid") and os.geteuid() == 0
     if not install or apt is None or not is_root:
-        reason = ("installing is off" if not install else "this system has no apt-get" if apt is None
-                  else "installing needs root")
+        reason = (
+            "installing is off"
+            if not install
+            else "this system has no apt-get"
+            if apt is None
+            else "installing needs root"
+        )
         raise DataMissing(f"Fashion-MNIST not found in {directory} and {reason}. {how}")
-    echo(f"Fashion-MNIST not found; installing Debian's {APT_PACKAGE} ...", err=True)
-    for cmd in ([apt, "install", "-y", "-q", APT_PACKAGE], [apt, "update", "-q"], [apt, "install", "-y", "-q", APT_PACKAGE]):
-        done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    log.info(f"Fashion-MNIST not found; installing Debian's {APT_PACKAGE} ...")
+    for cmd in (
+        [apt, "install", "-y", "-q", APT_PACKAGE],
+        [apt, "update", "-q"],
+        [apt, "install", "-y", "-q", APT_PACKAGE],
+    ):
+        done = subprocess.run(
+            cmd,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+        )
         if done.returncode == 0 and fashion_mnist_present(directory):
             return directory
-    raise DataMissing(f"could not install {APT_PACKAGE} ({done.stderr.strip().splitlines()[-1:] or 'no output'}). {how}")
+    raise DataMissing(
+        f"could not install {APT_PACKAGE} ({done.stderr.strip().splitlines()[-1:] or 'no output'}). {how}"
+    )
 
 
-def demo_spec(data_dir: Path, train: int | None, test: int | None, timesteps=DEFAULT_TIMESTEPS,
-              blocks=DEFAULT_BLOCKS, token_block: int = DEFAULT_TOKEN_BLOCK, name: str = "fmnist_demo",
-              batch_size: int = 128) -> dict[str, Any]:
-    """The extraction spec the demo runs (written to the output folder, so it can be rerun by hand)."""
+def demo_spec(
+    data_dir: Path,
+    train: int | None,
+    test: int | None,
+    timesteps=DEFAULT_TIMESTEPS,
+    blocks=DEFAULT_BLOCKS,
+    token_block: int = DEFAULT_TOKEN_BLOCK,
+) -> dict[str, Any]:
+    """cache_specs/fmnist_demo.yaml with the demo's data folder, image counts, timesteps and blocks."""
+    import yaml
+
+    spec = yaml.safe_load(DEMO_SPEC.read_text())
     limit = {k: v for k, v in (("train", train), ("test", test)) if v is not None}
-    return {
-        "name": name,
-        "model": {"preset": "embedded:fmnist32", "checkpoint": "embedded:fmnist32"},
-        "dataset": {"kind": "idx", "path": str(data_dir), "splits": ["train", "test"], **({"limit": limit} if limit else {})},
-        "features": {"timesteps": list(timesteps), "blocks": list(blocks),
-                     "pooling": {"default": [2, 4]}, "tokens": {token_block: 8}},
-        "noise": {"seed": 0, "draws": 1},
-        "views": {"center": True, "hflip": False},
-        "storage": {"dtype": "float16", "compressor": "blosc-lz4", "chunk_rows": 64},
-        "compute": {"dtype": "float32", "batch_size": batch_size, "device": "auto", "num_workers": 0},
-    }
+    spec["dataset"]["path"] = str(data_dir)
+    if limit:
+        spec["dataset"]["limit"] = limit
+    else:
+        spec["dataset"].pop("limit", None)
+    spec["features"].update(timesteps=list(timesteps), blocks=list(blocks), tokens={token_block: 8})
+    return spec
 
 
 def _row(name: str, result: dict[str, Any], seconds: float) -> dict[str, Any]:
@@ -104,29 +132,46 @@ def _row(name: str, result: dict[str, Any], seconds: float) -> dict[str, Any]:
     feature = result.get("selected", {}).get("feature") or ", ".join(result.get("features", []))
     if len(feature) > 48:
         feature = f"{len(result.get('features', []))} features"
-    return {"probe": name, "feature": feature, "val_top1": val.get("top1"), "test_top1": test.get("top1"),
-            "seconds": round(seconds, 1)}
+    return {
+        "probe": name,
+        "feature": feature,
+        "val_top1": val.get("top1"),
+        "test_top1": test.get("top1"),
+        "seconds": round(seconds, 1),
+    }
 
 
-def _print_table(rows: list[dict[str, Any]], echo=click.echo) -> None:
+def _print_table(rows: list[dict[str, Any]]) -> None:
     fmt = "{:<12} {:<48} {:>8} {:>9} {:>8}"
-    echo(fmt.format("probe", "feature(s)", "val top1", "test top1", "seconds"))
+    click.echo(fmt.format("probe", "feature(s)", "val top1", "test top1", "seconds"))
     for r in rows:
         pct = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
-        echo(fmt.format(r["probe"], r["feature"], pct(r["val_top1"]), pct(r["test_top1"]), r["seconds"]))
+        click.echo(fmt.format(r["probe"], r["feature"], pct(r["val_top1"]), pct(r["test_top1"]), r["seconds"]))
 
 
-def run_demo(out: Path, data_dir: Path, *, train: int | None = 10_000, test: int | None = 2_000,
-             timesteps=DEFAULT_TIMESTEPS, blocks=DEFAULT_BLOCKS, token_block: int = DEFAULT_TOKEN_BLOCK,
-             epochs: int = 10, head_epochs: int = 6, lrs=(1e-3, 1e-2, 1e-1), preset: str = "tiny",
-             install: bool = True, progress: bool = True, echo=click.echo) -> dict[str, Any]:
+def run_demo(
+    out: Path,
+    data_dir: Path,
+    *,
+    train: int | None = 10_000,
+    test: int | None = 2_000,
+    timesteps=DEFAULT_TIMESTEPS,
+    blocks=DEFAULT_BLOCKS,
+    token_block: int = DEFAULT_TOKEN_BLOCK,
+    epochs: int = 10,
+    head_epochs: int = 6,
+    lrs=(1e-3, 1e-2, 1e-1),
+    preset: str = "tiny",
+    install: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Extract, sweep, and train the linear, attention and fusion heads; returns the summary it writes."""
-    from extract.run import extract
+    from extract.pipeline import extract
     from extract.spec import load_spec
     from probe import api
 
     started = time.perf_counter()
-    data_dir = ensure_fashion_mnist(Path(data_dir), install=install, echo=echo)
+    data_dir = ensure_fashion_mnist(Path(data_dir), install=install)
     if token_block not in blocks:
         token_block = max(blocks)  # tokens from the deepest requested block, the paper's choice for its head
     out.mkdir(parents=True, exist_ok=True)
@@ -134,55 +179,85 @@ def run_demo(out: Path, data_dir: Path, *, train: int | None = 10_000, test: int
     spec = load_spec(spec_dict)  # every problem reported before any work
     (out / "spec.json").write_text(json.dumps(spec.to_dict(), indent=1))
     store_url = str(out / "features.zarr")
-    echo(f"[1/5] extracting {spec.known_num_samples() or '?'} images x {len(spec.features())} features "
-         f"-> {store_url}", err=True)
+    log.info(
+        f"[1/5] extracting {spec.known_num_samples() or '?'} images x {len(spec.features())} features -> {store_url}"
+    )
     t0 = time.perf_counter()
     summary = extract(spec, store_url, progress=progress)
     timings = {"extract_s": time.perf_counter() - t0}
     rows = []
 
-    echo(f"[2/5] linear sweep: {len(lrs)} learning rates x every (t, block, pooling), one pass", err=True)
+    log.info(f"[2/5] linear sweep: {len(lrs)} learning rates x every (t, block, pooling), one pass")
     t0 = time.perf_counter()
-    sweep = api.run_sweep(store_url, out / "sweep", lrs=lrs, epochs=epochs, step_size=short_schedule(epochs),
-                          progress=progress)
+    sweep = api.run_sweep(
+        store_url, out / "sweep", lrs=lrs, epochs=epochs, step_size=short_schedule(epochs), progress=progress
+    )
     rows.append(_row("sweep", sweep, time.perf_counter() - t0))
     best = sweep["selected"]
-    echo(f"      selected on val: {best['feature']} lr={best['lr']:g}", err=True)
+    log.info(f"      selected on val: {best['feature']} lr={best['lr']:g}")
 
-    echo("[3/5] linear head on the selected feature (paper recipe, selected lr)", err=True)
+    log.info("[3/5] linear head on the selected feature (paper recipe, selected lr)")
     t0 = time.perf_counter()
-    linear = api.run_linear(store_url, out / "linear", features=[best["feature"]], lr=best["lr"], epochs=epochs,
-                            step_size=short_schedule(epochs), progress=progress)
+    linear = api.run_linear(
+        store_url,
+        out / "linear",
+        features=[best["feature"]],
+        lr=best["lr"],
+        epochs=epochs,
+        step_size=short_schedule(epochs),
+        progress=progress,
+    )
     rows.append(_row("linear", linear, time.perf_counter() - t0))
 
     best_t = int(best["feature"][1:4])
     tok_feature = f"t{best_t:03d}_b{token_block:02d}_tok8"
-    echo(f"[4/5] attention head on {tok_feature}", err=True)
+    log.info(f"[4/5] attention head on {tok_feature}")
     t0 = time.perf_counter()
-    head_opts = {"preset": preset, "epochs": head_epochs, "lrs": HEAD_LRS, "momentum": HEAD_MOMENTUM,
-                 "step_size": short_schedule(head_epochs), "progress": progress}
+    head_opts = {
+        "preset": preset,
+        "epochs": head_epochs,
+        "lrs": HEAD_LRS,
+        "momentum": HEAD_MOMENTUM,
+        "step_size": short_schedule(head_epochs),
+        "progress": progress,
+    }
     attention = api.run_attention(store_url, out / "attention", features=[tok_feature], **head_opts)
     rows.append(_row("attention", attention, time.perf_counter() - t0))
 
     fusion_features = [f"t{t:03d}_b{b:02d}_avg4" for t in spec.grid.timesteps for b in spec.grid.blocks]
-    echo(f"[5/5] DifFormer fusion over blocks {list(spec.grid.blocks)} x t {list(spec.grid.timesteps)} "
-         f"(4x4 tokens per block)", err=True)
+    log.info(
+        f"[5/5] DifFormer fusion over blocks {list(spec.grid.blocks)} x t {list(spec.grid.timesteps)} "
+        f"(4x4 tokens per block)"
+    )
     t0 = time.perf_counter()
     fusion = api.run_fusion(store_url, out / "fusion", features=fusion_features, **head_opts)
     rows.append(_row("fusion", fusion, time.perf_counter() - t0))
 
     timings["total_s"] = time.perf_counter() - started
-    result = {"store": store_url, "extraction": {k: summary.get(k) for k in ("images", "units_computed",
-                                                                               "units_already_done", "seconds",
-                                                                               "model_seconds", "images_per_s",
-                                                                               "failures")},
-              "probes": rows, "heatmap": str(out / "sweep" / "heatmap.png"),
-              "accuracy_vs_t": str(out / "sweep" / "accuracy_vs_t.png"), "timings": timings}
-    (out / "demo.json").write_text(json.dumps(result, indent=1, default=str))
-    echo("")
-    _print_table(rows, echo)
-    echo(f"\nheat map (test top-1 over t x block): {result['heatmap']}")
-    echo(f"total {timings['total_s'] / 60:.1f} min; results in {out}/ (demo.json, */results.json)")
+    result = {
+        "store": store_url,
+        "extraction": {
+            k: summary.get(k)
+            for k in (
+                "images",
+                "units_computed",
+                "units_already_done",
+                "seconds",
+                "model_seconds",
+                "images_per_s",
+                "failures",
+            )
+        },
+        "probes": rows,
+        "heatmap": str(out / "sweep" / "heatmap.png"),
+        "accuracy_vs_t": str(out / "sweep" / "accuracy_vs_t.png"),
+        "timings": timings,
+    }
+    (out / "demo.json").write_text(json.dumps(to_jsonable(result), indent=1))
+    click.echo("")
+    _print_table(rows)
+    click.echo(f"\nheat map (test top-1 over t x block): {result['heatmap']}")
+    click.echo(f"total {timings['total_s'] / 60:.1f} min; results in {out}/ (demo.json, */results.json)")
     return result
 
 
@@ -195,26 +270,54 @@ def _ints(text: str) -> tuple[int, ...]:
 
 @click.command("demo")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"), show_default=True)
-@click.option("--data", "data_dir", type=click.Path(file_okay=False, path_type=Path), default=FASHION_MNIST_DIR,
-              show_default=True, help="Folder with Fashion-MNIST's IDX files.")
-@click.option("--train", "train_n", type=int, default=10_000, show_default=True,
-              help="Training images to extract (0: all 60,000).")
-@click.option("--test", "test_n", type=int, default=2_000, show_default=True,
-              help="Test images to extract (0: all 10,000).")
+@click.option(
+    "--data",
+    "data_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=FASHION_MNIST_DIR,
+    show_default=True,
+    help="Folder with Fashion-MNIST's IDX files.",
+)
+@click.option(
+    "--train",
+    "train_n",
+    type=int,
+    default=10_000,
+    show_default=True,
+    help="Training images to extract (0: all 60,000).",
+)
+@click.option(
+    "--test", "test_n", type=int, default=2_000, show_default=True, help="Test images to extract (0: all 10,000)."
+)
 @click.option("--timesteps", default=",".join(map(str, DEFAULT_TIMESTEPS)), show_default=True)
 @click.option("--blocks", default=",".join(map(str, DEFAULT_BLOCKS)), show_default=True)
 @click.option("--epochs", type=int, default=10, show_default=True, help="Epochs of the linear sweep and head.")
 @click.option("--head-epochs", type=int, default=6, show_default=True, help="Epochs of the attention/fusion heads.")
-@click.option("--preset", type=click.Choice(["tiny", "small", "paper"]), default="tiny", show_default=True,
-              help="Size of the attention and fusion heads.")
+@click.option(
+    "--preset",
+    type=click.Choice(["tiny", "small", "paper"]),
+    default="tiny",
+    show_default=True,
+    help="Size of the attention and fusion heads.",
+)
 @click.option("--no-install", is_flag=True, help="Never try to install Debian's dataset package.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def demo_command(out, data_dir, train_n, test_n, timesteps, blocks, epochs, head_epochs, preset, no_install, quiet):
     """Real images end to end: embedded Fashion-MNIST diffusion model -> feature store -> probes."""
     try:
-        run_demo(out, data_dir, train=train_n or None, test=test_n or None, timesteps=_ints(timesteps),
-                 blocks=_ints(blocks), epochs=epochs, head_epochs=head_epochs, preset=preset,
-                 install=not no_install, progress=not quiet)
+        run_demo(
+            out,
+            data_dir,
+            train=train_n or None,
+            test=test_n or None,
+            timesteps=_ints(timesteps),
+            blocks=_ints(blocks),
+            epochs=epochs,
+            head_epochs=head_epochs,
+            preset=preset,
+            install=not no_install,
+            progress=not quiet,
+        )
     except KeyboardInterrupt:
-        click.echo(f"\ninterrupted; rerun the same command to resume from {out}", err=True)
+        log.warning(f"interrupted; rerun the same command to resume from {out}")
         sys.exit(130)

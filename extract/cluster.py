@@ -3,17 +3,24 @@
 The client validates the spec, creates (or reopens) the store and writes all metadata; each task
 reopens the store for data writes, computes a contiguous range of whole units (shards) and marks
 them. Units never straddle tasks, so no two processes ever write one shard, and the bytes are those
-of a single-process run whatever the number of workers (see extract.run on determinism).
+of a single-process run whatever the number of workers (see extract.pipeline on determinism).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from extract.run import ExtractionError, prepare, run_units_worker, spec_base_dir
+from tqdm.auto import tqdm
+
+from extract.pipeline import ExtractionError, prepare, run_units_worker, spec_base_dir
+
+log = logging.getLogger(__name__)
+MISSING_DISTRIBUTED = "running on a dask cluster needs dask.distributed: pip install 'diffbank[cluster]'"
 
 
 def plan_ranges(units: Sequence[int], n_workers: int, tasks_per_worker: int = 4) -> list[list[int]]:
@@ -23,12 +30,18 @@ def plan_ranges(units: Sequence[int], n_workers: int, tasks_per_worker: int = 4)
         return []
     n_tasks = max(1, min(len(units), n_workers * tasks_per_worker))
     size = math.ceil(len(units) / n_tasks)
-    return [units[i:i + size] for i in range(0, len(units), size)]
+    return [units[i : i + size] for i in range(0, len(units), size)]
 
 
 def _merge(summaries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {"units_computed": [], "images": 0, "failures": [], "model_seconds": 0.0,
-                           "write_seconds": 0.0, "forwards": 0}
+    out: dict[str, Any] = {
+        "units_computed": [],
+        "images": 0,
+        "failures": [],
+        "model_seconds": 0.0,
+        "write_seconds": 0.0,
+        "forwards": 0,
+    }
     for s in summaries:
         out["units_computed"] += list(s["units_computed"])
         out["failures"] += list(s["failures"])
@@ -39,25 +52,38 @@ def _merge(summaries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def extract_distributed(spec: Any, store_url: str | os.PathLike, *, workers: int = 2, scheduler: str | None = None,
-                        strict: bool = False, progress: bool = True, batch_size: int | None = None,
-                        device: str | None = None, micro_batch: int | None = None, threads_per_worker: int | None = None,
-                        storage_options: dict[str, Any] | None = None,
-                        announce: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """`extract.run.extract` spread over a LocalCluster of `workers` processes or a scheduler address."""
-    import time
-
-    from dask.distributed import Client, LocalCluster, as_completed
+def extract_distributed(
+    spec: Any,
+    store_url: str | os.PathLike,
+    *,
+    workers: int = 2,
+    scheduler: str | None = None,
+    strict: bool = False,
+    progress: bool = True,
+    batch_size: int | None = None,
+    device: str | None = None,
+    micro_batch: int | None = None,
+    threads_per_worker: int | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """`extract.pipeline.extract` spread over a LocalCluster of `workers` processes or a scheduler address."""
+    try:
+        from dask.distributed import Client, LocalCluster, as_completed
+    except ImportError as exc:  # distributed is the optional extra `cluster`
+        raise ExtractionError(MISSING_DISTRIBUTED) from exc
 
     url = os.fspath(store_url)
     if url.startswith("memory://"):
-        raise ExtractionError("a memory:// store lives in one process; worker processes cannot write it. "
-                              "Use a local path or an object store URL")
+        raise ExtractionError(
+            "a memory:// store lives in one process; worker processes cannot write it. "
+            "Use a local path or an object store URL"
+        )
     if scheduler is None and workers < 1:
         raise ExtractionError(f"--workers must be at least 1, got {workers}")
     t0 = time.perf_counter()
-    prepared = prepare(spec, url, device=device, micro_batch=micro_batch, storage_options=storage_options,
-                       load_model=False, announce=announce)
+    prepared = prepare(
+        spec, url, device=device, micro_batch=micro_batch, storage_options=storage_options, load_model=False
+    )
     writer, resolved = prepared.writer, prepared.spec
     pending = writer.pending()
     done_before = sorted(set(range(writer.num_units)) - set(pending))
@@ -72,19 +98,33 @@ def extract_distributed(spec: Any, store_url: str | os.PathLike, *, workers: int
         client = Client(scheduler)
         n_workers = max(1, len(client.scheduler_info().get("workers", {})))
     ranges = plan_ranges(sorted(pending), n_workers)
-    if announce:
-        where = scheduler or f"a local cluster of {workers} process(es)"
-        announce(f"{url}: {len(pending)} of {writer.num_units} unit(s) in {len(ranges)} task(s) on {where}")
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=sum(writer.unit_rows(u)[1] - writer.unit_rows(u)[0] for u in pending), unit="img",
-               desc="extract", disable=not progress, dynamic_ncols=True)
+    where = scheduler or f"a local cluster of {workers} process(es)"
+    log.info(f"{url}: {len(pending)} of {writer.num_units} unit(s) in {len(ranges)} task(s) on {where}")
+    bar = tqdm(
+        total=sum(writer.unit_rows(u)[1] - writer.unit_rows(u)[0] for u in pending),
+        unit="img",
+        desc="extract",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     summaries = []
     try:
-        futures = [client.submit(run_units_worker, resolved.to_dict(), spec_base_dir(resolved), url, rng,
-                                 device=device, batch_size=batch_size, strict=strict, threads=threads,
-                                 storage_options=storage_options, pure=False)
-                   for rng in ranges]
+        futures = [
+            client.submit(
+                run_units_worker,
+                resolved.to_dict(),
+                spec_base_dir(resolved),
+                url,
+                rng,
+                device=device,
+                batch_size=batch_size,
+                strict=strict,
+                threads=threads,
+                storage_options=storage_options,
+                pure=False,
+            )
+            for rng in ranges
+        ]
         for fut in as_completed(futures):
             result = fut.result()  # a task's failure (strict mode, a bad store) stops the run here
             summaries.append(result)
@@ -97,10 +137,20 @@ def extract_distributed(spec: Any, store_url: str | os.PathLike, *, workers: int
     writer.finalize()  # the client alone writes metadata
     summary = _merge(summaries)
     wall = time.perf_counter() - t0
-    summary.update({"store": url, "units_total": writer.num_units, "units_already_done": done_before,
-                    "seconds": wall, "images_per_s": summary["images"] / wall if wall > 0 else None,
-                    "tasks": len(ranges), "workers": n_workers, "complete": not writer.pending(),
-                    "fingerprint": writer.fingerprint, "micro_batch": prepared.micro_batch})
+    summary.update(
+        {
+            "store": url,
+            "units_total": writer.num_units,
+            "units_already_done": done_before,
+            "seconds": wall,
+            "images_per_s": summary["images"] / wall if wall > 0 else None,
+            "tasks": len(ranges),
+            "workers": n_workers,
+            "complete": not writer.pending(),
+            "fingerprint": writer.fingerprint,
+            "micro_batch": prepared.micro_batch,
+        }
+    )
     return summary
 
 

@@ -47,7 +47,7 @@ class NoiseSchedule:
         object.__setattr__(self, "betas", betas)
 
     @classmethod
-    def from_flags(cls, noise_schedule: str = "linear", diffusion_steps: int = 1000) -> "NoiseSchedule":
+    def from_flags(cls, noise_schedule: str = "linear", diffusion_steps: int = 1000) -> NoiseSchedule:
         if diffusion_steps < 1:
             raise ValueError(f"diffusion_steps must be positive, got {diffusion_steps}")
         if noise_schedule == "linear":
@@ -106,8 +106,9 @@ def noise_seed(seed: int, sample_index: int, timestep: int, draw: int) -> int:
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") & ((1 << 63) - 1)
 
 
-def seeded_noise(seed: int, sample_indices: Sequence[int], timestep: int, draw: int,
-                 shape: Sequence[int]) -> torch.Tensor:
+def seeded_noise(
+    seed: int, sample_indices: Sequence[int], timestep: int, draw: int, shape: Sequence[int]
+) -> torch.Tensor:
     """Standard normal noise, one seeded stream per sample: row i depends only on its own key.
 
     Drawn on the CPU in float32 so the bytes do not depend on the device that consumes them.

@@ -1,4 +1,4 @@
-"""The reference preprocessing of guided-diffusion, and the views a store can hold.
+"""The reference preprocessing of guided-diffusion.
 
 `center_crop_arr` reproduces guided-diffusion's `image_datasets.center_crop_arr` step for step:
 BOX halvings while the short side is at least twice the target (cheap, alias-free shrinking of
@@ -47,7 +47,7 @@ def center_crop_arr(image: Any, image_size: int) -> np.ndarray:
     arr = np.asarray(pil)
     crop_y = (arr.shape[0] - image_size) // 2
     crop_x = (arr.shape[1] - image_size) // 2
-    return np.ascontiguousarray(arr[crop_y: crop_y + image_size, crop_x: crop_x + image_size])
+    return np.ascontiguousarray(arr[crop_y : crop_y + image_size, crop_x : crop_x + image_size])
 
 
 def to_model_range(arr: np.ndarray) -> np.ndarray:
@@ -68,20 +68,3 @@ def preprocess(image: Any, image_size: int, method: str = "reference") -> np.nda
     if method == "reference":
         return reference(image, image_size)
     raise ValueError(f"unknown preprocessing {method!r}; choose one of {', '.join(PREPROCESSING)}")
-
-
-def views(array: np.ndarray, center: bool = True, hflip: bool = False) -> dict[str, np.ndarray]:
-    """The views of one preprocessed image (CHW, or a batch NCHW): 'center' and/or 'flip'.
-
-    The flip mirrors the last axis (width); keys follow the feature-name views of `extract.spec`.
-    """
-    if not (center or hflip):
-        raise ValueError("at least one view (center or hflip) is needed")
-    if array.ndim not in (3, 4):
-        raise ValueError(f"expected CHW or NCHW, got shape {array.shape}")
-    out: dict[str, np.ndarray] = {}
-    if center:
-        out["center"] = array
-    if hflip:
-        out["flip"] = np.ascontiguousarray(array[..., ::-1])
-    return out

@@ -28,18 +28,37 @@ class LogisticFit:
         return x @ self.weight + self.bias
 
 
-def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, *, max_iter: int = 300,
-                 tol: float = 1e-5, init: LogisticFit | None = None) -> LogisticFit:
+def fit_logistic(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    l2: float,
+    *,
+    max_iter: int = 300,
+    tol: float = 1e-5,
+    init: LogisticFit | None = None,
+) -> LogisticFit:
     """Minimise mean CE + l2/2 ||W||^2 over (W, b). `x` float (n, d), `y` int64 (n,), same device."""
     if x.ndim != 2 or y.shape != (x.shape[0],):
         raise ValueError(f"x must be (n, d) and y (n,), got {tuple(x.shape)} and {tuple(y.shape)}")
     if l2 < 0:
         raise ValueError(f"l2 must be >= 0, got {l2}")
     d = x.shape[1]
-    w = (init.weight.clone() if init is not None else torch.zeros(d, num_classes, device=x.device, dtype=x.dtype)).requires_grad_()
-    b = (init.bias.clone() if init is not None else torch.zeros(num_classes, device=x.device, dtype=x.dtype)).requires_grad_()
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, tolerance_grad=tol, tolerance_change=1e-10,
-                            history_size=20, line_search_fn="strong_wolfe")
+    w = (
+        init.weight.clone() if init is not None else torch.zeros(d, num_classes, device=x.device, dtype=x.dtype)
+    ).requires_grad_()
+    b = (
+        init.bias.clone() if init is not None else torch.zeros(num_classes, device=x.device, dtype=x.dtype)
+    ).requires_grad_()
+    opt = torch.optim.LBFGS(
+        [w, b],
+        lr=1.0,
+        max_iter=max_iter,
+        tolerance_grad=tol,
+        tolerance_change=1e-10,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
@@ -54,8 +73,15 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, 
     return LogisticFit(l2, w.detach(), b.detach(), loss, iterations)
 
 
-def logistic_path(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
-                  num_classes: int, l2_grid: Sequence[float], **kw) -> list[tuple[LogisticFit, float]]:
+def logistic_path(
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    x_val: torch.Tensor,
+    y_val: torch.Tensor,
+    num_classes: int,
+    l2_grid: Sequence[float],
+    **kw,
+) -> list[tuple[LogisticFit, float]]:
     """Fits along `l2_grid` (strongest first, each warm-started from the previous), with val accuracy."""
     out = []
     fit = None

@@ -25,7 +25,9 @@ def mcnemar(correct_a: np.ndarray, correct_b: np.ndarray) -> dict[str, float | i
     if n == 0:
         p = 1.0
     else:
-        logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2) for i in range(k + 1)]
+        logs = [
+            math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2) for i in range(k + 1)
+        ]
         top = max(logs)
         p = min(1.0, 2 * math.exp(top) * sum(math.exp(v - top) for v in logs))
     return {"only_a": b, "only_b": c, "p_value": p, "diff_points": 100.0 * (a.mean() - bb.mean()) if a.size else 0.0}

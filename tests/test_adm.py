@@ -105,8 +105,11 @@ def test_zero_initialised_parameters_are_guided_diffusions_set():
     # The same topology at a quarter of the width has the same parameter names, and fits in memory to look at.
     torch.manual_seed(0)
     narrow = ADMUNet.from_flags(**{**flags, "num_channels": 64})
-    zero = [name for name, p in narrow.named_parameters()
-            if not p.detach().any() and not (name.endswith(".bias") and "norm" in _module_kind(narrow, name))]
+    zero = [
+        name
+        for name, p in narrow.named_parameters()
+        if not p.detach().any() and not (name.endswith(".bias") and "norm" in _module_kind(narrow, name))
+    ]
     assert zero == expected
 
 
@@ -124,8 +127,14 @@ def test_other_presets_key_counts(name, keys):
 def test_block_24_stops_early_and_equals_full_forward():
     torch.manual_seed(0)
     # the 256 model's topology (levels, res blocks, attention at the same downsample rates), scaled down
-    flags = {**PRESETS["256x256_diffusion_uncond"], "image_size": 64, "num_channels": 32, "num_head_channels": 16,
-             "channel_mult": "1,1,2,2,4,4", "attention_resolutions": "8,4,2"}
+    flags = {
+        **PRESETS["256x256_diffusion_uncond"],
+        "image_size": 64,
+        "num_channels": 32,
+        "num_head_channels": 16,
+        "channel_mult": "1,1,2,2,4,4",
+        "attention_resolutions": "8,4,2",
+    }
     model = ADMUNet.from_flags(**flags).eval()
     ran = []
     for name, mod in model.named_modules():

@@ -15,9 +15,12 @@ def test_schedule_and_q_sample_match_reference(name):
     ref = np.load(DATA / f"{name}.npz")
     args = json.loads(str(ref["meta_json"]))["args"]
     sched = NoiseSchedule.from_flags(args["noise_schedule"], args["diffusion_steps"])
-    for key, ours in [("betas", sched.betas), ("alphas_cumprod", sched.alphas_cumprod),
-                      ("sqrt_alphas_cumprod", sched.sqrt_alphas_cumprod),
-                      ("sqrt_one_minus_alphas_cumprod", sched.sqrt_one_minus_alphas_cumprod)]:
+    for key, ours in [
+        ("betas", sched.betas),
+        ("alphas_cumprod", sched.alphas_cumprod),
+        ("sqrt_alphas_cumprod", sched.sqrt_alphas_cumprod),
+        ("sqrt_one_minus_alphas_cumprod", sched.sqrt_one_minus_alphas_cumprod),
+    ]:
         np.testing.assert_allclose(ours, ref[f"sched/{key}"], rtol=1e-6, atol=0)
     x0 = torch.from_numpy(ref["q/x0"]).expand(len(ref["q/t"]), -1, -1, -1)
     noise = torch.from_numpy(ref["q/noise"]).expand_as(x0)

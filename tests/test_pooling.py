@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from extract.pooling import avg_pool, parse_pool, pool, pool_many, pool_shape, pooled_hw, token_pool
+from extract.features import FeatureKey, parse_pool, pooled_hw
+from extract.pooling import avg_pool, pool, token_pool
 
 
 def test_avg_pool_is_exact_block_mean_when_divisible():
@@ -45,13 +46,11 @@ def test_names_and_shapes():
     for bad in ("avg0", "max2", "tok", "avg-1"):
         with pytest.raises(ValueError):
             parse_pool(bad)
-    assert pool_shape("tok16", 1024, 8) == (1024, 8, 8)
-    assert pool_shape("avg2", 1024, 16) == (1024, 2, 2)
+    assert FeatureKey(90, 24, "tok16").shape(1024, 8) == (1024, 8, 8)
+    assert FeatureKey(90, 24, "avg2").shape(1024, 16) == (1024, 2, 2)
     assert pooled_hw("tok", 16, 32) == (16, 16)
     with pytest.raises(ValueError):
-        pool_shape("avg4", 8, 2)
-    x = torch.randn(1, 2, 4, 4)
-    got = pool_many(x, ["avg1", "tok2", "avg1"])
-    assert list(got) == ["avg1", "tok2"] and got["tok2"].shape == (1, 2, 2, 2)
+        FeatureKey(90, 24, "avg4").shape(8, 2)
+    assert pool(torch.randn(1, 2, 4, 4), "tok2").shape == (1, 2, 2, 2)
     with pytest.raises(ValueError, match="batch, channels"):
         avg_pool(torch.randn(4, 4), 2)

@@ -1,4 +1,4 @@
-"""extract/preprocess.py: guided-diffusion's center_crop_arr, the [-1, 1] scaling, views."""
+"""extract/preprocess.py: guided-diffusion's center_crop_arr, the [-1, 1] scaling."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from extract.preprocess import center_crop_arr, preprocess, reference, to_model_range, views
+from extract.preprocess import center_crop_arr, preprocess, reference, to_model_range
 
 
 def photo(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -36,7 +36,7 @@ def test_tall_image_and_repeated_halvings():
     arr = photo(530, 140, seed=1)  # halvings: 140 >= 64 -> (70, 265); 70 >= 64 -> (35, 132); then bicubic
     step = Image.fromarray(arr).resize((70, 265), resample=Image.BOX).resize((35, 132), resample=Image.BOX)
     step = step.resize((32, round(132 * 32 / 35)), resample=Image.BICUBIC)  # (32, 121)
-    expected = np.asarray(step)[(121 - 32) // 2:(121 - 32) // 2 + 32, 0:32]
+    expected = np.asarray(step)[(121 - 32) // 2 : (121 - 32) // 2 + 32, 0:32]
     np.testing.assert_array_equal(center_crop_arr(arr, 32), expected)
 
 
@@ -74,15 +74,3 @@ def test_scaling_to_minus_one_one():
     assert x.shape == (3, 32, 32) and -1.0 <= x.min() and x.max() <= 1.0
     with pytest.raises(ValueError, match="unknown preprocessing"):
         preprocess(photo(8, 8), 8, method="imagenet")
-
-
-def test_views():
-    x = reference(photo(40, 40), 32)
-    both = views(x, center=True, hflip=True)
-    assert list(both) == ["center", "flip"]
-    np.testing.assert_array_equal(both["flip"], x[:, :, ::-1])
-    assert list(views(x, center=False, hflip=True)) == ["flip"]
-    batch = np.stack([x, x])
-    np.testing.assert_array_equal(views(batch, hflip=True)["flip"][1], x[:, :, ::-1])
-    with pytest.raises(ValueError):
-        views(x, center=False, hflip=False)

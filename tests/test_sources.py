@@ -66,8 +66,16 @@ def test_folder_tree_splits_labels_ids(tree: Path):
     src = FolderSource(tree)
     assert src.class_names == ("bird", "cat", "dog")  # sorted union over splits
     assert list(src.splits) == ["test", "train"]
-    assert src.sample_ids == ["test/bird/broken.png", "test/bird/cut.jpg", "test/bird/p.png", "test/cat/d.png",
-                              "train/cat/gray.png", "train/cat/sub/c.png", "train/dog/a.png", "train/dog/b.png"]
+    assert src.sample_ids == [
+        "test/bird/broken.png",
+        "test/bird/cut.jpg",
+        "test/bird/p.png",
+        "test/cat/d.png",
+        "train/cat/gray.png",
+        "train/cat/sub/c.png",
+        "train/dog/a.png",
+        "train/dog/b.png",
+    ]
     assert src.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2] and src.labels.dtype == np.int64
     assert src.splits["train"].tolist() == [4, 5, 6, 7] and src.splits["train"].dtype == np.int64
     item = src.load(6)
@@ -119,8 +127,10 @@ def test_csv_list_named_labels_and_relative_paths(tmp_path: Path):
     (tmp_path / "images" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     lst = tmp_path / "lists" / "data.csv"
     lst.parent.mkdir()
-    lst.write_text("path,label,split\n../images/one.png,zebra,train\n../images/two.png,ant,test\n"
-                   "../images/bad.png,zebra,train\n../images/missing.png,,train\n")
+    lst.write_text(
+        "path,label,split\n../images/one.png,zebra,train\n../images/two.png,ant,test\n"
+        "../images/bad.png,zebra,train\n../images/missing.png,,train\n"
+    )
     src = CSVSource(lst)
     assert src.class_names == ("ant", "zebra")
     # Rows are grouped split after split (in order of first appearance), in list order within a split.
@@ -242,12 +252,17 @@ def test_idx_missing_files(tmp_path: Path):
     assert check_dataset("idx", tmp_path, ["train"])  # both train files reported
 
 
-@pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(),
-                    reason=f"Fashion-MNIST is not installed at {FASHION_MNIST_DIR} "
-                           f"(apt-get install dataset-fashion-mnist)")
+@pytest.mark.skipif(
+    not FASHION_MNIST_DIR.is_dir(),
+    reason=f"Fashion-MNIST is not installed at {FASHION_MNIST_DIR} (apt-get install dataset-fashion-mnist)",
+)
 def test_fashion_mnist_from_debian_package():
-    dataset = {"kind": "idx", "path": str(FASHION_MNIST_DIR), "splits": ["train", "test"],
-               "limit": {"train": 3, "test": 2}}
+    dataset = {
+        "kind": "idx",
+        "path": str(FASHION_MNIST_DIR),
+        "splits": ["train", "test"],
+        "limit": {"train": 3, "test": 2},
+    }
     src = open_source(dataset)
     assert len(src) == 5 and src.sample_ids == ["train/0", "train/1", "train/2", "test/0", "test/1"]
     assert src.labels.tolist()[:3] == [9, 0, 0]  # Fashion-MNIST's first training labels: ankle boot, T-shirt x2
@@ -260,19 +275,30 @@ def test_fashion_mnist_from_debian_package():
 
 
 def test_digits():
-    from extract.spec import _KNOWN_SPLIT_SIZES
+    from extract.spec import KNOWN_SPLIT_SIZES
 
     src = DigitsSource()
     assert len(src) == 1797 and src.class_names == tuple(str(i) for i in range(10))
-    assert {k: len(v) for k, v in src.splits.items()} == _KNOWN_SPLIT_SIZES["digits"]
+    assert {k: len(v) for k, v in src.splits.items()} == KNOWN_SPLIT_SIZES["digits"]
     item = src.load(0)
     assert item.image.shape == (8, 8, 3) and item.image.dtype == np.uint8
     assert max(src.load(i).image.max() for i in range(10)) == 255
     assert (item.sample_id, item.label) == ("train/0", 0)
-    spec = load_spec({"model": {"flags": {"image_size": 32, "num_channels": 32, "num_res_blocks": 1,
-                                          "channel_mult": "1,2,2", "num_head_channels": 16}},
-                      "dataset": {"kind": "digits", "splits": ["test"], "limit": 4},
-                      "features": {"timesteps": [10], "blocks": [3]}})
+    spec = load_spec(
+        {
+            "model": {
+                "flags": {
+                    "image_size": 32,
+                    "num_channels": 32,
+                    "num_res_blocks": 1,
+                    "channel_mult": "1,2,2",
+                    "num_head_channels": 16,
+                }
+            },
+            "dataset": {"kind": "digits", "splits": ["test"], "limit": 4},
+            "features": {"timesteps": [10], "blocks": [3]},
+        }
+    )
     small = open_source(spec.dataset)
     assert small.sample_ids == ["test/0", "test/1", "test/2", "test/3"] and small.load(0).label == 4
     assert len(pickle.loads(pickle.dumps(small))) == 4

@@ -1,4 +1,4 @@
-"""extract/spec.py: validation (every problem at once), resolution, fingerprint, size, naming."""
+"""extract/spec: validation (every problem at once), resolution, fingerprint, size."""
 
 from __future__ import annotations
 
@@ -8,21 +8,22 @@ from pathlib import Path
 
 import pytest
 
-from extract.spec import (
-    FeatureKey,
-    SpecError,
-    feature_name,
-    load_spec,
-    parse_feature_name,
-    spec_only_adds,
-)
+from extract.spec import SpecError, load_spec, spec_only_adds
 
 SPECS = Path(__file__).resolve().parents[1] / "cache_specs"
 
 # A tiny ADM: 13 blocks; 5 = input_blocks.4 (64 ch, 8x8), 7 = middle_block (64, 8x8), 10 = output_blocks.2 (64, 16x16).
-TINY_FLAGS = {"image_size": 32, "num_channels": 32, "num_res_blocks": 1, "channel_mult": "1,2,2",
-              "attention_resolutions": "16,8", "num_head_channels": 16, "learn_sigma": True,
-              "resblock_updown": True, "use_scale_shift_norm": True}
+TINY_FLAGS = {
+    "image_size": 32,
+    "num_channels": 32,
+    "num_res_blocks": 1,
+    "channel_mult": "1,2,2",
+    "attention_resolutions": "16,8",
+    "num_head_channels": 16,
+    "learn_sigma": True,
+    "resblock_updown": True,
+    "use_scale_shift_norm": True,
+}
 
 
 def base() -> dict:
@@ -71,13 +72,20 @@ def test_defaults_are_filled_and_resolved_form_round_trips():
 
 def test_features_are_resolved_with_shapes_and_names():
     raw = base()
-    raw["features"].update(blocks=["middle_block", 10], pooling={"default": [2], "middle_block": [1, 2]},
-                           tokens={10: 8})
+    raw["features"].update(
+        blocks=["middle_block", 10], pooling={"default": [2], "middle_block": [1, 2]}, tokens={10: 8}
+    )
     raw["views"] = {"hflip": True}
     spec = load_spec(raw)
     names = [f.name for f in spec.features()]
-    assert names[:6] == ["t050_b07_avg1", "t050_b07_avg1_flip", "t050_b07_avg2", "t050_b07_avg2_flip",
-                         "t050_b10_avg2", "t050_b10_avg2_flip"]
+    assert names[:6] == [
+        "t050_b07_avg1",
+        "t050_b07_avg1_flip",
+        "t050_b07_avg2",
+        "t050_b07_avg2_flip",
+        "t050_b10_avg2",
+        "t050_b10_avg2_flip",
+    ]
     tok = [f for f in spec.features() if f.pool_kind == "tok"][0]
     assert (tok.block, tok.module, tok.channels, tok.resolution) == (10, "output_blocks.2", 64, 16)
     assert tok.shape == (64, 8, 8)
@@ -124,49 +132,58 @@ def test_fmnist_demo_names_the_missing_embedded_model():
 # -- one message per bad field ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("raw, expected", [
-    ({**base(), "modle": {}}, "modle: unknown key (did you mean 'model'?)"),
-    (edit("features.timestep", [1]), "features.timestep: unknown key (did you mean 'timesteps'?)"),
-    (edit("model.flags.num_channel", 8), "model.flags.num_channel: unknown key (did you mean 'num_channels'?)"),
-    (edit("model.preset", "256x256_diffusion_uncnd"), "model.preset: unknown model preset"),
-    (edit("features.timesteps", [50, "90"]), "features.timesteps[1]: expected an integer, got str '90'"),
-    (edit("features.timesteps", [50, True]), "features.timesteps[1]: expected an integer, got bool"),
-    (edit("features.timesteps", [50, 1000]), "features.timesteps[1]: 1000 is outside [0, 1000)"),
-    (edit("features.timesteps", [-1]), "features.timesteps[0]: -1 is outside [0, 1000)"),
-    (edit("features.timesteps", [50, 50]), "features.timesteps[1]: duplicate value 50"),
-    (edit("features.timesteps", []), "features.timesteps: must not be empty"),
-    (edit("features.blocks", [5, 14]), "features.blocks[1]: block 14 does not exist: this model has blocks 1..13"),
-    (edit("features.blocks", ["midle_block"]), "features.blocks[0]: this model has no block named 'midle_block' "
-                                               "(did you mean 'middle_block'?)"),
-    (edit("features.blocks", [7, "middle_block"]), "features.blocks[1]: duplicate block 7"),
-    (edit("features.pooling", {7: [16]}), "features.pooling.7: average pool 16 is larger than block 7's 8x8 map"),
-    (edit("features.pooling", [2, 9]), "features.pooling: average pool 9 is larger than block 5's 8x8 map"),
-    (edit("features.pooling", {12: [2]}), "features.pooling.12: block 12 is not among features.blocks"),
-    (edit("features.pooling", [0]), "features.pooling[0]: must be >= 1"),
-    (edit("features.pooling", []), "features.pooling: block 5 has neither average pooling nor tokens"),
-    (edit("features.tokens", {5: "big"}), "features.tokens.5: expected an integer, got str 'big'"),
-    (edit("dataset.kind", "folders"), "dataset.kind: unknown dataset kind 'folders' (did you mean 'folder'?)"),
-    (edit("dataset.splits", ["train", "val"]), "dataset.splits[1]: the digits dataset has splits train, test"),
-    (edit("dataset.limit", {"tain": 5}),
-     "dataset.limit.tain: 'tain' is not among dataset.splits (did you mean 'train'?)"),
-    (edit("dataset.limit", 0), "dataset.limit: must be >= 1"),
-    (edit("dataset.path", "x"), "dataset.path: must be null for the digits dataset"),
-    (edit("model.noise_schedule", "cosin"),
-     "model.noise_schedule: unknown noise schedule 'cosin' (did you mean 'cosine'?)"),
-    (edit("noise.draws", 0), "noise.draws: must be >= 1"),
-    (edit("noise.seed", 1.5), "noise.seed: expected an integer, got float 1.5"),
-    (edit("views.center", "yes"), "views.center: expected true or false"),
-    ({**base(), "views": {"center": False}}, "views: at least one of center and hflip must be true"),
-    (edit("storage.dtype", "float61"), "storage.dtype: unknown storage dtype 'float61' (did you mean 'float16'?)"),
-    (edit("storage.dtype", "bfloat16"), "bfloat16 is not a core zarr dtype"),
-    (edit("storage.compressor", "lz4"), "storage.compressor: unknown compressor 'lz4'"),
-    (edit("storage.shard_rows", 100), "storage.shard_rows: 100 is not a multiple of chunk_rows=64"),
-    (edit("compute.dtype", "bf16"), "compute.dtype: unknown compute dtype 'bf16'"),
-    (edit("compute.device", "gpu"), "compute.device: unknown device 'gpu'"),
-    (edit("compute.batch_size", 0), "compute.batch_size: must be >= 1, got 0"),
-    ({k: v for k, v in base().items() if k != "features"}, "features: section is required"),
-    ({**base(), "version": 7}, "version: unsupported spec version 7"),
-])
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ({**base(), "modle": {}}, "modle: unknown key (did you mean 'model'?)"),
+        (edit("features.timestep", [1]), "features.timestep: unknown key (did you mean 'timesteps'?)"),
+        (edit("model.flags.num_channel", 8), "model.flags.num_channel: unknown key (did you mean 'num_channels'?)"),
+        (edit("model.preset", "256x256_diffusion_uncnd"), "model.preset: unknown model preset"),
+        (edit("features.timesteps", [50, "90"]), "features.timesteps[1]: expected an integer, got str '90'"),
+        (edit("features.timesteps", [50, True]), "features.timesteps[1]: expected an integer, got bool"),
+        (edit("features.timesteps", [50, 1000]), "features.timesteps[1]: 1000 is outside [0, 1000)"),
+        (edit("features.timesteps", [-1]), "features.timesteps[0]: -1 is outside [0, 1000)"),
+        (edit("features.timesteps", [50, 50]), "features.timesteps[1]: duplicate value 50"),
+        (edit("features.timesteps", []), "features.timesteps: must not be empty"),
+        (edit("features.blocks", [5, 14]), "features.blocks[1]: block 14 does not exist: this model has blocks 1..13"),
+        (
+            edit("features.blocks", ["midle_block"]),
+            "features.blocks[0]: this model has no block named 'midle_block' (did you mean 'middle_block'?)",
+        ),
+        (edit("features.blocks", [7, "middle_block"]), "features.blocks[1]: duplicate block 7"),
+        (edit("features.pooling", {7: [16]}), "features.pooling.7: average pool 16 is larger than block 7's 8x8 map"),
+        (edit("features.pooling", [2, 9]), "features.pooling: average pool 9 is larger than block 5's 8x8 map"),
+        (edit("features.pooling", {12: [2]}), "features.pooling.12: block 12 is not among features.blocks"),
+        (edit("features.pooling", [0]), "features.pooling[0]: must be >= 1"),
+        (edit("features.pooling", []), "features.pooling: block 5 has neither average pooling nor tokens"),
+        (edit("features.tokens", {5: "big"}), "features.tokens.5: expected an integer, got str 'big'"),
+        (edit("dataset.kind", "folders"), "dataset.kind: unknown dataset kind 'folders' (did you mean 'folder'?)"),
+        (edit("dataset.splits", ["train", "val"]), "dataset.splits[1]: the digits dataset has splits train, test"),
+        (
+            edit("dataset.limit", {"tain": 5}),
+            "dataset.limit.tain: 'tain' is not among dataset.splits (did you mean 'train'?)",
+        ),
+        (edit("dataset.limit", 0), "dataset.limit: must be >= 1"),
+        (edit("dataset.path", "x"), "dataset.path: must be null for the digits dataset"),
+        (
+            edit("model.noise_schedule", "cosin"),
+            "model.noise_schedule: unknown noise schedule 'cosin' (did you mean 'cosine'?)",
+        ),
+        (edit("noise.draws", 0), "noise.draws: must be >= 1"),
+        (edit("noise.seed", 1.5), "noise.seed: expected an integer, got float 1.5"),
+        (edit("views.center", "yes"), "views.center: expected true or false"),
+        ({**base(), "views": {"center": False}}, "views: at least one of center and hflip must be true"),
+        (edit("storage.dtype", "float61"), "storage.dtype: unknown storage dtype 'float61' (did you mean 'float16'?)"),
+        (edit("storage.dtype", "bfloat16"), "bfloat16 is not a core zarr dtype"),
+        (edit("storage.compressor", "lz4"), "storage.compressor: unknown compressor 'lz4'"),
+        (edit("storage.shard_rows", 100), "storage.shard_rows: 100 is not a multiple of chunk_rows=64"),
+        (edit("compute.dtype", "bf16"), "compute.dtype: unknown compute dtype 'bf16'"),
+        (edit("compute.device", "gpu"), "compute.device: unknown device 'gpu'"),
+        (edit("compute.batch_size", 0), "compute.batch_size: must be >= 1, got 0"),
+        ({k: v for k, v in base().items() if k != "features"}, "features: section is required"),
+        ({**base(), "version": 7}, "version: unsupported spec version 7"),
+    ],
+)
 def test_each_bad_field_has_its_own_message(raw, expected):
     problems = problems_of(raw)
     assert any(expected in p for p in problems), problems
@@ -201,8 +218,16 @@ def test_every_problem_is_reported_at_once():
     raw["compute"] = {"device": "tpu"}
     raw["views"] = {"hflip": "no"}
     problems = problems_of(raw)
-    prefixes = ["modle:", "features.timesteps[1]:", "features.blocks[1]:", "features.pooling.5:",
-                "storage.dtype:", "storage.chunk_rows:", "compute.device:", "views.hflip:"]
+    prefixes = [
+        "modle:",
+        "features.timesteps[1]:",
+        "features.blocks[1]:",
+        "features.pooling.5:",
+        "storage.dtype:",
+        "storage.chunk_rows:",
+        "compute.device:",
+        "views.hflip:",
+    ]
     assert len(problems) == len(prefixes), problems
     for prefix in prefixes:
         assert sum(p.startswith(prefix) for p in problems) == 1, (prefix, problems)
@@ -212,8 +237,10 @@ def test_every_problem_is_reported_at_once():
 
 def test_yaml_file_errors_and_name_default(tmp_path):
     path = tmp_path / "my_spec.yaml"
-    path.write_text("model: {flags: {image_size: 32, num_channels: 32, num_res_blocks: 1, channel_mult: '1,2,2',"
-                    " num_head_channels: 16}}\ndataset: {kind: digits}\nfeatures: {timesteps: [10], blocks: [3]}\n")
+    path.write_text(
+        "model: {flags: {image_size: 32, num_channels: 32, num_res_blocks: 1, channel_mult: '1,2,2',"
+        " num_head_channels: 16}}\ndataset: {kind: digits}\nfeatures: {timesteps: [10], blocks: [3]}\n"
+    )
     assert load_spec(path).name == "my_spec"
     path.write_text("model: [unclosed")
     with pytest.raises(SpecError, match="not valid YAML"):
@@ -241,11 +268,20 @@ def test_fingerprint_is_stable_and_ignores_run_only_settings():
     assert load_spec(defaults_spelled_out).fingerprint == ref
 
 
-@pytest.mark.parametrize("path, value", [
-    ("noise.seed", 1), ("noise.draws", 2), ("storage.dtype", "float32"), ("compute.dtype", "bfloat16"),
-    ("features.timesteps", [50]), ("views.hflip", True), ("model.init_seed", 3), ("dataset.limit", 10),
-    ("storage.chunk_rows", 32),
-])
+@pytest.mark.parametrize(
+    "path, value",
+    [
+        ("noise.seed", 1),
+        ("noise.draws", 2),
+        ("storage.dtype", "float32"),
+        ("compute.dtype", "bfloat16"),
+        ("features.timesteps", [50]),
+        ("views.hflip", True),
+        ("model.init_seed", 3),
+        ("dataset.limit", 10),
+        ("storage.chunk_rows", 32),
+    ],
+)
 def test_fingerprint_changes_with_content(path, value):
     assert load_spec(edit(path, value)).fingerprint != load_spec(base()).fingerprint
 
@@ -274,23 +310,6 @@ def test_known_num_samples():
     assert load_spec(edit("dataset.splits", ["test"])).known_num_samples() == 359
 
 
-# -- naming ----------------------------------------------------------------------------------------
-
-
-def test_feature_names_round_trip():
-    assert feature_name(90, 24, "avg2") == "t090_b24_avg2"
-    assert feature_name(150, 19, ("tok", 16), view="flip") == "t150_b19_tok16_flip"
-    assert feature_name(5, 3, "avg1") == "t005_b03_avg1"
-    assert parse_feature_name("t150_b19_tok16_flip") == FeatureKey(150, 19, "tok16", "flip")
-    for name in ("t090_b24_avg2", "t000_b01_tok8", "t999_b37_avg4_flip", "t1500_b100_avg2"):
-        assert feature_name(*parse_feature_name(name)) == name
-    for bad in ("t90_b24_avg2", "t090_b24_max2", "t090_b24_avg0", "t090_b24_avg02", "t090_b24_avg2_flipped", "x"):
-        with pytest.raises(ValueError):
-            parse_feature_name(bad)
-    with pytest.raises(ValueError):
-        feature_name(90, 24, "avg2", view="mirror")
-
-
 # -- extending a store -----------------------------------------------------------------------------
 
 
@@ -302,7 +321,8 @@ def test_spec_only_adds():
     more["compute"] = {"batch_size": 4}
     added = spec_only_adds(old, load_spec(more))
     assert sorted(f.name for f in added) == sorted(
-        ["t050_b07_avg1", "t150_b07_avg1", "t300_b05_avg2", "t300_b07_avg1", "t300_b07_avg2", "t300_b10_avg2"])
+        ["t050_b07_avg1", "t150_b07_avg1", "t300_b05_avg2", "t300_b07_avg1", "t300_b07_avg2", "t300_b10_avg2"]
+    )
     assert spec_only_adds(old, load_spec(edit("noise.seed", 1))) is None
     assert spec_only_adds(old, load_spec(edit("features.timesteps", [50]))) is None  # drops features
     assert spec_only_adds(old, load_spec(edit("views.hflip", True))) is None
@@ -327,8 +347,10 @@ def test_spec_check_command(tmp_path):
     assert "images: 384" in ok.output and "estimated store size: 7.22 MiB" in ok.output
 
     bad = tmp_path / "bad.yaml"
-    bad.write_text("model: {preset: 256x256_diffusion_uncond, checkpoint: nowhere.pt}\n"
-                   "dataset: {kind: digits}\nfeatures: {timesteps: [1000], blocks: [24, 38]}\n")
+    bad.write_text(
+        "model: {preset: 256x256_diffusion_uncond, checkpoint: nowhere.pt}\n"
+        "dataset: {kind: digits}\nfeatures: {timesteps: [1000], blocks: [24, 38]}\n"
+    )
     failed = runner.invoke(spec_command, ["check", str(bad)])
     assert failed.exit_code == 2
     for text in ("3 problem(s)", "model.checkpoint:", "features.timesteps[0]:", "features.blocks[1]:"):

@@ -9,9 +9,21 @@ import numpy as np
 import pytest
 import zarr
 
-from extract.store import (FEATURE_DIMS, FLOAT16_MAX, FeatureInfo, FingerprintMismatch, StoreError, StoreWriter,
-                           cast_with_stats, create_store, export_hdf5, open_store, plan_layout, save_features,
-                           verify)
+from extract.store import (
+    FEATURE_DIMS,
+    FLOAT16_MAX,
+    FeatureInfo,
+    FingerprintMismatch,
+    StoreError,
+    StoreWriter,
+    cast_with_stats,
+    create_store,
+    export_hdf5,
+    open_store,
+    plan_layout,
+    save_features,
+    verify,
+)
 
 N = 23
 
@@ -30,10 +42,17 @@ def saved(tmp_path):
     feats = _features(rng)
     labels = rng.integers(0, 3, N)
     splits = {"train": np.arange(0, 15), "test": np.arange(15, N)}
-    fs = save_features(tmp_path / "s.zarr", feats, labels, splits, sample_ids=[f"img/{i}.png" for i in range(N)],
-                       class_names=["a", "b", "c"], info={"t090_b24_avg2": {"module": "output_blocks.4",
-                                                                               "resolution": 16}},
-                       shard_rows=8, chunk_rows=4)
+    fs = save_features(
+        tmp_path / "s.zarr",
+        feats,
+        labels,
+        splits,
+        sample_ids=[f"img/{i}.png" for i in range(N)],
+        class_names=["a", "b", "c"],
+        info={"t090_b24_avg2": {"module": "output_blocks.4", "resolution": 16}},
+        shard_rows=8,
+        chunk_rows=4,
+    )
     return fs, feats, labels, splits
 
 
@@ -47,8 +66,14 @@ def test_round_trip_reader_api(saved):
         np.testing.assert_array_equal(fs.read(name), data.astype(np.float32))
         assert fs.read(name).dtype == np.float32
     info = fs.feature_info("t090_b24_avg2")
-    assert (info.t, info.block, info.module, info.resolution, info.pool_kind, info.pool_size) == \
-        (90, 24, "output_blocks.4", 16, "avg", 2)
+    assert (info.t, info.block, info.module, info.resolution, info.pool_kind, info.pool_size) == (
+        90,
+        24,
+        "output_blocks.4",
+        16,
+        "avg",
+        2,
+    )
     assert info.shape == (8, 2, 2) and info.dtype == "float32" and info.view == "center"
     assert fs.feature_info("t090_b24_avg2_flip").dtype == "float16"
     np.testing.assert_array_equal(fs.labels, labels)
@@ -80,8 +105,15 @@ def test_layout_with_plain_zarr(saved):
     fs, feats, _, _ = saved
     root = zarr.open_group(fs.url, mode="r")
     assert root.attrs["format"] == "diffbank-feature-store"
-    for key in ("spec", "fingerprint", "versions", "diffbank_version", "created", "format_version",
-                "dataset_manifest_sha256"):
+    for key in (
+        "spec",
+        "fingerprint",
+        "versions",
+        "diffbank_version",
+        "created",
+        "format_version",
+        "dataset_manifest_sha256",
+    ):
         assert key in root.attrs, key
     assert set(root.attrs["versions"]) >= {"torch", "zarr", "numpy", "dask", "diffbank"}
     arr = root["features/t150_b19_tok4"]
@@ -106,8 +138,14 @@ def test_float16_overflow_bookkeeping(tmp_path):
     out, stats = cast_with_stats(x, "float16")
     assert out.dtype == np.float16 and np.isinf(out).sum() == 2
     assert stats.tolist() == [1e6, 2, 1, 2]
-    fs = save_features(tmp_path / "o.zarr", {"t010_b02_avg1": x}, np.zeros(10, int), None,
-                       info={"t010_b02_avg1": {"dtype": "float16"}}, shard_rows=4)
+    fs = save_features(
+        tmp_path / "o.zarr",
+        {"t010_b02_avg1": x},
+        np.zeros(10, int),
+        None,
+        info={"t010_b02_avg1": {"dtype": "float16"}},
+        shard_rows=4,
+    )
     s = fs.feature_info("t010_b02_avg1").stats
     assert s["max_abs"] == 1e6 and s["n_inf"] == 2 and s["n_nan"] == 1 and s["n_overflow"] == 2
     assert FLOAT16_MAX == 65504
@@ -150,8 +188,12 @@ def test_write_unit_validates_before_writing(tmp_path):
     with pytest.raises(KeyError):
         w.write_unit(0, {"nope": np.ones((4, 4, 1, 1))})
     assert set(w.pending()) == {0, 1}
-    w.write_unit(1, {"t010_b02_avg1": np.full((2, 4, 1, 1), 5.0)}, valid=np.array([True, False]),
-                 errors=["", "bad.png: truncated"])
+    w.write_unit(
+        1,
+        {"t010_b02_avg1": np.full((2, 4, 1, 1), 5.0)},
+        valid=np.array([True, False]),
+        errors=["", "bad.png: truncated"],
+    )
     w.finalize()
     fs = open_store(tmp_path / "v.zarr")
     np.testing.assert_array_equal(fs.read("t010_b02_avg1")[4:, 0, 0, 0], [5.0, 0.0])  # invalid row zeroed
@@ -170,8 +212,10 @@ def test_worker_reopen_writes_data_only(tmp_path):
 
 
 def test_plan_layout_shares_one_shard_length():
-    feats = [FeatureInfo(f"f{i}", None, None, None, c, None, None, None, (c, s, s), "float16")
-             for i, (c, s) in enumerate([(1024, 16), (1024, 2), (32, 1)])]
+    feats = [
+        FeatureInfo(f"f{i}", None, None, None, c, None, None, None, (c, s, s), "float16")
+        for i, (c, s) in enumerate([(1024, 16), (1024, 2), (32, 1)])
+    ]
     lay = plan_layout(100_000, feats)
     assert all(lay.shard_rows % c == 0 for c in lay.chunk_rows.values())
     assert lay.chunk_rows["f0"] * 1024 * 16 * 16 * 2 <= 4 << 20
@@ -202,8 +246,7 @@ def test_hdf5_export_round_trip(saved, tmp_path):
 def test_fsspec_memory_store():
     url = f"memory://diffbank-test-{uuid.uuid4().hex}/s.zarr"
     x = np.arange(6 * 3, dtype=np.float32).reshape(6, 3)
-    fs = save_features(url, {"emb": x}, np.array([0, 1, 0, 1, 0, 1]), {"train": [0, 1, 2]},
-                       info={"emb": {"t": 5}})
+    fs = save_features(url, {"emb": x}, np.array([0, 1, 0, 1, 0, 1]), {"train": [0, 1, 2]}, info={"emb": {"t": 5}})
     again = open_store(url)
     np.testing.assert_array_equal(again.read("emb"), x)
     assert again.feature_info("emb").t == 5 and fs.url == url

@@ -7,12 +7,19 @@ import torch
 
 from extract.diffusion import NoiseSchedule
 from extract.models.checkpoints import read_state_dict
-from extract.models.training import TrainConfig, autocast_dtype, ema_model, export_ema, train
 from extract.models.sampling import ddim_sample, image_grid
+from extract.models.training import TrainConfig, autocast_dtype, ema_model, export_ema, train
 
-FLAGS = {"image_size": 16, "num_channels": 32, "num_res_blocks": 1, "channel_mult": "1,2",
-         "attention_resolutions": "8", "num_head_channels": 16, "use_scale_shift_norm": True,
-         "resblock_updown": True}
+FLAGS = {
+    "image_size": 16,
+    "num_channels": 32,
+    "num_res_blocks": 1,
+    "channel_mult": "1,2",
+    "attention_resolutions": "8",
+    "num_head_channels": 16,
+    "use_scale_shift_norm": True,
+    "resblock_updown": True,
+}
 
 
 def _images(n=24):
@@ -42,10 +49,9 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, caplog):
 
 def test_training_reduces_loss_and_is_seeded(tmp_path):
     images = _images(16)
-    cfg = TrainConfig(flags=FLAGS, steps=12, batch_size=8, checkpoint_every=4, autocast="none", lr=3e-3,
-                      warmup_steps=1)
+    cfg = TrainConfig(flags=FLAGS, steps=12, batch_size=8, checkpoint_every=4, autocast="none", lr=3e-3, warmup_steps=1)
     rec = train(images, cfg, tmp_path / "a", progress=False)
-    losses = [l for _, l in rec["losses"]]
+    losses = [loss for _, loss in rec["losses"]]
     assert losses[-1] < losses[0]
     rec_b = train(images, cfg, tmp_path / "b", progress=False)
     assert rec_b["losses"] == rec["losses"]

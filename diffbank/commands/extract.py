@@ -1,41 +1,64 @@
-"""`diffbank extract` and `diffbank store info|verify|export`: thin wrappers over extract.run / extract.store."""
+"""`diffbank extract` and `diffbank store info|verify|export`: thin wrappers over extract.pipeline / extract.store."""
 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from typing import Any
 
 import click
 
+from extract.provenance import to_jsonable
+
 DEFAULT_STORE_DIR = "stores"
-
-
-def _say(message: str) -> None:
-    click.echo(message, err=True)
+log = logging.getLogger(__name__)
 
 
 @click.command("extract")
 @click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False))
-@click.option("--store", "store_url", metavar="PATH_OR_URL",
-              help=f"Where to write (a local path or an fsspec URL such as s3://b/x.zarr); "
-                   f"default {DEFAULT_STORE_DIR}/<spec name>.zarr.")
+@click.option(
+    "--store",
+    "store_url",
+    metavar="PATH_OR_URL",
+    help=f"Where to write (a local path or an fsspec URL such as s3://b/x.zarr); "
+    f"default {DEFAULT_STORE_DIR}/<spec name>.zarr.",
+)
 @click.option("--strict", is_flag=True, help="Stop at the first unreadable image instead of recording it.")
-@click.option("--workers", type=click.IntRange(min=1), default=None,
-              help="Run on a local dask cluster of N worker processes.")
+@click.option(
+    "--workers", type=click.IntRange(min=1), default=None, help="Run on a local dask cluster of N worker processes."
+)
 @click.option("--scheduler", metavar="ADDR", default=None, help="Run on an existing dask scheduler (tcp://host:8786).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None,
-              help="Images loaded per batch (run-only: the stored bytes do not depend on it).")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Images loaded per batch (run-only: the stored bytes do not depend on it).",
+)
 @click.option("--device", default=None, help="auto (default: the spec's), cpu, cuda, cuda:N or mps.")
-@click.option("--micro-batch", type=click.IntRange(min=1), default=None,
-              help="Images per U-Net forward; fixed for a store's lifetime (it decides the last bits).")
+@click.option(
+    "--micro-batch",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Images per U-Net forward; fixed for a store's lifetime (it decides the last bits).",
+)
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run's summary as JSON on stdout.")
-def extract_command(spec_path: str, store_url: str | None, strict: bool, workers: int | None, scheduler: str | None,
-                    batch_size: int | None, device: str | None, micro_batch: int | None, no_progress: bool,
-                    as_json: bool) -> None:
+def extract_command(
+    spec_path: str,
+    store_url: str | None,
+    strict: bool,
+    workers: int | None,
+    scheduler: str | None,
+    batch_size: int | None,
+    device: str | None,
+    micro_batch: int | None,
+    no_progress: bool,
+    as_json: bool,
+) -> None:
     """Extract SPEC's features into a Zarr store. Rerunning the same command resumes an interrupted run."""
-    from extract.run import ExtractionError
+    from diffbank.commands.spec import echo_problems
+    from extract.pipeline import ExtractionError
     from extract.spec import SpecError, load_spec
     from extract.store import StoreError
 
@@ -44,9 +67,7 @@ def extract_command(spec_path: str, store_url: str | None, strict: bool, workers
     try:
         spec = load_spec(spec_path)  # every problem reported before anything is created
     except SpecError as exc:
-        _say(f"{spec_path}: {len(exc.problems)} problem(s)")
-        for problem in exc.problems:
-            _say(f"  - {problem}")
+        echo_problems(spec_path, exc.problems)
         sys.exit(2)
     url = store_url or f"{DEFAULT_STORE_DIR}/{spec.name}.zarr"
     resume = f"diffbank extract {spec_path} --store {url}"
@@ -54,38 +75,55 @@ def extract_command(spec_path: str, store_url: str | None, strict: bool, workers
         if workers is not None or scheduler is not None:
             from extract.cluster import extract_distributed
 
-            summary = extract_distributed(spec, url, workers=workers or 1, scheduler=scheduler, strict=strict,
-                                          progress=not no_progress, batch_size=batch_size, device=device,
-                                          micro_batch=micro_batch, announce=_say)
+            summary = extract_distributed(
+                spec,
+                url,
+                workers=workers or 1,
+                scheduler=scheduler,
+                strict=strict,
+                progress=not no_progress,
+                batch_size=batch_size,
+                device=device,
+                micro_batch=micro_batch,
+            )
         else:
-            from extract.run import extract
+            from extract.pipeline import extract
 
-            summary = extract(spec, url, strict=strict, progress=not no_progress, batch_size=batch_size,
-                              device=device, micro_batch=micro_batch, announce=_say)
+            summary = extract(
+                spec,
+                url,
+                strict=strict,
+                progress=not no_progress,
+                batch_size=batch_size,
+                device=device,
+                micro_batch=micro_batch,
+            )
     except KeyboardInterrupt:
-        _say(f"\ninterrupted: finished units are saved in {url}. Resume with:\n  {resume}")
+        log.warning(f"interrupted: finished units are saved in {url}. Resume with:\n  {resume}")
         sys.exit(130)
     except (ExtractionError, StoreError, OSError, ValueError) as exc:
-        _say(f"error: {exc}")
+        log.error(f"error: {exc}")
         if not isinstance(exc, ValueError) or "strict" in str(exc):
-            _say(f"units already marked done are kept; after fixing the cause, resume with:\n  {resume}")
+            log.error(f"units already marked done are kept; after fixing the cause, resume with:\n  {resume}")
         sys.exit(1)
     _report_run(summary, as_json)
 
 
 def _report_run(summary: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        click.echo(json.dumps(summary, indent=2, default=str))
+        click.echo(json.dumps(to_jsonable(summary), indent=2))
         return
     rate = summary.get("images_per_s")
-    _say(f"{summary['store']}: computed {len(summary['units_computed'])} unit(s) {summary['units_computed']}, "
-         f"{len(summary['units_already_done'])} already done; {summary['images']} images in {summary['seconds']:.1f} s"
-         + (f" ({rate:.1f} images/s, U-Net {summary['model_seconds']:.1f} s)" if rate else ""))
+    log.info(
+        f"{summary['store']}: computed {len(summary['units_computed'])} unit(s) {summary['units_computed']}, "
+        f"{len(summary['units_already_done'])} already done; {summary['images']} images in {summary['seconds']:.1f} s"
+        + (f" ({rate:.1f} images/s, U-Net {summary['model_seconds']:.1f} s)" if rate else "")
+    )
     if summary["failures"]:
-        _say(f"{len(summary['failures'])} image(s) failed and are marked invalid (rows zero-filled):")
+        log.warning(f"{len(summary['failures'])} image(s) failed and are marked invalid (rows zero-filled):")
         for f in summary["failures"][:10]:
-            _say(f"  - [{f['index']}] {f.get('id', '')}: {f['reason']}")
-    _say("complete" if summary.get("complete") else "incomplete: rerun the same command to finish")
+            log.warning(f"  - [{f['index']}] {f.get('id', '')}: {f['reason']}")
+    log.info("complete" if summary.get("complete") else "incomplete: rerun the same command to finish")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,47 +145,27 @@ def _open(url: str) -> Any:
         raise click.ClickException(str(exc)) from None
 
 
-def store_summary(fs: Any) -> dict[str, Any]:
-    """What `store info` shows, as data."""
-    status = fs.unit_status()
-    feats = []
-    for name in fs.feature_names(None):
-        info = fs.feature_info(name)
-        arr = fs.array(name)
-        done = status.get(name)
-        feats.append({"name": name, "shape": list(arr.shape), "dims": list(arr.metadata.dimension_names or ()),
-                      "dtype": info.dtype, "t": info.t, "block": info.block, "module": info.module,
-                      "channels": info.channels, "resolution": info.resolution,
-                      "pool": None if info.pool_kind is None else f"{info.pool_kind}{info.pool_size}",
-                      "view": info.view, "chunks": list(arr.chunks), "shards": list(arr.shards or arr.chunks),
-                      "units_done": int(done.sum()) if done is not None else None,
-                      "units": int(len(done)) if done is not None else None, "stats": info.stats})
-    return {"url": fs.url, "fingerprint": fs.fingerprint, "format_version": fs.attrs.get("format_version"),
-            "created": fs.attrs.get("created"), "diffbank_version": fs.attrs.get("diffbank_version"),
-            "num_samples": fs.num_samples, "shard_rows": fs.shard_rows, "num_units": fs.num_units,
-            "complete": fs.is_complete(), "num_failures": len(fs.failures), "bytes_on_disk": fs.nbytes_stored(),
-            "class_names": fs.class_names, "splits": {k: int(len(v)) for k, v in fs.splits.items()},
-            "checkpoint_sha256": fs.attrs.get("checkpoint_sha256"), "compression": fs.attrs.get("compression"),
-            "features": feats}
-
-
 @store_command.command("info")
 @click.argument("store", metavar="STORE")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def info_command(store: str, as_json: bool) -> None:
     """Features (dims, pooling, chunks, completeness), samples, splits and provenance of STORE."""
-    from extract.spec import format_bytes
+    from dask.utils import format_bytes
 
-    s = store_summary(_open(store))
+    from extract.store import info
+
+    s = info(_open(store))
     if as_json:
-        click.echo(json.dumps(s, indent=2, default=str))
+        click.echo(json.dumps(to_jsonable(s), indent=2))
         return
     size = format_bytes(s["bytes_on_disk"]) if s["bytes_on_disk"] is not None else "n/a (remote)"
     click.echo(f"{s['url']}  format {s['format_version']}  diffbank {s['diffbank_version']}  created {s['created']}")
     click.echo(f"fingerprint {s['fingerprint']}  checkpoint sha256 {s['checkpoint_sha256']}")
-    click.echo(f"{s['num_samples']} samples, {s['num_failures']} failed; units of {s['shard_rows']} rows: "
-               f"{s['num_units']}; {'complete' if s['complete'] else 'INCOMPLETE'}; {size} on disk "
-               f"({s['compression']})")
+    click.echo(
+        f"{s['num_samples']} samples, {s['num_failures']} failed; units of {s['shard_rows']} rows: "
+        f"{s['num_units']}; {'complete' if s['complete'] else 'INCOMPLETE'}; {size} on disk "
+        f"({s['compression']})"
+    )
     click.echo("splits: " + (", ".join(f"{k} {v}" for k, v in s["splits"].items()) or "none"))
     header = f"{'feature':<24} {'shape (N, C, h, w)':<22} {'dtype':<8} {'module':<18} {'res':>4} {'done':>9} {'max|x|':>10} {'inf':>5}"
     click.echo(header)
@@ -155,9 +173,11 @@ def info_command(store: str, as_json: bool) -> None:
     for f in s["features"]:
         stats = f["stats"] or {}
         max_abs = stats.get("max_abs")
-        click.echo(f"{f['name']:<24} {str(tuple(f['shape'])):<22} {f['dtype']:<8} {str(f['module']):<18} "
-                   f"{str(f['resolution']):>4} {f['units_done']}/{f['units']:<7} "
-                   f"{'' if max_abs is None else f'{max_abs:.4g}':>10} {stats.get('n_inf', ''):>5}")
+        click.echo(
+            f"{f['name']:<24} {str(tuple(f['shape'])):<22} {f['dtype']:<8} {str(f['module']):<18} "
+            f"{str(f['resolution']):>4} {f['units_done']}/{f['units']:<7} "
+            f"{'' if max_abs is None else f'{max_abs:.4g}':>10} {stats.get('n_inf', ''):>5}"
+        )
 
 
 @store_command.command("verify")
@@ -165,9 +185,10 @@ def info_command(store: str, as_json: bool) -> None:
 @click.option("--full", is_flag=True, help="Also read every value and compare NaN/inf counts with the records.")
 def verify_command(store: str, full: bool) -> None:
     """Check markers, shapes, dtypes and the fingerprint of STORE; exit 1 on any problem."""
+    from extract.spec import fingerprint_of_resolved
     from extract.store import verify
 
-    report = verify(_open(store), full_scan=full)
+    report = verify(_open(store), full_scan=full, fingerprint_of_spec=fingerprint_of_resolved)
     click.echo(str(report))
     if not report.ok:
         sys.exit(1)
@@ -176,8 +197,13 @@ def verify_command(store: str, full: bool) -> None:
 @store_command.command("export")
 @click.argument("store", metavar="STORE")
 @click.argument("out", metavar="OUT.h5", type=click.Path(dir_okay=False))
-@click.option("--compression", type=click.Choice(["gzip", "lzf", "none"]), default="gzip", show_default=True,
-              help="gzip reads everywhere but writes slowly; lzf and none write fast.")
+@click.option(
+    "--compression",
+    type=click.Choice(["gzip", "lzf", "none"]),
+    default="gzip",
+    show_default=True,
+    help="gzip reads everywhere but writes slowly; lzf and none write fast.",
+)
 @click.option("--feature", "features", multiple=True, help="Export only these features (repeatable).")
 @click.option("--keep-dtype", is_flag=True, help="Keep the stored dtype (float16) instead of float32.")
 def export_command(store: str, out: str, compression: str, features: tuple[str, ...], keep_dtype: bool) -> None:
@@ -186,8 +212,13 @@ def export_command(store: str, out: str, compression: str, features: tuple[str, 
 
     fs = _open(store)
     try:
-        path = export_hdf5(fs, out, compression=None if compression == "none" else compression,
-                           features=list(features) or None, keep_dtype=keep_dtype)
+        path = export_hdf5(
+            fs,
+            out,
+            compression=None if compression == "none" else compression,
+            features=list(features) or None,
+            keep_dtype=keep_dtype,
+        )
     except KeyError as exc:
         raise click.ClickException(str(exc.args[0])) from None
     click.echo(f"wrote {path}")

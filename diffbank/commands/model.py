@@ -7,53 +7,131 @@ from pathlib import Path
 
 import click
 
+from extract.idx import FASHION_MNIST_DIR
+
 
 @click.command("train")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/train-fmnist32", show_default=True,
-              help="Run directory; rerunning with the same directory resumes.")
-@click.option("--data", "data_dir", type=click.Path(file_okay=False), default=None,
-              help="Folder with Fashion-MNIST's IDX files (default: Debian's /usr/share/datasets/fashion-mnist).")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    default="runs/train-fmnist32",
+    show_default=True,
+    help="Run directory; rerunning with the same directory resumes.",
+)
+@click.option(
+    "--data",
+    "data_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help=f"Folder with Fashion-MNIST's IDX files (default: Debian's {FASHION_MNIST_DIR}).",
+)
 @click.option("--steps", type=int, default=1500, show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--lr", type=float, default=6e-4, show_default=True)
 @click.option("--ema-decay", type=float, default=0.995, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--autocast", type=click.Choice(["auto", "bfloat16", "none"]), default="auto", show_default=True,
-              help="auto: bf16 where the CPU has AMX/AVX512-BF16 (faster there), else float32.")
+@click.option(
+    "--autocast",
+    type=click.Choice(["auto", "bfloat16", "none"]),
+    default="auto",
+    show_default=True,
+    help="auto: bf16 where the CPU has AMX/AVX512-BF16 (faster there), else float32.",
+)
 @click.option("--threads", type=int, default=None, help="torch threads (default: all cores).")
 @click.option("--checkpoint-every", type=int, default=100, show_default=True)
-@click.option("--until-step", type=int, default=None,
-              help="Stop after this step (checkpointed); rerun without it to continue the same run.")
-@click.option("--max-seconds", type=float, default=None,
-              help="Stop after this much wall-clock time (checkpointed); rerun to continue the same run.")
+@click.option(
+    "--until-step",
+    type=int,
+    default=None,
+    help="Stop after this step (checkpointed); rerun without it to continue the same run.",
+)
+@click.option(
+    "--max-seconds",
+    type=float,
+    default=None,
+    help="Stop after this much wall-clock time (checkpointed); rerun to continue the same run.",
+)
 @click.option("--warmup-steps", type=int, default=100, show_default=True)
-@click.option("--weighting", type=click.Choice(["uniform", "min-snr"]), default="uniform", show_default=True,
-              help="min-snr: epsilon-MSE weighted by min(SNR, gamma)/SNR (Hang et al., ICCV 2023).")
+@click.option(
+    "--weighting",
+    type=click.Choice(["uniform", "min-snr"]),
+    default="uniform",
+    show_default=True,
+    help="min-snr: epsilon-MSE weighted by min(SNR, gamma)/SNR (Hang et al., ICCV 2023).",
+)
 @click.option("--snr-gamma", type=float, default=5.0, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
 @click.option("--channels-last/--no-channels-last", default=False, show_default=True)
-@click.option("--compile/--no-compile", "compile_", default=False, show_default=True,
-              help="torch.compile the network for the training step.")
-@click.option("--snapshot-epochs", default="", show_default=True,
-              help="Comma-separated epochs (e.g. 0.5,1,2,5) at which to keep a copy of the EMA weights.")
-@click.option("--export", "export_path", type=click.Path(dir_okay=False), default=None,
-              help="After training, write the EMA weights as safetensors with a JSON card beside them.")
-def train_command(out_dir, data_dir, steps, batch_size, lr, ema_decay, seed, autocast, threads, checkpoint_every,
-                  until_step, max_seconds, warmup_steps, weighting, snr_gamma, device, channels_last, compile_,
-                  snapshot_epochs, export_path):
+@click.option(
+    "--compile/--no-compile",
+    "compile_",
+    default=False,
+    show_default=True,
+    help="torch.compile the network for the training step.",
+)
+@click.option(
+    "--snapshot-epochs",
+    default="",
+    show_default=True,
+    help="Comma-separated epochs (e.g. 0.5,1,2,5) at which to keep a copy of the EMA weights.",
+)
+@click.option(
+    "--export",
+    "export_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="After training, write the EMA weights as safetensors with a JSON card beside them.",
+)
+def train_command(
+    out_dir,
+    data_dir,
+    steps,
+    batch_size,
+    lr,
+    ema_decay,
+    seed,
+    autocast,
+    threads,
+    checkpoint_every,
+    until_step,
+    max_seconds,
+    warmup_steps,
+    weighting,
+    snr_gamma,
+    device,
+    channels_last,
+    compile_,
+    snapshot_epochs,
+    export_path,
+):
     """Train the embedded Fashion-MNIST ADM (DDPM epsilon-prediction, EMA weights); resumable."""
-    from extract.idx import FASHION_MNIST_DIR
     from extract.models import fmnist
     from extract.models.training import TrainConfig, export_ema, train
 
-    cfg = TrainConfig(flags=fmnist.FLAGS, steps=steps, batch_size=batch_size, lr=lr, ema_decay=ema_decay,
-                      seed=seed, autocast=autocast, threads=threads, checkpoint_every=checkpoint_every,
-                      warmup_steps=warmup_steps, weighting=weighting, snr_gamma=snr_gamma, device=device,
-                      channels_last=channels_last, compile=compile_)
+    cfg = TrainConfig(
+        flags=fmnist.FLAGS,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        ema_decay=ema_decay,
+        seed=seed,
+        autocast=autocast,
+        threads=threads,
+        checkpoint_every=checkpoint_every,
+        warmup_steps=warmup_steps,
+        weighting=weighting,
+        snr_gamma=snr_gamma,
+        device=device,
+        channels_last=channels_last,
+        compile=compile_,
+    )
     try:
         epochs = [float(v) for v in snapshot_epochs.split(",") if v.strip()]
     except ValueError:
-        raise click.BadParameter(f"not a list of numbers: {snapshot_epochs!r}", param_hint="--snapshot-epochs") from None
+        raise click.BadParameter(
+            f"not a list of numbers: {snapshot_epochs!r}", param_hint="--snapshot-epochs"
+        ) from None
     try:
         images = fmnist.training_images(data_dir or FASHION_MNIST_DIR)
     except FileNotFoundError as exc:
@@ -68,10 +146,19 @@ def train_command(out_dir, data_dir, steps, batch_size, lr, ema_decay, seed, aut
 
 
 def _reproduce_command(cfg, data_dir, step: int) -> str:
-    parts = ["diffbank train", f"--steps {cfg.steps}", f"--batch-size {cfg.batch_size}", f"--lr {cfg.lr}",
-             f"--warmup-steps {cfg.warmup_steps}", f"--ema-decay {cfg.ema_decay}", f"--seed {cfg.seed}",
-             f"--autocast {cfg.autocast}", f"--weighting {cfg.weighting}", f"--snr-gamma {cfg.snr_gamma}",
-             f"--device {cfg.device}"]
+    parts = [
+        "diffbank train",
+        f"--steps {cfg.steps}",
+        f"--batch-size {cfg.batch_size}",
+        f"--lr {cfg.lr}",
+        f"--warmup-steps {cfg.warmup_steps}",
+        f"--ema-decay {cfg.ema_decay}",
+        f"--seed {cfg.seed}",
+        f"--autocast {cfg.autocast}",
+        f"--weighting {cfg.weighting}",
+        f"--snr-gamma {cfg.snr_gamma}",
+        f"--device {cfg.device}",
+    ]
     parts += ["--channels-last"] * cfg.channels_last + ["--compile"] * cfg.compile
     if step < cfg.steps:
         parts.append(f"--until-step {step}")
@@ -81,8 +168,13 @@ def _reproduce_command(cfg, data_dir, step: int) -> str:
 
 
 @click.command("sample")
-@click.option("--model", "model_name", default="embedded:fmnist32", show_default=True,
-              help="embedded:NAME, or a checkpoint path together with --preset/--flags-json.")
+@click.option(
+    "--model",
+    "model_name",
+    default="embedded:fmnist32",
+    show_default=True,
+    help="embedded:NAME, or a checkpoint path together with --preset/--flags-json.",
+)
 @click.option("--flags-json", default=None, help="guided-diffusion flags as JSON, for a checkpoint path.")
 @click.option("-n", "--num", type=int, default=64, show_default=True)
 @click.option("--steps", type=int, default=100, show_default=True, help="DDIM steps.")

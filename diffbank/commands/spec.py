@@ -1,4 +1,4 @@
-"""`diffbank spec check`: validate a spec and show what it would extract, before any work."""
+"""`diffbank spec check|schema`: validate a spec and show what it would extract, before any work."""
 
 from __future__ import annotations
 
@@ -14,11 +14,29 @@ def spec_command() -> None:
     """Inspect and validate extraction specs (cache_specs/*.yaml)."""
 
 
+def echo_problems(spec_path: str, problems: list[str]) -> None:
+    """A refused spec's problems, one per line, on stderr."""
+    click.echo(f"{spec_path}: {len(problems)} problem(s)", err=True)
+    for problem in problems:
+        click.echo(f"  - {problem}", err=True)
+
+
+@spec_command.command("schema")
+def schema_command() -> None:
+    """Print the JSON Schema of a spec file (for editors' completion and validation)."""
+    from extract.spec import json_schema
+
+    click.echo(json.dumps(json_schema(), indent=2))
+
+
 @spec_command.command("check")
 @click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-@click.option("--no-files", is_flag=True,
-              help="Skip the checkpoint and dataset existence checks (inspect a spec before the data is at hand).")
+@click.option(
+    "--no-files",
+    is_flag=True,
+    help="Skip the checkpoint and dataset existence checks (inspect a spec before the data is at hand).",
+)
 def check_command(spec_path: str, as_json: bool, no_files: bool) -> None:
     """Validate SPEC; print the resolved spec, its fingerprint, its features and the store size.
 
@@ -32,9 +50,7 @@ def check_command(spec_path: str, as_json: bool, no_files: bool) -> None:
         if as_json:
             click.echo(json.dumps({"ok": False, "spec": spec_path, "problems": exc.problems}, indent=2))
         else:
-            click.echo(f"{spec_path}: {len(exc.problems)} problem(s)", err=True)
-            for problem in exc.problems:
-                click.echo(f"  - {problem}", err=True)
+            echo_problems(spec_path, exc.problems)
         sys.exit(2)
 
     n, n_note = _count_samples(spec, count_files=not no_files)
@@ -74,8 +90,7 @@ def _report(spec: Any, n: int | None) -> dict[str, Any]:
 
 def _print_text(spec: Any, report: dict[str, Any], n_note: str) -> None:
     import yaml
-
-    from extract.spec import format_bytes
+    from dask.utils import format_bytes
 
     click.echo("# resolved spec")
     click.echo(yaml.safe_dump(report["resolved"], sort_keys=False, default_flow_style=None).rstrip())
@@ -84,8 +99,19 @@ def _print_text(spec: Any, report: dict[str, Any], n_note: str) -> None:
     click.echo(f"\n{len(feats)} feature(s):")
     rows = [("name", "t", "block", "module", "map", "pool", "view", "shape", "bytes/img")]
     for f in feats:
-        rows.append((f.name, str(f.t), str(f.block), f.module, f"{f.resolution}x{f.resolution}", f.pool, f.view,
-                     "x".join(map(str, f.shape)), format_bytes(f.nbytes(spec.storage.itemsize))))
+        rows.append(
+            (
+                f.name,
+                str(f.t),
+                str(f.block),
+                f.module,
+                f"{f.resolution}x{f.resolution}",
+                f.pool,
+                f.view,
+                "x".join(map(str, f.shape)),
+                format_bytes(f.nbytes(spec.storage.itemsize)),
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         click.echo("  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
@@ -95,5 +121,7 @@ def _print_text(spec: Any, report: dict[str, Any], n_note: str) -> None:
         click.echo(f"images: {n_note}")
     else:
         click.echo(f"images: {n} ({n_note})")
-        click.echo(f"estimated store size: {format_bytes(report['estimated_bytes'])} "
-                   f"(N · Σ C·p²·itemsize · |T| · views; lossless compression gains little on features)")
+        click.echo(
+            f"estimated store size: {format_bytes(report['estimated_bytes'])} "
+            f"(N · Σ C·p²·itemsize · |T| · views; lossless compression gains little on features)"
+        )

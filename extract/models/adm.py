@@ -71,20 +71,53 @@ _RELEASED_COMMON = {
     "num_res_blocks": 2,
 }
 PRESETS: dict[str, dict[str, Any]] = {
-    "256x256_diffusion_uncond": {**_RELEASED_COMMON, "image_size": 256, "num_channels": 256,
-                                 "num_head_channels": 64, "class_cond": False},
-    "256x256_diffusion": {**_RELEASED_COMMON, "image_size": 256, "num_channels": 256,
-                          "num_head_channels": 64, "class_cond": True},
-    "512x512_diffusion": {**_RELEASED_COMMON, "image_size": 512, "num_channels": 256,
-                          "num_head_channels": 64, "class_cond": True},
-    "128x128_diffusion": {**_RELEASED_COMMON, "image_size": 128, "num_channels": 256,
-                          "num_heads": 4, "class_cond": True},
-    "64x64_diffusion": {**_RELEASED_COMMON, "image_size": 64, "num_channels": 192,
-                        "num_res_blocks": 3, "num_head_channels": 64, "class_cond": True,
-                        "use_new_attention_order": True, "noise_schedule": "cosine"},
+    "256x256_diffusion_uncond": {
+        **_RELEASED_COMMON,
+        "image_size": 256,
+        "num_channels": 256,
+        "num_head_channels": 64,
+        "class_cond": False,
+    },
+    "256x256_diffusion": {
+        **_RELEASED_COMMON,
+        "image_size": 256,
+        "num_channels": 256,
+        "num_head_channels": 64,
+        "class_cond": True,
+    },
+    "512x512_diffusion": {
+        **_RELEASED_COMMON,
+        "image_size": 512,
+        "num_channels": 256,
+        "num_head_channels": 64,
+        "class_cond": True,
+    },
+    "128x128_diffusion": {
+        **_RELEASED_COMMON,
+        "image_size": 128,
+        "num_channels": 256,
+        "num_heads": 4,
+        "class_cond": True,
+    },
+    "64x64_diffusion": {
+        **_RELEASED_COMMON,
+        "image_size": 64,
+        "num_channels": 192,
+        "num_res_blocks": 3,
+        "num_head_channels": 64,
+        "class_cond": True,
+        "use_new_attention_order": True,
+        "noise_schedule": "cosine",
+    },
     **{
-        f"lsun_{name}": {**_RELEASED_COMMON, "image_size": 256, "num_channels": 256,
-                         "num_head_channels": 64, "class_cond": False, "dropout": 0.1}
+        f"lsun_{name}": {
+            **_RELEASED_COMMON,
+            "image_size": 256,
+            "num_channels": 256,
+            "num_head_channels": 64,
+            "class_cond": False,
+            "dropout": 0.1,
+        }
         for name in ("bedroom", "cat", "horse")
     },
 }
@@ -151,9 +184,7 @@ def config_from_flags(**flags: Any) -> ADMConfig:
     """Resolve guided-diffusion's flags (its names and defaults) into an `ADMConfig`."""
     unknown = sorted(set(flags) - set(DEFAULT_FLAGS) - DIFFUSION_ONLY_FLAGS)
     if unknown:
-        raise TypeError(
-            f"unknown ADM flag(s): {', '.join(unknown)}; known flags: {', '.join(sorted(DEFAULT_FLAGS))}"
-        )
+        raise TypeError(f"unknown ADM flag(s): {', '.join(unknown)}; known flags: {', '.join(sorted(DEFAULT_FLAGS))}")
     f = {**DEFAULT_FLAGS, **{k: v for k, v in flags.items() if k in DEFAULT_FLAGS}}
     if f["use_fp16"]:
         raise ValueError("use_fp16 is not supported: run in float32 and pass an autocast dtype instead")
@@ -161,9 +192,7 @@ def config_from_flags(**flags: Any) -> ADMConfig:
     mult = f["channel_mult"]
     if mult in ("", None, ()):
         if image_size not in DEFAULT_CHANNEL_MULT:
-            raise ValueError(
-                f"no default channel_mult for image_size={image_size}; pass channel_mult, e.g. '1,2,2'"
-            )
+            raise ValueError(f"no default channel_mult for image_size={image_size}; pass channel_mult, e.g. '1,2,2'")
         channel_mult: tuple[float, ...] = DEFAULT_CHANNEL_MULT[image_size]
     elif isinstance(mult, str):
         try:
@@ -261,12 +290,21 @@ class Downsample(nn.Module):
 class ResBlock(nn.Module):
     """Residual block conditioned on the timestep embedding, optionally resampling."""
 
-    def __init__(self, channels: int, emb_channels: int, dropout: float, out_channels: int,
-                 use_scale_shift_norm: bool, up: bool = False, down: bool = False):
+    def __init__(
+        self,
+        channels: int,
+        emb_channels: int,
+        dropout: float,
+        out_channels: int,
+        use_scale_shift_norm: bool,
+        up: bool = False,
+        down: bool = False,
+    ):
         super().__init__()
         self.use_scale_shift_norm = use_scale_shift_norm
-        self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(),
-                                       nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.in_layers = nn.Sequential(
+            normalization(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+        )
         self.updown = up or down
         if up:
             self.h_upd, self.x_upd = Upsample(channels, False), Upsample(channels, False)
@@ -277,10 +315,13 @@ class ResBlock(nn.Module):
         self.emb_layers = nn.Sequential(
             nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels)
         )
-        self.out_layers = nn.Sequential(normalization(out_channels), nn.SiLU(), nn.Dropout(dropout),
-                                        zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)))
-        self.skip_connection = (nn.Identity() if out_channels == channels
-                                else nn.Conv2d(channels, out_channels, 1))
+        self.out_layers = nn.Sequential(
+            normalization(out_channels),
+            nn.SiLU(),
+            nn.Dropout(dropout),
+            zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
+        )
+        self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         if self.updown:
@@ -415,10 +456,15 @@ class ADMUNet(nn.Module):
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
                 shapes.append((ch, cfg.image_size // ds))
 
-        self.out = nn.Sequential(normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(input_ch, cfg.out_channels, 3, padding=1)))
+        self.out = nn.Sequential(
+            normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(input_ch, cfg.out_channels, 3, padding=1))
+        )
 
-        names = ([f"input_blocks.{i}" for i in range(len(self.input_blocks))] + ["middle_block"]
-                 + [f"output_blocks.{j}" for j in range(len(self.output_blocks))])
+        names = (
+            [f"input_blocks.{i}" for i in range(len(self.input_blocks))]
+            + ["middle_block"]
+            + [f"output_blocks.{j}" for j in range(len(self.output_blocks))]
+        )
         self.blocks: tuple[BlockInfo, ...] = tuple(
             BlockInfo(n + 1, name, c, r) for n, (name, (c, r)) in enumerate(zip(names, shapes))
         )
@@ -426,12 +472,12 @@ class ADMUNet(nn.Module):
     # -- construction ------------------------------------------------------------------------
 
     @classmethod
-    def from_flags(cls, **flags: Any) -> "ADMUNet":
+    def from_flags(cls, **flags: Any) -> ADMUNet:
         """Build from guided-diffusion's flag names, with the defaults of `model_and_diffusion_defaults()`."""
         return cls(config_from_flags(**flags))
 
     @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> "ADMUNet":
+    def from_preset(cls, name: str, **overrides: Any) -> ADMUNet:
         if name not in PRESETS:
             raise KeyError(f"unknown preset {name!r}; presets: {', '.join(sorted(PRESETS))}")
         return cls.from_flags(**{**PRESETS[name], **overrides})
@@ -474,8 +520,9 @@ class ADMUNet(nn.Module):
             raise ValueError("this model is unconditional: y must be None")
         return emb
 
-    def _run(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, last_block: int,
-             keep: set[int]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    def _run(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, last_block: int, keep: set[int]
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Run blocks 1..last_block, returning the last output and the outputs of `keep`."""
         if t.ndim == 0:
             t = t.expand(x.shape[0])
@@ -511,8 +558,9 @@ class ADMUNet(nn.Module):
         h, _ = self._run(x, t, y, self.num_blocks, set())
         return self.out(h)
 
-    def features(self, x: torch.Tensor, t: torch.Tensor, blocks: Iterable[int | str],
-                 y: torch.Tensor | None = None) -> dict[int | str, torch.Tensor]:
+    def features(
+        self, x: torch.Tensor, t: torch.Tensor, blocks: Iterable[int | str], y: torch.Tensor | None = None
+    ) -> dict[int | str, torch.Tensor]:
         """Outputs of the requested blocks, keyed as requested; nothing past the deepest one runs."""
         requested = list(blocks)
         if not requested:

@@ -62,7 +62,9 @@ def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
             if isinstance(obj.get(key), dict):
                 return _unwrap(obj[key], path)
     if not isinstance(obj, dict) or not obj:
-        raise CheckpointError(f"{path}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}")
+        raise CheckpointError(
+            f"{path}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}"
+        )
     bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(f"{path}: not a state dict: entries {bad[:5]} are not name -> tensor")
@@ -91,20 +93,28 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: s
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    shapes = [(k, tuple(own[k].shape), tuple(state[k].shape)) for k in own
-              if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    shapes = [
+        (k, tuple(own[k].shape), tuple(state[k].shape))
+        for k in own
+        if k in state and tuple(own[k].shape) != tuple(state[k].shape)
+    ]
     if not (missing or unexpected or shapes):
         return
     lines = [f"{source} does not match the model:"]
     for k, exp, got in shapes[:10]:
-        lines.append(f"  shape mismatch at {k}: model expects {list(exp)}, checkpoint has {list(got)} "
-                     f"(check the flag {_flag_hint(k, exp, got)})")
+        lines.append(
+            f"  shape mismatch at {k}: model expects {list(exp)}, checkpoint has {list(got)} "
+            f"(check the flag {_flag_hint(k, exp, got)})"
+        )
     if missing:
-        lines.append(f"  {len(missing)} missing key(s), e.g. {', '.join(missing[:5])} "
-                     f"(check the flag {_flag_hint(missing[0])})")
+        lines.append(
+            f"  {len(missing)} missing key(s), e.g. {', '.join(missing[:5])} (check the flag {_flag_hint(missing[0])})"
+        )
     if unexpected:
-        lines.append(f"  {len(unexpected)} unexpected key(s), e.g. {', '.join(unexpected[:5])} "
-                     f"(check the flag {_flag_hint(unexpected[0])})")
+        lines.append(
+            f"  {len(unexpected)} unexpected key(s), e.g. {', '.join(unexpected[:5])} "
+            f"(check the flag {_flag_hint(unexpected[0])})"
+        )
     raise CheckpointError("\n".join(lines))
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from extract.models.adm import ADMUNet, PRESETS, config_from_flags
+from extract.models.adm import PRESETS, ADMUNet, config_from_flags
 from extract.models.checkpoints import load_checkpoint
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -25,7 +25,9 @@ def embedded_card(name: str) -> dict[str, Any]:
     """The JSON card of an embedded model: its flags, schedule and training record."""
     path = WEIGHTS_DIR / f"{name}.json"
     if not path.is_file():
-        raise FileNotFoundError(f"no embedded model {name!r}; embedded models: {', '.join(embedded_models()) or 'none'}")
+        raise FileNotFoundError(
+            f"no embedded model {name!r}; embedded models: {', '.join(embedded_models()) or 'none'}"
+        )
     return json.loads(path.read_text())
 
 
@@ -47,8 +49,10 @@ def resolve_flags(preset: str | None = None, flags: dict[str, Any] | None = None
     elif preset.startswith(EMBEDDED_PREFIX) or preset in embedded_models():
         base = dict(embedded_card(preset.removeprefix(EMBEDDED_PREFIX))["flags"])
     else:
-        raise KeyError(f"unknown model preset {preset!r}; presets: "
-                       f"{', '.join(sorted(PRESETS) + [EMBEDDED_PREFIX + n for n in embedded_models()])}")
+        raise KeyError(
+            f"unknown model preset {preset!r}; presets: "
+            f"{', '.join(sorted(PRESETS) + [EMBEDDED_PREFIX + n for n in embedded_models()])}"
+        )
     resolved = {**base, **flags}
     config_from_flags(**resolved)  # validates names and values now, before any work
     return resolved
@@ -63,8 +67,12 @@ def resolve_checkpoint(checkpoint: str | os.PathLike | None) -> Path | None:
     return Path(text).expanduser()
 
 
-def build_model(preset: str | None = None, flags: dict[str, Any] | None = None,
-                checkpoint: str | os.PathLike | None = None, init_seed: int = 0) -> tuple[ADMUNet, dict[str, Any]]:
+def build_model(
+    preset: str | None = None,
+    flags: dict[str, Any] | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    init_seed: int = 0,
+) -> tuple[ADMUNet, dict[str, Any]]:
     """The network in eval mode and a provenance record (flags, checkpoint path and sha256).
 
     Without a checkpoint the weights are random, drawn from `init_seed`: the random-weight baseline.
@@ -74,8 +82,13 @@ def build_model(preset: str | None = None, flags: dict[str, Any] | None = None,
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
         model = ADMUNet.from_flags(**resolved)
-    record: dict[str, Any] = {"preset": preset, "flags": model.config.to_flags(), "checkpoint": None,
-                              "checkpoint_sha256": None, "init": "checkpoint" if path else f"random(seed={init_seed})"}
+    record: dict[str, Any] = {
+        "preset": preset,
+        "flags": model.config.to_flags(),
+        "checkpoint": None,
+        "checkpoint_sha256": None,
+        "init": "checkpoint" if path else f"random(seed={init_seed})",
+    }
     if path is not None:
         record["checkpoint"] = str(checkpoint)
         record["checkpoint_sha256"] = load_checkpoint(model, path)

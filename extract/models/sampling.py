@@ -10,8 +10,15 @@ from extract.models.adm import ADMUNet
 
 
 @torch.inference_mode()
-def ddim_sample(model: ADMUNet, schedule: NoiseSchedule, n: int, steps: int = 50, eta: float = 0.0,
-                seed: int = 0, progress: bool = False) -> torch.Tensor:
+def ddim_sample(
+    model: ADMUNet,
+    schedule: NoiseSchedule,
+    n: int,
+    steps: int = 50,
+    eta: float = 0.0,
+    seed: int = 0,
+    progress: bool = False,
+) -> torch.Tensor:
     """n images in [-1, 1] from pure noise, over `steps` evenly spaced timesteps of the schedule."""
     if not 1 <= steps <= schedule.num_steps:
         raise ValueError(f"steps must be in [1, {schedule.num_steps}], got {steps}")
@@ -45,5 +52,5 @@ def image_grid(images: torch.Tensor, nrow: int = 8, pad: int = 2) -> np.ndarray:
     pix = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     for k in range(n):
         r, col = divmod(k, ncol)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = pix[k]
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = pix[k]
     return grid

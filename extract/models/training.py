@@ -113,7 +113,7 @@ def _batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
     per_epoch = n // batch_size
     epoch, k = divmod(step, per_epoch)
     perm = np.random.default_rng([seed, epoch]).permutation(n)
-    return perm[k * batch_size:(k + 1) * batch_size]
+    return perm[k * batch_size : (k + 1) * batch_size]
 
 
 def _lr_factor(cfg: TrainConfig) -> Callable[[int], float]:
@@ -126,17 +126,26 @@ def _lr_factor(cfg: TrainConfig) -> Callable[[int], float]:
     return factor
 
 
-def _save(out: Path, model: ADMUNet, ema: torch.optim.swa_utils.AveragedModel, opt: torch.optim.Optimizer,
-          record: dict[str, Any]) -> None:
+def _save(
+    out: Path,
+    model: ADMUNet,
+    ema: torch.optim.swa_utils.AveragedModel,
+    opt: torch.optim.Optimizer,
+    record: dict[str, Any],
+) -> None:
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-              str(out / "online.safetensors.tmp"))
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(out / "online.safetensors.tmp")
+    )
     save_file(_ema_state(ema), str(out / "ema.safetensors.tmp"))
-    opt_tensors = {f"{pid}.{name}": value.detach().cpu().contiguous()
-                   for pid, state in opt.state_dict()["state"].items()
-                   for name, value in state.items() if isinstance(value, torch.Tensor)}
+    opt_tensors = {
+        f"{pid}.{name}": value.detach().cpu().contiguous()
+        for pid, state in opt.state_dict()["state"].items()
+        for name, value in state.items()
+        if isinstance(value, torch.Tensor)
+    }
     save_file(opt_tensors, str(out / "optimizer.safetensors.tmp"))
     # Rename after all three are complete so a crash mid-save leaves the previous checkpoint intact.
     for name in ("online", "ema", "optimizer"):
@@ -168,9 +177,15 @@ def snapshot_name(images_seen: int) -> str:
     return f"ema_{images_seen:09d}.safetensors"
 
 
-def train(images: torch.Tensor, cfg: TrainConfig, out_dir: str | Path, progress: bool = True,
-          until_step: int | None = None, max_seconds: float | None = None,
-          snapshot_images: tuple[int, ...] = ()) -> dict[str, Any]:
+def train(
+    images: torch.Tensor,
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    progress: bool = True,
+    until_step: int | None = None,
+    max_seconds: float | None = None,
+    snapshot_images: tuple[int, ...] = (),
+) -> dict[str, Any]:
     """Train on `images` (N, 3, H, W) float32 in [-1, 1]; resumes from `out_dir` when it holds a run.
 
     `until_step` and `max_seconds` stop early (after checkpointing) without changing the run's config,
@@ -188,27 +203,36 @@ def train(images: torch.Tensor, cfg: TrainConfig, out_dir: str | Path, progress:
     layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=layout)
     if images.shape[1:] != (3, model.config.image_size, model.config.image_size):
-        raise ValueError(f"images must be (N, 3, {model.config.image_size}, {model.config.image_size}), "
-                         f"got {tuple(images.shape)}")
+        raise ValueError(
+            f"images must be (N, 3, {model.config.image_size}, {model.config.image_size}), got {tuple(images.shape)}"
+        )
     schedule = NoiseSchedule.from_flags(cfg.noise_schedule, cfg.diffusion_steps)
     sqrt_ab = torch.from_numpy(schedule.sqrt_alphas_cumprod).float().to(device)
     sqrt_1mab = torch.from_numpy(schedule.sqrt_one_minus_alphas_cumprod).float().to(device)
     snr = (sqrt_ab / sqrt_1mab) ** 2
-    weight_of_t = (snr.clamp(max=cfg.snr_gamma) / snr if cfg.weighting == "min-snr" else torch.ones_like(snr))
+    weight_of_t = snr.clamp(max=cfg.snr_gamma) / snr if cfg.weighting == "min-snr" else torch.ones_like(snr)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(cfg))
     ema_fn = ema_average(cfg.ema_decay)
     ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_fn)
     forward = torch.compile(model) if cfg.compile else model
-    record: dict[str, Any] = {"config": dataclasses.asdict(cfg), "step": 0, "losses": [], "wall_seconds": 0.0,
-                              "autocast": str(amp).replace("torch.", "") if amp else "none",
-                              "num_images": int(len(images)), "snapshots": []}
+    record: dict[str, Any] = {
+        "config": dataclasses.asdict(cfg),
+        "step": 0,
+        "losses": [],
+        "wall_seconds": 0.0,
+        "autocast": str(amp).replace("torch.", "") if amp else "none",
+        "num_images": int(len(images)),
+        "snapshots": [],
+    }
     if (out / STATE_FILE).is_file():
         prev = json.loads((out / STATE_FILE).read_text())
         if prev["config"] != record["config"]:
             changed = sorted(k for k in record["config"] if prev["config"].get(k) != record["config"][k])
-            raise ValueError(f"{out} holds a run with a different config (differs in: {', '.join(changed)}); "
-                             f"use another output directory")
+            raise ValueError(
+                f"{out} holds a run with a different config (differs in: {', '.join(changed)}); "
+                f"use another output directory"
+            )
         model.load_state_dict(read_state_dict(out / "online.safetensors"))
         ema.module.load_state_dict(read_state_dict(out / "ema.safetensors"))
         ema.n_averaged.fill_(prev["step"])
@@ -281,8 +305,9 @@ def train(images: torch.Tensor, cfg: TrainConfig, out_dir: str | Path, progress:
     return record
 
 
-def _save_snapshot(out: Path, ema: torch.optim.swa_utils.AveragedModel, mark: int, step: int,
-                   record: dict[str, Any]) -> None:
+def _save_snapshot(
+    out: Path, ema: torch.optim.swa_utils.AveragedModel, mark: int, step: int, record: dict[str, Any]
+) -> None:
     from safetensors.torch import save_file
 
     (out / "snapshots").mkdir(parents=True, exist_ok=True)
@@ -313,11 +338,16 @@ def export_ema(out_dir: str | Path, path: str | Path, name: str, command: str = 
         "flags": cfg["flags"],
         "noise_schedule": cfg["noise_schedule"],
         "diffusion_steps": cfg["diffusion_steps"],
-        "objective": ("DDPM epsilon-prediction, uniform t, "
-                      + ("Min-SNR-gamma weighting (gamma %g; Hang et al., ICCV 2023)" % cfg["snr_gamma"]
-                         if cfg.get("weighting") == "min-snr" else "plain MSE")),
+        "objective": (
+            "DDPM epsilon-prediction, uniform t, "
+            + (
+                "Min-SNR-gamma weighting (gamma {:g}; Hang et al., ICCV 2023)".format(cfg["snr_gamma"])
+                if cfg.get("weighting") == "min-snr"
+                else "plain MSE"
+            )
+        ),
         "data": f"Fashion-MNIST training split ({record['num_images']} images), reference preprocessing to 32x32, "
-                "grayscale as 3 channels, random horizontal flips",
+        "grayscale as 3 channels, random horizontal flips",
         "steps": record["step"],
         "schedule_steps": cfg["steps"],
         "images_seen": record["step"] * cfg["batch_size"],

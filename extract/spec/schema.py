@@ -1,0 +1,347 @@
+"""The spec's YAML as pydantic models: types, defaults, choices and ranges; the JSON Schema.
+
+Only what can be checked from the document alone lives here (no torch, no file I/O): whether a block
+exists, a timestep fits the schedule or a pool fits a map depends on the model and is checked in
+`extract.spec.resolve`. Unknown keys are refused everywhere. `problems(error)` turns pydantic's errors
+into the project's messages, each prefixed by its field path (`storage.dtype: unknown storage dtype
+'float61' (did you mean 'float16'?); choose one of float16, float32`).
+
+YAML schema (defaults in brackets; `null` where a default is derived)::
+
+    name: cpu_small                      # [file stem] a label; not part of the fingerprint
+    model:
+      preset: 256x256_diffusion_uncond   # [null] a released preset, or "embedded:<name>"
+      flags: {num_channels: 32, ...}     # [{}] guided-diffusion flag overrides on top of the preset
+      checkpoint: path | "embedded:<name>" | null   # [null] null = random weights from init_seed
+      init_seed: 0                       # [0]
+      noise_schedule: linear | cosine    # [preset's, else linear]
+      diffusion_steps: 1000              # [preset's, else 1000]
+    dataset:
+      kind: folder | csv | hdf5 | idx | digits
+      path: data/imagenet                # required for folder/csv/hdf5; idx: [Fashion-MNIST's folder, extract.idx];
+                                         #   digits: must be null (sklearn's bundled 8x8 digits)
+      splits: [train, test]              # [null] = every split the source has
+      limit: 1000 | {train: 1000, test: 200}   # [null] keep the first n rows of each split, in source order
+      image_size: 256                    # [model image_size] must be divisible by the U-Net's total downsampling
+      preprocess: reference              # [reference] guided-diffusion's center_crop_arr (extract/preprocess.py)
+    features:
+      timesteps: [90, 150]               # 0-based indices of the diffusion_steps-step process
+      blocks: [19, 24, "output_blocks.8"]   # paper numbering (1-based) or module names
+      pooling: [2] | {default: [2], 24: [2, 4]}   # [{default: [2]}] average-pool sizes p (output p x p); [] = none
+      tokens: 16 | {default: 16, 19: 8} | null    # [null] token mode: average-pool to at most s x s
+    noise: {seed: 0, draws: 1}           # draws > 1: features averaged over that many noise draws
+    views: {center: true, hflip: false}  # hflip adds a horizontally flipped second view ("_flip" features)
+    storage: {dtype: float16, compressor: blosc-lz4, chunk_rows: 64, shard_rows: null}
+                                         # dtype float16|float32; compressor blosc-lz4|zstd|none;
+                                         # shard_rows null = chosen by the store; else a multiple of chunk_rows
+    compute: {dtype: float32, batch_size: 32, device: auto, num_workers: 0}
+                                         # dtype float32|bfloat16|float16; device auto|cpu|cuda[:N]|mps
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from typing import Annotated, Any, Literal, get_args, get_origin
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from extract.store.layout import COMPRESSIONS, STORAGE_DTYPES
+
+SPEC_VERSION = 1
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+DATASET_KINDS = ("folder", "csv", "hdf5", "idx", "digits")
+PREPROCESSING = ("reference",)
+SCHEDULES = ("linear", "cosine")
+DEFAULT_POOLING = (2,)
+SECTIONS = ("model", "dataset", "features", "noise", "views", "storage", "compute")
+REQUIRED_SECTIONS = ("model", "dataset", "features")
+TOP_KEYS = ("version", "name", *SECTIONS)
+
+_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+# Union branches are chosen by the input's shape; their tags are dropped again from error paths.
+_ONE, _LIST, _MAP, _NONE = "one", "list", "map", "none"
+_TAGS = {_ONE, _LIST, _MAP, _NONE}
+
+
+def type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def suggest(word: Any, choices: Any) -> str:
+    """' (did you mean 'x'?)' when a choice is close to `word`, else ''."""
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _fspath(value: Any) -> Any:
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
+def _listify(value: Any) -> Any:
+    return [value] if isinstance(value, (int, str)) and not isinstance(value, bool) else value
+
+
+def _shape(value: Any) -> str:
+    if value is None:
+        return _NONE
+    return _MAP if isinstance(value, dict) else _LIST if isinstance(value, list) else _ONE
+
+
+def _block_ref(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise PydanticCustomError(
+            "block_ref",
+            "expected a block number or module name, got {kind} {value}",
+            {"kind": type_name(value), "value": repr(value)},
+        )
+    return value
+
+
+def _tokens(value: Any) -> Any:
+    return None if value == 0 and not isinstance(value, bool) else value  # 0 spells "no tokens", as null
+
+
+def _by_shape(one: Any, many: Any, mapping: Any) -> Any:
+    """A value spelled as a scalar, a list or a {block/split: value} mapping, validated by its shape."""
+    return Annotated[
+        Annotated[one, Tag(_ONE)]
+        | Annotated[many, Tag(_LIST)]
+        | Annotated[mapping, Tag(_MAP)]
+        | Annotated[None, Tag(_NONE)],
+        Discriminator(_shape),
+    ]
+
+
+PosInt = Annotated[int, Field(ge=1)]
+NonNegInt = Annotated[int, Field(ge=0)]
+Path_ = Annotated[str | None, BeforeValidator(_fspath)]
+BlockRef = Annotated[int | str, BeforeValidator(_block_ref)]
+BlockKey = int | str  # a block number, a digit string or a module name, or "default"
+Pools = Annotated[list[PosInt], BeforeValidator(_listify)]
+TokenSize = Annotated[PosInt | None, BeforeValidator(_tokens)]
+PoolingField = _by_shape(Pools, Pools, dict[BlockKey, Pools])
+TokensField = _by_shape(TokenSize, TokenSize, dict[BlockKey, TokenSize])
+LimitField = _by_shape(PosInt, PosInt, dict[str, PosInt])
+
+
+class _Section(BaseModel):
+    # strict: YAML's "64" is a string, not a number; 1.5 is no seed; true is no timestep.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class ModelSection(_Section):
+    preset: str | None = Field(None, min_length=1)
+    flags: dict[str, Any] | None = Field(None, description="guided-diffusion flags over the preset's")
+    checkpoint: Path_ = Field(None, description="a path, 'embedded:<name>', or null for random weights")
+    init_seed: NonNegInt = 0
+    noise_schedule: Literal[SCHEDULES] | None = Field(None, title="noise schedule")  # type: ignore[valid-type]
+    diffusion_steps: PosInt | None = None
+
+
+class DatasetSection(_Section):
+    kind: Literal[DATASET_KINDS] = Field(title="dataset kind")  # type: ignore[valid-type]
+    path: Path_ = None
+    splits: Annotated[list[Annotated[str, Field(min_length=1)]] | None, BeforeValidator(_listify)] = Field(
+        None, min_length=1
+    )
+    limit: LimitField = None
+    image_size: PosInt | None = None
+    preprocess: Literal[PREPROCESSING] = Field("reference", title="preprocessing")  # type: ignore[valid-type]
+
+
+class FeaturesSection(_Section):
+    timesteps: Annotated[list[int], BeforeValidator(_listify)] = Field(min_length=1)
+    blocks: Annotated[list[BlockRef], BeforeValidator(_listify)] = Field(min_length=1)
+    pooling: PoolingField = None
+    tokens: TokensField = None
+
+
+class NoiseSection(_Section):
+    seed: NonNegInt = 0
+    draws: PosInt = 1
+
+
+class ViewsSection(_Section):
+    center: bool = True
+    hflip: bool = False
+
+    @model_validator(mode="after")
+    def _one_view(self) -> ViewsSection:
+        if not (self.center or self.hflip):
+            raise PydanticCustomError("no_view", "at least one of center and hflip must be true")
+        return self
+
+
+class StorageSection(_Section):
+    dtype: Literal[STORAGE_DTYPES] = Field("float16", title="storage dtype")  # type: ignore[valid-type]
+    compressor: Literal[COMPRESSIONS] = Field("blosc-lz4", title="compressor")  # type: ignore[valid-type]
+    chunk_rows: PosInt = 64
+    shard_rows: PosInt | None = None
+
+    @field_validator("shard_rows")
+    @classmethod
+    def _whole_chunks(cls, value: int | None, info: Any) -> int | None:
+        chunk_rows = info.data.get("chunk_rows")
+        if value is not None and chunk_rows and value % chunk_rows:
+            raise PydanticCustomError(
+                "shard_rows", "{value} is not a multiple of chunk_rows={chunk}", {"value": value, "chunk": chunk_rows}
+            )
+        return value
+
+
+class ComputeSection(_Section):
+    dtype: Literal[COMPUTE_DTYPES] = Field("float32", title="compute dtype")  # type: ignore[valid-type]
+    batch_size: PosInt = 32
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:<index> or mps")
+    num_workers: NonNegInt = 0
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _device(cls, value: Any) -> Any:
+        if not isinstance(value, str) or not _DEVICE_RE.match(value):
+            raise PydanticCustomError(
+                "device", "unknown device {value}; use auto, cpu, cuda, cuda:<index> or mps", {"value": repr(value)}
+            )
+        return value
+
+
+class SpecDocument(_Section):
+    """A whole spec file."""
+
+    version: int = SPEC_VERSION
+    name: str | None = Field(None, min_length=1)
+    model: ModelSection
+    dataset: DatasetSection
+    features: FeaturesSection
+    noise: NoiseSection = NoiseSection()
+    views: ViewsSection = ViewsSection()
+    storage: StorageSection = StorageSection()
+    compute: ComputeSection = ComputeSection()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections(cls, raw: Any) -> Any:
+        # `noise:` with nothing under it is YAML's null: an empty section, every default applies.
+        if isinstance(raw, dict):
+            return {k: ({} if k in SECTION_MODELS and v is None else v) for k, v in raw.items()}
+        return raw
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version(cls, value: Any) -> Any:
+        if value != SPEC_VERSION:
+            raise PydanticCustomError(
+                "version",
+                "unsupported spec version {value}; this diffbank reads version {supported}",
+                {"value": repr(value), "supported": SPEC_VERSION},
+            )
+        return value
+
+
+SECTION_MODELS: dict[str, type[_Section]] = {
+    "model": ModelSection,
+    "dataset": DatasetSection,
+    "features": FeaturesSection,
+    "noise": NoiseSection,
+    "views": ViewsSection,
+    "storage": StorageSection,
+    "compute": ComputeSection,
+}
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of a spec file (for editors and `diffbank spec schema`)."""
+    return SpecDocument.model_json_schema()
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors -> messages
+# ---------------------------------------------------------------------------------------------
+
+
+def _path(loc: tuple[Any, ...]) -> str:
+    out = ""
+    after_map = False
+    for part in loc:
+        if part in _TAGS:
+            after_map = part == _MAP
+            continue
+        if isinstance(part, int) and not after_map:
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+        after_map = False
+    return out
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The model whose field `loc` names (None below a plain mapping or list)."""
+    model: type[BaseModel] = SpecDocument
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        annotation = field.annotation if field is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def _literals(annotation: Any) -> list[str]:
+    if get_origin(annotation) is Literal:
+        return [str(a) for a in get_args(annotation)]
+    return [c for arg in get_args(annotation) for c in _literals(arg)]
+
+
+def _message(err: Any) -> str:
+    kind, value, loc = err["type"], err.get("input"), tuple(err["loc"])
+    got = f"got {type_name(value)} {value!r}"
+    if kind == "extra_forbidden":
+        model = _model_at(loc)
+        allowed = list(model.model_fields) if model is not None else []
+        return f"unknown key{suggest(loc[-1], allowed)}; allowed: {', '.join(allowed)}"
+    if kind == "missing":
+        return "section is required" if len(loc) == 1 else "is required"
+    if kind == "literal_error":
+        model = _model_at(loc)
+        field = model.model_fields[loc[-1]] if model is not None else None
+        choices = _literals(field.annotation) if field is not None else []
+        what = field.title if field is not None and field.title else "value"
+        hint = (
+            " (bfloat16 is not a core zarr dtype; use it as compute.dtype)"
+            if loc == ("storage", "dtype") and value == "bfloat16"
+            else ""
+        )
+        return f"unknown {what} {value!r}{suggest(value, choices)}; choose one of {', '.join(choices)}{hint}"
+    if kind in ("int_type", "int_parsing", "int_from_float"):
+        return f"expected an integer, {got}"
+    if kind == "bool_type":
+        return f"expected true or false, {got}"
+    if kind in ("string_type", "string_too_short"):
+        return f"expected a non-empty string, {got}"
+    if kind in ("dict_type", "model_type", "model_attributes_type"):
+        return f"expected a mapping, {got}"
+    if kind == "list_type":
+        return f"expected a list, {got}"
+    if kind == "too_short":
+        return "must not be empty"
+    if kind == "greater_than_equal":
+        return f"must be >= {err['ctx']['ge']}, got {value}"
+    return err["msg"]
+
+
+def problems(error: ValidationError) -> list[tuple[str, str]]:
+    """(field path, message) of every error, in document order."""
+    return [(_path(tuple(e["loc"])), _message(e)) for e in error.errors()]

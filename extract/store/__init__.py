@@ -1,0 +1,48 @@
+"""The feature store (Zarr v3): layout, writer, reader and tools.
+
+`layout` is the only code that knows the disk format. The store imports no spec, no model and no
+CLI: what it records about a spec arrives as plain data, and checks that need a spec (may a new spec
+extend this store? what is the recorded spec's fingerprint?) arrive as functions from the caller.
+"""
+
+from extract.store.layout import (
+    COMPRESSIONS,
+    FEATURE_DIMS,
+    FLOAT16_MAX,
+    FORMAT_VERSION,
+    STORAGE_DTYPES,
+    FeatureInfo,
+    FingerprintMismatch,
+    Layout,
+    StoreError,
+    itemsize,
+    plan_layout,
+)
+from extract.store.reader import FeatureStore, open_store
+from extract.store.tools import VerifyReport, export_hdf5, info, save_features, verify
+from extract.store.writer import ExtensionCheck, StoreWriter, cast_with_stats, create_store
+
+__all__ = [
+    "COMPRESSIONS",
+    "FEATURE_DIMS",
+    "FLOAT16_MAX",
+    "FORMAT_VERSION",
+    "STORAGE_DTYPES",
+    "ExtensionCheck",
+    "FeatureInfo",
+    "FeatureStore",
+    "FingerprintMismatch",
+    "Layout",
+    "StoreError",
+    "StoreWriter",
+    "VerifyReport",
+    "cast_with_stats",
+    "create_store",
+    "export_hdf5",
+    "info",
+    "itemsize",
+    "open_store",
+    "plan_layout",
+    "save_features",
+    "verify",
+]

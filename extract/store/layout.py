@@ -1,0 +1,309 @@
+"""The on-disk layout of a feature store: the only code that knows it.
+
+A store is a Zarr v3 hierarchy, written once (possibly by many workers) and read many times:
+
+    /                        root attributes: spec, fingerprint, provenance, versions, format version
+    /features/<name>         (N, C, h, w) float16|float32, chunked along N only, sharded, compressed,
+                             dimension_names (sample, channel, y, x); attributes describe the feature
+    /samples/label           (N,) int64, -1 = unknown
+    /samples/id              (N,) string (relative path or source id)
+    /samples/valid           (N,) bool: False for failed images (their feature rows are zero)
+    /samples/error           (N,) string: "" or why the image failed
+    /splits/<split>          (N,) bool membership, one array per split (splits may overlap)
+    /_progress/done          (units, features) uint8 completion markers, written after the data
+    /_progress/stats         (units, features, 4) float64: max|x| (finite, float32, before casting),
+                             infs stored, NaNs, values that overflowed float16
+
+A *unit* is one shard of rows: every array shares the same shard length, so a unit is written as whole
+shards of every array by exactly one writer (Zarr v3 has no locks: two writers on one shard lose data).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, ZstdCodec
+
+FORMAT_NAME = "diffbank-feature-store"
+FORMAT_VERSION = 1
+FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
+DEFAULT_CHUNK_ROWS = 64
+MAX_CHUNK_BYTES = 4 << 20  # inner chunks of ~1-4 MiB read fast in random 64-row batches
+TARGET_SHARD_BYTES = 256 << 20  # few, large objects for object stores
+COMPRESSIONS = ("blosc-lz4", "zstd", "none")
+# bfloat16 is not a core zarr dtype, so it can be a compute dtype but never a storage one.
+STORAGE_DTYPES = ("float16", "float32")
+STATS_FIELDS = ("max_abs", "n_inf", "n_nan", "n_overflow")
+
+FEATURES, SAMPLES, SPLITS, PROGRESS = "features", "samples", "splits", "_progress"
+FEATURE_DIMS = ("sample", "channel", "y", "x")
+_ARRAY_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+_SAMPLE_CHUNK = 1 << 16
+
+
+class StoreError(Exception):
+    """A store cannot be created, opened or extended as asked; the message says why and what to do."""
+
+
+class FingerprintMismatch(StoreError):
+    """An existing store was made from a different spec."""
+
+
+def itemsize(dtype: str) -> int:
+    """Bytes per stored value of a storage dtype."""
+    if dtype not in STORAGE_DTYPES:
+        raise StoreError(f"storage dtype {dtype!r} not supported; use one of {STORAGE_DTYPES}")
+    return np.dtype(dtype).itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureInfo:
+    """What one feature array holds. `shape` is per sample (C, h, w); `resolution` is before pooling."""
+
+    name: str
+    t: int | None
+    block: int | None
+    module: str | None
+    channels: int
+    resolution: int | None
+    pool_kind: str | None
+    pool_size: int | None
+    shape: tuple[int, ...]
+    dtype: str
+    view: str = "center"
+    stats: dict[str, Any] | None = None
+
+    def to_attrs(self) -> dict[str, Any]:
+        return {
+            "t": self.t,
+            "block": self.block,
+            "module": self.module,
+            "channels": self.channels,
+            "resolution": self.resolution,
+            "pool_kind": self.pool_kind,
+            "pool_size": self.pool_size,
+            "pool": None if self.pool_kind is None else f"{self.pool_kind}{self.pool_size}",
+            "shape": list(self.shape),
+            "storage_dtype": self.dtype,
+            "view": self.view,
+        }
+
+    @classmethod
+    def from_attrs(cls, name: str, attrs: Mapping[str, Any], shape: Sequence[int]) -> FeatureInfo:
+        return cls(
+            name=name,
+            t=attrs.get("t"),
+            block=attrs.get("block"),
+            module=attrs.get("module"),
+            channels=int(attrs.get("channels", shape[0])),
+            resolution=attrs.get("resolution"),
+            pool_kind=attrs.get("pool_kind"),
+            pool_size=attrs.get("pool_size"),
+            shape=tuple(int(s) for s in shape),
+            dtype=str(attrs.get("storage_dtype")),
+            view=attrs.get("view", "center"),
+            stats=attrs.get("stats"),
+        )
+
+    @property
+    def row_bytes(self) -> int:
+        return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Row geometry shared by all arrays: the shard length is the unit of work."""
+
+    num_samples: int
+    shard_rows: int
+    chunk_rows: dict[str, int]
+
+    @property
+    def num_units(self) -> int:
+        return max(1, math.ceil(self.num_samples / self.shard_rows))
+
+    def unit_rows(self, unit: int) -> tuple[int, int]:
+        if not 0 <= unit < self.num_units:
+            raise IndexError(f"unit {unit} out of range: this store has units 0..{self.num_units - 1}")
+        start = unit * self.shard_rows
+        return start, min(self.num_samples, start + self.shard_rows)
+
+
+def plan_layout(
+    num_samples: int,
+    features: Sequence[FeatureInfo],
+    *,
+    shard_rows: int | None = None,
+    chunk_rows: int | None = None,
+    target_shard_bytes: int = TARGET_SHARD_BYTES,
+) -> Layout:
+    """Choose one shard length for all arrays and an inner chunk length per array.
+
+    Inner chunks aim at <= 4 MiB (default 64 rows); the shard length is a multiple of every chunk
+    length and aims at ~256 MiB for the widest feature, capped by N.
+    """
+    if num_samples < 1:
+        raise StoreError("a store needs at least one sample")
+    want_chunk = int(chunk_rows or DEFAULT_CHUNK_ROWS)
+    if want_chunk < 1:
+        raise StoreError(f"chunk_rows must be positive, got {chunk_rows}")
+    widest = max((f.row_bytes for f in features), default=1)
+    if shard_rows is None:
+        if num_samples <= want_chunk:
+            shard_rows = num_samples
+        else:
+            by_bytes = max(want_chunk, (target_shard_bytes // max(widest, 1)) // want_chunk * want_chunk)
+            shard_rows = min(by_bytes, math.ceil(num_samples / want_chunk) * want_chunk)
+    shard_rows = int(shard_rows)
+    if shard_rows < 1:
+        raise StoreError(f"shard_rows must be positive, got {shard_rows}")
+    chunks: dict[str, int] = {}
+    for f in features:
+        limit = max(1, min(want_chunk, MAX_CHUNK_BYTES // max(f.row_bytes, 1), shard_rows))
+        # largest divisor of the shard length within the limit: shards must hold whole chunks
+        chunks[f.name] = max(d for d in range(1, limit + 1) if shard_rows % d == 0)
+    return Layout(num_samples, shard_rows, chunks)
+
+
+def compressors(compression: str) -> list[Any] | None:
+    if compression == "blosc-lz4":
+        return [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")]
+    if compression == "zstd":
+        return [ZstdCodec(level=3)]
+    if compression == "none":
+        return None
+    raise StoreError(f"unknown compression {compression!r}; choose one of {', '.join(COMPRESSIONS)}")
+
+
+def check_array_name(name: str, what: str) -> None:
+    if not _ARRAY_NAME_RE.match(str(name)):
+        raise StoreError(f"{what} {name!r}: use letters, digits, '_', '-' or '.'")
+
+
+def manifest_hash(sample_ids: Sequence[str], labels: np.ndarray) -> str:
+    """sha256 over (id, label) pairs in row order: two stores of the same dataset share it."""
+    h = hashlib.sha256()
+    for sid, label in zip(sample_ids, np.asarray(labels).tolist()):
+        h.update(f"{sid}\t{int(label)}\n".encode())
+    return h.hexdigest()
+
+
+def as_str(values: Any) -> np.ndarray:
+    """A fixed-width unicode copy of zarr's variable-length strings (numpy's StringDType)."""
+    return np.array(np.asarray(values).tolist(), dtype=str).reshape(np.shape(values))
+
+
+# ---------------------------------------------------------------------------------------------
+# Opening
+# ---------------------------------------------------------------------------------------------
+
+
+def open_group(
+    url: str | os.PathLike,
+    mode: str,
+    storage_options: dict[str, Any] | None = None,
+    use_consolidated: bool | None = None,
+) -> zarr.Group:
+    kwargs: dict[str, Any] = {"mode": mode}
+    if storage_options:
+        kwargs["storage_options"] = storage_options
+    if use_consolidated is not None:
+        kwargs["use_consolidated"] = use_consolidated
+    return zarr.open_group(os.fspath(url) if isinstance(url, os.PathLike) else url, **kwargs)
+
+
+def existing_root(url: str, storage_options: dict[str, Any] | None) -> zarr.Group | None:
+    """The root group if a Zarr hierarchy is already at `url`, else None."""
+    try:
+        return open_group(url, "r", storage_options, use_consolidated=False)
+    except FileNotFoundError:  # zarr's GroupNotFoundError is a FileNotFoundError too
+        return None
+
+
+def is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def local_path(url: str) -> Path:
+    return Path(url.removeprefix("file://")).expanduser()
+
+
+# ---------------------------------------------------------------------------------------------
+# Creating the arrays
+# ---------------------------------------------------------------------------------------------
+
+
+def create_feature_array(group: zarr.Group, info: FeatureInfo, layout: Layout, compression: str) -> None:
+    shape = (layout.num_samples, *info.shape)
+    dims = FEATURE_DIMS if len(info.shape) == 3 else ("sample", "channel") if len(info.shape) == 1 else None
+    group.create_array(
+        info.name,
+        shape=shape,
+        dtype=info.dtype,
+        chunks=(layout.chunk_rows[info.name], *info.shape),
+        shards=(layout.shard_rows, *info.shape),
+        compressors=compressors(compression),
+        fill_value=0.0,
+        dimension_names=dims,
+        attributes=info.to_attrs(),
+    )
+
+
+def create_progress(group: zarr.Group, names: Sequence[str], num_units: int) -> None:
+    width = max(1, len(names))
+    group.create_array(
+        "done",
+        shape=(num_units, len(names)),
+        dtype="uint8",
+        chunks=(1, width),
+        fill_value=0,
+        dimension_names=("unit", "feature"),
+        attributes={
+            "features": list(names),
+            "meaning": "1 = this (unit, feature) was fully written; markers come after the data",
+        },
+    )
+    group.create_array(
+        "stats",
+        shape=(num_units, len(names), len(STATS_FIELDS)),
+        dtype="float64",
+        chunks=(1, width, len(STATS_FIELDS)),
+        fill_value=0.0,
+        dimension_names=("unit", "feature", "stat"),
+        attributes={"fields": list(STATS_FIELDS)},
+    )
+
+
+def create_samples(group: zarr.Group, ids: np.ndarray, labels: np.ndarray, shard_rows: int) -> None:
+    n = int(len(ids))
+    group.create_array(
+        "label", data=labels, chunks=(min(n, _SAMPLE_CHUNK),), dimension_names=("sample",), attributes={"unknown": -1}
+    )
+    ids_arr = group.create_array(
+        "id", shape=(n,), dtype=str, chunks=(min(n, _SAMPLE_CHUNK),), dimension_names=("sample",)
+    )
+    ids_arr[:] = ids
+    group.create_array(
+        "valid",
+        shape=(n,),
+        dtype=bool,
+        chunks=(shard_rows,),
+        fill_value=False,
+        dimension_names=("sample",),
+        attributes={"meaning": "False: the image failed (rows zero) or its unit is not written yet"},
+    )
+    group.create_array("error", shape=(n,), dtype=str, chunks=(shard_rows,), fill_value="", dimension_names=("sample",))
+
+
+def create_splits(group: zarr.Group, masks: Mapping[str, np.ndarray]) -> None:
+    for name, mask in masks.items():
+        group.create_array(name, data=mask, chunks=(min(len(mask), _SAMPLE_CHUNK),), dimension_names=("sample",))

@@ -1,0 +1,287 @@
+"""Store tools: write a complete store from arrays, describe it, verify it, export it to HDF5."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from extract.features import FeatureKey, parse_feature_name
+from extract.provenance import fingerprint as fingerprint_of
+from extract.provenance import to_jsonable
+from extract.store.layout import SAMPLES, FeatureInfo, StoreError, as_str
+from extract.store.reader import FeatureStore, open_store
+from extract.store.writer import create_store
+
+SAVED_KIND = "save_features"  # the recorded "spec" of a store written from arrays
+
+
+def _key_of(name: str) -> FeatureKey | None:
+    try:
+        return parse_feature_name(name)
+    except ValueError:  # any name is allowed for users' own arrays; only rule-following ones carry t/block
+        return None
+
+
+def save_features(
+    url: str | os.PathLike,
+    features: Mapping[str, np.ndarray],
+    labels: Any,
+    splits: Mapping[str, Any] | None,
+    sample_ids: Sequence[str] | None = None,
+    class_names: Sequence[str] | None = None,
+    info: Mapping[str, Mapping[str, Any]] | None = None,
+    attrs: Mapping[str, Any] | None = None,
+    *,
+    shard_rows: int | None = None,
+    chunk_rows: int | None = None,
+    compression: str = "blosc-lz4",
+    storage_options: dict[str, Any] | None = None,
+) -> FeatureStore:
+    """Write a complete store from arrays (N, C, h, w) or (N, D); returns it opened read-only.
+
+    Names following the rule (t090_b24_avg2) get t/block/pooling parsed from the name; `info[name]`
+    adds or overrides fields (module, resolution, t, block, pool_kind, pool_size, view, dtype).
+    float16 arrays are stored as float16, other floats as float32.
+    """
+    if not features:
+        raise StoreError("save_features needs at least one feature array")
+    labs = np.asarray(labels)
+    n = int(labs.shape[0])
+    infos: list[FeatureInfo] = []
+    arrays: dict[str, np.ndarray] = {}
+    for name, data in features.items():
+        data = np.asarray(data)
+        if data.ndim not in (2, 4) or data.shape[0] != n:
+            raise StoreError(f"{name}: expected shape (N={n}, C, h, w) or (N={n}, D), got {data.shape}")
+        extra = dict((info or {}).get(name, {}))
+        key = _key_of(name)
+        dtype = extra.pop("dtype", "float16" if data.dtype == np.float16 else "float32")
+        fields = {
+            "t": None,
+            "block": None,
+            "module": None,
+            "resolution": None,
+            "pool_kind": None,
+            "pool_size": None,
+            "view": "center",
+        }
+        if key is not None:
+            fields.update(t=key.t, block=key.block, pool_kind=key.pool_kind, pool_size=key.pool_size, view=key.view)
+        unknown = set(extra) - set(fields) - {"channels"}
+        if unknown:
+            raise StoreError(
+                f"info[{name!r}]: unknown field(s) {sorted(unknown)}; allowed: {sorted(fields) + ['dtype']}"
+            )
+        fields.update({k: v for k, v in extra.items() if k != "channels"})
+        infos.append(
+            FeatureInfo(name=name, channels=int(data.shape[1]), shape=tuple(data.shape[1:]), dtype=str(dtype), **fields)
+        )
+        arrays[name] = data
+    spec = {
+        "kind": SAVED_KIND,
+        "features": [i.to_attrs() | {"name": i.name} for i in infos],
+        "attrs": to_jsonable(dict(attrs or {})),
+    }
+    writer = create_store(
+        url,
+        spec,
+        n,
+        sample_ids,
+        labs,
+        splits,
+        class_names,
+        dict(attrs or {}),
+        features=infos,
+        shard_rows=shard_rows,
+        chunk_rows=chunk_rows,
+        compression=compression,
+        storage_options=storage_options,
+        fingerprint=fingerprint_of(spec),
+    )
+    if writer.pending() == {}:
+        raise StoreError(f"{url} already holds these features; nothing written")
+    for unit in range(writer.num_units):
+        start, stop = writer.unit_rows(unit)
+        writer.write_unit(unit, {name: arrays[name][start:stop] for name in arrays})
+    if attrs:
+        writer._root.attrs.update({"user_attrs": to_jsonable(dict(attrs))})
+    writer.finalize()
+    return open_store(url, storage_options)
+
+
+def export_hdf5(
+    store: FeatureStore | str | os.PathLike,
+    path: str | os.PathLike,
+    compression: str | None = "gzip",
+    features: Sequence[str] | None = None,
+    *,
+    keep_dtype: bool = False,
+) -> Path:
+    """Copy a store into one HDF5 file for teams without zarr: float32 (or the stored dtype with
+    keep_dtype), gzip+shuffle by default (readable everywhere; lzf or None write much faster).
+    Streams shard by shard: memory stays at one shard of one feature.
+    """
+    import h5py
+
+    fs = store if isinstance(store, FeatureStore) else open_store(store)
+    if compression not in ("gzip", "lzf", None, "none"):
+        raise ValueError(f"compression {compression!r}: use gzip, lzf or none")
+    compression = None if compression == "none" else compression
+    names = list(features) if features is not None else fs.feature_names(None)
+    for name in names:
+        fs._check_name(name)
+    out = Path(path)
+    tmp = out.with_name(out.name + ".partial")
+    filters: dict[str, Any] = {} if compression is None else {"compression": compression, "shuffle": True}
+    with h5py.File(tmp, "w") as h5:
+        h5.attrs["diffbank"] = json.dumps(to_jsonable(fs.attrs))
+        h5.attrs["source_store"] = fs.url
+        for name in names:
+            arr = fs.array(name)
+            dtype = np.dtype(arr.dtype) if keep_dtype else np.dtype(np.float32)
+            chunk = (max(1, min(64, fs.num_samples)), *arr.shape[1:])
+            ds = h5.create_dataset(f"features/{name}", shape=arr.shape, dtype=dtype, chunks=chunk, **filters)
+            for key, value in dict(arr.attrs).items():
+                ds.attrs[key] = json.dumps(to_jsonable(value))
+            ds.attrs["dimension_names"] = json.dumps(list(arr.metadata.dimension_names or ()))
+            for lo in range(0, fs.num_samples, fs.shard_rows):
+                hi = min(fs.num_samples, lo + fs.shard_rows)
+                ds[lo:hi] = np.asarray(arr[lo:hi], dtype=dtype)
+        h5.create_dataset("samples/label", data=fs.labels)
+        h5.create_dataset("samples/id", data=fs.sample_ids.astype(object), dtype=h5py.string_dtype())
+        h5.create_dataset("samples/valid", data=fs.valid)
+        errors = as_str(fs._sample_array("error")).astype(object)
+        h5.create_dataset("samples/error", data=errors, dtype=h5py.string_dtype())
+        for split, rows in fs.splits.items():
+            h5.create_dataset(f"splits/{split}", data=rows)
+    tmp.replace(out)  # a half-written export never carries the final name
+    return out
+
+
+@dataclasses.dataclass
+class VerifyReport:
+    url: str
+    ok: bool
+    problems: list[str]
+    checked: dict[str, Any]
+
+    def __str__(self) -> str:
+        head = f"{self.url}: {'OK' if self.ok else 'PROBLEMS'}"
+        return "\n".join([head, *(f"  - {p}" for p in self.problems)])
+
+
+def verify(
+    store: FeatureStore | str | os.PathLike,
+    *,
+    full_scan: bool = False,
+    fingerprint_of_spec: Callable[[Mapping[str, Any]], str | None] | None = None,
+) -> VerifyReport:
+    """Check a store against what it records: markers, shapes, dtypes, fingerprint, and (full_scan)
+    that stored NaN/inf counts equal the recorded ones.
+
+    The store cannot read a spec, so for stores written from one, `fingerprint_of_spec(recorded spec)`
+    recomputes the fingerprint (None: the spec no longer loads); without it that check is skipped.
+    Stores written by `save_features` are checked by their own canonical hash.
+    """
+    fs = store if isinstance(store, FeatureStore) else open_store(store)
+    problems: list[str] = []
+    checked: dict[str, Any] = {"features": 0, "scanned": full_scan}
+    status = fs.unit_status()
+    for name in fs.feature_names(None):
+        checked["features"] += 1
+        info = fs.feature_info(name)
+        arr = fs.array(name)
+        if tuple(arr.shape) != (fs.num_samples, *info.shape):
+            problems.append(f"{name}: shape {tuple(arr.shape)} != recorded {(fs.num_samples, *info.shape)}")
+        if str(arr.dtype) != info.dtype:
+            problems.append(f"{name}: dtype {arr.dtype} != recorded {info.dtype}")
+        units = status.get(name)
+        if units is None:
+            problems.append(f"{name}: no completion markers")
+        elif not units.all():
+            problems.append(f"{name}: units {np.flatnonzero(~units).tolist()[:20]} not marked done")
+        if full_scan:
+            stats = info.stats or {}
+            n_inf = n_nan = 0
+            for lo in range(0, fs.num_samples, fs.shard_rows):
+                block = np.asarray(arr[lo : lo + fs.shard_rows])
+                n_inf += int(np.isinf(block).sum())
+                n_nan += int(np.isnan(block).sum())
+            if n_inf != int(stats.get("n_inf", 0)) or n_nan != int(stats.get("n_nan", 0)):
+                problems.append(
+                    f"{name}: holds {n_inf} infs and {n_nan} NaNs; recorded "
+                    f"{stats.get('n_inf', 0)} and {stats.get('n_nan', 0)}"
+                )
+    for key in ("label", "id", "valid", "error"):
+        shape = fs._root[SAMPLES][key].shape
+        if shape != (fs.num_samples,):
+            problems.append(f"samples/{key}: shape {shape} != ({fs.num_samples},)")
+    if fs.spec.get("kind") == SAVED_KIND:
+        expected: str | None = fingerprint_of(fs.spec)
+    elif fingerprint_of_spec is not None:
+        expected = fingerprint_of_spec(fs.spec)
+    else:
+        expected = fs.fingerprint
+        checked["fingerprint_skipped"] = True
+    checked["fingerprint"] = expected == fs.fingerprint
+    if expected is None:
+        problems.append("the stored spec no longer loads, so its fingerprint cannot be recomputed")
+    elif expected != fs.fingerprint:
+        problems.append(f"fingerprint {fs.fingerprint[:12]} does not match the stored spec ({expected[:12]})")
+    if fs.class_names is not None and fs.labels.size and fs.labels.max() >= len(fs.class_names):
+        problems.append(f"labels reach {int(fs.labels.max())} but only {len(fs.class_names)} class names")
+    return VerifyReport(fs.url, not problems, problems, checked)
+
+
+def info(fs: FeatureStore) -> dict[str, Any]:
+    """What `diffbank store info` shows, as data."""
+    status = fs.unit_status()
+    feats = []
+    for name in fs.feature_names(None):
+        feature = fs.feature_info(name)
+        arr = fs.array(name)
+        done = status.get(name)
+        feats.append(
+            {
+                "name": name,
+                "shape": list(arr.shape),
+                "dims": list(arr.metadata.dimension_names or ()),
+                "dtype": feature.dtype,
+                "t": feature.t,
+                "block": feature.block,
+                "module": feature.module,
+                "channels": feature.channels,
+                "resolution": feature.resolution,
+                "pool": None if feature.pool_kind is None else f"{feature.pool_kind}{feature.pool_size}",
+                "view": feature.view,
+                "chunks": list(arr.chunks),
+                "shards": list(arr.shards or arr.chunks),
+                "units_done": int(done.sum()) if done is not None else None,
+                "units": int(len(done)) if done is not None else None,
+                "stats": feature.stats,
+            }
+        )
+    return {
+        "url": fs.url,
+        "fingerprint": fs.fingerprint,
+        "format_version": fs.attrs.get("format_version"),
+        "created": fs.attrs.get("created"),
+        "diffbank_version": fs.attrs.get("diffbank_version"),
+        "num_samples": fs.num_samples,
+        "shard_rows": fs.shard_rows,
+        "num_units": fs.num_units,
+        "complete": fs.is_complete(),
+        "num_failures": len(fs.failures),
+        "bytes_on_disk": fs.nbytes_stored(),
+        "class_names": fs.class_names,
+        "splits": {k: int(len(v)) for k, v in fs.splits.items()},
+        "checkpoint_sha256": fs.attrs.get("checkpoint_sha256"),
+        "compression": fs.attrs.get("compression"),
+        "features": feats,
+    }

@@ -1,0 +1,48 @@
+"""extract/models/blocks.py: the block table from the flags equals the built network's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from extract.models.adm import PRESETS, ADMUNet, config_from_flags
+from extract.models.blocks import block_table
+
+# The byte-identity reference's network (tests/data/reference/spec.yaml), with updown ResBlocks.
+TINY = dict(
+    image_size=16,
+    num_channels=32,
+    num_res_blocks=1,
+    channel_mult="1,2",
+    attention_resolutions="8",
+    num_head_channels=16,
+    resblock_updown=True,
+)
+
+
+def _embedded() -> dict:
+    from extract.models.registry import resolve_flags
+
+    return resolve_flags("embedded:fmnist32", None)
+
+
+@pytest.mark.parametrize("flags", [*PRESETS.values(), TINY, _embedded()], ids=[*PRESETS, "tiny", "embedded:fmnist32"])
+def test_block_table_equals_the_built_network(flags):
+    with torch.device("meta"):
+        model = ADMUNet.from_flags(**flags)
+    assert block_table(config_from_flags(**flags)) == model.blocks
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"num_head_channels": 24}, "not divisible by num_head_channels=24"),
+        ({"num_channels": 48}, "cannot be normalised in 32 groups"),
+    ],
+)
+def test_block_table_refuses_what_the_network_refuses(change, message):
+    flags = {**TINY, **change}
+    with pytest.raises(ValueError, match=message):
+        block_table(config_from_flags(**flags))
+    with pytest.raises(ValueError), torch.device("meta"):
+        ADMUNet.from_flags(**flags)

@@ -1,0 +1,207 @@
+"""The extraction loop: determinism, resume after SIGKILL, corrupt images, extension, dask workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+import zarr
+from PIL import Image
+
+from extract.diffusion import seeded_noise
+from extract.pipeline import ExtractionError, extract
+from extract.store import FingerprintMismatch, open_store
+
+TINY = {
+    "image_size": 16,
+    "num_channels": 32,
+    "num_res_blocks": 1,
+    "channel_mult": "1,2",
+    "attention_resolutions": "8",
+    "num_head_channels": 16,
+}
+N_PER_CLASS = 7
+
+
+def _images(root: Path, bad: bool = False) -> Path:
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(N_PER_CLASS):
+            Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(root / cls / f"{i}.png")
+    if bad:
+        (root / "dog" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    return root
+
+
+def _spec(path: Path, **over) -> dict:
+    spec = {
+        "model": {"flags": dict(TINY)},
+        "dataset": {"kind": "folder", "path": str(path)},
+        "features": {"timesteps": [10, 50], "blocks": [2, 4], "pooling": [1, 2], "tokens": 4},
+        "noise": {"seed": 3, "draws": 2},
+        "views": {"center": True, "hflip": True},
+        "storage": {"shard_rows": 4, "chunk_rows": 2},
+        "compute": {"batch_size": 3},
+    }
+    for key, value in over.items():
+        spec[key] = {**spec.get(key, {}), **value}
+    return spec
+
+
+def _arrays(url: Path | str) -> dict[str, np.ndarray]:
+    """Every array of a store (data, samples, markers, stats) by path; attributes are not compared."""
+    root = zarr.open_group(str(url), mode="r", use_consolidated=False)
+    out = {}
+    for group in ("features", "samples", "splits", "_progress"):
+        for name, arr in root[group].arrays():
+            out[f"{group}/{name}"] = np.asarray(arr[:])
+    return out
+
+
+def _assert_same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        if a[key].dtype.kind == "f":
+            assert a[key].tobytes() == b[key].tobytes(), key  # bitwise, NaN-safe
+        else:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    return _images(tmp_path_factory.mktemp("imgs"))
+
+
+def test_noise_is_per_sample():
+    whole = seeded_noise(0, list(range(8)), 50, 0, (3, 4, 4))
+    part = seeded_noise(0, [5, 2], 50, 0, (3, 4, 4))
+    assert torch.equal(whole[[5, 2]], part)
+    assert not torch.equal(seeded_noise(0, [5], 50, 1, (3, 4, 4))[0], whole[5])
+
+
+def test_batch_size_3_vs_8_identical(images, tmp_path):
+    s3 = extract(_spec(images), tmp_path / "b3.zarr", progress=False, batch_size=3)
+    s8 = extract(_spec(images), tmp_path / "b8.zarr", progress=False, batch_size=8, num_workers=3)
+    assert s3["fingerprint"] == s8["fingerprint"] and s3["complete"] and s8["complete"]
+    _assert_same(_arrays(tmp_path / "b3.zarr"), _arrays(tmp_path / "b8.zarr"))
+    fs = open_store(tmp_path / "b3.zarr")
+    assert len(fs.feature_names()) == 12 and len(fs.feature_names("flip")) == 12
+    assert fs.read("t010_b02_avg1").std() > 0
+    # flip features differ from the centre ones: the view is real
+    assert not np.array_equal(fs.read("t010_b02_tok4"), fs.read("t010_b02_tok4_flip"))
+
+
+def test_units_in_any_order_give_the_same_bytes(images, tmp_path):
+    extract(_spec(images), tmp_path / "all.zarr", progress=False)
+    part = tmp_path / "parts.zarr"
+    first = extract(_spec(images), part, progress=False, units=[3, 1], finalize=False)
+    assert first["units_computed"] == [1, 3] and not first["complete"]
+    second = extract(_spec(images), part, progress=False)
+    assert second["units_computed"] == [0, 2] and second["units_already_done"] == [1, 3]
+    _assert_same(_arrays(tmp_path / "all.zarr"), _arrays(part))
+
+
+def test_corrupt_image_recorded_or_strict(tmp_path):
+    root = _images(tmp_path / "imgs", bad=True)
+    summary = extract(_spec(root), tmp_path / "c.zarr", progress=False)
+    fs = open_store(tmp_path / "c.zarr")
+    bad = int(np.flatnonzero(fs.sample_ids == "dog/bad.png")[0])
+    assert [f["id"] for f in fs.failures] == ["dog/bad.png"] and fs.failures[0]["index"] == bad
+    assert "bad.png" in summary["failures"][0]["id"]
+    assert not fs.valid[bad] and fs.valid.sum() == fs.num_samples - 1
+    assert np.all(fs.read("t050_b04_avg2", [bad]) == 0)
+    assert bad not in np.concatenate(list(fs.splits.values()))
+    assert fs.is_complete()
+
+    with pytest.raises(ExtractionError, match="bad.png"):
+        extract(_spec(root), tmp_path / "strict.zarr", progress=False, strict=True)
+    strict = open_store(tmp_path / "strict.zarr")
+    unit = bad // strict.shard_rows
+    status = strict.unit_status()
+    assert not any(done[unit] for done in status.values())  # nothing of the failing unit is marked
+    assert all(done[:unit].all() for done in status.values())  # earlier finished units were kept
+
+
+def test_only_adds_extension_and_refusal(images, tmp_path):
+    url = tmp_path / "ext.zarr"
+    base = _spec(images, features={"timesteps": [10]}, views={"hflip": False}, noise={"draws": 1})
+    extract(base, url, progress=False)
+    before = _arrays(url)
+    grown = _spec(images, features={"timesteps": [10, 50]}, views={"hflip": False}, noise={"draws": 1})
+    summary = extract(grown, url, progress=False)
+    # only t=50 ran: one forward per micro-batch (4 units x 1 micro-batch), none for t=10
+    assert summary["forwards"] == 4
+    after = _arrays(url)
+    for key, value in before.items():
+        if key.startswith("features/"):
+            assert after[key].tobytes() == value.tobytes(), key
+    fs = open_store(url)
+    assert fs.is_complete() and "t050_b04_avg2" in fs.feature_names()
+    ref = tmp_path / "ref.zarr"
+    extract(grown, ref, progress=False)
+    for name in fs.feature_names():
+        assert fs.read(name).tobytes() == open_store(ref).read(name).tobytes(), name
+    with pytest.raises(FingerprintMismatch, match="different spec"):
+        extract(
+            _spec(images, features={"timesteps": [10, 50]}, views={"hflip": False}, noise={"seed": 9, "draws": 1}),
+            url,
+            progress=False,
+        )
+
+
+def _cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    cmd = [sys.executable, "-c", "from diffbank.cli import main; main()", *args]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env, text=True)
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill(images, tmp_path):
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(_spec(images, views={"hflip": False})))
+    killed, whole = tmp_path / "killed.zarr", tmp_path / "whole.zarr"
+    proc = _cli(
+        ["extract", str(spec_path), "--store", str(killed), "--no-progress", "--json"],
+        env={"DIFFBANK_DEBUG_UNIT_DELAY": "0.8"},
+    )
+    marker = killed / "_progress" / "done" / "c" / "0" / "0"  # unit 0's marker chunk
+    deadline = time.time() + 25
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert marker.exists(), proc.communicate()[1] if proc.poll() is not None else "no marker in time"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    done = np.asarray(zarr.open_group(str(killed), mode="r", use_consolidated=False)["_progress/done"][:]).all(axis=1)
+    assert done[0] and not done.all()
+    resumed = _cli(["extract", str(spec_path), "--store", str(killed), "--no-progress", "--json"])
+    out, err = resumed.communicate(timeout=60)
+    assert resumed.returncode == 0, err
+    summary = json.loads(out)
+    assert summary["units_computed"] == np.flatnonzero(~done).tolist()  # finished units were not recomputed
+    assert summary["units_already_done"] == np.flatnonzero(done).tolist()
+    extract(_spec(images, views={"hflip": False}), whole, progress=False)
+    _assert_same(_arrays(killed), _arrays(whole))
+
+
+@pytest.mark.slow
+def test_dask_two_workers_equal_one(images, tmp_path):
+    from extract.cluster import extract_distributed, plan_ranges
+
+    assert plan_ranges([5, 1, 2, 3], 2, tasks_per_worker=1) == [[1, 2], [3, 5]]
+    spec = _spec(images, views={"hflip": False}, noise={"draws": 1}, features={"timesteps": [10], "blocks": [2]})
+    one = extract(spec, tmp_path / "one.zarr", progress=False)
+    two = extract_distributed(spec, tmp_path / "two.zarr", workers=2, progress=False, threads_per_worker=1)
+    assert two["complete"] and two["units_computed"] == one["units_computed"]
+    _assert_same(_arrays(tmp_path / "one.zarr"), _arrays(tmp_path / "two.zarr"))
+    assert open_store(tmp_path / "two.zarr").attrs["consolidated"] is True
