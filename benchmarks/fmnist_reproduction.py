@@ -37,7 +37,7 @@ from extract.pooling import pool
 from extract.preprocess import reference
 from probe.exact_logistic import logistic_path
 from probe.heads import AttentionPoolHead, DifFormerHead, seeded_init
-from probe.stats import mcnemar
+from probe.significance import mcnemar
 from probe.train import ArrayStream, predict_logits, train
 
 NOISE_SEED = 0
@@ -222,6 +222,7 @@ def main() -> None:
     ap.add_argument("--limit-train", type=int, default=None)
     ap.add_argument("--limit-test", type=int, default=None)
     ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--models", default=None, help="comma-separated subset: random, final, snapshot file names")
     args = ap.parse_args()
     started = time.perf_counter()
     device = torch.device(args.device)
@@ -272,6 +273,8 @@ def main() -> None:
     models = [("random", None, 0)]
     models += [(s["file"], args.run / "snapshots" / s["file"], s["mark_images"]) for s in record.get("snapshots", [])]
     models.append(("final", args.run / "ema.safetensors", record["step"] * record["config"]["batch_size"]))
+    if args.models:
+        models = [m for m in models if m[0] in args.models.split(",")]
     result["progress"] = []
     final_feats = None
     for name, path, seen in models:

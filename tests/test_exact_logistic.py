@@ -7,7 +7,7 @@ from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 
 from probe.exact_logistic import fit_logistic, logistic_path
-from probe.stats import mcnemar
+from probe.significance import mcnemar
 
 
 def _digits():
