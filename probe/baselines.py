@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from probe.data import ProbeDataError, check_min_samples
-from probe.report import classification_metrics
+from probe.metrics import classification_metrics
 
 DINOV2_C_GRID: tuple[float, ...] = tuple(float(c) for c in np.logspace(-6, 5, 45))
 KNN_KS: tuple[int, ...] = (10, 20, 100, 200)

@@ -3,7 +3,12 @@
 They follow scikit-learn's conventions: every parameter is set in `__init__` and validated in `fit`; fitted
 attributes end with `_`; `clone`, `get_params`/`set_params` work; labels may be any values (`classes_` holds
 them sorted, as `np.unique` orders them); `predict`/`predict_proba`/`decision_function` before fitting raise
-`NotFittedError`. Training is `probe.train.train` with the paper's recipe as defaults.
+`NotFittedError`. Training is `probe.trainer.train`.
+
+Training settings: `recipe` names a `probe.recipe.Recipe` ("diffbank", the default, or "paper"); `lr`,
+`epochs`, `batch_size`, `step_size`, `gamma`, `momentum`, `weight_decay` left at None take the recipe's value,
+set ones override it. They are validated in `fit` by the Recipe; the resolved recipe is `recipe_`.
+Standardisation is this estimator's own `standardize` flag (default off), whatever the recipe says.
 
 Inputs
 - `LinearProbe`, `AttentionProbe`: X is an array (N, C, H, W) (a pooled block map) or (N, D). The linear head
@@ -11,11 +16,11 @@ Inputs
 - `DifFormerProbe`: X is a dict {(t, block): array (N, C_b, H_b, W_b)} covering every timestep x block pair;
   the block shapes must not depend on t. Prediction takes the same keys.
 - Out-of-core: `fit_stream(train_stream, val_stream=None, *, classes, input=None)` trains from any
-  `probe.train.BatchStream` (e.g. the Zarr-backed stream of `probe/data.py`), whose labels are indices into
+  `probe.stream.BatchStream` (e.g. the Zarr-backed stream of `probe/data.py`), whose labels are indices into
   `classes`. Standardisation is then the stream's job (`standardize=True` is refused there).
 
-`X_val, y_val` in `fit` enable early selection: the kept weights are those of the epoch with the best
-validation accuracy. `standardize=True` z-scores with training statistics only: per channel (over N, H, W)
+`X_val, y_val` in `fit` enable early selection: under the `diffbank` recipe the kept weights are those of the
+epoch with the best validation accuracy (the `paper` recipe keeps the last epoch). `standardize=True` z-scores with training statistics only: per channel (over N, H, W)
 for 4-d inputs, per feature for 2-d inputs; constant channels are left unscaled.
 
 Reproducibility: an int `random_state` fixes both the head's initial weights and the batch order.
@@ -37,7 +42,9 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from .heads import PRESETS, AttentionPoolHead, DifFormerHead, LinearHead, resolve_preset, seeded_init
-from .train import ArrayStream, BatchStream, HeadResult, predict_logits, train
+from .recipe import Recipe
+from .stream import ArrayStream, BatchStream
+from .trainer import HeadResult, predict_logits, train
 
 __all__ = ["LinearProbe", "AttentionProbe", "DifFormerProbe"]
 
@@ -52,27 +59,28 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
-def _is_real(v: Any) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(float(v))
+_SETTINGS = ("lr", "epochs", "batch_size", "step_size", "gamma", "momentum", "weight_decay")
 
 
 class _TorchProbe(ClassifierMixin, BaseEstimator):
     """Shared fit/predict logic; subclasses declare their parameters in `__init__` and build the head."""
 
     # Filled by subclasses' __init__ (scikit-learn reads parameters from the signature).
-    lr: float
-    epochs: int
-    batch_size: int
-    step_size: int
-    gamma: float
-    momentum: float
-    weight_decay: float
+    recipe: str
+    lr: float | None
+    epochs: int | None
+    batch_size: int | None
+    step_size: int | None
+    gamma: float | None
+    momentum: float | None
+    weight_decay: float | None
     standardize: bool
     random_state: Any
     device: str
     verbose: bool
     checkpoint_dir: str | os.PathLike[str] | None
     resume: bool
+    _head_kind = "linear"  # which of the recipe's heads this estimator trains
 
     # --- to be provided by subclasses -------------------------------------------------------------------------
     def _build_head(self, shapes: Any, num_classes: int) -> nn.Module:
@@ -83,18 +91,8 @@ class _TorchProbe(ClassifierMixin, BaseEstimator):
 
     # --- parameters ---------------------------------------------------------------------------------------------
     def _validate_params(self) -> None:
-        if not _is_real(self.lr) or self.lr <= 0:
-            _fail("lr", "a finite number > 0", self.lr)
-        for name in ("epochs", "batch_size", "step_size"):
-            v = getattr(self, name)
-            if not _is_int(v) or v < 1:
-                _fail(name, "an int >= 1", v)
-        if not _is_real(self.gamma) or self.gamma <= 0:
-            _fail("gamma", "a finite number > 0", self.gamma)
-        for name in ("momentum", "weight_decay"):
-            v = getattr(self, name)
-            if not _is_real(v) or v < 0:
-                _fail(name, "a finite number >= 0", v)
+        # The training settings are the Recipe's to check; the rest are this estimator's own.
+        self.recipe_ = Recipe.named(self.recipe, self._head_kind, **{k: getattr(self, k) for k in _SETTINGS})
         for name in ("standardize", "verbose", "resume"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 _fail(name, "True or False", getattr(self, name))
@@ -155,7 +153,7 @@ class _TorchProbe(ClassifierMixin, BaseEstimator):
         return {k: (a - self.mean_[k]) / self.scale_[k] for k, a in arrays.items()}
 
     # --- fitting ------------------------------------------------------------------------------------------------
-    def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None) -> "_TorchProbe":
+    def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None) -> _TorchProbe:
         """Train the head on (X, y); with (X_val, y_val), keep the best validation epoch's weights."""
         self._validate_params()
         if (X_val is None) != (y_val is None):
@@ -179,7 +177,8 @@ class _TorchProbe(ClassifierMixin, BaseEstimator):
             self.standardize_fitted_ = True
             arrays = self._standardized(arrays)
         init_seed, order_seed = self._seeds()
-        train_stream = ArrayStream(arrays, y_idx, batch_size=self.batch_size, shuffle=True, seed=order_seed)
+        batch_size = self.recipe_.batch_size
+        train_stream = ArrayStream(arrays, y_idx, batch_size=batch_size, shuffle=True, seed=order_seed)
         val_stream = None
         if X_val is not None:
             val_arrays = self._standardized(self._arrays(X_val, fitting=False))
@@ -189,7 +188,8 @@ class _TorchProbe(ClassifierMixin, BaseEstimator):
             unknown = np.setdiff1d(y_val, classes)
             if unknown.size:
                 raise ValueError(f"y_val holds labels absent from y: {unknown[:10].tolist()}")
-            val_stream = ArrayStream(val_arrays, np.searchsorted(classes, y_val), batch_size=max(self.batch_size, 256), shuffle=False)
+            val_stream = ArrayStream(val_arrays, np.searchsorted(classes, y_val), batch_size=max(batch_size, 256),
+                                     shuffle=False)
         return self._fit_streams(train_stream, val_stream, self._shapes(arrays), init_seed, self._input_spec())
 
     def fit_stream(
@@ -199,7 +199,7 @@ class _TorchProbe(ClassifierMixin, BaseEstimator):
         *,
         classes: Sequence[Any] | np.ndarray,
         input: Any = None,
-    ) -> "_TorchProbe":
+    ) -> _TorchProbe:
         """Train from a `BatchStream` (out-of-core). Its labels are indices into `classes` (label values).
 
         `input` names the feature the head reads (None: the stream's only feature); for `DifFormerProbe` it is
@@ -243,14 +243,12 @@ class _TorchProbe(ClassifierMixin, BaseEstimator):
         self.n_features_in_ = int(math.prod(shapes))
 
     def _fit_streams(self, train_stream: BatchStream, val_stream: BatchStream | None, shapes: Any,
-                     init_seed: int, input: Any) -> "_TorchProbe":
+                     init_seed: int, input: Any) -> _TorchProbe:
         with seeded_init(init_seed):
             head = self._build_head(shapes, len(self.classes_))
         result: HeadResult = train(
-            head, train_stream, val_stream, input=input, lr=float(self.lr), epochs=int(self.epochs),
-            step_size=int(self.step_size), gamma=float(self.gamma), momentum=float(self.momentum),
-            weight_decay=float(self.weight_decay), checkpoint_dir=self.checkpoint_dir, resume=bool(self.resume),
-            progress=bool(self.verbose), device=self.device,
+            head, train_stream, val_stream, input=input, recipe=self.recipe_, checkpoint_dir=self.checkpoint_dir,
+            resume=bool(self.resume), progress=bool(self.verbose), device=self.device,
         )
         self.head_ = head.eval()
         self.input_ = input
@@ -265,7 +263,8 @@ class _TorchProbe(ClassifierMixin, BaseEstimator):
         check_is_fitted(self, "head_")
         arrays = self._standardized(self._arrays(X, fitting=False))
         n = self._n_samples(arrays)
-        stream = ArrayStream(arrays, np.zeros(n, dtype=np.int64), batch_size=max(self.batch_size, 256), shuffle=False)
+        stream = ArrayStream(arrays, np.zeros(n, dtype=np.int64), batch_size=max(self.recipe_.batch_size, 256),
+                             shuffle=False)
         # Arrays are keyed by the probe's own names; map the fitted input onto them.
         return predict_logits(self.head_, stream, self._input_spec(), device=self.device).numpy()
 
@@ -292,26 +291,28 @@ def _first_batch(stream: BatchStream):
 
 
 class LinearProbe(_TorchProbe):
-    """Linear head (optionally BatchNorm1d without affine first). Paper defaults: lr 1e-2, 28 epochs, batch 128."""
+    """Linear head (optionally BatchNorm1d without affine first); settings from `recipe` (lr 1e-2 in both)."""
 
     def __init__(
         self,
         *,
+        recipe: str = "diffbank",
         batchnorm: bool = False,
         standardize: bool = False,
-        lr: float = 1e-2,
-        epochs: int = 28,
-        batch_size: int = 128,
-        step_size: int = 7,
-        gamma: float = 0.1,
-        momentum: float = 0.0,
-        weight_decay: float = 0.0,
+        lr: float | None = None,
+        epochs: int | None = None,
+        batch_size: int | None = None,
+        step_size: int | None = None,
+        gamma: float | None = None,
+        momentum: float | None = None,
+        weight_decay: float | None = None,
         random_state: int | np.random.RandomState | None = None,
         device: str = "cpu",
         verbose: bool = False,
         checkpoint_dir: str | os.PathLike[str] | None = None,
         resume: bool = False,
     ) -> None:
+        self.recipe = recipe
         self.batchnorm = batchnorm
         self.standardize = standardize
         self.lr = lr
@@ -370,14 +371,15 @@ class _TransformerProbe(_TransformerParams, _TorchProbe):
         heads: int | None = None,
         depth: int | None = None,
         final_norm: bool = False,
+        recipe: str = "diffbank",
         standardize: bool = False,
-        lr: float = 5e-2,
-        epochs: int = 28,
-        batch_size: int = 128,
-        step_size: int = 7,
-        gamma: float = 0.1,
-        momentum: float = 0.0,
-        weight_decay: float = 0.0,
+        lr: float | None = None,
+        epochs: int | None = None,
+        batch_size: int | None = None,
+        step_size: int | None = None,
+        gamma: float | None = None,
+        momentum: float | None = None,
+        weight_decay: float | None = None,
         random_state: int | np.random.RandomState | None = None,
         device: str = "cpu",
         verbose: bool = False,
@@ -389,6 +391,7 @@ class _TransformerProbe(_TransformerParams, _TorchProbe):
         self.heads = heads
         self.depth = depth
         self.final_norm = final_norm
+        self.recipe = recipe
         self.standardize = standardize
         self.lr = lr
         self.epochs = epochs
@@ -409,7 +412,9 @@ class _TransformerProbe(_TransformerParams, _TorchProbe):
 
 class AttentionProbe(_TransformerProbe):
     """The paper's attention head. `preset` ("paper", "small", "tiny") sets dim/heads/depth; explicit
-    `dim`/`heads`/`depth` override it. Paper defaults: lr 5e-2, 28 epochs, batch 128."""
+    `dim`/`heads`/`depth` override it. Settings from `recipe` (lr 5e-2 in both)."""
+
+    _head_kind = "attention"
 
     def _build_head(self, shapes: Any, num_classes: int) -> nn.Module:
         return AttentionPoolHead(shapes, num_classes, final_norm=bool(self.final_norm), **self._transformer_sizes())
@@ -421,6 +426,8 @@ def _feature_key(key: tuple[int, Hashable]) -> str:
 
 class DifFormerProbe(_TransformerProbe):
     """DifFormer fusion over {(t, block): (N, C, H, W)} inputs; parameters as `AttentionProbe`."""
+
+    _head_kind = "fusion"
 
     def _arrays(self, X: Any, *, fitting: bool) -> dict[str, np.ndarray]:
         if not isinstance(X, Mapping) or not X:

@@ -1,6 +1,7 @@
 """Results for machines (JSON) and for people (aligned tables, heat maps, curves).
 
-- `classification_metrics`: top-1, top-5, per-class accuracy, mean per-class accuracy, confusion matrix.
+(The metrics themselves are `probe.metrics`.)
+
 - `write_results` / `read_results`: a JSON file written atomically, NaN as null, numpy values as plain JSON,
   with the library versions of the run (`environment()`).
 - `format_table`: a plain-text table with aligned columns.
@@ -10,7 +11,6 @@
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import math
 import os
@@ -18,112 +18,26 @@ import platform
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from extract.provenance import CORE_PACKAGES, package_versions, to_jsonable
+
 RESULTS_SCHEMA = "diffbank.probe.results/1"
-
-
-# ------------------------------------------------------------------------------------------------ metrics
-
-def topk_correct(scores: np.ndarray, y_true: np.ndarray, k: int) -> np.ndarray:
-    """Whether each true label is among the k highest scores (per row; ties broken by class index)."""
-    k = min(k, scores.shape[1])
-    # argsort of -scores with a stable sort: among equal scores the lower class index ranks first.
-    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return (top == y_true[:, None]).any(axis=1)
-
-
-def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
-    """(num_classes, num_classes) int64 counts; rows are true classes, columns predictions (sklearn's layout)."""
-    idx = np.asarray(y_true, np.int64) * num_classes + np.asarray(y_pred, np.int64)
-    return np.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
-
-
-def classification_metrics(y_true: np.ndarray | Sequence[int], scores: np.ndarray | None = None, *,
-                           y_pred: np.ndarray | None = None, num_classes: int | None = None,
-                           class_names: Sequence[str] | None = None) -> dict[str, Any]:
-    """Metrics of one evaluation from class scores (N, K) (logits, probabilities, votes) or predictions.
-
-    `top5` needs scores; with fewer than 5 classes it is top-K (then always 1.0) and says so in `top5_k`.
-    Per-class accuracy is recall per class; a class without samples gets `None` (JSON null), not 0.
-    """
-    y_true = np.asarray(y_true, dtype=np.int64)
-    if scores is not None:
-        scores = np.asarray(scores)
-        if scores.ndim != 2 or len(scores) != len(y_true):
-            raise ValueError(f"scores must be (N, classes) with N={len(y_true)}, got {scores.shape}")
-        num_classes = num_classes or scores.shape[1]
-        y_pred = np.argmax(scores, axis=1)  # ties go to the lowest class index, as in topk_correct
-    elif y_pred is None:
-        raise ValueError("give scores or y_pred")
-    y_pred = np.asarray(y_pred, dtype=np.int64)
-    if num_classes is None:
-        num_classes = int(max(y_true.max(initial=-1), y_pred.max(initial=-1))) + 1
-    if len(y_true) == 0:
-        raise ValueError("no samples to evaluate")
-    cm = confusion_matrix(y_true, y_pred, num_classes)
-    support = cm.sum(axis=1)
-    per_class = [float(cm[c, c] / support[c]) if support[c] else None for c in range(num_classes)]
-    present = [a for a in per_class if a is not None]
-    out: dict[str, Any] = {
-        "n": int(len(y_true)),
-        "top1": float(np.mean(y_pred == y_true)),
-        "top5": None,
-        "top5_k": None,
-        "mean_per_class_accuracy": float(np.mean(present)) if present else None,
-        "per_class_accuracy": per_class,
-        "support": support.tolist(),
-        "confusion_matrix": cm.tolist(),
-    }
-    if scores is not None:
-        k = min(5, scores.shape[1])
-        out["top5"] = float(np.mean(topk_correct(scores, y_true, k)))
-        out["top5_k"] = k
-    if class_names is not None:
-        out["class_names"] = [str(c) for c in class_names]
-    return out
 
 
 # ------------------------------------------------------------------------------------------------- JSON
 
+# Besides the store's core packages: what drew the figures.
+_REPORT_PACKAGES = (*CORE_PACKAGES, "matplotlib")
+
+
 def environment() -> dict[str, Any]:
     """Library versions and platform of this process: what a result was computed with."""
-    versions: dict[str, str | None] = {"python": platform.python_version()}
-    for dist in ("diffbank", "torch", "numpy", "scikit-learn", "zarr", "dask", "safetensors", "matplotlib"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            versions[dist] = None
-    return {"versions": versions, "platform": platform.platform(), "executable": sys.executable}
-
-
-def now_utc() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def to_jsonable(value: Any) -> Any:
-    """Plain JSON values from numpy/torch scalars and arrays, tuples, paths; non-finite floats become None."""
-    if isinstance(value, Mapping):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set)):
-        return [to_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return to_jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        return to_jsonable(value.item())
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, (str, int, bool)) or value is None:
-        return value
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if hasattr(value, "tolist"):  # torch tensors
-        return to_jsonable(value.tolist())
-    return str(value)
+    return {"versions": package_versions(_REPORT_PACKAGES), "platform": platform.platform(),
+            "executable": sys.executable}
 
 
 def write_results(path: str | os.PathLike, results: Mapping[str, Any]) -> Path:

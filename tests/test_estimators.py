@@ -10,7 +10,7 @@ from sklearn.exceptions import NotFittedError
 from sklearn.linear_model import LogisticRegression
 
 from probe.estimators import AttentionProbe, DifFormerProbe, LinearProbe
-from probe.train import ArrayStream
+from probe.stream import ArrayStream
 
 FAST = dict(epochs=6, step_size=5, lr=0.05, momentum=0.9, batch_size=64, random_state=0)
 

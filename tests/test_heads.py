@@ -14,7 +14,8 @@ from probe.heads import (
     resolve_preset,
     seeded_init,
 )
-from probe.train import ArrayStream, evaluate, train
+from probe.stream import ArrayStream
+from probe.trainer import evaluate, train
 
 
 def localized_tokens(n: int, seed: int, num_classes: int = 4, channels: int = 8, side: int = 4):

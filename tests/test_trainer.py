@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from probe.heads import DifFormerHead, LinearHead, seeded_init
-from probe.train import ArrayStream, BatchStream, evaluate, train, train_many
+from probe.recipe import Recipe
+from probe.stream import ArrayStream, BatchStream
+from probe.trainer import build_optimizer, evaluate, train, train_many
 
 
 def subspace_classes(n: int, seed: int, dim: int = 64, informative: int = 3, num_classes: int = 3):
@@ -113,12 +115,17 @@ def test_linear_head_learns_a_buried_subspace_and_shuffled_labels_do_not(data) -
     assert control.test_accuracy < 0.5
 
 
-def test_paper_recipe_defaults() -> None:
-    import inspect
-
-    sig = inspect.signature(train_many).parameters
-    assert (sig["epochs"].default, sig["step_size"].default, sig["gamma"].default) == (28, 7, 0.1)
-    assert (sig["momentum"].default, sig["weight_decay"].default) == (0.0, 0.0)
+def test_paper_recipe_defaults(data) -> None:
+    recipe = Recipe()  # the one place the defaults are declared
+    assert (recipe.epochs, recipe.step_size, recipe.gamma) == (28, 7, 0.1)
+    assert (recipe.momentum, recipe.weight_decay) == (0.0, 0.0)
+    # ... and what the trainer builds from it
+    optimizer, scheduler = build_optimizer([linear(), linear(1)], [0.01, 0.1], recipe)
+    assert [(g["lr"], g["momentum"], g["weight_decay"]) for g in optimizer.param_groups] == [(0.01, 0.0, 0.0),
+                                                                                          (0.1, 0.0, 0.0)]
+    assert (scheduler.step_size, scheduler.gamma) == (7, 0.1)
+    train_s, _, _ = streams(data)
+    assert len(train(linear(), train_s, lr=0.05, progress=False).history) == 28
 
 
 def test_learning_rate_steps_down_by_gamma(data) -> None:
@@ -284,9 +291,10 @@ def test_bad_parameters_are_named(data) -> None:
         train(linear(), two, progress=False)
 
 
-def test_progress_line_can_be_silenced(data, capsys) -> None:
+def test_progress_line_can_be_silenced(data, capsys, caplog) -> None:
     train_s, val_s, _ = streams(data)
+    caplog.set_level("INFO", logger="probe.trainer")
     train(linear(), train_s, val_s, lr=0.05, epochs=1, progress=False)
-    assert capsys.readouterr().err == ""
+    assert capsys.readouterr().err == "" and not caplog.records
     train(linear(), train_s, val_s, lr=0.05, epochs=1, progress=True)
-    assert "epoch 1/1" in capsys.readouterr().err
+    assert "epoch 1/1" in caplog.text  # status goes through logging (the CLI's -v/-q set its level)
