@@ -187,13 +187,20 @@ class _LinearGroup:
         self.classes = self.heads[0].linear.out_features
         self.in_features = self.heads[0].linear.in_features
         self.in_shape = self.heads[0].in_shape
+        self.weights = [h.linear.weight for h in self.heads]
+        self.biases = [h.linear.bias for h in self.heads]
+        self._fixed: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def frozen(self) -> _LinearGroup:
+        """Concatenate the weights once, for evaluation (weights fixed, no gradient)."""
+        self._fixed = (torch.cat(self.biases).detach(), torch.cat(self.weights).detach().t())
+        return self
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 2 or math.prod(x.shape[1:]) != self.in_features:
             raise ValueError(f"LinearHead expects inputs of shape (N, {self.in_shape}), got {tuple(x.shape)}")
-        weight = torch.cat([h.linear.weight for h in self.heads])
-        bias = torch.cat([h.linear.bias for h in self.heads])
-        return torch.addmm(bias, x.flatten(1), weight.t())
+        bias, weight_t = self._fixed if self._fixed is not None else (torch.cat(self.biases), torch.cat(self.weights).t())
+        return torch.addmm(bias, x.flatten(1), weight_t)
 
     def per_head_ce(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """(B, H*K) logits -> (B, H) cross-entropy of every sample under every head."""
@@ -232,7 +239,7 @@ def evaluate(
         h.eval()
     names = sorted({n for k in heads for n in _feature_names(inputs_of[k])})
     groups, single = _fusable_groups([(k, h, inputs_of[k]) for k, h in heads.items()]) if fuse else ([], list(heads))
-    banks = [(g, _LinearGroup([heads[k] for k in g], inputs_of[g[0]])) for g in groups]  # type: ignore[misc]
+    banks = [(g, _LinearGroup([heads[k] for k in g], inputs_of[g[0]]).frozen()) for g in groups]  # type: ignore[misc]
     bank_loss = [torch.zeros(len(g), dtype=torch.float64, device=device) for g, _ in banks]
     bank_correct = [torch.zeros(len(g), dtype=torch.int64, device=device) for g, _ in banks]
     loss_sum = {k: torch.zeros((), dtype=torch.float64, device=device) for k in single}
@@ -450,9 +457,14 @@ def _train_epoch(epoch: int, runs: list[_Head], bank: nn.ModuleDict, optimizer: 
     bank.train()
     groups, single = _fusable_groups([(r, r.head, r.spec) for r in active]) if fuse else ([], active)
     fused = [(g, _LinearGroup([r.head for r in g], g[0].spec)) for g in groups]  # type: ignore[misc]
-    loss_sum = {id(r): torch.zeros((), dtype=torch.float64, device=device) for r in active}
-    correct = {id(r): torch.zeros((), dtype=torch.int64, device=device) for r in active}
+    loss_sum = {id(r): torch.zeros((), dtype=torch.float64, device=device) for r in single}
+    correct = {id(r): torch.zeros((), dtype=torch.int64, device=device) for r in single}
     seen = {id(r): 0 for r in active}
+    # A fused group's sums stay one (H,) tensor during the epoch: per-head bookkeeping per batch would cost
+    # more small ops than the heads' arithmetic.
+    group_loss = [torch.zeros(len(g), dtype=torch.float64, device=device) for g, _ in fused]
+    group_correct = [torch.zeros(len(g), dtype=torch.int64, device=device) for g, _ in fused]
+    group_seen = 0
     train_stream.set_epoch(epoch)
     for xs, y in train_stream:
         y = y.to(device, non_blocking=True)
@@ -460,18 +472,15 @@ def _train_epoch(epoch: int, runs: list[_Head], bank: nn.ModuleDict, optimizer: 
         batch = int(y.shape[0])
         optimizer.zero_grad(set_to_none=True)  # heads left out of this batch's loss then get no step
         terms: list[torch.Tensor] = []
-        for g, group in fused:
+        for i, (_, group) in enumerate(fused):
             logits = group.logits(feats[group.spec])
             ce = group.per_head_ce(logits, y)
             # sum over heads of each head's mean: the gradient each head gets is its own mean CE's.
             terms.append(ce.sum() / batch)
             with torch.no_grad():
-                per_head = ce.detach().mean(0).double() * batch
-                hits = group.correct(logits.detach(), y)
-                for j, r in enumerate(g):
-                    loss_sum[id(r)] += per_head[j]
-                    correct[id(r)] += hits[j]
-                    seen[id(r)] += batch
+                group_loss[i] += ce.detach().mean(0).double() * batch
+                group_correct[i] += group.correct(logits.detach(), y)
+        group_seen += batch
         for r in single:
             if r.needs_pairs and batch < 2:
                 continue  # BatchNorm cannot normalise a single sample in training mode
@@ -483,8 +492,11 @@ def _train_epoch(epoch: int, runs: list[_Head], bank: nn.ModuleDict, optimizer: 
             correct[id(r)] += (logits.detach().argmax(1) == y).sum()
             seen[id(r)] += batch
         if terms:
-            torch.stack(terms).sum().backward() if len(terms) > 1 else terms[0].backward()
+            torch.autograd.backward(terms)  # the gradient of their sum, without building the sum
             optimizer.step()
+    for (g, _), losses, hits in zip(fused, group_loss, group_correct):
+        for j, r in enumerate(g):
+            loss_sum[id(r)], correct[id(r)], seen[id(r)] = losses[j], hits[j], group_seen
     if not any(seen.values()) and active:
         raise ValueError("training stream yielded no samples")
     scheduler.step()
