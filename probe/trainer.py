@@ -6,18 +6,16 @@ the heads' losses are summed into one backward. Heads do not share parameters, s
 gradient it gets alone, and SGD updates every group as it would a single head's optimizer: a head trained
 with others ends exactly as it does trained alone.
 
-One shortcut, on by default (`fuse=True`): plain `LinearHead`s that read the same feature (one feature at
-several lrs, as in a sweep) compute their logits with one matmul over their concatenated weights. Autograd
-still hands each head's own parameters their own gradient slice, so the optimizer is the same; only float
-rounding of the shared matmul can differ (about 1e-7 relative).
+One shortcut, on by default (`fuse=True`): linear heads on one feature share one matmul
+(`probe.evaluation.LinearGroup`); each still gets its own gradient, so only float rounding can differ.
 
 Settings come from a `probe.recipe.Recipe` (validated there); `train`/`train_many` also take its fields as
 keyword overrides (`lr=0.05, momentum=0.9`). `recipe.keep` says which weights a head keeps: those of its best
 validation epoch (`"best"`: the highest validation accuracy, the earliest on ties) or of the last epoch (`"last"`, the paper's protocol, and what any head keeps without a validation stream).
 
 Determinism: the trainer draws no random numbers. A run is fixed by the heads' initial weights
-(`probe.heads.seeded_init`) and the stream's seed. Checkpoints (`checkpoint_dir`) are `extract.statedir`
-state directories written after every epoch; `resume=True` continues after the last completed epoch and ends
+(`probe.heads.seeded_init`) and the stream's seed. Checkpoints (`checkpoint_dir`, `probe.checkpoint`) are
+written after every epoch; `resume=True` continues after the last completed epoch and ends
 with the same weights as an uninterrupted run. Status goes to `logging` (one line per epoch) and a tqdm bar.
 """
 
@@ -37,10 +35,19 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from extract.provenance import to_jsonable
-from extract.statedir import has_state, join_optimizer_state, load_state, save_state, split_optimizer_state
+from extract.statedir import has_state
 
-from .heads import LinearHead
+from .checkpoint import load_checkpoint, save_checkpoint
+from .evaluation import (
+    InputSpec,
+    LinearGroup,
+    evaluate,
+    feature_names,
+    fusable_groups,
+    gather,
+    input_label,
+    predict_logits,
+)
 from .metrics import select_best, selection_rank
 from .recipe import ProbeConfigError, Recipe, check_lr
 from .stream import BatchStream
@@ -49,12 +56,7 @@ __all__ = ["HeadResult", "SweepResult", "train", "train_many", "evaluate", "pred
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = "diffbank.probe.trainer/2"
-
 K = TypeVar("K", bound=Hashable)
-# What a head reads: one feature name (the head gets a tensor) or {head input key: feature name}
-# (the head gets a dict, e.g. DifFormerHead's {(t, block): tensor}).
-InputSpec = str | Mapping[Hashable, str]
 
 
 @dataclasses.dataclass
@@ -105,20 +107,6 @@ class SweepResult:
         ]
 
 
-def input_label(spec: InputSpec) -> str:
-    return spec if isinstance(spec, str) else "+".join(sorted(set(spec.values())))
-
-
-def _feature_names(spec: InputSpec) -> list[str]:
-    return [spec] if isinstance(spec, str) else list(spec.values())
-
-
-def _gather(spec: InputSpec, feats: Mapping[str, torch.Tensor]) -> torch.Tensor | dict[Hashable, torch.Tensor]:
-    if isinstance(spec, str):
-        return feats[spec]
-    return {k: feats[name] for k, name in spec.items()}
-
-
 def _has_batchnorm(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
@@ -146,145 +134,8 @@ class _Head:
         self.history: list[dict[str, float | None]] = []
 
 
-# ------------------------------------------------------------------------------------------ fused linear heads
-
-def _fusion_key(head: nn.Module, spec: InputSpec) -> tuple[Any, ...] | None:
-    """Heads with equal keys can share one matmul; None: this head cannot.
-
-    Only plain `LinearHead`s without BatchNorm that read one feature qualify; subclasses, other heads and dict
-    inputs take the ordinary per-head path.
-    """
-    if type(head) is not LinearHead or not isinstance(head.norm, nn.Identity) or not isinstance(spec, str):
-        return None
-    w, b = head.linear.weight, head.linear.bias
-    if b is None or b.dtype != w.dtype or b.device != w.device:
-        return None
-    return (spec, w.shape[0], w.shape[1], w.dtype, w.device)
-
-
-def _fusable_groups(items: Sequence[tuple[Any, nn.Module, InputSpec]]) -> tuple[list[list[Any]], list[Any]]:
-    """Split (tag, head, spec) triples into groups of >= 2 fusable heads (tags, in order) and the rest."""
-    groups: dict[tuple[Any, ...], list[Any]] = {}
-    rest: list[Any] = []
-    for tag, head, spec in items:
-        key = _fusion_key(head, spec)
-        if key is None:
-            rest.append(tag)
-        else:
-            groups.setdefault(key, []).append(tag)
-    fused = [g for g in groups.values() if len(g) >= 2]
-    rest += [g[0] for g in groups.values() if len(g) == 1]
-    return fused, rest
-
-
-class _LinearGroup:
-    """H `LinearHead`s on one feature as one (H*K, D) matmul; gradients flow back to each head's own weights."""
-
-    def __init__(self, heads: Sequence[LinearHead], spec: str) -> None:
-        self.spec = spec
-        self.heads = list(heads)
-        self.num_heads = len(self.heads)
-        self.classes = self.heads[0].linear.out_features
-        self.in_features = self.heads[0].linear.in_features
-        self.in_shape = self.heads[0].in_shape
-        self.weights = [h.linear.weight for h in self.heads]
-        self.biases = [h.linear.bias for h in self.heads]
-        self._fixed: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def frozen(self) -> _LinearGroup:
-        """Concatenate the weights once, for evaluation (weights fixed, no gradient)."""
-        self._fixed = (torch.cat(self.biases).detach(), torch.cat(self.weights).detach().t())
-        return self
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() < 2 or math.prod(x.shape[1:]) != self.in_features:
-            raise ValueError(f"LinearHead expects inputs of shape (N, {self.in_shape}), got {tuple(x.shape)}")
-        bias, weight_t = self._fixed if self._fixed is not None else (torch.cat(self.biases), torch.cat(self.weights).t())
-        return torch.addmm(bias, x.flatten(1), weight_t)
-
-    def per_head_ce(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """(B, H*K) logits -> (B, H) cross-entropy of every sample under every head."""
-        n, h = int(y.shape[0]), self.num_heads
-        targets = y.unsqueeze(1).expand(n, h).reshape(-1)
-        return F.cross_entropy(logits.reshape(n * h, self.classes), targets, reduction="none").view(n, h)
-
-    def correct(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """(H,) number of samples each head classifies correctly."""
-        n = int(y.shape[0])
-        return (logits.view(n, self.num_heads, self.classes).argmax(2) == y.unsqueeze(1)).sum(0)
-
-
 def _clone_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-# ------------------------------------------------------------------------------------------------ evaluation
-
-@torch.no_grad()
-def evaluate(
-    heads: Mapping[K, nn.Module],
-    inputs_of: Mapping[K, InputSpec],
-    stream: BatchStream,
-    device: str | torch.device = "cpu",
-    *,
-    fuse: bool = True,
-) -> dict[K, tuple[float, float]]:
-    """Mean cross-entropy and accuracy of every head on one pass over `stream`: {key: (loss, accuracy)}.
-
-    With `fuse`, linear heads on the same feature are evaluated together, with one matmul per batch.
-    """
-    device = torch.device(device)
-    was_training = {k: h.training for k, h in heads.items()}
-    for h in heads.values():
-        h.eval()
-    names = sorted({n for k in heads for n in _feature_names(inputs_of[k])})
-    groups, single = _fusable_groups([(k, h, inputs_of[k]) for k, h in heads.items()]) if fuse else ([], list(heads))
-    banks = [(g, _LinearGroup([heads[k] for k in g], inputs_of[g[0]]).frozen()) for g in groups]  # type: ignore[misc]
-    bank_loss = [torch.zeros(len(g), dtype=torch.float64, device=device) for g, _ in banks]
-    bank_correct = [torch.zeros(len(g), dtype=torch.int64, device=device) for g, _ in banks]
-    loss_sum = {k: torch.zeros((), dtype=torch.float64, device=device) for k in single}
-    correct = {k: torch.zeros((), dtype=torch.int64, device=device) for k in single}
-    count = 0
-    stream.set_epoch(0)
-    for xs, y in stream:
-        y = y.to(device)
-        feats = {n: xs[n].to(device) for n in names}
-        for i, (_, bank) in enumerate(banks):
-            logits = bank.logits(feats[bank.spec])
-            bank_loss[i] += bank.per_head_ce(logits.float(), y).sum(0).double()
-            bank_correct[i] += bank.correct(logits, y)
-        for k in single:
-            logits = heads[k](_gather(inputs_of[k], feats))
-            loss_sum[k] += F.cross_entropy(logits.float(), y, reduction="sum").double()
-            correct[k] += (logits.argmax(1) == y).sum()
-        count += int(y.shape[0])
-    for k, h in heads.items():
-        h.train(was_training[k])
-    if count == 0:
-        raise ValueError("evaluation stream yielded no samples")
-    for (g, _), ls, cs in zip(banks, bank_loss, bank_correct):
-        for j, k in enumerate(g):
-            loss_sum[k], correct[k] = ls[j], cs[j]
-    return {k: (float(loss_sum[k]) / count, int(correct[k]) / count) for k in heads}
-
-
-@torch.no_grad()
-def predict_logits(
-    head: nn.Module, stream: BatchStream, input: InputSpec, device: str | torch.device = "cpu"
-) -> torch.Tensor:
-    """Logits of `head` over one pass of `stream` (in stream order), as a CPU float32 tensor."""
-    device = torch.device(device)
-    was_training = head.training
-    head.eval()
-    stream.set_epoch(0)
-    out = []
-    for xs, _ in stream:
-        feats = {n: xs[n].to(device) for n in _feature_names(input)}
-        out.append(head(_gather(input, feats)).float().cpu())
-    head.train(was_training)
-    if not out:
-        raise ValueError("stream yielded no samples")
-    return torch.cat(out)
 
 
 # ------------------------------------------------------------------------------------------------- training
@@ -382,7 +233,7 @@ def train_many(
     bank = nn.ModuleDict({str(i): h for i, h in enumerate(heads.values())}).to(device)
     runs = [_Head(k, h, inputs_of[k], lr_of[k], i) for i, (k, h) in enumerate(heads.items())]
     optimizer, scheduler = build_optimizer(list(bank.values()), [r.lr for r in runs], recipe)
-    names = sorted({n for r in runs for n in _feature_names(r.spec)})
+    names = sorted({n for r in runs for n in feature_names(r.spec)})
     config = {
         "heads": [repr(r.key) for r in runs],
         "inputs": [r.spec if isinstance(r.spec, str) else {repr(a): b for a, b in r.spec.items()} for r in runs],
@@ -401,7 +252,7 @@ def train_many(
             raise FileExistsError(
                 f"{ckpt} already holds a checkpoint; pass resume=True to continue it or choose another checkpoint_dir"
             )
-        start_epoch = _load_checkpoint(ckpt, runs, optimizer, scheduler, config, device)
+        start_epoch = load_checkpoint(ckpt, runs, optimizer, scheduler, config, device)
 
     epochs = recipe.epochs
     bar = tqdm(total=epochs, initial=start_epoch, desc="train", unit="epoch", disable=not progress, leave=False)
@@ -411,7 +262,7 @@ def train_many(
             rows = _train_epoch(epoch, runs, bank, optimizer, scheduler, train_stream, val_stream, names, device,
                                 fuse, recipe.keep)
             if ckpt is not None:
-                _save_checkpoint(ckpt, runs, optimizer, scheduler, config, epoch + 1)
+                save_checkpoint(ckpt, runs, optimizer, scheduler, config, epoch + 1)
             if progress:
                 summary = _epoch_summary(runs, rows)
                 log.info("epoch %d/%d | %s | %.1fs", epoch + 1, epochs, summary, time.perf_counter() - t0)
@@ -455,8 +306,8 @@ def _train_epoch(epoch: int, runs: list[_Head], bank: nn.ModuleDict, optimizer: 
     """One pass over the training data, the scheduler step, validation and the keep rule; the history rows."""
     active = [r for r in runs if not r.diverged]
     bank.train()
-    groups, single = _fusable_groups([(r, r.head, r.spec) for r in active]) if fuse else ([], active)
-    fused = [(g, _LinearGroup([r.head for r in g], g[0].spec)) for g in groups]  # type: ignore[misc]
+    groups, single = fusable_groups([(r, r.head, r.spec) for r in active]) if fuse else ([], active)
+    fused = [(g, LinearGroup([r.head for r in g], g[0].spec)) for g in groups]  # type: ignore[misc]
     loss_sum = {id(r): torch.zeros((), dtype=torch.float64, device=device) for r in single}
     correct = {id(r): torch.zeros((), dtype=torch.int64, device=device) for r in single}
     seen = {id(r): 0 for r in active}
@@ -484,7 +335,7 @@ def _train_epoch(epoch: int, runs: list[_Head], bank: nn.ModuleDict, optimizer: 
         for r in single:
             if r.needs_pairs and batch < 2:
                 continue  # BatchNorm cannot normalise a single sample in training mode
-            logits = r.head(_gather(r.spec, feats))
+            logits = r.head(gather(r.spec, feats))
             loss = F.cross_entropy(logits, y)
             terms.append(loss)
             # Accumulated as tensors: no host sync per batch (matters on GPU).
@@ -547,44 +398,3 @@ def _epoch_summary(runs: list[_Head], rows: Mapping[Any, dict[str, float | None]
     if diverged:
         parts.append(f"{diverged} diverged")
     return " | ".join(parts)
-
-
-# ----------------------------------------------------------------------------------------------- checkpoints
-
-def _save_checkpoint(directory: Path, runs: list[_Head], optimizer: torch.optim.Optimizer, scheduler: Any,
-                     config: dict[str, Any], epochs_done: int) -> None:
-    tensors, optim_record = split_optimizer_state(optimizer.state_dict())
-    heads_meta = []
-    for i, r in enumerate(runs):
-        tensors.update({f"h{i}.model.{n}": t for n, t in r.head.state_dict().items()})
-        tensors.update({f"h{i}.kept.{n}": t for n, t in (r.kept_state or {}).items()})
-        heads_meta.append({"key": repr(r.key), "kept_epoch": r.kept_epoch, "kept_val": list(r.kept_val),
-                           "diverged": r.diverged, "frozen_lr": r.frozen_lr, "history": r.history})
-    save_state(directory, tensors, {"format": CHECKPOINT_FORMAT, "epochs_done": epochs_done, "config": config,
-                                    "heads": heads_meta, "optimizer": optim_record,
-                                    "scheduler": scheduler.state_dict()}, step=epochs_done)
-
-
-def _load_checkpoint(directory: Path, runs: list[_Head], optimizer: torch.optim.Optimizer, scheduler: Any,
-                     config: dict[str, Any], device: torch.device) -> int:
-    tensors, meta = load_state(directory)
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{directory} holds a {meta.get('format')!r} checkpoint, not {CHECKPOINT_FORMAT}")
-    saved = meta["config"]
-    for field in config:
-        if to_jsonable(config[field]) != saved.get(field):
-            raise ValueError(
-                f"cannot resume from {directory}: {field} differs (checkpoint {saved.get(field)!r}, now {config[field]!r})"
-            )
-    for i, (r, hm) in enumerate(zip(runs, meta["heads"])):
-        def part(prefix: str) -> dict[str, torch.Tensor]:
-            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-        r.head.load_state_dict(part(f"h{i}.model."))
-        kept = part(f"h{i}.kept.")
-        r.kept_state = {k: v.to(device) for k, v in kept.items()} if kept else None
-        r.kept_epoch, r.kept_val = hm["kept_epoch"], tuple(hm["kept_val"])
-        r.diverged, r.frozen_lr, r.history = bool(hm["diverged"]), hm["frozen_lr"], hm["history"]
-    optimizer.load_state_dict(join_optimizer_state(tensors, meta["optimizer"], device=device))
-    scheduler.load_state_dict(meta["scheduler"])
-    return int(meta["epochs_done"])
