@@ -1,18 +1,33 @@
 """Batches of cached features, in a seeded order: the interface every probe trains from.
 
 `BatchStream` is the protocol the trainer reads; `ArrayStream` serves numpy arrays from memory (tests and the
-scikit-learn estimators); `probe.data.FeatureStream` serves a Zarr store, in memory or shard by shard.
+scikit-learn estimators); `FeatureStream` serves a `probe.data.ProbeData` (a Zarr store), in memory or window
+by window.
+
+One function (`epoch_order`) fixes an epoch's order in both of FeatureStream's modes: shards in a seeded random
+order, grouped into windows of about `shuffle_buffer` bytes (the whole split when it is smaller), rows shuffled
+within each window. The window does not depend on the memory budget, so both modes yield bit-identical batches
+and a run is reproducible on any machine.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Protocol, runtime_checkable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
-__all__ = ["BatchStream", "ArrayStream"]
+from probe.errors import ProbeDataError
+from probe.splits import KEY_ORDER, seeded_rng
+
+if TYPE_CHECKING:
+    from probe.data import ProbeData
+
+__all__ = ["BatchStream", "ArrayStream", "FeatureStream", "Window", "epoch_order"]
 
 
 @runtime_checkable
@@ -117,3 +132,139 @@ class ArrayStream:
 
 def _to_tensor(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+
+
+@dataclass(frozen=True)
+class Window:
+    """A read unit of the stream: whole chunks (`chunks`, ascending) and the order of their split rows."""
+
+    chunks: tuple[int, ...]
+    order: np.ndarray
+
+
+def epoch_order(rows: np.ndarray, chunk_rows: int, buffer_rows: int, seed: int, epoch: int,
+                shuffle: bool) -> list[Window]:
+    """The order of one epoch over the (sorted) `rows`, as windows of whole chunks.
+
+    Shuffled: chunks in a random order (seeded by seed and epoch), grouped greedily into windows of at
+    least `buffer_rows` split rows, rows permuted within each window. Unshuffled: store order. Both the
+    in-memory and the streamed source consume this, which is what makes them yield identical batches.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    if len(rows) == 0:
+        return []
+    chunk_of = rows // chunk_rows
+    chunk_ids, starts = np.unique(chunk_of, return_index=True)
+    groups = np.split(rows, starts[1:])
+    rng = seeded_rng(seed, KEY_ORDER, epoch)
+    sequence = rng.permutation(len(groups)) if shuffle else np.arange(len(groups))
+    windows: list[Window] = []
+    pending: list[int] = []
+    count = 0
+    for g in sequence:
+        pending.append(int(g))
+        count += len(groups[g])
+        if count >= buffer_rows:
+            windows.append(_make_window(pending, chunk_ids, groups, rng, shuffle))
+            pending, count = [], 0
+    if pending:
+        windows.append(_make_window(pending, chunk_ids, groups, rng, shuffle))
+    return windows
+
+
+def _make_window(members: list[int], chunk_ids: np.ndarray, groups: list[np.ndarray],
+                 rng: np.random.Generator, shuffle: bool) -> Window:
+    order = np.concatenate([groups[g] for g in members])
+    if shuffle:
+        order = order[rng.permutation(len(order))]
+    return Window(tuple(sorted(int(chunk_ids[g]) for g in members)), order)
+
+
+class FeatureStream:
+    """A `BatchStream`: `(xs: {name: float32 tensor (B, C, H, W)}, y: int64 tensor (B,))` batches of one split.
+
+    Backed either by in-memory standardised arrays or by the store itself (read window by window, the next
+    window prefetched in a thread while the current one is consumed). Call `set_epoch` before iterating
+    to get that epoch's order; the order depends on (seed, epoch) only.
+    """
+
+    def __init__(self, data: ProbeData, split: str, batch_size: int, shuffle: bool, seed: int,
+                 buffer_rows: int | None = None, drop_last: bool = False, prefetch: bool = True) -> None:
+        if batch_size < 1:
+            raise ProbeDataError(f"batch_size must be >= 1, got {batch_size}")
+        self._data = data
+        self.split = split
+        self.rows = data.rows(split)
+        self.batch_size = int(batch_size)
+        self.shuffle = bool(shuffle)
+        self.seed = int(seed)
+        self.drop_last = bool(drop_last)
+        self.prefetch = bool(prefetch)
+        self.buffer_rows = int(buffer_rows) if buffer_rows else data.default_buffer_rows()
+        self.epoch = 0
+
+    @property
+    def num_samples(self) -> int:
+        """Samples one full iteration yields (a dropped last partial batch is not counted)."""
+        n = len(self.rows)
+        return n - n % self.batch_size if self.drop_last else n
+
+    @property
+    def in_memory(self) -> bool:
+        return self._data.in_memory
+
+    def __len__(self) -> int:
+        n = self.num_samples
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def windows(self) -> list[Window]:
+        return epoch_order(self.rows, self._data.chunk_rows, self.buffer_rows, self.seed, self.epoch, self.shuffle)
+
+    def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        windows = self.windows()
+        if self._data.in_memory:
+            yield from self._memory_batches(windows)
+        else:
+            yield from self._batches(self._store_windows(windows))
+
+    def _memory_batches(self, windows: list[Window]) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        # Gather batch by batch from the resident arrays: no second copy of the split per epoch.
+        order = np.concatenate([w.order for w in windows]) if windows else np.empty(0, np.int64)
+        stop = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
+        arrays = self._data.memory_arrays()
+        for start in range(0, stop, self.batch_size):
+            idx = order[start:start + self.batch_size]
+            yield ({n: torch.from_numpy(a[idx]) for n, a in arrays.items()},
+                   torch.from_numpy(self._data.all_labels[idx]))
+
+    def _store_windows(self, windows: list[Window]) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
+        if not self.prefetch or len(windows) <= 1:
+            for w in windows:
+                yield self._data.read_window(w), self._data.all_labels[w.order]
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="probe-prefetch") as pool:
+            pending: Future | None = pool.submit(self._data.read_window, windows[0])
+            for i, w in enumerate(windows):
+                xs = pending.result()
+                pending = pool.submit(self._data.read_window, windows[i + 1]) if i + 1 < len(windows) else None
+                yield xs, self._data.all_labels[w.order]
+
+    def _batches(self, source: Iterator[tuple[dict[str, np.ndarray], np.ndarray]]
+                 ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        carry: tuple[dict[str, np.ndarray], np.ndarray] | None = None
+        bs = self.batch_size
+        for xs, y in source:
+            if carry is not None:  # a batch spanning two windows
+                xs = {n: np.concatenate([carry[0][n], xs[n]]) for n in xs}
+                y = np.concatenate([carry[1], y])
+            full = len(y) - len(y) % bs
+            for start in range(0, full, bs):
+                yield ({n: torch.from_numpy(np.ascontiguousarray(a[start:start + bs])) for n, a in xs.items()},
+                       torch.from_numpy(np.ascontiguousarray(y[start:start + bs])))
+            carry = ({n: a[full:] for n, a in xs.items()}, y[full:]) if full < len(y) else None
+        if carry is not None and not self.drop_last:
+            yield ({n: torch.from_numpy(np.ascontiguousarray(a)) for n, a in carry[0].items()},
+                   torch.from_numpy(np.ascontiguousarray(carry[1])))
