@@ -14,6 +14,8 @@ from extract.statedir import join_optimizer_state, load_state, save_state, split
 __all__ = ["CHECKPOINT_FORMAT", "save_checkpoint", "load_checkpoint"]
 
 CHECKPOINT_FORMAT = "diffbank.probe.trainer/2"
+# The earlier trainer (one optimizer and scheduler per head); its runs still resume.
+_LEGACY_FORMAT = "diffbank.probe.train/1"
 
 
 def save_checkpoint(directory: Path, runs: list[Any], optimizer: torch.optim.Optimizer, scheduler: Any,
@@ -38,6 +40,8 @@ def load_checkpoint(directory: Path, runs: list[Any], optimizer: torch.optim.Opt
     A checkpoint made with other settings (`config`: heads, inputs, lrs, recipe) is refused.
     """
     tensors, meta = load_state(directory)
+    if meta.get("format") == _LEGACY_FORMAT:
+        tensors, meta = _from_legacy(tensors, meta)
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{directory} holds a {meta.get('format')!r} checkpoint, not {CHECKPOINT_FORMAT}")
     saved = meta["config"]
@@ -58,3 +62,40 @@ def load_checkpoint(directory: Path, runs: list[Any], optimizer: torch.optim.Opt
     optimizer.load_state_dict(join_optimizer_state(tensors, meta["optimizer"], device=device))
     scheduler.load_state_dict(meta["scheduler"])
     return int(meta["epochs_done"])
+
+
+def _from_legacy(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> tuple[dict[str, torch.Tensor],
+                                                                                  dict[str, Any]]:
+    """A `diffbank.probe.train/1` state as this format: per-head optimizers and schedulers become one of each.
+
+    Parameter ids are renumbered head after head (the order the trainer builds its parameter groups in);
+    the schedulers of the heads still training agree on the step count, and each keeps its own lr.
+    """
+    out: dict[str, torch.Tensor] = {}
+    groups, scalars, heads = [], {}, []
+    offset = 0
+    for i, hm in enumerate(meta["heads"]):
+        for k, v in tensors.items():
+            if k.startswith(f"h{i}.model."):
+                out[k] = v
+            elif k.startswith(f"h{i}.best."):
+                out[f"h{i}.kept." + k[len(f"h{i}.best."):]] = v
+            elif k.startswith(f"h{i}.optim."):
+                pid, name = k[len(f"h{i}.optim."):].split(".", 1)
+                out[f"optim.{offset + int(pid)}.{name}"] = v
+        (group,) = hm["optimizer"]["param_groups"]
+        for pid, values in hm["optimizer"]["state_scalars"].items():
+            scalars[str(offset + int(pid))] = values
+        groups.append({**group, "params": [offset + p for p in group["params"]]})
+        offset += len(group["params"])
+        heads.append({"key": hm["key"], "kept_epoch": hm["best_epoch"],
+                      "kept_val": [hm["best_val_accuracy"], hm["best_val_loss"]], "diverged": hm["diverged"],
+                      "frozen_lr": hm["history"][-1]["lr"] if hm["diverged"] and hm["history"] else None,
+                      "history": hm["history"]})
+    running = [hm["scheduler"] for hm in meta["heads"] if not hm["diverged"]] or [meta["heads"][0]["scheduler"]]
+    scheduler = {**running[0], "base_lrs": [hm["scheduler"]["base_lrs"][0] for hm in meta["heads"]],
+                 "_last_lr": [hm["scheduler"]["_last_lr"][0] for hm in meta["heads"]]}
+    record = {"format": CHECKPOINT_FORMAT, "epochs_done": meta["epochs_done"],
+              "config": {**meta["config"], "keep": "best"}, "heads": heads,
+              "optimizer": {"param_groups": groups, "state_scalars": scalars}, "scheduler": scheduler}
+    return out, record

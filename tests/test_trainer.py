@@ -298,3 +298,22 @@ def test_progress_line_can_be_silenced(data, capsys, caplog) -> None:
     assert capsys.readouterr().err == "" and not caplog.records
     train(linear(), train_s, val_s, lr=0.05, epochs=1, progress=True)
     assert "epoch 1/1" in caplog.text  # status goes through logging (the CLI's -v/-q set its level)
+
+
+def test_checkpoint_of_the_earlier_trainer_resumes(data, tmp_path) -> None:
+    # tests/data/probe_checkpoint_v1: the per-head-optimizer trainer's format (diffbank.probe.train/1), written
+    # by it for these heads and data, interrupted after 2 of 5 epochs.
+    import shutil
+    from pathlib import Path
+
+    lrs = {"a": 0.01, "b": 0.1, "c": 0.05}
+    kwargs = dict(lrs=lrs, momentum=0.9, weight_decay=1e-4, epochs=5, step_size=2, progress=False)
+    reference = {k: linear(i) for i, k in enumerate(lrs)}
+    ref = train_many(reference, {k: "f" for k in lrs}, *streams(data)[:2], **kwargs)
+    shutil.copytree(Path(__file__).parent / "data" / "probe_checkpoint_v1", tmp_path / "ckpt")
+    resumed = {k: linear(7) for k in lrs}
+    out = train_many(resumed, {k: "f" for k in lrs}, *streams(data)[:2], checkpoint_dir=tmp_path / "ckpt",
+                     resume=True, **kwargs)
+    for k in lrs:
+        assert states_equal(resumed[k], reference[k]), k
+        assert out.heads[k].history == ref.heads[k].history and out.heads[k].best_epoch == ref.heads[k].best_epoch
