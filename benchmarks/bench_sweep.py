@@ -75,6 +75,7 @@ def _profiled(enabled: bool, label: str):
             out = io.StringIO()
             pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(25)
             print(f"---- profile: {label}\n{out.getvalue()}")
+
     return run()
 
 
@@ -115,7 +116,7 @@ def main() -> None:
     names = sorted(feats)
     n_train, n_val = int(0.7 * n), int(0.15 * n)
     rows = np.arange(n)
-    splits = {"train": rows[:n_train], "val": rows[n_train:n_train + n_val], "test": rows[n_train + n_val:]}
+    splits = {"train": rows[:n_train], "val": rows[n_train : n_train + n_val], "test": rows[n_train + n_val :]}
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         store_path = os.path.join(tmp, "bench.zarr")
@@ -123,16 +124,21 @@ def main() -> None:
         write_s = time.perf_counter() - t0
         del feats
         dims = sorted({int(np.prod(s)) for s in BLOCKS.values()})
-        print(f"store: Zarr, float16, {n} samples ({n_train} train / {n_val} val / {n - n_train - n_val} test), "
-              f"{len(names)} features of {dims} dims, {args.classes} classes (written in {write_s:.1f}s)")
-        print(f"recipe: {len(LRS)} lrs {LRS}, {args.epochs} epochs, batch {args.batch_size}, "
-              f"{args.threads} thread(s), seed 0")
+        print(
+            f"store: Zarr, float16, {n} samples ({n_train} train / {n_val} val / {n - n_train - n_val} test), "
+            f"{len(names)} features of {dims} dims, {args.classes} classes (written in {write_s:.1f}s)"
+        )
+        print(
+            f"recipe: {len(LRS)} lrs {LRS}, {args.epochs} epochs, batch {args.batch_size}, "
+            f"{args.threads} thread(s), seed 0"
+        )
 
         # Warm-up outside the timings (imports incl. matplotlib, torch's first optimizer step): tiny runs of
         # both commands on one feature, so neither arm pays one-off process costs.
         run_linear(store_path, os.path.join(tmp, "warm"), features=[names[0]], epochs=1, progress=False)
-        run_sweep(store_path, os.path.join(tmp, "warm_sweep"), features=[names[0]], lrs=LRS[:2], epochs=1,
-                  progress=False)
+        run_sweep(
+            store_path, os.path.join(tmp, "warm_sweep"), features=[names[0]], lrs=LRS[:2], epochs=1, progress=False
+        )
 
         common = dict(epochs=args.epochs, batch_size=args.batch_size, seed=0, progress=False)
         walls, cpus = [], []
@@ -144,10 +150,12 @@ def main() -> None:
             cpus.append(time.process_time() - c0)
         time_a, cpu_a = min(walls), min(cpus)
         if args.sweep_only:
-            print(f"A: 1 x run_sweep (27 heads): wall {time_a:.2f}s, cpu {cpu_a:.2f}s (min of {len(walls)}; walls "
-                  f"{', '.join(f'{w:.2f}' for w in walls)}); selected {sweep['selected']['feature']} "
-                  f"lr={sweep['selected']['lr']} val {sweep['metrics']['val']['top1']:.4f} "
-                  f"test {sweep['metrics']['test']['top1']:.4f}")
+            print(
+                f"A: 1 x run_sweep (27 heads): wall {time_a:.2f}s, cpu {cpu_a:.2f}s (min of {len(walls)}; walls "
+                f"{', '.join(f'{w:.2f}' for w in walls)}); selected {sweep['selected']['feature']} "
+                f"lr={sweep['selected']['lr']} val {sweep['metrics']['val']['top1']:.4f} "
+                f"test {sweep['metrics']['test']['top1']:.4f}"
+            )
             return
 
         separate: dict[tuple[str, float], dict[str, Any]] = {}
@@ -155,8 +163,9 @@ def main() -> None:
         with _profiled(args.profile, "arm B (27 x run_linear)"):
             for i, name in enumerate(names):
                 for j, lr in enumerate(sorted(LRS)):
-                    separate[(name, lr)] = run_linear(store_path, os.path.join(tmp, f"linear_{i}_{j}"),
-                                                      features=[name], lr=lr, **common)
+                    separate[(name, lr)] = run_linear(
+                        store_path, os.path.join(tmp, f"linear_{i}_{j}"), features=[name], lr=lr, **common
+                    )
         time_b, cpu_b = time.perf_counter() - t0, time.process_time() - c0
         cli_times = _cli_arms(store_path, tmp, names, args) if args.cli else None
 
@@ -165,11 +174,17 @@ def main() -> None:
     acc_a = (sweep["metrics"]["val"]["top1"], sweep["metrics"]["test"]["top1"])
     acc_b = (separate[sel_b]["metrics"]["val"]["top1"], separate[sel_b]["metrics"]["test"]["top1"])
     print()
-    print(f"{'arm':34s} {'wall s':>8s} {'cpu s':>7s}  {'selected (feature, lr)':28s} {'epoch':>5s} {'val top1':>8s} {'test top1':>9s}")
-    print(f"{'A: 1 x run_sweep (27 heads)':34s} {time_a:8.1f} {cpu_a:7.1f}  {str(sel_a):28s} "
-          f"{sweep['selected']['epoch']:5d} {acc_a[0]:8.4f} {acc_a[1]:9.4f}")
-    print(f"{'B: 27 x run_linear':34s} {time_b:8.1f} {cpu_b:7.1f}  {str(sel_b):28s} "
-          f"{separate[sel_b]['selected']['epoch']:5d} {acc_b[0]:8.4f} {acc_b[1]:9.4f}")
+    print(
+        f"{'arm':34s} {'wall s':>8s} {'cpu s':>7s}  {'selected (feature, lr)':28s} {'epoch':>5s} {'val top1':>8s} {'test top1':>9s}"
+    )
+    print(
+        f"{'A: 1 x run_sweep (27 heads)':34s} {time_a:8.1f} {cpu_a:7.1f}  {str(sel_a):28s} "
+        f"{sweep['selected']['epoch']:5d} {acc_a[0]:8.4f} {acc_a[1]:9.4f}"
+    )
+    print(
+        f"{'B: 27 x run_linear':34s} {time_b:8.1f} {cpu_b:7.1f}  {str(sel_b):28s} "
+        f"{separate[sel_b]['selected']['epoch']:5d} {acc_b[0]:8.4f} {acc_b[1]:9.4f}"
+    )
     print(f"speed-up B/A: {time_b / time_a:.2f}x (target >= 5x)")
     if cli_times:
         c, d = cli_times
@@ -182,8 +197,10 @@ def main() -> None:
     same_val = sum(table[k]["val_top1"] == separate[k]["training"]["val_accuracy"] for k in separate)
     same_test = sum(table[k]["test_top1"] == separate[k]["training"]["test_accuracy"] for k in separate)
     same_epoch = sum(table[k]["best_epoch"] == separate[k]["training"]["best_epoch"] for k in separate)
-    print(f"per head, sweep vs separate run: same best epoch {same_epoch}/27, same val top-1 {same_val}/27, "
-          f"same test top-1 {same_test}/27")
+    print(
+        f"per head, sweep vs separate run: same best epoch {same_epoch}/27, same val top-1 {same_val}/27, "
+        f"same test top-1 {same_test}/27"
+    )
     print(f"same selection: {sel_a == sel_b}; same selected accuracies: {acc_a == acc_b}")
     best_lr = {}
     for r in sweep["sweep"]:
@@ -197,8 +214,13 @@ def _cli_arms(store: str, tmp: str, names: list[str], args: argparse.Namespace) 
     common = ["--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--seed", "0"]
 
     def run(argv: list[str]) -> None:
-        subprocess.run([sys.executable, "-m", "diffbank.cli", *argv], check=True, env=env,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(
+            [sys.executable, "-m", "diffbank.cli", *argv],
+            check=True,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
 
     t0 = time.perf_counter()
     lr_args = [a for lr in LRS for a in ("--lr", str(lr))]
@@ -207,8 +229,20 @@ def _cli_arms(store: str, tmp: str, names: list[str], args: argparse.Namespace) 
     t0 = time.perf_counter()
     for i, name in enumerate(names):
         for j, lr in enumerate(sorted(LRS)):
-            run(["probe", "linear", store, "--out", os.path.join(tmp, f"cli_linear_{i}_{j}"), "--feature", name,
-                 "--lr", str(lr), *common])
+            run(
+                [
+                    "probe",
+                    "linear",
+                    store,
+                    "--out",
+                    os.path.join(tmp, f"cli_linear_{i}_{j}"),
+                    "--feature",
+                    name,
+                    "--lr",
+                    str(lr),
+                    *common,
+                ]
+            )
     return c, time.perf_counter() - t0
 
 

@@ -32,8 +32,9 @@ def has_state(directory: str | os.PathLike[str]) -> bool:
     return (Path(directory) / RECORD_FILE).exists()
 
 
-def save_state(directory: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], record: Mapping[str, Any],
-               *, step: int = 0) -> Path:
+def save_state(
+    directory: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], record: Mapping[str, Any], *, step: int = 0
+) -> Path:
     """Write `tensors` and `record` (JSON-able; NaN/inf become null) as the directory's current state."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -60,8 +61,9 @@ def load_state(directory: str | os.PathLike[str]) -> tuple[dict[str, torch.Tenso
     return tensors, record
 
 
-def split_optimizer_state(state: Mapping[str, Any], prefix: str = "optim.") -> tuple[dict[str, torch.Tensor],
-                                                                                       dict[str, Any]]:
+def split_optimizer_state(
+    state: Mapping[str, Any], prefix: str = "optim."
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """An optimizer's `state_dict()` as (tensors keyed `{prefix}{param id}.{name}`, JSON-able rest)."""
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
@@ -74,13 +76,17 @@ def split_optimizer_state(state: Mapping[str, Any], prefix: str = "optim.") -> t
     return tensors, {"param_groups": state["param_groups"], "state_scalars": scalars}
 
 
-def join_optimizer_state(tensors: Mapping[str, torch.Tensor], record: Mapping[str, Any], prefix: str = "optim.",
-                         device: torch.device | str | None = None) -> dict[str, Any]:
+def join_optimizer_state(
+    tensors: Mapping[str, torch.Tensor],
+    record: Mapping[str, Any],
+    prefix: str = "optim.",
+    device: torch.device | str | None = None,
+) -> dict[str, Any]:
     """The inverse of `split_optimizer_state`: a dict for `optimizer.load_state_dict`."""
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         if key.startswith(prefix):
-            pid, name = key[len(prefix):].split(".", 1)
+            pid, name = key[len(prefix) :].split(".", 1)
             state.setdefault(int(pid), {})[name] = value if device is None else value.to(device)
     for pid, scalars in record["state_scalars"].items():
         state.setdefault(int(pid), {}).update(scalars)

@@ -40,8 +40,18 @@ from probe.recipe import RECIPES, ProbeConfigError, Recipe
 from probe.report import plot_accuracy_vs_t, plot_heatmap
 from probe.runs import Run, RunConflictError, evaluate_head, head_record, save_heads, single_feature, train_heads
 
-__all__ = ["run_linear", "run_attention", "run_fusion", "run_logistic", "run_knn", "run_sweep",
-           "default_features", "RunConflictError", "ProbeConfigError", "SWEEP_LRS"]
+__all__ = [
+    "run_linear",
+    "run_attention",
+    "run_fusion",
+    "run_logistic",
+    "run_knn",
+    "run_sweep",
+    "default_features",
+    "RunConflictError",
+    "ProbeConfigError",
+    "SWEEP_LRS",
+]
 
 SWEEP_LRS: tuple[float, ...] = tuple(RECIPES["diffbank"]["sweep"]["lrs"])
 
@@ -59,11 +69,20 @@ def _config(recipe: Recipe, lr_keys: bool = True, **settings: Any) -> dict[str, 
     One lr keeps the key older runs recorded ("lr"), so their out_dirs still resume.
     """
     lr = ({"lr": recipe.lr} if recipe.lrs is None else {"lrs": list(recipe.lrs)}) if lr_keys else {}
-    return {"recipe": recipe.name, "keep": recipe.keep, "epochs": recipe.epochs, **lr,
-            "batch_size": recipe.batch_size, **settings,
-            "optimizer": recipe.optimizer_label(), "schedule": recipe.schedule_label(),
-            "momentum": recipe.momentum, "weight_decay": recipe.weight_decay, "step_size": recipe.step_size,
-            "gamma": recipe.gamma}
+    return {
+        "recipe": recipe.name,
+        "keep": recipe.keep,
+        "epochs": recipe.epochs,
+        **lr,
+        "batch_size": recipe.batch_size,
+        **settings,
+        "optimizer": recipe.optimizer_label(),
+        "schedule": recipe.schedule_label(),
+        "momentum": recipe.momentum,
+        "weight_decay": recipe.weight_decay,
+        "step_size": recipe.step_size,
+        "gamma": recipe.gamma,
+    }
 
 
 def _lr_key(lr: float) -> str:
@@ -73,19 +92,57 @@ def _lr_key(lr: float) -> str:
 
 # ------------------------------------------------------------------------------------------- commands
 
-def run_linear(store: Any, out_dir: str | Path, *, features: Sequence[str] | str | None = None,
-               recipe: str = "diffbank", epochs: int | None = None, lr: float | None = None,
-               batch_size: int | None = None, seed: int = 0, subset: str | None = None, val_fraction: float = 0.1,
-               standardize: str | None = None, batchnorm: bool = False, memory_budget: int | str | None = None,
-               device: str = "cpu", progress: bool = True, resume: bool = True, momentum: float | None = None,
-               weight_decay: float | None = None, step_size: int | None = None,
-               gamma: float | None = None) -> dict[str, Any]:
+
+def run_linear(
+    store: Any,
+    out_dir: str | Path,
+    *,
+    features: Sequence[str] | str | None = None,
+    recipe: str = "diffbank",
+    epochs: int | None = None,
+    lr: float | None = None,
+    batch_size: int | None = None,
+    seed: int = 0,
+    subset: str | None = None,
+    val_fraction: float = 0.1,
+    standardize: str | None = None,
+    batchnorm: bool = False,
+    memory_budget: int | str | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+    resume: bool = True,
+    momentum: float | None = None,
+    weight_decay: float | None = None,
+    step_size: int | None = None,
+    gamma: float | None = None,
+) -> dict[str, Any]:
     """The paper's linear probe on one feature (default t090_b24_avg2); weights -> out_dir/head.safetensors."""
-    rec = _recipe(recipe, "linear", lr=lr, epochs=epochs, batch_size=batch_size, standardize=standardize,
-                  momentum=momentum, weight_decay=weight_decay, step_size=step_size, gamma=gamma)
-    run = Run("linear", store, out_dir, features, _config(rec, batchnorm=batchnorm, device=device), seed=seed,
-              subset=subset, val_fraction=val_fraction, standardize=rec.standardize, memory_budget=memory_budget,
-              resume=resume, recipe=rec)
+    rec = _recipe(
+        recipe,
+        "linear",
+        lr=lr,
+        epochs=epochs,
+        batch_size=batch_size,
+        standardize=standardize,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        step_size=step_size,
+        gamma=gamma,
+    )
+    run = Run(
+        "linear",
+        store,
+        out_dir,
+        features,
+        _config(rec, batchnorm=batchnorm, device=device),
+        seed=seed,
+        subset=subset,
+        val_fraction=val_fraction,
+        standardize=rec.standardize,
+        memory_budget=memory_budget,
+        resume=resume,
+        recipe=rec,
+    )
     name = single_feature(run)
     with seeded_init(seed):
         head = LinearHead(run.data.feature_shapes[name], run.data.num_classes, batchnorm=batchnorm)
@@ -123,28 +180,69 @@ class _TransformerRun:
     """What `run_attention` and `run_fusion` share: their options (declared once, here), the settings checked
     before any data is read, one config layout (so both record and resume alike), training and the report."""
 
-    def __init__(self, command: str, store: Any, out_dir: str | Path, *,
-                 features: Sequence[str] | str | None = None, recipe: str = "diffbank", preset: str = "small",
-                 lr: float | None = None, lrs: Sequence[float] | None = None, epochs: int | None = None,
-                 batch_size: int | None = None, momentum: float | None = None, weight_decay: float | None = None,
-                 step_size: int | None = None, gamma: float | None = None, standardize: str | None = None,
-                 seed: int = 0, subset: str | None = None, val_fraction: float = 0.1,
-                 memory_budget: int | str | None = None, device: str = "cpu", progress: bool = True,
-                 resume: bool = True) -> None:
-        rec = _recipe(recipe, command, lr=lr, lrs=lrs, epochs=epochs, batch_size=batch_size, standardize=standardize,
-                      momentum=momentum, weight_decay=weight_decay, step_size=step_size, gamma=gamma)
+    def __init__(
+        self,
+        command: str,
+        store: Any,
+        out_dir: str | Path,
+        *,
+        features: Sequence[str] | str | None = None,
+        recipe: str = "diffbank",
+        preset: str = "small",
+        lr: float | None = None,
+        lrs: Sequence[float] | None = None,
+        epochs: int | None = None,
+        batch_size: int | None = None,
+        momentum: float | None = None,
+        weight_decay: float | None = None,
+        step_size: int | None = None,
+        gamma: float | None = None,
+        standardize: str | None = None,
+        seed: int = 0,
+        subset: str | None = None,
+        val_fraction: float = 0.1,
+        memory_budget: int | str | None = None,
+        device: str = "cpu",
+        progress: bool = True,
+        resume: bool = True,
+    ) -> None:
+        rec = _recipe(
+            recipe,
+            command,
+            lr=lr,
+            lrs=lrs,
+            epochs=epochs,
+            batch_size=batch_size,
+            standardize=standardize,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            step_size=step_size,
+            gamma=gamma,
+        )
         self.sizes = resolve_preset(preset)
         self.seed, self.device, self.progress = seed, device, progress
-        self.run = Run(command, store, out_dir, features, _config(rec, preset=preset, **self.sizes, device=device),
-                       seed=seed, subset=subset, val_fraction=val_fraction, standardize=rec.standardize,
-                       memory_budget=memory_budget, resume=resume, recipe=rec)
+        self.run = Run(
+            command,
+            store,
+            out_dir,
+            features,
+            _config(rec, preset=preset, **self.sizes, device=device),
+            seed=seed,
+            subset=subset,
+            val_fraction=val_fraction,
+            standardize=rec.standardize,
+            memory_budget=memory_budget,
+            resume=resume,
+            recipe=rec,
+        )
 
     def finish(self, make_head: Callable[[], torch.nn.Module], input: Any) -> dict[str, Any]:
         return _finish_transformer(self.run, make_head, input, self.seed, self.device, self.progress)
 
 
-def _finish_transformer(run: Run, make_head: Callable[[], torch.nn.Module], input: Any, seed: int, device: str,
-                        progress: bool) -> dict[str, Any]:
+def _finish_transformer(
+    run: Run, make_head: Callable[[], torch.nn.Module], input: Any, seed: int, device: str, progress: bool
+) -> dict[str, Any]:
     rec = run.recipe
     assert rec is not None
     if rec.lrs is None:
@@ -163,60 +261,143 @@ def _finish_transformer(run: Run, make_head: Callable[[], torch.nn.Module], inpu
     best = str(result.best)
     chosen = result.heads[best]
     metrics = evaluate_head(run, heads[best], input, device)
-    save_heads(run.out / "head.safetensors", {"": heads[best]},
-               {"command": run.command, "features": run.features, "config": run.config, "lr": chosen.lr})
-    save_heads(run.out / "heads.safetensors", heads,
-               {"command": run.command, "features": run.features, "config": run.config, "heads": list(heads)})
-    table = [{"head": k, "lr": r.lr, "best_epoch": r.best_epoch, "epochs_trained": r.epochs_trained,
-              "val_accuracy": r.val_accuracy, "test_accuracy": r.test_accuracy, "diverged": r.diverged,
-              "selected": k == best, "history": r.history} for k, r in result.heads.items()]
-    return run.finish({"metrics": metrics,
-                       "selected": {"lr": chosen.lr, "epoch": chosen.best_epoch, "val_accuracy": chosen.val_accuracy},
-                       "training": head_record(chosen), "lr_sweep": table,
-                       "weights": "head.safetensors", "all_weights": "heads.safetensors"})
+    save_heads(
+        run.out / "head.safetensors",
+        {"": heads[best]},
+        {"command": run.command, "features": run.features, "config": run.config, "lr": chosen.lr},
+    )
+    save_heads(
+        run.out / "heads.safetensors",
+        heads,
+        {"command": run.command, "features": run.features, "config": run.config, "heads": list(heads)},
+    )
+    table = [
+        {
+            "head": k,
+            "lr": r.lr,
+            "best_epoch": r.best_epoch,
+            "epochs_trained": r.epochs_trained,
+            "val_accuracy": r.val_accuracy,
+            "test_accuracy": r.test_accuracy,
+            "diverged": r.diverged,
+            "selected": k == best,
+            "history": r.history,
+        }
+        for k, r in result.heads.items()
+    ]
+    return run.finish(
+        {
+            "metrics": metrics,
+            "selected": {"lr": chosen.lr, "epoch": chosen.best_epoch, "val_accuracy": chosen.val_accuracy},
+            "training": head_record(chosen),
+            "lr_sweep": table,
+            "weights": "head.safetensors",
+            "all_weights": "heads.safetensors",
+        }
+    )
 
 
-def _finish_single(run: Run, head: torch.nn.Module, input: Any, lr: float, device: str,
-                   progress: bool) -> dict[str, Any]:
-    result = train_heads(run, {"head": head}, {"head": input}, {"head": lr}, device=device,
-                         progress=progress).heads["head"]
+def _finish_single(
+    run: Run, head: torch.nn.Module, input: Any, lr: float, device: str, progress: bool
+) -> dict[str, Any]:
+    result = train_heads(run, {"head": head}, {"head": input}, {"head": lr}, device=device, progress=progress).heads[
+        "head"
+    ]
     metrics = evaluate_head(run, head, input, device)
-    save_heads(run.out / "head.safetensors", {"": head},
-               {"command": run.command, "features": run.features, "config": run.config})
-    return run.finish({"metrics": metrics,
-                       "selected": {"epoch": result.best_epoch, "lr": lr, "val_accuracy": result.val_accuracy},
-                       "training": head_record(result), "weights": "head.safetensors"})
+    save_heads(
+        run.out / "head.safetensors",
+        {"": head},
+        {"command": run.command, "features": run.features, "config": run.config},
+    )
+    return run.finish(
+        {
+            "metrics": metrics,
+            "selected": {"epoch": result.best_epoch, "lr": lr, "val_accuracy": result.val_accuracy},
+            "training": head_record(result),
+            "weights": "head.safetensors",
+        }
+    )
 
 
-def run_logistic(store: Any, out_dir: str | Path, *, features: Sequence[str] | str | None = None,
-                 cs: Sequence[float] | None = None, max_iter: int = 1000, refit: str = "train+val", seed: int = 0,
-                 subset: str | None = None, val_fraction: float = 0.1, standardize: str = "dim",
-                 memory_budget: int | str | None = None) -> dict[str, Any]:
+def run_logistic(
+    store: Any,
+    out_dir: str | Path,
+    *,
+    features: Sequence[str] | str | None = None,
+    cs: Sequence[float] | None = None,
+    max_iter: int = 1000,
+    refit: str = "train+val",
+    seed: int = 0,
+    subset: str | None = None,
+    val_fraction: float = 0.1,
+    standardize: str = "dim",
+    memory_budget: int | str | None = None,
+) -> dict[str, Any]:
     """Logistic regression (lbfgs) over a C grid (default DINOv2's 45 values), features concatenated."""
     grid = sorted(float(c) for c in (cs if cs is not None else DINOV2_C_GRID))
-    run = Run("logistic", store, out_dir, features, {"cs": grid, "max_iter": max_iter, "refit": refit},
-               seed=seed, subset=subset, val_fraction=val_fraction, standardize=standardize,
-               memory_budget=memory_budget, guard=False)
+    run = Run(
+        "logistic",
+        store,
+        out_dir,
+        features,
+        {"cs": grid, "max_iter": max_iter, "refit": refit},
+        seed=seed,
+        subset=subset,
+        val_fraction=val_fraction,
+        standardize=standardize,
+        memory_budget=memory_budget,
+        guard=False,
+    )
     t0 = time.perf_counter()
     x = {s: flatten_features(run.data.arrays(s), run.features) for s in ("train", "val", "test")}
     run.timings["data_s"] += time.perf_counter() - t0
     t0 = time.perf_counter()
-    out = logistic_sweep(x["train"], run.data.labels("train"), x["val"], run.data.labels("val"), x["test"],
-                         run.data.labels("test"), num_classes=run.data.num_classes, cs=grid, max_iter=max_iter,
-                         refit=refit, class_names=run.data.class_names)
+    out = logistic_sweep(
+        x["train"],
+        run.data.labels("train"),
+        x["val"],
+        run.data.labels("val"),
+        x["test"],
+        run.data.labels("test"),
+        num_classes=run.data.num_classes,
+        cs=grid,
+        max_iter=max_iter,
+        refit=refit,
+        class_names=run.data.class_names,
+    )
     run.timings["train_s"] = time.perf_counter() - t0
     return run.finish(out)
 
 
-def run_knn(store: Any, out_dir: str | Path, *, features: Sequence[str] | str | None = None,
-            ks: Sequence[int] = KNN_KS, temperature: float = KNN_TEMPERATURE, batch_size: int = 4096,
-            seed: int = 0, subset: str | None = None, val_fraction: float = 0.1, standardize: str = "dim",
-            memory_budget: int | str | None = None, device: str = "cpu") -> dict[str, Any]:
+def run_knn(
+    store: Any,
+    out_dir: str | Path,
+    *,
+    features: Sequence[str] | str | None = None,
+    ks: Sequence[int] = KNN_KS,
+    temperature: float = KNN_TEMPERATURE,
+    batch_size: int = 4096,
+    seed: int = 0,
+    subset: str | None = None,
+    val_fraction: float = 0.1,
+    standardize: str = "dim",
+    memory_budget: int | str | None = None,
+    device: str = "cpu",
+) -> dict[str, Any]:
     """Weighted cosine kNN (k swept on validation); the train bank is streamed, so it may exceed memory."""
-    run = Run("knn", store, out_dir, features,
-               {"ks": sorted({int(k) for k in ks}), "temperature": temperature, "batch_size": batch_size,
-                "device": device}, seed=seed, subset=subset, val_fraction=val_fraction, standardize=standardize,
-               memory_budget=memory_budget, guard=False)
+    run = Run(
+        "knn",
+        store,
+        out_dir,
+        features,
+        {"ks": sorted({int(k) for k in ks}), "temperature": temperature, "batch_size": batch_size, "device": device},
+        seed=seed,
+        subset=subset,
+        val_fraction=val_fraction,
+        standardize=standardize,
+        memory_budget=memory_budget,
+        guard=False,
+    )
     t0 = time.perf_counter()
     queries = {s: torch.from_numpy(flatten_features(run.data.arrays(s), run.features)) for s in ("val", "test")}
     run.timings["data_s"] += time.perf_counter() - t0
@@ -226,31 +407,77 @@ def run_knn(store: Any, out_dir: str | Path, *, features: Sequence[str] | str | 
             yield flatten_features(xs, run.features), y
 
     t0 = time.perf_counter()
-    out = knn_sweep(bank(), len(run.data.rows("train")), queries["val"], run.data.labels("val"), queries["test"],
-                    run.data.labels("test"), num_classes=run.data.num_classes, ks=ks, temperature=temperature,
-                    device=device, class_names=run.data.class_names)
+    out = knn_sweep(
+        bank(),
+        len(run.data.rows("train")),
+        queries["val"],
+        run.data.labels("val"),
+        queries["test"],
+        run.data.labels("test"),
+        num_classes=run.data.num_classes,
+        ks=ks,
+        temperature=temperature,
+        device=device,
+        class_names=run.data.class_names,
+    )
     run.timings["train_s"] = time.perf_counter() - t0
     return run.finish(out)
 
 
-def run_sweep(store: Any, out_dir: str | Path, *, features: Sequence[str] | str | None = None,
-              recipe: str = "diffbank", lrs: Sequence[float] | None = None, epochs: int | None = None,
-              batch_size: int | None = None, seed: int = 0, subset: str | None = None, val_fraction: float = 0.1,
-              standardize: str | None = None, memory_budget: int | str | None = None, device: str = "cpu",
-              progress: bool = True, resume: bool = True, momentum: float | None = None,
-              weight_decay: float | None = None, step_size: int | None = None,
-              gamma: float | None = None) -> dict[str, Any]:
+def run_sweep(
+    store: Any,
+    out_dir: str | Path,
+    *,
+    features: Sequence[str] | str | None = None,
+    recipe: str = "diffbank",
+    lrs: Sequence[float] | None = None,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    seed: int = 0,
+    subset: str | None = None,
+    val_fraction: float = 0.1,
+    standardize: str | None = None,
+    memory_budget: int | str | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+    resume: bool = True,
+    momentum: float | None = None,
+    weight_decay: float | None = None,
+    step_size: int | None = None,
+    gamma: float | None = None,
+) -> dict[str, Any]:
     """Linear heads for every feature x lr in one pass over the data; selection on validation.
 
     `lrs` defaults to the recipe's (diffbank: 1e-3, 1e-2, 1e-1; paper: 1e-2). Writes heatmap.png (test top-1
     of the validation-selected (pooling, lr) per (t, block) cell, the validation-selected cell outlined) and
     accuracy_vs_t.png, and all heads to heads.safetensors.
     """
-    rec = _recipe(recipe, "sweep", lrs=lrs, epochs=epochs, batch_size=batch_size, standardize=standardize,
-                  momentum=momentum, weight_decay=weight_decay, step_size=step_size, gamma=gamma)
-    run = Run("sweep", store, out_dir, features, _config(rec, device=device), seed=seed, subset=subset,
-              val_fraction=val_fraction, standardize=rec.standardize, memory_budget=memory_budget, resume=resume,
-              recipe=rec)
+    rec = _recipe(
+        recipe,
+        "sweep",
+        lrs=lrs,
+        epochs=epochs,
+        batch_size=batch_size,
+        standardize=standardize,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        step_size=step_size,
+        gamma=gamma,
+    )
+    run = Run(
+        "sweep",
+        store,
+        out_dir,
+        features,
+        _config(rec, device=device),
+        seed=seed,
+        subset=subset,
+        val_fraction=val_fraction,
+        standardize=rec.standardize,
+        memory_budget=memory_budget,
+        resume=resume,
+        recipe=rec,
+    )
     heads: dict[str, torch.nn.Module] = {}
     inputs: dict[str, str] = {}
     lr_of: dict[str, float] = {}
@@ -268,27 +495,44 @@ def run_sweep(store: Any, out_dir: str | Path, *, features: Sequence[str] | str 
     cells = _best_per_cell(table, result)
     figures = _sweep_figures(run, cells, table, best_key)
     save_heads(run.out / "heads.safetensors", heads, {"command": "sweep", "heads": list(heads)})
-    return run.finish({
-        "metrics": metrics,
-        "selected": {"head": best_key, "feature": inputs[best_key], "lr": lr_of[best_key],
-                     "epoch": result.heads[best_key].best_epoch,
-                     "val_accuracy": result.heads[best_key].val_accuracy},
-        "sweep": table,
-        "grid": [{"t": t, "block": b, **row} for (t, b), row in sorted(cells.items())],
-        "figures": figures,
-        "weights": "heads.safetensors",
-        "training": {k: head_record(r) for k, r in result.heads.items()},
-    })
+    return run.finish(
+        {
+            "metrics": metrics,
+            "selected": {
+                "head": best_key,
+                "feature": inputs[best_key],
+                "lr": lr_of[best_key],
+                "epoch": result.heads[best_key].best_epoch,
+                "val_accuracy": result.heads[best_key].val_accuracy,
+            },
+            "sweep": table,
+            "grid": [{"t": t, "block": b, **row} for (t, b), row in sorted(cells.items())],
+            "figures": figures,
+            "weights": "heads.safetensors",
+            "training": {k: head_record(r) for k, r in result.heads.items()},
+        }
+    )
 
 
 def _sweep_table(run: Run, result: Any) -> list[dict[str, Any]]:
     rows = []
     for key, r in result.heads.items():
         info = run.store.feature_info(r.input)
-        rows.append({"head": key, "feature": r.input, "t": info.t, "block": info.block,
-                     "pool": None if info.pool_kind is None else f"{info.pool_kind}{info.pool_size}",
-                     "lr": r.lr, "best_epoch": r.best_epoch, "val_top1": r.val_accuracy, "test_top1": r.test_accuracy,
-                     "diverged": r.diverged, "selected_for_feature": result.best_per_input.get(r.input) == key})
+        rows.append(
+            {
+                "head": key,
+                "feature": r.input,
+                "t": info.t,
+                "block": info.block,
+                "pool": None if info.pool_kind is None else f"{info.pool_kind}{info.pool_size}",
+                "lr": r.lr,
+                "best_epoch": r.best_epoch,
+                "val_top1": r.val_accuracy,
+                "test_top1": r.test_accuracy,
+                "diverged": r.diverged,
+                "selected_for_feature": result.best_per_input.get(r.input) == key,
+            }
+        )
     return rows
 
 
@@ -310,20 +554,32 @@ def _best_per_cell(table: Sequence[Mapping[str, Any]], result: Any) -> dict[tupl
     for key, rows in by_cell.items():
         row = select_best(rows, rank)
         assert row is not None
-        cells[key] = {"feature": row["feature"], "pool": row["pool"], "lr": row["lr"],
-                      "val_top1": row["val_top1"], "test_top1": row["test_top1"]}
+        cells[key] = {
+            "feature": row["feature"],
+            "pool": row["pool"],
+            "lr": row["lr"],
+            "val_top1": row["val_top1"],
+            "test_top1": row["test_top1"],
+        }
     return cells
 
 
-def _sweep_figures(run: Run, cells: Mapping[tuple[int, int], Mapping[str, Any]],
-                   table: Sequence[Mapping[str, Any]], best_key: str) -> dict[str, str]:
+def _sweep_figures(
+    run: Run, cells: Mapping[tuple[int, int], Mapping[str, Any]], table: Sequence[Mapping[str, Any]], best_key: str
+) -> dict[str, str]:
     if not cells:
         return {}
     best_row = next(r for r in table if r["head"] == best_key)
     best_cell = (best_row["t"], best_row["block"]) if best_row["t"] is not None else None
     test = {k: c["test_top1"] for k, c in cells.items()}
-    plot_heatmap(test, run.out / "heatmap.png", labels={k: c["pool"] for k, c in cells.items()},
-                 best=best_cell, title="test top-1 (pooling and lr selected on val)")
-    plot_accuracy_vs_t(test, run.out / "accuracy_vs_t.png", best=best_cell,
-                       title="test top-1 over timestep (selected on val)")
+    plot_heatmap(
+        test,
+        run.out / "heatmap.png",
+        labels={k: c["pool"] for k, c in cells.items()},
+        best=best_cell,
+        title="test top-1 (pooling and lr selected on val)",
+    )
+    plot_accuracy_vs_t(
+        test, run.out / "accuracy_vs_t.png", best=best_cell, title="test top-1 over timestep (selected on val)"
+    )
     return {"heatmap": "heatmap.png", "accuracy_vs_t": "accuracy_vs_t.png"}

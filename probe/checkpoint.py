@@ -18,23 +18,53 @@ CHECKPOINT_FORMAT = "diffbank.probe.trainer/2"
 _LEGACY_FORMAT = "diffbank.probe.train/1"
 
 
-def save_checkpoint(directory: Path, runs: list[Any], optimizer: torch.optim.Optimizer, scheduler: Any,
-                    config: dict[str, Any], epochs_done: int) -> None:
+def save_checkpoint(
+    directory: Path,
+    runs: list[Any],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    config: dict[str, Any],
+    epochs_done: int,
+) -> None:
     """Write the state after `epochs_done` epochs; `runs` are the trainer's per-head records."""
     tensors, optim_record = split_optimizer_state(optimizer.state_dict())
     heads_meta = []
     for i, r in enumerate(runs):
         tensors.update({f"h{i}.model.{n}": t for n, t in r.head.state_dict().items()})
         tensors.update({f"h{i}.kept.{n}": t for n, t in (r.kept_state or {}).items()})
-        heads_meta.append({"key": repr(r.key), "kept_epoch": r.kept_epoch, "kept_val": list(r.kept_val),
-                           "diverged": r.diverged, "frozen_lr": r.frozen_lr, "history": r.history})
-    save_state(directory, tensors, {"format": CHECKPOINT_FORMAT, "epochs_done": epochs_done, "config": config,
-                                    "heads": heads_meta, "optimizer": optim_record,
-                                    "scheduler": scheduler.state_dict()}, step=epochs_done)
+        heads_meta.append(
+            {
+                "key": repr(r.key),
+                "kept_epoch": r.kept_epoch,
+                "kept_val": list(r.kept_val),
+                "diverged": r.diverged,
+                "frozen_lr": r.frozen_lr,
+                "history": r.history,
+            }
+        )
+    save_state(
+        directory,
+        tensors,
+        {
+            "format": CHECKPOINT_FORMAT,
+            "epochs_done": epochs_done,
+            "config": config,
+            "heads": heads_meta,
+            "optimizer": optim_record,
+            "scheduler": scheduler.state_dict(),
+        },
+        step=epochs_done,
+    )
 
 
-def load_checkpoint(directory: Path, runs: list[Any], optimizer: torch.optim.Optimizer, scheduler: Any,
-                    config: dict[str, Any], device: torch.device) -> int:
+def load_checkpoint(
+    directory: Path,
+    runs: list[Any],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    config: dict[str, Any],
+    device: torch.device,
+) -> int:
     """Restore the state into `runs`, the optimizer and the scheduler; the number of epochs done.
 
     A checkpoint made with other settings (`config`: heads, inputs, lrs, recipe) is refused.
@@ -51,8 +81,9 @@ def load_checkpoint(directory: Path, runs: list[Any], optimizer: torch.optim.Opt
                 f"cannot resume from {directory}: {field} differs (checkpoint {saved.get(field)!r}, now {config[field]!r})"
             )
     for i, (r, hm) in enumerate(zip(runs, meta["heads"])):
+
         def part(prefix: str) -> dict[str, torch.Tensor]:
-            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
         r.head.load_state_dict(part(f"h{i}.model."))
         kept = part(f"h{i}.kept.")
@@ -64,8 +95,9 @@ def load_checkpoint(directory: Path, runs: list[Any], optimizer: torch.optim.Opt
     return int(meta["epochs_done"])
 
 
-def _from_legacy(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> tuple[dict[str, torch.Tensor],
-                                                                                  dict[str, Any]]:
+def _from_legacy(
+    tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """A `diffbank.probe.train/1` state as this format: per-head optimizers and schedulers become one of each.
 
     Parameter ids are renumbered head after head (the order the trainer builds its parameter groups in);
@@ -79,23 +111,37 @@ def _from_legacy(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> tupl
             if k.startswith(f"h{i}.model."):
                 out[k] = v
             elif k.startswith(f"h{i}.best."):
-                out[f"h{i}.kept." + k[len(f"h{i}.best."):]] = v
+                out[f"h{i}.kept." + k[len(f"h{i}.best.") :]] = v
             elif k.startswith(f"h{i}.optim."):
-                pid, name = k[len(f"h{i}.optim."):].split(".", 1)
+                pid, name = k[len(f"h{i}.optim.") :].split(".", 1)
                 out[f"optim.{offset + int(pid)}.{name}"] = v
         (group,) = hm["optimizer"]["param_groups"]
         for pid, values in hm["optimizer"]["state_scalars"].items():
             scalars[str(offset + int(pid))] = values
         groups.append({**group, "params": [offset + p for p in group["params"]]})
         offset += len(group["params"])
-        heads.append({"key": hm["key"], "kept_epoch": hm["best_epoch"],
-                      "kept_val": [hm["best_val_accuracy"], hm["best_val_loss"]], "diverged": hm["diverged"],
-                      "frozen_lr": hm["history"][-1]["lr"] if hm["diverged"] and hm["history"] else None,
-                      "history": hm["history"]})
+        heads.append(
+            {
+                "key": hm["key"],
+                "kept_epoch": hm["best_epoch"],
+                "kept_val": [hm["best_val_accuracy"], hm["best_val_loss"]],
+                "diverged": hm["diverged"],
+                "frozen_lr": hm["history"][-1]["lr"] if hm["diverged"] and hm["history"] else None,
+                "history": hm["history"],
+            }
+        )
     running = [hm["scheduler"] for hm in meta["heads"] if not hm["diverged"]] or [meta["heads"][0]["scheduler"]]
-    scheduler = {**running[0], "base_lrs": [hm["scheduler"]["base_lrs"][0] for hm in meta["heads"]],
-                 "_last_lr": [hm["scheduler"]["_last_lr"][0] for hm in meta["heads"]]}
-    record = {"format": CHECKPOINT_FORMAT, "epochs_done": meta["epochs_done"],
-              "config": {**meta["config"], "keep": "best"}, "heads": heads,
-              "optimizer": {"param_groups": groups, "state_scalars": scalars}, "scheduler": scheduler}
+    scheduler = {
+        **running[0],
+        "base_lrs": [hm["scheduler"]["base_lrs"][0] for hm in meta["heads"]],
+        "_last_lr": [hm["scheduler"]["_last_lr"][0] for hm in meta["heads"]],
+    }
+    record = {
+        "format": CHECKPOINT_FORMAT,
+        "epochs_done": meta["epochs_done"],
+        "config": {**meta["config"], "keep": "best"},
+        "heads": heads,
+        "optimizer": {"param_groups": groups, "state_scalars": scalars},
+        "scheduler": scheduler,
+    }
     return out, record

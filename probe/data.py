@@ -42,9 +42,23 @@ from probe.splits import (
 from probe.stats import FeatureStats, cached_stats, check_chunk_finite, compute_stats
 from probe.stream import FeatureStream, Window, epoch_order
 
-__all__ = ["ProbeData", "ProbeDataError", "Subset", "SPLITS", "FeatureStream", "FeatureStats", "Window",
-           "epoch_order", "compute_stats", "stratified_holdout", "parse_memory", "default_memory_budget",
-           "rows_digest", "available_features", "check_min_samples"]
+__all__ = [
+    "ProbeData",
+    "ProbeDataError",
+    "Subset",
+    "SPLITS",
+    "FeatureStream",
+    "FeatureStats",
+    "Window",
+    "epoch_order",
+    "compute_stats",
+    "stratified_holdout",
+    "parse_memory",
+    "default_memory_budget",
+    "rows_digest",
+    "available_features",
+    "check_min_samples",
+]
 
 StandardizeMode = Literal["dim", "channel", "none"]
 
@@ -81,11 +95,25 @@ def parse_memory(value: int | float | str | None) -> int:
 class ProbeData:
     """Standardised features, labels and splits of a store for probing. Build it with `from_store`."""
 
-    def __init__(self, store: Any, features: Sequence[str], splits: Mapping[str, np.ndarray],
-                 labels: np.ndarray, class_names: Sequence[str], *, seed: int, val_fraction: float,
-                 test_fraction: float, subset: Subset | None, standardize: str, memory_budget: int,
-                 in_memory: bool | None, info: SplitInfo, full_train_rows: np.ndarray,
-                 shuffle_buffer: int) -> None:
+    def __init__(
+        self,
+        store: Any,
+        features: Sequence[str],
+        splits: Mapping[str, np.ndarray],
+        labels: np.ndarray,
+        class_names: Sequence[str],
+        *,
+        seed: int,
+        val_fraction: float,
+        test_fraction: float,
+        subset: Subset | None,
+        standardize: str,
+        memory_budget: int,
+        in_memory: bool | None,
+        info: SplitInfo,
+        full_train_rows: np.ndarray,
+        shuffle_buffer: int,
+    ) -> None:
         self.store = store
         self.features = list(features)
         self._splits = {k: np.asarray(v, dtype=np.int64) for k, v in splits.items()}
@@ -103,8 +131,9 @@ class ProbeData:
         self._sample_ids = optional_attr(store, "sample_ids")
         self._dask = {name: store.to_dask(name) for name in self.features}
         self.chunk_rows = self._chunk_rows()
-        self.feature_shapes: dict[str, tuple[int, ...]] = {n: tuple(int(s) for s in self._dask[n].shape[1:])
-                                                            for n in self.features}
+        self.feature_shapes: dict[str, tuple[int, ...]] = {
+            n: tuple(int(s) for s in self._dask[n].shape[1:]) for n in self.features
+        }
         self.in_memory = self.memory_bytes() <= self.memory_budget if in_memory is None else bool(in_memory)
         self._memory: dict[str, np.ndarray] | None = None
         self._stats: dict[str, FeatureStats] = {}
@@ -112,11 +141,21 @@ class ProbeData:
     # ---- construction
 
     @classmethod
-    def from_store(cls, store: Any, features: Sequence[str] | str, *, val_fraction: float = 0.1,
-                   test_fraction: float = 0.2, seed: int = 0, subset: str | Subset | None = None,
-                   standardize: StandardizeMode = "dim", memory_budget: int | float | str | None = None,
-                   in_memory: bool | None = None, allow_missing_classes: bool = False,
-                   shuffle_buffer: int | str = "1GiB") -> ProbeData:
+    def from_store(
+        cls,
+        store: Any,
+        features: Sequence[str] | str,
+        *,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.2,
+        seed: int = 0,
+        subset: str | Subset | None = None,
+        standardize: StandardizeMode = "dim",
+        memory_budget: int | float | str | None = None,
+        in_memory: bool | None = None,
+        allow_missing_classes: bool = False,
+        shuffle_buffer: int | str = "1GiB",
+    ) -> ProbeData:
         """Resolve features, labels and splits of `store` (a `FeatureStore` or a URL/path).
 
         `val_fraction` / `test_fraction` apply only to splits the store lacks; `subset` takes a label subset
@@ -135,15 +174,29 @@ class ProbeData:
         splits, info, full_train = resolve_splits(store, labels, class_names, seed, val_fraction, test_fraction)
         parsed = Subset.parse(subset)
         if parsed is not None:
-            splits["train"] = draw_subset(splits["train"], labels[splits["train"]], parsed,
-                                          seeded_rng(seed, KEY_SUBSET), class_names)
+            splits["train"] = draw_subset(
+                splits["train"], labels[splits["train"]], parsed, seeded_rng(seed, KEY_SUBSET), class_names
+            )
             info.source["train"] += f", label subset {parsed}"
         if not allow_missing_classes:
             check_classes(splits, labels, class_names)
-        return cls(store, features, splits, labels, class_names, seed=seed, val_fraction=val_fraction,
-                   test_fraction=test_fraction, subset=parsed, standardize=standardize,
-                   memory_budget=parse_memory(memory_budget), in_memory=in_memory, info=info,
-                   full_train_rows=full_train, shuffle_buffer=parse_memory(shuffle_buffer))
+        return cls(
+            store,
+            features,
+            splits,
+            labels,
+            class_names,
+            seed=seed,
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            subset=parsed,
+            standardize=standardize,
+            memory_budget=parse_memory(memory_budget),
+            in_memory=in_memory,
+            info=info,
+            full_train_rows=full_train,
+            shuffle_buffer=parse_memory(shuffle_buffer),
+        )
 
     # ---- descriptive
 
@@ -183,9 +236,14 @@ class ProbeData:
 
     def split_definition(self) -> dict[str, Any]:
         """JSON-able description of the splits (sources, seeds, counts per class, row digests)."""
-        counts = {s: {"n": int(len(r)), "rows_sha256_16": rows_digest(r),
-                      "per_class": np.bincount(self.all_labels[r], minlength=self.num_classes).tolist()}
-                  for s, r in self._splits.items()}
+        counts = {
+            s: {
+                "n": int(len(r)),
+                "rows_sha256_16": rows_digest(r),
+                "per_class": np.bincount(self.all_labels[r], minlength=self.num_classes).tolist(),
+            }
+            for s, r in self._splits.items()
+        }
         return {
             "seed": self.seed,
             "val_fraction": self.val_fraction,
@@ -197,8 +255,11 @@ class ProbeData:
             "splits": counts,
             "standardize": self.standardize,
             "statistics_from": "train" + ("" if self.subset is None else f" ({self.subset} subset)"),
-            "shuffle": {"chunk_rows": self.chunk_rows, "buffer_rows": self.default_buffer_rows(),
-                        "rule": "seeded chunk order, rows shuffled within windows of buffer_rows"},
+            "shuffle": {
+                "chunk_rows": self.chunk_rows,
+                "buffer_rows": self.default_buffer_rows(),
+                "rule": "seeded chunk order, rows shuffled within windows of buffer_rows",
+            },
         }
 
     def split_rows(self) -> dict[str, np.ndarray]:
@@ -224,12 +285,26 @@ class ProbeData:
 
     # ---- data access
 
-    def stream(self, split: str, batch_size: int, shuffle: bool = True, seed: int | None = None,
-               buffer_rows: int | None = None, drop_last: bool = False) -> FeatureStream:
+    def stream(
+        self,
+        split: str,
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int | None = None,
+        buffer_rows: int | None = None,
+        drop_last: bool = False,
+    ) -> FeatureStream:
         """A `BatchStream` over `split` (seed defaults to the data's seed)."""
         self.rows(split)
-        return FeatureStream(self, split, batch_size, shuffle, self.seed if seed is None else seed,
-                             buffer_rows=buffer_rows, drop_last=drop_last)
+        return FeatureStream(
+            self,
+            split,
+            batch_size,
+            shuffle,
+            self.seed if seed is None else seed,
+            buffer_rows=buffer_rows,
+            drop_last=drop_last,
+        )
 
     def arrays(self, split: str) -> dict[str, np.ndarray]:
         """Standardised float32 arrays (N, C, H, W) of a split in store order (loads them when streaming)."""
@@ -249,8 +324,9 @@ class ProbeData:
     def memory_arrays(self) -> dict[str, np.ndarray]:
         """The standardised in-memory copy, indexed by store row (read on first use)."""
         if not self.in_memory:
-            raise ProbeDataError("this ProbeData streams from the store (features exceed the memory budget); "
-                                 "use stream() or arrays()")
+            raise ProbeDataError(
+                "this ProbeData streams from the store (features exceed the memory budget); use stream() or arrays()"
+            )
         if self._memory is None:
             self._memory = self._load_all()
         return self._memory
@@ -264,11 +340,11 @@ class ProbeData:
             # streamed pass (bit-identical statistics) without reading the store twice.
             stats = self._stats_from(name, da.from_array(raw, chunks=self._dask[name].chunks))
             for start in range(0, len(used), self.chunk_rows):
-                rows = used[start:start + self.chunk_rows]
+                rows = used[start : start + self.chunk_rows]
                 check_chunk_finite(name, raw[rows], rows, self._sample_ids)
             # Standardise chunk by chunk in place: a second full-size copy could exceed the budget.
             for start in range(0, len(raw), self.chunk_rows):
-                stats.apply(raw[start:start + self.chunk_rows])
+                stats.apply(raw[start : start + self.chunk_rows])
             out[name] = raw
         return out
 
@@ -300,7 +376,9 @@ class ProbeData:
 
     def _check_name(self, name: str) -> None:
         if name not in self._dask:
-            raise ProbeDataError(f"feature {name!r} is not part of this ProbeData; features: {', '.join(self.features)}")
+            raise ProbeDataError(
+                f"feature {name!r} is not part of this ProbeData; features: {', '.join(self.features)}"
+            )
 
     def _chunk_rows(self) -> int:
         shard = optional_attr(self.store, "shard_rows")
@@ -311,6 +389,7 @@ class ProbeData:
 
 
 # ------------------------------------------------------------------------------------- store helpers
+
 
 def _open(store: Any) -> Any:
     if isinstance(store, (str, os.PathLike)):
@@ -335,13 +414,16 @@ def _check_features(store: Any, features: list[str]) -> None:
     missing = [f for f in features if f not in known]
     if missing:
         listing = ", ".join(known) if known else "(none)"
-        raise ProbeDataError(f"feature(s) {', '.join(map(repr, missing))} not in the store; features that exist: {listing}")
+        raise ProbeDataError(
+            f"feature(s) {', '.join(map(repr, missing))} not in the store; features that exist: {listing}"
+        )
     is_complete = getattr(store, "is_complete", None)
     unfinished = [f for f in features if is_complete is not None and not is_complete(f)]
     if unfinished:
         # Unwritten shards read as the fill value: probing them would report accuracy on zeros.
-        raise ProbeDataError(f"feature(s) {', '.join(unfinished)} are not completely extracted; finish (resume) "
-                             f"the extraction first")
+        raise ProbeDataError(
+            f"feature(s) {', '.join(unfinished)} are not completely extracted; finish (resume) the extraction first"
+        )
 
 
 def _read_range(store: Any, name: str, start: int, stop: int) -> np.ndarray:
@@ -352,5 +434,6 @@ def _read_range(store: Any, name: str, start: int, stop: int) -> np.ndarray:
 def check_min_samples(n_available: int, k: int, what: str) -> None:
     """Raise when a method needs k samples but only n are there (e.g. kNN's k against the train split)."""
     if n_available < k:
-        raise ProbeDataError(f"{what} needs at least {k} samples but only {n_available} are available; "
-                             f"use a smaller k or a larger split")
+        raise ProbeDataError(
+            f"{what} needs at least {k} samples but only {n_available} are available; use a smaller k or a larger split"
+        )

@@ -80,7 +80,11 @@ class _TorchProbe(ClassifierMixin, BaseEstimator):
             torch.device(self.device)
         except (RuntimeError, TypeError):
             _fail("device", "a torch device such as 'cpu' or 'cuda:0'", self.device)
-        if self.random_state is not None and not _is_int(self.random_state) and not isinstance(self.random_state, np.random.RandomState):
+        if (
+            self.random_state is not None
+            and not _is_int(self.random_state)
+            and not isinstance(self.random_state, np.random.RandomState)
+        ):
             _fail("random_state", "None, an int or a numpy RandomState", self.random_state)
         self._check_own_params()
 
@@ -101,7 +105,9 @@ class _TorchProbe(ClassifierMixin, BaseEstimator):
         if not np.isfinite(X).all():
             raise ValueError("X contains NaN or infinity")
         if not fitting and tuple(X.shape[1:]) != self.input_shape_:
-            raise ValueError(f"X has per-sample shape {tuple(X.shape[1:])}, the probe was fitted on {self.input_shape_}")
+            raise ValueError(
+                f"X has per-sample shape {tuple(X.shape[1:])}, the probe was fitted on {self.input_shape_}"
+            )
         return {_SINGLE: X}
 
     def _n_samples(self, arrays: Mapping[str, np.ndarray]) -> int:
@@ -166,8 +172,9 @@ class _TorchProbe(ClassifierMixin, BaseEstimator):
             unknown = np.setdiff1d(y_val, classes)
             if unknown.size:
                 raise ValueError(f"y_val holds labels absent from y: {unknown[:10].tolist()}")
-            val_stream = ArrayStream(val_arrays, np.searchsorted(classes, y_val), batch_size=max(batch_size, 256),
-                                     shuffle=False)
+            val_stream = ArrayStream(
+                val_arrays, np.searchsorted(classes, y_val), batch_size=max(batch_size, 256), shuffle=False
+            )
         return self._fit_streams(train_stream, val_stream, self._shapes(arrays), init_seed, self._input_spec())
 
     def fit_stream(
@@ -220,13 +227,21 @@ class _TorchProbe(ClassifierMixin, BaseEstimator):
         self.input_shape_ = tuple(shapes)
         self.n_features_in_ = int(math.prod(shapes))
 
-    def _fit_streams(self, train_stream: BatchStream, val_stream: BatchStream | None, shapes: Any,
-                     init_seed: int, input: Any) -> _TorchProbe:
+    def _fit_streams(
+        self, train_stream: BatchStream, val_stream: BatchStream | None, shapes: Any, init_seed: int, input: Any
+    ) -> _TorchProbe:
         with seeded_init(init_seed):
             head = self._build_head(shapes, len(self.classes_))
         result: HeadResult = train(
-            head, train_stream, val_stream, input=input, recipe=self.recipe_, checkpoint_dir=self.checkpoint_dir,
-            resume=bool(self.resume), progress=bool(self.verbose), device=self.device,
+            head,
+            train_stream,
+            val_stream,
+            input=input,
+            recipe=self.recipe_,
+            checkpoint_dir=self.checkpoint_dir,
+            resume=bool(self.resume),
+            progress=bool(self.verbose),
+            device=self.device,
         )
         self.head_ = head.eval()
         self.input_ = input
@@ -241,8 +256,9 @@ class _TorchProbe(ClassifierMixin, BaseEstimator):
         check_is_fitted(self, "head_")
         arrays = self._standardized(self._arrays(X, fitting=False))
         n = self._n_samples(arrays)
-        stream = ArrayStream(arrays, np.zeros(n, dtype=np.int64), batch_size=max(self.recipe_.batch_size, 256),
-                             shuffle=False)
+        stream = ArrayStream(
+            arrays, np.zeros(n, dtype=np.int64), batch_size=max(self.recipe_.batch_size, 256), shuffle=False
+        )
         # Arrays are keyed by the probe's own names; map the fitted input onto them.
         return predict_logits(self.head_, stream, self._input_spec(), device=self.device).numpy()
 

@@ -44,6 +44,7 @@ from .stream import BatchStream
 
 __all__ = ["LinearProbe", "AttentionProbe", "DifFormerProbe"]
 
+
 class LinearProbe(_TorchProbe):
     """Linear head (optionally BatchNorm1d without affine first); settings from `recipe` (lr 1e-2 in both)."""
 
@@ -193,7 +194,9 @@ class DifFormerProbe(_TransformerProbe):
                 raise ValueError(f"X keys must be (t, block) pairs with an int t, got {key!r}")
             a = np.asarray(a)
             if a.ndim != 4 or not np.issubdtype(a.dtype, np.number):
-                raise ValueError(f"X[{key!r}] must be a numeric (N, C, H, W) array, got shape {a.shape}, dtype {a.dtype}")
+                raise ValueError(
+                    f"X[{key!r}] must be a numeric (N, C, H, W) array, got shape {a.shape}, dtype {a.dtype}"
+                )
             if n is not None and a.shape[0] != n:
                 raise ValueError(f"X[{key!r}] has {a.shape[0]} samples, other inputs have {n}")
             n = a.shape[0]
@@ -206,7 +209,9 @@ class DifFormerProbe(_TransformerProbe):
         blocks = list(dict.fromkeys(b for _, b in keys))
         grid = {(t, b) for t in timesteps for b in blocks}
         if grid != set(keys):
-            raise ValueError(f"X must hold every (t, block) pair of timesteps {timesteps} x blocks {blocks}; missing {sorted(map(str, grid - set(keys)))}")
+            raise ValueError(
+                f"X must hold every (t, block) pair of timesteps {timesteps} x blocks {blocks}; missing {sorted(map(str, grid - set(keys)))}"
+            )
         for b in blocks:
             shapes = {arrays[_feature_key((t, b))].shape[1:] for t in timesteps}
             if len(shapes) > 1:
@@ -234,8 +239,12 @@ class DifFormerProbe(_TransformerProbe):
         self.n_features_in_ = int(sum(math.prod(s) for s in shapes.values()))
 
     def _stream_input(self, stream: BatchStream, input: Any) -> Any:
-        if not isinstance(input, Mapping) or not input or not all(
-            isinstance(k, tuple) and len(k) == 2 and _is_int(k[0]) and isinstance(v, str) for k, v in input.items()
+        if (
+            not isinstance(input, Mapping)
+            or not input
+            or not all(
+                isinstance(k, tuple) and len(k) == 2 and _is_int(k[0]) and isinstance(v, str) for k, v in input.items()
+            )
         ):
             _fail("input", "a dict {(t, block): feature name} (required for DifFormerProbe.fit_stream)", input)
         return {(int(t), b): v for (t, b), v in input.items()}
@@ -250,4 +259,6 @@ class DifFormerProbe(_TransformerProbe):
         timesteps = sorted({t for t, _ in shapes})
         blocks = list(dict.fromkeys(b for _, b in shapes))
         block_shapes = {b: shapes[(timesteps[0], b)] for b in blocks}
-        return DifFormerHead(block_shapes, timesteps, num_classes, final_norm=bool(self.final_norm), **self._transformer_sizes())
+        return DifFormerHead(
+            block_shapes, timesteps, num_classes, final_norm=bool(self.final_norm), **self._transformer_sizes()
+        )

@@ -22,8 +22,16 @@ from torch import nn
 from .heads import LinearHead
 from .stream import BatchStream
 
-__all__ = ["InputSpec", "input_label", "feature_names", "gather", "fusable_groups", "LinearGroup", "evaluate",
-           "predict_logits"]
+__all__ = [
+    "InputSpec",
+    "input_label",
+    "feature_names",
+    "gather",
+    "fusable_groups",
+    "LinearGroup",
+    "evaluate",
+    "predict_logits",
+]
 
 K = TypeVar("K", bound=Hashable)
 InputSpec = str | Mapping[Hashable, str]
@@ -94,7 +102,9 @@ class LinearGroup:
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 2 or math.prod(x.shape[1:]) != self.in_features:
             raise ValueError(f"LinearHead expects inputs of shape (N, {self.in_shape}), got {tuple(x.shape)}")
-        bias, weight_t = self._fixed if self._fixed is not None else (torch.cat(self.biases), torch.cat(self.weights).t())
+        bias, weight_t = (
+            self._fixed if self._fixed is not None else (torch.cat(self.biases), torch.cat(self.weights).t())
+        )
         return torch.addmm(bias, x.flatten(1), weight_t)
 
     def per_head_ce(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -67,8 +67,7 @@ def _default_fusion(infos: Sequence[Any]) -> list[str]:
             by_pool.setdefault(f"{i.pool_kind}{i.pool_size}", {})[(i.t, i.block)] = i.name
     if not by_pool:
         raise ProbeDataError("fusion needs features with a timestep and a block; this store has none")
-    pools = sorted(by_pool, key=lambda p: (0 if p == "tok16" else 1 if p.startswith("tok") else 2,
-                                           -int(p[3:]), p))
+    pools = sorted(by_pool, key=lambda p: (0 if p == "tok16" else 1 if p.startswith("tok") else 2, -int(p[3:]), p))
     for pool in pools:
         grid = by_pool[pool]
         ts = sorted({t for t, _ in grid}, key=lambda t: (min(abs(t - p) for p in PAPER_FUSION_TIMESTEPS), t))
@@ -81,7 +80,9 @@ def _default_fusion(infos: Sequence[Any]) -> list[str]:
     raise ProbeDataError("no complete timestep x block grid of features for fusion")
 
 
-def fusion_inputs(store: Any, features: Sequence[str]) -> tuple[dict[tuple[int, int], str], list[int], dict[int, tuple[int, ...]]]:
+def fusion_inputs(
+    store: Any, features: Sequence[str]
+) -> tuple[dict[tuple[int, int], str], list[int], dict[int, tuple[int, ...]]]:
     """{(t, block): name}, the timesteps, and one shape per block; errors when the grid is not complete."""
     keyed: dict[tuple[int, int], str] = {}
     shapes: dict[int, tuple[int, ...]] = {}
@@ -90,13 +91,17 @@ def fusion_inputs(store: Any, features: Sequence[str]) -> tuple[dict[tuple[int, 
         if info.t is None or info.block is None:
             raise ProbeDataError(f"fusion needs a timestep and a block for every feature; {name!r} has none")
         if (info.t, info.block) in keyed:
-            raise ProbeDataError(f"fusion: {name!r} and {keyed[(info.t, info.block)]!r} are both t={info.t}, "
-                                 f"block {info.block}; give one pooling per (t, block)")
+            raise ProbeDataError(
+                f"fusion: {name!r} and {keyed[(info.t, info.block)]!r} are both t={info.t}, "
+                f"block {info.block}; give one pooling per (t, block)"
+            )
         keyed[(info.t, info.block)] = name
         shape = tuple(info.shape)
         if shapes.setdefault(info.block, shape) != shape:
-            raise ProbeDataError(f"fusion shares one tokenizer per block across timesteps, so block {info.block} "
-                                 f"needs one shape; got {shapes[info.block]} and {shape} ({name!r})")
+            raise ProbeDataError(
+                f"fusion shares one tokenizer per block across timesteps, so block {info.block} "
+                f"needs one shape; got {shapes[info.block]} and {shape} ({name!r})"
+            )
     ts = sorted({t for t, _ in keyed})
     blocks = sorted(shapes)
     missing = [f"t={t}/block {b}" for t in ts for b in blocks if (t, b) not in keyed]

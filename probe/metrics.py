@@ -23,8 +23,10 @@ T = TypeVar("T")
 
 def selection_rank(val_accuracy: float | None, val_loss: float | None = None) -> tuple[float, float]:
     """Larger is better. A missing accuracy ranks below every measured one, a missing loss below every loss."""
-    return (val_accuracy if val_accuracy is not None else -1.0,
-            -(val_loss if val_loss is not None and math.isfinite(val_loss) else math.inf))
+    return (
+        val_accuracy if val_accuracy is not None else -1.0,
+        -(val_loss if val_loss is not None and math.isfinite(val_loss) else math.inf),
+    )
 
 
 def select_best(candidates: Iterable[T], rank: Callable[[T], tuple[float, float]]) -> T | None:
@@ -38,9 +40,14 @@ def select_best(candidates: Iterable[T], rank: Callable[[T], tuple[float, float]
     return best
 
 
-def classification_metrics(y_true: np.ndarray | Sequence[int], scores: np.ndarray | None = None, *,
-                           y_pred: np.ndarray | None = None, num_classes: int | None = None,
-                           class_names: Sequence[str] | None = None) -> dict[str, Any]:
+def classification_metrics(
+    y_true: np.ndarray | Sequence[int],
+    scores: np.ndarray | None = None,
+    *,
+    y_pred: np.ndarray | None = None,
+    num_classes: int | None = None,
+    class_names: Sequence[str] | None = None,
+) -> dict[str, Any]:
     """Metrics of one evaluation from class scores (N, K) (logits, probabilities, votes) or predictions.
 
     `top5` needs scores; with fewer than 5 classes it is top-K (then always 1.0) and says so in `top5_k`.

@@ -63,8 +63,7 @@ def _real(name: str, value: Any) -> float:
 
 def _count(name: str, value: Any) -> int:
     # Integral floats (2.0) are accepted because JSON and YAML round trips produce them.
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value).is_integer() \
-            or value < 1:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value).is_integer() or value < 1:
         raise ProbeConfigError(f"{name} must be an integer >= 1, got {value!r}")
     return int(value)
 

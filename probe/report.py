@@ -36,8 +36,11 @@ _REPORT_PACKAGES = (*CORE_PACKAGES, "matplotlib")
 
 def environment() -> dict[str, Any]:
     """Library versions and platform of this process: what a result was computed with."""
-    return {"versions": package_versions(_REPORT_PACKAGES), "platform": platform.platform(),
-            "executable": sys.executable}
+    return {
+        "versions": package_versions(_REPORT_PACKAGES),
+        "platform": platform.platform(),
+        "executable": sys.executable,
+    }
 
 
 def write_results(path: str | os.PathLike, results: Mapping[str, Any]) -> Path:
@@ -64,6 +67,7 @@ def read_results(path: str | os.PathLike) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------------- tables
 
+
 def _cell(value: Any, precision: int) -> str:
     if value is None:
         return "-"
@@ -74,9 +78,15 @@ def _cell(value: Any, precision: int) -> str:
     return str(value)
 
 
-def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None, *,
-                 headers: Mapping[str, str] | None = None, title: str | None = None, precision: int = 4,
-                 percent: Sequence[str] = ()) -> str:
+def format_table(
+    rows: Sequence[Mapping[str, Any]],
+    columns: Sequence[str] | None = None,
+    *,
+    headers: Mapping[str, str] | None = None,
+    title: str | None = None,
+    precision: int = 4,
+    percent: Sequence[str] = (),
+) -> str:
     """A plain-text table: text left-aligned, numbers right-aligned, a rule under the header.
 
     `percent` names columns holding fractions to show as percentages (0.6491 -> 64.91).
@@ -116,21 +126,40 @@ def summary_table(results: Mapping[str, Any]) -> str:
     for split in ("val", "test"):
         m = results.get("metrics", {}).get(split)
         if m:
-            rows.append({"split": split, "n": m["n"], "top1": m["top1"], "top5": m.get("top5"),
-                         "mean/class": m.get("mean_per_class_accuracy")})
+            rows.append(
+                {
+                    "split": split,
+                    "n": m["n"],
+                    "top1": m["top1"],
+                    "top5": m.get("top5"),
+                    "mean/class": m.get("mean_per_class_accuracy"),
+                }
+            )
     title = f"{results.get('command', 'probe')}: {', '.join(results.get('features', []))}"
-    return format_table(rows, ["split", "n", "top1", "top5", "mean/class"], title=title,
-                        percent=("top1", "top5", "mean/class"))
+    return format_table(
+        rows, ["split", "n", "top1", "top5", "mean/class"], title=title, percent=("top1", "top5", "mean/class")
+    )
 
 
 def sweep_table(results: Mapping[str, Any]) -> str:
     """The sweep's grid: per (t, block), the validation-selected pooling and lr with its accuracies."""
-    rows = [{"t": g["t"], "block": g["block"], "pool": g["pool"], "lr": g["lr"], "val top1": g["val_top1"],
-             "test top1": g["test_top1"]} for g in results.get("grid", [])]
+    rows = [
+        {
+            "t": g["t"],
+            "block": g["block"],
+            "pool": g["pool"],
+            "lr": g["lr"],
+            "val top1": g["val_top1"],
+            "test top1": g["test_top1"],
+        }
+        for g in results.get("grid", [])
+    ]
     sel = results.get("selected", {})
-    return format_table(rows, title=f"sweep: {len(results.get('sweep', []))} heads; selected on val: "
-                                    f"{sel.get('feature')} lr={sel.get('lr')}",
-                        percent=("val top1", "test top1"))
+    return format_table(
+        rows,
+        title=f"sweep: {len(results.get('sweep', []))} heads; selected on val: {sel.get('feature')} lr={sel.get('lr')}",
+        percent=("val top1", "test top1"),
+    )
 
 
 def render(results: Mapping[str, Any]) -> str:
@@ -141,8 +170,7 @@ def render(results: Mapping[str, Any]) -> str:
     elif results.get("sweep"):
         key = "C" if results.get("command") == "logistic" else "k"
         rows = [{key: r[key], "val top1": r["val_top1"]} for r in results["sweep"]]
-        parts.append(format_table(rows, title=f"{results.get('command')}: {key} on validation",
-                                  percent=("val top1",)))
+        parts.append(format_table(rows, title=f"{results.get('command')}: {key} on validation", percent=("val top1",)))
     parts.append(summary_table(results))
     sel = {k: v for k, v in (results.get("selected") or {}).items()}
     if sel:
@@ -152,12 +180,14 @@ def render(results: Mapping[str, Any]) -> str:
 
 def per_class_table(metrics: Mapping[str, Any], class_names: Sequence[str] | None = None) -> str:
     names = class_names or metrics.get("class_names") or [str(i) for i in range(len(metrics["per_class_accuracy"]))]
-    rows = [{"class": n, "n": s, "accuracy": a}
-            for n, s, a in zip(names, metrics["support"], metrics["per_class_accuracy"])]
+    rows = [
+        {"class": n, "n": s, "accuracy": a} for n, s, a in zip(names, metrics["support"], metrics["per_class_accuracy"])
+    ]
     return format_table(rows, ["class", "n", "accuracy"], percent=("accuracy",))
 
 
 # ----------------------------------------------------------------------------------------------- figures
+
 
 def _pyplot():
     import matplotlib
@@ -168,10 +198,17 @@ def _pyplot():
     return plt
 
 
-def plot_heatmap(values: Mapping[tuple[int, int], float], path: str | os.PathLike, *,
-                 title: str = "top-1 accuracy", xlabel: str = "block", ylabel: str = "timestep t",
-                 labels: Mapping[tuple[int, int], str] | None = None, percent: bool = True,
-                 best: tuple[int, int] | None = None) -> Path:
+def plot_heatmap(
+    values: Mapping[tuple[int, int], float],
+    path: str | os.PathLike,
+    *,
+    title: str = "top-1 accuracy",
+    xlabel: str = "block",
+    ylabel: str = "timestep t",
+    labels: Mapping[tuple[int, int], str] | None = None,
+    percent: bool = True,
+    best: tuple[int, int] | None = None,
+) -> Path:
     """Heat map of accuracy over (timestep, block); every cell annotated, the best one outlined.
 
     `values` maps (t, block) to an accuracy in [0, 1]; missing cells are left blank. `labels` adds a second
@@ -194,9 +231,13 @@ def plot_heatmap(values: Mapping[tuple[int, int], float], path: str | os.PathLik
     fig, ax = plt.subplots(figsize=(fig_w, fig_h), dpi=110)
     try:
         finite = grid[np.isfinite(grid)]
-        im = ax.imshow(grid * scale, cmap="viridis", aspect="auto",
-                       vmin=float(finite.min()) * scale if finite.size else None,
-                       vmax=float(finite.max()) * scale if finite.size else None)
+        im = ax.imshow(
+            grid * scale,
+            cmap="viridis",
+            aspect="auto",
+            vmin=float(finite.min()) * scale if finite.size else None,
+            vmax=float(finite.max()) * scale if finite.size else None,
+        )
         ax.set_xticks(range(len(blocks)), [str(b) for b in blocks])
         ax.set_yticks(range(len(ts)), [str(t) for t in ts])
         ax.set_xlabel(xlabel)
@@ -217,8 +258,16 @@ def plot_heatmap(values: Mapping[tuple[int, int], float], path: str | os.PathLik
                 if extra:
                     text += f"\n{extra}"
                 is_best = best is not None and (i, j) == best
-                ax.text(j, i, text, ha="center", va="center", fontsize=7,
-                        fontweight="bold" if is_best else "normal", color="black" if v > mid else "white")
+                ax.text(
+                    j,
+                    i,
+                    text,
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    fontweight="bold" if is_best else "normal",
+                    color="black" if v > mid else "white",
+                )
         if best is not None:
             i, j = best
             ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.5))
@@ -231,9 +280,14 @@ def plot_heatmap(values: Mapping[tuple[int, int], float], path: str | os.PathLik
         plt.close(fig)
 
 
-def plot_accuracy_vs_t(values: Mapping[tuple[int, int], float], path: str | os.PathLike, *,
-                       title: str = "top-1 accuracy over timestep", percent: bool = True,
-                       best: tuple[int, int] | None = None) -> Path:
+def plot_accuracy_vs_t(
+    values: Mapping[tuple[int, int], float],
+    path: str | os.PathLike,
+    *,
+    title: str = "top-1 accuracy over timestep",
+    percent: bool = True,
+    best: tuple[int, int] | None = None,
+) -> Path:
     """One line per block: accuracy over t (the paper's curves); the best point (or `best`) marked with a star."""
     if not values:
         raise ValueError("no values to draw")
@@ -248,8 +302,15 @@ def plot_accuracy_vs_t(values: Mapping[tuple[int, int], float], path: str | os.P
             (bt, bb), bv = best, values[best]
         else:
             (bt, bb), bv = max(((k, v) for k, v in values.items() if v is not None), key=lambda kv: kv[1])
-        ax.plot([bt], [bv * scale], marker="*", markersize=16, color="red", linestyle="none",
-                label=f"best: t={bt}, block {bb}")
+        ax.plot(
+            [bt],
+            [bv * scale],
+            marker="*",
+            markersize=16,
+            color="red",
+            linestyle="none",
+            label=f"best: t={bt}, block {bb}",
+        )
         ax.set_xlabel("timestep t")
         ax.set_ylabel("top-1 (%)" if percent else "top-1")
         ax.set_title(title, fontsize=9)

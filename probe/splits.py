@@ -19,8 +19,21 @@ import numpy as np
 
 from probe.errors import ProbeDataError
 
-__all__ = ["SPLITS", "Subset", "SplitInfo", "stratified_holdout", "draw_subset", "rows_digest", "resolve_splits",
-           "check_classes", "store_labels", "seeded_rng", "optional_attr", "KEY_SUBSET", "KEY_ORDER"]
+__all__ = [
+    "SPLITS",
+    "Subset",
+    "SplitInfo",
+    "stratified_holdout",
+    "draw_subset",
+    "rows_digest",
+    "resolve_splits",
+    "check_classes",
+    "store_labels",
+    "seeded_rng",
+    "optional_attr",
+    "KEY_SUBSET",
+    "KEY_ORDER",
+]
 
 # Purposes of the random streams derived from one user seed: independent, and stable when another changes.
 _KEY_SPLIT, _KEY_VAL, _KEY_TEST, KEY_SUBSET, KEY_ORDER = 11, 12, 13, 14, 15
@@ -69,15 +82,17 @@ class Subset:
             if k < 1:
                 raise ProbeDataError(f"subset {text!r}: k must be at least 1")
             return cls("shot", float(k))
-        raise ProbeDataError(f"subset {text!r} is not understood: use a percentage like '1%' or '10%', "
-                             f"or 'K-shot' like '5-shot'")
+        raise ProbeDataError(
+            f"subset {text!r} is not understood: use a percentage like '1%' or '10%', or 'K-shot' like '5-shot'"
+        )
 
     def __str__(self) -> str:
         return f"{self.value * 100:g}%" if self.kind == "fraction" else f"{int(self.value)}-shot"
 
 
-def stratified_holdout(rows: np.ndarray, labels: np.ndarray, fraction: float,
-                       rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def stratified_holdout(
+    rows: np.ndarray, labels: np.ndarray, fraction: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Split `rows` into (kept, held out) with about `fraction` of every class held out.
 
     Every class with at least two rows gives at least one to each side, so small classes stay represented.
@@ -98,8 +113,9 @@ def stratified_holdout(rows: np.ndarray, labels: np.ndarray, fraction: float,
     return kept.astype(np.int64), out.astype(np.int64)
 
 
-def draw_subset(rows: np.ndarray, labels: np.ndarray, subset: Subset, rng: np.random.Generator,
-                class_names: Sequence[str]) -> np.ndarray:
+def draw_subset(
+    rows: np.ndarray, labels: np.ndarray, subset: Subset, rng: np.random.Generator, class_names: Sequence[str]
+) -> np.ndarray:
     """The rows of a seeded, stratified label subset of `rows` (sorted)."""
     chosen: list[np.ndarray] = []
     for cls in np.unique(labels):
@@ -109,7 +125,8 @@ def draw_subset(rows: np.ndarray, labels: np.ndarray, subset: Subset, rng: np.ra
             if len(members) < k:
                 raise ProbeDataError(
                     f"subset {subset}: class {class_names[cls]!r} (label {cls}) has only {len(members)} "
-                    f"train samples, fewer than k={k}; use a smaller k or a larger store")
+                    f"train samples, fewer than k={k}; use a smaller k or a larger store"
+                )
             n = k
         else:
             n = max(1, int(round(subset.value * len(members))))
@@ -128,8 +145,10 @@ class SplitInfo:
 def store_labels(store: Any) -> tuple[np.ndarray, list[str]]:
     labels = optional_attr(store, "labels")
     if labels is None or len(labels) == 0 or not (np.asarray(labels) >= 0).any():
-        raise ProbeDataError("the store has no labels (every label is -1 or the labels array is absent): "
-                             "probes need class labels; re-extract from a labelled source")
+        raise ProbeDataError(
+            "the store has no labels (every label is -1 or the labels array is absent): "
+            "probes need class labels; re-extract from a labelled source"
+        )
     labels = np.asarray(labels, dtype=np.int64)
     names = optional_attr(store, "class_names")
     n_classes = int(labels.max()) + 1
@@ -149,8 +168,9 @@ def _store_split(splits: Mapping[str, Any], canonical: str) -> np.ndarray | None
     return None
 
 
-def resolve_splits(store: Any, labels: np.ndarray, class_names: Sequence[str], seed: int, val_fraction: float,
-                    test_fraction: float) -> tuple[dict[str, np.ndarray], SplitInfo, np.ndarray]:
+def resolve_splits(
+    store: Any, labels: np.ndarray, class_names: Sequence[str], seed: int, val_fraction: float, test_fraction: float
+) -> tuple[dict[str, np.ndarray], SplitInfo, np.ndarray]:
     n = len(labels)
     valid = optional_attr(store, "valid")
     usable = np.asarray(labels >= 0) if valid is None else np.asarray(labels >= 0) & np.asarray(valid, dtype=bool)
@@ -178,13 +198,15 @@ def resolve_splits(store: Any, labels: np.ndarray, class_names: Sequence[str], s
     if len(split_rows["train"]) == 0:
         raise ProbeDataError("the train split is empty (after leaving out unlabelled and failed rows)")
     if "test" not in split_rows:
-        train, test = stratified_holdout(split_rows["train"], labels[split_rows["train"]], test_fraction,
-                                         seeded_rng(seed, _KEY_TEST))
+        train, test = stratified_holdout(
+            split_rows["train"], labels[split_rows["train"]], test_fraction, seeded_rng(seed, _KEY_TEST)
+        )
         split_rows["train"], split_rows["test"] = train, test
         info.source["test"] = f"carved from train (stratified, {test_fraction:g}, seed {seed})"
     if "val" not in split_rows:
-        train, val = stratified_holdout(split_rows["train"], labels[split_rows["train"]], val_fraction,
-                                        seeded_rng(seed, _KEY_VAL))
+        train, val = stratified_holdout(
+            split_rows["train"], labels[split_rows["train"]], val_fraction, seeded_rng(seed, _KEY_VAL)
+        )
         split_rows["train"], split_rows["val"] = train, val
         info.source["val"] = f"carved from train (stratified, {val_fraction:g}, seed {seed})"
     ordered = {s: split_rows[s] for s in SPLITS}
@@ -194,11 +216,13 @@ def resolve_splits(store: Any, labels: np.ndarray, class_names: Sequence[str], s
 def _check_disjoint(found: Mapping[str, np.ndarray | None]) -> None:
     named = [(s, r) for s, r in found.items() if r is not None]
     for i, (a, ra) in enumerate(named):
-        for b, rb in named[i + 1:]:
+        for b, rb in named[i + 1 :]:
             common = np.intersect1d(ra, rb, assume_unique=True)
             if len(common):
-                raise ProbeDataError(f"the store's {a!r} and {b!r} splits share {len(common)} row(s) (first: "
-                                     f"{int(common[0])}): results would leak between them")
+                raise ProbeDataError(
+                    f"the store's {a!r} and {b!r} splits share {len(common)} row(s) (first: "
+                    f"{int(common[0])}): results would leak between them"
+                )
 
 
 def check_classes(splits: Mapping[str, np.ndarray], labels: np.ndarray, class_names: Sequence[str]) -> None:
@@ -206,11 +230,15 @@ def check_classes(splits: Mapping[str, np.ndarray], labels: np.ndarray, class_na
     present = np.unique(np.concatenate([labels[r] for r in splits.values()]))
     for split, rows in splits.items():
         if len(rows) == 0:
-            raise ProbeDataError(f"the {split!r} split is empty; the store has too few labelled rows to split "
-                                 f"(lower val_fraction/test_fraction or extract more samples)")
+            raise ProbeDataError(
+                f"the {split!r} split is empty; the store has too few labelled rows to split "
+                f"(lower val_fraction/test_fraction or extract more samples)"
+            )
         missing = np.setdiff1d(present, labels[rows])
         if len(missing):
             names = ", ".join(f"{class_names[c]!r}" for c in missing[:10]) + (" ..." if len(missing) > 10 else "")
-            raise ProbeDataError(f"the {split!r} split has no samples of {len(missing)} class(es): {names}; "
-                                 f"accuracy there would be undefined. Use a larger store or "
-                                 f"allow_missing_classes=True")
+            raise ProbeDataError(
+                f"the {split!r} split has no samples of {len(missing)} class(es): {names}; "
+                f"accuracy there would be undefined. Use a larger store or "
+                f"allow_missing_classes=True"
+            )

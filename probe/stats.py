@@ -48,8 +48,9 @@ def _reduce_axes(ndim: int, mode: str) -> tuple[int, ...]:
     return (0,)
 
 
-def compute_stats(name: str, source: da.Array, rows: np.ndarray, mode: str,
-                  sample_ids: Sequence[Any] | None = None) -> FeatureStats:
+def compute_stats(
+    name: str, source: da.Array, rows: np.ndarray, mode: str, sample_ids: Sequence[Any] | None = None
+) -> FeatureStats:
     """Mean/std over `rows` of a dask array (chunked along rows), in float64, checking finiteness.
 
     One dask pass computes the moments and a per-row finiteness flag together, so a NaN or inf is found
@@ -86,7 +87,8 @@ def _raise_if_not_finite(name: str, ok: np.ndarray, rows: np.ndarray, sample_ids
     raise ProbeDataError(
         f"feature {name!r} has NaN or inf values at store row {row}{sid} and {len(bad) - 1} other row(s) "
         f"of this read; the extraction overflowed (float16 storage saturates above 65504) or failed. "
-        f"Mark those rows invalid in the store or re-extract them")
+        f"Mark those rows invalid in the store or re-extract them"
+    )
 
 
 def check_chunk_finite(name: str, x: np.ndarray, rows: np.ndarray, sample_ids: Sequence[Any] | None) -> None:

@@ -73,7 +73,9 @@ class ArrayStream:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         y = np.asarray(labels)
         if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-            raise ValueError(f"labels must be a 1-d integer array of class indices, got dtype {y.dtype}, shape {y.shape}")
+            raise ValueError(
+                f"labels must be a 1-d integer array of class indices, got dtype {y.dtype}, shape {y.shape}"
+            )
         if y.size and y.min() < 0:
             raise ValueError("labels must be class indices >= 0")
         self.arrays: dict[str, np.ndarray] = {}
@@ -142,8 +144,9 @@ class Window:
     order: np.ndarray
 
 
-def epoch_order(rows: np.ndarray, chunk_rows: int, buffer_rows: int, seed: int, epoch: int,
-                shuffle: bool) -> list[Window]:
+def epoch_order(
+    rows: np.ndarray, chunk_rows: int, buffer_rows: int, seed: int, epoch: int, shuffle: bool
+) -> list[Window]:
     """The order of one epoch over the (sorted) `rows`, as windows of whole chunks.
 
     Shuffled: chunks in a random order (seeded by seed and epoch), grouped greedily into windows of at
@@ -172,8 +175,9 @@ def epoch_order(rows: np.ndarray, chunk_rows: int, buffer_rows: int, seed: int, 
     return windows
 
 
-def _make_window(members: list[int], chunk_ids: np.ndarray, groups: list[np.ndarray],
-                 rng: np.random.Generator, shuffle: bool) -> Window:
+def _make_window(
+    members: list[int], chunk_ids: np.ndarray, groups: list[np.ndarray], rng: np.random.Generator, shuffle: bool
+) -> Window:
     order = np.concatenate([groups[g] for g in members])
     if shuffle:
         order = order[rng.permutation(len(order))]
@@ -188,8 +192,17 @@ class FeatureStream:
     to get that epoch's order; the order depends on (seed, epoch) only.
     """
 
-    def __init__(self, data: ProbeData, split: str, batch_size: int, shuffle: bool, seed: int,
-                 buffer_rows: int | None = None, drop_last: bool = False, prefetch: bool = True) -> None:
+    def __init__(
+        self,
+        data: ProbeData,
+        split: str,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        buffer_rows: int | None = None,
+        drop_last: bool = False,
+        prefetch: bool = True,
+    ) -> None:
         if batch_size < 1:
             raise ProbeDataError(f"batch_size must be >= 1, got {batch_size}")
         self._data = data
@@ -236,9 +249,11 @@ class FeatureStream:
         stop = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
         arrays = self._data.memory_arrays()
         for start in range(0, stop, self.batch_size):
-            idx = order[start:start + self.batch_size]
-            yield ({n: torch.from_numpy(a[idx]) for n, a in arrays.items()},
-                   torch.from_numpy(self._data.all_labels[idx]))
+            idx = order[start : start + self.batch_size]
+            yield (
+                {n: torch.from_numpy(a[idx]) for n, a in arrays.items()},
+                torch.from_numpy(self._data.all_labels[idx]),
+            )
 
     def _store_windows(self, windows: list[Window]) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
         if not self.prefetch or len(windows) <= 1:
@@ -252,8 +267,9 @@ class FeatureStream:
                 pending = pool.submit(self._data.read_window, windows[i + 1]) if i + 1 < len(windows) else None
                 yield xs, self._data.all_labels[w.order]
 
-    def _batches(self, source: Iterator[tuple[dict[str, np.ndarray], np.ndarray]]
-                 ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+    def _batches(
+        self, source: Iterator[tuple[dict[str, np.ndarray], np.ndarray]]
+    ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
         carry: tuple[dict[str, np.ndarray], np.ndarray] | None = None
         bs = self.batch_size
         for xs, y in source:
@@ -262,9 +278,13 @@ class FeatureStream:
                 y = np.concatenate([carry[1], y])
             full = len(y) - len(y) % bs
             for start in range(0, full, bs):
-                yield ({n: torch.from_numpy(np.ascontiguousarray(a[start:start + bs])) for n, a in xs.items()},
-                       torch.from_numpy(np.ascontiguousarray(y[start:start + bs])))
+                yield (
+                    {n: torch.from_numpy(np.ascontiguousarray(a[start : start + bs])) for n, a in xs.items()},
+                    torch.from_numpy(np.ascontiguousarray(y[start : start + bs])),
+                )
             carry = ({n: a[full:] for n, a in xs.items()}, y[full:]) if full < len(y) else None
         if carry is not None and not self.drop_last:
-            yield ({n: torch.from_numpy(np.ascontiguousarray(a)) for n, a in carry[0].items()},
-                   torch.from_numpy(np.ascontiguousarray(carry[1])))
+            yield (
+                {n: torch.from_numpy(np.ascontiguousarray(a)) for n, a in carry[0].items()},
+                torch.from_numpy(np.ascontiguousarray(carry[1])),
+            )

@@ -111,8 +111,9 @@ def _has_batchnorm(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 
-def build_optimizer(heads: Sequence[nn.Module], lrs: Sequence[float], recipe: Recipe
-                    ) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.StepLR]:
+def build_optimizer(
+    heads: Sequence[nn.Module], lrs: Sequence[float], recipe: Recipe
+) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.StepLR]:
     """The optimizer and schedule of a run: SGD with one parameter group per head, one StepLR over all."""
     groups = [{"params": list(h.parameters()), "lr": float(lr)} for h, lr in zip(heads, lrs)]
     optimizer = torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
@@ -139,6 +140,7 @@ def _clone_state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 # ------------------------------------------------------------------------------------------------- training
+
 
 def _resolve_single_input(stream: BatchStream) -> str:
     for xs, _ in stream:
@@ -173,8 +175,17 @@ def train(
     if input is None:
         input = _resolve_single_input(train_stream)
     result = train_many(
-        {"head": head}, {"head": input}, train_stream, val_stream, test_stream, recipe=recipe,
-        checkpoint_dir=checkpoint_dir, resume=resume, progress=progress, device=device, on_epoch_end=on_epoch_end,
+        {"head": head},
+        {"head": input},
+        train_stream,
+        val_stream,
+        test_stream,
+        recipe=recipe,
+        checkpoint_dir=checkpoint_dir,
+        resume=resume,
+        progress=progress,
+        device=device,
+        on_epoch_end=on_epoch_end,
     )
     return result.heads["head"]
 
@@ -217,8 +228,12 @@ def train_many(
         raise ValueError(f"inputs_of has no entry for heads {missing!r}")
     for k in heads:
         spec = inputs_of[k]
-        if not isinstance(spec, str) and not (isinstance(spec, Mapping) and spec and all(isinstance(v, str) for v in spec.values())):
-            raise ValueError(f"inputs_of[{k!r}] must be a feature name or a non-empty {{input key: feature name}}, got {spec!r}")
+        if not isinstance(spec, str) and not (
+            isinstance(spec, Mapping) and spec and all(isinstance(v, str) for v in spec.values())
+        ):
+            raise ValueError(
+                f"inputs_of[{k!r}] must be a feature name or a non-empty {{input key: feature name}}, got {spec!r}"
+            )
     if isinstance(lrs, Mapping):
         absent = [k for k in heads if k not in lrs]
         if absent:
@@ -259,8 +274,9 @@ def train_many(
     try:
         for epoch in range(start_epoch, epochs):
             t0 = time.perf_counter()
-            rows = _train_epoch(epoch, runs, bank, optimizer, scheduler, train_stream, val_stream, names, device,
-                                fuse, recipe.keep)
+            rows = _train_epoch(
+                epoch, runs, bank, optimizer, scheduler, train_stream, val_stream, names, device, fuse, recipe.keep
+            )
             if ckpt is not None:
                 save_checkpoint(ckpt, runs, optimizer, scheduler, config, epoch + 1)
             if progress:
@@ -281,14 +297,22 @@ def train_many(
     for r in runs:
         val_acc, val_loss = r.kept_val
         results[r.key] = HeadResult(
-            key=r.key, input=r.spec, lr=r.lr, epochs_trained=len(r.history), best_epoch=r.kept_epoch,
-            val_accuracy=val_acc, val_loss=val_loss,
-            test_accuracy=test[id(r)][1] if test else None, test_loss=test[id(r)][0] if test else None,
-            diverged=r.diverged, history=r.history,
+            key=r.key,
+            input=r.spec,
+            lr=r.lr,
+            epochs_trained=len(r.history),
+            best_epoch=r.kept_epoch,
+            val_accuracy=val_acc,
+            val_loss=val_loss,
+            test_accuracy=test[id(r)][1] if test else None,
+            test_loss=test[id(r)][0] if test else None,
+            diverged=r.diverged,
+            history=r.history,
         )
     best_per_input: dict[str, Hashable] = {}
     best: Hashable | None = None
     if val_stream is not None:
+
         def rank(k: Hashable) -> tuple[float, float]:
             return selection_rank(results[k].val_accuracy, results[k].val_loss)
 
@@ -300,9 +324,19 @@ def train_many(
     return SweepResult(results, best_per_input, best, time.perf_counter() - started)
 
 
-def _train_epoch(epoch: int, runs: list[_Head], bank: nn.ModuleDict, optimizer: torch.optim.Optimizer,
-                 scheduler: Any, train_stream: BatchStream, val_stream: BatchStream | None, names: list[str],
-                 device: torch.device, fuse: bool, keep: str) -> dict[Hashable, dict[str, float | None]]:
+def _train_epoch(
+    epoch: int,
+    runs: list[_Head],
+    bank: nn.ModuleDict,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    train_stream: BatchStream,
+    val_stream: BatchStream | None,
+    names: list[str],
+    device: torch.device,
+    fuse: bool,
+    keep: str,
+) -> dict[Hashable, dict[str, float | None]]:
     """One pass over the training data, the scheduler step, validation and the keep rule; the history rows."""
     active = [r for r in runs if not r.diverged]
     bank.train()
@@ -381,7 +415,9 @@ def _train_epoch(epoch: int, runs: list[_Head], bank: nn.ModuleDict, optimizer: 
     return rows
 
 
-def _evaluate_runs(runs: list[_Head], stream: BatchStream, device: torch.device, fuse: bool) -> dict[int, tuple[float, float]]:
+def _evaluate_runs(
+    runs: list[_Head], stream: BatchStream, device: torch.device, fuse: bool
+) -> dict[int, tuple[float, float]]:
     return evaluate({id(r): r.head for r in runs}, {id(r): r.spec for r in runs}, stream, device, fuse=fuse)
 
 

@@ -21,16 +21,23 @@ def _features(rng, n=N):
 @pytest.fixture
 def store_path(tmp_path):
     feats, y = _features(np.random.default_rng(0))
-    save_features(tmp_path / "s.zarr", feats, y, {"train": np.arange(90), "test": np.arange(90, N)},
-                  class_names=["a", "b", "c"], shard_rows=16)
+    save_features(
+        tmp_path / "s.zarr",
+        feats,
+        y,
+        {"train": np.arange(90), "test": np.arange(90, N)},
+        class_names=["a", "b", "c"],
+        shard_rows=16,
+    )
     return tmp_path / "s.zarr"
 
 
 def test_statistics_come_from_train_rows_only(tmp_path):
     feats, y = _features(np.random.default_rng(1))
     feats[FEAT][90:] += 1000.0  # test rows far away: they must not move the statistics
-    store = save_features(tmp_path / "s.zarr", feats, y, {"train": np.arange(90), "test": np.arange(90, N)},
-                          shard_rows=16)
+    store = save_features(
+        tmp_path / "s.zarr", feats, y, {"train": np.arange(90), "test": np.arange(90, N)}, shard_rows=16
+    )
     data = ProbeData.from_store(store, [FEAT], seed=0)
     train = feats[FEAT][data.rows("train")].astype(np.float64)
     stats = data.stats(FEAT)
@@ -155,8 +162,9 @@ def test_error_unknown_feature_lists_existing_ones(store_path):
 def test_error_nan_names_feature_and_row(tmp_path, row, in_memory):
     feats, y = _features(np.random.default_rng(0))
     feats[FEAT][row, 1, 0, 1] = np.inf if row == 17 else np.nan
-    store = save_features(tmp_path / "s.zarr", feats, y, {"train": np.arange(90), "test": np.arange(90, N)},
-                          shard_rows=16)
+    store = save_features(
+        tmp_path / "s.zarr", feats, y, {"train": np.arange(90), "test": np.arange(90, N)}, shard_rows=16
+    )
     data = ProbeData.from_store(store, [FEAT, FLAT], in_memory=in_memory)
     with pytest.raises(ProbeDataError, match=rf"feature '{FEAT}' has NaN or inf values at store row {row}\b"):
         data.stats(FEAT)
@@ -167,8 +175,9 @@ def test_error_nan_names_feature_and_row(tmp_path, row, in_memory):
 def test_error_split_missing_a_class(tmp_path):
     feats, y = _features(np.random.default_rng(0))
     test = np.flatnonzero((np.arange(N) >= 90) & (y != 2))  # the store's test split has no class "c"
-    store = save_features(tmp_path / "s.zarr", feats, y, {"train": np.arange(90), "test": test},
-                          class_names=["a", "b", "c"])
+    store = save_features(
+        tmp_path / "s.zarr", feats, y, {"train": np.arange(90), "test": test}, class_names=["a", "b", "c"]
+    )
     with pytest.raises(ProbeDataError, match=r"'test' split has no samples of 1 class\(es\): 'c'"):
         ProbeData.from_store(store, [FEAT])
     assert ProbeData.from_store(store, [FEAT], allow_missing_classes=True).num_classes == 3
