@@ -93,72 +93,30 @@ def _lr_key(lr: float) -> str:
 # ------------------------------------------------------------------------------------------- commands
 
 
-def run_linear(
-    store: Any,
-    out_dir: str | Path,
-    *,
-    features: Sequence[str] | str | None = None,
-    recipe: str = "diffbank",
-    epochs: int | None = None,
-    lr: float | None = None,
-    batch_size: int | None = None,
-    seed: int = 0,
-    subset: str | None = None,
-    val_fraction: float = 0.1,
-    standardize: str | None = None,
-    batchnorm: bool = False,
-    memory_budget: int | str | None = None,
-    device: str = "cpu",
-    progress: bool = True,
-    resume: bool = True,
-    momentum: float | None = None,
-    weight_decay: float | None = None,
-    step_size: int | None = None,
-    gamma: float | None = None,
-) -> dict[str, Any]:
-    """The paper's linear probe on one feature (default t090_b24_avg2); weights -> out_dir/head.safetensors."""
-    rec = _recipe(
-        recipe,
-        "linear",
-        lr=lr,
-        epochs=epochs,
-        batch_size=batch_size,
-        standardize=standardize,
-        momentum=momentum,
-        weight_decay=weight_decay,
-        step_size=step_size,
-        gamma=gamma,
-    )
-    run = Run(
-        "linear",
-        store,
-        out_dir,
-        features,
-        _config(rec, batchnorm=batchnorm, device=device),
-        seed=seed,
-        subset=subset,
-        val_fraction=val_fraction,
-        standardize=rec.standardize,
-        memory_budget=memory_budget,
-        resume=resume,
-        recipe=rec,
-    )
+def run_linear(store: Any, out_dir: str | Path, **options: Any) -> dict[str, Any]:
+    """The paper's linear probe on one feature (default t090_b24_avg2); weights -> out_dir/head.safetensors.
+
+    Options (keyword; declared once, in `_TrainedRun`): `features`, `recipe`, `lr`, `epochs`, `batch_size`,
+    `momentum`, `weight_decay`, `step_size`, `gamma`, `standardize`, `batchnorm` (parameter-free BatchNorm
+    before the linear layer), `seed`, `subset`, `val_fraction`, `memory_budget`, `device`, `progress`, `resume`.
+    """
+    job = _TrainedRun("linear", store, out_dir, **options)
+    run = job.run
     name = single_feature(run)
-    with seeded_init(seed):
-        head = LinearHead(run.data.feature_shapes[name], run.data.num_classes, batchnorm=batchnorm)
-    return _finish_single(run, head, name, rec.lr, device, progress)
+    with seeded_init(job.seed):
+        head = LinearHead(run.data.feature_shapes[name], run.data.num_classes, batchnorm=job.batchnorm)
+    return _finish_single(run, head, name, job.recipe.lr, job.device, job.progress)
 
 
 def run_attention(store: Any, out_dir: str | Path, **options: Any) -> dict[str, Any]:
     """The attention-pool head on one block map (default t090_b24_tok16).
 
-    Options (all keyword; see `_TransformerRun`): `features`, `recipe`, `preset` (tiny|small|paper), `lr` or
-    `lrs`, `epochs`, `batch_size`, `momentum`, `weight_decay`, `step_size`, `gamma`, `standardize`, `seed`,
-    `subset`, `val_fraction`, `memory_budget`, `device`, `progress`, `resume`. `lrs` (instead of `lr`) trains
+    Options as in `run_linear`, with `preset` (tiny|small|paper; default small) and `lr` or `lrs` instead of
+    `batchnorm`. `lrs` (instead of `lr`) trains
     one head per lr in one pass, all from the same initial weights, and reports the head whose lr is best on
     validation (see `results["lr_sweep"]`).
     """
-    job = _TransformerRun("attention", store, out_dir, **options)
+    job = _TrainedRun("attention", store, out_dir, **options)
     name = single_feature(job.run)
     shape, classes = job.run.data.feature_shapes[name], job.run.data.num_classes
     return job.finish(lambda: AttentionPoolHead(shape, classes, **job.sizes), name)
@@ -169,16 +127,25 @@ def run_fusion(store: Any, out_dir: str | Path, **options: Any) -> dict[str, Any
 
     Options as in `run_attention`.
     """
-    job = _TransformerRun("fusion", store, out_dir, **options)
+    job = _TrainedRun("fusion", store, out_dir, **options)
     keyed, ts, shapes = fusion_inputs(job.run.store, job.run.features)
     job.run.config["grid"] = {"timesteps": ts, "blocks": list(shapes)}
     classes = job.run.data.num_classes
     return job.finish(lambda: DifFormerHead(shapes, ts, classes, **job.sizes), keyed)
 
 
-class _TransformerRun:
-    """What `run_attention` and `run_fusion` share: their options (declared once, here), the settings checked
-    before any data is read, one config layout (so both record and resume alike), training and the report."""
+# Options that only some trained commands take (None in the signature: not given).
+_ONLY = {
+    "batchnorm": ("linear",),
+    "preset": ("attention", "fusion"),
+    "lr": ("linear", "attention", "fusion"),
+    "lrs": ("attention", "fusion", "sweep"),
+}
+
+
+class _TrainedRun:
+    """What the trained commands (linear, attention, fusion, sweep) share: their options (declared once, here),
+    the settings checked before any data is read, one config layout (so all record and resume alike)."""
 
     def __init__(
         self,
@@ -188,7 +155,6 @@ class _TransformerRun:
         *,
         features: Sequence[str] | str | None = None,
         recipe: str = "diffbank",
-        preset: str = "small",
         lr: float | None = None,
         lrs: Sequence[float] | None = None,
         epochs: int | None = None,
@@ -198,6 +164,8 @@ class _TransformerRun:
         step_size: int | None = None,
         gamma: float | None = None,
         standardize: str | None = None,
+        preset: str | None = None,
+        batchnorm: bool | None = None,
         seed: int = 0,
         subset: str | None = None,
         val_fraction: float = 0.1,
@@ -206,7 +174,11 @@ class _TransformerRun:
         progress: bool = True,
         resume: bool = True,
     ) -> None:
-        rec = _recipe(
+        given = {"batchnorm": batchnorm, "preset": preset, "lr": lr, "lrs": lrs}
+        for option, commands in _ONLY.items():
+            if given[option] is not None and command not in commands:
+                raise TypeError(f"run_{command}() got an unexpected keyword argument {option!r}")
+        self.recipe = _recipe(
             recipe,
             command,
             lr=lr,
@@ -219,21 +191,30 @@ class _TransformerRun:
             step_size=step_size,
             gamma=gamma,
         )
-        self.sizes = resolve_preset(preset)
         self.seed, self.device, self.progress = seed, device, progress
+        self.batchnorm = bool(batchnorm)
+        self.sizes: dict[str, int] = {}
+        if command == "linear":
+            settings: dict[str, Any] = {"batchnorm": self.batchnorm}
+        elif command == "sweep":
+            settings = {}
+        else:
+            preset = preset or "small"
+            self.sizes = resolve_preset(preset)
+            settings = {"preset": preset, **self.sizes}
         self.run = Run(
             command,
             store,
             out_dir,
             features,
-            _config(rec, preset=preset, **self.sizes, device=device),
+            _config(self.recipe, **settings, device=device),
             seed=seed,
             subset=subset,
             val_fraction=val_fraction,
-            standardize=rec.standardize,
+            standardize=self.recipe.standardize,
             memory_budget=memory_budget,
             resume=resume,
-            recipe=rec,
+            recipe=self.recipe,
         )
 
     def finish(self, make_head: Callable[[], torch.nn.Module], input: Any) -> dict[str, Any]:
@@ -424,60 +405,16 @@ def run_knn(
     return run.finish(out)
 
 
-def run_sweep(
-    store: Any,
-    out_dir: str | Path,
-    *,
-    features: Sequence[str] | str | None = None,
-    recipe: str = "diffbank",
-    lrs: Sequence[float] | None = None,
-    epochs: int | None = None,
-    batch_size: int | None = None,
-    seed: int = 0,
-    subset: str | None = None,
-    val_fraction: float = 0.1,
-    standardize: str | None = None,
-    memory_budget: int | str | None = None,
-    device: str = "cpu",
-    progress: bool = True,
-    resume: bool = True,
-    momentum: float | None = None,
-    weight_decay: float | None = None,
-    step_size: int | None = None,
-    gamma: float | None = None,
-) -> dict[str, Any]:
+def run_sweep(store: Any, out_dir: str | Path, **options: Any) -> dict[str, Any]:
     """Linear heads for every feature x lr in one pass over the data; selection on validation.
 
-    `lrs` defaults to the recipe's (diffbank: 1e-3, 1e-2, 1e-1; paper: 1e-2). Writes heatmap.png (test top-1
-    of the validation-selected (pooling, lr) per (t, block) cell, the validation-selected cell outlined) and
-    accuracy_vs_t.png, and all heads to heads.safetensors.
+    Options as in `run_linear`, with `lrs` (default: the recipe's; diffbank 1e-3, 1e-2, 1e-1; paper 1e-2)
+    instead of `lr` and `batchnorm`. Writes heatmap.png (test top-1 of the validation-selected (pooling, lr)
+    per (t, block) cell, the validation-selected cell outlined) and accuracy_vs_t.png, and all heads to
+    heads.safetensors.
     """
-    rec = _recipe(
-        recipe,
-        "sweep",
-        lrs=lrs,
-        epochs=epochs,
-        batch_size=batch_size,
-        standardize=standardize,
-        momentum=momentum,
-        weight_decay=weight_decay,
-        step_size=step_size,
-        gamma=gamma,
-    )
-    run = Run(
-        "sweep",
-        store,
-        out_dir,
-        features,
-        _config(rec, device=device),
-        seed=seed,
-        subset=subset,
-        val_fraction=val_fraction,
-        standardize=rec.standardize,
-        memory_budget=memory_budget,
-        resume=resume,
-        recipe=rec,
-    )
+    job = _TrainedRun("sweep", store, out_dir, **options)
+    run, rec, seed, device, progress = job.run, job.recipe, job.seed, job.device, job.progress
     heads: dict[str, torch.nn.Module] = {}
     inputs: dict[str, str] = {}
     lr_of: dict[str, float] = {}
