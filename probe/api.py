@@ -26,7 +26,7 @@ the overridden settings are recorded in `results.json` (`recipe`). Bad values ra
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +34,12 @@ import torch
 
 from probe.baselines import DINOV2_C_GRID, KNN_KS, KNN_TEMPERATURE, flatten_features, knn_sweep, logistic_sweep
 from probe.features import default_features, fusion_inputs
-from probe.heads import AttentionPoolHead, DifFormerHead, LinearHead, resolve_preset, seeded_init
+from probe.heads import AttentionPoolHead, DifFormerHead, LinearHead, seeded_init
 from probe.metrics import select_best, selection_rank
-from probe.recipe import RECIPES, ProbeConfigError, Recipe
+from probe.recipe import RECIPES, ProbeConfigError
 from probe.report import plot_accuracy_vs_t, plot_heatmap
 from probe.runs import Run, RunConflictError, evaluate_head, head_record, save_heads, single_feature, train_heads
+from probe.trained import TrainedRun, finish_single
 
 __all__ = [
     "run_linear",
@@ -56,56 +57,19 @@ __all__ = [
 SWEEP_LRS: tuple[float, ...] = tuple(RECIPES["diffbank"]["sweep"]["lrs"])
 
 
-def _recipe(name: str, head: str, **settings: Any) -> Recipe:
-    """The named recipe with the caller's settings (None = not given); checked before any data is read."""
-    if settings.get("lr") is not None and settings.get("lrs") is not None:
-        raise ProbeConfigError("give either lr or lrs, not both")
-    return Recipe.named(name, head, **settings)
-
-
-def _config(recipe: Recipe, lr_keys: bool = True, **settings: Any) -> dict[str, Any]:
-    """A training command's configuration: its settings, then the recipe it trains with.
-
-    One lr keeps the key older runs recorded ("lr"), so their out_dirs still resume.
-    """
-    lr = ({"lr": recipe.lr} if recipe.lrs is None else {"lrs": list(recipe.lrs)}) if lr_keys else {}
-    return {
-        "recipe": recipe.name,
-        "keep": recipe.keep,
-        "epochs": recipe.epochs,
-        **lr,
-        "batch_size": recipe.batch_size,
-        **settings,
-        "optimizer": recipe.optimizer_label(),
-        "schedule": recipe.schedule_label(),
-        "momentum": recipe.momentum,
-        "weight_decay": recipe.weight_decay,
-        "step_size": recipe.step_size,
-        "gamma": recipe.gamma,
-    }
-
-
-def _lr_key(lr: float) -> str:
-    value = float(lr)
-    return f"lr={int(value) if value.is_integer() else repr(value)}"
-
-
-# ------------------------------------------------------------------------------------------- commands
-
-
 def run_linear(store: Any, out_dir: str | Path, **options: Any) -> dict[str, Any]:
     """The paper's linear probe on one feature (default t090_b24_avg2); weights -> out_dir/head.safetensors.
 
-    Options (keyword; declared once, in `_TrainedRun`): `features`, `recipe`, `lr`, `epochs`, `batch_size`,
+    Options (keyword; declared once, in `probe.trained.TrainedRun`): `features`, `recipe`, `lr`, `epochs`, `batch_size`,
     `momentum`, `weight_decay`, `step_size`, `gamma`, `standardize`, `batchnorm` (parameter-free BatchNorm
     before the linear layer), `seed`, `subset`, `val_fraction`, `memory_budget`, `device`, `progress`, `resume`.
     """
-    job = _TrainedRun("linear", store, out_dir, **options)
+    job = TrainedRun("linear", store, out_dir, **options)
     run = job.run
     name = single_feature(run)
     with seeded_init(job.seed):
         head = LinearHead(run.data.feature_shapes[name], run.data.num_classes, batchnorm=job.batchnorm)
-    return _finish_single(run, head, name, job.recipe.lr, job.device, job.progress)
+    return finish_single(run, head, name, job.recipe.lr, job.device, job.progress)
 
 
 def run_attention(store: Any, out_dir: str | Path, **options: Any) -> dict[str, Any]:
@@ -116,7 +80,7 @@ def run_attention(store: Any, out_dir: str | Path, **options: Any) -> dict[str, 
     one head per lr in one pass, all from the same initial weights, and reports the head whose lr is best on
     validation (see `results["lr_sweep"]`).
     """
-    job = _TrainedRun("attention", store, out_dir, **options)
+    job = TrainedRun("attention", store, out_dir, **options)
     name = single_feature(job.run)
     shape, classes = job.run.data.feature_shapes[name], job.run.data.num_classes
     return job.finish(lambda: AttentionPoolHead(shape, classes, **job.sizes), name)
@@ -127,7 +91,7 @@ def run_fusion(store: Any, out_dir: str | Path, **options: Any) -> dict[str, Any
 
     Options as in `run_attention`.
     """
-    job = _TrainedRun("fusion", store, out_dir, **options)
+    job = TrainedRun("fusion", store, out_dir, **options)
     keyed, ts, shapes = fusion_inputs(job.run.store, job.run.features)
     job.run.config["grid"] = {"timesteps": ts, "blocks": list(shapes)}
     classes = job.run.data.num_classes
@@ -135,171 +99,6 @@ def run_fusion(store: Any, out_dir: str | Path, **options: Any) -> dict[str, Any
 
 
 # Options that only some trained commands take (None in the signature: not given).
-_ONLY = {
-    "batchnorm": ("linear",),
-    "preset": ("attention", "fusion"),
-    "lr": ("linear", "attention", "fusion"),
-    "lrs": ("attention", "fusion", "sweep"),
-}
-
-
-class _TrainedRun:
-    """What the trained commands (linear, attention, fusion, sweep) share: their options (declared once, here),
-    the settings checked before any data is read, one config layout (so all record and resume alike)."""
-
-    def __init__(
-        self,
-        command: str,
-        store: Any,
-        out_dir: str | Path,
-        *,
-        features: Sequence[str] | str | None = None,
-        recipe: str = "diffbank",
-        lr: float | None = None,
-        lrs: Sequence[float] | None = None,
-        epochs: int | None = None,
-        batch_size: int | None = None,
-        momentum: float | None = None,
-        weight_decay: float | None = None,
-        step_size: int | None = None,
-        gamma: float | None = None,
-        standardize: str | None = None,
-        preset: str | None = None,
-        batchnorm: bool | None = None,
-        seed: int = 0,
-        subset: str | None = None,
-        val_fraction: float = 0.1,
-        memory_budget: int | str | None = None,
-        device: str = "cpu",
-        progress: bool = True,
-        resume: bool = True,
-    ) -> None:
-        given = {"batchnorm": batchnorm, "preset": preset, "lr": lr, "lrs": lrs}
-        for option, commands in _ONLY.items():
-            if given[option] is not None and command not in commands:
-                raise TypeError(f"run_{command}() got an unexpected keyword argument {option!r}")
-        self.recipe = _recipe(
-            recipe,
-            command,
-            lr=lr,
-            lrs=lrs,
-            epochs=epochs,
-            batch_size=batch_size,
-            standardize=standardize,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            step_size=step_size,
-            gamma=gamma,
-        )
-        self.seed, self.device, self.progress = seed, device, progress
-        self.batchnorm = bool(batchnorm)
-        self.sizes: dict[str, int] = {}
-        if command == "linear":
-            settings: dict[str, Any] = {"batchnorm": self.batchnorm}
-        elif command == "sweep":
-            settings = {}
-        else:
-            preset = preset or "small"
-            self.sizes = resolve_preset(preset)
-            settings = {"preset": preset, **self.sizes}
-        self.run = Run(
-            command,
-            store,
-            out_dir,
-            features,
-            _config(self.recipe, **settings, device=device),
-            seed=seed,
-            subset=subset,
-            val_fraction=val_fraction,
-            standardize=self.recipe.standardize,
-            memory_budget=memory_budget,
-            resume=resume,
-            recipe=self.recipe,
-        )
-
-    def finish(self, make_head: Callable[[], torch.nn.Module], input: Any) -> dict[str, Any]:
-        return _finish_transformer(self.run, make_head, input, self.seed, self.device, self.progress)
-
-
-def _finish_transformer(
-    run: Run, make_head: Callable[[], torch.nn.Module], input: Any, seed: int, device: str, progress: bool
-) -> dict[str, Any]:
-    rec = run.recipe
-    assert rec is not None
-    if rec.lrs is None:
-        with seeded_init(seed):
-            head = make_head()
-        return _finish_single(run, head, input, rec.lr, device, progress)
-    heads: dict[str, torch.nn.Module] = {}
-    lr_of: dict[str, float] = {}
-    for value in rec.lrs:
-        key = _lr_key(value)
-        with seeded_init(seed):  # same start for every lr: each head equals the single-lr run's head
-            heads[key] = make_head()
-        lr_of[key] = value
-    result = train_heads(run, heads, {k: input for k in heads}, lr_of, device=device, progress=progress)
-    assert result.best is not None  # a validation split always exists
-    best = str(result.best)
-    chosen = result.heads[best]
-    metrics = evaluate_head(run, heads[best], input, device)
-    save_heads(
-        run.out / "head.safetensors",
-        {"": heads[best]},
-        {"command": run.command, "features": run.features, "config": run.config, "lr": chosen.lr},
-    )
-    save_heads(
-        run.out / "heads.safetensors",
-        heads,
-        {"command": run.command, "features": run.features, "config": run.config, "heads": list(heads)},
-    )
-    table = [
-        {
-            "head": k,
-            "lr": r.lr,
-            "best_epoch": r.best_epoch,
-            "epochs_trained": r.epochs_trained,
-            "val_accuracy": r.val_accuracy,
-            "test_accuracy": r.test_accuracy,
-            "diverged": r.diverged,
-            "selected": k == best,
-            "history": r.history,
-        }
-        for k, r in result.heads.items()
-    ]
-    return run.finish(
-        {
-            "metrics": metrics,
-            "selected": {"lr": chosen.lr, "epoch": chosen.best_epoch, "val_accuracy": chosen.val_accuracy},
-            "training": head_record(chosen),
-            "lr_sweep": table,
-            "weights": "head.safetensors",
-            "all_weights": "heads.safetensors",
-        }
-    )
-
-
-def _finish_single(
-    run: Run, head: torch.nn.Module, input: Any, lr: float, device: str, progress: bool
-) -> dict[str, Any]:
-    result = train_heads(run, {"head": head}, {"head": input}, {"head": lr}, device=device, progress=progress).heads[
-        "head"
-    ]
-    metrics = evaluate_head(run, head, input, device)
-    save_heads(
-        run.out / "head.safetensors",
-        {"": head},
-        {"command": run.command, "features": run.features, "config": run.config},
-    )
-    return run.finish(
-        {
-            "metrics": metrics,
-            "selected": {"epoch": result.best_epoch, "lr": lr, "val_accuracy": result.val_accuracy},
-            "training": head_record(result),
-            "weights": "head.safetensors",
-        }
-    )
-
-
 def run_logistic(
     store: Any,
     out_dir: str | Path,
@@ -413,7 +212,7 @@ def run_sweep(store: Any, out_dir: str | Path, **options: Any) -> dict[str, Any]
     per (t, block) cell, the validation-selected cell outlined) and accuracy_vs_t.png, and all heads to
     heads.safetensors.
     """
-    job = _TrainedRun("sweep", store, out_dir, **options)
+    job = TrainedRun("sweep", store, out_dir, **options)
     run, rec, seed, device, progress = job.run, job.recipe, job.seed, job.device, job.progress
     heads: dict[str, torch.nn.Module] = {}
     inputs: dict[str, str] = {}
