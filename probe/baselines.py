@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from probe.data import ProbeDataError, check_min_samples
-from probe.report import classification_metrics
+from probe.metrics import classification_metrics
 
 DINOV2_C_GRID: tuple[float, ...] = tuple(float(c) for c in np.logspace(-6, 5, 45))
 KNN_KS: tuple[int, ...] = (10, 20, 100, 200)
@@ -49,6 +49,7 @@ def c_grid(n: int = 45, low: float = -6.0, high: float = 5.0) -> tuple[float, ..
 
 # --------------------------------------------------------------------------------------------- logistic
 
+
 def _fit_logistic(model: Any, x: np.ndarray, y: np.ndarray) -> tuple[Any, bool, float]:
     from sklearn.exceptions import ConvergenceWarning
 
@@ -60,10 +61,21 @@ def _fit_logistic(model: Any, x: np.ndarray, y: np.ndarray) -> tuple[Any, bool, 
     return model, converged, time.perf_counter() - start
 
 
-def logistic_sweep(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
-                   x_test: np.ndarray, y_test: np.ndarray, *, num_classes: int,
-                   cs: Sequence[float] | None = None, max_iter: int = 1000, tol: float = 1e-4,
-                   refit: str = "train+val", class_names: Sequence[str] | None = None) -> dict[str, Any]:
+def logistic_sweep(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    *,
+    num_classes: int,
+    cs: Sequence[float] | None = None,
+    max_iter: int = 1000,
+    tol: float = 1e-4,
+    refit: str = "train+val",
+    class_names: Sequence[str] | None = None,
+) -> dict[str, Any]:
     """Sweep C on validation, refit the best, report on test. Returns a metric dict (JSON-able).
 
     `refit="train+val"` refits the selected C on train and validation together (DINOv2); `"train"` keeps the
@@ -84,8 +96,15 @@ def logistic_sweep(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, 
         model.set_params(C=c)
         model, converged, seconds = _fit_logistic(model, x_train, y_train)
         val_top1 = float(np.mean(model.predict(x_val) == y_val))
-        sweep.append({"C": c, "val_top1": val_top1, "n_iter": int(np.max(model.n_iter_)),
-                      "converged": converged, "seconds": round(seconds, 4)})
+        sweep.append(
+            {
+                "C": c,
+                "val_top1": val_top1,
+                "n_iter": int(np.max(model.n_iter_)),
+                "converged": converged,
+                "seconds": round(seconds, 4),
+            }
+        )
         if best is None or val_top1 > best["val_top1"]:
             best = sweep[-1]
             best_state = (model.coef_.copy(), model.intercept_.copy(), model.classes_.copy())
@@ -98,8 +117,9 @@ def logistic_sweep(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, 
         # Warm start from the selected solution: the same optimum, found in fewer iterations.
         final = LogisticRegression(C=best["C"], solver="lbfgs", max_iter=max_iter, tol=tol, warm_start=True)
         final.coef_, final.intercept_, final.classes_ = (a.copy() for a in best_state)
-        final, converged, refit_seconds = _fit_logistic(final, np.concatenate([x_train, x_val]),
-                                                        np.concatenate([y_train, y_val]))
+        final, converged, refit_seconds = _fit_logistic(
+            final, np.concatenate([x_train, x_val]), np.concatenate([y_train, y_val])
+        )
     else:
         final, converged = selected, best["converged"]
     return {
@@ -117,8 +137,9 @@ def logistic_sweep(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, 
     }
 
 
-def _logistic_metrics(model: Any, x: np.ndarray, y: np.ndarray, num_classes: int,
-                      class_names: Sequence[str] | None) -> dict[str, Any]:
+def _logistic_metrics(
+    model: Any, x: np.ndarray, y: np.ndarray, num_classes: int, class_names: Sequence[str] | None
+) -> dict[str, Any]:
     # Classes absent from train have no column: scatter the scores into the full class range.
     raw = model.decision_function(x)
     if raw.ndim == 1:  # binary problems give one margin
@@ -130,9 +151,16 @@ def _logistic_metrics(model: Any, x: np.ndarray, y: np.ndarray, num_classes: int
 
 # -------------------------------------------------------------------------------------------------- kNN
 
-def knn_neighbours(bank: Iterable[tuple[torch.Tensor, torch.Tensor]], queries: torch.Tensor, k: int, *,
-                   query_chunk: int = 1024, normalize: bool = True,
-                   device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+
+def knn_neighbours(
+    bank: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    queries: torch.Tensor,
+    k: int,
+    *,
+    query_chunk: int = 1024,
+    normalize: bool = True,
+    device: str | torch.device = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The k most cosine-similar bank rows of every query, in one streamed pass over the bank.
 
     `bank` yields (x: (B, D), y: (B,)) chunks (e.g. a `ProbeData` train stream, unshuffled). Returns
@@ -169,23 +197,37 @@ def knn_neighbours(bank: Iterable[tuple[torch.Tensor, torch.Tensor]], queries: t
             best_lab[s:e] = cand_lab.gather(1, pos)
         offset += len(xb)
     if offset < k:
-        raise ProbeDataError(f"kNN with k={k} needs at least {k} train samples but the bank has {offset}; "
-                             f"use a smaller k or a larger train split")
+        raise ProbeDataError(
+            f"kNN with k={k} needs at least {k} train samples but the bank has {offset}; "
+            f"use a smaller k or a larger train split"
+        )
     return best_sim, best_lab, best_idx
 
 
-def knn_vote(similarities: torch.Tensor, labels: torch.Tensor, k: int, num_classes: int,
-             temperature: float = KNN_TEMPERATURE) -> torch.Tensor:
+def knn_vote(
+    similarities: torch.Tensor, labels: torch.Tensor, k: int, num_classes: int, temperature: float = KNN_TEMPERATURE
+) -> torch.Tensor:
     """Class scores (Q, classes) from the first k neighbours: sum of exp(sim / T) per class."""
     weights = (similarities[:, :k] / temperature).exp()
     scores = torch.zeros(similarities.shape[0], num_classes, dtype=weights.dtype, device=weights.device)
     return scores.scatter_add_(1, labels[:, :k], weights)
 
 
-def knn_sweep(bank: Iterable[tuple[torch.Tensor, torch.Tensor]], n_bank: int, x_val: torch.Tensor,
-              y_val: np.ndarray, x_test: torch.Tensor, y_test: np.ndarray, *, num_classes: int,
-              ks: Sequence[int] = KNN_KS, temperature: float = KNN_TEMPERATURE, query_chunk: int = 1024,
-              device: str | torch.device = "cpu", class_names: Sequence[str] | None = None) -> dict[str, Any]:
+def knn_sweep(
+    bank: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    n_bank: int,
+    x_val: torch.Tensor,
+    y_val: np.ndarray,
+    x_test: torch.Tensor,
+    y_test: np.ndarray,
+    *,
+    num_classes: int,
+    ks: Sequence[int] = KNN_KS,
+    temperature: float = KNN_TEMPERATURE,
+    query_chunk: int = 1024,
+    device: str | torch.device = "cpu",
+    class_names: Sequence[str] | None = None,
+) -> dict[str, Any]:
     """Weighted cosine kNN for every k in `ks` in one pass over the bank; k selected on validation.
 
     Validation and test queries share the pass (they are concatenated), so the bank is read once.
@@ -198,17 +240,22 @@ def knn_sweep(bank: Iterable[tuple[torch.Tensor, torch.Tensor]], n_bank: int, x_
         raise ValueError(f"temperature must be > 0, got {temperature}")
     check_min_samples(n_bank, ks[-1], f"kNN with k={ks[-1]} (train split)")
     start = time.perf_counter()
-    queries = torch.cat([torch.as_tensor(x_val).reshape(len(x_val), -1),
-                         torch.as_tensor(x_test).reshape(len(x_test), -1)])
+    queries = torch.cat(
+        [torch.as_tensor(x_val).reshape(len(x_val), -1), torch.as_tensor(x_test).reshape(len(x_test), -1)]
+    )
     sims, labs, _ = knn_neighbours(bank, queries, ks[-1], query_chunk=query_chunk, device=device)
     n_val = len(x_val)
     per_k, scores_by_k = [], {}
     for k in ks:
         scores = knn_vote(sims, labs, k, num_classes, temperature).cpu().numpy()
         scores_by_k[k] = scores
-        per_k.append({"k": k,
-                      "val_top1": float(np.mean(scores[:n_val].argmax(1) == y_val)),
-                      "test_top1": float(np.mean(scores[n_val:].argmax(1) == y_test))})
+        per_k.append(
+            {
+                "k": k,
+                "val_top1": float(np.mean(scores[:n_val].argmax(1) == y_val)),
+                "test_top1": float(np.mean(scores[n_val:].argmax(1) == y_test)),
+            }
+        )
     best = max(per_k, key=lambda r: (r["val_top1"], -r["k"]))
     scores = scores_by_k[best["k"]]
     return {
@@ -219,8 +266,8 @@ def knn_sweep(bank: Iterable[tuple[torch.Tensor, torch.Tensor]], n_bank: int, x_
         "sweep": per_k,
         "selected": {"k": best["k"], "val_top1": best["val_top1"]},
         "seconds": round(time.perf_counter() - start, 4),
-        "metrics": {"val": classification_metrics(y_val, scores[:n_val], num_classes=num_classes,
-                                                  class_names=class_names),
-                    "test": classification_metrics(y_test, scores[n_val:], num_classes=num_classes,
-                                                   class_names=class_names)},
+        "metrics": {
+            "val": classification_metrics(y_val, scores[:n_val], num_classes=num_classes, class_names=class_names),
+            "test": classification_metrics(y_test, scores[n_val:], num_classes=num_classes, class_names=class_names),
+        },
     }

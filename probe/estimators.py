@@ -3,7 +3,12 @@
 They follow scikit-learn's conventions: every parameter is set in `__init__` and validated in `fit`; fitted
 attributes end with `_`; `clone`, `get_params`/`set_params` work; labels may be any values (`classes_` holds
 them sorted, as `np.unique` orders them); `predict`/`predict_proba`/`decision_function` before fitting raise
-`NotFittedError`. Training is `probe.train.train` with the paper's recipe as defaults.
+`NotFittedError`. Training is `probe.trainer.train`.
+
+Training settings: `recipe` names a `probe.recipe.Recipe` ("diffbank", the default, or "paper"); `lr`,
+`epochs`, `batch_size`, `step_size`, `gamma`, `momentum`, `weight_decay` left at None take the recipe's value,
+set ones override it. They are validated in `fit` by the Recipe; the resolved recipe is `recipe_`.
+Standardisation is this estimator's own `standardize` flag (default off), whatever the recipe says.
 
 Inputs
 - `LinearProbe`, `AttentionProbe`: X is an array (N, C, H, W) (a pooled block map) or (N, D). The linear head
@@ -11,12 +16,13 @@ Inputs
 - `DifFormerProbe`: X is a dict {(t, block): array (N, C_b, H_b, W_b)} covering every timestep x block pair;
   the block shapes must not depend on t. Prediction takes the same keys.
 - Out-of-core: `fit_stream(train_stream, val_stream=None, *, classes, input=None)` trains from any
-  `probe.train.BatchStream` (e.g. the Zarr-backed stream of `probe/data.py`), whose labels are indices into
+  `probe.stream.BatchStream` (e.g. the Zarr-backed stream of `probe/data.py`), whose labels are indices into
   `classes`. Standardisation is then the stream's job (`standardize=True` is refused there).
 
-`X_val, y_val` in `fit` enable early selection: the kept weights are those of the epoch with the best
-validation accuracy. `standardize=True` z-scores with training statistics only: per channel (over N, H, W)
-for 4-d inputs, per feature for 2-d inputs; constant channels are left unscaled.
+`X_val, y_val` in `fit` enable early selection: under the `diffbank` recipe the kept weights are those of the
+epoch with the best validation accuracy (the `paper` recipe keeps the last epoch). `standardize=True` z-scores
+with training statistics only: per channel (over N, H, W) for 4-d inputs, per feature for 2-d inputs;
+constant channels are left unscaled.
 
 Reproducibility: an int `random_state` fixes both the head's initial weights and the batch order.
 """
@@ -25,293 +31,43 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping
 from typing import Any
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.utils import check_random_state
-from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
-from .heads import PRESETS, AttentionPoolHead, DifFormerHead, LinearHead, resolve_preset, seeded_init
-from .train import ArrayStream, BatchStream, HeadResult, predict_logits, train
+from .estimator_base import _fail, _is_int, _TorchProbe
+from .heads import PRESETS, AttentionPoolHead, DifFormerHead, LinearHead, resolve_preset
+from .stream import BatchStream
 
 __all__ = ["LinearProbe", "AttentionProbe", "DifFormerProbe"]
 
-_SINGLE = "x"  # the feature name of the one array a Linear/Attention probe reads from an ArrayStream
-
-
-def _fail(name: str, allowed: str, value: Any) -> None:
-    raise ValueError(f"{name} must be {allowed}, got {value!r}")
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
-def _is_real(v: Any) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(float(v))
-
-
-class _TorchProbe(ClassifierMixin, BaseEstimator):
-    """Shared fit/predict logic; subclasses declare their parameters in `__init__` and build the head."""
-
-    # Filled by subclasses' __init__ (scikit-learn reads parameters from the signature).
-    lr: float
-    epochs: int
-    batch_size: int
-    step_size: int
-    gamma: float
-    momentum: float
-    weight_decay: float
-    standardize: bool
-    random_state: Any
-    device: str
-    verbose: bool
-    checkpoint_dir: str | os.PathLike[str] | None
-    resume: bool
-
-    # --- to be provided by subclasses -------------------------------------------------------------------------
-    def _build_head(self, shapes: Any, num_classes: int) -> nn.Module:
-        raise NotImplementedError
-
-    def _check_own_params(self) -> None:
-        pass
-
-    # --- parameters ---------------------------------------------------------------------------------------------
-    def _validate_params(self) -> None:
-        if not _is_real(self.lr) or self.lr <= 0:
-            _fail("lr", "a finite number > 0", self.lr)
-        for name in ("epochs", "batch_size", "step_size"):
-            v = getattr(self, name)
-            if not _is_int(v) or v < 1:
-                _fail(name, "an int >= 1", v)
-        if not _is_real(self.gamma) or self.gamma <= 0:
-            _fail("gamma", "a finite number > 0", self.gamma)
-        for name in ("momentum", "weight_decay"):
-            v = getattr(self, name)
-            if not _is_real(v) or v < 0:
-                _fail(name, "a finite number >= 0", v)
-        for name in ("standardize", "verbose", "resume"):
-            if not isinstance(getattr(self, name), (bool, np.bool_)):
-                _fail(name, "True or False", getattr(self, name))
-        if self.resume and self.checkpoint_dir is None:
-            raise ValueError("resume=True needs checkpoint_dir")
-        try:
-            torch.device(self.device)
-        except (RuntimeError, TypeError):
-            _fail("device", "a torch device such as 'cpu' or 'cuda:0'", self.device)
-        if self.random_state is not None and not _is_int(self.random_state) and not isinstance(self.random_state, np.random.RandomState):
-            _fail("random_state", "None, an int or a numpy RandomState", self.random_state)
-        self._check_own_params()
-
-    def _seeds(self) -> tuple[int, int]:
-        rs = check_random_state(self.random_state)
-        init_seed, order_seed = rs.randint(0, 2**31 - 1, size=2)
-        return int(init_seed), int(order_seed)
-
-    # --- data ---------------------------------------------------------------------------------------------------
-    def _arrays(self, X: Any, *, fitting: bool) -> dict[str, np.ndarray]:
-        """X -> {feature name: float32 array}; checks shapes against the fitted ones when predicting."""
-        X = np.asarray(X)
-        if X.dtype == object or not (np.issubdtype(X.dtype, np.number) or X.dtype == bool):
-            raise ValueError(f"X must be a numeric array, got dtype {X.dtype}")
-        if X.ndim not in (2, 4):
-            raise ValueError(f"X must have shape (N, C, H, W) or (N, D), got {X.shape}")
-        X = X.astype(np.float32, copy=False)
-        if not np.isfinite(X).all():
-            raise ValueError("X contains NaN or infinity")
-        if not fitting and tuple(X.shape[1:]) != self.input_shape_:
-            raise ValueError(f"X has per-sample shape {tuple(X.shape[1:])}, the probe was fitted on {self.input_shape_}")
-        return {_SINGLE: X}
-
-    def _n_samples(self, arrays: Mapping[str, np.ndarray]) -> int:
-        return next(iter(arrays.values())).shape[0]
-
-    def _input_spec(self) -> Any:
-        return _SINGLE
-
-    def _shapes(self, arrays: Mapping[str, np.ndarray]) -> Any:
-        return tuple(arrays[_SINGLE].shape[1:])
-
-    def _fit_standardizer(self, arrays: Mapping[str, np.ndarray]) -> None:
-        self.mean_, self.scale_ = {}, {}
-        for name, a in arrays.items():
-            axes = (0, 2, 3) if a.ndim == 4 else (0,)
-            # float64 accumulation: float32 sums over many samples lose digits.
-            mean = a.mean(axis=axes, dtype=np.float64)
-            std = a.std(axis=axes, dtype=np.float64)
-            std[std == 0] = 1.0  # constant channel: centre it, do not blow it up
-            shape = (1, -1, 1, 1) if a.ndim == 4 else (1, -1)
-            self.mean_[name] = mean.astype(np.float32).reshape(shape)
-            self.scale_[name] = std.astype(np.float32).reshape(shape)
-
-    def _standardized(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if not getattr(self, "standardize_fitted_", False):
-            return arrays
-        return {k: (a - self.mean_[k]) / self.scale_[k] for k, a in arrays.items()}
-
-    # --- fitting ------------------------------------------------------------------------------------------------
-    def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None) -> "_TorchProbe":
-        """Train the head on (X, y); with (X_val, y_val), keep the best validation epoch's weights."""
-        self._validate_params()
-        if (X_val is None) != (y_val is None):
-            raise ValueError("pass both X_val and y_val, or neither")
-        arrays = self._arrays(X, fitting=True)
-        y = np.asarray(y)
-        if y.ndim != 1:
-            raise ValueError(f"y must be 1-d, got shape {y.shape}")
-        n = self._n_samples(arrays)
-        if y.shape[0] != n:
-            raise ValueError(f"X has {n} samples but y has {y.shape[0]}")
-        check_classification_targets(y)
-        classes, y_idx = np.unique(y, return_inverse=True)
-        if classes.size < 2:
-            raise ValueError(f"y must contain at least 2 classes, got {classes.size}")
-        self.classes_ = classes
-        self._set_input_attrs(arrays)
-        self.standardize_fitted_ = False
-        if self.standardize:
-            self._fit_standardizer(arrays)
-            self.standardize_fitted_ = True
-            arrays = self._standardized(arrays)
-        init_seed, order_seed = self._seeds()
-        train_stream = ArrayStream(arrays, y_idx, batch_size=self.batch_size, shuffle=True, seed=order_seed)
-        val_stream = None
-        if X_val is not None:
-            val_arrays = self._standardized(self._arrays(X_val, fitting=False))
-            y_val = np.asarray(y_val)
-            if y_val.ndim != 1 or y_val.shape[0] != self._n_samples(val_arrays):
-                raise ValueError(f"y_val must be 1-d with one label per X_val sample, got shape {y_val.shape}")
-            unknown = np.setdiff1d(y_val, classes)
-            if unknown.size:
-                raise ValueError(f"y_val holds labels absent from y: {unknown[:10].tolist()}")
-            val_stream = ArrayStream(val_arrays, np.searchsorted(classes, y_val), batch_size=max(self.batch_size, 256), shuffle=False)
-        return self._fit_streams(train_stream, val_stream, self._shapes(arrays), init_seed, self._input_spec())
-
-    def fit_stream(
-        self,
-        train_stream: BatchStream,
-        val_stream: BatchStream | None = None,
-        *,
-        classes: Sequence[Any] | np.ndarray,
-        input: Any = None,
-    ) -> "_TorchProbe":
-        """Train from a `BatchStream` (out-of-core). Its labels are indices into `classes` (label values).
-
-        `input` names the feature the head reads (None: the stream's only feature); for `DifFormerProbe` it is
-        required: {(t, block): feature name}. Prediction afterwards takes arrays as `fit` does.
-        """
-        self._validate_params()
-        if self.standardize:
-            raise ValueError("standardize=True is not supported by fit_stream: let the stream standardise its batches")
-        classes = np.asarray(classes)
-        if classes.ndim != 1 or classes.size < 2 or np.unique(classes).size != classes.size:
-            raise ValueError("classes must be a 1-d sequence of at least 2 distinct label values")
-        input = self._stream_input(train_stream, input)
-        first = next(iter(_first_batch(train_stream)))
-        shapes = self._shapes_from_batch(first, input)
-        self.classes_ = classes
-        self.standardize_fitted_ = False
-        self._set_stream_input_attrs(shapes)
-        init_seed, _ = self._seeds()
-        return self._fit_streams(train_stream, val_stream, shapes, init_seed, input)
-
-    def _stream_input(self, stream: BatchStream, input: Any) -> Any:
-        if input is None:
-            xs = next(iter(_first_batch(stream)))
-            if len(xs) != 1:
-                raise ValueError(f"the stream carries features {sorted(xs)}; pass input=<feature name>")
-            return next(iter(xs))
-        if not isinstance(input, str):
-            _fail("input", "a feature name (str)", input)
-        return input
-
-    def _shapes_from_batch(self, xs: Mapping[str, torch.Tensor], input: Any) -> Any:
-        if input not in xs:
-            raise ValueError(f"feature {input!r} not in the stream (it has {sorted(xs)})")
-        return tuple(xs[input].shape[1:])
-
-    def _set_input_attrs(self, arrays: Mapping[str, np.ndarray]) -> None:
-        self._set_stream_input_attrs(self._shapes(arrays))
-
-    def _set_stream_input_attrs(self, shapes: Any) -> None:
-        self.input_shape_ = tuple(shapes)
-        self.n_features_in_ = int(math.prod(shapes))
-
-    def _fit_streams(self, train_stream: BatchStream, val_stream: BatchStream | None, shapes: Any,
-                     init_seed: int, input: Any) -> "_TorchProbe":
-        with seeded_init(init_seed):
-            head = self._build_head(shapes, len(self.classes_))
-        result: HeadResult = train(
-            head, train_stream, val_stream, input=input, lr=float(self.lr), epochs=int(self.epochs),
-            step_size=int(self.step_size), gamma=float(self.gamma), momentum=float(self.momentum),
-            weight_decay=float(self.weight_decay), checkpoint_dir=self.checkpoint_dir, resume=bool(self.resume),
-            progress=bool(self.verbose), device=self.device,
-        )
-        self.head_ = head.eval()
-        self.input_ = input
-        self.history_ = result.history
-        self.best_epoch_ = result.best_epoch
-        self.best_val_accuracy_ = result.val_accuracy
-        self.diverged_ = result.diverged
-        return self
-
-    # --- prediction ---------------------------------------------------------------------------------------------
-    def _logits(self, X: Any) -> np.ndarray:
-        check_is_fitted(self, "head_")
-        arrays = self._standardized(self._arrays(X, fitting=False))
-        n = self._n_samples(arrays)
-        stream = ArrayStream(arrays, np.zeros(n, dtype=np.int64), batch_size=max(self.batch_size, 256), shuffle=False)
-        # Arrays are keyed by the probe's own names; map the fitted input onto them.
-        return predict_logits(self.head_, stream, self._input_spec(), device=self.device).numpy()
-
-    def decision_function(self, X: Any) -> np.ndarray:
-        """Logits (N, n_classes); for two classes, scikit-learn's (N,) score of classes_[1] (logit difference)."""
-        logits = self._logits(X)
-        return logits[:, 1] - logits[:, 0] if logits.shape[1] == 2 else logits
-
-    def predict_proba(self, X: Any) -> np.ndarray:
-        logits = torch.from_numpy(self._logits(X))
-        return torch.softmax(logits.double(), dim=1).numpy()
-
-    def predict(self, X: Any) -> np.ndarray:
-        logits = self._logits(X)  # checks fitted-ness before classes_ is touched
-        return self.classes_[logits.argmax(axis=1)]
-
-
-def _first_batch(stream: BatchStream):
-    stream.set_epoch(0)
-    for xs, _ in stream:
-        yield xs
-        return
-    raise ValueError("stream yielded no samples")
-
 
 class LinearProbe(_TorchProbe):
-    """Linear head (optionally BatchNorm1d without affine first). Paper defaults: lr 1e-2, 28 epochs, batch 128."""
+    """Linear head (optionally BatchNorm1d without affine first); settings from `recipe` (lr 1e-2 in both)."""
 
     def __init__(
         self,
         *,
+        recipe: str = "diffbank",
         batchnorm: bool = False,
         standardize: bool = False,
-        lr: float = 1e-2,
-        epochs: int = 28,
-        batch_size: int = 128,
-        step_size: int = 7,
-        gamma: float = 0.1,
-        momentum: float = 0.0,
-        weight_decay: float = 0.0,
+        lr: float | None = None,
+        epochs: int | None = None,
+        batch_size: int | None = None,
+        step_size: int | None = None,
+        gamma: float | None = None,
+        momentum: float | None = None,
+        weight_decay: float | None = None,
         random_state: int | np.random.RandomState | None = None,
         device: str = "cpu",
         verbose: bool = False,
         checkpoint_dir: str | os.PathLike[str] | None = None,
         resume: bool = False,
     ) -> None:
+        self.recipe = recipe
         self.batchnorm = batchnorm
         self.standardize = standardize
         self.lr = lr
@@ -370,14 +126,15 @@ class _TransformerProbe(_TransformerParams, _TorchProbe):
         heads: int | None = None,
         depth: int | None = None,
         final_norm: bool = False,
+        recipe: str = "diffbank",
         standardize: bool = False,
-        lr: float = 5e-2,
-        epochs: int = 28,
-        batch_size: int = 128,
-        step_size: int = 7,
-        gamma: float = 0.1,
-        momentum: float = 0.0,
-        weight_decay: float = 0.0,
+        lr: float | None = None,
+        epochs: int | None = None,
+        batch_size: int | None = None,
+        step_size: int | None = None,
+        gamma: float | None = None,
+        momentum: float | None = None,
+        weight_decay: float | None = None,
         random_state: int | np.random.RandomState | None = None,
         device: str = "cpu",
         verbose: bool = False,
@@ -389,6 +146,7 @@ class _TransformerProbe(_TransformerParams, _TorchProbe):
         self.heads = heads
         self.depth = depth
         self.final_norm = final_norm
+        self.recipe = recipe
         self.standardize = standardize
         self.lr = lr
         self.epochs = epochs
@@ -409,7 +167,9 @@ class _TransformerProbe(_TransformerParams, _TorchProbe):
 
 class AttentionProbe(_TransformerProbe):
     """The paper's attention head. `preset` ("paper", "small", "tiny") sets dim/heads/depth; explicit
-    `dim`/`heads`/`depth` override it. Paper defaults: lr 5e-2, 28 epochs, batch 128."""
+    `dim`/`heads`/`depth` override it. Settings from `recipe` (lr 5e-2 in both)."""
+
+    _head_kind = "attention"
 
     def _build_head(self, shapes: Any, num_classes: int) -> nn.Module:
         return AttentionPoolHead(shapes, num_classes, final_norm=bool(self.final_norm), **self._transformer_sizes())
@@ -422,6 +182,8 @@ def _feature_key(key: tuple[int, Hashable]) -> str:
 class DifFormerProbe(_TransformerProbe):
     """DifFormer fusion over {(t, block): (N, C, H, W)} inputs; parameters as `AttentionProbe`."""
 
+    _head_kind = "fusion"
+
     def _arrays(self, X: Any, *, fitting: bool) -> dict[str, np.ndarray]:
         if not isinstance(X, Mapping) or not X:
             raise ValueError("X must be a non-empty dict {(t, block): array (N, C, H, W)}")
@@ -432,7 +194,9 @@ class DifFormerProbe(_TransformerProbe):
                 raise ValueError(f"X keys must be (t, block) pairs with an int t, got {key!r}")
             a = np.asarray(a)
             if a.ndim != 4 or not np.issubdtype(a.dtype, np.number):
-                raise ValueError(f"X[{key!r}] must be a numeric (N, C, H, W) array, got shape {a.shape}, dtype {a.dtype}")
+                raise ValueError(
+                    f"X[{key!r}] must be a numeric (N, C, H, W) array, got shape {a.shape}, dtype {a.dtype}"
+                )
             if n is not None and a.shape[0] != n:
                 raise ValueError(f"X[{key!r}] has {a.shape[0]} samples, other inputs have {n}")
             n = a.shape[0]
@@ -445,7 +209,9 @@ class DifFormerProbe(_TransformerProbe):
         blocks = list(dict.fromkeys(b for _, b in keys))
         grid = {(t, b) for t in timesteps for b in blocks}
         if grid != set(keys):
-            raise ValueError(f"X must hold every (t, block) pair of timesteps {timesteps} x blocks {blocks}; missing {sorted(map(str, grid - set(keys)))}")
+            raise ValueError(
+                f"X must hold every (t, block) pair of timesteps {timesteps} x blocks {blocks}; missing {sorted(map(str, grid - set(keys)))}"
+            )
         for b in blocks:
             shapes = {arrays[_feature_key((t, b))].shape[1:] for t in timesteps}
             if len(shapes) > 1:
@@ -473,8 +239,12 @@ class DifFormerProbe(_TransformerProbe):
         self.n_features_in_ = int(sum(math.prod(s) for s in shapes.values()))
 
     def _stream_input(self, stream: BatchStream, input: Any) -> Any:
-        if not isinstance(input, Mapping) or not input or not all(
-            isinstance(k, tuple) and len(k) == 2 and _is_int(k[0]) and isinstance(v, str) for k, v in input.items()
+        if (
+            not isinstance(input, Mapping)
+            or not input
+            or not all(
+                isinstance(k, tuple) and len(k) == 2 and _is_int(k[0]) and isinstance(v, str) for k, v in input.items()
+            )
         ):
             _fail("input", "a dict {(t, block): feature name} (required for DifFormerProbe.fit_stream)", input)
         return {(int(t), b): v for (t, b), v in input.items()}
@@ -489,4 +259,6 @@ class DifFormerProbe(_TransformerProbe):
         timesteps = sorted({t for t, _ in shapes})
         blocks = list(dict.fromkeys(b for _, b in shapes))
         block_shapes = {b: shapes[(timesteps[0], b)] for b in blocks}
-        return DifFormerHead(block_shapes, timesteps, num_classes, final_norm=bool(self.final_norm), **self._transformer_sizes())
+        return DifFormerHead(
+            block_shapes, timesteps, num_classes, final_norm=bool(self.final_norm), **self._transformer_sizes()
+        )

@@ -1,6 +1,7 @@
 """Results for machines (JSON) and for people (aligned tables, heat maps, curves).
 
-- `classification_metrics`: top-1, top-5, per-class accuracy, mean per-class accuracy, confusion matrix.
+(The metrics themselves are `probe.metrics`.)
+
 - `write_results` / `read_results`: a JSON file written atomically, NaN as null, numpy values as plain JSON,
   with the library versions of the run (`environment()`).
 - `format_table`: a plain-text table with aligned columns.
@@ -10,7 +11,6 @@
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import math
 import os
@@ -18,112 +18,29 @@ import platform
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from extract.provenance import CORE_PACKAGES, package_versions, to_jsonable
+
 RESULTS_SCHEMA = "diffbank.probe.results/1"
-
-
-# ------------------------------------------------------------------------------------------------ metrics
-
-def topk_correct(scores: np.ndarray, y_true: np.ndarray, k: int) -> np.ndarray:
-    """Whether each true label is among the k highest scores (per row; ties broken by class index)."""
-    k = min(k, scores.shape[1])
-    # argsort of -scores with a stable sort: among equal scores the lower class index ranks first.
-    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return (top == y_true[:, None]).any(axis=1)
-
-
-def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
-    """(num_classes, num_classes) int64 counts; rows are true classes, columns predictions (sklearn's layout)."""
-    idx = np.asarray(y_true, np.int64) * num_classes + np.asarray(y_pred, np.int64)
-    return np.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
-
-
-def classification_metrics(y_true: np.ndarray | Sequence[int], scores: np.ndarray | None = None, *,
-                           y_pred: np.ndarray | None = None, num_classes: int | None = None,
-                           class_names: Sequence[str] | None = None) -> dict[str, Any]:
-    """Metrics of one evaluation from class scores (N, K) (logits, probabilities, votes) or predictions.
-
-    `top5` needs scores; with fewer than 5 classes it is top-K (then always 1.0) and says so in `top5_k`.
-    Per-class accuracy is recall per class; a class without samples gets `None` (JSON null), not 0.
-    """
-    y_true = np.asarray(y_true, dtype=np.int64)
-    if scores is not None:
-        scores = np.asarray(scores)
-        if scores.ndim != 2 or len(scores) != len(y_true):
-            raise ValueError(f"scores must be (N, classes) with N={len(y_true)}, got {scores.shape}")
-        num_classes = num_classes or scores.shape[1]
-        y_pred = np.argmax(scores, axis=1)  # ties go to the lowest class index, as in topk_correct
-    elif y_pred is None:
-        raise ValueError("give scores or y_pred")
-    y_pred = np.asarray(y_pred, dtype=np.int64)
-    if num_classes is None:
-        num_classes = int(max(y_true.max(initial=-1), y_pred.max(initial=-1))) + 1
-    if len(y_true) == 0:
-        raise ValueError("no samples to evaluate")
-    cm = confusion_matrix(y_true, y_pred, num_classes)
-    support = cm.sum(axis=1)
-    per_class = [float(cm[c, c] / support[c]) if support[c] else None for c in range(num_classes)]
-    present = [a for a in per_class if a is not None]
-    out: dict[str, Any] = {
-        "n": int(len(y_true)),
-        "top1": float(np.mean(y_pred == y_true)),
-        "top5": None,
-        "top5_k": None,
-        "mean_per_class_accuracy": float(np.mean(present)) if present else None,
-        "per_class_accuracy": per_class,
-        "support": support.tolist(),
-        "confusion_matrix": cm.tolist(),
-    }
-    if scores is not None:
-        k = min(5, scores.shape[1])
-        out["top5"] = float(np.mean(topk_correct(scores, y_true, k)))
-        out["top5_k"] = k
-    if class_names is not None:
-        out["class_names"] = [str(c) for c in class_names]
-    return out
 
 
 # ------------------------------------------------------------------------------------------------- JSON
 
+# Besides the store's core packages: what drew the figures.
+_REPORT_PACKAGES = (*CORE_PACKAGES, "matplotlib")
+
+
 def environment() -> dict[str, Any]:
     """Library versions and platform of this process: what a result was computed with."""
-    versions: dict[str, str | None] = {"python": platform.python_version()}
-    for dist in ("diffbank", "torch", "numpy", "scikit-learn", "zarr", "dask", "safetensors", "matplotlib"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            versions[dist] = None
-    return {"versions": versions, "platform": platform.platform(), "executable": sys.executable}
-
-
-def now_utc() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def to_jsonable(value: Any) -> Any:
-    """Plain JSON values from numpy/torch scalars and arrays, tuples, paths; non-finite floats become None."""
-    if isinstance(value, Mapping):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set)):
-        return [to_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return to_jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        return to_jsonable(value.item())
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, (str, int, bool)) or value is None:
-        return value
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if hasattr(value, "tolist"):  # torch tensors
-        return to_jsonable(value.tolist())
-    return str(value)
+    return {
+        "versions": package_versions(_REPORT_PACKAGES),
+        "platform": platform.platform(),
+        "executable": sys.executable,
+    }
 
 
 def write_results(path: str | os.PathLike, results: Mapping[str, Any]) -> Path:
@@ -150,6 +67,7 @@ def read_results(path: str | os.PathLike) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------------- tables
 
+
 def _cell(value: Any, precision: int) -> str:
     if value is None:
         return "-"
@@ -160,9 +78,15 @@ def _cell(value: Any, precision: int) -> str:
     return str(value)
 
 
-def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None, *,
-                 headers: Mapping[str, str] | None = None, title: str | None = None, precision: int = 4,
-                 percent: Sequence[str] = ()) -> str:
+def format_table(
+    rows: Sequence[Mapping[str, Any]],
+    columns: Sequence[str] | None = None,
+    *,
+    headers: Mapping[str, str] | None = None,
+    title: str | None = None,
+    precision: int = 4,
+    percent: Sequence[str] = (),
+) -> str:
     """A plain-text table: text left-aligned, numbers right-aligned, a rule under the header.
 
     `percent` names columns holding fractions to show as percentages (0.6491 -> 64.91).
@@ -202,21 +126,40 @@ def summary_table(results: Mapping[str, Any]) -> str:
     for split in ("val", "test"):
         m = results.get("metrics", {}).get(split)
         if m:
-            rows.append({"split": split, "n": m["n"], "top1": m["top1"], "top5": m.get("top5"),
-                         "mean/class": m.get("mean_per_class_accuracy")})
+            rows.append(
+                {
+                    "split": split,
+                    "n": m["n"],
+                    "top1": m["top1"],
+                    "top5": m.get("top5"),
+                    "mean/class": m.get("mean_per_class_accuracy"),
+                }
+            )
     title = f"{results.get('command', 'probe')}: {', '.join(results.get('features', []))}"
-    return format_table(rows, ["split", "n", "top1", "top5", "mean/class"], title=title,
-                        percent=("top1", "top5", "mean/class"))
+    return format_table(
+        rows, ["split", "n", "top1", "top5", "mean/class"], title=title, percent=("top1", "top5", "mean/class")
+    )
 
 
 def sweep_table(results: Mapping[str, Any]) -> str:
     """The sweep's grid: per (t, block), the validation-selected pooling and lr with its accuracies."""
-    rows = [{"t": g["t"], "block": g["block"], "pool": g["pool"], "lr": g["lr"], "val top1": g["val_top1"],
-             "test top1": g["test_top1"]} for g in results.get("grid", [])]
+    rows = [
+        {
+            "t": g["t"],
+            "block": g["block"],
+            "pool": g["pool"],
+            "lr": g["lr"],
+            "val top1": g["val_top1"],
+            "test top1": g["test_top1"],
+        }
+        for g in results.get("grid", [])
+    ]
     sel = results.get("selected", {})
-    return format_table(rows, title=f"sweep: {len(results.get('sweep', []))} heads; selected on val: "
-                                    f"{sel.get('feature')} lr={sel.get('lr')}",
-                        percent=("val top1", "test top1"))
+    return format_table(
+        rows,
+        title=f"sweep: {len(results.get('sweep', []))} heads; selected on val: {sel.get('feature')} lr={sel.get('lr')}",
+        percent=("val top1", "test top1"),
+    )
 
 
 def render(results: Mapping[str, Any]) -> str:
@@ -227,8 +170,7 @@ def render(results: Mapping[str, Any]) -> str:
     elif results.get("sweep"):
         key = "C" if results.get("command") == "logistic" else "k"
         rows = [{key: r[key], "val top1": r["val_top1"]} for r in results["sweep"]]
-        parts.append(format_table(rows, title=f"{results.get('command')}: {key} on validation",
-                                  percent=("val top1",)))
+        parts.append(format_table(rows, title=f"{results.get('command')}: {key} on validation", percent=("val top1",)))
     parts.append(summary_table(results))
     sel = {k: v for k, v in (results.get("selected") or {}).items()}
     if sel:
@@ -238,12 +180,14 @@ def render(results: Mapping[str, Any]) -> str:
 
 def per_class_table(metrics: Mapping[str, Any], class_names: Sequence[str] | None = None) -> str:
     names = class_names or metrics.get("class_names") or [str(i) for i in range(len(metrics["per_class_accuracy"]))]
-    rows = [{"class": n, "n": s, "accuracy": a}
-            for n, s, a in zip(names, metrics["support"], metrics["per_class_accuracy"])]
+    rows = [
+        {"class": n, "n": s, "accuracy": a} for n, s, a in zip(names, metrics["support"], metrics["per_class_accuracy"])
+    ]
     return format_table(rows, ["class", "n", "accuracy"], percent=("accuracy",))
 
 
 # ----------------------------------------------------------------------------------------------- figures
+
 
 def _pyplot():
     import matplotlib
@@ -254,10 +198,17 @@ def _pyplot():
     return plt
 
 
-def plot_heatmap(values: Mapping[tuple[int, int], float], path: str | os.PathLike, *,
-                 title: str = "top-1 accuracy", xlabel: str = "block", ylabel: str = "timestep t",
-                 labels: Mapping[tuple[int, int], str] | None = None, percent: bool = True,
-                 best: tuple[int, int] | None = None) -> Path:
+def plot_heatmap(
+    values: Mapping[tuple[int, int], float],
+    path: str | os.PathLike,
+    *,
+    title: str = "top-1 accuracy",
+    xlabel: str = "block",
+    ylabel: str = "timestep t",
+    labels: Mapping[tuple[int, int], str] | None = None,
+    percent: bool = True,
+    best: tuple[int, int] | None = None,
+) -> Path:
     """Heat map of accuracy over (timestep, block); every cell annotated, the best one outlined.
 
     `values` maps (t, block) to an accuracy in [0, 1]; missing cells are left blank. `labels` adds a second
@@ -280,9 +231,13 @@ def plot_heatmap(values: Mapping[tuple[int, int], float], path: str | os.PathLik
     fig, ax = plt.subplots(figsize=(fig_w, fig_h), dpi=110)
     try:
         finite = grid[np.isfinite(grid)]
-        im = ax.imshow(grid * scale, cmap="viridis", aspect="auto",
-                       vmin=float(finite.min()) * scale if finite.size else None,
-                       vmax=float(finite.max()) * scale if finite.size else None)
+        im = ax.imshow(
+            grid * scale,
+            cmap="viridis",
+            aspect="auto",
+            vmin=float(finite.min()) * scale if finite.size else None,
+            vmax=float(finite.max()) * scale if finite.size else None,
+        )
         ax.set_xticks(range(len(blocks)), [str(b) for b in blocks])
         ax.set_yticks(range(len(ts)), [str(t) for t in ts])
         ax.set_xlabel(xlabel)
@@ -303,8 +258,16 @@ def plot_heatmap(values: Mapping[tuple[int, int], float], path: str | os.PathLik
                 if extra:
                     text += f"\n{extra}"
                 is_best = best is not None and (i, j) == best
-                ax.text(j, i, text, ha="center", va="center", fontsize=7,
-                        fontweight="bold" if is_best else "normal", color="black" if v > mid else "white")
+                ax.text(
+                    j,
+                    i,
+                    text,
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    fontweight="bold" if is_best else "normal",
+                    color="black" if v > mid else "white",
+                )
         if best is not None:
             i, j = best
             ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.5))
@@ -317,9 +280,14 @@ def plot_heatmap(values: Mapping[tuple[int, int], float], path: str | os.PathLik
         plt.close(fig)
 
 
-def plot_accuracy_vs_t(values: Mapping[tuple[int, int], float], path: str | os.PathLike, *,
-                       title: str = "top-1 accuracy over timestep", percent: bool = True,
-                       best: tuple[int, int] | None = None) -> Path:
+def plot_accuracy_vs_t(
+    values: Mapping[tuple[int, int], float],
+    path: str | os.PathLike,
+    *,
+    title: str = "top-1 accuracy over timestep",
+    percent: bool = True,
+    best: tuple[int, int] | None = None,
+) -> Path:
     """One line per block: accuracy over t (the paper's curves); the best point (or `best`) marked with a star."""
     if not values:
         raise ValueError("no values to draw")
@@ -334,8 +302,15 @@ def plot_accuracy_vs_t(values: Mapping[tuple[int, int], float], path: str | os.P
             (bt, bb), bv = best, values[best]
         else:
             (bt, bb), bv = max(((k, v) for k, v in values.items() if v is not None), key=lambda kv: kv[1])
-        ax.plot([bt], [bv * scale], marker="*", markersize=16, color="red", linestyle="none",
-                label=f"best: t={bt}, block {bb}")
+        ax.plot(
+            [bt],
+            [bv * scale],
+            marker="*",
+            markersize=16,
+            color="red",
+            linestyle="none",
+            label=f"best: t={bt}, block {bb}",
+        )
         ax.set_xlabel("timestep t")
         ax.set_ylabel("top-1 (%)" if percent else "top-1")
         ax.set_title(title, fontsize=9)

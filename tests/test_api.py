@@ -38,7 +38,7 @@ def test_default_recipe_is_the_papers_and_recorded(store, tmp_path):
 def test_optimizer_settings_are_recorded_and_used(store, tmp_path, setting):
     base = api.run_linear(store, tmp_path / "base", **LINEAR)
     doc = api.run_linear(store, tmp_path / "other", **LINEAR, **setting)
-    (key, value), = setting.items()
+    ((key, value),) = setting.items()
     assert doc["config"][key] == value
     assert f"{key}={value}" in doc["config"]["optimizer"]
     saved = json.loads((tmp_path / "other" / "results.json").read_text())["config"]
@@ -62,8 +62,16 @@ def test_schedule_settings_are_recorded_and_used(store, tmp_path):
 
 
 def test_sweep_takes_the_recipe(store, tmp_path):
-    doc = api.run_sweep(store, tmp_path / "sw", features=["t090_b24_avg1"], lrs=[0.01, 0.1], momentum=0.5,
-                        step_size=1, gamma=0.5, **FAST)
+    doc = api.run_sweep(
+        store,
+        tmp_path / "sw",
+        features=["t090_b24_avg1"],
+        lrs=[0.01, 0.1],
+        momentum=0.5,
+        step_size=1,
+        gamma=0.5,
+        **FAST,
+    )
     assert doc["config"]["optimizer"] == "SGD(momentum=0.5, weight_decay=0)"
     assert doc["config"]["schedule"] == "StepLR(step_size=1, gamma=0.5)"
     for record in doc["training"].values():
@@ -79,9 +87,15 @@ def test_changed_recipe_in_the_same_out_dir_is_a_conflict(store, tmp_path):
 
 
 BAD = [
-    ({"momentum": 1.0}, "momentum"), ({"momentum": -0.1}, "momentum"), ({"momentum": math.nan}, "momentum"),
-    ({"weight_decay": -1e-4}, "weight_decay"), ({"step_size": 0}, "step_size"), ({"step_size": 2.5}, "step_size"),
-    ({"gamma": 0.0}, "gamma"), ({"gamma": 1.5}, "gamma"), ({"momentum": True}, "momentum"),
+    ({"momentum": 1.0}, "momentum"),
+    ({"momentum": -0.1}, "momentum"),
+    ({"momentum": math.nan}, "momentum"),
+    ({"weight_decay": -1e-4}, "weight_decay"),
+    ({"step_size": 0}, "step_size"),
+    ({"step_size": 2.5}, "step_size"),
+    ({"gamma": 0.0}, "gamma"),
+    ({"gamma": 1.5}, "gamma"),
+    ({"momentum": True}, "momentum"),
 ]
 
 
@@ -97,10 +111,16 @@ def test_bad_settings_name_the_parameter_before_reading_data(tmp_path, command, 
 
 
 @pytest.mark.parametrize("command", ["run_attention", "run_fusion"])
-@pytest.mark.parametrize("kwargs,match", [
-    ({"lr": 0.1, "lrs": [0.1, 0.2]}, "lr or lrs"), ({"lrs": []}, "lrs"), ({"lrs": [0.1, -1.0]}, "lrs"),
-    ({"lrs": 0.1}, "lrs"), ({"lr": 0.0}, "lr"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"lr": 0.1, "lrs": [0.1, 0.2]}, "lr or lrs"),
+        ({"lrs": []}, "lrs"),
+        ({"lrs": [0.1, -1.0]}, "lrs"),
+        ({"lrs": 0.1}, "lrs"),
+        ({"lr": 0.0}, "lr"),
+    ],
+)
 def test_bad_lrs(tmp_path, command, kwargs, match):
     with pytest.raises(api.ProbeConfigError, match=match):
         getattr(api, command)(str(tmp_path / "missing.zarr"), tmp_path / "out", **kwargs)

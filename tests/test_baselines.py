@@ -18,8 +18,6 @@ def _gaussians(seed, n_per_class=60, k=5, d=12, spread=1.0):
     return x[perm], y[perm]
 
 
-
-
 def test_logistic_sweep_learns_and_selects_on_validation():
     x, y = _gaussians(0, n_per_class=80)
     tr, va, te = slice(0, 240), slice(240, 320), slice(320, 400)
@@ -34,15 +32,31 @@ def test_logistic_sweep_learns_and_selects_on_validation():
 
 def test_knn_learns_and_selects_k_on_validation():
     x, y = _gaussians(2, n_per_class=80)
-    bank = [(torch.from_numpy(x[i:i + 50]), torch.from_numpy(y[i:i + 50])) for i in range(0, 240, 50)]
-    out = knn_sweep(iter(bank), 240, torch.from_numpy(x[240:320]), y[240:320], torch.from_numpy(x[320:]),
-                    y[320:], num_classes=5, ks=[1, 10, 20])
+    bank = [(torch.from_numpy(x[i : i + 50]), torch.from_numpy(y[i : i + 50])) for i in range(0, 240, 50)]
+    out = knn_sweep(
+        iter(bank),
+        240,
+        torch.from_numpy(x[240:320]),
+        y[240:320],
+        torch.from_numpy(x[320:]),
+        y[320:],
+        num_classes=5,
+        ks=[1, 10, 20],
+    )
     assert out["metrics"]["test"]["top1"] > 0.9
     best = max(out["sweep"], key=lambda r: (r["val_top1"], -r["k"]))
     assert out["selected"]["k"] == best["k"]
     with pytest.raises(ProbeDataError, match=r"k=300 .*needs at least 300 samples but only 240"):
-        knn_sweep(iter(bank), 240, torch.zeros(2, 12), np.zeros(2), torch.zeros(2, 12), np.zeros(2),
-                  num_classes=5, ks=[10, 300])
+        knn_sweep(
+            iter(bank),
+            240,
+            torch.zeros(2, 12),
+            np.zeros(2),
+            torch.zeros(2, 12),
+            np.zeros(2),
+            num_classes=5,
+            ks=[10, 300],
+        )
 
 
 def test_chunked_knn_equals_brute_force():
@@ -50,7 +64,7 @@ def test_chunked_knn_equals_brute_force():
     bank_x = torch.randn(301, 16, generator=gen)
     bank_y = torch.randint(0, 7, (301,), generator=gen)
     queries = torch.randn(53, 16, generator=gen)
-    chunks = [(bank_x[i:i + 37], bank_y[i:i + 37]) for i in range(0, 301, 37)]
+    chunks = [(bank_x[i : i + 37], bank_y[i : i + 37]) for i in range(0, 301, 37)]
     sims, labs, idx = knn_neighbours(iter(chunks), queries, 20, query_chunk=7)
     full = F.normalize(queries, dim=1) @ F.normalize(bank_x, dim=1).T  # the N x N reference
     ref_sims, ref_idx = full.topk(20, dim=1)
@@ -59,5 +73,7 @@ def test_chunked_knn_equals_brute_force():
     scores = knn_vote(sims, labs, 10, 7, temperature=0.07)
     ref = np.zeros((53, 7))
     rows = np.repeat(np.arange(53), 10)
-    np.add.at(ref, (rows, bank_y[ref_idx[:, :10]].numpy().ravel()), np.exp(ref_sims[:, :10].double().numpy().ravel() / 0.07))
+    np.add.at(
+        ref, (rows, bank_y[ref_idx[:, :10]].numpy().ravel()), np.exp(ref_sims[:, :10].double().numpy().ravel() / 0.07)
+    )
     np.testing.assert_allclose(scores.numpy(), ref, rtol=1e-4)

@@ -10,7 +10,7 @@ from sklearn.exceptions import NotFittedError
 from sklearn.linear_model import LogisticRegression
 
 from probe.estimators import AttentionProbe, DifFormerProbe, LinearProbe
-from probe.train import ArrayStream
+from probe.stream import ArrayStream
 
 FAST = dict(epochs=6, step_size=5, lr=0.05, momentum=0.9, batch_size=64, random_state=0)
 
@@ -62,8 +62,11 @@ def test_arbitrary_label_values(labels) -> None:
 def test_linear_probe_agrees_with_logistic_regression() -> None:
     x, y = blobs(2000, 0, shift=1.0)
     xt, yt = blobs(4000, 1, shift=1.0)
-    ours = LinearProbe(standardize=True, lr=0.05, momentum=0.9, epochs=20, step_size=14, batch_size=64,
-                       random_state=0).fit(x, y).score(xt, yt)
+    ours = (
+        LinearProbe(standardize=True, lr=0.05, momentum=0.9, epochs=20, step_size=14, batch_size=64, random_state=0)
+        .fit(x, y)
+        .score(xt, yt)
+    )
     reference = LogisticRegression(C=1.0, max_iter=2000).fit(x, y).score(xt, yt)
     assert 0.6 < reference < 0.97  # a problem where the two could disagree
     assert abs(ours - reference) <= 0.01, (ours, reference)
@@ -99,8 +102,18 @@ def test_attention_probe_on_block_maps() -> None:
     x, y = localized_tokens(1024, seed=0)
     xt, yt = localized_tokens(512, seed=1)
     labels = np.array(["a", "b", "c", "d"])
-    probe = AttentionProbe(preset=None, dim=32, heads=2, depth=1, epochs=10, step_size=10, lr=0.05, momentum=0.9,
-                           batch_size=64, random_state=0).fit(x, labels[y])
+    probe = AttentionProbe(
+        preset=None,
+        dim=32,
+        heads=2,
+        depth=1,
+        epochs=10,
+        step_size=10,
+        lr=0.05,
+        momentum=0.9,
+        batch_size=64,
+        random_state=0,
+    ).fit(x, labels[y])
     assert probe.score(xt, labels[yt]) >= 0.8
     assert probe.input_shape_ == (8, 4, 4) and probe.n_features_in_ == 128
 
@@ -112,8 +125,12 @@ def test_difformer_probe_on_timestep_block_dict() -> None:
 
     def grid(a):  # class signal in (150, 24) only; other maps are noise of different shapes
         n = len(a)
-        return {(90, 24): rng.normal(size=(n, 16, 1, 1)), (150, 24): a.reshape(n, 16, 1, 1),
-                (90, 19): rng.normal(size=(n, 2, 1, 1)), (150, 19): rng.normal(size=(n, 2, 1, 1))}
+        return {
+            (90, 24): rng.normal(size=(n, 16, 1, 1)),
+            (150, 24): a.reshape(n, 16, 1, 1),
+            (90, 19): rng.normal(size=(n, 2, 1, 1)),
+            (150, 19): rng.normal(size=(n, 2, 1, 1)),
+        }
 
     probe = DifFormerProbe(preset="tiny", dim=16, standardize=True, **(FAST | {"epochs": 5})).fit(grid(x), y)
     assert probe.score(grid(xt), yt) > 0.8

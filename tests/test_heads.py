@@ -14,7 +14,8 @@ from probe.heads import (
     resolve_preset,
     seeded_init,
 )
-from probe.train import ArrayStream, evaluate, train
+from probe.stream import ArrayStream
+from probe.trainer import evaluate, train
 
 
 def localized_tokens(n: int, seed: int, num_classes: int = 4, channels: int = 8, side: int = 4):
@@ -66,7 +67,9 @@ def test_attention_head_matches_paper_details() -> None:
     assert head(torch.randn(3, 16, 4, 4)).shape == (3, 10)
     flat = AttentionPoolHead(16, 10, dim=32, heads=4, depth=1)  # an (N, D) feature is one 1x1 token
     assert flat(torch.randn(3, 16)).shape == (3, 10)
-    assert AttentionPoolHead((16, 4, 4), 10, dim=32, heads=4, depth=1, final_norm=True).encoder.norm.normalized_shape == (32,)
+    assert AttentionPoolHead(
+        (16, 4, 4), 10, dim=32, heads=4, depth=1, final_norm=True
+    ).encoder.norm.normalized_shape == (32,)
 
 
 def test_attention_head_is_permutation_invariant_over_tokens() -> None:
@@ -133,8 +136,10 @@ def test_difformer_with_one_block_and_timestep_is_the_attention_head() -> None:
     with seeded_init(0):
         attention = AttentionPoolHead((4, 3, 3), 6, dim=16, heads=2, depth=2)
     fusion = DifFormerHead({24: (4, 3, 3)}, [90], 6, dim=16, heads=2, depth=2)
-    state = {("tokenizers.b24." + k[len("tokenizer."):] if k.startswith("tokenizer.") else k): v
-             for k, v in attention.state_dict().items()}
+    state = {
+        ("tokenizers.b24." + k[len("tokenizer.") :] if k.startswith("tokenizer.") else k): v
+        for k, v in attention.state_dict().items()
+    }
     fusion.load_state_dict(state)
     x = torch.randn(5, 4, 3, 3)
     torch.testing.assert_close(fusion({(90, 24): x}), attention(x))

@@ -13,8 +13,15 @@ N, K = 150, 3
 @pytest.fixture(scope="module")
 def store(synthetic_store):
     # one cell (t 90, block 24) is clearly the best
-    return synthetic_store(n=N, k=K, dim=6, seed=0, n_train=120, class_names=["x", "y", "z"],
-                           noise=lambda t, block: 0.5 if (t, block) == (90, 24) else 3.0)
+    return synthetic_store(
+        n=N,
+        k=K,
+        dim=6,
+        seed=0,
+        n_train=120,
+        class_names=["x", "y", "z"],
+        noise=lambda t, block: 0.5 if (t, block) == (90, 24) else 3.0,
+    )
 
 
 def _invoke(*args):
@@ -32,13 +39,16 @@ def _results(out):
     return doc
 
 
-@pytest.mark.parametrize("command,args", [
-    ("linear", ["--epochs", "2", "--lr", "0.1", "--quiet"]),
-    ("attention", ["--epochs", "1", "--preset", "tiny", "--batch-size", "64", "--quiet"]),
-    ("fusion", ["--epochs", "1", "--preset", "tiny", "--batch-size", "64", "--quiet"]),
-    ("logistic", ["--c", "0.01", "--c", "1"]),
-    ("knn", ["--k", "5", "--k", "10"]),
-])
+@pytest.mark.parametrize(
+    "command,args",
+    [
+        ("linear", ["--epochs", "2", "--lr", "0.1", "--quiet"]),
+        ("attention", ["--epochs", "1", "--preset", "tiny", "--batch-size", "64", "--quiet"]),
+        ("fusion", ["--epochs", "1", "--preset", "tiny", "--batch-size", "64", "--quiet"]),
+        ("logistic", ["--c", "0.01", "--c", "1"]),
+        ("knn", ["--k", "5", "--k", "10"]),
+    ],
+)
 def test_command_writes_results_and_prints_a_table(store, tmp_path, command, args):
     out = tmp_path / command
     result = _invoke(command, store, "--out", str(out), *args)
@@ -87,8 +97,23 @@ def test_bad_feature_is_a_clean_error(store, tmp_path):
 
 def test_recipe_options_are_recorded(store, tmp_path):
     out = tmp_path / "recipe"
-    result = _invoke("linear", store, "--out", str(out), "--epochs", "2", "--quiet", "--momentum", "0.9",
-                     "--weight-decay", "1e-4", "--step-size", "1", "--gamma", "0.5")
+    result = _invoke(
+        "linear",
+        store,
+        "--out",
+        str(out),
+        "--epochs",
+        "2",
+        "--quiet",
+        "--momentum",
+        "0.9",
+        "--weight-decay",
+        "1e-4",
+        "--step-size",
+        "1",
+        "--gamma",
+        "0.5",
+    )
     assert result.exit_code == 0, result.output
     cfg = _results(out)["config"]
     assert (cfg["momentum"], cfg["weight_decay"], cfg["step_size"], cfg["gamma"]) == (0.9, 1e-4, 1, 0.5)
@@ -96,8 +121,9 @@ def test_recipe_options_are_recorded(store, tmp_path):
     assert cfg["schedule"] == "StepLR(step_size=1, gamma=0.5)"
 
 
-@pytest.mark.parametrize("option,value", [("--momentum", "1"), ("--weight-decay", "-1"), ("--step-size", "0"),
-                                          ("--gamma", "0")])
+@pytest.mark.parametrize(
+    "option,value", [("--momentum", "1"), ("--weight-decay", "-1"), ("--step-size", "0"), ("--gamma", "0")]
+)
 def test_bad_recipe_option_is_a_clean_error(store, tmp_path, option, value):
     for command in ("linear", "attention", "fusion", "sweep"):
         result = _invoke(command, store, "--out", str(tmp_path / command), option, value)
@@ -106,8 +132,25 @@ def test_bad_recipe_option_is_a_clean_error(store, tmp_path, option, value):
 
 def test_repeated_lr_trains_one_head_per_lr(store, tmp_path):
     out = tmp_path / "fusion_lrs"
-    result = _invoke("fusion", store, "--out", str(out), "--epochs", "1", "--preset", "tiny", "--batch-size", "64",
-                     "--quiet", "--lr", "0.1", "--lr", "0.01", "--momentum", "0.5")
+    result = _invoke(
+        "fusion",
+        store,
+        "--out",
+        str(out),
+        "--epochs",
+        "1",
+        "--preset",
+        "tiny",
+        "--batch-size",
+        "64",
+        "--quiet",
+        "--lr",
+        "0.1",
+        "--lr",
+        "0.01",
+        "--momentum",
+        "0.5",
+    )
     assert result.exit_code == 0, result.output
     assert "lr on validation" in result.output
     doc = _results(out)
@@ -117,8 +160,9 @@ def test_repeated_lr_trains_one_head_per_lr(store, tmp_path):
     assert (out / "head.safetensors").exists() and (out / "heads.safetensors").exists()
     # one --lr is the single-head path
     out1 = tmp_path / "attention_one"
-    result = _invoke("attention", store, "--out", str(out1), "--epochs", "1", "--preset", "tiny", "--quiet",
-                     "--lr", "0.02")
+    result = _invoke(
+        "attention", store, "--out", str(out1), "--epochs", "1", "--preset", "tiny", "--quiet", "--lr", "0.02"
+    )
     assert result.exit_code == 0, result.output
     doc = _results(out1)
     assert doc["config"]["lr"] == 0.02 and "lr_sweep" not in doc

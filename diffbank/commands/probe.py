@@ -7,6 +7,8 @@ from typing import Any
 
 import click
 
+from probe.recipe import RECIPES  # declarations only (no torch): the defaults shown in --help come from here
+
 SUBSET_HELP = "label subset of train: 1%, 10% (stratified) or K-shot, e.g. 5-shot (seeded)"
 
 
@@ -14,39 +16,97 @@ def _common(func: Callable[..., Any]) -> Callable[..., Any]:
     """Options every probe command takes (applied bottom-up, so listed here in reverse help order)."""
     options = [
         click.argument("store"),
-        click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
-                     help="directory for results.json, weights and checkpoints (a rerun resumes)"),
-        click.option("--feature", "features", multiple=True,
-                     help="feature name (repeatable); default: the paper's choice or the nearest available"),
+        click.option(
+            "--out",
+            "out_dir",
+            required=True,
+            type=click.Path(file_okay=False),
+            help="directory for results.json, weights and checkpoints (a rerun resumes)",
+        ),
+        click.option(
+            "--feature",
+            "features",
+            multiple=True,
+            help="feature name (repeatable); default: the paper's choice or the nearest available",
+        ),
         click.option("--seed", default=0, show_default=True, type=int, help="seed of splits, subsets, order, init"),
         click.option("--subset", default=None, help=SUBSET_HELP),
-        click.option("--val-fraction", default=0.1, show_default=True, type=float,
-                     help="validation fraction carved from train when the store has no validation split"),
-        click.option("--standardize", type=click.Choice(["dim", "channel", "none"]), default=None,
-                     help="train-split standardisation (default: dim for linear heads, channel for attention)"),
-        click.option("--memory-budget", default=None,
-                     help="features up to this size are loaded into memory, larger ones streamed "
-                          "(bytes, 2GiB, 25%; default 25% of RAM)"),
+        click.option(
+            "--val-fraction",
+            default=0.1,
+            show_default=True,
+            type=float,
+            help="validation fraction carved from train when the store has no validation split",
+        ),
+        click.option(
+            "--standardize",
+            type=click.Choice(["dim", "channel", "none"]),
+            default=None,
+            help="train-split standardisation (default: the recipe's for trained heads: diffbank = dim "
+            "for linear heads, channel for attention/fusion, paper = none; dim for logistic/knn)",
+        ),
+        click.option(
+            "--memory-budget",
+            default=None,
+            help="features up to this size are loaded into memory, larger ones streamed "
+            "(bytes, 2GiB, 25%; default 25% of RAM)",
+        ),
     ]
     for option in reversed(options):
         func = option(func)
     return func
 
 
+def _recipe_value(field: str, head: str = "linear") -> str:
+    values = {f"{name}: {recipe[head][field]}" for name, recipe in RECIPES.items()}
+    return (
+        f"[recipe: {RECIPES['diffbank'][head][field]}]"
+        if len({v.split(": ")[1] for v in values}) == 1
+        else "[recipe: " + "; ".join(sorted(values)) + "]"
+    )
+
+
 def _training(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Options of the trained heads. Settings left out take the recipe's value; given ones override it."""
     options = [
-        click.option("--epochs", default=28, show_default=True, type=int),
-        click.option("--batch-size", default=128, show_default=True, type=int),
+        click.option(
+            "--recipe",
+            type=click.Choice(["diffbank", "paper"]),
+            default="diffbank",
+            show_default=True,
+            help="named training recipe (probe/recipe.py): paper = the public code's protocol (raw "
+            "features, last epoch kept); diffbank = the same optimiser on standardised features, "
+            "best validation epoch kept. Options below override single settings; the full recipe "
+            "and the overrides are recorded in results.json",
+        ),
+        click.option("--epochs", default=None, type=click.IntRange(min=1), help=_recipe_value("epochs")),
+        click.option("--batch-size", default=None, type=click.IntRange(min=1), help=_recipe_value("batch_size")),
         click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda:0"),
         click.option("--quiet", is_flag=True, help="no per-epoch progress"),
-        click.option("--momentum", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True),
-                     help="SGD momentum"),
-        click.option("--weight-decay", default=0.0, show_default=True, type=click.FloatRange(min=0),
-                     help="SGD weight decay"),
-        click.option("--step-size", default=7, show_default=True, type=click.IntRange(min=1),
-                     help="StepLR: epochs between lr decays"),
-        click.option("--gamma", default=0.1, show_default=True, type=click.FloatRange(0, 1, min_open=True),
-                     help="StepLR: lr factor at each decay"),
+        click.option(
+            "--momentum",
+            default=None,
+            type=click.FloatRange(0, 1, max_open=True),
+            help="SGD momentum " + _recipe_value("momentum"),
+        ),
+        click.option(
+            "--weight-decay",
+            default=None,
+            type=click.FloatRange(min=0),
+            help="SGD weight decay " + _recipe_value("weight_decay"),
+        ),
+        click.option(
+            "--step-size",
+            default=None,
+            type=click.IntRange(min=1),
+            help="StepLR: epochs between lr decays " + _recipe_value("step_size"),
+        ),
+        click.option(
+            "--gamma",
+            default=None,
+            type=click.FloatRange(0, 1, min_open=True),
+            help="StepLR: lr factor at each decay " + _recipe_value("gamma"),
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -55,11 +115,17 @@ def _training(func: Callable[..., Any]) -> Callable[..., Any]:
 
 def _transformer(func: Callable[..., Any]) -> Callable[..., Any]:
     """Options of the transformer heads (attention, fusion): the paper's lr 5e-2 and a size preset."""
-    func = click.option("--preset", type=click.Choice(["tiny", "small", "paper"]), default="small",
-                        show_default=True)(func)
-    return click.option("--lr", "lr", multiple=True, type=float,
-                        help="learning rate (default 5e-2); repeat it to train one head per lr in one pass "
-                             "and keep the one best on validation")(func)
+    func = click.option("--preset", type=click.Choice(["tiny", "small", "paper"]), default="small", show_default=True)(
+        func
+    )
+    return click.option(
+        "--lr",
+        "lr",
+        multiple=True,
+        type=float,
+        help="learning rate " + _recipe_value("lr", "attention") + "; repeat it to train one head per lr in one pass "
+        "and keep the one best on validation",
+    )(func)
 
 
 def _lr_values(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -73,7 +139,10 @@ def _lr_values(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run(name: str, **kwargs: Any) -> None:
-    """Call `probe.api.run_<name>` and print its table; known input problems become clean CLI errors."""
+    """Call `probe.api.run_<name>` and print its table; known input problems become clean CLI errors.
+
+    The table is the command's output (stdout); status goes through `logging`.
+    """
     from probe import api
     from probe.data import ProbeDataError
     from probe.report import render
@@ -91,9 +160,16 @@ def _run(name: str, **kwargs: Any) -> None:
     if results.get("lr_sweep"):
         from probe.report import format_table
 
-        rows = [{"lr": r["lr"], "best epoch": r["best_epoch"], "val top1": r["val_accuracy"],
-                 "test top1": r["test_accuracy"], "selected": "*" if r["selected"] else ""}
-                for r in results["lr_sweep"]]
+        rows = [
+            {
+                "lr": r["lr"],
+                "best epoch": r["best_epoch"],
+                "val top1": r["val_accuracy"],
+                "test top1": r["test_accuracy"],
+                "selected": "*" if r["selected"] else "",
+            }
+            for r in results["lr_sweep"]
+        ]
         click.echo("\n" + format_table(rows, title=f"{name}: lr on validation", percent=("val top1", "test top1")))
     click.echo(f"\nresults: {kwargs['out_dir']}/results.json")
 
@@ -112,7 +188,7 @@ def probe_command() -> None:
 @probe_command.command("linear")
 @_common
 @_training
-@click.option("--lr", default=1e-2, show_default=True, type=float)
+@click.option("--lr", default=None, type=float, help="learning rate " + _recipe_value("lr"))
 @click.option("--batchnorm", is_flag=True, help="parameter-free BatchNorm before the linear layer (MAE-style)")
 def linear(**kwargs: Any) -> None:
     """The paper's linear head on one feature (default t090_b24_avg2)."""
@@ -139,7 +215,9 @@ def fusion(**kwargs: Any) -> None:
 
 @probe_command.command("logistic")
 @_common
-@click.option("--c", "cs", multiple=True, type=float, help="C values (repeatable; default DINOv2's 45 from 1e-6 to 1e5)")
+@click.option(
+    "--c", "cs", multiple=True, type=float, help="C values (repeatable; default DINOv2's 45 from 1e-6 to 1e5)"
+)
 @click.option("--max-iter", default=1000, show_default=True, type=int)
 def logistic(**kwargs: Any) -> None:
     """Logistic regression (lbfgs) with C selected on validation, refit on train+val."""
@@ -165,7 +243,9 @@ def knn(**kwargs: Any) -> None:
 @probe_command.command("sweep")
 @_common
 @_training
-@click.option("--lr", "lrs", multiple=True, type=float, help="learning rates (repeatable; default 1e-3, 1e-2, 1e-1)")
+@click.option(
+    "--lr", "lrs", multiple=True, type=float, help="learning rates (repeatable) " + _recipe_value("lrs", "sweep")
+)
 def sweep(**kwargs: Any) -> None:
     """Linear heads for every (t, block, pooling) x lr in one pass; heat map over t x block."""
     if not kwargs["lrs"]:

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from probe.heads import DifFormerHead, LinearHead, seeded_init
-from probe.train import ArrayStream, BatchStream, evaluate, train, train_many
+from probe.recipe import Recipe
+from probe.stream import ArrayStream, BatchStream
+from probe.trainer import build_optimizer, evaluate, train, train_many
 
 
 def subspace_classes(n: int, seed: int, dim: int = 64, informative: int = 3, num_classes: int = 3):
@@ -113,12 +115,19 @@ def test_linear_head_learns_a_buried_subspace_and_shuffled_labels_do_not(data) -
     assert control.test_accuracy < 0.5
 
 
-def test_paper_recipe_defaults() -> None:
-    import inspect
-
-    sig = inspect.signature(train_many).parameters
-    assert (sig["epochs"].default, sig["step_size"].default, sig["gamma"].default) == (28, 7, 0.1)
-    assert (sig["momentum"].default, sig["weight_decay"].default) == (0.0, 0.0)
+def test_paper_recipe_defaults(data) -> None:
+    recipe = Recipe()  # the one place the defaults are declared
+    assert (recipe.epochs, recipe.step_size, recipe.gamma) == (28, 7, 0.1)
+    assert (recipe.momentum, recipe.weight_decay) == (0.0, 0.0)
+    # ... and what the trainer builds from it
+    optimizer, scheduler = build_optimizer([linear(), linear(1)], [0.01, 0.1], recipe)
+    assert [(g["lr"], g["momentum"], g["weight_decay"]) for g in optimizer.param_groups] == [
+        (0.01, 0.0, 0.0),
+        (0.1, 0.0, 0.0),
+    ]
+    assert (scheduler.step_size, scheduler.gamma) == (7, 0.1)
+    train_s, _, _ = streams(data)
+    assert len(train(linear(), train_s, lr=0.05, progress=False).history) == 28
 
 
 def test_learning_rate_steps_down_by_gamma(data) -> None:
@@ -145,8 +154,17 @@ def test_many_heads_in_one_pass_equal_separate_runs(data) -> None:
     build = lambda: {k: linear(i, 64 if k[0] == "f" else 32) for i, k in enumerate(keys)}  # noqa: E731
     train_s, val_s, test_s = streams(data, features=features)
     together = build()
-    sweep = train_many(together, {k: k[0] for k in keys}, train_s, val_s, test_s,
-                       lrs={k: k[1] for k in keys}, epochs=3, step_size=2, progress=False)
+    sweep = train_many(
+        together,
+        {k: k[0] for k in keys},
+        train_s,
+        val_s,
+        test_s,
+        lrs={k: k[1] for k in keys},
+        epochs=3,
+        step_size=2,
+        progress=False,
+    )
     for k in keys:
         alone = build()[k]
         train_s, val_s, test_s = streams(data, features={k[0]: features[k[0]]})
@@ -177,8 +195,11 @@ def test_fused_linear_heads_equal_separate_runs(data, momentum, weight_decay) ->
         assert states_close(alone, fused[k]), k
         assert states_equal(unfused[k], alone), k  # fuse=False is the per-head path, bit for bit
         assert_same_history(single.history, sweep.heads[k].history)
-        assert (single.best_epoch, single.val_accuracy, single.test_accuracy) == \
-            (sweep.heads[k].best_epoch, sweep.heads[k].val_accuracy, sweep.heads[k].test_accuracy)
+        assert (single.best_epoch, single.val_accuracy, single.test_accuracy) == (
+            sweep.heads[k].best_epoch,
+            sweep.heads[k].val_accuracy,
+            sweep.heads[k].test_accuracy,
+        )
         assert single.val_loss == pytest.approx(sweep.heads[k].val_loss, rel=1e-5)
         assert type(fused[k]) is LinearHead and fused[k].linear.weight.requires_grad
     assert sweep.best == plain.best and sweep.best_per_input == plain.best_per_input
@@ -197,8 +218,14 @@ def test_fused_heads_resume_from_checkpoint(data, tmp_path) -> None:
     ref = train_many(reference, {k: "f" for k in lrs}, *streams(data), **kwargs)
 
     with pytest.raises(Interrupt):
-        train_many({k: linear(i) for i, k in enumerate(lrs)}, {k: "f" for k in lrs}, *streams(data),
-                   checkpoint_dir=tmp_path, on_epoch_end=stop_after_two, **kwargs)
+        train_many(
+            {k: linear(i) for i, k in enumerate(lrs)},
+            {k: "f" for k in lrs},
+            *streams(data),
+            checkpoint_dir=tmp_path,
+            on_epoch_end=stop_after_two,
+            **kwargs,
+        )
     resumed = {k: linear(7) for k in lrs}  # other weights: the checkpoint must override them
     out = train_many(resumed, {k: "f" for k in lrs}, *streams(data), checkpoint_dir=tmp_path, resume=True, **kwargs)
     for k in lrs:
@@ -206,11 +233,18 @@ def test_fused_heads_resume_from_checkpoint(data, tmp_path) -> None:
         assert out.heads[k].history == ref.heads[k].history and out.heads[k].best_epoch == ref.heads[k].best_epoch
     # A checkpoint of fused heads resumes on the per-head path too (same format): same result to rounding.
     with pytest.raises(Interrupt):
-        train_many({k: linear(i) for i, k in enumerate(lrs)}, {k: "f" for k in lrs}, *streams(data),
-                   checkpoint_dir=tmp_path / "x", on_epoch_end=stop_after_two, **kwargs)
+        train_many(
+            {k: linear(i) for i, k in enumerate(lrs)},
+            {k: "f" for k in lrs},
+            *streams(data),
+            checkpoint_dir=tmp_path / "x",
+            on_epoch_end=stop_after_two,
+            **kwargs,
+        )
     mixed = {k: linear(7) for k in lrs}
-    train_many(mixed, {k: "f" for k in lrs}, *streams(data), checkpoint_dir=tmp_path / "x", resume=True, fuse=False,
-               **kwargs)
+    train_many(
+        mixed, {k: "f" for k in lrs}, *streams(data), checkpoint_dir=tmp_path / "x", resume=True, fuse=False, **kwargs
+    )
     assert all(states_close(mixed[k], reference[k]) for k in lrs)
 
 
@@ -223,7 +257,10 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(data, tmp_path) -> None
     with pytest.raises(Interrupt):
         train(linear(), train_s, val_s, checkpoint_dir=tmp_path, on_epoch_end=stop_after_two, **kwargs)
     meta = json.loads((tmp_path / "state.json").read_text())
-    assert meta["epochs_done"] == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["state-0002.safetensors", "state.json"]
+    assert meta["epochs_done"] == 2 and sorted(p.name for p in tmp_path.iterdir()) == [
+        "state-0002.safetensors",
+        "state.json",
+    ]
 
     resumed_head = linear(seed=7)  # a different init: the checkpoint must override it
     resumed = train(resumed_head, train_s, val_s, checkpoint_dir=tmp_path, resume=True, **kwargs)
@@ -240,8 +277,9 @@ def test_diverging_head_is_stopped_without_stopping_the_sweep(data) -> None:
     train_s, val_s, _ = streams(data)
     x, *_ = data
     heads = {"ok": linear(), "wild": linear()}
-    sweep = train_many(heads, {"ok": "f", "wild": "f"}, train_s, val_s, lrs={"ok": 0.05, "wild": 1e38},
-                       epochs=3, progress=False)
+    sweep = train_many(
+        heads, {"ok": "f", "wild": "f"}, train_s, val_s, lrs={"ok": 0.05, "wild": 1e38}, epochs=3, progress=False
+    )
     assert sweep.heads["wild"].diverged and not sweep.heads["ok"].diverged
     assert sweep.best == "ok"
     assert sweep.heads["ok"].val_accuracy > 0.8
@@ -249,14 +287,26 @@ def test_diverging_head_is_stopped_without_stopping_the_sweep(data) -> None:
 
 def test_difformer_trains_on_dict_inputs(data) -> None:
     x, y, xv, yv, xt, yt = data
+
     # Two timesteps x one block; the class signal lives in t=150 only.
-    maps = lambda a, t: (a[:, :16] if t == 150 else np.random.default_rng(t).normal(size=(len(a), 16))).reshape(-1, 4, 2, 2)  # noqa: E731
+    def maps(a, t):
+        signal = a[:, :16] if t == 150 else np.random.default_rng(t).normal(size=(len(a), 16))
+        return signal.reshape(-1, 4, 2, 2)
+
     names = {(90, 24): "t090_b24", (150, 24): "t150_b24"}
     make = lambda a, yy, **kw: ArrayStream({n: maps(a, t) for (t, _), n in names.items()}, yy, **kw)  # noqa: E731
     with seeded_init(0):
         head = DifFormerHead({24: (4, 2, 2)}, [90, 150], 3, dim=16, heads=2, depth=1)
-    result = train(head, make(x, y, batch_size=64), make(xv, yv, batch_size=256, shuffle=False),
-                   input=names, lr=0.05, momentum=0.9, epochs=4, progress=False)
+    result = train(
+        head,
+        make(x, y, batch_size=64),
+        make(xv, yv, batch_size=256, shuffle=False),
+        input=names,
+        lr=0.05,
+        momentum=0.9,
+        epochs=4,
+        progress=False,
+    )
     assert result.val_accuracy > 0.6 and not result.diverged
 
 
@@ -284,9 +334,30 @@ def test_bad_parameters_are_named(data) -> None:
         train(linear(), two, progress=False)
 
 
-def test_progress_line_can_be_silenced(data, capsys) -> None:
+def test_progress_line_can_be_silenced(data, capsys, caplog) -> None:
     train_s, val_s, _ = streams(data)
+    caplog.set_level("INFO", logger="probe.trainer")
     train(linear(), train_s, val_s, lr=0.05, epochs=1, progress=False)
-    assert capsys.readouterr().err == ""
+    assert capsys.readouterr().err == "" and not caplog.records
     train(linear(), train_s, val_s, lr=0.05, epochs=1, progress=True)
-    assert "epoch 1/1" in capsys.readouterr().err
+    assert "epoch 1/1" in caplog.text  # status goes through logging (the CLI's -v/-q set its level)
+
+
+def test_checkpoint_of_the_earlier_trainer_resumes(data, tmp_path) -> None:
+    # tests/data/probe_checkpoint_v1: the per-head-optimizer trainer's format (diffbank.probe.train/1), written
+    # by it for these heads and data, interrupted after 2 of 5 epochs.
+    import shutil
+    from pathlib import Path
+
+    lrs = {"a": 0.01, "b": 0.1, "c": 0.05}
+    kwargs = dict(lrs=lrs, momentum=0.9, weight_decay=1e-4, epochs=5, step_size=2, progress=False)
+    reference = {k: linear(i) for i, k in enumerate(lrs)}
+    ref = train_many(reference, {k: "f" for k in lrs}, *streams(data)[:2], **kwargs)
+    shutil.copytree(Path(__file__).parent / "data" / "probe_checkpoint_v1", tmp_path / "ckpt")
+    resumed = {k: linear(7) for k in lrs}
+    out = train_many(
+        resumed, {k: "f" for k in lrs}, *streams(data)[:2], checkpoint_dir=tmp_path / "ckpt", resume=True, **kwargs
+    )
+    for k in lrs:
+        assert states_equal(resumed[k], reference[k]), k
+        assert out.heads[k].history == ref.heads[k].history and out.heads[k].best_epoch == ref.heads[k].best_epoch

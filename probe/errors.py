@@ -1,0 +1,9 @@
+"""The probe's input errors: each message says what is wrong and what to do."""
+
+from __future__ import annotations
+
+__all__ = ["ProbeDataError"]
+
+
+class ProbeDataError(ValueError):
+    """The store or the request cannot give a sound probe dataset; the message says why and what to do."""

@@ -1,0 +1,186 @@
+"""Heads applied to batches: what a head reads, linear heads fused into one matmul, evaluation, prediction.
+
+A head reads one feature (`InputSpec` = its name; the head gets a tensor) or several ({input key: feature
+name}; the head gets a dict, e.g. DifFormerHead's {(t, block): tensor}).
+
+Fusion: plain `LinearHead`s that read the same feature (one feature at several lrs, as in a sweep) compute
+their logits with one matmul over their concatenated weights. Autograd hands each head's own parameters their
+own gradient slice, so training them this way only changes the float rounding of the shared matmul (about
+1e-7 relative), never which gradient a head gets.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .heads import LinearHead
+from .stream import BatchStream
+
+__all__ = [
+    "InputSpec",
+    "input_label",
+    "feature_names",
+    "gather",
+    "fusable_groups",
+    "LinearGroup",
+    "evaluate",
+    "predict_logits",
+]
+
+K = TypeVar("K", bound=Hashable)
+InputSpec = str | Mapping[Hashable, str]
+
+
+def input_label(spec: InputSpec) -> str:
+    return spec if isinstance(spec, str) else "+".join(sorted(set(spec.values())))
+
+
+def feature_names(spec: InputSpec) -> list[str]:
+    return [spec] if isinstance(spec, str) else list(spec.values())
+
+
+def gather(spec: InputSpec, feats: Mapping[str, torch.Tensor]) -> torch.Tensor | dict[Hashable, torch.Tensor]:
+    if isinstance(spec, str):
+        return feats[spec]
+    return {k: feats[name] for k, name in spec.items()}
+
+
+def _fusion_key(head: nn.Module, spec: InputSpec) -> tuple[Any, ...] | None:
+    """Heads with equal keys can share one matmul; None: this head cannot.
+
+    Only plain `LinearHead`s without BatchNorm that read one feature qualify; subclasses, other heads and dict
+    inputs take the ordinary per-head path.
+    """
+    if type(head) is not LinearHead or not isinstance(head.norm, nn.Identity) or not isinstance(spec, str):
+        return None
+    w, b = head.linear.weight, head.linear.bias
+    if b is None or b.dtype != w.dtype or b.device != w.device:
+        return None
+    return (spec, w.shape[0], w.shape[1], w.dtype, w.device)
+
+
+def fusable_groups(items: Sequence[tuple[Any, nn.Module, InputSpec]]) -> tuple[list[list[Any]], list[Any]]:
+    """Split (tag, head, spec) triples into groups of >= 2 fusable heads (tags, in order) and the rest."""
+    groups: dict[tuple[Any, ...], list[Any]] = {}
+    rest: list[Any] = []
+    for tag, head, spec in items:
+        key = _fusion_key(head, spec)
+        if key is None:
+            rest.append(tag)
+        else:
+            groups.setdefault(key, []).append(tag)
+    fused = [g for g in groups.values() if len(g) >= 2]
+    rest += [g[0] for g in groups.values() if len(g) == 1]
+    return fused, rest
+
+
+class LinearGroup:
+    """H `LinearHead`s on one feature as one (H*K, D) matmul; gradients flow back to each head's own weights."""
+
+    def __init__(self, heads: Sequence[LinearHead], spec: str) -> None:
+        self.spec = spec
+        self.heads = list(heads)
+        self.num_heads = len(self.heads)
+        self.classes = self.heads[0].linear.out_features
+        self.in_features = self.heads[0].linear.in_features
+        self.in_shape = self.heads[0].in_shape
+        self.weights = [h.linear.weight for h in self.heads]
+        self.biases = [h.linear.bias for h in self.heads]
+        self._fixed: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def frozen(self) -> LinearGroup:
+        """Concatenate the weights once, for evaluation (weights fixed, no gradient)."""
+        self._fixed = (torch.cat(self.biases).detach(), torch.cat(self.weights).detach().t())
+        return self
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 2 or math.prod(x.shape[1:]) != self.in_features:
+            raise ValueError(f"LinearHead expects inputs of shape (N, {self.in_shape}), got {tuple(x.shape)}")
+        bias, weight_t = (
+            self._fixed if self._fixed is not None else (torch.cat(self.biases), torch.cat(self.weights).t())
+        )
+        return torch.addmm(bias, x.flatten(1), weight_t)
+
+    def per_head_ce(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """(B, H*K) logits -> (B, H) cross-entropy of every sample under every head."""
+        n, h = int(y.shape[0]), self.num_heads
+        targets = y.unsqueeze(1).expand(n, h).reshape(-1)
+        return F.cross_entropy(logits.reshape(n * h, self.classes), targets, reduction="none").view(n, h)
+
+    def correct(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """(H,) number of samples each head classifies correctly."""
+        n = int(y.shape[0])
+        return (logits.view(n, self.num_heads, self.classes).argmax(2) == y.unsqueeze(1)).sum(0)
+
+
+@torch.no_grad()
+def evaluate(
+    heads: Mapping[K, nn.Module],
+    inputs_of: Mapping[K, InputSpec],
+    stream: BatchStream,
+    device: str | torch.device = "cpu",
+    *,
+    fuse: bool = True,
+) -> dict[K, tuple[float, float]]:
+    """Mean cross-entropy and accuracy of every head on one pass over `stream`: {key: (loss, accuracy)}.
+
+    With `fuse`, linear heads on the same feature are evaluated together, with one matmul per batch.
+    """
+    device = torch.device(device)
+    was_training = {k: h.training for k, h in heads.items()}
+    for h in heads.values():
+        h.eval()
+    names = sorted({n for k in heads for n in feature_names(inputs_of[k])})
+    groups, single = fusable_groups([(k, h, inputs_of[k]) for k, h in heads.items()]) if fuse else ([], list(heads))
+    banks = [(g, LinearGroup([heads[k] for k in g], inputs_of[g[0]]).frozen()) for g in groups]  # type: ignore[misc]
+    bank_loss = [torch.zeros(len(g), dtype=torch.float64, device=device) for g, _ in banks]
+    bank_correct = [torch.zeros(len(g), dtype=torch.int64, device=device) for g, _ in banks]
+    loss_sum = {k: torch.zeros((), dtype=torch.float64, device=device) for k in single}
+    correct = {k: torch.zeros((), dtype=torch.int64, device=device) for k in single}
+    count = 0
+    stream.set_epoch(0)
+    for xs, y in stream:
+        y = y.to(device)
+        feats = {n: xs[n].to(device) for n in names}
+        for i, (_, bank) in enumerate(banks):
+            logits = bank.logits(feats[bank.spec])
+            bank_loss[i] += bank.per_head_ce(logits.float(), y).sum(0).double()
+            bank_correct[i] += bank.correct(logits, y)
+        for k in single:
+            logits = heads[k](gather(inputs_of[k], feats))
+            loss_sum[k] += F.cross_entropy(logits.float(), y, reduction="sum").double()
+            correct[k] += (logits.argmax(1) == y).sum()
+        count += int(y.shape[0])
+    for k, h in heads.items():
+        h.train(was_training[k])
+    if count == 0:
+        raise ValueError("evaluation stream yielded no samples")
+    for (g, _), ls, cs in zip(banks, bank_loss, bank_correct):
+        for j, k in enumerate(g):
+            loss_sum[k], correct[k] = ls[j], cs[j]
+    return {k: (float(loss_sum[k]) / count, int(correct[k]) / count) for k in heads}
+
+
+@torch.no_grad()
+def predict_logits(
+    head: nn.Module, stream: BatchStream, input: InputSpec, device: str | torch.device = "cpu"
+) -> torch.Tensor:
+    """Logits of `head` over one pass of `stream` (in stream order), as a CPU float32 tensor."""
+    device = torch.device(device)
+    was_training = head.training
+    head.eval()
+    stream.set_epoch(0)
+    out = []
+    for xs, _ in stream:
+        feats = {n: xs[n].to(device) for n in feature_names(input)}
+        out.append(head(gather(input, feats)).float().cpu())
+    head.train(was_training)
+    if not out:
+        raise ValueError("stream yielded no samples")
+    return torch.cat(out)

@@ -1,0 +1,104 @@
+"""How a probe is scored and how one candidate is chosen over another.
+
+- `classification_metrics`: top-1, top-5, per-class accuracy, mean per-class accuracy and the confusion
+  matrix of one evaluation, computed by `sklearn.metrics`.
+- `selection_rank` / `select_best`: THE selection rule, used for a head's epochs, a sweep's heads, the best
+  head per feature and the heat map's selected cell alike: the highest validation top-1, then the lowest
+  validation loss, then the earliest candidate (the caller's order).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
+
+import numpy as np
+from sklearn.metrics import confusion_matrix, recall_score, top_k_accuracy_score
+
+__all__ = ["classification_metrics", "selection_rank", "select_best"]
+
+T = TypeVar("T")
+
+
+def selection_rank(val_accuracy: float | None, val_loss: float | None = None) -> tuple[float, float]:
+    """Larger is better. A missing accuracy ranks below every measured one, a missing loss below every loss."""
+    return (
+        val_accuracy if val_accuracy is not None else -1.0,
+        -(val_loss if val_loss is not None and math.isfinite(val_loss) else math.inf),
+    )
+
+
+def select_best(candidates: Iterable[T], rank: Callable[[T], tuple[float, float]]) -> T | None:
+    """The candidate with the largest `rank`; the first one wins ties. None for no candidates."""
+    best: T | None = None
+    best_rank: tuple[float, float] | None = None
+    for c in candidates:
+        r = rank(c)
+        if best_rank is None or r > best_rank:
+            best, best_rank = c, r
+    return best
+
+
+def classification_metrics(
+    y_true: np.ndarray | Sequence[int],
+    scores: np.ndarray | None = None,
+    *,
+    y_pred: np.ndarray | None = None,
+    num_classes: int | None = None,
+    class_names: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Metrics of one evaluation from class scores (N, K) (logits, probabilities, votes) or predictions.
+
+    `top5` needs scores; with fewer than 5 classes it is top-K (then always 1.0) and says so in `top5_k`.
+    Per-class accuracy is recall per class; a class without samples gets `None` (JSON null), not 0.
+    """
+    y_true = np.asarray(y_true, dtype=np.int64)
+    if scores is not None:
+        scores = np.asarray(scores)
+        if scores.ndim != 2 or len(scores) != len(y_true):
+            raise ValueError(f"scores must be (N, classes) with N={len(y_true)}, got {scores.shape}")
+        num_classes = num_classes or scores.shape[1]
+        y_pred = np.argmax(scores, axis=1)  # ties go to the lowest class index
+    elif y_pred is None:
+        raise ValueError("give scores or y_pred")
+    y_pred = np.asarray(y_pred, dtype=np.int64)
+    if num_classes is None:
+        num_classes = int(max(y_true.max(initial=-1), y_pred.max(initial=-1))) + 1
+    if len(y_true) == 0:
+        raise ValueError("no samples to evaluate")
+    labels = np.arange(num_classes)
+    cm = confusion_matrix(y_true, y_pred, labels=labels)
+    support = cm.sum(axis=1)
+    recall = recall_score(y_true, y_pred, labels=labels, average=None, zero_division=np.nan)
+    per_class = [float(r) if s else None for r, s in zip(recall, support)]
+    present = [a for a in per_class if a is not None]
+    out: dict[str, Any] = {
+        "n": int(len(y_true)),
+        "top1": float(np.mean(y_pred == y_true)),
+        "top5": None,
+        "top5_k": None,
+        "mean_per_class_accuracy": float(np.mean(present)) if present else None,
+        "per_class_accuracy": per_class,
+        "support": support.tolist(),
+        "confusion_matrix": cm.tolist(),
+    }
+    if scores is not None:
+        k = min(5, scores.shape[1])
+        out["top5"] = _top_k(y_true, scores, k)
+        out["top5_k"] = k
+    if class_names is not None:
+        out["class_names"] = [str(c) for c in class_names]
+    return out
+
+
+def _top_k(y_true: np.ndarray, scores: np.ndarray, k: int) -> float:
+    if k >= scores.shape[1]:
+        return 1.0  # every class is among the top k
+    # Logistic scores hold -inf for classes absent from train; sklearn wants finite scores, and any finite
+    # value below the smallest real score ranks those classes last, as -inf does.
+    finite = np.isfinite(scores)
+    if not finite.all():
+        floor = float(scores[finite].min()) - 1.0 if finite.any() else 0.0
+        scores = np.where(finite, scores, floor)
+    return float(top_k_accuracy_score(y_true, scores, k=k, labels=np.arange(scores.shape[1])))

@@ -1,0 +1,290 @@
+"""Batches of cached features, in a seeded order: the interface every probe trains from.
+
+`BatchStream` is the protocol the trainer reads; `ArrayStream` serves numpy arrays from memory (tests and the
+scikit-learn estimators); `FeatureStream` serves a `probe.data.ProbeData` (a Zarr store), in memory or window
+by window.
+
+One function (`epoch_order`) fixes an epoch's order in both of FeatureStream's modes: shards in a seeded random
+order, grouped into windows of about `shuffle_buffer` bytes (the whole split when it is smaller), rows shuffled
+within each window. The window does not depend on the memory budget, so both modes yield bit-identical batches
+and a run is reproducible on any machine.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from probe.errors import ProbeDataError
+from probe.splits import KEY_ORDER, seeded_rng
+
+if TYPE_CHECKING:
+    from probe.data import ProbeData
+
+__all__ = ["BatchStream", "ArrayStream", "FeatureStream", "Window", "epoch_order"]
+
+
+@runtime_checkable
+class BatchStream(Protocol):
+    """One split of a cached dataset, served in batches.
+
+    - `num_samples`: the number of samples one full iteration yields.
+    - `set_epoch(epoch)`: fixes the order of the next iteration; a shuffling stream must give the same order for
+      the same (seed, epoch) (this is what makes runs reproducible and resumable), a non-shuffling one ignores it.
+    - `__iter__()`: yields `(xs, y)` with `xs: dict[str, torch.Tensor]` (feature name -> float32 CPU tensor,
+      batch first, e.g. (B, C, H, W) or (B, D)) and `y: torch.Tensor` int64 (B,), class indices 0..K-1.
+      Every batch carries the same feature names. Standardisation, if any, is the stream's job.
+    """
+
+    @property
+    def num_samples(self) -> int: ...
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+    def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]: ...
+
+
+class ArrayStream:
+    """In-memory `BatchStream` over numpy arrays.
+
+    `arrays` maps feature names to arrays sharing the first axis with `labels` (int class indices 0..K-1).
+    With `shuffle=True` the order of epoch e is a permutation drawn from a torch.Generator seeded from
+    (seed, e) alone, so it does not depend on how many epochs ran before (resume-safe).
+    """
+
+    def __init__(
+        self,
+        arrays: Mapping[str, np.ndarray],
+        labels: np.ndarray | Sequence[int],
+        batch_size: int = 128,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+    ) -> None:
+        if not arrays:
+            raise ValueError("arrays must hold at least one feature")
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        y = np.asarray(labels)
+        if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+            raise ValueError(
+                f"labels must be a 1-d integer array of class indices, got dtype {y.dtype}, shape {y.shape}"
+            )
+        if y.size and y.min() < 0:
+            raise ValueError("labels must be class indices >= 0")
+        self.arrays: dict[str, np.ndarray] = {}
+        for name, arr in arrays.items():
+            arr = np.asarray(arr)
+            if arr.ndim < 2 or arr.shape[0] != y.shape[0]:
+                raise ValueError(
+                    f"feature {name!r} has shape {arr.shape}; expected (N, ...) with N = {y.shape[0]} labels"
+                )
+            self.arrays[str(name)] = arr
+        self.labels = torch.from_numpy(y.astype(np.int64))
+        self.batch_size = batch_size
+        self.shuffle = bool(shuffle)
+        self.seed = int(seed)
+        self.drop_last = bool(drop_last)
+        self._epoch = 0
+
+    @property
+    def num_samples(self) -> int:
+        n = int(self.labels.shape[0])
+        return n - n % self.batch_size if self.drop_last else n
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        return tuple(self.arrays)
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch = int(epoch)
+
+    def __len__(self) -> int:
+        n = int(self.labels.shape[0])
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def _order(self) -> torch.Tensor | None:
+        if not self.shuffle:
+            return None
+        # SeedSequence mixes (seed, epoch) into well-separated streams; a torch.Generator draws the permutation.
+        state = int(np.random.SeedSequence([self.seed, self._epoch]).generate_state(1, dtype=np.uint64)[0] >> 1)
+        return torch.randperm(self.labels.shape[0], generator=torch.Generator().manual_seed(state))
+
+    def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        n = int(self.labels.shape[0])
+        order = self._order()
+        for start in range(0, n, self.batch_size):
+            stop = min(start + self.batch_size, n)
+            if self.drop_last and stop - start < self.batch_size:
+                break
+            if order is None:
+                xs = {k: _to_tensor(a[start:stop]) for k, a in self.arrays.items()}
+                yield xs, self.labels[start:stop]
+            else:
+                idx = order[start:stop]
+                idx_np = idx.numpy()
+                yield {k: _to_tensor(a[idx_np]) for k, a in self.arrays.items()}, self.labels[idx]
+
+
+def _to_tensor(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+
+
+@dataclass(frozen=True)
+class Window:
+    """A read unit of the stream: whole chunks (`chunks`, ascending) and the order of their split rows."""
+
+    chunks: tuple[int, ...]
+    order: np.ndarray
+
+
+def epoch_order(
+    rows: np.ndarray, chunk_rows: int, buffer_rows: int, seed: int, epoch: int, shuffle: bool
+) -> list[Window]:
+    """The order of one epoch over the (sorted) `rows`, as windows of whole chunks.
+
+    Shuffled: chunks in a random order (seeded by seed and epoch), grouped greedily into windows of at
+    least `buffer_rows` split rows, rows permuted within each window. Unshuffled: store order. Both the
+    in-memory and the streamed source consume this, which is what makes them yield identical batches.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    if len(rows) == 0:
+        return []
+    chunk_of = rows // chunk_rows
+    chunk_ids, starts = np.unique(chunk_of, return_index=True)
+    groups = np.split(rows, starts[1:])
+    rng = seeded_rng(seed, KEY_ORDER, epoch)
+    sequence = rng.permutation(len(groups)) if shuffle else np.arange(len(groups))
+    windows: list[Window] = []
+    pending: list[int] = []
+    count = 0
+    for g in sequence:
+        pending.append(int(g))
+        count += len(groups[g])
+        if count >= buffer_rows:
+            windows.append(_make_window(pending, chunk_ids, groups, rng, shuffle))
+            pending, count = [], 0
+    if pending:
+        windows.append(_make_window(pending, chunk_ids, groups, rng, shuffle))
+    return windows
+
+
+def _make_window(
+    members: list[int], chunk_ids: np.ndarray, groups: list[np.ndarray], rng: np.random.Generator, shuffle: bool
+) -> Window:
+    order = np.concatenate([groups[g] for g in members])
+    if shuffle:
+        order = order[rng.permutation(len(order))]
+    return Window(tuple(sorted(int(chunk_ids[g]) for g in members)), order)
+
+
+class FeatureStream:
+    """A `BatchStream`: `(xs: {name: float32 tensor (B, C, H, W)}, y: int64 tensor (B,))` batches of one split.
+
+    Backed either by in-memory standardised arrays or by the store itself (read window by window, the next
+    window prefetched in a thread while the current one is consumed). Call `set_epoch` before iterating
+    to get that epoch's order; the order depends on (seed, epoch) only.
+    """
+
+    def __init__(
+        self,
+        data: ProbeData,
+        split: str,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        buffer_rows: int | None = None,
+        drop_last: bool = False,
+        prefetch: bool = True,
+    ) -> None:
+        if batch_size < 1:
+            raise ProbeDataError(f"batch_size must be >= 1, got {batch_size}")
+        self._data = data
+        self.split = split
+        self.rows = data.rows(split)
+        self.batch_size = int(batch_size)
+        self.shuffle = bool(shuffle)
+        self.seed = int(seed)
+        self.drop_last = bool(drop_last)
+        self.prefetch = bool(prefetch)
+        self.buffer_rows = int(buffer_rows) if buffer_rows else data.default_buffer_rows()
+        self.epoch = 0
+
+    @property
+    def num_samples(self) -> int:
+        """Samples one full iteration yields (a dropped last partial batch is not counted)."""
+        n = len(self.rows)
+        return n - n % self.batch_size if self.drop_last else n
+
+    @property
+    def in_memory(self) -> bool:
+        return self._data.in_memory
+
+    def __len__(self) -> int:
+        n = self.num_samples
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def windows(self) -> list[Window]:
+        return epoch_order(self.rows, self._data.chunk_rows, self.buffer_rows, self.seed, self.epoch, self.shuffle)
+
+    def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        windows = self.windows()
+        if self._data.in_memory:
+            yield from self._memory_batches(windows)
+        else:
+            yield from self._batches(self._store_windows(windows))
+
+    def _memory_batches(self, windows: list[Window]) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        # Gather batch by batch from the resident arrays: no second copy of the split per epoch.
+        order = np.concatenate([w.order for w in windows]) if windows else np.empty(0, np.int64)
+        stop = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
+        arrays = self._data.memory_arrays()
+        for start in range(0, stop, self.batch_size):
+            idx = order[start : start + self.batch_size]
+            yield (
+                {n: torch.from_numpy(a[idx]) for n, a in arrays.items()},
+                torch.from_numpy(self._data.all_labels[idx]),
+            )
+
+    def _store_windows(self, windows: list[Window]) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
+        if not self.prefetch or len(windows) <= 1:
+            for w in windows:
+                yield self._data.read_window(w), self._data.all_labels[w.order]
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="probe-prefetch") as pool:
+            pending: Future | None = pool.submit(self._data.read_window, windows[0])
+            for i, w in enumerate(windows):
+                xs = pending.result()
+                pending = pool.submit(self._data.read_window, windows[i + 1]) if i + 1 < len(windows) else None
+                yield xs, self._data.all_labels[w.order]
+
+    def _batches(
+        self, source: Iterator[tuple[dict[str, np.ndarray], np.ndarray]]
+    ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        carry: tuple[dict[str, np.ndarray], np.ndarray] | None = None
+        bs = self.batch_size
+        for xs, y in source:
+            if carry is not None:  # a batch spanning two windows
+                xs = {n: np.concatenate([carry[0][n], xs[n]]) for n in xs}
+                y = np.concatenate([carry[1], y])
+            full = len(y) - len(y) % bs
+            for start in range(0, full, bs):
+                yield (
+                    {n: torch.from_numpy(np.ascontiguousarray(a[start : start + bs])) for n, a in xs.items()},
+                    torch.from_numpy(np.ascontiguousarray(y[start : start + bs])),
+                )
+            carry = ({n: a[full:] for n, a in xs.items()}, y[full:]) if full < len(y) else None
+        if carry is not None and not self.drop_last:
+            yield (
+                {n: torch.from_numpy(np.ascontiguousarray(a)) for n, a in carry[0].items()},
+                torch.from_numpy(np.ascontiguousarray(carry[1])),
+            )

@@ -1,0 +1,436 @@
+"""One training loop for probe heads: many heads per pass over the data (DINOv2's linear evaluation).
+
+The heads live in one `nn.ModuleDict` and train with ONE `torch.optim.SGD` holding a parameter group per head
+(each with its own lr) and ONE `StepLR`; every batch is read once, each feature moved to the device once, and
+the heads' losses are summed into one backward. Heads do not share parameters, so each head gets exactly the
+gradient it gets alone, and SGD updates every group as it would a single head's optimizer: a head trained
+with others ends exactly as it does trained alone.
+
+One shortcut, on by default (`fuse=True`): linear heads on one feature share one matmul
+(`probe.evaluation.LinearGroup`); each still gets its own gradient, so only float rounding can differ.
+
+Settings come from a `probe.recipe.Recipe` (validated there); `train`/`train_many` also take its fields as
+keyword overrides (`lr=0.05, momentum=0.9`). `recipe.keep` says which weights a head keeps: those of its best
+validation epoch (`"best"`: the highest validation accuracy, the earliest on ties) or of the last epoch (`"last"`, the paper's protocol, and what any head keeps without a validation stream).
+
+Determinism: the trainer draws no random numbers. A run is fixed by the heads' initial weights
+(`probe.heads.seeded_init`) and the stream's seed. Checkpoints (`checkpoint_dir`, `probe.checkpoint`) are
+written after every epoch; `resume=True` continues after the last completed epoch and ends
+with the same weights as an uninterrupted run. Status goes to `logging` (one line per epoch) and a tqdm bar.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from extract.statedir import has_state
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .evaluation import (
+    InputSpec,
+    LinearGroup,
+    evaluate,
+    feature_names,
+    fusable_groups,
+    gather,
+    input_label,
+    predict_logits,
+)
+from .metrics import select_best, selection_rank
+from .recipe import ProbeConfigError, Recipe, check_lr
+from .stream import BatchStream
+
+__all__ = ["HeadResult", "SweepResult", "train", "train_many", "evaluate", "predict_logits", "build_optimizer"]
+
+log = logging.getLogger(__name__)
+
+K = TypeVar("K", bound=Hashable)
+
+
+@dataclasses.dataclass
+class HeadResult:
+    """The outcome for one head. Epochs are 0-based; `best_epoch` is the epoch whose weights the head holds."""
+
+    key: Hashable
+    input: InputSpec
+    lr: float
+    epochs_trained: int
+    best_epoch: int | None
+    val_accuracy: float | None
+    val_loss: float | None
+    test_accuracy: float | None
+    test_loss: float | None
+    diverged: bool
+    history: list[dict[str, float | None]]
+
+
+@dataclasses.dataclass
+class SweepResult:
+    """Results of `train_many`: per head, plus the selection on validation (`probe.metrics.select_best`).
+
+    `best_per_input` maps each input (the feature name, or for dict inputs the sorted feature names joined by
+    "+") to the key of its best head (e.g. the best lr per feature); `best` is the best head overall. Both are
+    empty/None without a validation stream: selecting on test data would bias the reported test accuracy.
+    """
+
+    heads: dict[Hashable, HeadResult]
+    best_per_input: dict[str, Hashable]
+    best: Hashable | None
+    wall_time_s: float
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One flat dict per head (for tables and JSON)."""
+        return [
+            {
+                "key": r.key if isinstance(r.key, (str, int, float)) else repr(r.key),
+                "input": input_label(r.input),
+                "lr": r.lr,
+                "best_epoch": r.best_epoch,
+                "val_accuracy": r.val_accuracy,
+                "test_accuracy": r.test_accuracy,
+                "diverged": r.diverged,
+                "selected_for_input": self.best_per_input.get(input_label(r.input)) == r.key,
+            }
+            for r in self.heads.values()
+        ]
+
+
+def _has_batchnorm(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+def build_optimizer(
+    heads: Sequence[nn.Module], lrs: Sequence[float], recipe: Recipe
+) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.StepLR]:
+    """The optimizer and schedule of a run: SGD with one parameter group per head, one StepLR over all."""
+    groups = [{"params": list(h.parameters()), "lr": float(lr)} for h, lr in zip(heads, lrs)]
+    optimizer = torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=recipe.step_size, gamma=recipe.gamma)
+
+
+class _Head:
+    """Per-head bookkeeping: which weights to keep, the history, divergence."""
+
+    def __init__(self, key: Hashable, head: nn.Module, spec: InputSpec, lr: float, group: int) -> None:
+        self.key, self.head, self.spec, self.lr, self.group = key, head, spec, float(lr), group
+        self.needs_pairs = _has_batchnorm(head)
+        self.kept_epoch: int | None = None
+        self.kept_val: tuple[float | None, float | None] = (None, None)
+        self.kept_state: dict[str, torch.Tensor] | None = None
+        self.diverged = False
+        # A diverged head is no longer stepped; its history keeps the lr it last trained with.
+        self.frozen_lr: float | None = None
+        self.history: list[dict[str, float | None]] = []
+
+
+def _clone_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+# ------------------------------------------------------------------------------------------------- training
+
+
+def _resolve_single_input(stream: BatchStream) -> str:
+    for xs, _ in stream:
+        if len(xs) != 1:
+            raise ValueError(
+                f"the stream carries features {sorted(xs)}; pass input=<feature name> to say which one the head reads"
+            )
+        return next(iter(xs))
+    raise ValueError("training stream yielded no samples")
+
+
+def train(
+    head: nn.Module,
+    train_stream: BatchStream,
+    val_stream: BatchStream | None = None,
+    test_stream: BatchStream | None = None,
+    *,
+    input: InputSpec | None = None,
+    recipe: Recipe | None = None,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    device: str | torch.device = "cpu",
+    on_epoch_end: Callable[[int, Mapping[Hashable, dict[str, float | None]]], None] | None = None,
+    **settings: Any,
+) -> HeadResult:
+    """Train one head (see `train_many`; this is the one-head case). `input=None`: the stream's only feature.
+
+    `settings` override fields of `recipe` (default `Recipe()`), e.g. `lr=0.05, momentum=0.9`.
+    """
+    recipe = (recipe or Recipe()).replace(**settings)
+    if input is None:
+        input = _resolve_single_input(train_stream)
+    result = train_many(
+        {"head": head},
+        {"head": input},
+        train_stream,
+        val_stream,
+        test_stream,
+        recipe=recipe,
+        checkpoint_dir=checkpoint_dir,
+        resume=resume,
+        progress=progress,
+        device=device,
+        on_epoch_end=on_epoch_end,
+    )
+    return result.heads["head"]
+
+
+def train_many(
+    heads: Mapping[K, nn.Module],
+    inputs_of: Mapping[K, InputSpec],
+    train_stream: BatchStream,
+    val_stream: BatchStream | None = None,
+    test_stream: BatchStream | None = None,
+    *,
+    lrs: float | Mapping[K, float] | None = None,
+    recipe: Recipe | None = None,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    device: str | torch.device = "cpu",
+    on_epoch_end: Callable[[int, Mapping[K, dict[str, float | None]]], None] | None = None,
+    fuse: bool = True,
+    **settings: Any,
+) -> SweepResult:
+    """Train several heads in one pass over the data.
+
+    Each epoch reads every batch of `train_stream` once and takes one SGD step for all heads (lr per head
+    from `lrs`: one float for all, {key: lr}, or None for `recipe.lr`). After each epoch every head is
+    evaluated on `val_stream`; what a head keeps is `recipe.keep`'s rule. `test_stream` is evaluated once, at
+    the end, with the kept weights. The heads are trained in place (and moved to `device`).
+
+    A head whose training loss becomes non-finite (lr too high) is marked `diverged` and is not stepped again;
+    the others carry on. `on_epoch_end(epoch, {key: history row})` is called after each epoch (after the
+    checkpoint is written); an exception raised there stops training, which resumes cleanly.
+    `fuse=False` computes every head's logits on its own (see the module docstring).
+    """
+    started = time.perf_counter()
+    recipe = (recipe or Recipe()).replace(**settings)
+    if not heads:
+        raise ValueError("heads must hold at least one head")
+    missing = [k for k in heads if k not in inputs_of]
+    if missing:
+        raise ValueError(f"inputs_of has no entry for heads {missing!r}")
+    for k in heads:
+        spec = inputs_of[k]
+        if not isinstance(spec, str) and not (
+            isinstance(spec, Mapping) and spec and all(isinstance(v, str) for v in spec.values())
+        ):
+            raise ValueError(
+                f"inputs_of[{k!r}] must be a feature name or a non-empty {{input key: feature name}}, got {spec!r}"
+            )
+    if isinstance(lrs, Mapping):
+        absent = [k for k in heads if k not in lrs]
+        if absent:
+            raise ProbeConfigError(f"lrs has no learning rate for heads {absent!r}")
+        lr_of = {k: check_lr(f"lr of head {k!r}", lrs[k]) for k in heads}
+    else:
+        lr_of = {k: check_lr("lr", recipe.lr if lrs is None else lrs) for k in heads}
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume=True needs a checkpoint_dir")
+    device = torch.device(device)
+
+    bank = nn.ModuleDict({str(i): h for i, h in enumerate(heads.values())}).to(device)
+    runs = [_Head(k, h, inputs_of[k], lr_of[k], i) for i, (k, h) in enumerate(heads.items())]
+    optimizer, scheduler = build_optimizer(list(bank.values()), [r.lr for r in runs], recipe)
+    names = sorted({n for r in runs for n in feature_names(r.spec)})
+    config = {
+        "heads": [repr(r.key) for r in runs],
+        "inputs": [r.spec if isinstance(r.spec, str) else {repr(a): b for a, b in r.spec.items()} for r in runs],
+        "lrs": [r.lr for r in runs],
+        "step_size": recipe.step_size,
+        "gamma": recipe.gamma,
+        "momentum": recipe.momentum,
+        "weight_decay": recipe.weight_decay,
+        "keep": recipe.keep,
+    }
+
+    start_epoch = 0
+    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if ckpt is not None and has_state(ckpt):
+        if not resume:
+            raise FileExistsError(
+                f"{ckpt} already holds a checkpoint; pass resume=True to continue it or choose another checkpoint_dir"
+            )
+        start_epoch = load_checkpoint(ckpt, runs, optimizer, scheduler, config, device)
+
+    epochs = recipe.epochs
+    bar = tqdm(total=epochs, initial=start_epoch, desc="train", unit="epoch", disable=not progress, leave=False)
+    try:
+        for epoch in range(start_epoch, epochs):
+            t0 = time.perf_counter()
+            rows = _train_epoch(
+                epoch, runs, bank, optimizer, scheduler, train_stream, val_stream, names, device, fuse, recipe.keep
+            )
+            if ckpt is not None:
+                save_checkpoint(ckpt, runs, optimizer, scheduler, config, epoch + 1)
+            if progress:
+                summary = _epoch_summary(runs, rows)
+                log.info("epoch %d/%d | %s | %.1fs", epoch + 1, epochs, summary, time.perf_counter() - t0)
+                bar.set_postfix_str(summary, refresh=False)
+                bar.update(1)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, rows)
+    finally:
+        bar.close()
+
+    for r in runs:
+        if r.kept_state is not None:
+            r.head.load_state_dict(r.kept_state)
+    test = _evaluate_runs(runs, test_stream, device, fuse) if test_stream is not None else {}
+    results: dict[Hashable, HeadResult] = {}
+    for r in runs:
+        val_acc, val_loss = r.kept_val
+        results[r.key] = HeadResult(
+            key=r.key,
+            input=r.spec,
+            lr=r.lr,
+            epochs_trained=len(r.history),
+            best_epoch=r.kept_epoch,
+            val_accuracy=val_acc,
+            val_loss=val_loss,
+            test_accuracy=test[id(r)][1] if test else None,
+            test_loss=test[id(r)][0] if test else None,
+            diverged=r.diverged,
+            history=r.history,
+        )
+    best_per_input: dict[str, Hashable] = {}
+    best: Hashable | None = None
+    if val_stream is not None:
+
+        def rank(k: Hashable) -> tuple[float, float]:
+            return selection_rank(results[k].val_accuracy, results[k].val_loss)
+
+        by_input: dict[str, list[Hashable]] = {}
+        for r in runs:  # the caller's order decides ties
+            by_input.setdefault(input_label(r.spec), []).append(r.key)
+        best_per_input = {label: select_best(keys, rank) for label, keys in by_input.items()}
+        best = select_best([r.key for r in runs], rank)
+    return SweepResult(results, best_per_input, best, time.perf_counter() - started)
+
+
+def _train_epoch(
+    epoch: int,
+    runs: list[_Head],
+    bank: nn.ModuleDict,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    train_stream: BatchStream,
+    val_stream: BatchStream | None,
+    names: list[str],
+    device: torch.device,
+    fuse: bool,
+    keep: str,
+) -> dict[Hashable, dict[str, float | None]]:
+    """One pass over the training data, the scheduler step, validation and the keep rule; the history rows."""
+    active = [r for r in runs if not r.diverged]
+    bank.train()
+    groups, single = fusable_groups([(r, r.head, r.spec) for r in active]) if fuse else ([], active)
+    fused = [(g, LinearGroup([r.head for r in g], g[0].spec)) for g in groups]  # type: ignore[misc]
+    loss_sum = {id(r): torch.zeros((), dtype=torch.float64, device=device) for r in single}
+    correct = {id(r): torch.zeros((), dtype=torch.int64, device=device) for r in single}
+    seen = {id(r): 0 for r in active}
+    # A fused group's sums stay one (H,) tensor during the epoch: per-head bookkeeping per batch would cost
+    # more small ops than the heads' arithmetic.
+    group_loss = [torch.zeros(len(g), dtype=torch.float64, device=device) for g, _ in fused]
+    group_correct = [torch.zeros(len(g), dtype=torch.int64, device=device) for g, _ in fused]
+    group_seen = 0
+    train_stream.set_epoch(epoch)
+    for xs, y in train_stream:
+        y = y.to(device, non_blocking=True)
+        feats = {n: xs[n].to(device, non_blocking=True) for n in names}  # one copy per feature, shared
+        batch = int(y.shape[0])
+        optimizer.zero_grad(set_to_none=True)  # heads left out of this batch's loss then get no step
+        terms: list[torch.Tensor] = []
+        for i, (_, group) in enumerate(fused):
+            logits = group.logits(feats[group.spec])
+            ce = group.per_head_ce(logits, y)
+            # sum over heads of each head's mean: the gradient each head gets is its own mean CE's.
+            terms.append(ce.sum() / batch)
+            with torch.no_grad():
+                group_loss[i] += ce.detach().mean(0).double() * batch
+                group_correct[i] += group.correct(logits.detach(), y)
+        group_seen += batch
+        for r in single:
+            if r.needs_pairs and batch < 2:
+                continue  # BatchNorm cannot normalise a single sample in training mode
+            logits = r.head(gather(r.spec, feats))
+            loss = F.cross_entropy(logits, y)
+            terms.append(loss)
+            # Accumulated as tensors: no host sync per batch (matters on GPU).
+            loss_sum[id(r)] += loss.detach().double() * batch
+            correct[id(r)] += (logits.detach().argmax(1) == y).sum()
+            seen[id(r)] += batch
+        if terms:
+            torch.autograd.backward(terms)  # the gradient of their sum, without building the sum
+            optimizer.step()
+    for (g, _), losses, hits in zip(fused, group_loss, group_correct):
+        for j, r in enumerate(g):
+            loss_sum[id(r)], correct[id(r)], seen[id(r)] = losses[j], hits[j], group_seen
+    if not any(seen.values()) and active:
+        raise ValueError("training stream yielded no samples")
+    scheduler.step()
+    val = _evaluate_runs(runs, val_stream, device, fuse) if val_stream is not None else {}
+    rows: dict[Hashable, dict[str, float | None]] = {}
+    for r in runs:
+        lr_now = optimizer.param_groups[r.group]["lr"]
+        row: dict[str, float | None] = {"epoch": float(epoch), "lr": r.frozen_lr if r.diverged else lr_now}
+        if id(r) in seen and seen[id(r)]:
+            train_loss = float(loss_sum[id(r)]) / seen[id(r)]
+            row["train_accuracy"] = int(correct[id(r)]) / seen[id(r)]
+            if math.isfinite(train_loss):
+                row["train_loss"] = train_loss
+            else:
+                row["train_loss"] = None  # recorded as null (JSON has no NaN)
+                r.diverged, r.frozen_lr = True, lr_now  # its weights are garbage now; kept ones stay valid
+        else:
+            row["train_loss"] = row["train_accuracy"] = None
+        v_loss, v_acc = val.get(id(r), (None, None))
+        if val:
+            row["val_loss"], row["val_accuracy"] = v_loss, v_acc
+        if keep == "last" or not val:
+            # The head keeps its final weights: a diverged head's are garbage, so nothing is kept.
+            r.kept_epoch, r.kept_val = (None, (None, None)) if r.diverged else (epoch, (v_acc, v_loss))
+        elif not r.diverged and (r.kept_epoch is None or v_acc > r.kept_val[0]):
+            # Epochs rank by validation accuracy alone, the earliest on ties (a later epoch must beat it).
+            r.kept_epoch, r.kept_val, r.kept_state = epoch, (v_acc, v_loss), _clone_state(r.head)
+        row["diverged"] = float(r.diverged)
+        r.history.append(row)
+        rows[r.key] = row
+    return rows
+
+
+def _evaluate_runs(
+    runs: list[_Head], stream: BatchStream, device: torch.device, fuse: bool
+) -> dict[int, tuple[float, float]]:
+    return evaluate({id(r): r.head for r in runs}, {id(r): r.spec for r in runs}, stream, device, fuse=fuse)
+
+
+def _epoch_summary(runs: list[_Head], rows: Mapping[Any, dict[str, float | None]]) -> str:
+    parts = [f"{len(runs)} heads"] if len(runs) > 1 else []
+    losses = [row["train_loss"] for row in rows.values() if row.get("train_loss") is not None]
+    if losses:
+        parts.append(f"train loss {min(losses):.4f}" + (" (best head)" if len(runs) > 1 else ""))
+    vals = [(row["val_accuracy"], k) for k, row in rows.items() if row.get("val_accuracy") is not None]
+    if vals:
+        acc, k = max(vals, key=lambda v: v[0])
+        parts.append(f"val acc {acc:.4f}" + (f" ({k!r})" if len(runs) > 1 else ""))
+    diverged = sum(r.diverged for r in runs)
+    if diverged:
+        parts.append(f"{diverged} diverged")
+    return " | ".join(parts)

@@ -1,0 +1,28 @@
+"""probe/stats.py: standardisation statistics from the train rows only."""
+
+import numpy as np
+from probe_data_fixtures import FEAT, N, make_features
+
+from extract.store import save_features
+from probe.data import ProbeData
+
+
+def test_statistics_come_from_train_rows_only(tmp_path):
+    feats, y = make_features(np.random.default_rng(1))
+    feats[FEAT][90:] += 1000.0  # test rows far away: they must not move the statistics
+    store = save_features(
+        tmp_path / "s.zarr", feats, y, {"train": np.arange(90), "test": np.arange(90, N)}, shard_rows=16
+    )
+    data = ProbeData.from_store(store, [FEAT], seed=0)
+    train = feats[FEAT][data.rows("train")].astype(np.float64)
+    stats = data.stats(FEAT)
+    np.testing.assert_allclose(stats.mean, train.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(stats.std, train.std(0), rtol=1e-5)
+    x = data.arrays("train")[FEAT]
+    np.testing.assert_allclose(x.mean(0), 0, atol=1e-5)
+    np.testing.assert_allclose(x.std(0), 1, atol=1e-4)
+    assert data.arrays("test")[FEAT].mean() > 100  # test standardised with train statistics
+    # per-channel mode shares one mean per channel
+    chan = ProbeData.from_store(store, [FEAT], seed=0, standardize="channel").stats(FEAT)
+    assert chan.mean.shape == (3, 1, 1)
+    np.testing.assert_allclose(chan.mean.ravel(), train.mean((0, 2, 3)), rtol=1e-6)

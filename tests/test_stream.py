@@ -1,0 +1,59 @@
+"""probe/stream.py: epoch order; streamed batches equal in-memory ones."""
+
+import numpy as np
+import pytest
+import torch
+from probe_data_fixtures import FEAT, FLAT, write_store
+
+from extract.store import open_store
+from probe.data import ProbeData, epoch_order
+
+
+@pytest.fixture
+def store_path(tmp_path):
+    return write_store(tmp_path)
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_streamed_and_in_memory_give_identical_batches_and_statistics(store_path, shuffle):
+    # Two store objects: the statistics cache is per store object, so each mode computes its own.
+    mem = ProbeData.from_store(open_store(store_path), [FEAT, FLAT], seed=3, in_memory=True)
+    streamed = ProbeData.from_store(open_store(store_path), [FEAT, FLAT], seed=3, in_memory=False)
+    assert mem.in_memory and not streamed.in_memory
+    for name in (FEAT, FLAT):
+        assert np.array_equal(mem.stats(name).mean, streamed.stats(name).mean)
+        assert np.array_equal(mem.stats(name).std, streamed.stats(name).std)
+    orders = []
+    for epoch in (0, 1):
+        s1 = mem.stream("train", 13, shuffle=shuffle, buffer_rows=40)
+        s2 = streamed.stream("train", 13, shuffle=shuffle, buffer_rows=40)
+        s1.set_epoch(epoch)
+        s2.set_epoch(epoch)
+        b1, b2 = list(s1), list(s2)
+        assert len(b1) == len(b2) == len(s1) == -(-s1.num_samples // 13)
+        for (x1, y1), (x2, y2) in zip(b1, b2):
+            assert torch.equal(y1, y2)
+            assert all(torch.equal(x1[n], x2[n]) for n in (FEAT, FLAT))
+            assert x1[FEAT].dtype == torch.float32 and x1[FEAT].shape[1:] == (3, 2, 2)
+        orders.append(torch.cat([y for _, y in b1]))
+        assert sum(len(y) for _, y in b1) == s1.num_samples
+    assert shuffle != torch.equal(orders[0], orders[1])  # a new order each epoch, only when shuffling
+    for split in ("train", "val", "test"):
+        assert all(np.array_equal(mem.arrays(split)[n], streamed.arrays(split)[n]) for n in (FEAT, FLAT))
+    # default windows do not depend on the mode either
+    small = ProbeData.from_store(open_store(store_path), [FEAT], seed=3, in_memory=False, shuffle_buffer=600)
+    big = ProbeData.from_store(open_store(store_path), [FEAT], seed=3, in_memory=True, shuffle_buffer=600)
+    assert small.default_buffer_rows() == big.default_buffer_rows() == 16  # 600 B / 48 B rows, >= a shard
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(small.stream("train", 8), big.stream("train", 8)))
+
+
+def test_epoch_order_visits_each_row_once_and_is_seeded():
+    rows = np.sort(np.random.default_rng(0).choice(1000, 300, replace=False))
+    windows = epoch_order(rows, 64, 100, seed=5, epoch=2, shuffle=True)
+    order = np.concatenate([w.order for w in windows])
+    assert np.array_equal(np.sort(order), rows) and not np.array_equal(order, rows)
+    for w in windows:  # a window only holds rows of its own chunks
+        assert set(np.unique(w.order // 64)) == set(w.chunks)
+    again = np.concatenate([w.order for w in epoch_order(rows, 64, 100, seed=5, epoch=2, shuffle=True)])
+    other = np.concatenate([w.order for w in epoch_order(rows, 64, 100, seed=6, epoch=2, shuffle=True)])
+    assert np.array_equal(order, again) and not np.array_equal(order, other)
