@@ -60,7 +60,7 @@ SNAPS=$(cd "$WORK" && ls f16_*.safetensors 2>/dev/null)
 set -- $SNAPS
 (cd "$WORK" && tar cf "$OUT/snapshots_a.tar" ${@:1:4}) 2>/dev/null || true
 [ $# -gt 4 ] && (cd "$WORK" && tar cf "$OUT/snapshots_b.tar" ${@:5:4}) || true
-cp "$RUN/train_state.json" "$WORK/" 2>/dev/null
+cp "$RUN/state.json" "$WORK/train_state.json" 2>/dev/null
 
 # 4. The reproduction on every snapshot (features for all 70,000 images, exact logistic probes, heads).
 timeout 220 python3 benchmarks/fmnist_reproduction.py --run "$RUN" --out "$WORK/repro" --data "$DATA" \

@@ -33,6 +33,7 @@ from extract.idx import FASHION_MNIST_DIR, load_fashion_mnist
 from extract.models import fmnist
 from extract.models.adm import ADMUNet
 from extract.models.checkpoints import read_state_dict
+from extract.models.training import load_run
 from extract.pooling import pool
 from extract.preprocess import reference
 from probe.evaluation import predict_logits
@@ -212,7 +213,7 @@ def _commit() -> str | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", type=Path, required=True, help="training run directory (snapshots/, ema.safetensors)")
+    ap.add_argument("--run", type=Path, required=True, help="training run directory (its state and snapshots/)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--data", type=Path, default=FASHION_MNIST_DIR)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -271,10 +272,10 @@ def main() -> None:
     log(f"pixels: test {res['selected']['test']}")
 
     # Training progress: random init, each snapshot, the final EMA weights; the same grid and selection.
-    record = json.loads((args.run / "train_state.json").read_text())
+    final_weights, record = load_run(args.run)
     models = [("random", None, 0)]
     models += [(s["file"], args.run / "snapshots" / s["file"], s["mark_images"]) for s in record.get("snapshots", [])]
-    models.append(("final", args.run / "ema.safetensors", record["step"] * record["config"]["batch_size"]))
+    models.append(("final", final_weights, record["step"] * record["config"]["batch_size"]))
     if args.models:
         models = [m for m in models if m[0] in args.models.split(",")]
     result["progress"] = []
@@ -283,7 +284,7 @@ def main() -> None:
         torch.manual_seed(0)
         model = ADMUNet.from_flags(**fmnist.FLAGS)
         if path is not None:
-            model.load_state_dict(read_state_dict(path))
+            model.load_state_dict(path if isinstance(path, dict) else read_state_dict(path))
         t0 = time.perf_counter()
         feats = Features(model, x0, noise, schedule, grid_t, blocks, pools, device)
         t_extract = time.perf_counter() - t0

@@ -23,9 +23,8 @@ import torch
 
 from extract.diffusion import NoiseSchedule
 from extract.models.adm import ADMUNet
-from extract.models.checkpoints import read_state_dict
+from extract.statedir import has_state, join_optimizer_state, load_state, save_state, split_optimizer_state
 
-STATE_FILE = "train_state.json"
 log = logging.getLogger(__name__)
 
 
@@ -127,31 +126,17 @@ def _lr_factor(cfg: TrainConfig) -> Callable[[int], float]:
 
 
 def _save(
-    out: Path,
-    model: ADMUNet,
-    ema: torch.optim.swa_utils.AveragedModel,
-    opt: torch.optim.Optimizer,
-    record: dict[str, Any],
+    out: Path, model: ADMUNet, ema: torch.optim.swa_utils.AveragedModel, opt: torch.optim.Optimizer, record: dict
 ) -> None:
-    from safetensors.torch import save_file
-
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(out / "online.safetensors.tmp")
-    )
-    save_file(_ema_state(ema), str(out / "ema.safetensors.tmp"))
-    opt_tensors = {
-        f"{pid}.{name}": value.detach().cpu().contiguous()
-        for pid, state in opt.state_dict()["state"].items()
-        for name, value in state.items()
-        if isinstance(value, torch.Tensor)
+    """The run's state in the project's one checkpoint format (`extract.statedir`): online and EMA weights and
+    the optimizer's moments as tensors, everything else in the JSON record."""
+    opt_tensors, opt_record = split_optimizer_state(opt.state_dict())
+    tensors = {
+        **{f"online.{k}": v for k, v in model.state_dict().items()},
+        **{f"ema.{k}": v for k, v in _ema_state(ema).items()},
+        **opt_tensors,
     }
-    save_file(opt_tensors, str(out / "optimizer.safetensors.tmp"))
-    # Rename after all three are complete so a crash mid-save leaves the previous checkpoint intact.
-    for name in ("online", "ema", "optimizer"):
-        (out / f"{name}.safetensors.tmp").replace(out / f"{name}.safetensors")
-    (out / (STATE_FILE + ".tmp")).write_text(json.dumps(record, indent=1))
-    (out / (STATE_FILE + ".tmp")).replace(out / STATE_FILE)
+    save_state(out, tensors, {**record, "optimizer": opt_record}, step=record["step"])
 
 
 def _ema_state(ema: torch.optim.swa_utils.AveragedModel) -> dict[str, torch.Tensor]:
@@ -159,18 +144,15 @@ def _ema_state(ema: torch.optim.swa_utils.AveragedModel) -> dict[str, torch.Tens
     return {k: v.detach().float().cpu().contiguous() for k, v in ema.module.state_dict().items()}
 
 
-def _load_optimizer(opt: torch.optim.Optimizer, path: Path, device: torch.device) -> None:
-    tensors = read_state_dict(path) if path.is_file() else {}
-    sd = opt.state_dict()
-    for pid in range(len(sd["param_groups"][0]["params"])):
-        keys = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".", 1)[0] == str(pid)}
-        if keys:
-            sd["state"][pid] = keys
-    opt.load_state_dict(sd)
-    for state in opt.state.values():  # Adam keeps `step` on the CPU unless capturable; moments follow the params
-        for name, value in state.items():
-            if isinstance(value, torch.Tensor) and name != "step":
-                state[name] = value.to(device)
+def _weights(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def load_run(out_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(EMA weights, record) of a training run directory."""
+    tensors, record = load_state(out_dir)
+    record.pop("optimizer", None)
+    return _weights(tensors, "ema."), record
 
 
 def snapshot_name(images_seen: int) -> str:
@@ -225,19 +207,20 @@ def train(
         "num_images": int(len(images)),
         "snapshots": [],
     }
-    if (out / STATE_FILE).is_file():
-        prev = json.loads((out / STATE_FILE).read_text())
+    if has_state(out):
+        tensors, prev = load_state(out)
         if prev["config"] != record["config"]:
             changed = sorted(k for k in record["config"] if prev["config"].get(k) != record["config"][k])
             raise ValueError(
                 f"{out} holds a run with a different config (differs in: {', '.join(changed)}); "
                 f"use another output directory"
             )
-        model.load_state_dict(read_state_dict(out / "online.safetensors"))
-        ema.module.load_state_dict(read_state_dict(out / "ema.safetensors"))
+        model.load_state_dict(_weights(tensors, "online."))
+        ema.module.load_state_dict(_weights(tensors, "ema."))
         ema.n_averaged.fill_(prev["step"])
         ema_fn.count["n"] = max(0, prev["step"] - 1)  # the first update copies; later ones average
-        _load_optimizer(opt, out / "optimizer.safetensors", device)
+        # load_state_dict moves the moments to each parameter's device (Adam's step count stays on the CPU)
+        opt.load_state_dict(join_optimizer_state(tensors, prev.pop("optimizer")))
         sched.load_state_dict(prev["scheduler"])
         for group, lr in zip(opt.param_groups, sched.get_last_lr()):  # load_state_dict leaves the groups' lr as built
             group["lr"] = lr
@@ -319,7 +302,7 @@ def _save_snapshot(
 def ema_model(out_dir: str | Path, flags: dict[str, Any]) -> ADMUNet:
     """The EMA weights of a training run as an eval-mode network."""
     model = ADMUNet.from_flags(**flags)
-    model.load_state_dict(read_state_dict(Path(out_dir) / "ema.safetensors"))
+    model.load_state_dict(load_run(out_dir)[0])
     return model.eval()
 
 
@@ -328,9 +311,8 @@ def export_ema(out_dir: str | Path, path: str | Path, name: str, command: str = 
     from safetensors.torch import save_file
 
     out_dir, path = Path(out_dir), Path(path)
-    record = json.loads((out_dir / STATE_FILE).read_text())
+    weights, record = load_run(out_dir)
     cfg = record["config"]
-    weights = {k: v.contiguous() for k, v in read_state_dict(out_dir / "ema.safetensors").items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(weights, str(path), metadata={"name": name, "format": "guided-diffusion state dict (EMA)"})
     card = {
