@@ -270,18 +270,21 @@ class StoreState:
 
 
 def store_state(url: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> StoreState:
-    """Inspect `url` read-only; raises StoreError for a store of a newer format."""
+    """Inspect `url` read-only; raises StoreError for a newer-format store or something that is not a store."""
     url = os.fspath(url)
     objects = RootObjects(url, storage_options)
     if objects.exists(CREATING_KEY):
         return StoreState(url, False, {}, None, interrupted_creation=True)
     root = existing_root(url, storage_options)
     if root is None:
+        others = [n for n in objects.names() if n not in OWN_KEYS]
+        if others or (is_local(url) and local_path(url).exists() and not local_path(url).is_dir()):
+            raise StoreError(f"{url} exists and is not a Zarr store; choose another --store path")
         return StoreState(url, False, {}, None)
     attrs = dict(root.attrs)
     check_format(attrs, url)
     if attrs.get("format") != FORMAT_NAME or PROGRESS not in root:
-        return StoreState(url, False, attrs, None)
+        raise StoreError(f"{url} holds a Zarr hierarchy that is not a diffbank store; choose another --store path")
     done = np.asarray(root[PROGRESS]["done"][:]).astype(bool)
     return StoreState(url, True, attrs, int((~done.all(axis=1)).sum()) if done.size else 0)
 
