@@ -128,3 +128,68 @@ def test_feature_list_check_finds_hidden_arrays(tmp_path, reference_store):
     root.attrs.update({"features": root.attrs["features"][:1]})  # what a stale overwrite left behind
     problems = feature_list_problems(root)
     assert any("not in the root's feature list" in p for p in problems)
+
+
+def test_two_extractions_at_once_the_second_is_refused(tmp_path, spec_file, reference_store):
+    """The issue's case: a run is still writing when someone extends the same store."""
+    from .conftest import cli_process
+
+    store = tmp_path / "s.zarr"
+    first = cli_process(
+        ["extract", str(spec_file), "--store", str(store), "--no-progress"], env={"DIFFBANK_DEBUG_UNIT_DELAY": "0.4"}
+    )
+    deadline = time.time() + 30
+    while not (store / "_progress" / "done" / "c" / "0" / "0").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    grown = tmp_path / "grown.yaml"
+    import yaml
+
+    grown.write_text(yaml.safe_dump(tiny_spec(features={"timesteps": [10, 50]})))
+    second = cli("extract", str(grown), "--store", str(store), "--no-progress")
+    assert second.exit_code == 1, second.output
+    assert "being written by another writer" in second.output and f"pid {first.pid}" in second.output
+    _, err = first.communicate(timeout=60)
+    assert first.returncode == 0, err
+    assert_identical_to(reference_store, store)  # the first run finished untouched by the second
+
+
+def test_heartbeat_refreshes_and_a_lost_lease_stops_writing(tmp_path):
+    from extract.store.lease import LeaseLost, acquire
+
+    store = tmp_path / "s.zarr"
+    lease = acquire(str(store), heartbeat_s=0.05)
+    try:
+        first = json.loads((store / LEASE_KEY).read_text())["heartbeat_epoch"]
+        time.sleep(0.3)
+        assert json.loads((store / LEASE_KEY).read_text())["heartbeat_epoch"] > first
+        _plant_lease(store, age_s=0)  # someone broke it and took over
+        try:
+            lease.check()
+            raise AssertionError("check() should have raised")
+        except LeaseLost as exc:
+            assert "taken over by someone@elsewhere" in str(exc)
+    finally:
+        lease.release()
+    assert json.loads((store / LEASE_KEY).read_text())["owner"] == "someone"  # release leaves the new holder's
+
+
+def test_exclusive_create_on_an_fsspec_store(tmp_path):
+    from extract.store.lease import LeaseHeld, RootObjects, acquire
+
+    objects = RootObjects("memory://faults-lease/s.zarr")
+    assert objects.create("probe.json", b"1") and not objects.create("probe.json", b"2")
+    assert objects.read("probe.json") == b"1"
+    extract(tiny_spec(dataset={"limit": {"train": 4, "test": 4}}), "memory://faults-lease/x.zarr", progress=False)
+    assert not RootObjects("memory://faults-lease/x.zarr").exists(LEASE_KEY)  # released at the end
+    other = RootObjects("memory://faults-lease/y.zarr")
+    other.create(
+        LEASE_KEY,
+        json.dumps(
+            {"token": "t", "owner": "o", "host": "elsewhere", "pid": 1, "heartbeat_epoch": time.time()}
+        ).encode(),
+    )
+    try:
+        acquire("memory://faults-lease/y.zarr")
+        raise AssertionError("a held lease was acquired")
+    except LeaseHeld as exc:
+        assert "o@elsewhere pid 1" in str(exc)

@@ -7,7 +7,9 @@ import random
 import signal
 import time
 
-from extract.store.lease import LEASE_KEY
+import numpy as np
+
+from extract.store.lease import CREATING_KEY, LEASE_KEY
 
 from .conftest import UNITS, assert_identical_to, cli, cli_process, done_units, unit_files
 
@@ -19,36 +21,40 @@ def _wait_for(path, proc, timeout=30.0) -> bool:
     return path.exists()
 
 
+def _marked(store) -> int:
+    """Units whose marker row is on disk (a marker chunk is written only once it holds a 1)."""
+    folder = store / "_progress" / "done" / "c"
+    return len(list(folder.glob("*/0"))) if folder.is_dir() else 0
+
+
 def test_sigkill_at_random_moments_then_resume(tmp_path, spec_file, reference_store):
     store = tmp_path / "s.zarr"
     rng = random.Random(13)
     args = ["extract", str(spec_file), "--store", str(store), "--no-progress"]
+    # Kill 1 at a random moment of start-up (imports, lease, creation); kills 2-6 at a random moment
+    # after a random number of finished units: mid-unit, between units, while writing.
+    targets = sorted(rng.sample(range(1, UNITS - 1), 5))
     kept: dict[int, dict[str, bytes]] = {}
     moments = []
-    for attempt in range(5):
-        proc = cli_process(args, env={"DIFFBANK_DEBUG_UNIT_DELAY": "0.3"})
-        if attempt == 0:
-            delay = rng.uniform(0.5, 4.0)  # any moment from start-up on: imports, creation, units
-            time.sleep(delay)
+    for attempt, target in enumerate([None, *targets]):
+        proc = cli_process(args, env={"DIFFBANK_DEBUG_UNIT_DELAY": "0.5"})
+        if target is None:
+            time.sleep(rng.uniform(0.0, 1.5))
         else:
-            _wait_for(store / LEASE_KEY, proc)  # the run holds the store: kill it at work
-            delay = rng.uniform(0.0, 2.0)
-            time.sleep(delay)
+            deadline = time.time() + 60
+            while _marked(store) < target and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.005)
+            time.sleep(rng.uniform(0.0, 0.4))
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=30)
-        moments.append(round(delay, 2))
-        if not (store / "_progress").exists():
-            continue
-        done = (
-            done_units(store)
-            if (store / "zarr.json").exists() and (store / "_progress/done/zarr.json").exists()
-            else []
-        )
-        for unit in range(len(done)):
-            if done[unit]:
-                now = unit_files(store, unit)
-                assert kept.setdefault(unit, now) == now, f"unit {unit} changed after it was finished"
-    assert 0 < len(kept) < UNITS, f"the kills at {moments} s should leave some but not all units done"
+        assert proc.returncode == -signal.SIGKILL, f"run {attempt} ended before it was killed"
+        moments.append(_marked(store))
+        if (store / "_progress" / "done" / "zarr.json").exists() and not (store / CREATING_KEY).exists():
+            done = done_units(store)
+            for unit in np.flatnonzero(done):
+                now = unit_files(store, int(unit))
+                assert kept.setdefault(int(unit), now) == now, f"unit {unit} changed after it was finished"
+    assert 0 < len(kept) < UNITS and len(set(moments)) >= 4, moments
     final = cli(*args)
     assert final.exit_code == 0, final.output
     for unit, before in kept.items():
