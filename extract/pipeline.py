@@ -424,10 +424,9 @@ def extract(
     """
     spec = as_spec(spec)
     url = os.fspath(store_url)
-    state = store_state(url, storage_options)
-    if state.is_done(spec.fingerprint):
-        log.info(f"{url}: already complete for this spec; nothing to do")
-        return _nothing_to_do(state)
+    done = nothing_to_do(spec, url, storage_options)
+    if done is not None:
+        return done
     prepared = prepare(
         spec,
         url,
@@ -465,7 +464,15 @@ def extract(
         writer.release()
 
 
-def _nothing_to_do(state: Any) -> dict[str, Any]:
+def nothing_to_do(
+    spec: Spec, store_url: str | os.PathLike, storage_options: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """The summary of a run with nothing to do (the store is complete for this spec), found without
+    writing anything; None when there is work. Raises StoreError for a newer-format store."""
+    state = store_state(os.fspath(store_url), storage_options)
+    if not state.is_done(spec.fingerprint):
+        return None
+    log.info(f"{state.url}: already complete for this spec; nothing to do")
     units = int(state.attrs.get("num_units", 0))
     return {
         "store": state.url,

@@ -81,8 +81,13 @@ def extract_command(
     try:
         if workers is not None or scheduler is not None:
             from extract.cluster import extract_distributed
+            from extract.pipeline import nothing_to_do
             from extract.store.lease import acquire
 
+            done = nothing_to_do(spec, url)
+            if done is not None:
+                _report_run(done, as_json)
+                return
             with acquire(url, break_stale=break_lease):  # the client holds it; prepare reuses it
                 summary = extract_distributed(
                     spec,

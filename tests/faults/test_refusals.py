@@ -78,3 +78,13 @@ def test_not_a_store_is_refused_and_left_alone(tmp_path, spec_file, no_compute):
     result = cli("extract", str(spec_file), "--store", str(target), "--no-progress")
     assert result.exit_code == 1 and "exists and is not a Zarr store" in result.output, result.output
     assert sorted(p.name for p in target.iterdir()) == ["holiday.jpg"]
+
+
+def test_complete_store_with_workers_is_a_no_op_too(tmp_path, spec_file, reference_store, read_only, no_compute):
+    store = _copy(reference_store, tmp_path)
+    before = files(store)
+    no_compute()
+    read_only(store)
+    result = cli("extract", str(spec_file), "--store", str(store), "--no-progress", "--workers", "2")
+    assert result.exit_code == 0 and "nothing to do" in result.output, result.output
+    assert files(store) == before
