@@ -447,7 +447,7 @@ def extract(
                 prepared, units, strict=strict, progress=progress, batch_size=batch_size, num_workers=num_workers
             )
         except ExtractionError as exc:
-            exc.resumable = True
+            exc.resumable = not isinstance(exc.__cause__, LeaseLost)  # the store is another writer's now
             raise
         except (LeaseLost, ExtractionInterrupted):
             raise

@@ -193,3 +193,42 @@ def test_exclusive_create_on_an_fsspec_store(tmp_path):
         raise AssertionError("a held lease was acquired")
     except LeaseHeld as exc:
         assert "o@elsewhere pid 1" in str(exc)
+
+
+def test_best_effort_lease_where_there_is_no_exclusive_create(monkeypatch):
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    from extract.store.lease import RootObjects
+
+    real_open = MemoryFileSystem._open
+
+    def no_x(self, path, mode="rb", *a, **k):
+        if "x" in mode:
+            raise ValueError(f"unsupported file mode: {mode!r}")  # as on filesystems without one
+        return real_open(self, path, mode, *a, **k)
+
+    monkeypatch.setattr(MemoryFileSystem, "_open", no_x)
+    objects = RootObjects("memory://faults-noexcl/s.zarr")
+    assert objects.create(LEASE_KEY, b"first") and not objects.create(LEASE_KEY, b"second")
+    assert objects.read(LEASE_KEY) == b"first"
+
+
+def test_a_run_whose_lease_was_taken_over_stops_without_resume_advice(tmp_path, spec_file, monkeypatch):
+    from extract.store import StoreWriter
+
+    store = tmp_path / "s.zarr"
+    real = StoreWriter.write_unit
+    calls = []
+
+    def write_then_lose(self, unit, *a, **k):
+        calls.append(unit)
+        if len(calls) == 2:
+            _plant_lease(store, age_s=0)  # another writer broke our lease in between
+        return real(self, unit, *a, **k)
+
+    monkeypatch.setattr(StoreWriter, "write_unit", write_then_lose)
+    result = cli("extract", str(spec_file), "--store", str(store), "--no-progress")
+    assert result.exit_code == 1, result.output
+    assert "this run's writer lease was taken over by someone@elsewhere" in result.output
+    assert "resume with" not in result.output and "Traceback" not in result.output
+    assert json.loads((store / LEASE_KEY).read_text())["owner"] == "someone"  # theirs, left alone
