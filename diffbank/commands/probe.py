@@ -14,40 +14,19 @@ def _common(func: Callable[..., Any]) -> Callable[..., Any]:
     """Options every probe command takes (applied bottom-up, so listed here in reverse help order)."""
     options = [
         click.argument("store"),
-        click.option(
-            "--out",
-            "out_dir",
-            required=True,
-            type=click.Path(file_okay=False),
-            help="directory for results.json, weights and checkpoints (a rerun resumes)",
-        ),
-        click.option(
-            "--feature",
-            "features",
-            multiple=True,
-            help="feature name (repeatable); default: the paper's choice or the nearest available",
-        ),
+        click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+                     help="directory for results.json, weights and checkpoints (a rerun resumes)"),
+        click.option("--feature", "features", multiple=True,
+                     help="feature name (repeatable); default: the paper's choice or the nearest available"),
         click.option("--seed", default=0, show_default=True, type=int, help="seed of splits, subsets, order, init"),
         click.option("--subset", default=None, help=SUBSET_HELP),
-        click.option(
-            "--val-fraction",
-            default=0.1,
-            show_default=True,
-            type=float,
-            help="validation fraction carved from train when the store has no validation split",
-        ),
-        click.option(
-            "--standardize",
-            type=click.Choice(["dim", "channel", "none"]),
-            default=None,
-            help="train-split standardisation (default: dim for linear heads, channel for attention)",
-        ),
-        click.option(
-            "--memory-budget",
-            default=None,
-            help="features up to this size are loaded into memory, larger ones streamed "
-            "(bytes, 2GiB, 25%; default 25% of RAM)",
-        ),
+        click.option("--val-fraction", default=0.1, show_default=True, type=float,
+                     help="validation fraction carved from train when the store has no validation split"),
+        click.option("--standardize", type=click.Choice(["dim", "channel", "none"]), default=None,
+                     help="train-split standardisation (default: dim for linear heads, channel for attention)"),
+        click.option("--memory-budget", default=None,
+                     help="features up to this size are loaded into memory, larger ones streamed "
+                          "(bytes, 2GiB, 25%; default 25% of RAM)"),
     ]
     for option in reversed(options):
         func = option(func)
@@ -60,30 +39,14 @@ def _training(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--batch-size", default=128, show_default=True, type=int),
         click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda:0"),
         click.option("--quiet", is_flag=True, help="no per-epoch progress"),
-        click.option(
-            "--momentum",
-            default=0.0,
-            show_default=True,
-            type=click.FloatRange(0, 1, max_open=True),
-            help="SGD momentum",
-        ),
-        click.option(
-            "--weight-decay", default=0.0, show_default=True, type=click.FloatRange(min=0), help="SGD weight decay"
-        ),
-        click.option(
-            "--step-size",
-            default=7,
-            show_default=True,
-            type=click.IntRange(min=1),
-            help="StepLR: epochs between lr decays",
-        ),
-        click.option(
-            "--gamma",
-            default=0.1,
-            show_default=True,
-            type=click.FloatRange(0, 1, min_open=True),
-            help="StepLR: lr factor at each decay",
-        ),
+        click.option("--momentum", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+                     help="SGD momentum"),
+        click.option("--weight-decay", default=0.0, show_default=True, type=click.FloatRange(min=0),
+                     help="SGD weight decay"),
+        click.option("--step-size", default=7, show_default=True, type=click.IntRange(min=1),
+                     help="StepLR: epochs between lr decays"),
+        click.option("--gamma", default=0.1, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+                     help="StepLR: lr factor at each decay"),
     ]
     for option in reversed(options):
         func = option(func)
@@ -92,17 +55,11 @@ def _training(func: Callable[..., Any]) -> Callable[..., Any]:
 
 def _transformer(func: Callable[..., Any]) -> Callable[..., Any]:
     """Options of the transformer heads (attention, fusion): the paper's lr 5e-2 and a size preset."""
-    func = click.option("--preset", type=click.Choice(["tiny", "small", "paper"]), default="small", show_default=True)(
-        func
-    )
-    return click.option(
-        "--lr",
-        "lr",
-        multiple=True,
-        type=float,
-        help="learning rate (default 5e-2); repeat it to train one head per lr in one pass "
-        "and keep the one best on validation",
-    )(func)
+    func = click.option("--preset", type=click.Choice(["tiny", "small", "paper"]), default="small",
+                        show_default=True)(func)
+    return click.option("--lr", "lr", multiple=True, type=float,
+                        help="learning rate (default 5e-2); repeat it to train one head per lr in one pass "
+                             "and keep the one best on validation")(func)
 
 
 def _lr_values(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -134,16 +91,9 @@ def _run(name: str, **kwargs: Any) -> None:
     if results.get("lr_sweep"):
         from probe.report import format_table
 
-        rows = [
-            {
-                "lr": r["lr"],
-                "best epoch": r["best_epoch"],
-                "val top1": r["val_accuracy"],
-                "test top1": r["test_accuracy"],
-                "selected": "*" if r["selected"] else "",
-            }
-            for r in results["lr_sweep"]
-        ]
+        rows = [{"lr": r["lr"], "best epoch": r["best_epoch"], "val top1": r["val_accuracy"],
+                 "test top1": r["test_accuracy"], "selected": "*" if r["selected"] else ""}
+                for r in results["lr_sweep"]]
         click.echo("\n" + format_table(rows, title=f"{name}: lr on validation", percent=("val top1", "test top1")))
     click.echo(f"\nresults: {kwargs['out_dir']}/results.json")
 
@@ -189,9 +139,7 @@ def fusion(**kwargs: Any) -> None:
 
 @probe_command.command("logistic")
 @_common
-@click.option(
-    "--c", "cs", multiple=True, type=float, help="C values (repeatable; default DINOv2's 45 from 1e-6 to 1e5)"
-)
+@click.option("--c", "cs", multiple=True, type=float, help="C values (repeatable; default DINOv2's 45 from 1e-6 to 1e5)")
 @click.option("--max-iter", default=1000, show_default=True, type=int)
 def logistic(**kwargs: Any) -> None:
     """Logistic regression (lbfgs) with C selected on validation, refit on train+val."""
