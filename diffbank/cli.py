@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 import click
 
@@ -34,11 +35,63 @@ def configure_logging(verbosity: int) -> None:
             logger.addHandler(handler)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+# Exit statuses: 1 for a run that failed, 2 for a command given wrongly (click's own usage errors too).
+EXIT_FAILURE, EXIT_USAGE = 1, 2
+
+
+def _usage_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean the command or its inputs were given wrongly: exit status 2."""
+    from extract.spec import SpecError
+
+    return (SpecError,)
+
+
+def error_lines(exc: BaseException) -> list[str]:
+    """An exception as the lines a user reads: its message, never its traceback."""
+    text = str(exc).strip() or type(exc).__name__
+    if isinstance(exc, KeyError) and exc.args:
+        text = str(exc.args[0])
+    lines = text.splitlines()
+    if not _is_ours(exc) and not isinstance(exc, OSError):
+        lines[0] = f"{type(exc).__name__}: {lines[0]}"
+    return lines
+
+
+def _is_ours(exc: BaseException) -> bool:
+    return type(exc).__module__.split(".")[0] in ("extract", "probe", "diffbank")
+
+
+class CleanErrors(click.Group):
+    """Every failure ends as a clean message and an exit status, never a traceback (unless --debug)."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except KeyboardInterrupt:
+            if ctx.params.get("debug"):
+                raise
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        except Exception as exc:
+            if ctx.params.get("debug"):
+                raise
+            lines = error_lines(exc)
+            click.echo(f"error: {lines[0]}", err=True)
+            for line in lines[1:]:
+                click.echo(line, err=True)
+            if not _is_ours(exc) and not isinstance(exc, OSError):
+                click.echo("(an unexpected error: rerun with --debug for the traceback)", err=True)
+            sys.exit(EXIT_USAGE if isinstance(exc, _usage_errors()) else EXIT_FAILURE)
+
+
+@click.group(cls=CleanErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="diffbank")
 @click.option("-v", "--verbose", count=True, help="More status messages (debug details); repeatable.")
 @click.option("-q", "--quiet", count=True, help="Fewer status messages: warnings and errors only.")
-def main(verbose: int, quiet: int) -> None:
+@click.option("--debug", is_flag=True, help="Show the traceback of a failure instead of a one-line error.")
+def main(verbose: int, quiet: int, debug: bool) -> None:
     """Feature banks from text-free diffusion U-Nets, and the probes that read them.
 
     \b

@@ -20,7 +20,19 @@ from extract.store import FeatureInfo
 
 
 class ExtractionError(RuntimeError):
-    """A run that must stop (strict mode met a bad image, the writer failed, ...)."""
+    """A run that must stop (strict mode met a bad image, the writer failed, ...).
+
+    `resumable` is True when the store holds this run's finished units and rerunning the same
+    command continues from them (after fixing the cause); False when a rerun would start from scratch.
+    """
+
+    def __init__(self, message: str, *, resumable: bool = False):
+        super().__init__(message)
+        self.resumable = resumable
+
+
+class ExtractionInterrupted(KeyboardInterrupt):
+    """Ctrl-C while units were being computed: the finished ones are in the store."""
 
 
 def resolve_device(name: str | None) -> torch.device:

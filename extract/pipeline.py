@@ -34,11 +34,21 @@ import numpy as np
 import torch
 from dask.utils import format_bytes
 
-from extract.compute import Computer, ExtractionError, UnitJob, configure_determinism, device_name, resolve_device
+from extract.compute import (
+    Computer,
+    ExtractionError,
+    ExtractionInterrupted,
+    UnitJob,
+    configure_determinism,
+    device_name,
+    resolve_device,
+)
 from extract.overlap import UnitWriter, load_batch, plan_batches, prefetch
 from extract.sources import ImageSource, open_source
 from extract.spec import Spec, extension_problem, load_spec
 from extract.store import FeatureInfo, StoreError, StoreWriter, create_store
+from extract.store.lease import LeaseLost, acquire
+from extract.store.writer import store_state
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +59,12 @@ NOISE_SEED_RULE = (
     "(extract.diffusion.noise_seed); features are averaged over draws d = 0..draws-1; the "
     "flip view uses the mirrored x_t of the centre view"
 )
+# A unit (shard) should take about a minute on a reference device, so an interrupted run loses little.
+# The reference is fixed, not the machine at hand, so a spec always gets the same layout and bytes:
+# ~10 TMAC/s, a mid-range GPU in float32. On a 2-core CPU (~25 GMAC/s) the store's minimum number
+# of units (extract.store.layout.MIN_UNITS) keeps units short instead.
+REFERENCE_MACS_PER_S = 10e12
+UNIT_SECONDS = 60.0
 TIMESTEP_CONVENTION = (
     "t is the 0-based index of the diffusion_steps-step process (alpha_bar_0 = 1 - beta_0); "
     "the U-Net receives that raw integer"
@@ -78,6 +94,23 @@ def store_features(spec: Spec) -> list[FeatureInfo]:
         )
         for f in spec.features()
     ]
+
+
+def macs_per_sample(spec: Spec) -> float:
+    """A rough multiply-accumulate count of one sample's U-Net passes (3x3 convolutions dominate).
+
+    Each block up to the deepest requested one counts as two 3x3 convolutions at its width and map
+    size; passes = timesteps x draws x views.
+    """
+    deepest = max(f.block for f in spec.features())
+    per_pass = sum(2 * 9 * b.channels**2 * b.resolution**2 for b in spec.block_table[:deepest])
+    views = int(spec.views.center) + int(spec.views.hflip)
+    return float(per_pass * len(spec.grid.timesteps) * spec.noise.draws * max(1, views))
+
+
+def unit_rows_for(spec: Spec) -> int:
+    """The most rows a unit may hold so it computes in about UNIT_SECONDS on the reference device."""
+    return max(1, int(UNIT_SECONDS * REFERENCE_MACS_PER_S / max(macs_per_sample(spec), 1.0)))
 
 
 def as_spec(spec: Spec | str | os.PathLike | Mapping[str, Any], base_dir: str | os.PathLike | None = None) -> Spec:
@@ -150,13 +183,34 @@ def prepare(
     micro_batch: int | None = None,
     storage_options: dict[str, Any] | None = None,
     load_model: bool = True,
+    break_lease: bool = False,
 ) -> Prepared:
-    """Validate, open the source, load the model, create (or reopen / extend) the store.
+    """Validate, open the source, take the store's writer lease, load the model, create (or reopen /
+    extend) the store.
 
-    With load_model=False (a cluster's client) the checkpoint is only hashed; workers load it.
+    Everything that can refuse the run (a newer-format or read-only store, another writer) does so
+    before the model is built. With load_model=False (a cluster's client) the checkpoint is only
+    hashed; workers load it. The returned writer holds the lease until `finalize()` or `release()`.
     """
     spec = as_spec(spec)
     _check_model_supported(spec)
+    url = os.fspath(store_url)
+    store_state(url, storage_options)  # a newer-format store is refused before anything else
+    lease = acquire(url, storage_options, break_stale=break_lease)  # read-only media refused here
+    try:
+        return _prepare(spec, url, device, micro_batch, storage_options, load_model)
+    finally:
+        lease.release()  # the writer holds its own reference
+
+
+def _prepare(
+    spec: Spec,
+    store_url: str,
+    device: str | None,
+    micro_batch: int | None,
+    storage_options: dict[str, Any] | None,
+    load_model: bool,
+) -> Prepared:
     dev = resolve_device(device or spec.compute.device)
     mb = int(micro_batch or DEFAULT_MICRO_BATCH)
     if mb < 1:
@@ -205,7 +259,25 @@ def prepare(
         storage_options=storage_options,
         fingerprint=spec.fingerprint,
         can_extend=lambda old: extension_problem(old, spec),
+        max_shard_rows=unit_rows_for(spec),
     )
+    try:
+        return _check_reopened(spec, store_url, writer, record, dev, mb, source, model)
+    except BaseException:
+        writer.release()
+        raise
+
+
+def _check_reopened(
+    spec: Spec,
+    store_url: str,
+    writer: StoreWriter,
+    record: dict[str, Any],
+    dev: torch.device,
+    mb: int,
+    source: ImageSource,
+    model: torch.nn.Module | None,
+) -> Prepared:
     stored = writer.attrs.get("provenance", {})
     if stored.get("checkpoint_sha256") != record.get("checkpoint_sha256"):
         raise StoreError(
@@ -342,25 +414,82 @@ def extract(
     num_workers: int | None = None,
     storage_options: dict[str, Any] | None = None,
     finalize: bool = True,
+    break_lease: bool = False,
 ) -> dict[str, Any]:
     """Extract a spec's features into a store; rerunning resumes (redoes only unmarked units).
 
-    Returns a summary: units computed / already done, images, failures, wall and model seconds.
+    A store that is already complete for this spec is left untouched (nothing is written, so this
+    works on read-only media). Returns a summary: units computed / already done, images, failures,
+    wall and model seconds.
     """
-    prepared = prepare(spec, store_url, device=device, micro_batch=micro_batch, storage_options=storage_options)
-    pending = prepared.writer.pending()
-    log.info(
-        f"{prepared.writer.url}: {len(pending)} of {prepared.writer.num_units} unit(s) of "
-        f"{prepared.writer.shard_rows} rows to compute on {prepared.device}"
+    spec = as_spec(spec)
+    url = os.fspath(store_url)
+    done = nothing_to_do(spec, url, storage_options)
+    if done is not None:
+        return done
+    prepared = prepare(
+        spec,
+        url,
+        device=device,
+        micro_batch=micro_batch,
+        storage_options=storage_options,
+        break_lease=break_lease,
     )
-    summary = run_units(
-        prepared, units, strict=strict, progress=progress, batch_size=batch_size, num_workers=num_workers
-    )
-    if finalize:
-        prepared.writer.finalize()
-    summary["complete"] = not prepared.writer.pending()
-    summary["fingerprint"] = prepared.writer.fingerprint
-    return summary
+    writer = prepared.writer
+    try:
+        pending = writer.pending()
+        log.info(
+            f"{writer.url}: {len(pending)} of {writer.num_units} unit(s) of "
+            f"{writer.shard_rows} rows to compute on {prepared.device}"
+        )
+        try:
+            summary = run_units(
+                prepared, units, strict=strict, progress=progress, batch_size=batch_size, num_workers=num_workers
+            )
+        except ExtractionError as exc:
+            exc.resumable = not isinstance(exc.__cause__, LeaseLost)  # the store is another writer's now
+            raise
+        except (LeaseLost, ExtractionInterrupted):
+            raise
+        except KeyboardInterrupt as exc:
+            raise ExtractionInterrupted(url) from exc
+        except Exception as exc:  # anything that stops a run midway leaves finished units to resume from
+            raise ExtractionError(f"the run stopped: {type(exc).__name__}: {exc}", resumable=True) from exc
+        if finalize:
+            writer.finalize()
+        summary["complete"] = not writer.pending()
+        summary["fingerprint"] = writer.fingerprint
+        return summary
+    finally:
+        writer.release()
+
+
+def nothing_to_do(
+    spec: Spec, store_url: str | os.PathLike, storage_options: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """The summary of a run with nothing to do (the store is complete for this spec), found without
+    writing anything; None when there is work. Raises StoreError for a newer-format store."""
+    state = store_state(os.fspath(store_url), storage_options)
+    if not state.is_done(spec.fingerprint):
+        return None
+    log.info(f"{state.url}: already complete for this spec; nothing to do")
+    units = int(state.attrs.get("num_units", 0))
+    return {
+        "store": state.url,
+        "units_total": units,
+        "units_computed": [],
+        "units_already_done": list(range(units)),
+        "images": 0,
+        "failures": [],
+        "seconds": 0.0,
+        "model_seconds": 0.0,
+        "write_seconds": 0.0,
+        "forwards": 0,
+        "images_per_s": None,
+        "complete": True,
+        "fingerprint": state.fingerprint,
+        "nothing_to_do": True,
+    }
 
 
 def run_units_worker(

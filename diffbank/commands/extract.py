@@ -44,6 +44,12 @@ log = logging.getLogger(__name__)
 )
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run's summary as JSON on stdout.")
+@click.option(
+    "--break-lease",
+    is_flag=True,
+    help="Take over the store from a writer whose lease is stale (no heartbeat for 10 minutes): "
+    "only when that run is gone.",
+)
 def extract_command(
     spec_path: str,
     store_url: str | None,
@@ -55,12 +61,13 @@ def extract_command(
     micro_batch: int | None,
     no_progress: bool,
     as_json: bool,
+    break_lease: bool,
 ) -> None:
     """Extract SPEC's features into a Zarr store. Rerunning the same command resumes an interrupted run."""
     from diffbank.commands.spec import echo_problems
+    from extract.compute import ExtractionInterrupted
     from extract.pipeline import ExtractionError
     from extract.spec import SpecError, load_spec
-    from extract.store import StoreError
 
     if workers is not None and scheduler is not None:
         raise click.UsageError("give --workers or --scheduler, not both")
@@ -74,18 +81,25 @@ def extract_command(
     try:
         if workers is not None or scheduler is not None:
             from extract.cluster import extract_distributed
+            from extract.pipeline import nothing_to_do
+            from extract.store.lease import acquire
 
-            summary = extract_distributed(
-                spec,
-                url,
-                workers=workers or 1,
-                scheduler=scheduler,
-                strict=strict,
-                progress=not no_progress,
-                batch_size=batch_size,
-                device=device,
-                micro_batch=micro_batch,
-            )
+            done = nothing_to_do(spec, url)
+            if done is not None:
+                _report_run(done, as_json)
+                return
+            with acquire(url, break_stale=break_lease):  # the client holds it; prepare reuses it
+                summary = extract_distributed(
+                    spec,
+                    url,
+                    workers=workers or 1,
+                    scheduler=scheduler,
+                    strict=strict,
+                    progress=not no_progress,
+                    batch_size=batch_size,
+                    device=device,
+                    micro_batch=micro_batch,
+                )
         else:
             from extract.pipeline import extract
 
@@ -97,13 +111,17 @@ def extract_command(
                 batch_size=batch_size,
                 device=device,
                 micro_batch=micro_batch,
+                break_lease=break_lease,
             )
-    except KeyboardInterrupt:
+    except ExtractionInterrupted:
         log.warning(f"interrupted: finished units are saved in {url}. Resume with:\n  {resume}")
         sys.exit(130)
-    except (ExtractionError, StoreError, OSError, ValueError) as exc:
+    except KeyboardInterrupt:
+        log.warning("interrupted before any unit was computed")
+        sys.exit(130)
+    except ExtractionError as exc:
         log.error(f"error: {exc}")
-        if not isinstance(exc, ValueError) or "strict" in str(exc):
+        if exc.resumable:
             log.error(f"units already marked done are kept; after fixing the cause, resume with:\n  {resume}")
         sys.exit(1)
     _report_run(summary, as_json)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,8 @@ IMAGE_EXTENSIONS = frozenset(
 SPLIT_DIR_NAMES = frozenset({"train", "training", "val", "valid", "validation", "test", "testing", "dev"})
 DIGITS_SPLITS = ("train", "test")
 _MAX_REASON = 300
+# Integer grayscale modes wider than 8 bits ("I" is how Pillow opens 16-bit PNG and TIFF grayscale).
+_WIDE_GRAY = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
 
 
 class SourceError(ValueError):
@@ -47,9 +50,17 @@ def to_rgb_array(image: Any) -> np.ndarray:
     from PIL import Image
 
     if isinstance(image, Image.Image):
-        # As the reference does: grayscale, palette and alpha images all become plain RGB.
+        if image.mode in _WIDE_GRAY:
+            # PIL's convert() clips 16-bit values at 255 (a 16-bit photo turns white): scale instead,
+            # keeping the high byte as Pillow itself does for 16-bit RGB(A) files.
+            wide = np.clip(np.asarray(image).astype(np.int64), 0, 65535) >> 8
+            return np.ascontiguousarray(np.repeat(wide.astype(np.uint8)[:, :, None], 3, axis=2))
+        # As the reference does (guided-diffusion's convert("RGB")): grayscale, palette, CMYK and alpha
+        # images become plain RGB, alpha dropped and transparent palette entries shown as their colour.
         if image.mode != "RGB":
-            image = image.convert("RGB")
+            with warnings.catch_warnings():  # "palette images with transparency ... RGBA": known, as the reference
+                warnings.simplefilter("ignore", UserWarning)
+                image = image.convert("RGB")
         return np.asarray(image, dtype=np.uint8).copy()
     arr = np.asarray(image)
     if arr.dtype != np.uint8:

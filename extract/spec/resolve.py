@@ -125,10 +125,12 @@ def _model(
         )
         ok = False
     steps = int(s.diffusion_steps or resolved.get("diffusion_steps", 1000))
+    checkpoint_ok = True
     if s.checkpoint is not None and check_files:
         problem = _checkpoint_problem(s.checkpoint, base_dir)
         if problem:
             problems.append(("model.checkpoint", problem))
+            checkpoint_ok = False
     if not ok:
         return None, None
     try:
@@ -137,6 +139,10 @@ def _model(
     except (ValueError, TypeError) as exc:  # a flag combination the network itself rejects
         problems.append(("model.flags", f"cannot build this network: {exc}"))
         return None, None
+    if s.checkpoint is not None and check_files and checkpoint_ok:
+        problem = _checkpoint_header_problem(s.checkpoint, base_dir, full_flags)
+        if problem:
+            problems.append(("model.checkpoint", problem))
     return ModelSpec(s.preset, full_flags, s.checkpoint, s.init_seed, schedule, steps), table
 
 
@@ -158,6 +164,24 @@ def _checkpoint_problem(checkpoint: str, base_dir: str) -> str:
         )
     if not os.access(p, os.R_OK):
         return f"{p} is not readable"
+    return ""
+
+
+def _checkpoint_header_problem(checkpoint: str, base_dir: str, flags: dict[str, Any]) -> str:
+    """Whether the checkpoint's tensors (read from its header, nothing loaded) fit the model's keys and shapes."""
+    from extract.models.checkpoints import CheckpointError, check_header
+    from extract.models.registry import EMBEDDED_PREFIX, embedded_checkpoint
+
+    if checkpoint.startswith(EMBEDDED_PREFIX):
+        path = Path(embedded_checkpoint(checkpoint.removeprefix(EMBEDDED_PREFIX)))
+    else:
+        path = _resolve(checkpoint, base_dir)
+    try:
+        check_header(path, flags)
+    except CheckpointError as exc:
+        return str(exc)
+    except OSError as exc:
+        return f"{path}: cannot be read ({exc.strerror or exc})"
     return ""
 
 

@@ -39,6 +39,7 @@ FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
 DEFAULT_CHUNK_ROWS = 64
 MAX_CHUNK_BYTES = 4 << 20  # inner chunks of ~1-4 MiB read fast in random 64-row batches
 TARGET_SHARD_BYTES = 256 << 20  # few, large objects for object stores
+MIN_UNITS = 8  # resume granularity: small stores still get several units
 COMPRESSIONS = ("blosc-lz4", "zstd", "none")
 # bfloat16 is not a core zarr dtype, so it can be a compute dtype but never a storage one.
 STORAGE_DTYPES = ("float16", "float32")
@@ -145,11 +146,15 @@ def plan_layout(
     shard_rows: int | None = None,
     chunk_rows: int | None = None,
     target_shard_bytes: int = TARGET_SHARD_BYTES,
+    max_shard_rows: int | None = None,
 ) -> Layout:
     """Choose one shard length for all arrays and an inner chunk length per array.
 
     Inner chunks aim at <= 4 MiB (default 64 rows); the shard length is a multiple of every chunk
-    length and aims at ~256 MiB for the widest feature, capped by N.
+    length and aims at ~256 MiB for the widest feature, capped by N. A shard is also the unit of
+    resume, so `max_shard_rows` (the caller's estimate of a minute of compute) caps it, and so does
+    `MIN_UNITS`: an interrupted run loses at most one unit. Neither depends on the machine, so the
+    same spec always gets the same layout and the same bytes.
     """
     if num_samples < 1:
         raise StoreError("a store needs at least one sample")
@@ -162,7 +167,9 @@ def plan_layout(
             shard_rows = num_samples
         else:
             by_bytes = max(want_chunk, (target_shard_bytes // max(widest, 1)) // want_chunk * want_chunk)
-            shard_rows = min(by_bytes, math.ceil(num_samples / want_chunk) * want_chunk)
+            by_count = math.ceil(math.ceil(num_samples / MIN_UNITS) / want_chunk) * want_chunk
+            by_time = max(want_chunk, int(max_shard_rows or by_bytes) // want_chunk * want_chunk)
+            shard_rows = min(by_bytes, by_count, by_time, math.ceil(num_samples / want_chunk) * want_chunk)
     shard_rows = int(shard_rows)
     if shard_rows < 1:
         raise StoreError(f"shard_rows must be positive, got {shard_rows}")

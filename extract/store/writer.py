@@ -1,12 +1,18 @@
 """Writing a store: create the whole hierarchy up front, then whole units (shards), then finalize.
 
-Only the process that creates the store writes metadata; workers reopen it and write data chunks and
-their units' marker rows. `finalize()` folds the per-unit statistics into each array's attributes and
-consolidates the metadata once.
+Only the process that creates the store writes metadata, and only while it holds the store's writer
+lease (extract/store/lease.py); workers reopen it and write data chunks and their units' marker rows.
+`finalize()` folds the per-unit statistics into each array's attributes and consolidates the metadata
+once, from a fresh read of the root: never from the copy read when the run started.
+
+Creation is crash-safe: `_creating.json` is written before the first Zarr object and removed after the
+root attributes, the last thing written. A store still holding it has no data yet and is recreated.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -45,6 +51,9 @@ from extract.store.layout import (
     open_group,
     plan_layout,
 )
+from extract.store.lease import CREATING_KEY, LEASE_KEY, OWN_KEYS, Lease, RootObjects, acquire
+
+log = logging.getLogger(__name__)
 
 # Given the spec recorded in an existing store, "" when the new spec only adds features to it, else why not.
 ExtensionCheck = Callable[[Mapping[str, Any]], str]
@@ -75,10 +84,17 @@ def cast_with_stats(data: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarra
 class StoreWriter:
     """Writes units (whole shards) into a store created by `create_store` (or reopened by a worker)."""
 
-    def __init__(self, root: zarr.Group, url: str, storage_options: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        root: zarr.Group,
+        url: str,
+        storage_options: dict[str, Any] | None = None,
+        lease: Lease | None = None,
+    ):
         self._root = root
         self.url = url
         self.storage_options = storage_options
+        self.lease = lease  # held by the process that writes metadata; None in a cluster's workers
         attrs = dict(root.attrs)
         self.attrs = attrs
         self.num_samples = int(attrs["num_samples"])
@@ -133,6 +149,8 @@ class StoreWriter:
         """
         start, stop = self.unit_rows(unit)
         rows = stop - start
+        if self.lease is not None:
+            self.lease.check()
         unknown = [n for n in features if n not in self._features]
         if unknown:
             raise KeyError(f"unknown feature(s) {unknown}; store features: {', '.join(self.columns)}")
@@ -165,11 +183,26 @@ class StoreWriter:
         done_row[cols] = 1
         self._done[unit] = done_row  # the unit's marker row: only this unit's owner touches it
 
-    def finalize(self) -> None:
-        """Fold per-unit statistics into each feature's attributes and consolidate metadata (once)."""
-        done = np.asarray(self._done[:]).astype(bool)
-        stats = np.asarray(self._stats[:])
-        for i, name in enumerate(self.columns):
+    def release(self) -> None:
+        """Give up the writer lease (idempotent); the store stays as written."""
+        lease, self.lease = self.lease, None
+        if lease is not None:
+            lease.release()
+
+    def finalize(self, release: bool = True) -> None:
+        """Fold per-unit statistics into each feature's attributes and consolidate metadata (once).
+
+        Everything is re-read first: attributes written by anyone since this writer opened the store are
+        merged into, not overwritten by a stale copy.
+        """
+        if self.lease is not None:
+            self.lease.check()
+        root = open_group(self.url, "r+", self.storage_options, use_consolidated=False)
+        done_arr = root[PROGRESS]["done"]
+        columns = list(done_arr.attrs["features"])
+        done = np.asarray(done_arr[:]).astype(bool)
+        stats = np.asarray(root[PROGRESS]["stats"][:])
+        for i, name in enumerate(columns):
             marked = done[:, i]
             per_unit = stats[marked, i, :]
             summary = {
@@ -181,9 +214,9 @@ class StoreWriter:
                 "n_nan": int(per_unit[:, 2].sum()),
                 "n_overflow": int(per_unit[:, 3].sum()),
             }
-            self._features[name].attrs.update({"stats": summary})
-        errors = as_str(self._error[:])
-        self._root.attrs.update(
+            root[FEATURES][name].attrs.update({"stats": summary})
+        errors = as_str(root[SAMPLES]["error"][:])
+        root.attrs.update(
             {
                 "complete": bool(done.all()),
                 "num_failures": int((errors != "").sum()),
@@ -193,7 +226,92 @@ class StoreWriter:
         )
         with warnings.catch_warnings():  # "consolidated metadata is not in the v3 spec (yet)": known
             warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
-            zarr.consolidate_metadata(self._root.store)
+            warnings.filterwarnings("ignore", message="Object at _lease.json", category=UserWarning)
+            zarr.consolidate_metadata(root.store)
+        self._root = root
+        self.attrs = dict(root.attrs)
+        if release:
+            self.release()
+
+
+def check_format(attrs: Mapping[str, Any], url: str) -> None:
+    """Refuse a store written in a newer format than this diffbank writes: its rules are unknown here."""
+    version = attrs.get("format_version")
+    if attrs.get("format") == FORMAT_NAME and isinstance(version, int) and version > FORMAT_VERSION:
+        raise StoreError(
+            f"{url} is a format {version} store, written by a newer diffbank ({attrs.get('diffbank_version')}); "
+            f"this diffbank writes format {FORMAT_VERSION}. Upgrade diffbank to resume or extend it"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreState:
+    """What is at a store URL, read without writing anything (so it works on read-only media)."""
+
+    url: str
+    exists: bool  # a diffbank store whose creation finished
+    attrs: dict[str, Any]
+    pending_units: int | None  # units with an unmarked feature; None when not a finished creation
+    interrupted_creation: bool = False
+
+    @property
+    def fingerprint(self) -> str | None:
+        return self.attrs.get("fingerprint")
+
+    def is_done(self, fingerprint: str) -> bool:
+        """Complete and finalized for this fingerprint: a rerun has nothing to write."""
+        return (
+            self.exists
+            and self.fingerprint == fingerprint
+            and self.pending_units == 0
+            and bool(self.attrs.get("complete"))
+            and bool(self.attrs.get("consolidated"))
+        )
+
+
+def store_state(url: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> StoreState:
+    """Inspect `url` read-only; raises StoreError for a newer-format store or something that is not a store."""
+    url = os.fspath(url)
+    objects = RootObjects(url, storage_options)
+    if objects.exists(CREATING_KEY):
+        return StoreState(url, False, {}, None, interrupted_creation=True)
+    root = existing_root(url, storage_options)
+    if root is None:
+        others = [n for n in objects.names() if n not in OWN_KEYS]
+        if others or (is_local(url) and local_path(url).exists() and not local_path(url).is_dir()):
+            raise StoreError(f"{url} exists and is not a Zarr store; choose another --store path")
+        return StoreState(url, False, {}, None)
+    attrs = dict(root.attrs)
+    check_format(attrs, url)
+    if attrs.get("format") != FORMAT_NAME or PROGRESS not in root:
+        raise StoreError(f"{url} holds a Zarr hierarchy that is not a diffbank store; choose another --store path")
+    done = np.asarray(root[PROGRESS]["done"][:]).astype(bool)
+    return StoreState(url, True, attrs, int((~done.all(axis=1)).sum()) if done.size else 0)
+
+
+def feature_list_problems(root: zarr.Group) -> list[str]:
+    """Disagreements between the features the root records, the marker columns and the arrays on disk.
+
+    A store whose metadata was overwritten from a stale copy lists fewer features than it holds; the
+    extra arrays are invisible to readers. `extract.store.tools.verify` reports these.
+    """
+    recorded = list(root.attrs.get("features") or [])
+    columns = list(root[PROGRESS]["done"].attrs.get("features") or []) if PROGRESS in root else []
+    on_disk = sorted(name for name, _ in root[FEATURES].arrays()) if FEATURES in root else []
+    problems = []
+    if sorted(recorded) != on_disk:
+        unlisted = sorted(set(on_disk) - set(recorded))
+        missing = sorted(set(recorded) - set(on_disk))
+        if unlisted:
+            problems.append(f"feature arrays not in the root's feature list: {', '.join(unlisted)}")
+        if missing:
+            problems.append(f"features listed in the root but absent on disk: {', '.join(missing)}")
+    if columns != recorded:
+        problems.append(
+            f"the completion markers cover {len(columns)} feature(s), the root lists {len(recorded)}: "
+            f"they disagree ({', '.join(sorted(set(columns) ^ set(recorded))) or 'order differs'})"
+        )
+    return problems
 
 
 def _normalize_splits(splits: Mapping[str, Any] | None, n: int) -> dict[str, np.ndarray]:
@@ -257,6 +375,8 @@ def create_store(
     storage_options: dict[str, Any] | None = None,
     fingerprint: str | None = None,
     can_extend: ExtensionCheck | None = None,
+    break_lease: bool = False,
+    max_shard_rows: int | None = None,
 ) -> StoreWriter:
     """Create the whole hierarchy up front, or reopen it to resume, or extend it with new features.
 
@@ -264,6 +384,10 @@ def create_store(
     store with the same fingerprint is reopened as is (resume). One with a different fingerprint is
     refused unless `can_extend(recorded spec)` says the new spec only adds features: then the new arrays
     and their markers are added and nothing old is touched.
+
+    Everything happens under the store's writer lease (released by `finalize()` or `release()`); a
+    store whose creation was interrupted is recreated. `max_shard_rows` caps the unit length (see
+    `plan_layout`) of a new store; an existing store keeps its own.
     """
     url = os.fspath(url)
     spec_dict = to_jsonable(dict(spec or {}))
@@ -274,16 +398,71 @@ def create_store(
     ids, labs = _check_samples(n_samples, sample_ids, labels)
     split_masks = _normalize_splits(splits, n_samples)
 
+    lease = acquire(url, storage_options, break_stale=break_lease)
+    try:
+        return _create_or_reopen(
+            url,
+            storage_options,
+            lease,
+            spec_dict,
+            fingerprint,
+            n_samples,
+            ids,
+            labs,
+            split_masks,
+            class_names,
+            provenance,
+            features,
+            shard_rows,
+            chunk_rows,
+            compression,
+            can_extend,
+            max_shard_rows,
+        )
+    except BaseException:
+        lease.release()
+        raise
+
+
+def _create_or_reopen(
+    url: str,
+    storage_options: dict[str, Any] | None,
+    lease: Lease,
+    spec_dict: dict[str, Any],
+    fingerprint: str,
+    n_samples: int,
+    ids: np.ndarray,
+    labs: np.ndarray,
+    split_masks: dict[str, np.ndarray],
+    class_names: Sequence[str] | None,
+    provenance: Mapping[str, Any] | None,
+    features: Sequence[FeatureInfo],
+    shard_rows: int | None,
+    chunk_rows: int | None,
+    compression: str,
+    can_extend: ExtensionCheck | None,
+    max_shard_rows: int | None,
+) -> StoreWriter:
+    objects = lease.objects
+    if objects.exists(CREATING_KEY):
+        log.warning(f"{url}: its creation was interrupted before any data was written; creating it again")
+        objects.wipe(keep=frozenset({LEASE_KEY}))
+    objects.remove_partials()  # a killed writer's half-written temporaries; we hold the lease
     existing = existing_root(url, storage_options)
-    if existing is None and is_local(url):
-        path = local_path(url)
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+    if existing is None:
+        others = [n for n in objects.names() if n not in OWN_KEYS]
+        if others or (is_local(url) and local_path(url).exists() and not local_path(url).is_dir()):
             raise StoreError(f"{url} exists and is not a Zarr store; choose another --store path")
     if existing is not None:
-        return _reopen(existing, url, storage_options, spec_dict, fingerprint, features, ids, labs, can_extend)
+        writer = _reopen(existing, url, storage_options, spec_dict, fingerprint, features, ids, labs, can_extend)
+        writer.lease = lease
+        return writer
 
-    layout = plan_layout(n_samples, features, shard_rows=shard_rows, chunk_rows=chunk_rows)
-    root = open_group(url, "w-", storage_options)
+    layout = plan_layout(
+        n_samples, features, shard_rows=shard_rows, chunk_rows=chunk_rows, max_shard_rows=max_shard_rows
+    )
+    objects.create(CREATING_KEY, b'{"meaning": "this store is being created; it holds no data yet"}\n')
+    root = open_group(url, "a", storage_options)  # "w-" would see our own lease objects as content
     prov = to_jsonable(dict(provenance or {}))
     versions = package_versions()
     attrs = {
@@ -316,8 +495,9 @@ def create_store(
     create_samples(root.create_group(SAMPLES), ids, labs, layout.shard_rows)
     create_splits(root.create_group(SPLITS), split_masks)
     create_progress(root.create_group(PROGRESS), [f.name for f in features], layout.num_units)
-    root.attrs.update(attrs)  # last: a store whose root attributes exist is fully laid out
-    return StoreWriter(open_group(url, "r+", storage_options, use_consolidated=False), url, storage_options)
+    root.attrs.update(attrs)  # a store whose root attributes exist is fully laid out
+    objects.delete(CREATING_KEY)  # last: from here on the store is resumable
+    return StoreWriter(open_group(url, "r+", storage_options, use_consolidated=False), url, storage_options, lease)
 
 
 def _reopen(
@@ -332,6 +512,7 @@ def _reopen(
     can_extend: ExtensionCheck | None,
 ) -> StoreWriter:
     attrs = dict(root.attrs)
+    check_format(attrs, url)
     if attrs.get("format") != FORMAT_NAME:
         raise StoreError(
             f"{url} holds a Zarr hierarchy that is not a diffbank store (or one whose creation was "
