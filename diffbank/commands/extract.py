@@ -44,6 +44,13 @@ log = logging.getLogger(__name__)
 )
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run's summary as JSON on stdout.")
+@click.option(
+    "--storage-option",
+    "storage_option",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="fsspec option for a remote --store (repeatable): endpoint_url=http://host:9000; dots nest.",
+)
 def extract_command(
     spec_path: str,
     store_url: str | None,
@@ -55,12 +62,19 @@ def extract_command(
     micro_batch: int | None,
     no_progress: bool,
     as_json: bool,
+    storage_option: tuple[str, ...],
 ) -> None:
     """Extract SPEC's features into a Zarr store. Rerunning the same command resumes an interrupted run."""
     from diffbank.commands.spec import echo_problems
     from extract.pipeline import ExtractionError
     from extract.spec import SpecError, load_spec
     from extract.store import StoreError
+    from extract.store.remote import parse_storage_options
+
+    try:
+        storage_options = parse_storage_options(storage_option)
+    except StoreError as exc:
+        raise click.UsageError(str(exc)) from None
 
     if workers is not None and scheduler is not None:
         raise click.UsageError("give --workers or --scheduler, not both")
@@ -85,6 +99,7 @@ def extract_command(
                 batch_size=batch_size,
                 device=device,
                 micro_batch=micro_batch,
+                storage_options=storage_options,
             )
         else:
             from extract.pipeline import extract
@@ -97,6 +112,7 @@ def extract_command(
                 batch_size=batch_size,
                 device=device,
                 micro_batch=micro_batch,
+                storage_options=storage_options,
             )
     except KeyboardInterrupt:
         log.warning(f"interrupted: finished units are saved in {url}. Resume with:\n  {resume}")
@@ -132,15 +148,26 @@ def _report_run(summary: dict[str, Any], as_json: bool) -> None:
 
 
 @click.group("store")
-def store_command() -> None:
-    """Inspect, verify and export feature stores."""
+@click.option(
+    "--storage-option",
+    "storage_option",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="fsspec option for a remote STORE (repeatable): endpoint_url=http://host:9000; dots nest.",
+)
+@click.pass_context
+def store_command(ctx: click.Context, storage_option: tuple[str, ...]) -> None:
+    """Inspect, verify and export feature stores (read-only: nothing under STORE is written)."""
+    ctx.meta["diffbank.storage_option"] = storage_option
 
 
 def _open(url: str) -> Any:
     from extract.store import StoreError, open_store
+    from extract.store.remote import parse_storage_options
 
     try:
-        return open_store(url)
+        options = parse_storage_options(click.get_current_context().meta.get("diffbank.storage_option", ()))
+        return open_store(url, options)
     except (StoreError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None
 
