@@ -155,3 +155,44 @@ def test_readers_never_write_to_a_read_only_directory(tmp_path):
     after = {str(p): (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None) for p in files}
     assert sorted(str(p) for p in path.rglob("*")) == sorted(before)
     assert after == before
+
+
+def test_readers_work_with_read_only_credentials(s3_bucket, s3_endpoint, tmp_path):
+    """An IAM user allowed only s3:GetObject/ListBucket reads, verifies and exports a store; writes are refused."""
+    import urllib.request
+
+    import boto3
+
+    url = f"{s3_bucket}/small.zarr"
+    _, feats = _small(url)
+    before = _snapshot(url)
+    iam = boto3.client("iam", endpoint_url=s3_endpoint, region_name="us-east-1")
+    iam.create_user(UserName="reader")
+    policy = {
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Action": ["s3:GetObject", "s3:ListBucket"], "Resource": "*"}],
+    }
+    iam.put_user_policy(UserName="reader", PolicyName="read-only", PolicyDocument=json.dumps(policy))
+    key = iam.create_access_key(UserName="reader")["AccessKey"]
+    options = {"key": key["AccessKeyId"], "secret": key["SecretAccessKey"], "skip_instance_cache": True}
+
+    def auth(count: str) -> None:  # moto checks credentials and policies only after this call
+        request = urllib.request.Request(
+            f"{s3_endpoint}/moto-api/reset-auth", data=count.encode(), headers={"Content-Type": "text/plain"}
+        )
+        urllib.request.urlopen(request).close()
+
+    auth("0")
+    try:
+        fs = open_store(url, options)
+        for name, data in feats.items():
+            np.testing.assert_array_equal(fs.read(name), data.astype(np.float32))
+        assert verify(url, full_scan=True, storage_options=options).ok
+        from extract.store import export_hdf5
+
+        export_hdf5(fs, tmp_path / "o.h5")
+        with pytest.raises(PermissionError):
+            s3fs.S3FileSystem(**options).pipe(f"{url.removeprefix('s3://')}/probe-write", b"x")
+    finally:
+        auth("inf")
+    assert _snapshot(url) == before
