@@ -340,7 +340,7 @@ def _scan_feature(
                     f"{where}: chunk {k} (rows {c_lo}-{c_hi - 1}) is missing from shard {state.key}; it reads as zeros"
                 )
         try:
-            block = np.asarray(arr[lo:hi])
+            block = fs.read(name, slice(lo, hi))
         except Exception:  # name each chunk that fails, not just the first
             problems += _bad_chunks(arr, where, lo, hi, state.chunk_rows or (hi - lo))
             continue
