@@ -162,7 +162,7 @@ def export_hdf5(
             ds.attrs["dimension_names"] = json.dumps(list(arr.metadata.dimension_names or ()))
             for lo in range(0, fs.num_samples, fs.shard_rows):
                 hi = min(fs.num_samples, lo + fs.shard_rows)
-                ds[lo:hi] = np.asarray(arr[lo:hi], dtype=dtype)
+                ds[lo:hi] = np.asarray(arr[lo:hi]) if keep_dtype else fs.read(name, slice(lo, hi))
         h5.create_dataset("samples/label", data=fs.labels)
         h5.create_dataset("samples/id", data=fs.sample_ids.astype(object), dtype=h5py.string_dtype())
         h5.create_dataset("samples/valid", data=fs.valid)
