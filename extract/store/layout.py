@@ -41,9 +41,9 @@ FORMAT_VERSION = 2
 CHECKSUMS_SINCE = 2
 FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
 # Inner chunk length, measured by benchmarks/bench_reader.py (629 MB float16 feature, 1024 x 2 x 2 per row,
-# 2 shared cores, 2 decode threads): a full read to float32 ran at 1.52 GB/s with 64-row chunks against
-# 1.32 GB/s with 512-row ones, and a random 64-row batch (a shuffled probe epoch) cost 51 ms against 119 ms,
-# since every row drawn decodes its whole chunk. 64 wins both.
+# 2 shared cores, 2 decode threads, three runs): full reads to float32 ran at the same rate within the
+# machine's noise (64-row chunks 1.37-1.69 GB/s, 512-row 1.32-1.67), while a random 64-row batch (a
+# shuffled probe epoch) cost 51-62 ms against 92-147 ms, since every row drawn decodes its whole chunk: 64.
 DEFAULT_CHUNK_ROWS = 64
 MAX_CHUNK_BYTES = 4 << 20  # inner chunks of ~1-4 MiB read fast in random 64-row batches
 TARGET_SHARD_BYTES = 256 << 20  # few, large objects for object stores
