@@ -196,3 +196,18 @@ def test_readers_work_with_read_only_credentials(s3_bucket, s3_endpoint, tmp_pat
     finally:
         auth("inf")
     assert _snapshot(url) == before
+
+
+def test_verify_full_finds_a_flipped_byte_and_a_lost_shard_on_s3(s3_bucket):
+    url = f"{s3_bucket}/small.zarr"
+    _small(url)
+    base = f"{url.removeprefix('s3://')}/features/t090_b24_avg2/c"
+    fs = _fs()
+    raw = bytearray(fs.cat(f"{base}/1/0/0/0"))
+    raw[20] ^= 0x01
+    fs.pipe(f"{base}/1/0/0/0", bytes(raw))
+    fs.rm(f"{base}/2/0/0/0")
+    problems = verify(url, full_scan=True).problems
+    assert len(problems) == 2, problems
+    assert "unit 1 (rows 16-31)" in problems[0] and "fails its checksum" in problems[0]
+    assert "unit 2 (rows 32-39): marked done but its data is absent" in problems[1]

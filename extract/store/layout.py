@@ -388,17 +388,22 @@ class ShardState:
 
 
 def shard_state(arr: zarr.Array, shard: int) -> ShardState:
-    """Read shard `shard` (along the sample axis) of a sharded feature array and check its index."""
+    """Check shard `shard` (along the sample axis) of a sharded feature array: its size and its index.
+
+    Only the index is fetched (a ranged request), not the data: verify decodes the data separately, and
+    a remote shard of 256 MiB should cross the network once.
+    """
+    from zarr.abc.store import RangeByteRequest
     from zarr.core.buffer import default_buffer_prototype
     from zarr.core.sync import sync
 
     codec = _sharding(arr)
     coords = (shard,) + (0,) * (arr.ndim - 1)
     key = f"{arr.path}/{arr.metadata.encode_chunk_key(coords)}"
-    raw = sync(arr.store_path.store.get(key, prototype=default_buffer_prototype()))
-    if raw is None:
+    store = arr.store_path.store
+    if not sync(store.exists(key)):
         return ShardState(key, present=False)
-    nbytes = len(raw)
+    nbytes = int(sync(store.getsize(key)))
     if codec is None:
         return ShardState(key, present=True, nbytes=nbytes)
     chunk_rows = int(codec.chunk_shape[0])
@@ -407,7 +412,10 @@ def shard_state(arr: zarr.Array, shard: int) -> ShardState:
     if nbytes < index_size:
         return ShardState(key, True, nbytes, f"truncated: {nbytes} bytes, less than its index", (), chunk_rows)
     at_start = str(getattr(codec.index_location, "value", codec.index_location)) == "start"
-    index_bytes = raw[:index_size] if at_start else raw[nbytes - index_size :]
+    lo = 0 if at_start else nbytes - index_size
+    index_bytes = sync(
+        store.get(key, prototype=default_buffer_prototype(), byte_range=RangeByteRequest(lo, lo + index_size))
+    )
     try:
         index = sync(codec._decode_shard_index(index_bytes, per_shard))
     except Exception as exc:  # a checksum mismatch in the index: the shard was truncated or overwritten
