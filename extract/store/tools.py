@@ -396,6 +396,7 @@ def info(fs: FeatureStore) -> dict[str, Any]:
                 "view": feature.view,
                 "chunks": list(arr.chunks),
                 "shards": list(arr.shards or arr.chunks),
+                "checksums": has_checksums(arr),
                 "units_done": int(done.sum()) if done is not None else None,
                 "units": int(len(done)) if done is not None else None,
                 "stats": feature.stats,
