@@ -50,6 +50,13 @@ log = logging.getLogger(__name__)
     help="Take over the store from a writer whose lease is stale (no heartbeat for 10 minutes): "
     "only when that run is gone.",
 )
+@click.option(
+    "--storage-option",
+    "storage_option",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="fsspec option for a remote --store (repeatable): endpoint_url=http://host:9000; dots nest.",
+)
 def extract_command(
     spec_path: str,
     store_url: str | None,
@@ -62,12 +69,20 @@ def extract_command(
     no_progress: bool,
     as_json: bool,
     break_lease: bool,
+    storage_option: tuple[str, ...],
 ) -> None:
     """Extract SPEC's features into a Zarr store. Rerunning the same command resumes an interrupted run."""
     from diffbank.commands.spec import echo_problems
     from extract.compute import ExtractionInterrupted
     from extract.pipeline import ExtractionError
     from extract.spec import SpecError, load_spec
+    from extract.store import StoreError
+    from extract.store.remote import parse_storage_options
+
+    try:
+        storage_options = parse_storage_options(storage_option)
+    except StoreError as exc:
+        raise click.UsageError(str(exc)) from None
 
     if workers is not None and scheduler is not None:
         raise click.UsageError("give --workers or --scheduler, not both")
@@ -84,11 +99,11 @@ def extract_command(
             from extract.pipeline import nothing_to_do
             from extract.store.lease import acquire
 
-            done = nothing_to_do(spec, url)
+            done = nothing_to_do(spec, url, storage_options)
             if done is not None:
                 _report_run(done, as_json)
                 return
-            with acquire(url, break_stale=break_lease):  # the client holds it; prepare reuses it
+            with acquire(url, storage_options, break_stale=break_lease):  # the client holds it; prepare reuses it
                 summary = extract_distributed(
                     spec,
                     url,
@@ -99,6 +114,7 @@ def extract_command(
                     batch_size=batch_size,
                     device=device,
                     micro_batch=micro_batch,
+                    storage_options=storage_options,
                 )
         else:
             from extract.pipeline import extract
@@ -112,6 +128,7 @@ def extract_command(
                 device=device,
                 micro_batch=micro_batch,
                 break_lease=break_lease,
+                storage_options=storage_options,
             )
     except ExtractionInterrupted:
         log.warning(f"interrupted: finished units are saved in {url}. Resume with:\n  {resume}")
@@ -150,15 +167,26 @@ def _report_run(summary: dict[str, Any], as_json: bool) -> None:
 
 
 @click.group("store")
-def store_command() -> None:
-    """Inspect, verify and export feature stores."""
+@click.option(
+    "--storage-option",
+    "storage_option",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="fsspec option for a remote STORE (repeatable): endpoint_url=http://host:9000; dots nest.",
+)
+@click.pass_context
+def store_command(ctx: click.Context, storage_option: tuple[str, ...]) -> None:
+    """Inspect, verify and export feature stores (read-only: nothing under STORE is written)."""
+    ctx.meta["diffbank.storage_option"] = storage_option
 
 
 def _open(url: str) -> Any:
     from extract.store import StoreError, open_store
+    from extract.store.remote import parse_storage_options
 
     try:
-        return open_store(url)
+        options = parse_storage_options(click.get_current_context().meta.get("diffbank.storage_option", ()))
+        return open_store(url, options)
     except (StoreError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None
 

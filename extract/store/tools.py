@@ -14,9 +14,19 @@ import numpy as np
 from extract.features import FeatureKey, parse_feature_name
 from extract.provenance import fingerprint as fingerprint_of
 from extract.provenance import to_jsonable
-from extract.store.layout import SAMPLES, FeatureInfo, StoreError, as_str
+from extract.store.layout import (
+    CHECKSUMS_SINCE,
+    PROGRESS,
+    SAMPLES,
+    SPLITS,
+    FeatureInfo,
+    StoreError,
+    as_str,
+    has_checksums,
+    shard_state,
+)
 from extract.store.reader import FeatureStore, open_store
-from extract.store.writer import create_store
+from extract.store.writer import create_store, feature_list_problems
 
 SAVED_KIND = "save_features"  # the recorded "spec" of a store written from arrays
 
@@ -106,12 +116,15 @@ def save_features(
     )
     if writer.pending() == {}:
         raise StoreError(f"{url} already holds these features; nothing written")
-    for unit in range(writer.num_units):
-        start, stop = writer.unit_rows(unit)
-        writer.write_unit(unit, {name: arrays[name][start:stop] for name in arrays})
-    if attrs:
-        writer._root.attrs.update({"user_attrs": to_jsonable(dict(attrs))})
-    writer.finalize()
+    try:  # create_store took the writer lease; an error must not leave it behind
+        for unit in range(writer.num_units):
+            start, stop = writer.unit_rows(unit)
+            writer.write_unit(unit, {name: arrays[name][start:stop] for name in arrays})
+        if attrs:
+            writer._root.attrs.update({"user_attrs": to_jsonable(dict(attrs))})
+        writer.finalize()
+    finally:
+        writer.release()
     return open_store(url, storage_options)
 
 
@@ -152,7 +165,7 @@ def export_hdf5(
             ds.attrs["dimension_names"] = json.dumps(list(arr.metadata.dimension_names or ()))
             for lo in range(0, fs.num_samples, fs.shard_rows):
                 hi = min(fs.num_samples, lo + fs.shard_rows)
-                ds[lo:hi] = np.asarray(arr[lo:hi], dtype=dtype)
+                ds[lo:hi] = np.asarray(arr[lo:hi]) if keep_dtype else fs.read(name, slice(lo, hi))
         h5.create_dataset("samples/label", data=fs.labels)
         h5.create_dataset("samples/id", data=fs.sample_ids.astype(object), dtype=h5py.string_dtype())
         h5.create_dataset("samples/valid", data=fs.valid)
@@ -170,10 +183,11 @@ class VerifyReport:
     ok: bool
     problems: list[str]
     checked: dict[str, Any]
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     def __str__(self) -> str:
         head = f"{self.url}: {'OK' if self.ok else 'PROBLEMS'}"
-        return "\n".join([head, *(f"  - {p}" for p in self.problems)])
+        return "\n".join([head, *(f"  - {p}" for p in self.problems), *(f"  note: {n}" for n in self.notes)])
 
 
 def verify(
@@ -181,19 +195,41 @@ def verify(
     *,
     full_scan: bool = False,
     fingerprint_of_spec: Callable[[Mapping[str, Any]], str | None] | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> VerifyReport:
-    """Check a store against what it records: markers, shapes, dtypes, fingerprint, and (full_scan)
-    that stored NaN/inf counts equal the recorded ones.
+    """Check a store against what it records: markers, shapes, dtypes, the feature list, fingerprint.
+
+    `full_scan` reads every stored shard and chunk: a shard missing under a unit marked done, a
+    truncated shard, a chunk missing from its shard, a chunk that fails its checksum or does not
+    decode, and infs/NaNs the extraction did not record are each named, with their rows. Stores of
+    format 1 carry no chunk checksums, so a flipped byte there can only show as a wrong value; the
+    report says so in its notes. Nothing is written.
 
     The store cannot read a spec, so for stores written from one, `fingerprint_of_spec(recorded spec)`
     recomputes the fingerprint (None: the spec no longer loads); without it that check is skipped.
     Stores written by `save_features` are checked by their own canonical hash.
     """
-    fs = store if isinstance(store, FeatureStore) else open_store(store)
+    url = store.url if isinstance(store, FeatureStore) else os.fspath(store)
+    so = storage_options if storage_options is not None else getattr(store, "storage_options", None)
+    # Live metadata: the consolidated copy could hide an array added or lost since it was written.
+    fs = open_store(url, so, consolidated=False)
     problems: list[str] = []
+    notes: list[str] = []
     checked: dict[str, Any] = {"features": 0, "scanned": full_scan}
     status = fs.unit_status()
-    for name in fs.feature_names(None):
+    problems += feature_list_problems(fs._root)
+    version = int(fs.attrs.get("format_version", 0))
+    names = [n for n in fs.feature_names(None) if n in fs.arrays_on_disk()]
+    unchecked = [n for n in names if not has_checksums(fs.array(n))]
+    checked["checksums"] = not unchecked
+    if version < CHECKSUMS_SINCE or unchecked:
+        notes.append(
+            f"this store (format {version}) predates chunk checksums: a flipped byte in a chunk cannot be "
+            f"detected, only values that do not decode or are not finite"
+        )
+    per_unit = _unit_stats(fs) if full_scan else {}
+    valid = fs.valid if full_scan else None
+    for name in names:
         checked["features"] += 1
         info = fs.feature_info(name)
         arr = fs.array(name)
@@ -207,21 +243,23 @@ def verify(
         elif not units.all():
             problems.append(f"{name}: units {np.flatnonzero(~units).tolist()[:20]} not marked done")
         if full_scan:
-            stats = info.stats or {}
-            n_inf = n_nan = 0
-            for lo in range(0, fs.num_samples, fs.shard_rows):
-                block = np.asarray(arr[lo : lo + fs.shard_rows])
-                n_inf += int(np.isinf(block).sum())
-                n_nan += int(np.isnan(block).sum())
-            if n_inf != int(stats.get("n_inf", 0)) or n_nan != int(stats.get("n_nan", 0)):
+            marked = np.ones(fs.num_units, bool) if units is None else units
+            found, counted = _scan_feature(fs, name, marked, per_unit.get(name), valid)
+            problems += found
+            n_inf, n_nan, rec_inf, rec_nan = counted
+            if n_inf != rec_inf or n_nan != rec_nan:
                 problems.append(
-                    f"{name}: holds {n_inf} infs and {n_nan} NaNs; recorded "
-                    f"{stats.get('n_inf', 0)} and {stats.get('n_nan', 0)}"
+                    f"{name}: holds {n_inf} infs and {n_nan} NaNs in units marked done; the extraction "
+                    f"recorded {rec_inf} and {rec_nan}"
                 )
+            elif n_inf or n_nan:
+                notes.append(f"{name}: {n_inf} infs and {n_nan} NaNs, as recorded at extraction")
     for key in ("label", "id", "valid", "error"):
         shape = fs._root[SAMPLES][key].shape
         if shape != (fs.num_samples,):
             problems.append(f"samples/{key}: shape {shape} != ({fs.num_samples},)")
+    if full_scan:
+        problems += _scan_small_arrays(fs)
     if fs.spec.get("kind") == SAVED_KIND:
         expected: str | None = fingerprint_of(fs.spec)
     elif fingerprint_of_spec is not None:
@@ -236,7 +274,81 @@ def verify(
         problems.append(f"fingerprint {fs.fingerprint[:12]} does not match the stored spec ({expected[:12]})")
     if fs.class_names is not None and fs.labels.size and fs.labels.max() >= len(fs.class_names):
         problems.append(f"labels reach {int(fs.labels.max())} but only {len(fs.class_names)} class names")
-    return VerifyReport(fs.url, not problems, problems, checked)
+    return VerifyReport(fs.url, not problems, problems, checked, notes)
+
+
+def _unit_stats(fs: FeatureStore) -> dict[str, np.ndarray]:
+    """Per feature, the (units, 4) statistics the writer recorded with each unit's data."""
+    progress = fs._root[PROGRESS]
+    columns = list(progress["done"].attrs["features"])
+    stats = np.asarray(progress["stats"][:])
+    return {name: stats[:, i, :] for i, name in enumerate(columns) if i < stats.shape[1]}
+
+
+def _scan_feature(
+    fs: FeatureStore, name: str, marked: np.ndarray, unit_stats: np.ndarray | None, valid: np.ndarray
+) -> tuple[list[str], tuple[int, int, int, int]]:
+    arr = fs.array(name)
+    problems: list[str] = []
+    n_inf = n_nan = rec_inf = rec_nan = 0
+    for unit in range(fs.num_units):
+        if not marked[unit]:
+            continue  # reported above as not done; its data may legitimately be absent
+        lo, hi = unit * fs.shard_rows, min(fs.num_samples, (unit + 1) * fs.shard_rows)
+        where = f"{name}: unit {unit} (rows {lo}-{hi - 1})"
+        recorded = unit_stats[unit] if unit_stats is not None else np.zeros(4)
+        rec_inf += int(recorded[1])
+        rec_nan += int(recorded[2])
+        # zarr writes no chunk (or shard) that equals the fill value: absence is data loss only where the
+        # writer saw something other than zeros.
+        nonzero = bool(recorded[0] > 0 or recorded[1] or recorded[2])
+        state = shard_state(arr, unit)
+        if not state.present:
+            if nonzero:
+                problems.append(f"{where}: marked done but its data is absent ({state.key}); it reads as zeros")
+            continue
+        if state.problem:
+            problems.append(f"{where}: shard {state.key} is {state.problem}")
+            continue
+        for k in state.empty_chunks:
+            c_lo = lo + k * state.chunk_rows
+            c_hi = min(hi, c_lo + state.chunk_rows)
+            if c_lo < hi and nonzero and valid[c_lo:c_hi].any():
+                problems.append(
+                    f"{where}: chunk {k} (rows {c_lo}-{c_hi - 1}) is missing from shard {state.key}; it reads as zeros"
+                )
+        try:
+            block = fs.read(name, slice(lo, hi))
+        except Exception:  # name each chunk that fails, not just the first
+            problems += _bad_chunks(arr, where, lo, hi, state.chunk_rows or (hi - lo))
+            continue
+        n_inf += int(np.isinf(block).sum())
+        n_nan += int(np.isnan(block).sum())
+    return problems, (n_inf, n_nan, rec_inf, rec_nan)
+
+
+def _bad_chunks(arr: Any, where: str, lo: int, hi: int, chunk_rows: int) -> list[str]:
+    out = []
+    for c_lo in range(lo, hi, chunk_rows):
+        c_hi = min(hi, c_lo + chunk_rows)
+        try:
+            arr[c_lo:c_hi]
+        except Exception as exc:
+            why = "fails its checksum" if "checksum" in str(exc).lower() else f"does not decode ({exc})"
+            out.append(f"{where}: the chunk of rows {c_lo}-{c_hi - 1} {why}")
+    return out or [f"{where}: does not decode"]
+
+
+def _scan_small_arrays(fs: FeatureStore) -> list[str]:
+    out = []
+    for group in (SAMPLES, SPLITS, PROGRESS):
+        for key, arr in fs._root[group].arrays():
+            try:
+                arr[...]
+            except Exception as exc:
+                why = "fails its checksum" if "checksum" in str(exc).lower() else f"does not decode ({exc})"
+                out.append(f"{group}/{key}: {why}")
+    return out
 
 
 def info(fs: FeatureStore) -> dict[str, Any]:
@@ -262,6 +374,7 @@ def info(fs: FeatureStore) -> dict[str, Any]:
                 "view": feature.view,
                 "chunks": list(arr.chunks),
                 "shards": list(arr.shards or arr.chunks),
+                "checksums": has_checksums(arr),
                 "units_done": int(done.sum()) if done is not None else None,
                 "units": int(len(done)) if done is not None else None,
                 "stats": feature.stats,

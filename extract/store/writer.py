@@ -299,18 +299,18 @@ def feature_list_problems(root: zarr.Group) -> list[str]:
     columns = list(root[PROGRESS]["done"].attrs.get("features") or []) if PROGRESS in root else []
     on_disk = sorted(name for name, _ in root[FEATURES].arrays()) if FEATURES in root else []
     problems = []
-    if sorted(recorded) != on_disk:
-        unlisted = sorted(set(on_disk) - set(recorded))
-        missing = sorted(set(recorded) - set(on_disk))
-        if unlisted:
-            problems.append(f"feature arrays not in the root's feature list: {', '.join(unlisted)}")
-        if missing:
-            problems.append(f"features listed in the root but absent on disk: {', '.join(missing)}")
-    if columns != recorded:
+    if recorded and sorted(recorded) != on_disk:
+        lost = sorted(set(recorded) - set(on_disk))
+        extra = sorted(set(on_disk) - set(recorded))
+        parts = [
+            f"recorded but absent: {lost}" if lost else "",
+            f"on disk but not in the root's feature list: {extra}" if extra else "",
+        ]
         problems.append(
-            f"the completion markers cover {len(columns)} feature(s), the root lists {len(recorded)}: "
-            f"they disagree ({', '.join(sorted(set(columns) ^ set(recorded))) or 'order differs'})"
+            "the recorded feature list differs from the arrays on disk: " + "; ".join(p for p in parts if p)
         )
+    if recorded and columns != recorded:
+        problems.append(f"completion markers cover {columns}, the recorded feature list is {recorded}")
     return problems
 
 

@@ -1,0 +1,105 @@
+"""The fast reader: parallel decode into float32 for every row selection, codec and edge of the layout."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zarr
+
+from extract.store import open_store, save_features
+
+N = 45  # 3 shards of 16 (the last short), 4-row chunks: every kind of edge
+
+
+@pytest.fixture(params=["blosc-lz4", "zstd", "none"])
+def stored(tmp_path, request):
+    rng = np.random.default_rng(3)
+    feats = {
+        "t090_b24_avg2": rng.standard_normal((N, 6, 2, 2)).astype(np.float16),
+        "t150_b19_tok4": rng.standard_normal((N, 3, 4, 4)).astype(np.float32),
+    }
+    path = tmp_path / "r.zarr"
+    save_features(
+        path,
+        feats,
+        np.arange(N) % 3,
+        {"train": np.arange(30), "test": np.arange(30, N)},
+        shard_rows=16,
+        chunk_rows=4,
+        compression=request.param,
+    )
+    return path, feats
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_every_selection_equals_plain_zarr(stored, workers):
+    path, feats = stored
+    fs = open_store(path, workers=workers)
+    rng = np.random.default_rng(0)
+    for name, data in feats.items():
+        want = data.astype(np.float32)
+        np.testing.assert_array_equal(fs.read(name), want)
+        plain = np.asarray(zarr.open_array(str(path / "features" / name), mode="r")[:], dtype=np.float32)
+        np.testing.assert_array_equal(plain, want)
+        for rows in (slice(3, 41), slice(15, 17), slice(44, 45), slice(0, 0), slice(40, 2, -3)):
+            np.testing.assert_array_equal(fs.read(name, rows), want[rows])
+        for idx in (rng.permutation(N), np.array([44, 0, 0, 17, 16, 15, -1]), rng.choice(N, 9), np.array([], int)):
+            np.testing.assert_array_equal(fs.read(name, idx), want[idx])
+        mask = rng.random(N) > 0.5
+        np.testing.assert_array_equal(fs.read(name, mask), want[mask])
+        out = np.full((N, *data.shape[1:]), np.nan, np.float32)
+        assert fs.read(name, out=out) is out
+        np.testing.assert_array_equal(out, want)
+        with pytest.raises(ValueError, match="out must be"):
+            fs.read(name, out=np.empty((N, *data.shape[1:]), np.float16))
+
+
+@pytest.mark.parametrize("prefetch", [0, 1, 3])
+def test_iter_batches_in_order_with_read_ahead(stored, prefetch):
+    path, feats = stored
+    fs = open_store(path)
+    name, data = "t090_b24_avg2", feats["t090_b24_avg2"].astype(np.float32)
+    batches = list(fs.iter_batches(name, 7, prefetch=prefetch))
+    assert [len(b) for b in batches] == [7] * 6 + [3]
+    np.testing.assert_array_equal(np.concatenate(batches), data)  # earlier batches stay valid
+    order = np.random.default_rng(1).permutation(N)
+    got = np.concatenate(list(fs.iter_batches(name, 10, order, prefetch=prefetch)))
+    np.testing.assert_array_equal(got, data[order])
+    np.testing.assert_array_equal(np.concatenate(list(fs.iter_batches(name, 4, slice(5, 30)))), data[5:30])
+
+
+def test_to_xarray_views(stored):
+    xr = pytest.importorskip("xarray")
+    path, feats = stored
+    fs = open_store(path)
+    for name, data in feats.items():
+        da = fs.to_xarray(name)
+        assert da.dims == ("sample", "channel", "y", "x") and da.name == name
+        assert da.attrs["t"] == int(name[1:4]) and da.attrs["storage_dtype"] == str(data.dtype)
+        np.testing.assert_array_equal(da.coords["label"].values, np.arange(N) % 3)
+        assert da.coords["split"].values[0] == "train" and da.coords["split"].values[-1] == "test"
+        assert da.coords["valid"].values.all() and da.coords["id"].values[2] == "2"
+        assert da.chunks is not None  # lazy: nothing read yet
+        np.testing.assert_array_equal(da.isel(sample=slice(10, 20)).values, data[10:20])
+    tree = fs.to_xarray()
+    assert isinstance(tree, xr.DataTree)
+    assert sorted(tree.children) == sorted(feats)
+    np.testing.assert_array_equal(tree["t150_b19_tok4"]["t150_b19_tok4"].values, feats["t150_b19_tok4"])
+
+
+def test_plain_xarray_and_zarr_open_what_the_readme_says(stored):
+    """README's recipes for teams without diffbank: one feature, the samples and the splits."""
+    xr = pytest.importorskip("xarray")
+    path, feats = stored
+    name = "t090_b24_avg2"
+    others = [n for n in feats if n != name]
+    ds = xr.open_zarr(str(path), group="features", drop_variables=others)
+    assert ds[name].dims == ("sample", "channel", "y", "x")
+    np.testing.assert_array_equal(ds[name].values, feats[name])
+    samples = xr.open_zarr(str(path), group="samples")
+    np.testing.assert_array_equal(samples["label"].values, np.arange(N) % 3)
+    splits = xr.open_zarr(str(path), group="splits")
+    assert int(splits["train"].sum()) == 30
+    root = zarr.open_group(str(path), mode="r")
+    np.testing.assert_array_equal(root["features"][name][:], feats[name])
+    assert root.attrs["format_version"] == 2
