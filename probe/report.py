@@ -16,7 +16,6 @@ import math
 import os
 import platform
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,9 +49,10 @@ def write_results(path: str | os.PathLike, results: Mapping[str, Any]) -> Path:
     doc = {"schema": RESULTS_SCHEMA, **to_jsonable(results)}
     doc.setdefault("environment", environment())
     text = json.dumps(doc, indent=2, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+    # A plain open honours the user's umask (mkstemp makes 0600 files teammates cannot read).
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
-        with os.fdopen(fd, "w") as fh:
+        with open(tmp, "w") as fh:
             fh.write(text)
         os.replace(tmp, path)
     except BaseException:

@@ -92,6 +92,7 @@ def test_sweep_draws_the_heatmap_and_resumes(store, tmp_path):
 
 def test_bad_feature_is_a_clean_error(store, tmp_path):
     result = _invoke("linear", store, "--out", str(tmp_path / "x"), "--feature", "t001_b01_avg9")
+    assert not (tmp_path / "x").exists()  # a failed run leaves no half-made --out behind
     assert result.exit_code != 0 and "features that exist" in result.output and "t090_b24_avg1" in result.output
 
 

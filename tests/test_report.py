@@ -46,3 +46,15 @@ def test_heatmap_and_curves_are_written(tmp_path):
         plot_accuracy_vs_t(values, tmp_path / "c.png"),
     ):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+def test_results_are_created_with_the_users_umask(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        path = write_results(tmp_path / "results.json", {"top1": 0.5})
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644  # readable by teammates, as any file the user creates
+    assert not list(tmp_path.glob("*.tmp"))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -152,10 +154,18 @@ def _run(name: str, **kwargs: Any) -> None:
         kwargs.pop("standardize", None)
     if "quiet" in kwargs:
         kwargs["progress"] = not kwargs.pop("quiet")
+    out = Path(kwargs["out_dir"])
+    fresh = not out.exists()
     try:
         results = getattr(api, f"run_{name}")(**kwargs)
-    except (ProbeDataError, api.RunConflictError, api.ProbeConfigError, FileNotFoundError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    except BaseException as exc:
+        # A run that fails before finishing leaves nothing behind in an --out it created, so the next run
+        # there does not meet half a run's settings (an interrupted run keeps its checkpoint to resume).
+        if fresh and not isinstance(exc, KeyboardInterrupt) and not (out / "checkpoint").exists():
+            shutil.rmtree(out, ignore_errors=True)
+        if isinstance(exc, (ProbeDataError, api.RunConflictError, api.ProbeConfigError, FileNotFoundError)):
+            raise click.ClickException(str(exc)) from exc
+        raise
     click.echo(render(results))
     if results.get("lr_sweep"):
         from probe.report import format_table
