@@ -145,6 +145,13 @@ class DifFeed(nn.Module):
         if tokens < 1:
             raise ValueError(f"tokens must be a positive int, got {tokens!r}")
         self.tokens = int(tokens)
+        # The head first: under one seed it starts with the same weights whatever the feedback, so DifFeed and
+        # its no-feedback baseline are paired from the first step.
+        info = unet.block_info(self.read_block)
+        side = min(self.tokens, info.resolution)
+        self.head = AttentionPoolHead(
+            (info.channels, side, side), num_classes, dim=dim, heads=heads, depth=depth, final_norm=final_norm
+        )
         self.partners: dict[int, int] = {}
         layers = {}
         for b in self.feedback_blocks:
@@ -162,11 +169,6 @@ class DifFeed(nn.Module):
             self.partners[b] = p
             layers[str(b)] = _feedback_layer(src.channels, dst.channels)
         self.feedback = nn.ModuleDict(layers)
-        info = unet.block_info(self.read_block)
-        side = min(self.tokens, info.resolution)
-        self.head = AttentionPoolHead(
-            (info.channels, side, side), num_classes, dim=dim, heads=heads, depth=depth, final_norm=final_norm
-        )
 
     def train(self, mode: bool = True) -> DifFeed:
         super().train(mode)

@@ -303,3 +303,35 @@ def test_cli_trains_from_a_spec_and_resumes(tmp_path):
     assert [r["epoch"] for r in json.loads((out / "results.json").read_text())["history"]] == [1, 2]
     bad = CliRunner().invoke(feedback_command, [*args, "--t", "5000"])
     assert bad.exit_code != 0 and "outside" in bad.output
+
+
+# -- the t=150 ImageNet spec (issue 9, item 5) ----------------------------------------------------
+
+
+def test_imagenet_linear_t150_differs_from_the_papers_text_only_in_t():
+    from pathlib import Path
+
+    from diffbank.commands.spec import spec_command
+    from extract.spec import load_spec
+
+    specs = Path(__file__).resolve().parents[1] / "cache_specs"
+    text, scripts = (
+        load_spec(specs / name, check_files=False) for name in ("imagenet_linear.yaml", "imagenet_linear_t150.yaml")
+    )
+    assert [f.name for f in scripts.features()] == ["t150_b24_avg2"]
+    assert text.grid.timesteps == (90,) and scripts.grid.timesteps == (150,)
+    assert (scripts.model, scripts.dataset, scripts.noise, scripts.storage) == (
+        text.model,
+        text.dataset,
+        text.noise,
+        text.storage,
+    )
+    assert "t=150" in (specs / "imagenet_linear.yaml").read_text().split("name:")[0]
+    result = CliRunner().invoke(spec_command, ["check", "--no-files", str(specs / "imagenet_linear_t150.yaml")])
+    assert result.exit_code == 0, result.output
+
+
+def test_difffeed_and_its_baseline_start_from_the_same_head():
+    with_feedback, baseline = difffeed(), difffeed(feedback_blocks=[])
+    for (name, a), (_, b) in zip(with_feedback.head.state_dict().items(), baseline.head.state_dict().items()):
+        assert torch.equal(a, b), name
