@@ -455,6 +455,33 @@ def _load_state(
     return meta, best
 
 
+def _accumulate(
+    model: DifFeed,
+    data: ImageSet,
+    batch: np.ndarray,
+    micro: int,
+    schedule: NoiseSchedule,
+    recipe: FeedbackRecipe,
+    epoch: int,
+    device: torch.device,
+) -> tuple[float, int]:
+    """Gradients of one batch's mean loss, accumulated micro-batch by micro-batch: (summed loss, correct)."""
+    for p in model.parameters():
+        p.grad = None
+    loss_sum, correct = 0.0, 0
+    for lo in range(0, len(batch), micro):
+        pos = batch[lo : lo + micro]
+        x_t, t = _noised(data, pos, schedule, recipe, draw=epoch, device=device)
+        y = torch.as_tensor(data.labels[pos], device=device)
+        logits = model(x_t, t).float()
+        # Summed over the micro-batch and divided by the whole batch: the accumulated gradient is the batch mean.
+        loss = F.cross_entropy(logits, y, reduction="sum") / len(batch)
+        loss.backward()
+        loss_sum += float(loss.detach()) * len(batch)
+        correct += int((logits.argmax(1) == y).sum())
+    return loss_sum, correct
+
+
 def train_feedback(
     model: DifFeed,
     schedule: NoiseSchedule,
@@ -489,7 +516,15 @@ def train_feedback(
     schedule.check_timesteps([recipe.t])
     model.unet.to(dev)
     model.to(dev)
-    micro = int(micro_batch) if micro_batch else auto_micro_batch(model, recipe, dev)
+    out = Path(out_dir) if out_dir is not None else None
+    ckpt = out / "checkpoint" if out is not None else None
+    saved = ckpt / "state.json" if ckpt is not None and resume else None
+    if micro_batch:
+        micro = int(micro_batch)
+    elif saved is not None and saved.is_file():
+        micro = int(json.loads(saved.read_text())["config"]["micro_batch"])  # a resume keeps the BatchNorm batches
+    else:
+        micro = auto_micro_batch(model, recipe, dev)
     micro = min(micro, recipe.batch_size)
     eval_batch = int(eval_batch_size or max(micro, 1))
     config = {
@@ -500,8 +535,6 @@ def train_feedback(
         "train": train.digest(),
         "val": val.digest(),
     }
-    out = Path(out_dir) if out_dir is not None else None
-    ckpt = out / "checkpoint" if out is not None else None
     params = list(model.parameters())
     optimizer = torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=recipe.step_size, gamma=recipe.gamma)
@@ -526,37 +559,44 @@ def train_feedback(
         seen, correct, loss_sum = 0, 0, 0.0
         bar = tqdm(
             total=len(order),
-            desc=f"difffeed epoch {epoch + 1}/{recipe.epochs}",
+            desc=f"{'difffeed' if model.feedback_blocks else 'attention'} epoch {epoch + 1}/{recipe.epochs}",
             unit="img",
             disable=not progress,
             leave=False,
         )
         for lo in range(0, len(order), recipe.batch_size):
-            batch = order[lo : lo + recipe.batch_size]
-            optimizer.zero_grad(set_to_none=True)
-            for mlo in range(0, len(batch), micro):
-                pos = batch[mlo : mlo + micro]
-                x_t, t = _noised(train, pos, schedule, recipe, draw=epoch, device=dev)
-                y = torch.as_tensor(train.labels[pos], device=dev)
-                logits = model(x_t, t).float()
-                # Sum over the micro-batch, divided by the whole batch: the accumulated gradient is the batch mean.
-                loss = F.cross_entropy(logits, y, reduction="sum") / len(batch)
-                loss.backward()
-                loss_sum += float(loss.detach()) * len(batch)
-                correct += int((logits.argmax(1) == y).sum())
-                seen += len(pos)
-                bar.update(len(pos))
-            optimizer.step()
-            steps += 1
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
             if max_steps is not None and steps >= max_steps:
                 break
+            batch = order[lo : lo + recipe.batch_size]
+            buffers = _clone(dict(model.named_buffers()))
+            while True:
+                try:
+                    batch_loss, batch_correct = _accumulate(model, train, batch, micro, schedule, recipe, epoch, dev)
+                    break
+                except torch.cuda.OutOfMemoryError:
+                    if micro == 1:
+                        raise
+                    # Undo the partial batch (BatchNorm statistics included) and retry it in smaller pieces.
+                    with torch.no_grad():
+                        for name, buf in model.named_buffers():
+                            buf.copy_(buffers[name])
+                    micro = max(1, micro // 2)
+                    log.warning("out of memory: micro-batch now %d", micro)
+                    torch.cuda.empty_cache()
+            optimizer.step()
+            steps += 1
+            loss_sum += batch_loss
+            correct += batch_correct
+            seen += len(batch)
+            bar.update(len(batch))
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
         bar.close()
+        epoch_lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         val_acc, val_loss, _ = _evaluate(model, val, schedule, recipe, eval_batch, dev)
         row = {
             "epoch": epoch + 1,
-            "lr": optimizer.param_groups[0]["lr"],
+            "lr": epoch_lr,
             "train_loss": loss_sum / max(1, seen),
             "train_accuracy": correct / max(1, seen),
             "val_accuracy": val_acc,
@@ -577,6 +617,7 @@ def train_feedback(
             )
         if max_steps is not None and steps >= max_steps:
             break
+        config["micro_batch"] = micro  # an out-of-memory retry may have lowered it; a resume keeps the lower one
         if ckpt is not None:
             _save_state(
                 ckpt,
