@@ -303,6 +303,9 @@ def test_cli_trains_from_a_spec_and_resumes(tmp_path):
     assert [r["epoch"] for r in json.loads((out / "results.json").read_text())["history"]] == [1, 2]
     bad = CliRunner().invoke(feedback_command, [*args, "--t", "5000"])
     assert bad.exit_code != 0 and "outside" in bad.output
+    if not torch.cuda.is_available():
+        no_gpu = CliRunner().invoke(feedback_command, [*args, "--device", "cuda"])
+        assert no_gpu.exit_code != 0 and "CUDA" in no_gpu.output
 
 
 # -- the t=150 ImageNet spec (issue 9, item 5) ----------------------------------------------------

@@ -158,7 +158,7 @@ def feedback_command(
     """
     import torch
 
-    from extract.compute import resolve_device
+    from extract.compute import ExtractionError, resolve_device
     from extract.diffusion import NoiseSchedule
     from extract.models.registry import build_model
     from extract.pipeline import checkpoint_path
@@ -210,7 +210,7 @@ def feedback_command(
             resume=not restart,
             progress=not quiet,
         )
-    except (ValueError, FileNotFoundError, torch.cuda.OutOfMemoryError) as exc:
+    except (ValueError, FileNotFoundError, ExtractionError, torch.cuda.OutOfMemoryError) as exc:
         raise click.ClickException(str(exc)) from exc
     results.update(
         spec=spec_path,
