@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -521,9 +521,19 @@ class ADMUNet(nn.Module):
         return emb
 
     def _run(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, last_block: int, keep: set[int]
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor | None,
+        last_block: int,
+        keep: set[int],
+        additions: Mapping[int, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """Run blocks 1..last_block, returning the last output and the outputs of `keep`."""
+        """Run blocks 1..last_block, returning the last output and the outputs of `keep`.
+
+        `additions` maps block numbers to tensors added to that block's output before anything reads it,
+        so an encoder block's sum is also what its skip connection carries (DifFeed's feedback).
+        """
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         emb = self.embed(t, y)
@@ -534,6 +544,8 @@ class ADMUNet(nn.Module):
         for module in self.input_blocks:
             n += 1
             h = module(h, emb)
+            if additions and n in additions:
+                h = h + additions[n]
             skips.append(h)
             if n in keep:
                 kept[n] = h
@@ -541,6 +553,8 @@ class ADMUNet(nn.Module):
                 return h, kept
         n += 1
         h = self.middle_block(h, emb)
+        if additions and n in additions:
+            h = h + additions[n]
         if n in keep:
             kept[n] = h
         if n == last_block:
@@ -548,6 +562,8 @@ class ADMUNet(nn.Module):
         for module in self.output_blocks:
             n += 1
             h = module(torch.cat([h, skips.pop()], dim=1), emb)  # current h first, then the skip
+            if additions and n in additions:
+                h = h + additions[n]
             if n in keep:
                 kept[n] = h
             if n == last_block:
@@ -559,14 +575,37 @@ class ADMUNet(nn.Module):
         return self.out(h)
 
     def features(
-        self, x: torch.Tensor, t: torch.Tensor, blocks: Iterable[int | str], y: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        blocks: Iterable[int | str],
+        y: torch.Tensor | None = None,
+        additions: Mapping[int | str, torch.Tensor] | None = None,
     ) -> dict[int | str, torch.Tensor]:
-        """Outputs of the requested blocks, keyed as requested; nothing past the deepest one runs."""
+        """Outputs of the requested blocks, keyed as requested; nothing past the deepest one runs.
+
+        `additions` ({block: tensor}) adds each tensor to that block's output in this pass only; the sum is
+        what later blocks, skips and the returned features see. Gradients flow through the additions.
+        """
         requested = list(blocks)
         if not requested:
             raise ValueError("features() needs at least one block")
         numbers = {b: self.block_info(b).number for b in requested}
-        _, kept = self._run(x, t, y, max(numbers.values()), set(numbers.values()))
+        last = max(numbers.values())
+        added: dict[int, torch.Tensor] = {}
+        for block, tensor in (additions or {}).items():
+            info = self.block_info(block)
+            if info.number > last:
+                # It would be silently ignored: nothing past the deepest requested block runs.
+                raise ValueError(f"addition to block {info.number} lies past the deepest requested block {last}")
+            if tensor.dim() != 4 or tensor.shape[1] != info.channels:
+                raise ValueError(
+                    f"addition to block {info.number} must be (N, {info.channels}, H, W), got {tuple(tensor.shape)}"
+                )
+            if info.number in added:
+                raise ValueError(f"two additions name block {info.number}")
+            added[info.number] = tensor
+        _, kept = self._run(x, t, y, last, set(numbers.values()), added)
         return {b: kept[n] for b, n in numbers.items()}
 
     # -- accounting --------------------------------------------------------------------------
