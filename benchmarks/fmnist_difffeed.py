@@ -31,7 +31,7 @@ from extract.preprocess import reference
 from probe.data import stratified_holdout
 from probe.feedback import DifFeed, FeedbackRecipe, ImageSet, train_feedback, validation_split
 from probe.heads import PRESETS, seeded_init
-from probe.stats import mcnemar
+from probe.significance import mcnemar
 
 MODEL = "embedded:fmnist32"
 TRAIN_ROWS = 60_000  # test images are keyed after the training split, as a [train, test] source numbers them

@@ -263,3 +263,13 @@ def sweep(**kwargs: Any) -> None:
     else:
         kwargs["lrs"] = list(kwargs["lrs"])
     _run("sweep", **kwargs)
+
+
+def _add_feedback() -> None:
+    # DifFeed runs the U-Net (the one probe that does); its command module imports it only when run.
+    from diffbank.commands.feedback import feedback_command
+
+    probe_command.add_command(feedback_command, "feedback")
+
+
+_add_feedback()
