@@ -23,6 +23,7 @@ def readme_commands() -> list[list[str]]:
     text = (REPO / "README.md").read_text()
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        block = block.replace("\\\n", " ")  # a command continued over several lines is one command
         for line in block.splitlines():
             line = re.sub(r"\s+#.*$", "", line).strip()
             if not line.startswith("diffbank "):
