@@ -27,10 +27,20 @@ def _embedded() -> dict:
 
 
 @pytest.mark.parametrize("flags", [*PRESETS.values(), TINY, _embedded()], ids=[*PRESETS, "tiny", "embedded:fmnist32"])
-def test_block_table_equals_the_built_network(flags):
+def test_block_table_equals_the_built_networks_outputs(flags):
+    """Names and shapes of the table against what each block of the built network really outputs."""
     with torch.device("meta"):
         model = ADMUNet.from_flags(**flags)
-    assert block_table(config_from_flags(**flags)) == model.blocks
+        cfg = model.config
+        x = torch.zeros(1, cfg.in_channels, cfg.image_size, cfg.image_size)
+        t = torch.zeros(1, dtype=torch.long)
+        y = torch.zeros(1, dtype=torch.long) if cfg.num_classes else None
+        table = block_table(config_from_flags(**flags))
+        outputs = model.features(x, t, [b.number for b in table], y=y)
+    names = dict(model.named_modules())
+    for info in table:
+        assert info.module in names
+        assert tuple(outputs[info.number].shape[1:]) == (info.channels, info.resolution, info.resolution), info
 
 
 @pytest.mark.parametrize(

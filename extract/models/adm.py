@@ -422,7 +422,6 @@ class ADMUNet(nn.Module):
         ch = input_ch = int(cfg.channel_mult[0] * mc)
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, ch, 3, padding=1))])
         skip_chans, ds = [ch], 1
-        shapes = [(ch, cfg.image_size)]
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
                 layers: list[nn.Module] = [res(ch, int(mult * mc))]
@@ -431,16 +430,13 @@ class ADMUNet(nn.Module):
                     layers.append(attn(ch, cfg.num_heads))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_chans.append(ch)
-                shapes.append((ch, cfg.image_size // ds))
             if level != len(cfg.channel_mult) - 1:
                 down = res(ch, ch, down=True) if cfg.resblock_updown else Downsample(ch, use_conv=True)
                 self.input_blocks.append(TimestepEmbedSequential(down))
                 skip_chans.append(ch)
                 ds *= 2
-                shapes.append((ch, cfg.image_size // ds))
 
         self.middle_block = TimestepEmbedSequential(res(ch, ch), attn(ch, cfg.num_heads), res(ch, ch))
-        shapes.append((ch, cfg.image_size // ds))
 
         # Decoder: levels reversed, each ResBlock eats one skip (last in, first out).
         self.output_blocks = nn.ModuleList()
@@ -454,20 +450,14 @@ class ADMUNet(nn.Module):
                     layers.append(res(ch, ch, up=True) if cfg.resblock_updown else Upsample(ch, use_conv=True))
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
-                shapes.append((ch, cfg.image_size // ds))
 
         self.out = nn.Sequential(
             normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(input_ch, cfg.out_channels, 3, padding=1))
         )
 
-        names = (
-            [f"input_blocks.{i}" for i in range(len(self.input_blocks))]
-            + ["middle_block"]
-            + [f"output_blocks.{j}" for j in range(len(self.output_blocks))]
-        )
-        self.blocks: tuple[BlockInfo, ...] = tuple(
-            BlockInfo(n + 1, name, c, r) for n, (name, (c, r)) in enumerate(zip(names, shapes))
-        )
+        from extract.models.blocks import block_table  # the one table of block names and output shapes
+
+        self.blocks: tuple[BlockInfo, ...] = block_table(cfg)
 
     # -- construction ------------------------------------------------------------------------
 
