@@ -73,6 +73,7 @@ def s3_endpoint():
     }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
+    _forget_s3_clients()  # s3fs caches filesystems by their arguments: one made before would lack this endpoint
     try:
         yield endpoint
     finally:
@@ -94,3 +95,11 @@ def s3_bucket(s3_endpoint) -> str:
     name = f"b-{uuid.uuid4().hex[:12]}"
     s3fs.S3FileSystem(skip_instance_cache=True).mkdir(name)
     return f"s3://{name}"
+
+
+def _forget_s3_clients() -> None:
+    try:
+        import s3fs
+    except ImportError:
+        return
+    s3fs.S3FileSystem.clear_instance_cache()
