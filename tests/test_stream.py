@@ -57,3 +57,20 @@ def test_epoch_order_visits_each_row_once_and_is_seeded():
     again = np.concatenate([w.order for w in epoch_order(rows, 64, 100, seed=5, epoch=2, shuffle=True)])
     other = np.concatenate([w.order for w in epoch_order(rows, 64, 100, seed=6, epoch=2, shuffle=True)])
     assert np.array_equal(order, again) and not np.array_equal(order, other)
+
+
+def test_memory_budget_caps_the_shuffle_window_in_both_modes(store_path):
+    kw = dict(seed=3, shuffle_buffer="1GiB", memory_budget=3 * 48 * 40)  # a third of the budget: 40 rows of 48 B
+    mem = ProbeData.from_store(open_store(store_path), [FEAT], in_memory=True, **kw)
+    streamed = ProbeData.from_store(open_store(store_path), [FEAT], in_memory=False, **kw)
+    assert mem.default_buffer_rows() == streamed.default_buffer_rows() == 40
+    assert mem.split_definition()["shuffle"]["buffer_rows"] == 40
+    s1, s2 = mem.stream("train", 7), streamed.stream("train", 7)
+    assert len(s2.windows()) > 1  # batches span windows
+    b1, b2 = list(s1), list(s2)
+    assert [len(y) for _, y in b2] == [7] * (s2.num_samples // 7) + ([s2.num_samples % 7] if s2.num_samples % 7 else [])
+    for (x1, y1), (x2, y2) in zip(b1, b2):
+        assert torch.equal(y1, y2) and torch.equal(x1[FEAT], x2[FEAT])
+    # a generous budget leaves the window to shuffle_buffer, as before budgets sized it
+    big = ProbeData.from_store(open_store(store_path), [FEAT], seed=3, memory_budget="8GiB", shuffle_buffer=600)
+    assert big.default_buffer_rows() == 16
