@@ -11,9 +11,10 @@
 Memory. Peak RSS of a probe stays within `memory_budget` plus a constant:
 
 - the data: in memory, all rows of the features as float32 (<= budget, or it streams); streamed, the window
-  being consumed, the one being read ahead and the previous one while its last batch is referenced, each at
-  most budget / 3 plus one shard (the shuffle window is the smaller of `shuffle_buffer` and a third of the
-  budget);
+  being consumed, the one being read ahead and the previous one while its last batch is referenced, each
+  under 1.25 x budget / 4 (the shuffle window is the smaller of `shuffle_buffer` and a quarter of the budget,
+  and its unit a shard or, when a shard is larger than a sixteenth of the budget, a run of inner chunks of at
+  most a quarter window);
 - the statistics pass: 3 blocks of `probe.stats.STATS_BLOCK_BYTES` (16 MiB) float32 plus two float64 copies
   of one (~112 MiB), freed before training;
 - the reader: 8 MiB of decode scratch per decode thread (`open_store(workers=...)`, default the cores here);
@@ -21,12 +22,16 @@ Memory. Peak RSS of a probe stays within `memory_budget` plus a constant:
   ~1 MB), one batch and its activations;
 - the Python/torch/zarr baseline (~350-450 MB RSS for `diffbank probe` measured on Linux).
 
+A streamed ProbeData fixes glibc's mmap threshold at 1 MiB (`_fixed_mmap_threshold`) so freed windows
+return to the OS instead of staying on malloc's heaps.
+
 Bad input fails early with `ProbeDataError` and a message that says what to do.
 This module imports `extract.store` only: probing never needs the U-Net.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -148,6 +153,8 @@ class ProbeData:
         self.chunk_rows = self._chunk_rows()
         self.in_memory = self.memory_bytes() <= self.memory_budget if in_memory is None else bool(in_memory)
         self._memory: dict[str, np.ndarray] | None = None
+        if not self.in_memory:
+            _fixed_mmap_threshold()
         self._stats: dict[str, FeatureStats] = {}
 
     # ---- construction
@@ -238,19 +245,21 @@ class ProbeData:
         return sum(int(np.prod(s)) * 4 for s in self.feature_shapes.values())
 
     def window_bytes(self) -> int:
-        """Bytes of one shuffle window: `shuffle_buffer`, at most a third of the memory budget.
+        """Bytes of one shuffle window: `shuffle_buffer`, at most a quarter of the memory budget.
 
         A streamed epoch holds up to three windows at once (the one being consumed, the one read ahead, and
-        the previous one while its last batch is still referenced), so the data stays within the budget.
+        the previous one while its last batch is still referenced), each under 1.25 quarters (a window
+        overshoots by less than one unit, see `_chunk_rows`), so the data stays within the budget.
         """
-        return min(self.shuffle_buffer, self.memory_budget // 3)
+        return min(self.shuffle_buffer, self.memory_budget // 4)
 
     def default_buffer_rows(self) -> int:
         """Shuffle window in rows: what `window_bytes()` hold, at least one chunk.
 
         It depends on the features, `shuffle_buffer` and the memory budget, never on the mode, so a run gives
         the same batches on a machine that streams and on one that holds everything in memory (and the same
-        as before budgets sized windows whenever the budget is at least three times `shuffle_buffer`).
+        as before budgets sized windows whenever the budget is at least 4 x `shuffle_buffer` and a shard at most
+        a quarter of it).
         """
         return max(self.chunk_rows, self.window_bytes() // max(1, self.row_bytes()))
 
@@ -405,9 +414,23 @@ class ProbeData:
             )
 
     def _chunk_rows(self) -> int:
+        """The unit of `epoch_order`: a shard, or a run of inner chunks when a shard is large for the budget.
+
+        Whole shards (the order of every earlier run) whenever a shard's float32 rows fit a sixteenth of the
+        memory budget; under a smaller budget the largest multiple of the inner chunk that fits a quarter of
+        `window_bytes()` (at least one inner chunk), so a window (< buffer rows + one unit) stays near its
+        share of the budget.
+        """
         shard = optional_attr(self.store, "shard_rows")
         if shard:
-            return int(shard)
+            shard = int(shard)
+            if shard * self.row_bytes() <= self.memory_budget // 16:
+                return shard
+            limit = self.window_bytes() // 4
+            array = getattr(self.store, "array", None)
+            inner = int(array(self.features[0]).chunks[0]) if array is not None else shard
+            inner = max(1, min(inner, shard))
+            return max(inner, limit // max(1, self.row_bytes()) // inner * inner)
         first = self.store.to_dask(self.features[0])
         return int(first.chunks[0][0]) if first.chunks[0] else 1
 
@@ -448,6 +471,26 @@ def _check_features(store: Any, features: list[str]) -> None:
         raise ProbeDataError(
             f"feature(s) {', '.join(unfinished)} are not completely extracted; finish (resume) the extraction first"
         )
+
+
+_MMAP_THRESHOLD = 1 << 20
+
+
+@functools.cache
+def _fixed_mmap_threshold() -> bool:
+    """On glibc, serve allocations >= 1 MiB with mmap, so freed windows and blocks go back to the OS at once.
+
+    glibc's dynamic threshold otherwise rises to 32 MiB after the first large free, and the windows and
+    statistics blocks of a streamed probe (1-32 MiB) then stay on malloc's heaps: measured +150 MB of peak
+    RSS on a 100 MB budget. Process-wide, once; a no-op elsewhere.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, _MMAP_THRESHOLD))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
 
 
 def check_rows_finite(name: str, x: np.ndarray, rows: np.ndarray, sample_ids: Any) -> None:

@@ -5,7 +5,7 @@ scikit-learn estimators); `FeatureStream` serves a `probe.data.ProbeData` (a Zar
 by window.
 
 One function (`epoch_order`) fixes an epoch's order in both of FeatureStream's modes: shards in a seeded random
-order, grouped into windows of about `ProbeData.window_bytes()` (`shuffle_buffer`, at most a third of the
+order, grouped into windows of about `ProbeData.window_bytes()` (`shuffle_buffer`, at most a quarter of the
 memory budget; the whole split when it is smaller), rows shuffled within each window. The window does not depend on
 the mode, so both modes yield bit-identical batches, and a run with the same budget is reproducible on any machine.
 """

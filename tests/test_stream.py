@@ -60,7 +60,7 @@ def test_epoch_order_visits_each_row_once_and_is_seeded():
 
 
 def test_memory_budget_caps_the_shuffle_window_in_both_modes(store_path):
-    kw = dict(seed=3, shuffle_buffer="1GiB", memory_budget=3 * 48 * 40)  # a third of the budget: 40 rows of 48 B
+    kw = dict(seed=3, shuffle_buffer="1GiB", memory_budget=4 * 48 * 40)  # a quarter of the budget: 40 rows of 48 B
     mem = ProbeData.from_store(open_store(store_path), [FEAT], in_memory=True, **kw)
     streamed = ProbeData.from_store(open_store(store_path), [FEAT], in_memory=False, **kw)
     assert mem.default_buffer_rows() == streamed.default_buffer_rows() == 40
