@@ -38,7 +38,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from dask.utils import parse_bytes
 
 from probe.errors import ProbeDataError
 from probe.recipe import STANDARDIZE_MODES
@@ -87,6 +86,28 @@ def default_memory_budget(fraction: float = 0.25) -> int:
     except (ValueError, OSError, AttributeError):
         total = 16 * 2**30
     return int(total * fraction)
+
+
+# Units of `parse_bytes`, as dask.utils.parse_bytes reads them (case-insensitive; "k"/"ki" = kB/KiB, ...).
+_BYTE_UNITS = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "pb": 10**15}
+_BYTE_UNITS.update({k[0] + "ib": 2 ** (10 * (i + 1)) for i, k in enumerate(_BYTE_UNITS)})
+_BYTE_UNITS.update({k[0]: v for k, v in list(_BYTE_UNITS.items()) if "i" not in k})
+_BYTE_UNITS.update({k[:-1]: v for k, v in list(_BYTE_UNITS.items()) if "i" in k})
+_BYTE_UNITS.update({"b": 1, "": 1})
+
+
+def parse_bytes(text: str) -> int:
+    """Bytes from "2GiB", "500 MB", "1e9", "MB" (= 1 MB): dask.utils.parse_bytes's rules, without importing dask."""
+    s = text.replace(" ", "")
+    if not any(c.isdigit() for c in s):
+        s = "1" + s
+    i = len(s)
+    while i > 0 and s[i - 1].isalpha():
+        i -= 1
+    try:
+        return int(float(s[:i]) * _BYTE_UNITS[s[i:].lower()])
+    except (ValueError, KeyError) as exc:
+        raise ValueError(f"could not interpret {text!r} as a byte size") from exc
 
 
 def parse_memory(value: int | float | str | None) -> int:
