@@ -20,7 +20,7 @@ Memory. Peak RSS of a probe stays within `memory_budget` plus a constant:
 - the reader: 8 MiB of decode scratch per decode thread (`open_store(workers=...)`, default the cores here);
 - the model and heads (parameters, gradients, optimiser state: a 27-head linear sweep on 4,096-d features is
   ~1 MB), one batch and its activations;
-- the Python/torch/zarr baseline (~350-450 MB RSS for `diffbank probe` measured on Linux).
+- the Python/torch/zarr baseline (485-515 MB peak RSS measured for `diffbank probe linear/sweep` on Linux).
 
 A streamed ProbeData fixes glibc's mmap threshold at 1 MiB (`_fixed_mmap_threshold`) so freed windows
 return to the OS instead of staying on malloc's heaps.
@@ -280,7 +280,7 @@ class ProbeData:
         It depends on the features, `shuffle_buffer` and the memory budget, never on the mode, so a run gives
         the same batches on a machine that streams and on one that holds everything in memory (and the same
         as before budgets sized windows whenever the budget is at least 4 x `shuffle_buffer` and a shard at most
-        a quarter of it).
+        a sixteenth of it).
         """
         return max(self.chunk_rows, self.window_bytes() // max(1, self.row_bytes()))
 
