@@ -5,8 +5,25 @@
 - **Which rows?** `probe.splits`: the store's splits, carved stratified hold-outs, label subsets.
 - **Which scale?** `probe.stats`: statistics from the (subset) train rows only, cached per store object.
 - **In memory or streamed?** When all used features fit `memory_budget` (default 25% of RAM) they are read
-  once as standardised float32 arrays; otherwise batches are streamed shard by shard.
+  once as standardised float32 arrays; otherwise batches are streamed window by window.
 - **In which order?** `probe.stream.epoch_order`, the same in both modes.
+
+Memory. Peak RSS of a probe stays within `memory_budget` plus a constant:
+
+- the data: in memory, all rows of the features as float32 (<= budget, or it streams); streamed, the window
+  being consumed, the one being read ahead and the previous one while its last batch is referenced, each
+  under 1.25 x budget / 4 (the shuffle window is the smaller of `shuffle_buffer` and a quarter of the budget,
+  and its unit a shard or, when a shard is larger than a sixteenth of the budget, a run of inner chunks of at
+  most a quarter window);
+- the statistics pass: 3 blocks of `probe.stats.STATS_BLOCK_BYTES` (16 MiB) float32 plus two float64 copies
+  of one (~112 MiB), freed before training;
+- the reader: 8 MiB of decode scratch per decode thread (`open_store(workers=...)`, default the cores here);
+- the model and heads (parameters, gradients, optimiser state: a 27-head linear sweep on 4,096-d features is
+  ~1 MB), one batch and its activations;
+- the Python/torch/zarr baseline (485-515 MB peak RSS measured for `diffbank probe linear/sweep` on Linux).
+
+A streamed ProbeData fixes glibc's mmap threshold at 1 MiB (`_fixed_mmap_threshold`) so freed windows
+return to the OS instead of staying on malloc's heaps.
 
 Bad input fails early with `ProbeDataError` and a message that says what to do.
 This module imports `extract.store` only: probing never needs the U-Net.
@@ -14,14 +31,13 @@ This module imports `extract.store` only: probing never needs the U-Net.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-import dask.array as da
 import numpy as np
 import torch
-from dask.utils import parse_bytes
 
 from probe.errors import ProbeDataError
 from probe.recipe import STANDARDIZE_MODES
@@ -39,7 +55,7 @@ from probe.splits import (
     store_labels,
     stratified_holdout,
 )
-from probe.stats import FeatureStats, cached_stats, check_chunk_finite, compute_stats
+from probe.stats import FeatureStats, cached_stats, check_chunk_finite, compute_stats, stats_block_rows
 from probe.stream import FeatureStream, Window, epoch_order
 
 __all__ = [
@@ -70,6 +86,28 @@ def default_memory_budget(fraction: float = 0.25) -> int:
     except (ValueError, OSError, AttributeError):
         total = 16 * 2**30
     return int(total * fraction)
+
+
+# Units of `parse_bytes`, as dask.utils.parse_bytes reads them (case-insensitive; "k"/"ki" = kB/KiB, ...).
+_BYTE_UNITS = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "pb": 10**15}
+_BYTE_UNITS.update({k[0] + "ib": 2 ** (10 * (i + 1)) for i, k in enumerate(_BYTE_UNITS)})
+_BYTE_UNITS.update({k[0]: v for k, v in list(_BYTE_UNITS.items()) if "i" not in k})
+_BYTE_UNITS.update({k[:-1]: v for k, v in list(_BYTE_UNITS.items()) if "i" in k})
+_BYTE_UNITS.update({"b": 1, "": 1})
+
+
+def parse_bytes(text: str) -> int:
+    """Bytes from "2GiB", "500 MB", "1e9", "MB" (= 1 MB): dask.utils.parse_bytes's rules, without importing dask."""
+    s = text.replace(" ", "")
+    if not any(c.isdigit() for c in s):
+        s = "1" + s
+    i = len(s)
+    while i > 0 and s[i - 1].isalpha():
+        i -= 1
+    try:
+        return int(float(s[:i]) * _BYTE_UNITS[s[i:].lower()])
+    except (ValueError, KeyError) as exc:
+        raise ValueError(f"could not interpret {text!r} as a byte size") from exc
 
 
 def parse_memory(value: int | float | str | None) -> int:
@@ -129,13 +167,15 @@ class ProbeData:
         self._info = info
         self._full_train_rows = full_train_rows
         self._sample_ids = optional_attr(store, "sample_ids")
-        self._dask = {name: store.to_dask(name) for name in self.features}
-        self.chunk_rows = self._chunk_rows()
+        self.num_rows = int(store.num_samples)
         self.feature_shapes: dict[str, tuple[int, ...]] = {
-            n: tuple(int(s) for s in self._dask[n].shape[1:]) for n in self.features
+            n: tuple(int(s) for s in store.feature_info(n).shape) for n in self.features
         }
+        self.chunk_rows = self._chunk_rows()
         self.in_memory = self.memory_bytes() <= self.memory_budget if in_memory is None else bool(in_memory)
         self._memory: dict[str, np.ndarray] | None = None
+        if not self.in_memory:
+            _fixed_mmap_threshold()
         self._stats: dict[str, FeatureStats] = {}
 
     # ---- construction
@@ -220,19 +260,29 @@ class ProbeData:
 
     def memory_bytes(self) -> int:
         """Bytes of all features as float32 in memory (all rows: the in-memory copy is indexed by store row)."""
-        n = int(self._dask[self.features[0]].shape[0]) if self.features else 0
-        return sum(n * int(np.prod(s)) * 4 for s in self.feature_shapes.values())
+        return sum(self.num_rows * int(np.prod(s)) * 4 for s in self.feature_shapes.values())
 
     def row_bytes(self) -> int:
         return sum(int(np.prod(s)) * 4 for s in self.feature_shapes.values())
 
-    def default_buffer_rows(self) -> int:
-        """Shuffle window in rows: what `shuffle_buffer` bytes hold, at least one chunk.
+    def window_bytes(self) -> int:
+        """Bytes of one shuffle window: `shuffle_buffer`, at most a quarter of the memory budget.
 
-        It depends on the features, never on the memory budget or the mode, so a run gives the same batches
-        on a machine that streams and on one that holds everything in memory.
+        A streamed epoch holds up to three windows at once (the one being consumed, the one read ahead, and
+        the previous one while its last batch is still referenced), each under 1.25 quarters (a window
+        overshoots by less than one unit, see `_chunk_rows`), so the data stays within the budget.
         """
-        return max(self.chunk_rows, self.shuffle_buffer // max(1, self.row_bytes()))
+        return min(self.shuffle_buffer, self.memory_budget // 4)
+
+    def default_buffer_rows(self) -> int:
+        """Shuffle window in rows: what `window_bytes()` hold, at least one chunk.
+
+        It depends on the features, `shuffle_buffer` and the memory budget, never on the mode, so a run gives
+        the same batches on a machine that streams and on one that holds everything in memory (and the same
+        as before budgets sized windows whenever the budget is at least 4 x `shuffle_buffer` and a shard at most
+        a sixteenth of it).
+        """
+        return max(self.chunk_rows, self.window_bytes() // max(1, self.row_bytes()))
 
     def split_definition(self) -> dict[str, Any]:
         """JSON-able description of the splits (sources, seeds, counts per class, row digests)."""
@@ -271,15 +321,27 @@ class ProbeData:
     def stats(self, name: str) -> FeatureStats:
         """Train statistics of a feature: computed once (out of core, from the store), then cached."""
         self._check_name(name)
-        return self._stats_from(name, self._dask[name])
+        return self._stats_from(name, None)
 
-    def _stats_from(self, name: str, source: da.Array) -> FeatureStats:
+    def _stats_block_rows(self, name: str) -> int:
+        return stats_block_rows(int(np.prod(self.feature_shapes[name])) * 4, len(self.rows("train")))
+
+    def _stats_from(self, name: str, raw: np.ndarray | None) -> FeatureStats:
+        """Statistics of the train rows: streamed from the store, or from `raw` (all rows, in memory).
+
+        Both sources give the same blocks (sorted train rows, `_stats_block_rows` at a time), hence the same bits.
+        """
         if name not in self._stats:
             train = self.rows("train")
             key = (name, self.standardize, rows_digest(train))
             cache = cached_stats(self.store)
             if key not in cache:
-                cache[key] = compute_stats(name, source, train, self.standardize, self._sample_ids)
+                block = self._stats_block_rows(name)
+                if raw is None:
+                    blocks = self.store.iter_batches(name, block, rows=np.sort(train), prefetch=1)
+                else:
+                    blocks = (raw[train[i : i + block]] for i in range(0, len(train), block))
+                cache[key] = compute_stats(name, blocks, np.sort(train), self.standardize, self._sample_ids)
             self._stats[name] = cache[key]
         return self._stats[name]
 
@@ -335,10 +397,10 @@ class ProbeData:
         used = np.unique(np.concatenate(list(self._splits.values())))
         out: dict[str, np.ndarray] = {}
         for name in self.features:
-            raw = np.asarray(self.store.read(name), dtype=np.float32)
-            # The raw copy wrapped with the store's own chunks gives the same reduction tree as the
-            # streamed pass (bit-identical statistics) without reading the store twice.
-            stats = self._stats_from(name, da.from_array(raw, chunks=self._dask[name].chunks))
+            raw = self.store.read(name, out=np.empty((self.num_rows, *self.feature_shapes[name]), np.float32))
+            # The statistics from the raw copy use the streamed pass's blocks (bit-identical statistics)
+            # without reading the store twice.
+            stats = self._stats_from(name, raw)
             for start in range(0, len(used), self.chunk_rows):
                 rows = used[start : start + self.chunk_rows]
                 check_chunk_finite(name, raw[rows], rows, self._sample_ids)
@@ -349,42 +411,48 @@ class ProbeData:
         return out
 
     def read_window(self, window: Window) -> dict[str, np.ndarray]:
-        """Read a window's chunks from the store, check, standardise, and order them as `window.order`."""
+        """Read a window's rows from the store in `window.order`, check and standardise them (float32).
+
+        The reader decodes each touched chunk once and scatters its rows straight into one new buffer per
+        feature: the window's only copy.
+        """
         out: dict[str, np.ndarray] = {}
-        n_total = self._dask[self.features[0]].shape[0]
-        spans = [(c * self.chunk_rows, min((c + 1) * self.chunk_rows, n_total)) for c in window.chunks]
         for name in self.features:
             stats = self.stats(name)
-            parts, rows_parts = [], []
-            for start, stop in spans:
-                chunk = _read_range(self.store, name, start, stop)
-                wanted = window.order[(window.order >= start) & (window.order < stop)]
-                wanted = np.sort(wanted)
-                x = chunk[wanted - start]
-                check_chunk_finite(name, x, wanted, self._sample_ids)
-                parts.append(x)
-                rows_parts.append(wanted)
-            rows = np.concatenate(rows_parts)
-            x = np.concatenate(parts)
-            stats.apply(x)
-            # Rows were read in store order; put them in the window's (shuffled) order.
-            position = np.searchsorted(rows, window.order)
-            out[name] = x[position]
+            x = self.store.read(
+                name, window.order, out=np.empty((len(window.order), *self.feature_shapes[name]), np.float32)
+            )
+            check_rows_finite(name, x, window.order, self._sample_ids)
+            out[name] = stats.apply(x)
         return out
 
     # ---- internals
 
     def _check_name(self, name: str) -> None:
-        if name not in self._dask:
+        if name not in self.feature_shapes:
             raise ProbeDataError(
                 f"feature {name!r} is not part of this ProbeData; features: {', '.join(self.features)}"
             )
 
     def _chunk_rows(self) -> int:
+        """The unit of `epoch_order`: a shard, or a run of inner chunks when a shard is large for the budget.
+
+        Whole shards (the order of every earlier run) whenever a shard's float32 rows fit a sixteenth of the
+        memory budget; under a smaller budget the largest multiple of the inner chunk that fits a quarter of
+        `window_bytes()` (at least one inner chunk), so a window (< buffer rows + one unit) stays near its
+        share of the budget.
+        """
         shard = optional_attr(self.store, "shard_rows")
         if shard:
-            return int(shard)
-        first = self._dask[self.features[0]]
+            shard = int(shard)
+            if shard * self.row_bytes() <= self.memory_budget // 16:
+                return shard
+            limit = self.window_bytes() // 4
+            array = getattr(self.store, "array", None)
+            inner = int(array(self.features[0]).chunks[0]) if array is not None else shard
+            inner = max(1, min(inner, shard))
+            return max(inner, limit // max(1, self.row_bytes()) // inner * inner)
+        first = self.store.to_dask(self.features[0])
         return int(first.chunks[0][0]) if first.chunks[0] else 1
 
 
@@ -426,9 +494,32 @@ def _check_features(store: Any, features: list[str]) -> None:
         )
 
 
-def _read_range(store: Any, name: str, start: int, stop: int) -> np.ndarray:
-    """Rows [start, stop) of a feature as float32 (one contiguous read: a shard or a part of one)."""
-    return np.asarray(store.read(name, slice(start, stop)), dtype=np.float32)
+_MMAP_THRESHOLD = 1 << 20
+
+
+@functools.cache
+def _fixed_mmap_threshold() -> bool:
+    """On glibc, serve allocations >= 1 MiB with mmap, so freed windows and blocks go back to the OS at once.
+
+    glibc's dynamic threshold otherwise rises to 32 MiB after the first large free, and the windows and
+    statistics blocks of a streamed probe (1-32 MiB) then stay on malloc's heaps: measured +150 MB of peak
+    RSS on a 100 MB budget. Process-wide, once; a no-op elsewhere.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, _MMAP_THRESHOLD))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
+def check_rows_finite(name: str, x: np.ndarray, rows: np.ndarray, sample_ids: Any) -> None:
+    """Raise naming the lowest store row of `rows` (any order) whose values in `x` are not all finite."""
+    ok = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+    if not ok.all():
+        order = np.argsort(rows, kind="stable")
+        check_chunk_finite(name, x[order], rows[order], sample_ids)
 
 
 def check_min_samples(n_available: int, k: int, what: str) -> None:

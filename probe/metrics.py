@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
-from sklearn.metrics import confusion_matrix, recall_score, top_k_accuracy_score
 
 __all__ = ["classification_metrics", "selection_rank", "select_best"]
 
@@ -67,6 +66,9 @@ def classification_metrics(
         num_classes = int(max(y_true.max(initial=-1), y_pred.max(initial=-1))) + 1
     if len(y_true) == 0:
         raise ValueError("no samples to evaluate")
+    # sklearn (with scipy, ~1 s of imports) is loaded when a run is scored, not when a probe starts.
+    from sklearn.metrics import confusion_matrix, recall_score
+
     labels = np.arange(num_classes)
     cm = confusion_matrix(y_true, y_pred, labels=labels)
     support = cm.sum(axis=1)
@@ -101,4 +103,6 @@ def _top_k(y_true: np.ndarray, scores: np.ndarray, k: int) -> float:
     if not finite.all():
         floor = float(scores[finite].min()) - 1.0 if finite.any() else 0.0
         scores = np.where(finite, scores, floor)
+    from sklearn.metrics import top_k_accuracy_score
+
     return float(top_k_accuracy_score(y_true, scores, k=k, labels=np.arange(scores.shape[1])))

@@ -1,4 +1,9 @@
-"""Standardisation statistics from the train rows only, in one out-of-core float64 pass, checked for NaN/inf.
+"""Standardisation statistics from the train rows only, in one streaming float64 pass, checked for NaN/inf.
+
+The pass reads blocks of `STATS_BLOCK_BYTES` (as float32) and accumulates float64 sums and sums of squares
+(shifted by the first block's mean, so a large offset does not cancel the variance away): memory stays at a
+few blocks whatever the size of the feature. Both the streamed and the in-memory source feed the same blocks,
+so they give bit-identical statistics.
 
 Mode `"dim"` standardises every element of the (C, H, W) map: what a linear head or a logistic regression
 wants (the paper's linear head has no normalisation of its own). `"channel"` shares one mean/std per channel
@@ -9,19 +14,27 @@ Dimensions without spread get std 1 instead of a division by ~0. Statistics are 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import dask
-import dask.array as da
 import numpy as np
 
 from probe.errors import ProbeDataError
 from probe.recipe import STANDARDIZE_MODES
 from probe.splits import rows_digest
 
-__all__ = ["FeatureStats", "compute_stats", "check_chunk_finite", "cached_stats"]
+__all__ = [
+    "FeatureStats",
+    "compute_stats",
+    "stats_block_rows",
+    "check_chunk_finite",
+    "cached_stats",
+    "STATS_BLOCK_BYTES",
+]
+
+# float32 bytes of one block of the statistics pass; its float64 temporaries take twice that.
+STATS_BLOCK_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -48,29 +61,58 @@ def _reduce_axes(ndim: int, mode: str) -> tuple[int, ...]:
     return (0,)
 
 
-def compute_stats(
-    name: str, source: da.Array, rows: np.ndarray, mode: str, sample_ids: Sequence[Any] | None = None
-) -> FeatureStats:
-    """Mean/std over `rows` of a dask array (chunked along rows), in float64, checking finiteness.
+def stats_block_rows(row_bytes: int, n_rows: int) -> int:
+    """Rows per block of the statistics pass: `STATS_BLOCK_BYTES` of float32, at least one row."""
+    return max(1, min(max(1, n_rows), STATS_BLOCK_BYTES // max(1, row_bytes)))
 
-    One dask pass computes the moments and a per-row finiteness flag together, so a NaN or inf is found
-    in the same read that would have used it, and reported with its store row.
+
+def compute_stats(
+    name: str,
+    blocks: Iterable[np.ndarray],
+    rows: np.ndarray,
+    mode: str,
+    sample_ids: Sequence[Any] | None = None,
+) -> FeatureStats:
+    """Mean/std over `rows` (ascending) from `blocks`: float32 arrays holding those rows in order, in one pass.
+
+    Each block is checked for NaN/inf before it is used (the error names the store row), then added to float64
+    sums and sums of squares. Memory: the blocks the caller keeps alive plus two float64 copies of one block.
     """
     if mode not in STANDARDIZE_MODES:
         raise ProbeDataError(f"standardize={mode!r}: choose one of {', '.join(STANDARDIZE_MODES)}")
-    x = source[rows]
-    finite = da.isfinite(x).all(axis=tuple(range(1, x.ndim)))
-    if mode == "none":
-        (ok,) = dask.compute(finite)
-        _raise_if_not_finite(name, ok, rows, sample_ids)
-        shape = (1,) * (x.ndim - 1)
+    rows = np.asarray(rows, dtype=np.int64)
+    total = count = 0
+    shift = s1 = s2 = None
+    ndim = None
+    for block in blocks:
+        n = len(block)
+        if n == 0:
+            continue
+        check_chunk_finite(name, block, rows[total : total + n], sample_ids)
+        total += n
+        ndim = block.ndim
+        if mode == "none":
+            continue
+        axes = _reduce_axes(block.ndim, mode)
+        x = block.astype(np.float64)
+        if shift is None:
+            shift = x.mean(axis=axes, keepdims=True)
+        x -= shift
+        part1 = x.sum(axis=axes, keepdims=True)
+        np.multiply(x, x, out=x)
+        part2 = x.sum(axis=axes, keepdims=True)
+        count += x.size // part1.size
+        s1 = part1 if s1 is None else s1 + part1
+        s2 = part2 if s2 is None else s2 + part2
+        del x
+    if total != len(rows):
+        raise ProbeDataError(f"feature {name!r}: the statistics pass read {total} rows, expected {len(rows)}")
+    if mode == "none" or s1 is None:
+        shape = (1,) * ((ndim or 2) - 1)
         return FeatureStats(np.zeros(shape, np.float32), np.ones(shape, np.float32), mode, rows_digest(rows), len(rows))
-    axes = _reduce_axes(x.ndim, mode)
-    x64 = x.astype(np.float64)
-    mean = x64.mean(axis=axes, keepdims=True)
-    var = x64.var(axis=axes, keepdims=True)
-    ok, mean, var = dask.compute(finite, mean, var)
-    _raise_if_not_finite(name, ok, rows, sample_ids)
+    m1 = s1 / count
+    mean = shift + m1
+    var = np.maximum(s2 / count - m1 * m1, 0.0)
     std = np.sqrt(var)
     # A constant dimension carries no information; dividing by ~0 would only amplify rounding noise.
     tiny = std <= 1e-6 * max(float(np.max(std, initial=0.0)), 1e-12)

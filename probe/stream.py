@@ -5,9 +5,9 @@ scikit-learn estimators); `FeatureStream` serves a `probe.data.ProbeData` (a Zar
 by window.
 
 One function (`epoch_order`) fixes an epoch's order in both of FeatureStream's modes: shards in a seeded random
-order, grouped into windows of about `shuffle_buffer` bytes (the whole split when it is smaller), rows shuffled
-within each window. The window does not depend on the memory budget, so both modes yield bit-identical batches
-and a run is reproducible on any machine.
+order, grouped into windows of about `ProbeData.window_bytes()` (`shuffle_buffer`, at most a quarter of the
+memory budget; the whole split when it is smaller), rows shuffled within each window. The window does not depend on
+the mode, so both modes yield bit-identical batches, and a run with the same budget is reproducible on any machine.
 """
 
 from __future__ import annotations
@@ -270,19 +270,29 @@ class FeatureStream:
     def _batches(
         self, source: Iterator[tuple[dict[str, np.ndarray], np.ndarray]]
     ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        # A batch that spans two windows is assembled from its two parts alone: concatenating the carried
+        # rows with the whole next window would hold a third window-sized copy.
         carry: tuple[dict[str, np.ndarray], np.ndarray] | None = None
         bs = self.batch_size
         for xs, y in source:
-            if carry is not None:  # a batch spanning two windows
-                xs = {n: np.concatenate([carry[0][n], xs[n]]) for n in xs}
-                y = np.concatenate([carry[1], y])
-            full = len(y) - len(y) % bs
-            for start in range(0, full, bs):
+            start = 0
+            if carry is not None:
+                start = min(bs - len(carry[1]), len(y))
+                xs_c = {n: np.concatenate([carry[0][n], a[:start]]) for n, a in xs.items()}
+                y_c = np.concatenate([carry[1], y[:start]])
+                if len(y_c) < bs:
+                    carry = (xs_c, y_c)
+                    continue
+                carry = None
+                yield {n: torch.from_numpy(a) for n, a in xs_c.items()}, torch.from_numpy(y_c)
+            full = start + (len(y) - start) - (len(y) - start) % bs
+            for lo in range(start, full, bs):
                 yield (
-                    {n: torch.from_numpy(np.ascontiguousarray(a[start : start + bs])) for n, a in xs.items()},
-                    torch.from_numpy(np.ascontiguousarray(y[start : start + bs])),
+                    {n: torch.from_numpy(np.ascontiguousarray(a[lo : lo + bs])) for n, a in xs.items()},
+                    torch.from_numpy(np.ascontiguousarray(y[lo : lo + bs])),
                 )
-            carry = ({n: a[full:] for n, a in xs.items()}, y[full:]) if full < len(y) else None
+            # The carried rows are copied so the window they came from can be freed.
+            carry = ({n: a[full:].copy() for n, a in xs.items()}, y[full:].copy()) if full < len(y) else None
         if carry is not None and not self.drop_last:
             yield (
                 {n: torch.from_numpy(np.ascontiguousarray(a)) for n, a in carry[0].items()},

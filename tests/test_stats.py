@@ -26,3 +26,18 @@ def test_statistics_come_from_train_rows_only(tmp_path):
     chan = ProbeData.from_store(store, [FEAT], seed=0, standardize="channel").stats(FEAT)
     assert chan.mean.shape == (3, 1, 1)
     np.testing.assert_allclose(chan.mean.ravel(), train.mean((0, 2, 3)), rtol=1e-6)
+
+
+def test_streamed_statistics_in_blocks_match_numpy_despite_a_large_offset(tmp_path, monkeypatch):
+    import probe.stats
+
+    monkeypatch.setattr(probe.stats, "STATS_BLOCK_BYTES", 5 * 48)  # 5-row blocks: many blocks, a short last one
+    feats, y = make_features(np.random.default_rng(2))
+    feats[FEAT] = (feats[FEAT] * 0.01 + 3000.0).astype(np.float32)  # mean >> std: naive sum of squares cancels
+    store = save_features(tmp_path / "s.zarr", feats, y, {"train": np.arange(90), "test": np.arange(90, N)})
+    data = ProbeData.from_store(store, [FEAT], seed=0, in_memory=False)
+    train = feats[FEAT][data.rows("train")].astype(np.float64)
+    stats = data.stats(FEAT)
+    np.testing.assert_allclose(stats.mean, train.mean(0), rtol=1e-7)
+    np.testing.assert_allclose(stats.std, train.std(0), rtol=1e-4)
+    assert stats.count == len(train)
