@@ -41,11 +41,11 @@ def main() -> None:
         ax.plot([max(r["t"], 0.5) for r in rows], [r["test"] for r in rows], "o-")
         ax.set_xscale("log")
         ticks = [max(r["t"], 0.5) for r in rows]
-        ax.set_xticks(ticks, [str(r["t"]) for r in rows])
+        ax.set_xticks(ticks, [str(r["t"]) for r in rows], fontsize=7)
         ax.minorticks_off()
         ax.set_xlabel("t (of 1000; 0 plotted at 0.5)")
         ax.set_ylabel("linear probe test top-1 (%)")
-        ax.set_title(f"final model, block {rows[0]['block']}, pooling and L2 selected on val", fontsize=9)
+        ax.set_title(f"final model, block {rows[0]['block']} {rows[0]['pool']}, L2 selected on val", fontsize=9)
         fig.tight_layout()
         fig.savefig("docs/fmnist_t_curve.png", dpi=120)
 
