@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 import zarr
+from faults.conftest import arrays, assert_same_arrays  # one definition of "the same store bytes"
 from PIL import Image
 
 from extract.diffusion import seeded_noise
@@ -58,25 +59,6 @@ def _spec(path: Path, **over) -> dict:
     return spec
 
 
-def _arrays(url: Path | str) -> dict[str, np.ndarray]:
-    """Every array of a store (data, samples, markers, stats) by path; attributes are not compared."""
-    root = zarr.open_group(str(url), mode="r", use_consolidated=False)
-    out = {}
-    for group in ("features", "samples", "splits", "_progress"):
-        for name, arr in root[group].arrays():
-            out[f"{group}/{name}"] = np.asarray(arr[:])
-    return out
-
-
-def _assert_same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        if a[key].dtype.kind == "f":
-            assert a[key].tobytes() == b[key].tobytes(), key  # bitwise, NaN-safe
-        else:
-            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-
-
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
     return _images(tmp_path_factory.mktemp("imgs"))
@@ -93,7 +75,7 @@ def test_batch_size_3_vs_8_identical(images, tmp_path):
     s3 = extract(_spec(images), tmp_path / "b3.zarr", progress=False, batch_size=3)
     s8 = extract(_spec(images), tmp_path / "b8.zarr", progress=False, batch_size=8, num_workers=3)
     assert s3["fingerprint"] == s8["fingerprint"] and s3["complete"] and s8["complete"]
-    _assert_same(_arrays(tmp_path / "b3.zarr"), _arrays(tmp_path / "b8.zarr"))
+    assert_same_arrays(arrays(tmp_path / "b3.zarr"), arrays(tmp_path / "b8.zarr"))
     fs = open_store(tmp_path / "b3.zarr")
     assert len(fs.feature_names()) == 12 and len(fs.feature_names("flip")) == 12
     assert fs.read("t010_b02_avg1").std() > 0
@@ -108,7 +90,7 @@ def test_units_in_any_order_give_the_same_bytes(images, tmp_path):
     assert first["units_computed"] == [1, 3] and not first["complete"]
     second = extract(_spec(images), part, progress=False)
     assert second["units_computed"] == [0, 2] and second["units_already_done"] == [1, 3]
-    _assert_same(_arrays(tmp_path / "all.zarr"), _arrays(part))
+    assert_same_arrays(arrays(tmp_path / "all.zarr"), arrays(part))
 
 
 def test_corrupt_image_recorded_or_strict(tmp_path):
@@ -136,12 +118,12 @@ def test_only_adds_extension_and_refusal(images, tmp_path):
     url = tmp_path / "ext.zarr"
     base = _spec(images, features={"timesteps": [10]}, views={"hflip": False}, noise={"draws": 1})
     extract(base, url, progress=False)
-    before = _arrays(url)
+    before = arrays(url)
     grown = _spec(images, features={"timesteps": [10, 50]}, views={"hflip": False}, noise={"draws": 1})
     summary = extract(grown, url, progress=False)
     # only t=50 ran: one forward per micro-batch (4 units x 1 micro-batch), none for t=10
     assert summary["forwards"] == 4
-    after = _arrays(url)
+    after = arrays(url)
     for key, value in before.items():
         if key.startswith("features/"):
             assert after[key].tobytes() == value.tobytes(), key
@@ -191,7 +173,7 @@ def test_resume_after_sigkill(images, tmp_path):
     assert summary["units_computed"] == np.flatnonzero(~done).tolist()  # finished units were not recomputed
     assert summary["units_already_done"] == np.flatnonzero(done).tolist()
     extract(_spec(images, views={"hflip": False}), whole, progress=False)
-    _assert_same(_arrays(killed), _arrays(whole))
+    assert_same_arrays(arrays(killed), arrays(whole))
 
 
 @pytest.mark.slow
@@ -203,5 +185,5 @@ def test_dask_two_workers_equal_one(images, tmp_path):
     one = extract(spec, tmp_path / "one.zarr", progress=False)
     two = extract_distributed(spec, tmp_path / "two.zarr", workers=2, progress=False, threads_per_worker=1)
     assert two["complete"] and two["units_computed"] == one["units_computed"]
-    _assert_same(_arrays(tmp_path / "one.zarr"), _arrays(tmp_path / "two.zarr"))
+    assert_same_arrays(arrays(tmp_path / "one.zarr"), arrays(tmp_path / "two.zarr"))
     assert open_store(tmp_path / "two.zarr").attrs["consolidated"] is True
