@@ -63,7 +63,7 @@ def extract_distributed(
     batch_size: int | None = None,
     device: str | None = None,
     micro_batch: int | None = None,
-    threads_per_worker: int | None = None,
+    threads: int | None = None,
     storage_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """`extract.pipeline.extract` spread over a LocalCluster of `workers` processes or a scheduler address."""
@@ -82,19 +82,23 @@ def extract_distributed(
         raise ExtractionError(f"--workers must be at least 1, got {workers}")
     t0 = time.perf_counter()
     prepared = prepare(
-        spec, url, device=device, micro_batch=micro_batch, storage_options=storage_options, load_model=False
+        spec,
+        url,
+        device=device,
+        micro_batch=micro_batch,
+        threads=threads,
+        storage_options=storage_options,
+        load_model=False,
     )
     writer, resolved = prepared.writer, prepared.spec
     pending = writer.pending()
     done_before = sorted(set(range(writer.num_units)) - set(pending))
     cluster = None
     if scheduler is None:
-        threads = threads_per_worker or max(1, (os.cpu_count() or 1) // workers)
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
         client = Client(cluster)
         n_workers = workers
     else:
-        threads = threads_per_worker
         client = Client(scheduler)
         n_workers = max(1, len(client.scheduler_info().get("workers", {})))
     ranges = plan_ranges(sorted(pending), n_workers)
@@ -119,7 +123,6 @@ def extract_distributed(
                 device=device,
                 batch_size=batch_size,
                 strict=strict,
-                threads=threads,
                 storage_options=storage_options,
                 pure=False,
             )
@@ -149,6 +152,7 @@ def extract_distributed(
             "complete": not writer.pending(),
             "fingerprint": writer.fingerprint,
             "micro_batch": prepared.micro_batch,
+            "threads": prepared.threads,
         }
     )
     return summary

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -128,6 +129,22 @@ class Computer:
                     mean = mean / draws
                 out[f.name] = pool(mean, (f.pool_kind, f.pool_size)).cpu().numpy()
         return out
+
+
+@contextlib.contextmanager
+def compute_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op threads for the duration of a run, restored afterwards.
+
+    oneDNN splits some convolutions (1x1 ones among them) differently for different thread counts,
+    so the float32 features, and now and then a stored float16 value, change with it: the count is
+    part of what decides a store's bytes, like the micro-batch.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def configure_determinism(device: torch.device) -> None:

@@ -11,8 +11,9 @@ fixed *micro-batches*: the rows of a unit taken `micro_batch` at a time from the
 CPU (oneDNN) and GPU convolution kernels pick different blocking for different batch sizes, so the
 same image in a batch of 3 and of 8 differs in the last bits; fixing the grouping by row position
 makes the bytes independent of `--batch-size` (which only sizes loading), of the number of workers
-and of resumption. The micro-batch is recorded in the store and reused on resume. cuDNN runs with
-benchmark off and deterministic algorithms on.
+and of resumption. oneDNN also splits some convolutions by thread count, so every process computes
+with the same number of torch threads (`--threads`, default 1). Micro-batch and threads are recorded
+in the store and reused on resume. cuDNN runs with benchmark off and deterministic algorithms on.
 
 Loading and writing overlap the compute in threads (extract/overlap.py); the compute of one
 micro-batch is extract/compute.py.
@@ -39,6 +40,7 @@ from extract.compute import (
     ExtractionError,
     ExtractionInterrupted,
     UnitJob,
+    compute_threads,
     configure_determinism,
     device_name,
     resolve_device,
@@ -53,6 +55,9 @@ from extract.store.writer import store_state
 log = logging.getLogger(__name__)
 
 DEFAULT_MICRO_BATCH = 64  # rows per U-Net call; fixed so the bytes never depend on --batch-size
+# torch threads per process: one, whatever the machine, so the bytes do not depend on the number of
+# workers or cores (see compute_threads), and because spinning OpenMP threads on shared cores cost 5-8x.
+DEFAULT_THREADS = 1
 NOISE_SEED_RULE = (
     "noise for (seed, sample index i, timestep t, draw d): torch.randn on the CPU in float32 "
     "from a torch.Generator seeded with blake2b-64('diffbank-noise/{seed}/{i}/{t}/{d}') "
@@ -159,6 +164,7 @@ class Prepared:
     model: torch.nn.Module | None
     device: torch.device
     micro_batch: int
+    threads: int
 
 
 def model_record(spec: Spec) -> dict[str, Any]:
@@ -181,6 +187,7 @@ def prepare(
     *,
     device: str | None = None,
     micro_batch: int | None = None,
+    threads: int | None = None,
     storage_options: dict[str, Any] | None = None,
     load_model: bool = True,
     break_lease: bool = False,
@@ -198,7 +205,7 @@ def prepare(
     store_state(url, storage_options)  # a newer-format store is refused before anything else
     lease = acquire(url, storage_options, break_stale=break_lease)  # read-only media refused here
     try:
-        return _prepare(spec, url, device, micro_batch, storage_options, load_model)
+        return _prepare(spec, url, device, micro_batch, threads, storage_options, load_model)
     finally:
         lease.release()  # the writer holds its own reference
 
@@ -208,6 +215,7 @@ def _prepare(
     store_url: str,
     device: str | None,
     micro_batch: int | None,
+    threads: int | None,
     storage_options: dict[str, Any] | None,
     load_model: bool,
 ) -> Prepared:
@@ -215,6 +223,9 @@ def _prepare(
     mb = int(micro_batch or DEFAULT_MICRO_BATCH)
     if mb < 1:
         raise ExtractionError(f"micro_batch must be positive, got {mb}")
+    n_threads = int(threads or DEFAULT_THREADS)
+    if n_threads < 1:
+        raise ExtractionError(f"threads must be positive, got {n_threads}")
     source = open_source(spec.dataset)
     if len(source) == 0:
         raise ExtractionError(f"the dataset ({source.describe()}) has no rows for splits {spec.dataset.splits}")
@@ -235,6 +246,7 @@ def _prepare(
         "dataset_manifest_sha256_source": source.manifest_hash(),
         "compute": {
             "micro_batch": mb,
+            "threads": n_threads,
             "dtype": spec.compute.dtype,
             "device": str(dev),
             "device_name": device_name(dev),
@@ -262,7 +274,7 @@ def _prepare(
         max_shard_rows=unit_rows_for(spec),
     )
     try:
-        return _check_reopened(spec, store_url, writer, record, dev, mb, source, model)
+        return _check_reopened(spec, store_url, writer, record, dev, mb, threads, source, model)
     except BaseException:
         writer.release()
         raise
@@ -275,10 +287,17 @@ def _check_reopened(
     record: dict[str, Any],
     dev: torch.device,
     mb: int,
+    threads: int | None,
     source: ImageSource,
     model: torch.nn.Module | None,
 ) -> Prepared:
     stored = writer.attrs.get("provenance", {})
+    stored_threads = stored.get("compute", {}).get("threads")
+    if threads and stored_threads and int(threads) != int(stored_threads):
+        log.warning(
+            f"{store_url} was started with {stored_threads} torch thread(s) per process, which decides "
+            f"its bytes; continuing with {stored_threads}, not --threads {threads}"
+        )
     if stored.get("checkpoint_sha256") != record.get("checkpoint_sha256"):
         raise StoreError(
             f"{store_url} was written with checkpoint sha256 {stored.get('checkpoint_sha256')}; the "
@@ -292,17 +311,8 @@ def _check_reopened(
         )
     # Resume with the grouping the store was started with: it decides the bytes.
     mb = int(stored.get("compute", {}).get("micro_batch", mb))
-    return Prepared(spec, source, writer, model, dev, mb)
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading (background threads)
-# ---------------------------------------------------------------------------------------------
-
-
-# ---------------------------------------------------------------------------------------------
-# The writer thread
-# ---------------------------------------------------------------------------------------------
+    n_threads = int(stored_threads or threads or DEFAULT_THREADS)
+    return Prepared(spec, source, writer, model, dev, mb, n_threads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,7 +330,7 @@ def run_units(
     num_workers: int | None = None,
 ) -> dict[str, Any]:
     """Compute and write every unmarked (unit, feature) pair of `units` (None: all units)."""
-    spec, writer, source = prepared.spec, prepared.writer, prepared.source
+    writer = prepared.writer
     if prepared.model is None:
         raise ExtractionError("run_units needs a loaded model (prepare(..., load_model=True))")
     pending = writer.pending()
@@ -328,6 +338,21 @@ def run_units(
     infos = writer.infos
     jobs = {u: UnitJob(u, [infos[name] for name in pending[u]]) for u in wanted}
     configure_determinism(prepared.device)
+    with compute_threads(prepared.threads):
+        return _run_units(prepared, jobs, wanted, pending, strict, progress, batch_size, num_workers)
+
+
+def _run_units(
+    prepared: Prepared,
+    jobs: dict[int, UnitJob],
+    wanted: list[int],
+    pending: Mapping[int, Any],
+    strict: bool,
+    progress: bool,
+    batch_size: int | None,
+    num_workers: int | None,
+) -> dict[str, Any]:
+    spec, writer, source = prepared.spec, prepared.writer, prepared.source
     computer = Computer(prepared.model, spec, prepared.device)
     mb = prepared.micro_batch
     batches = plan_batches(writer, wanted, mb)
@@ -392,6 +417,7 @@ def run_units(
         "images_per_s": images / wall if wall > 0 else None,
         "device": str(prepared.device),
         "micro_batch": mb,
+        "threads": prepared.threads,
     }
 
 
@@ -411,6 +437,7 @@ def extract(
     batch_size: int | None = None,
     device: str | None = None,
     micro_batch: int | None = None,
+    threads: int | None = None,
     num_workers: int | None = None,
     storage_options: dict[str, Any] | None = None,
     finalize: bool = True,
@@ -432,6 +459,7 @@ def extract(
         url,
         device=device,
         micro_batch=micro_batch,
+        threads=threads,
         storage_options=storage_options,
         break_lease=break_lease,
     )
@@ -501,12 +529,9 @@ def run_units_worker(
     device: str | None = None,
     batch_size: int | None = None,
     strict: bool = False,
-    threads: int | None = None,
     storage_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A cluster task: reopen the store for data writes only (no metadata) and compute `units`."""
-    if threads:
-        torch.set_num_threads(int(threads))  # several worker processes share the machine's cores
     spec = load_spec(dict(spec_dict), base_dir=base_dir)
     writer = StoreWriter.open(store_url, storage_options)
     if writer.fingerprint != spec.fingerprint:
@@ -515,8 +540,10 @@ def run_units_worker(
         )
     dev = resolve_device(device or spec.compute.device)
     model, _ = build(spec, dev)
-    mb = int(writer.attrs.get("provenance", {}).get("compute", {}).get("micro_batch", DEFAULT_MICRO_BATCH))
-    prepared = Prepared(spec, open_source(spec.dataset), writer, model, dev, mb)
+    compute = writer.attrs.get("provenance", {}).get("compute", {})
+    mb = int(compute.get("micro_batch", DEFAULT_MICRO_BATCH))
+    threads = int(compute.get("threads") or DEFAULT_THREADS)
+    prepared = Prepared(spec, open_source(spec.dataset), writer, model, dev, mb, threads)
     return run_units(prepared, units, strict=strict, progress=False, batch_size=batch_size)
 
 

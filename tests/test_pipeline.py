@@ -93,6 +93,25 @@ def test_units_in_any_order_give_the_same_bytes(images, tmp_path):
     assert_same_arrays(arrays(tmp_path / "all.zarr"), arrays(part))
 
 
+def test_threads_are_recorded_and_kept_on_resume(images, tmp_path, monkeypatch, caplog):
+    """The thread count decides bytes, so a store keeps the one it started with; the caller's is restored."""
+    import extract.pipeline as pipeline
+
+    seen = []
+    real = pipeline._run_units
+    monkeypatch.setattr(pipeline, "_run_units", lambda *a, **k: (seen.append(torch.get_num_threads()), real(*a, **k))[1])
+    before = torch.get_num_threads()
+    path = tmp_path / "t.zarr"
+    first = extract(_spec(images), path, progress=False, threads=2, units=[0], finalize=False)
+    assert first["threads"] == 2 and torch.get_num_threads() == before
+    assert open_store(path).attrs["provenance"]["compute"]["threads"] == 2
+    second = extract(_spec(images), path, progress=False, threads=1)
+    assert seen == [2, 2] and second["threads"] == 2 and second["units_computed"] == [1, 2, 3]
+    assert "started with 2 torch thread(s)" in caplog.text
+    default = extract(_spec(images), tmp_path / "d.zarr", progress=False)
+    assert seen[-1] == 1 and default["threads"] == 1
+
+
 def test_corrupt_image_recorded_or_strict(tmp_path):
     root = _images(tmp_path / "imgs", bad=True)
     summary = extract(_spec(root), tmp_path / "c.zarr", progress=False)
@@ -183,7 +202,7 @@ def test_dask_two_workers_equal_one(images, tmp_path):
     assert plan_ranges([5, 1, 2, 3], 2, tasks_per_worker=1) == [[1, 2], [3, 5]]
     spec = _spec(images, views={"hflip": False}, noise={"draws": 1}, features={"timesteps": [10], "blocks": [2]})
     one = extract(spec, tmp_path / "one.zarr", progress=False)
-    two = extract_distributed(spec, tmp_path / "two.zarr", workers=2, progress=False, threads_per_worker=1)
+    two = extract_distributed(spec, tmp_path / "two.zarr", workers=2, progress=False)
     assert two["complete"] and two["units_computed"] == one["units_computed"]
     assert_same_arrays(arrays(tmp_path / "one.zarr"), arrays(tmp_path / "two.zarr"))
     assert open_store(tmp_path / "two.zarr").attrs["consolidated"] is True

@@ -42,6 +42,13 @@ log = logging.getLogger(__name__)
     default=None,
     help="Images per U-Net forward; fixed for a store's lifetime (it decides the last bits).",
 )
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="torch threads per process (default 1); fixed for a store's lifetime (it decides the last bits). "
+    "For more cores, prefer --workers.",
+)
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run's summary as JSON on stdout.")
 @click.option(
@@ -66,6 +73,7 @@ def extract_command(
     batch_size: int | None,
     device: str | None,
     micro_batch: int | None,
+    threads: int | None,
     no_progress: bool,
     as_json: bool,
     break_lease: bool,
@@ -114,6 +122,7 @@ def extract_command(
                     batch_size=batch_size,
                     device=device,
                     micro_batch=micro_batch,
+                    threads=threads,
                     storage_options=storage_options,
                 )
         else:
@@ -127,6 +136,7 @@ def extract_command(
                 batch_size=batch_size,
                 device=device,
                 micro_batch=micro_batch,
+                threads=threads,
                 break_lease=break_lease,
                 storage_options=storage_options,
             )
