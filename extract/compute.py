@@ -2,6 +2,11 @@
 every requested block and stops after the deepest, the mean over draws, then pooling.
 
 The horizontally flipped view mirrors the centre view's noised input x_t (same noise, mirrored).
+
+Everything after loading happens on the compute device: uint8 pixels go over once (a quarter of the
+float bytes, asynchronously from pinned memory on CUDA), are scaled, noised (`noise.rule: counter`
+draws the noise there too), run, pooled, and only the pooled features come back. On CUDA the model
+is timed with events and the host waits once per micro-batch, for its pooled features.
 """
 
 from __future__ import annotations
@@ -14,8 +19,9 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from extract.diffusion import NoiseSchedule, seeded_noise
+from extract.diffusion import NoiseSchedule, noise_for
 from extract.pooling import pool
+from extract.preprocess import batch_to_model_range
 from extract.spec import Spec
 from extract.store import FeatureInfo
 
@@ -88,33 +94,55 @@ class Computer:
             torch.autocast(device.type, dtype=getattr(torch, dtype)) if dtype != "float32" else contextlib.nullcontext()
         )
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
     def forward(self, x_t: torch.Tensor, t: int, blocks: list[int]) -> dict[int, torch.Tensor]:
         tt = torch.full((x_t.shape[0],), t, dtype=torch.long, device=self.device)
-        self._sync()
-        t0 = time.perf_counter()
+        cuda = self.device.type == "cuda"
+        if cuda:  # events time the GPU's work without making the host wait for it
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        else:
+            t0 = time.perf_counter()
         with self._autocast:
-            out = self.model.features(x_t.to(self.device, non_blocking=True), tt, blocks)
+            out = self.model.features(x_t, tt, blocks)
         out = {b: v.float() for b, v in out.items()}
-        self._sync()
-        self.model_seconds += time.perf_counter() - t0
+        if cuda:
+            stop.record()
+            self._events.append((start, stop))
+        else:
+            self.model_seconds += time.perf_counter() - t0
         self.forwards += 1
         return out
 
-    def compute(self, x0: torch.Tensor, indices: np.ndarray, job: UnitJob) -> dict[str, np.ndarray]:
-        """Pooled float32 features of one micro-batch (images x0 of global rows `indices`), for every
-        feature of the job."""
-        out: dict[str, np.ndarray] = {}
-        draws = self.spec.noise.draws
+    def _collect(self, pooled: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        """Copy pooled features to the host: on CUDA all at once into pinned memory, then one wait."""
+        if self.device.type != "cuda":
+            return {name: v.numpy() for name, v in pooled.items()}
+        host = {name: torch.empty(v.shape, dtype=v.dtype, pin_memory=True) for name, v in pooled.items()}
+        for name, v in pooled.items():
+            host[name].copy_(v, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        done.synchronize()
+        self.model_seconds += sum(a.elapsed_time(b) for a, b in self._events) / 1000
+        self._events.clear()
+        return {name: v.numpy() for name, v in host.items()}
+
+    def compute(self, pixels: torch.Tensor, indices: np.ndarray, job: UnitJob) -> dict[str, np.ndarray]:
+        """Pooled float32 features of one micro-batch (uint8 pixels (m, S, S, 3) of global rows
+        `indices`), for every feature of the job."""
+        pooled: dict[str, torch.Tensor] = {}
+        noise_spec = self.spec.noise
+        draws = noise_spec.draws
+        x0 = batch_to_model_range(pixels.to(self.device, non_blocking=True))
         shape = tuple(x0.shape[1:])
+        rows = indices.tolist()
         for t in job.timesteps:
             blocks = job.blocks_at(t)
             sums: dict[str, dict[int, torch.Tensor]] = {v: {} for v in job.views()}
             for draw in range(draws):
-                noise = seeded_noise(self.spec.noise.seed, indices.tolist(), t, draw, shape)
+                noise = noise_for(noise_spec.rule, noise_spec.seed, rows, t, draw, shape, self.device)
                 x_t = self.schedule.q_sample(x0, t, noise)
                 for view in job.views():
                     x_v = x_t if view == "center" else x_t.flip(-1)
@@ -127,8 +155,8 @@ class Computer:
                 mean = sums[f.view][f.block]
                 if draws > 1:
                     mean = mean / draws
-                out[f.name] = pool(mean, (f.pool_kind, f.pool_size)).cpu().numpy()
-        return out
+                pooled[f.name] = pool(mean, (f.pool_kind, f.pool_size))
+        return self._collect(pooled)
 
 
 @contextlib.contextmanager

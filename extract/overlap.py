@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from extract.compute import ExtractionError
-from extract.preprocess import preprocess
+from extract.preprocess import pixels
 from extract.sources import ImageSource
 from extract.store import StoreWriter
 
@@ -29,29 +29,38 @@ class Batch:
     unit: int
     offset: int  # first row of this micro-batch inside the unit
     indices: np.ndarray  # global sample indices
-    x0: torch.Tensor  # (m, 3, S, S) float32 in [-1, 1]; zeros for failed images
+    pixels: torch.Tensor  # (m, S, S, 3) uint8 after preprocessing (pinned for a CUDA run); 0 for failed images
     ids: list[str]
     errors: list[str]  # "" for good rows, else why the image failed
 
 
-def load_batch(source: ImageSource, image_size: int, method: str, unit: int, offset: int, indices: np.ndarray) -> Batch:
+def load_batch(
+    source: ImageSource,
+    image_size: int,
+    method: str,
+    pin: bool,
+    unit: int,
+    offset: int,
+    indices: np.ndarray,
+) -> Batch:
     size = image_size
-    x0 = np.zeros((len(indices), 3, size, size), dtype=np.float32)
+    batch = torch.zeros((len(indices), size, size, 3), dtype=torch.uint8, pin_memory=pin)
+    out = batch.numpy()
     errors: list[str] = []
     ids: list[str] = []
     for row, index in enumerate(indices):
-        item = source.load(int(index))
+        item = source.load_rgb(int(index))
         ids.append(item.sample_id)
         if item.error is None:
             try:
-                x0[row] = preprocess(item.image, size, method)
+                out[row] = pixels(item.image, size, method)
             except Exception as exc:  # a decodable image that preprocessing cannot take is a failure too
                 errors.append(f"preprocess: {type(exc).__name__}: {exc}")
                 continue
             errors.append("")
         else:
             errors.append(item.error)
-    return Batch(unit, offset, indices, torch.from_numpy(x0), ids, errors)
+    return Batch(unit, offset, indices, batch, ids, errors)
 
 
 def plan_batches(writer: StoreWriter, units: Sequence[int], micro_batch: int) -> list[tuple[int, int, np.ndarray]]:

@@ -58,12 +58,20 @@ DEFAULT_MICRO_BATCH = 64  # rows per U-Net call; fixed so the bytes never depend
 # torch threads per process: one, whatever the machine, so the bytes do not depend on the number of
 # workers or cores (see compute_threads), and because spinning OpenMP threads on shared cores cost 5-8x.
 DEFAULT_THREADS = 1
-NOISE_SEED_RULE = (
-    "noise for (seed, sample index i, timestep t, draw d): torch.randn on the CPU in float32 "
-    "from a torch.Generator seeded with blake2b-64('diffbank-noise/{seed}/{i}/{t}/{d}') "
-    "(extract.diffusion.noise_seed); features are averaged over draws d = 0..draws-1; the "
-    "flip view uses the mirrored x_t of the centre view"
-)
+NOISE_SEED_RULES = {  # what a store's provenance says of its spec's noise.rule
+    "generator": (
+        "noise for (seed, sample index i, timestep t, draw d): torch.randn on the CPU in float32 "
+        "from a torch.Generator seeded with blake2b-64('diffbank-noise/{seed}/{i}/{t}/{d}') "
+        "(extract.diffusion.noise_seed); features are averaged over draws d = 0..draws-1; the "
+        "flip view uses the mirrored x_t of the centre view"
+    ),
+    "counter": (
+        "noise for (seed, sample index i, timestep t, draw d), element j: splitmix64(key + (j + 1) * "
+        "0x9E3779B97F4A7C15) with key = blake2b-64('diffbank-noise/{seed}/{i}/{t}/{d}'), then float32 "
+        "Box-Muller on the compute device (extract.diffusion.counter_noise); features are averaged "
+        "over draws d = 0..draws-1; the flip view uses the mirrored x_t of the centre view"
+    ),
+}
 # A unit (shard) should take about a minute on a reference device, so an interrupted run loses little.
 # The reference is fixed, not the machine at hand, so a spec always gets the same layout and bytes:
 # ~10 TMAC/s, a mid-range GPU in float32. On a 2-core CPU (~25 GMAC/s) the store's minimum number
@@ -240,7 +248,7 @@ def _prepare(
         model, record = None, model_record(spec)
     provenance = {
         **record,
-        "noise_seed_rule": NOISE_SEED_RULE,
+        "noise_seed_rule": NOISE_SEED_RULES[spec.noise.rule],
         "timestep_convention": TIMESTEP_CONVENTION,
         "dataset": source.describe(),
         "dataset_manifest_sha256_source": source.manifest_hash(),
@@ -372,7 +380,8 @@ def _run_units(
             ThreadPoolExecutor(max_workers=workers, thread_name_prefix="diffbank-load") as loader,
             torch.inference_mode(),
         ):
-            load = functools.partial(load_batch, source, spec.dataset.image_size, spec.dataset.preprocess)
+            pin = prepared.device.type == "cuda"  # page-locked batches copy to the GPU asynchronously
+            load = functools.partial(load_batch, source, spec.dataset.image_size, spec.dataset.preprocess, pin)
             for batch in prefetch(loader, load, batches, depth):
                 job = jobs[batch.unit]
                 start, stop = writer.unit_rows(batch.unit)
@@ -385,7 +394,7 @@ def _run_units(
                         f"unreadable image {bad[0][0]} (strict mode): {bad[0][1]}; nothing of "
                         f"unit {batch.unit} (rows {start}-{stop - 1}) was written"
                     )
-                result = computer.compute(batch.x0, batch.indices, job)
+                result = computer.compute(batch.pixels, batch.indices, job)
                 rows = slice(batch.offset, batch.offset + len(batch.indices))
                 for name, arr in result.items():
                     buffers[name][rows] = arr

@@ -18,7 +18,7 @@ from typing import Any
 from extract.features import FeatureKey, pool_label
 from extract.idx import FASHION_MNIST_DIR
 from extract.provenance import fingerprint
-from extract.spec.schema import SPEC_VERSION
+from extract.spec.schema import DEFAULT_NOISE_RULE, SPEC_VERSION
 from extract.store.layout import itemsize
 
 # Settings that change how fast a store is written, never what is in it.
@@ -83,6 +83,14 @@ class FeatureGrid:
 class NoiseSpec:
     seed: int
     draws: int
+    rule: str = DEFAULT_NOISE_RULE
+
+    def as_dict(self) -> dict[str, Any]:
+        # The default rule is left out, so stores written before rules existed keep their fingerprint.
+        out = dataclasses.asdict(self)
+        if out["rule"] == DEFAULT_NOISE_RULE:
+            out.pop("rule")
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,7 +204,7 @@ class Spec:
                 "pooling": {str(b): list(g.pooling[b]) for b in g.blocks},
                 "tokens": {str(b): g.tokens[b] for b in g.blocks if b in g.tokens},
             },
-            "noise": dataclasses.asdict(self.noise),
+            "noise": self.noise.as_dict(),
             "views": dataclasses.asdict(self.views),
             "storage": dataclasses.asdict(self.storage),
             "compute": dataclasses.asdict(self.compute),

@@ -30,6 +30,7 @@ YAML schema (defaults in brackets; `null` where a default is derived)::
       pooling: [2] | {default: [2], 24: [2, 4]}   # [{default: [2]}] average-pool sizes p (output p x p); [] = none
       tokens: 16 | {default: 16, 19: 8} | null    # [null] token mode: average-pool to at most s x s
     noise: {seed: 0, draws: 1}           # draws > 1: features averaged over that many noise draws
+                                         # rule: generator (default) | counter (drawn on the compute device)
     views: {center: true, hflip: false}  # hflip adds a horizontally flipped second view ("_flip" features)
     storage: {dtype: float16, compressor: blosc-lz4, chunk_rows: 64, shard_rows: null}
                                          # dtype float16|float32; compressor blosc-lz4|zstd|none;
@@ -62,6 +63,8 @@ from extract.store.layout import COMPRESSIONS, STORAGE_DTYPES
 
 SPEC_VERSION = 1
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+NOISE_RULES = ("generator", "counter")  # implemented by extract.diffusion.noise_for
+DEFAULT_NOISE_RULE = NOISE_RULES[0]
 DATASET_KINDS = ("folder", "csv", "hdf5", "idx", "digits")
 PREPROCESSING = ("reference",)
 SCHEDULES = ("linear", "cosine")
@@ -172,6 +175,11 @@ class FeaturesSection(_Section):
 class NoiseSection(_Section):
     seed: NonNegInt = 0
     draws: PosInt = 1
+    rule: Literal[NOISE_RULES] = Field(  # type: ignore[valid-type]
+        DEFAULT_NOISE_RULE,
+        description="generator: a seeded torch CPU generator per sample (the default); counter: a "
+        "counter-based hash drawn on the compute device (fast on GPUs; bytes differ from generator's)",
+    )
 
 
 class ViewsSection(_Section):
