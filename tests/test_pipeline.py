@@ -125,6 +125,19 @@ def test_threads_are_recorded_and_kept_on_resume(images, tmp_path, monkeypatch, 
     assert seen[-1] == 1 and default["threads"] == 1
 
 
+def test_reduced_precision_without_cpu_support_is_refused_before_any_work(images, tmp_path, monkeypatch):
+    import extract.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "cpu_has_native", lambda dtype: dtype == "float32")
+    store = tmp_path / "bf16.zarr"
+    with pytest.raises(ExtractionError, match=r"compute.dtype bfloat16 on .* no AMX_BF16 / AVX512_BF16.*34x slower"):
+        extract(_spec(images, compute={"dtype": "bfloat16"}), store, progress=False, device="cpu")
+    assert not store.exists()
+    monkeypatch.setattr(pipeline, "cpu_has_native", lambda dtype: True)
+    done = extract(_spec(images, compute={"dtype": "bfloat16"}, views={"hflip": False}), store, progress=False)
+    assert done["complete"]
+
+
 def test_corrupt_image_recorded_or_strict(tmp_path):
     root = _images(tmp_path / "imgs", bad=True)
     summary = extract(_spec(root), tmp_path / "c.zarr", progress=False)
