@@ -12,6 +12,11 @@ stopping the run, so one failure does not hide the other figures.
    blocks 19/24/30 (DifFormer), and the full forward with a hook on block 24 (the public code's way), in
    fp32 / bf16 / fp16, eager, channels_last, and torch.compile (compile time reported), timed with CUDA
    events; achieved TFLOP/s from the counted multiply-accumulates (2 FLOPs each).
+4. The store-level pipeline (benchmarks/device_pipeline_check.py): pixel scaling and counter noise on the
+   device against the CPU, an extraction's bytes independent of --batch-size and of a SIGKILL + resume on
+   the device, and `diffbank extract` end to end on synthetic JPEGs (host pipeline included) to block 24.
+
+    bash benchmarks/device_check.sh --out OUT   (installs zarr/dask from .whl/ first on a bare GPU machine)
 
     python benchmarks/device_check.py --device cuda --out OUT
     python benchmarks/device_check.py --device cpu --quick --out OUT   (small sizes; what CI runs)
@@ -208,6 +213,12 @@ def throughput(device: torch.device, quick: bool, compile_: bool, budget_s: floa
     return result
 
 
+def pipeline_checks(device: torch.device, quick: bool) -> dict:
+    from device_pipeline_check import run_all
+
+    return run_all(device, quick)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -229,6 +240,7 @@ def main() -> None:
         ("correctness", lambda: correctness(device)),
         ("batch_independence", lambda: batch_independence(device)),
         ("throughput", lambda: throughput(device, args.quick, args.compile, args.budget)),
+        ("pipeline", lambda: pipeline_checks(device, args.quick)),
     ):
         t0 = time.perf_counter()
         try:
@@ -246,6 +258,7 @@ def main() -> None:
             if isinstance(row, dict)
         )
         and "error" not in report["correctness"]
+        and bool(report.get("pipeline", {}).get("ok"))
     )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "device_check.json").write_text(json.dumps(report, indent=1))
