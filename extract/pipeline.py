@@ -561,13 +561,32 @@ def run_units_worker(
         raise StoreError(
             f"{store_url} has fingerprint {writer.fingerprint[:12]}, the task's spec {spec.fingerprint[:12]}"
         )
-    dev = resolve_device(device or spec.compute.device)
+    dev = worker_device(resolve_device(device or spec.compute.device))
     model, _ = build(spec, dev)
     compute = writer.attrs.get("provenance", {}).get("compute", {})
     mb = int(compute.get("micro_batch", DEFAULT_MICRO_BATCH))
     threads = int(compute.get("threads") or DEFAULT_THREADS)
     prepared = Prepared(spec, open_source(spec.dataset), writer, model, dev, mb, threads)
     return run_units(prepared, units, strict=strict, progress=False, batch_size=batch_size)
+
+
+def worker_device(device: torch.device) -> torch.device:
+    """`cuda` without an index, in dask worker k of a host with several GPUs: GPU k mod count.
+
+    A LocalCluster names its workers 0..n-1, so `--workers N --device cuda` puts one worker on each GPU;
+    workers started elsewhere with their own CUDA_VISIBLE_DEVICES see one GPU and keep `cuda`.
+    """
+    if device.type != "cuda" or device.index is not None or torch.cuda.device_count() < 2:
+        return device
+    try:
+        from dask.distributed import get_worker
+
+        name = get_worker().name
+    except (ImportError, ValueError):  # not inside a dask worker
+        return device
+    if isinstance(name, int) or str(name).isdigit():
+        return torch.device("cuda", int(name) % torch.cuda.device_count())
+    return device
 
 
 def spec_base_dir(spec: Spec) -> str:

@@ -232,3 +232,19 @@ def test_dask_two_workers_equal_one(images, tmp_path):
     assert two["complete"] and two["units_computed"] == one["units_computed"]
     assert_same_arrays(arrays(tmp_path / "one.zarr"), arrays(tmp_path / "two.zarr"))
     assert open_store(tmp_path / "two.zarr").attrs["consolidated"] is True
+
+
+def test_each_local_dask_worker_takes_its_own_gpu(monkeypatch):
+    import types
+
+    import dask.distributed
+
+    from extract.pipeline import worker_device
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert worker_device(torch.device("cuda")) == torch.device("cuda")  # outside a worker: unchanged
+    for name, expected in ((0, "cuda:0"), (2, "cuda:2"), (5, "cuda:1"), ("tcp-worker", "cuda")):
+        monkeypatch.setattr(dask.distributed, "get_worker", lambda name=name: types.SimpleNamespace(name=name))
+        assert worker_device(torch.device("cuda")) == torch.device(expected)
+    assert worker_device(torch.device("cuda:3")) == torch.device("cuda:3")  # an explicit index is kept
+    assert worker_device(torch.device("cpu")) == torch.device("cpu")
