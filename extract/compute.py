@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -89,15 +90,30 @@ class Computer:
         self.schedule = NoiseSchedule.from_flags(spec.model.noise_schedule, spec.model.diffusion_steps)
         self.model_seconds = 0.0
         self.forwards = 0
+        self.compile_seconds = 0.0
         dtype = spec.compute.dtype
         self._autocast = (
             torch.autocast(device.type, dtype=getattr(torch, dtype)) if dtype != "float32" else contextlib.nullcontext()
         )
-
+        self._memory_format = torch.channels_last if spec.compute.channels_last else torch.contiguous_format
+        if spec.compute.channels_last:
+            model.to(memory_format=torch.channels_last)
+        # Compiled once per (blocks, batch shape): the first call of each pays the compile, timed apart.
+        self._features = torch.compile(model.features) if spec.compute.compile else model.features
+        self._compiled: set[tuple[Any, ...]] = set()
         self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
     def forward(self, x_t: torch.Tensor, t: int, blocks: list[int]) -> dict[int, torch.Tensor]:
         tt = torch.full((x_t.shape[0],), t, dtype=torch.long, device=self.device)
+        x_t = x_t.contiguous(memory_format=self._memory_format)
+        if self.spec.compute.compile and (key := (tuple(blocks), tuple(x_t.shape))) not in self._compiled:
+            t0 = time.perf_counter()  # compile + first run, outside the model's time
+            with self._autocast:
+                self._features(x_t, tt, blocks)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.compile_seconds += time.perf_counter() - t0
+            self._compiled.add(key)
         cuda = self.device.type == "cuda"
         if cuda:  # events time the GPU's work without making the host wait for it
             start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -105,7 +121,7 @@ class Computer:
         else:
             t0 = time.perf_counter()
         with self._autocast:
-            out = self.model.features(x_t, tt, blocks)
+            out = self._features(x_t, tt, blocks)
         out = {b: v.float() for b, v in out.items()}
         if cuda:
             stop.record()
@@ -175,7 +191,8 @@ def compute_threads(threads: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def configure_determinism(device: torch.device) -> None:
+def configure_determinism(device: torch.device, deterministic: bool = True) -> None:
+    """deterministic: no autotuning (it picks kernels by timing, so bytes could change run to run)."""
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = False  # autotuning picks kernels by timing: not reproducible
-        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cudnn.deterministic = deterministic

@@ -13,7 +13,8 @@ same image in a batch of 3 and of 8 differs in the last bits; fixing the groupin
 makes the bytes independent of `--batch-size` (which only sizes loading), of the number of workers
 and of resumption. oneDNN also splits some convolutions by thread count, so every process computes
 with the same number of torch threads (`--threads`, default 1). Micro-batch and threads are recorded
-in the store and reused on resume. cuDNN runs with benchmark off and deterministic algorithms on.
+in the store and reused on resume. cuDNN runs with benchmark off and deterministic algorithms on, unless
+the spec says `compute.deterministic: false` (autotuned kernels: faster, bytes may vary run to run).
 
 Loading and writing overlap the compute in threads (extract/overlap.py); the compute of one
 micro-batch is extract/compute.py.
@@ -260,7 +261,7 @@ def _prepare(
             "dtype": spec.compute.dtype,
             "device": str(dev),
             "device_name": device_name(dev),
-            "cudnn_deterministic": dev.type == "cuda",
+            "cudnn_deterministic": dev.type == "cuda" and spec.compute.deterministic,
         },
         "preprocess": spec.dataset.preprocess,
         "image_size": spec.dataset.image_size,
@@ -359,7 +360,7 @@ def run_units(
     wanted = sorted(pending) if units is None else sorted(u for u in set(units) if u in pending)
     infos = writer.infos
     jobs = {u: UnitJob(u, [infos[name] for name in pending[u]]) for u in wanted}
-    configure_determinism(prepared.device)
+    configure_determinism(prepared.device, prepared.spec.compute.deterministic)
     with compute_threads(prepared.threads):
         return _run_units(prepared, jobs, wanted, pending, strict, progress, batch_size, num_workers)
 
@@ -435,6 +436,7 @@ def _run_units(
         "failures": failures,
         "seconds": wall,
         "model_seconds": computer.model_seconds,
+        "compile_seconds": computer.compile_seconds,
         "write_seconds": unit_writer.seconds,
         "forwards": computer.forwards,
         "images_per_s": images / wall if wall > 0 else None,

@@ -96,6 +96,16 @@ def test_counter_noise_rule_is_batch_independent_and_recorded(images, tmp_path):
     assert not np.array_equal(counter.read("t010_b02_avg1"), plain.read("t010_b02_avg1"))
 
 
+def test_channels_last_is_a_content_option_close_to_the_default(images, tmp_path):
+    plain = extract(_spec(images, views={"hflip": False}), tmp_path / "p.zarr", progress=False)
+    nhwc = extract(_spec(images, views={"hflip": False}, compute={"channels_last": True}), tmp_path / "c.zarr", progress=False)
+    assert nhwc["fingerprint"] != plain["fingerprint"] and nhwc["compile_seconds"] == 0.0
+    a, b = open_store(tmp_path / "p.zarr"), open_store(tmp_path / "c.zarr")
+    assert b.attrs["spec"]["compute"]["channels_last"] is True and "channels_last" not in a.attrs["spec"]["compute"]
+    for name in a.feature_names():
+        np.testing.assert_allclose(a.read(name), b.read(name), rtol=2e-3, atol=2e-3)
+
+
 def test_units_in_any_order_give_the_same_bytes(images, tmp_path):
     extract(_spec(images), tmp_path / "all.zarr", progress=False)
     part = tmp_path / "parts.zarr"

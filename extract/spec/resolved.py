@@ -18,7 +18,7 @@ from typing import Any
 from extract.features import FeatureKey, pool_label
 from extract.idx import FASHION_MNIST_DIR
 from extract.provenance import fingerprint
-from extract.spec.schema import DEFAULT_NOISE_RULE, SPEC_VERSION
+from extract.spec.schema import COMPUTE_OPTION_DEFAULTS, DEFAULT_NOISE_RULE, SPEC_VERSION
 from extract.store.layout import itemsize
 
 # Settings that change how fast a store is written, never what is in it.
@@ -121,6 +121,14 @@ class ComputeSpec:
     batch_size: int
     device: str
     num_workers: int
+    channels_last: bool = COMPUTE_OPTION_DEFAULTS["channels_last"]
+    compile: bool = COMPUTE_OPTION_DEFAULTS["compile"]
+    deterministic: bool = COMPUTE_OPTION_DEFAULTS["deterministic"]
+
+    def as_dict(self) -> dict[str, Any]:
+        # Options at their defaults are left out, so stores written before they existed keep their fingerprint.
+        out = dataclasses.asdict(self)
+        return {k: v for k, v in out.items() if k not in COMPUTE_OPTION_DEFAULTS or v != COMPUTE_OPTION_DEFAULTS[k]}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,7 +215,7 @@ class Spec:
             "noise": self.noise.as_dict(),
             "views": dataclasses.asdict(self.views),
             "storage": dataclasses.asdict(self.storage),
-            "compute": dataclasses.asdict(self.compute),
+            "compute": self.compute.as_dict(),
         }
 
     def content_dict(self) -> dict[str, Any]:

@@ -63,6 +63,9 @@ from extract.store.layout import COMPRESSIONS, STORAGE_DTYPES
 
 SPEC_VERSION = 1
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+# How the U-Net runs; each changes the last bits (kernels differ), so a non-default one is part of the
+# fingerprint. deterministic: false lets cuDNN autotune, and then the bytes may change run to run.
+COMPUTE_OPTION_DEFAULTS = {"channels_last": False, "compile": False, "deterministic": True}
 NOISE_RULES = ("generator", "counter")  # implemented by extract.diffusion.noise_for
 DEFAULT_NOISE_RULE = NOISE_RULES[0]
 DATASET_KINDS = ("folder", "csv", "hdf5", "idx", "digits")
@@ -215,6 +218,11 @@ class ComputeSection(_Section):
     batch_size: PosInt = 32
     device: str = Field("auto", description="auto, cpu, cuda, cuda:<index> or mps")
     num_workers: NonNegInt = 0
+    channels_last: bool = Field(COMPUTE_OPTION_DEFAULTS["channels_last"], description="NHWC layout for the U-Net")
+    compile: bool = Field(COMPUTE_OPTION_DEFAULTS["compile"], description="torch.compile the U-Net's feature pass")
+    deterministic: bool = Field(
+        COMPUTE_OPTION_DEFAULTS["deterministic"], description="false: cuDNN autotuning (bytes may vary run to run)"
+    )
 
     @field_validator("device", mode="before")
     @classmethod
