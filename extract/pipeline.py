@@ -266,6 +266,9 @@ def _prepare(
         "preprocess": spec.dataset.preprocess,
         "image_size": spec.dataset.image_size,
     }
+    if model is not None and spec.compute.dtype != "float32":
+        with compute_threads(n_threads), torch.inference_mode():
+            provenance["compute"]["calibration"] = calibrate(spec, source, model, dev, mb)
     writer = create_store(
         store_url,
         spec.to_dict(),
@@ -289,6 +292,30 @@ def _prepare(
     except BaseException:
         writer.release()
         raise
+
+
+def calibrate(spec: Spec, source: ImageSource, model: torch.nn.Module, device: torch.device, rows: int) -> dict:
+    """Per-feature error of the spec's reduced dtype against float32 on the first micro-batch of rows.
+
+    Recorded in the store's provenance, so a reader can judge the autocast's effect on every feature.
+    """
+    indices = np.arange(min(rows, len(source)), dtype=np.int64)
+    batch = load_batch(source, spec.dataset.image_size, spec.dataset.preprocess, False, 0, 0, indices)
+    job = UnitJob(0, store_features(spec))
+    fp32 = dataclasses.replace(spec, compute=dataclasses.replace(spec.compute, dtype="float32"))
+    reference = Computer(model, fp32, device).compute(batch.pixels, indices, job)
+    reduced = Computer(model, spec, device).compute(batch.pixels, indices, job)
+    errors = {}
+    for name, ref in reference.items():
+        diff = np.abs(reduced[name].astype(np.float64) - ref)
+        scale = float(np.abs(ref).max()) or 1.0
+        errors[name] = {
+            "max_rel_err": float(diff.max() / scale),
+            "rms_rel_err": float(np.sqrt((diff**2).mean() / max((ref.astype(np.float64) ** 2).mean(), 1e-30))),
+        }
+    worst = max(errors, key=lambda n: errors[n]["max_rel_err"])
+    log.info(f"{spec.compute.dtype} vs float32 on {len(indices)} rows: worst max rel err {errors[worst]['max_rel_err']:.2e} ({worst})")
+    return {"rows": len(indices), "reference": "float32", "dtype": spec.compute.dtype, "features": errors}
 
 
 def _check_dtype_is_native(dtype: str, device: torch.device) -> None:

@@ -146,6 +146,12 @@ def test_reduced_precision_without_cpu_support_is_refused_before_any_work(images
     monkeypatch.setattr(pipeline, "cpu_has_native", lambda dtype: True)
     done = extract(_spec(images, compute={"dtype": "bfloat16"}, views={"hflip": False}), store, progress=False)
     assert done["complete"]
+    # The autocast's error against float32, per feature, on a calibration batch, is in the provenance.
+    calibration = open_store(store).attrs["provenance"]["compute"]["calibration"]
+    assert calibration["rows"] == 14 and calibration["dtype"] == "bfloat16"
+    assert set(calibration["features"]) == set(open_store(store).feature_names())
+    for err in calibration["features"].values():
+        assert 0 < err["rms_rel_err"] <= err["max_rel_err"] < 0.1
 
 
 def test_corrupt_image_recorded_or_strict(tmp_path):
