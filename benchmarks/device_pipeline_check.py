@@ -9,6 +9,9 @@
 3. end_to_end: `diffbank extract` as a user runs it on synthetic 500x375 JPEGs: the 256x256 uncond
    U-Net (random weights) to block 24 with the host pipeline included, images/s, and the model's own
    share (CUDA-event time), for the spec's dtype (bf16 on a GPU).
+4. sweep: a 27-head linear sweep (9 features x 3 learning rates, one epoch) on the device, reading a
+   store of >= 10 GB of synthetic float16 features (136,000 samples x 9 x 4,096; 2,000 x 9 x 256 in
+   --quick): wall time, samples/s and GB/s read.
 
     python benchmarks/device_pipeline_check.py --device cuda --out OUT [--quick]
 """
@@ -174,6 +177,48 @@ def end_to_end(device: torch.device, tmp: Path, quick: bool) -> dict[str, Any]:
     }
 
 
+def sweep(device: torch.device, tmp: Path, quick: bool) -> dict[str, Any]:
+    from extract.store import save_features
+    from probe.api import run_sweep
+
+    n, dim, classes = (2_000, 256, 10) if quick else (136_000, 4_096, 100)
+    gen = torch.Generator(device=device).manual_seed(0)
+    y = torch.randint(0, classes, (n,), generator=gen, device=device)
+    feats = {}
+    t0 = time.perf_counter()
+    for t in (90, 150, 300):
+        for b in (19, 24, 30):
+            means = torch.randn(classes, dim, generator=gen, device=device) * (0.5 if (t, b) == (150, 24) else 0.2)
+            out = np.empty((n, dim // 4, 2, 2), dtype=np.float16)
+            for lo in range(0, n, 8192):
+                rows = torch.randn(min(8192, n - lo), dim, generator=gen, device=device) + means[y[lo : lo + 8192]]
+                out[lo : lo + len(rows)] = rows.half().reshape(-1, dim // 4, 2, 2).cpu().numpy()
+            feats[f"t{t:03d}_b{b:02d}_avg2"] = out
+    labels = y.cpu().numpy()
+    rows = np.arange(n)
+    n_train, n_val = int(n * 0.8), int(n * 0.1)
+    splits = {"train": rows[:n_train], "val": rows[n_train : n_train + n_val], "test": rows[n_train + n_val :]}
+    store = tmp / "sweep.zarr"
+    save_features(store, feats, labels, splits)
+    written = time.perf_counter() - t0
+    gigabytes = sum(a.nbytes for a in feats.values()) / 1e9
+    del feats
+    t0 = time.perf_counter()
+    result = run_sweep(str(store), tmp / "sweep", epochs=1, device=str(device), progress=False)
+    wall = time.perf_counter() - t0
+    return {
+        "samples": n,
+        "store_gb": round(gigabytes, 2),
+        "write_seconds": round(written, 1),
+        "sweep_seconds": round(wall, 1),
+        "train_samples_per_s": n_train / wall,
+        "gb_per_s_read": gigabytes * 0.8 / wall,  # the epoch reads the train rows of every feature
+        "selected": result.get("selected"),
+        "test_top1": result.get("metrics", {}).get("test", {}).get("top1"),
+        "ok": True,
+    }
+
+
 def run_all(device: torch.device, quick: bool) -> dict[str, Any]:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     out: dict[str, Any] = {}
@@ -182,6 +227,7 @@ def run_all(device: torch.device, quick: bool) -> dict[str, Any]:
             ("noise_and_pixels", lambda: noise_and_pixels(device)),
             ("stores", lambda: stores(device, Path(tmp))),
             ("end_to_end", lambda: end_to_end(device, Path(tmp), quick)),
+            ("sweep", lambda: sweep(device, Path(tmp), quick)),
         ):
             try:
                 out[name] = fn()

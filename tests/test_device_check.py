@@ -43,3 +43,4 @@ def test_device_check_cpu_quick_mode(tmp_path):
     assert pipeline["stores"]["kill_resume_bitwise_equal"] is True
     assert pipeline["stores"]["batch_size_3_vs_8_bitwise_equal"] is True
     assert pipeline["end_to_end"]["images_per_s"] > 0
+    assert pipeline["sweep"]["ok"] is True and pipeline["sweep"]["test_top1"] > 0.5  # 10 classes
