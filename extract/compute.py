@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -131,23 +131,38 @@ class Computer:
         self.forwards += 1
         return out
 
-    def _collect(self, pooled: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-        """Copy pooled features to the host: on CUDA all at once into pinned memory, then one wait."""
+    def _collect(self, pooled: dict[str, torch.Tensor]) -> Callable[[], dict[str, np.ndarray]]:
+        """Start copying pooled features to the host; the returned function waits for them.
+
+        On CUDA the copies go into pinned memory behind the forwards, so the host can queue the next
+        micro-batch before it waits for this one: the GPU never idles between micro-batches.
+        """
         if self.device.type != "cuda":
-            return {name: v.numpy() for name, v in pooled.items()}
+            arrays = {name: v.numpy() for name, v in pooled.items()}
+            return lambda: arrays
         host = {name: torch.empty(v.shape, dtype=v.dtype, pin_memory=True) for name, v in pooled.items()}
         for name, v in pooled.items():
             host[name].copy_(v, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
-        done.synchronize()
-        self.model_seconds += sum(a.elapsed_time(b) for a, b in self._events) / 1000
-        self._events.clear()
-        return {name: v.numpy() for name, v in host.items()}
+        events, self._events = self._events, []
+
+        def wait() -> dict[str, np.ndarray]:
+            done.synchronize()
+            self.model_seconds += sum(a.elapsed_time(b) for a, b in events) / 1000
+            return {name: v.numpy() for name, v in host.items()}
+
+        return wait
 
     def compute(self, pixels: torch.Tensor, indices: np.ndarray, job: UnitJob) -> dict[str, np.ndarray]:
         """Pooled float32 features of one micro-batch (uint8 pixels (m, S, S, 3) of global rows
         `indices`), for every feature of the job."""
+        return self.submit(pixels, indices, job)()
+
+    def submit(
+        self, pixels: torch.Tensor, indices: np.ndarray, job: UnitJob
+    ) -> Callable[[], dict[str, np.ndarray]]:
+        """`compute`, queued: returns a function that waits for the features (at once on a CPU)."""
         pooled: dict[str, torch.Tensor] = {}
         noise_spec = self.spec.noise
         draws = noise_spec.draws

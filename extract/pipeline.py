@@ -47,7 +47,7 @@ from extract.compute import (
     resolve_device,
 )
 from extract.hardware import NATIVE_FLAGS, SLOWDOWN_WITHOUT, cpu_has_native, cpu_name
-from extract.overlap import UnitWriter, load_batch, plan_batches, prefetch
+from extract.overlap import Batch, UnitWriter, load_batch, plan_batches, prefetch
 from extract.sources import ImageSource, open_source
 from extract.spec import Spec, extension_problem, load_spec
 from extract.store import FeatureInfo, StoreError, StoreWriter, create_store
@@ -412,11 +412,16 @@ def _run_units(
     total = sum(len(b[2]) for b in batches)
     bar = _progress_bar(total, progress)
     unit_writer = UnitWriter(writer)
-    failures: list[dict[str, Any]] = []
+    assembler = UnitAssembler(writer, unit_writer)
     t_start = time.perf_counter()
-    images = 0
-    buffers: dict[str, np.ndarray] = {}
-    errors: list[str] = []
+    in_flight: list[tuple[Batch, Any]] = []  # at most one micro-batch queued on the device
+
+    def finish_in_flight() -> None:
+        while in_flight:
+            done, wait = in_flight.pop()
+            assembler.add(done, jobs[done.unit], wait())
+            bar.update(len(done.indices))
+
     try:
         with (
             ThreadPoolExecutor(max_workers=workers, thread_name_prefix="diffbank-load") as loader,
@@ -425,34 +430,25 @@ def _run_units(
             pin = prepared.device.type == "cuda"  # page-locked batches copy to the GPU asynchronously
             load = functools.partial(load_batch, source, spec.dataset.image_size, spec.dataset.preprocess, pin)
             for batch in prefetch(loader, load, batches, depth):
-                job = jobs[batch.unit]
-                start, stop = writer.unit_rows(batch.unit)
-                if batch.offset == 0:
-                    buffers = {f.name: np.zeros((stop - start, *f.shape), np.float32) for f in job.features}
-                    errors = [""] * (stop - start)
                 bad = [(sid, e) for sid, e in zip(batch.ids, batch.errors) if e]
                 if bad and strict:
+                    finish_in_flight()  # an earlier unit that is complete is kept
+                    start, stop = writer.unit_rows(batch.unit)
                     raise ExtractionError(
                         f"unreadable image {bad[0][0]} (strict mode): {bad[0][1]}; nothing of "
                         f"unit {batch.unit} (rows {start}-{stop - 1}) was written"
                     )
-                result = computer.compute(batch.pixels, batch.indices, job)
-                rows = slice(batch.offset, batch.offset + len(batch.indices))
-                for name, arr in result.items():
-                    buffers[name][rows] = arr
-                errors[rows] = batch.errors
-                for index, sid, err in zip(batch.indices, batch.ids, batch.errors):
-                    if err:
-                        failures.append({"index": int(index), "id": sid, "reason": err})
-                images += len(batch.indices)
-                bar.update(len(batch.indices))
-                if batch.offset + len(batch.indices) == stop - start:  # the unit is complete
-                    valid = np.array([e == "" for e in errors])
-                    unit_writer.put(batch.unit, buffers, valid, errors)
-                    buffers, errors = {}, []
+                wait = computer.submit(batch.pixels, batch.indices, jobs[batch.unit])
+                finish_in_flight()  # the previous micro-batch, while this one runs on the device
+                in_flight.append((batch, wait))
+            finish_in_flight()
+    except KeyboardInterrupt:
+        finish_in_flight()  # computed already: keep it (it may complete a unit)
+        raise
     finally:
         bar.close()
         unit_writer.close()
+    failures, images = assembler.failures, assembler.images
     wall = time.perf_counter() - t_start
     return {
         "store": writer.url,
@@ -471,6 +467,35 @@ def _run_units(
         "micro_batch": mb,
         "threads": prepared.threads,
     }
+
+
+class UnitAssembler:
+    """Collects micro-batch results, in order, into whole units and hands complete ones to the writer."""
+
+    def __init__(self, writer: StoreWriter, unit_writer: UnitWriter):
+        self.writer, self.unit_writer = writer, unit_writer
+        self.buffers: dict[str, np.ndarray] = {}
+        self.errors: list[str] = []
+        self.failures: list[dict[str, Any]] = []
+        self.images = 0
+
+    def add(self, batch: Batch, job: UnitJob, result: dict[str, np.ndarray]) -> None:
+        start, stop = self.writer.unit_rows(batch.unit)
+        if batch.offset == 0:
+            self.buffers = {f.name: np.zeros((stop - start, *f.shape), np.float32) for f in job.features}
+            self.errors = [""] * (stop - start)
+        rows = slice(batch.offset, batch.offset + len(batch.indices))
+        for name, arr in result.items():
+            self.buffers[name][rows] = arr
+        self.errors[rows] = batch.errors
+        for index, sid, err in zip(batch.indices, batch.ids, batch.errors):
+            if err:
+                self.failures.append({"index": int(index), "id": sid, "reason": err})
+        self.images += len(batch.indices)
+        if batch.offset + len(batch.indices) == stop - start:  # the unit is complete
+            valid = np.array([e == "" for e in self.errors])
+            self.unit_writer.put(batch.unit, self.buffers, valid, self.errors)
+            self.buffers, self.errors = {}, []
 
 
 def _progress_bar(total: int, enabled: bool) -> Any:
