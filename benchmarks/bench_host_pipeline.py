@@ -3,14 +3,17 @@
 Writes synthetic 500x375 JPEGs (photo-like: smooth structure plus noise, quality 90), then measures,
 side by side in one run with the arms interleaved over repeats (medians reported):
 
-  reference   the loader before this change: decode to numpy, back to PIL for the resize, float32
-              CHW assembled on the host (kept here verbatim as `reference_load_batch`)
-  host        today's `extract.overlap.load_batch`: the decoded image stays PIL until cropped, uint8
-              batches (the device scales them)
-  pipeline    `extract.pipeline.extract` end to end on the CPU (256x256 uncond preset, block 24,
-              avg-pool 2) with the stand-in model: loading, noise, q_sample, pooling, store writes
+  reference       the loader before this change: decode to numpy, back to PIL for the resize, float32
+                  CHW assembled on the host (kept here verbatim as `reference_load_batch`), in threads
+  host threads    today's loader (`extract.loader.load_pixels`): the decoded image stays PIL until
+                  cropped, uint8 batches (the device scales them), in threads
+  host processes  the same in loader processes (`extract.loader.Loader`, what `num_workers > 0` runs):
+                  Pillow holds the GIL while decoding, so threads cannot scale the decode
+  pipeline        `extract.pipeline.extract` end to end on the CPU (256x256 uncond preset, block 24,
+                  avg-pool 2) with the stand-in model and N loader processes: loading, noise, q_sample,
+                  pooling, store writes
 
-for 1 and 2 loader workers (threads: PIL releases the GIL in decode and resize), and prints
+for 1 and 2 workers, and prints
 images/s (wall), the speed-up of 2 workers, and images per CPU-second of this process (the per-core
 rate, which other jobs on a shared machine barely change). Also the per-image cost of the two
 noise rules on this CPU. Goal (issue 11): host >= 150 images/s per core, 2 workers >= 1.8x one.
@@ -35,6 +38,7 @@ import torch
 from PIL import Image
 
 from extract.diffusion import counter_noise, seeded_noise
+from extract.loader import Loader
 from extract.models.adm import PRESETS, config_from_flags
 from extract.models.blocks import block_table
 from extract.overlap import load_batch, prefetch
@@ -73,13 +77,26 @@ def timed(fn: Any) -> tuple[float, float]:
     return time.perf_counter() - w0, time.process_time() - c0
 
 
-def time_loader(fn: Any, jobs: list[tuple[Any, ...]], workers: int) -> tuple[float, float]:
+def time_threads(fn: Any, jobs: list[tuple[Any, ...]], workers: int) -> tuple[float, float]:
     def run() -> None:
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            for _ in prefetch(pool, fn, jobs, depth=2 * workers):
+            for _ in prefetch(lambda *job: pool.submit(fn, *job), jobs, depth=2 * workers):
                 pass
 
     return timed(run)
+
+
+def time_processes(source: FolderSource, jobs: list[tuple[Any, ...]], workers: int) -> tuple[float, float]:
+    """Wall time, and CPU time of this process and its (finished) loader processes."""
+
+    def run() -> None:
+        with Loader(source, SIZE, "reference", processes=workers) as loader:
+            for _ in prefetch(loader.submit, jobs, depth=2 * workers):
+                pass
+
+    children = os.times().children_user + os.times().children_system
+    wall, cpu = timed(run)
+    return wall, cpu + os.times().children_user + os.times().children_system - children
 
 
 class StandIn(torch.nn.Module):
@@ -139,6 +156,8 @@ def main() -> None:
         def host(unit: int, offset: int, idx: np.ndarray) -> Any:
             return load_batch(source, SIZE, "reference", False, unit, offset, idx)
 
+        time_processes(source, host_jobs[:1], 1)  # warm the page cache and the fork path
+
         assert torch.equal(  # the same model input, bit for bit
             reference_load_batch(source, batches[0][:4]),
             host(0, 0, batches[0][:4]).pixels.permute(0, 3, 1, 2).float() / 127.5 - 1,
@@ -146,8 +165,9 @@ def main() -> None:
         times: dict[str, list[tuple[float, float]]] = {}
         for rep in range(args.repeats):
             for workers in args.workers:
-                times.setdefault(f"reference/{workers}", []).append(time_loader(reference_load_batch, ref_jobs, workers))
-                times.setdefault(f"host/{workers}", []).append(time_loader(host, host_jobs, workers))
+                times.setdefault(f"reference/{workers}", []).append(time_threads(reference_load_batch, ref_jobs, workers))
+                times.setdefault(f"host threads/{workers}", []).append(time_threads(host, host_jobs, workers))
+                times.setdefault(f"host processes/{workers}", []).append(time_processes(source, host_jobs, workers))
                 store = root / f"s{rep}_{workers}.zarr"
                 times.setdefault(f"pipeline/{workers}", []).append(time_pipeline(root / "images", workers, store))
         noise_ms = {}
@@ -159,8 +179,8 @@ def main() -> None:
     results: dict[str, Any] = {"images": args.images, "cpus": cpus, "repeats": args.repeats, "arms": {}}
     print(f"{args.images} JPEGs 500x375 -> {SIZE}x{SIZE}, {cpus} CPUs, median of {args.repeats}, load avg "
           f"{os.getloadavg()[0]:.1f}")
-    print(f"{'arm':<12}{'workers':>8}{'images/s':>11}{'vs 1 worker':>13}{'per CPU-s':>11}")
-    for arm in ("reference", "host", "pipeline"):
+    print(f"{'arm':<16}{'workers':>8}{'images/s':>11}{'vs 1 worker':>13}{'per CPU-s':>11}")
+    for arm in ("reference", "host threads", "host processes", "pipeline"):
         base = None
         for workers in args.workers:
             runs = times[f"{arm}/{workers}"]
@@ -172,7 +192,7 @@ def main() -> None:
                 "images_per_cpu_second": per_cpu_second,
                 "scaling": rate / base,
             }
-            print(f"{arm:<12}{workers:>8}{rate:>11.1f}{rate / base:>12.2f}x{per_cpu_second:>11.1f}")
+            print(f"{arm:<16}{workers:>8}{rate:>11.1f}{rate / base:>12.2f}x{per_cpu_second:>11.1f}")
     print("noise on this CPU, ms per 3x256x256 image: " + ", ".join(f"{k} {v:.2f}" for k, v in noise_ms.items()))
     results["noise_ms_per_image"] = noise_ms
     if args.json:

@@ -23,12 +23,10 @@ micro-batch is extract/compute.py.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +45,8 @@ from extract.compute import (
     resolve_device,
 )
 from extract.hardware import NATIVE_FLAGS, SLOWDOWN_WITHOUT, cpu_has_native, cpu_name
-from extract.overlap import Batch, UnitWriter, load_batch, plan_batches, prefetch
+from extract.loader import Loader
+from extract.overlap import Batch, UnitWriter, load_batch, plan_batches, prefetch, to_batch
 from extract.sources import ImageSource, open_source
 from extract.spec import Spec, extension_problem, load_spec
 from extract.store import FeatureInfo, StoreError, StoreWriter, create_store
@@ -407,8 +406,8 @@ def _run_units(
     mb = prepared.micro_batch
     batches = plan_batches(writer, wanted, mb)
     load_rows = max(1, int(batch_size or spec.compute.batch_size))
-    workers = max(1, int(num_workers if num_workers is not None else spec.compute.num_workers) or 2)
-    depth = max(2, (load_rows + mb - 1) // mb * 2)  # about two loading batches ahead
+    processes = int(num_workers if num_workers is not None else spec.compute.num_workers)
+    depth = max(2, (load_rows + mb - 1) // mb * 2, 2 * processes)  # about two loading batches ahead
     total = sum(len(b[2]) for b in batches)
     bar = _progress_bar(total, progress)
     unit_writer = UnitWriter(writer)
@@ -424,12 +423,12 @@ def _run_units(
 
     try:
         with (
-            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="diffbank-load") as loader,
+            Loader(source, spec.dataset.image_size, spec.dataset.preprocess, processes) as loader,
             torch.inference_mode(),
         ):
             pin = prepared.device.type == "cuda"  # page-locked batches copy to the GPU asynchronously
-            load = functools.partial(load_batch, source, spec.dataset.image_size, spec.dataset.preprocess, pin)
-            for batch in prefetch(loader, load, batches, depth):
+            for loaded in prefetch(loader.submit, batches, depth):
+                batch = to_batch(loaded, pin)
                 bad = [(sid, e) for sid, e in zip(batch.ids, batch.errors) if e]
                 if bad and strict:
                     finish_in_flight()  # an earlier unit that is complete is kept

@@ -13,11 +13,13 @@ The extraction loop keeps images as uint8 (`pixels`) until they reach the comput
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
 
 PREPROCESSING = ("reference",)
 
@@ -68,6 +70,8 @@ def to_model_range(arr: np.ndarray) -> np.ndarray:
 
 def batch_to_model_range(pixels: torch.Tensor) -> torch.Tensor:
     """uint8 (m, S, S, 3) on any device -> float32 (m, 3, S, S) in [-1, 1], equal to `to_model_range`."""
+    import torch  # here only: loader processes import this module and need no torch
+
     if pixels.dtype != torch.uint8:
         raise TypeError(f"expected uint8 pixels, got {pixels.dtype}")
     return _scale(pixels.permute(0, 3, 1, 2).float()).contiguous()

@@ -217,7 +217,7 @@ class ComputeSection(_Section):
     dtype: Literal[COMPUTE_DTYPES] = Field("float32", title="compute dtype")  # type: ignore[valid-type]
     batch_size: PosInt = 32
     device: str = Field("auto", description="auto, cpu, cuda, cuda:<index> or mps")
-    num_workers: NonNegInt = 0
+    num_workers: NonNegInt = Field(0, description="image-loading processes; 0: two threads in the extracting process")
     channels_last: bool = Field(COMPUTE_OPTION_DEFAULTS["channels_last"], description="NHWC layout for the U-Net")
     compile: bool = Field(COMPUTE_OPTION_DEFAULTS["compile"], description="torch.compile the U-Net's feature pass")
     deterministic: bool = Field(
