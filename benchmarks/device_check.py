@@ -186,6 +186,8 @@ def throughput(device: torch.device, quick: bool, compile_: bool, budget_s: floa
     if time.perf_counter() - started < budget_s:
         result["autotuning"] = _autotuning_arm(model, x, t, low, timer, repeats, batch, device)
     if time.perf_counter() - started < budget_s:
+        result["attention"] = _attention_arm(model, x, t, low, timer, repeats, batch, device)
+    if time.perf_counter() - started < budget_s:
         result["profile_top_kernels"] = _profile(model, x, t, low, device)
     by = {(r["arm"], r["precision"], r["layout"]): r.get("images_per_s") for r in rows}
     for precision in DTYPES:
@@ -244,6 +246,26 @@ def _autotuning_arm(model, x, t, dtype, timer, repeats, batch, device) -> dict:
         out["max_rel_diff"] = float((a - b).abs().max() / a.abs().max())
     finally:
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved
+    return out
+
+
+def _attention_arm(model, x, t, dtype, timer, repeats, batch, device) -> dict:
+    """Block 24 with the fused attention kernel (what reduced precision on a GPU uses) against the
+    reference's einsum attention, same weights and inputs."""
+    blocks = [m for m in model.modules() if hasattr(m, "fused")]
+    out = {}
+    try:
+        for label, fused in (("fused", True), ("reference einsum", False)):
+            for m in blocks:
+                m.fused = fused
+            with (
+                torch.inference_mode(),
+                torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None),
+            ):
+                out[label] = {"images_per_s": round(batch / timer(lambda: model.features(x, t, [24]), repeats), 2)}
+    finally:
+        for m in blocks:
+            m.fused = True
     return out
 
 
