@@ -116,6 +116,7 @@ class StandIn(torch.nn.Module):
 
 def time_pipeline(images: Path, workers: int, store: Path) -> tuple[float, float]:
     import extract.pipeline as pipeline
+    import extract.prepare as preparation
 
     flags = dict(PRESETS["256x256_diffusion_uncond"])
     spec = {
@@ -125,13 +126,13 @@ def time_pipeline(images: Path, workers: int, store: Path) -> tuple[float, float
         "compute": {"batch_size": BATCH, "num_workers": workers, "device": "cpu"},
         "storage": {"shard_rows": 128},
     }
-    real = pipeline.build
-    pipeline.build = lambda spec, dev: (StandIn(flags), {"init": "stand-in"})
+    real = preparation.build
+    preparation.build = lambda spec, dev: (StandIn(flags), {"init": "stand-in"})
     summaries = []
     try:
         wall_cpu = timed(lambda: summaries.append(pipeline.extract(spec, store, progress=False, micro_batch=BATCH)))
     finally:
-        pipeline.build = real
+        preparation.build = real
     assert summaries[0]["complete"], summaries[0]
     return wall_cpu
 

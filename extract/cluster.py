@@ -18,7 +18,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from extract.pipeline import ExtractionError, prepare, run_units_worker, spec_base_dir
+from extract.compute import ExtractionError
+from extract.pipeline import run_units_worker, spec_base_dir
+from extract.prepare import prepare
 
 log = logging.getLogger(__name__)
 MISSING_DISTRIBUTED = "running on a dask cluster needs dask.distributed: pip install 'diffbank[cluster]'"

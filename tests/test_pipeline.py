@@ -136,14 +136,14 @@ def test_threads_are_recorded_and_kept_on_resume(images, tmp_path, monkeypatch, 
 
 
 def test_reduced_precision_without_cpu_support_is_refused_before_any_work(images, tmp_path, monkeypatch):
-    import extract.pipeline as pipeline
+    import extract.prepare as preparation
 
-    monkeypatch.setattr(pipeline, "cpu_has_native", lambda dtype: dtype == "float32")
+    monkeypatch.setattr(preparation, "cpu_has_native", lambda dtype: dtype == "float32")
     store = tmp_path / "bf16.zarr"
     with pytest.raises(ExtractionError, match=r"compute.dtype bfloat16 on .* no AMX_BF16 / AVX512_BF16.*34x slower"):
         extract(_spec(images, compute={"dtype": "bfloat16"}), store, progress=False, device="cpu")
     assert not store.exists()
-    monkeypatch.setattr(pipeline, "cpu_has_native", lambda dtype: True)
+    monkeypatch.setattr(preparation, "cpu_has_native", lambda dtype: True)
     done = extract(_spec(images, compute={"dtype": "bfloat16"}, views={"hflip": False}), store, progress=False)
     assert done["complete"]
     # The autocast's error against float32, per feature, on a calibration batch, is in the provenance.
