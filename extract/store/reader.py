@@ -353,7 +353,8 @@ class FeatureStore:
     def to_xarray(self, name: str | None = None) -> Any:
         """A lazy xarray view: one feature as a DataArray with dims (sample, channel, y, x), coordinates
         label, id, split and valid and the feature's attributes; without a name, a DataTree with one node
-        per feature (their channel/y/x sizes differ, so they cannot share one Dataset's dimensions)."""
+        per feature. The same in every store format: the stored dimension names (the feature's own from
+        format 3, which plain `xarray.open_datatree` needs) are not used here."""
         import xarray as xr
 
         if name is None:
