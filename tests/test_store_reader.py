@@ -122,3 +122,36 @@ def test_zero_rows_stay_zero_under_xarray(tmp_path):
     save_features(tmp_path / "z.zarr", {"t010_b01_avg1": data}, np.zeros(6, int), {"train": np.arange(6)})
     got = xr.open_zarr(str(tmp_path / "z.zarr"), group="features")["t010_b01_avg1"].values
     np.testing.assert_array_equal(got, data)
+
+
+@pytest.mark.parametrize("prefetch", [0, 1])
+def test_iter_batches_reuses_blocks_only_when_no_batch_of_them_is_held(stored, prefetch, monkeypatch):
+    """Blocks are recycled (no fresh memory per block), yet a batch the caller keeps never changes."""
+    import extract.store.reader as reader
+
+    monkeypatch.setattr(reader, "BLOCK_BYTES", 8 * 6 * 2 * 2 * 4)  # 8-row blocks of t090_b24_avg2
+    path, feats = stored
+    fs = open_store(path)
+    name, data = "t090_b24_avg2", feats["t090_b24_avg2"].astype(np.float32)
+    for rows in (None, np.random.default_rng(2).permutation(N)):
+        want = data if rows is None else data[rows]
+        buffers, kept, got = set(), [], []
+        for i, batch in enumerate(fs.iter_batches(name, 4, rows, prefetch=prefetch)):
+            buffers.add(batch.base.__array_interface__["data"][0])
+            got.append(batch.copy())
+            if i % 5 == 0:
+                kept.append((i, batch))  # held to the end: its block must never be reused
+        np.testing.assert_array_equal(np.concatenate(got), want)
+        for i, batch in kept:
+            np.testing.assert_array_equal(batch, want[4 * i : 4 * i + 4])
+        assert len(buffers) < len(got) // 2, (len(buffers), len(got))  # recycled, not one per block
+
+
+def test_a_truncated_shard_fails_to_read_with_a_clear_error(stored):
+    path, _ = stored
+    shard = path / "features" / "t090_b24_avg2" / "c" / "1" / "0" / "0" / "0"
+    shard.write_bytes(shard.read_bytes()[:-40])
+    fs = open_store(path)
+    with pytest.raises(Exception, match="checksum|truncated|shorter"):
+        fs.read("t090_b24_avg2")
+    np.testing.assert_array_equal(fs.read("t150_b19_tok4", slice(0, 16)).shape, (16, 3, 4, 4))

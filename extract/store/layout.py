@@ -27,6 +27,7 @@ import math
 import os
 import re
 import sys
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -556,14 +557,16 @@ def read_shard_rows_into(
         start = int(table[~empty, 0].min())
         stop = int((table[~empty, 0] + table[~empty, 1]).max())
         key = f"{arr.path}/{arr.metadata.encode_chunk_key((shard,) + (0,) * (arr.ndim - 1))}"
-        raw = sync(
-            arr.store_path.store.get(
-                key, prototype=default_buffer_prototype(), byte_range=RangeByteRequest(start, stop)
+        payload = _read_local(arr.store_path.store, key, start, stop)
+        if payload is None:
+            raw = sync(
+                arr.store_path.store.get(
+                    key, prototype=default_buffer_prototype(), byte_range=RangeByteRequest(start, stop)
+                )
             )
-        )
-        if raw is None or len(raw) != stop - start:
+            payload = None if raw is None else raw.as_numpy_array()
+        if payload is None or len(payload) != stop - start:
             raise StoreError(f"{arr.path}: shard {shard} is shorter than its index says (truncated)")
-        payload = raw.as_numpy_array()
     row_bytes = out[0].nbytes if len(out) else 0
     flat = out.reshape(-1).view(np.uint8)
     for i, (offset, length) in enumerate(table.tolist()):
@@ -584,6 +587,31 @@ def read_shard_rows_into(
             scratch = np.empty((codecs.chunk_rows, *out.shape[1:]), dtype=out.dtype)
             _decompress(codecs.compressor, data, scratch.reshape(-1).view(np.uint8))
             out[r_lo - lo : r_hi - lo] = scratch[r_lo - c_lo : r_hi - c_lo]
+
+
+_READ_BUFFER = threading.local()
+
+
+def _read_local(store: Any, key: str, start: int, stop: int) -> np.ndarray | None:
+    """Bytes [start, stop) of a local store's object, read into this thread's reused buffer (valid until
+    its next call); None for other stores. zarr's own ranged get hops through its event loop and allocates
+    a fresh buffer per request: measured, a third of a full read's time on one core went there."""
+    from zarr.storage import LocalStore
+
+    if not isinstance(store, LocalStore):
+        return None
+    buf = getattr(_READ_BUFFER, "buf", None)
+    if buf is None or buf.nbytes < stop - start:
+        buf = _READ_BUFFER.buf = np.empty(stop - start, dtype=np.uint8)
+    try:
+        fd = os.open(os.path.join(store.root, key), os.O_RDONLY)
+    except FileNotFoundError:
+        return buf[:0]
+    try:
+        got = os.preadv(fd, [buf[: stop - start]], start)
+    finally:
+        os.close(fd)
+    return buf[:got]
 
 
 def _checked(data: np.ndarray, path: str, chunk: int) -> np.ndarray:
