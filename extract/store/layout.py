@@ -598,7 +598,7 @@ def _read_local(store: Any, key: str, start: int, stop: int) -> np.ndarray | Non
     a fresh buffer per request: measured, a third of a full read's time on one core went there."""
     from zarr.storage import LocalStore
 
-    if not isinstance(store, LocalStore):
+    if not isinstance(store, LocalStore) or not hasattr(os, "preadv"):  # preadv: POSIX systems only
         return None
     buf = getattr(_READ_BUFFER, "buf", None)
     if buf is None or buf.nbytes < stop - start:
