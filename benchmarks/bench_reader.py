@@ -202,7 +202,7 @@ def main() -> None:
             for rows in batches:
                 fs.read(NAME, rows)
 
-        seconds = best(random_batches, 1)
+        seconds, _ = best(random_batches, 1)
         print(f"  200 random 64-row batches, {label:<33} {seconds:7.3f} s  {1000 * seconds / 200:6.2f} ms/batch")
     arm("FeatureStore.read -> float32, 512-row chunks", lambda: wide.read(NAME))
 
