@@ -283,3 +283,17 @@ def test_probe_commands_read_an_s3_store_as_a_local_copy(s3_bucket, s3_endpoint,
     assert bad.exit_code == 1 and "write key=value" in bad.output and not (tmp_path / "x").exists()
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
     assert _snapshot(url) == before  # the probes wrote nothing to the store
+
+
+def test_plain_xarray_opens_an_s3_store(s3_bucket, s3_endpoint):
+    """A team without diffbank opens a shared store with xarray alone (format 3: one Dataset of features)."""
+    xr = pytest.importorskip("xarray")
+    url = f"{s3_bucket}/small.zarr"
+    fs, feats = _small(url)
+    options = {"endpoint_url": s3_endpoint}
+    tree = xr.open_datatree(url, engine="zarr", storage_options=options)
+    ds = tree["features"].to_dataset().assign_coords(tree["samples"].to_dataset().variables)
+    for name, data in feats.items():
+        np.testing.assert_array_equal(ds[name].values, data)
+    np.testing.assert_array_equal(ds["label"].values, fs.labels)
+    assert int(tree["splits"]["test"].sum()) == 10
