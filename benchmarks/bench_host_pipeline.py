@@ -8,10 +8,10 @@ side by side in one run with the arms interleaved over repeats (medians reported
   host threads    today's loader (`extract.loader.load_pixels`): the decoded image stays PIL until
                   cropped, uint8 batches (the device scales them), in threads
   host processes  the same in loader processes (`extract.loader.Loader`, what `num_workers > 0` runs):
-                  Pillow holds the GIL while decoding, so threads cannot scale the decode
+                  no GIL shared, but pixels travel back through a pipe
   pipeline        `extract.pipeline.extract` end to end on the CPU (256x256 uncond preset, block 24,
-                  avg-pool 2) with the stand-in model and N loader processes: loading, noise, q_sample,
-                  pooling, store writes
+                  avg-pool 2) with the stand-in model, N loader processes or the default two loader
+                  threads: loading, noise, q_sample, pooling, store writes
 
 for 1 and 2 workers, and prints
 images/s (wall), the speed-up of 2 workers, and images per CPU-second of this process (the per-core
@@ -170,7 +170,9 @@ def main() -> None:
                 times.setdefault(f"host threads/{workers}", []).append(time_threads(host, host_jobs, workers))
                 times.setdefault(f"host processes/{workers}", []).append(time_processes(source, host_jobs, workers))
                 store = root / f"s{rep}_{workers}.zarr"
-                times.setdefault(f"pipeline/{workers}", []).append(time_pipeline(root / "images", workers, store))
+                times.setdefault(f"pipeline processes/{workers}", []).append(time_pipeline(root / "images", workers, store))
+            store = root / f"s{rep}_threads.zarr"
+            times.setdefault("pipeline 2 threads/2", []).append(time_pipeline(root / "images", 0, store))
         noise_ms = {}
         for rule, fn in (("generator", seeded_noise), ("counter", counter_noise)):
             t0 = time.perf_counter()
@@ -180,10 +182,10 @@ def main() -> None:
     results: dict[str, Any] = {"images": args.images, "cpus": cpus, "repeats": args.repeats, "arms": {}}
     print(f"{args.images} JPEGs 500x375 -> {SIZE}x{SIZE}, {cpus} CPUs, median of {args.repeats}, load avg "
           f"{os.getloadavg()[0]:.1f}")
-    print(f"{'arm':<16}{'workers':>8}{'images/s':>11}{'vs 1 worker':>13}{'per CPU-s':>11}")
-    for arm in ("reference", "host threads", "host processes", "pipeline"):
+    print(f"{'arm':<20}{'workers':>8}{'images/s':>11}{'vs 1 worker':>13}{'per CPU-s':>11}")
+    for arm in ("reference", "host threads", "host processes", "pipeline processes", "pipeline 2 threads"):
         base = None
-        for workers in args.workers:
+        for workers in args.workers if arm != "pipeline 2 threads" else [2]:
             runs = times[f"{arm}/{workers}"]
             rate = args.images / statistics.median(w for w, _ in runs)
             per_cpu_second = args.images / statistics.median(c for _, c in runs)  # images per core-second
@@ -193,7 +195,7 @@ def main() -> None:
                 "images_per_cpu_second": per_cpu_second,
                 "scaling": rate / base,
             }
-            print(f"{arm:<16}{workers:>8}{rate:>11.1f}{rate / base:>12.2f}x{per_cpu_second:>11.1f}")
+            print(f"{arm:<20}{workers:>8}{rate:>11.1f}{rate / base:>12.2f}x{per_cpu_second:>11.1f}")
     print("noise on this CPU, ms per 3x256x256 image: " + ", ".join(f"{k} {v:.2f}" for k, v in noise_ms.items()))
     results["noise_ms_per_image"] = noise_ms
     if args.json:

@@ -155,6 +155,7 @@ def end_to_end(device: torch.device, tmp: Path, quick: bool) -> dict[str, Any]:
     }
     spec_path = tmp / "e2e.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
+    loaders = _loader_rates(tmp / "jpegs", size, spec["compute"]["num_workers"], count)
     micro = "128" if cuda else "8"
     cmd = [sys.executable, "-c", "from diffbank.cli import main; main()", "extract", str(spec_path)]
     cmd += ["--store", str(tmp / "e2e.zarr"), "--no-progress", "--json", "--micro-batch", micro]
@@ -172,7 +173,8 @@ def end_to_end(device: torch.device, tmp: Path, quick: bool) -> dict[str, Any]:
         "wall_seconds_with_startup": round(wall, 1),
         "dtype": spec["compute"]["dtype"],
         "noise_rule": spec["noise"]["rule"],
-        "loader_threads": spec["compute"]["num_workers"],
+        "loader_processes": spec["compute"]["num_workers"],
+        "loader_alone_images_per_s": loaders,
         "ok": summary["complete"],
     }
 
@@ -217,6 +219,25 @@ def sweep(device: torch.device, tmp: Path, quick: bool) -> dict[str, Any]:
         "test_top1": result.get("metrics", {}).get("test", {}).get("top1"),
         "ok": True,
     }
+
+
+def _loader_rates(folder: Path, size: int, workers: int, count: int) -> dict[str, float]:
+    """The host pipeline alone (decode + preprocess into uint8 batches): N threads against N processes."""
+    from extract.loader import Loader
+    from extract.overlap import prefetch
+    from extract.sources import FolderSource
+
+    source = FolderSource(folder)
+    jobs = [(0, lo, np.arange(lo, min(lo + 64, count))) for lo in range(0, count, 64)]
+    rates = {}
+    for label, processes in (("threads", 0), ("processes", workers)):
+        with Loader(source, size, "reference", processes=processes, threads=workers) as loader:
+            list(prefetch(loader.submit, jobs[:2], 2))  # start-up and page cache
+            t0 = time.perf_counter()
+            for _ in prefetch(loader.submit, jobs, 2 * workers):
+                pass
+            rates[f"{workers} {label}"] = round(count / (time.perf_counter() - t0), 1)
+    return rates
 
 
 def run_all(device: torch.device, quick: bool) -> dict[str, Any]:

@@ -1,9 +1,10 @@
 """Images -> preprocessed uint8 pixels, in this process or in loader processes.
 
-Pillow holds the GIL while it decodes a JPEG (measured: decoding ran at 417 images/s on one thread and
-423 on two, while bicubic resizing went from 198 to 436), so threads cannot scale the decode: with
-`num_workers > 0` images are decoded and preprocessed in that many processes, each holding the source
-from its start, and only (indices -> uint8 pixels) travel. What runs in them imports no torch.
+Pillow releases the GIL while it decodes and resizes, so loader threads scale while cores are free;
+the rest of each image's work (opening the file, JPEG markers parsed in Python, the crop) holds it.
+With `num_workers > 0` all of it runs in that many processes instead, each holding the source from its
+start, and only (indices -> uint8 pixels) travel back. Which wins depends on the machine
+(benchmarks/bench_host_pipeline.py measures both). What runs in the processes imports no torch.
 """
 
 from __future__ import annotations
