@@ -56,7 +56,8 @@ def save_features(
     """Write a complete store from arrays (N, C, h, w) or (N, D); returns it opened read-only.
 
     Names following the rule (t090_b24_avg2) get t/block/pooling parsed from the name; `info[name]`
-    adds or overrides fields (module, resolution, t, block, pool_kind, pool_size, view, dtype).
+    adds or overrides fields (module, resolution, t, block, pool_kind, pool_size, view, draw, draws, dtype).
+    Separate noise draws: arrays `name`, `name_d1`, ... each with `info[...]["draws"] = K`.
     float16 arrays are stored as float16, other floats as float32.
     """
     if not features:
@@ -80,15 +81,21 @@ def save_features(
             "pool_kind": None,
             "pool_size": None,
             "view": "center",
+            "draw": 0,
+            "draws": 1,
         }
         if key is not None:
-            fields.update(t=key.t, block=key.block, pool_kind=key.pool_kind, pool_size=key.pool_size, view=key.view)
+            fields.update(
+                t=key.t, block=key.block, pool_kind=key.pool_kind, pool_size=key.pool_size, view=key.view, draw=key.draw
+            )
         unknown = set(extra) - set(fields) - {"channels"}
         if unknown:
             raise StoreError(
                 f"info[{name!r}]: unknown field(s) {sorted(unknown)}; allowed: {sorted(fields) + ['dtype']}"
             )
         fields.update({k: v for k, v in extra.items() if k != "channels"})
+        if not 0 <= int(fields["draw"]) < max(1, int(fields["draws"])):
+            raise StoreError(f"{name}: noise draw {fields['draw']} of {fields['draws']}: give info[{name!r}]['draws']")
         infos.append(
             FeatureInfo(name=name, channels=int(data.shape[1]), shape=tuple(data.shape[1:]), dtype=str(dtype), **fields)
         )
