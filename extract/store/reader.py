@@ -128,6 +128,10 @@ class FeatureStore:
             return names
         return [n for n in names if self.feature_info(n).view == view]
 
+    def array_names(self) -> list[str]:
+        """Every feature array, noise draws >= 1 included (what verify, info and export walk)."""
+        return list(self._all_names())
+
     def draw_names(self, name: str) -> list[str]:
         """The arrays of feature `name`'s noise draws, draw 0 first: [name] unless the store keeps K > 1
         draws apart (spec `noise: {combine: separate}`)."""

@@ -153,7 +153,7 @@ def export_hdf5(
     if compression not in ("gzip", "lzf", None, "none"):
         raise ValueError(f"compression {compression!r}: use gzip, lzf or none")
     compression = None if compression == "none" else compression
-    names = list(features) if features is not None else fs.feature_names(None)
+    names = list(features) if features is not None else fs.array_names()
     for name in names:
         fs._check_name(name)
     out = Path(path)
@@ -226,7 +226,7 @@ def verify(
     status = fs.unit_status()
     problems += feature_list_problems(fs._root)
     version = int(fs.attrs.get("format_version", 0))
-    names = [n for n in fs.feature_names(None) if n in fs.arrays_on_disk()]
+    names = [n for n in fs.array_names() if n in fs.arrays_on_disk()]
     unchecked = [n for n in names if not has_checksums(fs.array(n))]
     checked["checksums"] = not unchecked
     if version < CHECKSUMS_SINCE or unchecked:
@@ -362,7 +362,7 @@ def info(fs: FeatureStore) -> dict[str, Any]:
     """What `diffbank store info` shows, as data."""
     status = fs.unit_status()
     feats = []
-    for name in fs.feature_names(None):
+    for name in fs.array_names():
         feature = fs.feature_info(name)
         arr = fs.array(name)
         done = status.get(name)
