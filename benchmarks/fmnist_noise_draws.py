@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import resource
 import sys
 import time
@@ -67,6 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # one line per epoch
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -114,7 +116,7 @@ def probe_stage(args: argparse.Namespace, out: Path, store: Path, extraction: di
             seed=args.seed,
             epochs=args.epochs,
             draws=draws,
-            progress=False,
+            progress=True,
         )
         cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
         saved = np.load(run_dir / "logits.npz")
