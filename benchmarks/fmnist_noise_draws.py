@@ -73,12 +73,17 @@ def main(argv: list[str] | None = None) -> dict | None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     store = out / "store.zarr"
-    t0 = time.perf_counter()
     summary = extract(spec(args.train, args.test, args.draws, args.seed), store, threads=args.threads, progress=False)
     print(f"extraction: {summary}", flush=True)
+    # The run that computed the store is the one whose cost is worth reporting; a rerun finds it complete.
+    record = out / "extraction.json"
+    if summary.get("units_computed"):
+        record.write_text(json.dumps(summary, indent=1))
+    if record.exists():
+        summary = json.loads(record.read_text())
     if args.stage == "extract":
         return None
-    return probe_stage(args, out, store, summary, time.perf_counter() - t0)
+    return probe_stage(args, out, store, summary)
 
 
 def mean_logits(run_dir: Path, store: Path, draws: int, preset: str, seed: int) -> np.ndarray:
@@ -100,7 +105,7 @@ def mean_logits(run_dir: Path, store: Path, draws: int, preset: str, seed: int) 
     return predict_logits(head, data.stream("test", 512, False), FEATURE).numpy()
 
 
-def probe_stage(args: argparse.Namespace, out: Path, store: Path, extraction: dict, extract_s: float) -> dict:
+def probe_stage(args: argparse.Namespace, out: Path, store: Path, extraction: dict) -> dict:
     fs = open_store(str(store))
     labels = fs.labels
     arms: dict[str, dict] = {}
@@ -143,6 +148,7 @@ def probe_stage(args: argparse.Namespace, out: Path, store: Path, extraction: di
         f"{k}/mean{args.draws} vs one_draw/draw0": (f"{k}/mean{args.draws}", "one_draw/draw0"),
         f"{k}/mean{args.draws} vs {k}/draw0": (f"{k}/mean{args.draws}", f"{k}/draw0"),
         f"one_draw/mean{args.draws} vs one_draw/draw0": (f"one_draw/mean{args.draws}", "one_draw/draw0"),
+        f"{k}/mean{args.draws} vs one_draw/mean{args.draws}": (f"{k}/mean{args.draws}", f"one_draw/mean{args.draws}"),
     }
     tests = {name: mcnemar(correct[a], correct[b]) for name, (a, b) in pairs.items()}
     summary = {
@@ -156,7 +162,7 @@ def probe_stage(args: argparse.Namespace, out: Path, store: Path, extraction: di
             "test_source": f"first {len(rows)} of the 10,000 Fashion-MNIST test images",
         },
         "head": {"kind": "attention", "preset": args.preset, "recipe": "diffbank", "seed": args.seed},
-        "extraction": {"summary": extraction, "seconds_this_call": extract_s},
+        "extraction": extraction,
         "arms": arms,
         "test_accuracy": accuracy,
         "mcnemar": tests,
