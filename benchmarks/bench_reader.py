@@ -6,7 +6,8 @@ same data, each measured in this run (best of --repeat after a warm-up, page cac
 
 - np.load of the .npy (float16), and np.load followed by a torch cast to float32;
 - plain zarr `arr[:]` (float16) and `to_dask().compute()`;
-- FeatureStore.read -> float32 with the decode pool (default threads) and with one thread;
+- FeatureStore.read -> float32 with the decode pool (default threads) and with one thread; what the fresh
+  float32 output alone costs (allocate and fill it), and the read into a reused buffer (`out=`);
 - a full pass of FeatureStore.iter_batches (batch 256) with read-ahead, and without it on one thread;
 - 200 random 64-row batches (a shuffled probe epoch's access) with 64- and 512-row inner chunks, and a
   full read of the 512-row store (the chunk-size choice recorded in extract/store/layout.py);
@@ -15,7 +16,8 @@ same data, each measured in this run (best of --repeat after a warm-up, page cac
   under a lock (real S3 serves the range), so 256 MiB shards would measure moto, not the reader: the S3 arms
   read the same data from a store with --s3-shard-mb shards (one full read of the default store is shown too).
 
-GB/s = float16 bytes of the feature (uncompressed) / seconds.
+GB/s = float16 bytes of the feature (uncompressed) / seconds. `cpu` is the least CPU time (user + system, all
+threads) an arm took: on a shared machine wall times swing with other jobs, CPU time much less.
 
     OMP_NUM_THREADS=2 python benchmarks/bench_reader.py [--rows 76800] [--channels 1024] [--threads 2] [--no-s3]
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -37,18 +40,26 @@ import torch
 NAME = "t090_b24_avg2"
 
 
-def best(fn, repeat: int) -> float:
+def cpu_seconds() -> float:
+    """User + system CPU time of this process, all threads: unlike wall time, barely moved by other jobs."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def best(fn, repeat: int) -> tuple[float, float]:
+    """(fastest wall seconds, least CPU seconds) over `repeat` runs after a warm-up."""
     if repeat == 0:  # one timed run, no warm-up (arms too slow to repeat)
-        t0 = time.perf_counter()
+        c0, t0 = cpu_seconds(), time.perf_counter()
         fn()
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, cpu_seconds() - c0
     fn()  # warm-up: page cache, thread pools, imports
-    times = []
+    times, cpus = [], []
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        c0, t0 = cpu_seconds(), time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return min(times)
+        cpus.append(cpu_seconds() - c0)
+    return min(times), min(cpus)
 
 
 def make_data(rows: int, channels: int, seed: int = 0) -> np.ndarray:
@@ -126,9 +137,9 @@ def main() -> None:
     results: list[tuple[str, float]] = []
 
     def arm(label: str, fn, repeat: int = args.repeat) -> None:
-        seconds = best(fn, repeat)
+        seconds, cpu = best(fn, repeat)
         results.append((label, seconds))
-        print(f"  {label:<62} {seconds:7.3f} s  {gb / seconds:6.2f} GB/s", flush=True)
+        print(f"  {label:<62} {seconds:7.3f} s  {gb / seconds:6.2f} GB/s  cpu {cpu:6.3f} s", flush=True)
 
     local = open_store(root / "c64.zarr")
     single = open_store(root / "c64.zarr", workers=1)
@@ -140,6 +151,15 @@ def main() -> None:
     arm("to_dask().compute() (float16)", lambda: local.to_dask(NAME).compute(), repeat=1)
     arm(f"FeatureStore.read -> float32 ({local.workers} decode threads)", lambda: local.read(NAME))
     arm("FeatureStore.read -> float32 (1 thread)", lambda: single.read(NAME))
+    # What a fresh float32 result costs before any decoding: the kernel zeroes and maps every page on first
+    # write (2x np.load's float16 bytes), and the read into a reused buffer is the decode alone.
+    shape = (args.rows, *arr.shape[1:])
+    arm("fresh float32 output alone (np.empty + fill)", lambda: np.empty(shape, np.float32).fill(0))
+    reused = np.empty(shape, np.float32)
+    arm(
+        f"FeatureStore.read -> float32 into a reused buffer (out=, {local.workers} threads)",
+        lambda: local.read(NAME, out=reused),
+    )
 
     def full_pass(fs, prefetch):
         def run():
@@ -157,16 +177,21 @@ def main() -> None:
     # goal's arms back to back, and the median of the per-round ratios is the figure to quote.
     paired = {"np.load": lambda: np.load(npy), "read": lambda: local.read(NAME), "epoch": full_pass(local, 1)}
     rounds = {k: [] for k in paired}
+    cpus = {k: [] for k in paired}
     for _ in range(args.rounds):
         for key, fn in paired.items():
-            t0 = time.perf_counter()
+            c0, t0 = cpu_seconds(), time.perf_counter()
             fn()
             rounds[key].append(time.perf_counter() - t0)
+            cpus[key].append(cpu_seconds() - c0)
     base_t = np.array(rounds["np.load"])
-    print(f"  paired rounds ({args.rounds}), median GB/s and median ratio to np.load in the same round:")
+    print(f"  paired rounds ({args.rounds}), median GB/s and median ratio to np.load in the same round; median CPU s:")
     for key in paired:
         t = np.array(rounds[key])
-        print(f"    {key:<8} {gb / np.median(t):6.2f} GB/s   {np.median(base_t / t) * 100:6.1f} % of np.load")
+        print(
+            f"    {key:<8} {gb / np.median(t):6.2f} GB/s   {np.median(base_t / t) * 100:6.1f} % of np.load"
+            f"   cpu {np.median(cpus[key]):6.3f} s"
+        )
 
     rng = np.random.default_rng(1)
     batches = [np.sort(rng.choice(args.rows, 64, replace=False)) for _ in range(200)]
@@ -177,7 +202,7 @@ def main() -> None:
             for rows in batches:
                 fs.read(NAME, rows)
 
-        seconds = best(random_batches, 1)
+        seconds, _ = best(random_batches, 1)
         print(f"  200 random 64-row batches, {label:<33} {seconds:7.3f} s  {1000 * seconds / 200:6.2f} ms/batch")
     arm("FeatureStore.read -> float32, 512-row chunks", lambda: wide.read(NAME))
 

@@ -12,6 +12,11 @@ stopping the run, so one failure does not hide the other figures.
    blocks 19/24/30 (DifFormer), and the full forward with a hook on block 24 (the public code's way), in
    fp32 / bf16 / fp16, eager, channels_last, and torch.compile (compile time reported), timed with CUDA
    events; achieved TFLOP/s from the counted multiply-accumulates (2 FLOPs each).
+4. The store-level pipeline (benchmarks/device_pipeline_check.py): pixel scaling and counter noise on the
+   device against the CPU, an extraction's bytes independent of --batch-size and of a SIGKILL + resume on
+   the device, and `diffbank extract` end to end on synthetic JPEGs (host pipeline included) to block 24.
+
+    bash benchmarks/device_check.sh --out OUT   (installs zarr/dask from .whl/ first on a bare GPU machine)
 
     python benchmarks/device_check.py --device cuda --out OUT
     python benchmarks/device_check.py --device cpu --quick --out OUT   (small sizes; what CI runs)
@@ -175,28 +180,15 @@ def throughput(device: torch.device, quick: bool, compile_: bool, budget_s: floa
         "gflop_per_image": {k: round(2 * v / 1e9, 1) for k, v in macs.items()},
         "arms": rows,
     }
+    low = None if quick else torch.bfloat16  # the reduced precision worth running on this device
     if compile_ and time.perf_counter() - started < budget_s:
-        try:
-            net = model.to(memory_format=torch.channels_last)
-            compiled = torch.compile(lambda xx, tt: net.features(xx, tt, [24]))
-            t0 = time.perf_counter()
-            with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16):
-                compiled(x, t)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                compile_s = time.perf_counter() - t0
-                sec = timer(lambda: compiled(x, t), repeats)
-            ips = batch / sec
-            result["compile"] = {
-                "arm": "features [24]",
-                "precision": "bfloat16",
-                "layout": "channels_last",
-                "compile_seconds": round(compile_s, 1),
-                "images_per_s": round(ips, 2),
-                "tflop_per_s": round(2 * macs[24] * ips / 1e12, 2),
-            }
-        except Exception as exc:  # compilation may be unavailable on a bare machine
-            result["compile"] = {"error": f"{type(exc).__name__}: {exc}"[:400]}
+        result["compile"] = _compiled_arm(model, x, t, low, timer, repeats, macs[24], batch)
+    if time.perf_counter() - started < budget_s:
+        result["autotuning"] = _autotuning_arm(model, x, t, low, timer, repeats, batch, device)
+    if time.perf_counter() - started < budget_s:
+        result["attention"] = _attention_arm(model, x, t, low, timer, repeats, batch, device)
+    if time.perf_counter() - started < budget_s:
+        result["profile_top_kernels"] = _profile(model, x, t, low, device)
     by = {(r["arm"], r["precision"], r["layout"]): r.get("images_per_s") for r in rows}
     for precision in DTYPES:
         early, full = (
@@ -206,6 +198,97 @@ def throughput(device: torch.device, quick: bool, compile_: bool, budget_s: floa
         if early and full:
             result.setdefault("early_exit_speedup", {})[precision] = round(early / full, 2)
     return result
+
+
+def _compiled_arm(model, x, t, dtype, timer, repeats, macs, batch) -> dict:
+    """torch.compile of the block-24 feature pass (contiguous layout: channels_last was slower eagerly)."""
+    try:
+        compiled = torch.compile(lambda xx, tt: model.features(xx, tt, [24]))
+        t0 = time.perf_counter()
+        with (
+            torch.inference_mode(),
+            torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None),
+        ):
+            compiled(x, t)
+            if x.device.type == "cuda":
+                torch.cuda.synchronize()
+            compile_s = time.perf_counter() - t0
+            sec = timer(lambda: compiled(x, t), repeats)
+        ips = batch / sec
+        return {
+            "arm": "features [24]",
+            "precision": str(dtype or torch.float32).removeprefix("torch."),
+            "compile_seconds": round(compile_s, 1),
+            "images_per_s": round(ips, 2),
+            "tflop_per_s": round(2 * macs * ips / 1e12, 2),
+        }
+    except Exception as exc:  # compilation may be unavailable on a bare machine
+        return {"error": f"{type(exc).__name__}: {exc}"[:400]}
+
+
+def _autotuning_arm(model, x, t, dtype, timer, repeats, batch, device) -> dict:
+    """What `compute.deterministic: false` buys (cuDNN autotuning) and whether the features change."""
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    out = {}
+    try:
+        for label, bench in (("deterministic", False), ("autotuned", True)):
+            torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = bench, not bench
+            with (
+                torch.inference_mode(),
+                torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None),
+            ):
+                sec = timer(lambda: model.features(x, t, [24]), repeats)
+                feats = model.features(x, t, [24])[24].float().cpu()
+            out[label] = {"images_per_s": round(batch / sec, 2)}
+            out.setdefault("_features", []).append(feats)
+        a, b = out.pop("_features")
+        out["bitwise_equal"] = bool(torch.equal(a, b))
+        out["max_rel_diff"] = float((a - b).abs().max() / a.abs().max())
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved
+    return out
+
+
+def _attention_arm(model, x, t, dtype, timer, repeats, batch, device) -> dict:
+    """Block 24 with the fused attention kernel (what reduced precision on a GPU uses) against the
+    reference's einsum attention, same weights and inputs."""
+    blocks = [m for m in model.modules() if hasattr(m, "fused")]
+    out = {}
+    try:
+        for label, fused in (("fused", True), ("reference einsum", False)):
+            for m in blocks:
+                m.fused = fused
+            with (
+                torch.inference_mode(),
+                torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None),
+            ):
+                out[label] = {"images_per_s": round(batch / timer(lambda: model.features(x, t, [24]), repeats), 2)}
+    finally:
+        for m in blocks:
+            m.fused = True
+    return out
+
+
+def _profile(model, x, t, dtype, device) -> list[dict]:
+    """The ten kernels that take the most device time in one block-24 forward."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        model.features(x, t, [24])
+        with profile(activities=activities) as prof:
+            model.features(x, t, [24])
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+    key = "device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)[:10]
+    return [{"name": e.key[:120], "ms": round(getattr(e, key, 0) / 1000, 3), "calls": e.count} for e in events]
+
+
+def pipeline_checks(device: torch.device, quick: bool) -> dict:
+    from device_pipeline_check import run_all
+
+    return run_all(device, quick)
 
 
 def main() -> None:
@@ -229,6 +312,7 @@ def main() -> None:
         ("correctness", lambda: correctness(device)),
         ("batch_independence", lambda: batch_independence(device)),
         ("throughput", lambda: throughput(device, args.quick, args.compile, args.budget)),
+        ("pipeline", lambda: pipeline_checks(device, args.quick)),
     ):
         t0 = time.perf_counter()
         try:
@@ -246,6 +330,7 @@ def main() -> None:
             if isinstance(row, dict)
         )
         and "error" not in report["correctness"]
+        and bool(report.get("pipeline", {}).get("ok"))
     )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "device_check.json").write_text(json.dumps(report, indent=1))

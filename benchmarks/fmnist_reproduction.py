@@ -44,6 +44,7 @@ from probe.stream import ArrayStream
 from probe.trainer import train
 
 NOISE_SEED = 0
+WEIGHTS = Path(__file__).resolve().parents[1] / "extract" / "models" / "weights"
 L2_GRID = (1e-2, 1e-3, 1e-4, 1e-5)
 HEAD_SIZES = {"dim": 256, "heads": 4, "depth": 2}  # ~4x the 64-wide tiny preset; paper: 1024/8/2 on ImageNet
 
@@ -202,6 +203,20 @@ def head_run(kind: str, feats: dict, keys, y: np.ndarray, rows: dict, seed: int,
     }
 
 
+def trained_models(run: Path) -> list[tuple[str, object, int]]:
+    """(name, weights, images seen) of a training run's snapshots and its final EMA weights."""
+    final_weights, record = load_run(run)
+    models = [(s["file"], run / "snapshots" / s["file"], s["mark_images"]) for s in record.get("snapshots", [])]
+    return models + [("final", final_weights, record["step"] * record["config"]["batch_size"])]
+
+
+def shipped_models() -> list[tuple[str, object, int]]:
+    """The embedded model's history snapshots (float16) and its final weights, as its card lists them."""
+    card = json.loads((WEIGHTS / "fmnist32.json").read_text())
+    models = [(Path(h["file"]).name, WEIGHTS / h["file"], int(h["epochs"] * 60000)) for h in card.get("history", [])]
+    return models + [("final", WEIGHTS / "fmnist32.safetensors", int(card["images_seen"]))]
+
+
 def _commit() -> str | None:
     import subprocess
 
@@ -213,7 +228,12 @@ def _commit() -> str | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", type=Path, required=True, help="training run directory (its state and snapshots/)")
+    ap.add_argument(
+        "--run",
+        type=Path,
+        default=None,
+        help="training run directory (its state and snapshots/); default: the shipped weights and their history",
+    )
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--data", type=Path, default=FASHION_MNIST_DIR)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -275,10 +295,7 @@ def main() -> None:
         log(f"pixels: test {res['selected']['test']}")
 
     # Training progress: random init, each snapshot, the final EMA weights; the same grid and selection.
-    final_weights, record = load_run(args.run)
-    models = [("random", None, 0)]
-    models += [(s["file"], args.run / "snapshots" / s["file"], s["mark_images"]) for s in record.get("snapshots", [])]
-    models.append(("final", final_weights, record["step"] * record["config"]["batch_size"]))
+    models = [("random", None, 0)] + (trained_models(args.run) if args.run else shipped_models())
     if args.models:
         models = [m for m in models if m[0] in args.models.split(",")]
     result["progress"] = []
@@ -343,6 +360,9 @@ def main() -> None:
     att_keys = [(final["t"], final["block"], "tok8")]
     fus_keys = [(t, b, "avg4") for t in grid_t for b in blocks]
     head_start = time.perf_counter()
+    if not {"tok8", "avg4"} <= set(pools):
+        log("heads skipped: they read the tok8 and avg4 maps, and --pools leaves one out")
+        args.head_seconds = -1.0
     for seed in range(3):
         for kind, keys in (("attention", att_keys), ("fusion", fus_keys)):
             if time.perf_counter() - head_start > args.head_seconds:

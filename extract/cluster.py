@@ -15,9 +15,12 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
-from extract.pipeline import ExtractionError, prepare, run_units_worker, spec_base_dir
+from extract.compute import ExtractionError
+from extract.pipeline import run_units_worker, spec_base_dir
+from extract.prepare import prepare
 
 log = logging.getLogger(__name__)
 MISSING_DISTRIBUTED = "running on a dask cluster needs dask.distributed: pip install 'diffbank[cluster]'"
@@ -95,6 +98,9 @@ def extract_distributed(
     done_before = sorted(set(range(writer.num_units)) - set(pending))
     cluster = None
     if scheduler is None:
+        gpus = torch.cuda.device_count() if prepared.device.type == "cuda" else 0
+        if gpus and workers > gpus:
+            log.warning(f"{workers} workers share {gpus} GPU(s): worker k runs on GPU k mod {gpus}")
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
         client = Client(cluster)
         n_workers = workers

@@ -3,6 +3,11 @@ every requested block and stops after the deepest, the mean over draws (or each 
 `combine: separate`), then pooling.
 
 The horizontally flipped view mirrors the centre view's noised input x_t (same noise, mirrored).
+
+Everything after loading happens on the compute device: uint8 pixels go over once (a quarter of the
+float bytes, asynchronously from pinned memory on CUDA), are scaled, noised (`noise.rule: counter`
+draws the noise there too), run, pooled, and only the pooled features come back. On CUDA the model
+is timed with events and the host waits once per micro-batch, for its pooled features.
 """
 
 from __future__ import annotations
@@ -10,13 +15,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
-from extract.diffusion import NoiseSchedule, seeded_noise
+from extract.diffusion import NoiseSchedule, noise_for
 from extract.pooling import pool
+from extract.preprocess import batch_to_model_range
 from extract.spec import Spec
 from extract.store import FeatureInfo
 
@@ -84,42 +91,94 @@ class Computer:
         self.schedule = NoiseSchedule.from_flags(spec.model.noise_schedule, spec.model.diffusion_steps)
         self.model_seconds = 0.0
         self.forwards = 0
+        self.compile_seconds = 0.0
         dtype = spec.compute.dtype
         self._autocast = (
             torch.autocast(device.type, dtype=getattr(torch, dtype)) if dtype != "float32" else contextlib.nullcontext()
         )
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        self._memory_format = torch.channels_last if spec.compute.channels_last else torch.contiguous_format
+        if spec.compute.channels_last:
+            model.to(memory_format=torch.channels_last)
+        # Compiled once per (blocks, batch shape): the first call of each pays the compile, timed apart.
+        self._features = torch.compile(model.features) if spec.compute.compile else model.features
+        self._compiled: set[tuple[Any, ...]] = set()
+        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
     def forward(self, x_t: torch.Tensor, t: int, blocks: list[int]) -> dict[int, torch.Tensor]:
         tt = torch.full((x_t.shape[0],), t, dtype=torch.long, device=self.device)
-        self._sync()
-        t0 = time.perf_counter()
+        x_t = x_t.contiguous(memory_format=self._memory_format)
+        if self.spec.compute.compile and (key := (tuple(blocks), tuple(x_t.shape))) not in self._compiled:
+            t0 = time.perf_counter()  # compile + first run, outside the model's time
+            with self._autocast:
+                self._features(x_t, tt, blocks)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.compile_seconds += time.perf_counter() - t0
+            self._compiled.add(key)
+        cuda = self.device.type == "cuda"
+        if cuda:  # events time the GPU's work without making the host wait for it
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        else:
+            t0 = time.perf_counter()
         with self._autocast:
-            out = self.model.features(x_t.to(self.device, non_blocking=True), tt, blocks)
+            out = self._features(x_t, tt, blocks)
         out = {b: v.float() for b, v in out.items()}
-        self._sync()
-        self.model_seconds += time.perf_counter() - t0
+        if cuda:
+            stop.record()
+            self._events.append((start, stop))
+        else:
+            self.model_seconds += time.perf_counter() - t0
         self.forwards += 1
         return out
 
-    def compute(self, x0: torch.Tensor, indices: np.ndarray, job: UnitJob) -> dict[str, np.ndarray]:
-        """Pooled float32 features of one micro-batch (images x0 of global rows `indices`), for every
-        feature of the job."""
-        out: dict[str, np.ndarray] = {}
-        separate = self.spec.noise.combine == "separate"
+    def _collect(self, pooled: dict[str, torch.Tensor]) -> Callable[[], dict[str, np.ndarray]]:
+        """Start copying pooled features to the host; the returned function waits for them.
+
+        On CUDA the copies go into pinned memory behind the forwards, so the host can queue the next
+        micro-batch before it waits for this one: the GPU never idles between micro-batches.
+        """
+        if self.device.type != "cuda":
+            arrays = {name: v.numpy() for name, v in pooled.items()}
+            return lambda: arrays
+        host = {name: torch.empty(v.shape, dtype=v.dtype, pin_memory=True) for name, v in pooled.items()}
+        for name, v in pooled.items():
+            host[name].copy_(v, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        events, self._events = self._events, []
+
+        def wait() -> dict[str, np.ndarray]:
+            done.synchronize()
+            self.model_seconds += sum(a.elapsed_time(b) for a, b in events) / 1000
+            return {name: v.numpy() for name, v in host.items()}
+
+        return wait
+
+    def compute(self, pixels: torch.Tensor, indices: np.ndarray, job: UnitJob) -> dict[str, np.ndarray]:
+        """Pooled float32 features of one micro-batch (uint8 pixels (m, S, S, 3) of global rows
+        `indices`), for every feature of the job."""
+        return self.submit(pixels, indices, job)()
+
+    def submit(
+        self, pixels: torch.Tensor, indices: np.ndarray, job: UnitJob
+    ) -> Callable[[], dict[str, np.ndarray]]:
+        """`compute`, queued: returns a function that waits for the features (at once on a CPU)."""
+        pooled: dict[str, torch.Tensor] = {}
+        noise_spec = self.spec.noise
+        separate = noise_spec.combine == "separate"
+        x0 = batch_to_model_range(pixels.to(self.device, non_blocking=True))
         shape = tuple(x0.shape[1:])
+        rows = indices.tolist()
         for t in job.timesteps:
             blocks = job.blocks_at(t)
             wanted = [f for f in job.features if f.t == t]
             # Separate draws: only the draws this job still lacks (a resumed unit may miss some);
             # averaged: every draw, since each one enters the mean.
-            draws = sorted({f.draw for f in wanted}) if separate else range(self.spec.noise.draws)
+            draws = sorted({f.draw for f in wanted}) if separate else range(noise_spec.draws)
             sums: dict[str, dict[int, torch.Tensor]] = {v: {} for v in job.views()}
             for i, draw in enumerate(draws):
-                noise = seeded_noise(self.spec.noise.seed, indices.tolist(), t, draw, shape)
+                noise = noise_for(noise_spec.rule, noise_spec.seed, rows, t, draw, shape, self.device)
                 x_t = self.schedule.q_sample(x0, t, noise)
                 for view in job.views():
                     x_v = x_t if view == "center" else x_t.flip(-1)
@@ -127,7 +186,7 @@ class Computer:
                     if separate:
                         for f in wanted:
                             if f.draw == draw and f.view == view:
-                                out[f.name] = pool(feats[f.block], (f.pool_kind, f.pool_size)).cpu().numpy()
+                                pooled[f.name] = pool(feats[f.block], (f.pool_kind, f.pool_size))
                         continue
                     for b, v in feats.items():
                         sums[view][b] = v if i == 0 else sums[view][b] + v
@@ -137,8 +196,8 @@ class Computer:
                 mean = sums[f.view][f.block]
                 if len(draws) > 1:
                     mean = mean / len(draws)
-                out[f.name] = pool(mean, (f.pool_kind, f.pool_size)).cpu().numpy()
-        return out
+                pooled[f.name] = pool(mean, (f.pool_kind, f.pool_size))
+        return self._collect(pooled)
 
 
 @contextlib.contextmanager
@@ -157,7 +216,8 @@ def compute_threads(threads: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def configure_determinism(device: torch.device) -> None:
+def configure_determinism(device: torch.device, deterministic: bool = True) -> None:
+    """deterministic: no autotuning (it picks kernels by timing, so bytes could change run to run)."""
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = False  # autotuning picks kernels by timing: not reproducible
-        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cudnn.deterministic = deterministic

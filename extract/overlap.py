@@ -1,5 +1,5 @@
-"""Overlap I/O with the U-Net: images load in background threads ahead of the compute, and finished
-units are compressed and written by a writer thread behind it."""
+"""Overlap I/O with the U-Net: images load ahead of the compute (extract/loader.py: threads or
+processes), and finished units are compressed and written by a writer thread behind it."""
 
 from __future__ import annotations
 
@@ -8,15 +8,15 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
 import torch
 
 from extract.compute import ExtractionError
-from extract.preprocess import preprocess
+from extract.loader import LoadedPixels, load_pixels
 from extract.sources import ImageSource
 from extract.store import StoreWriter
 
@@ -29,29 +29,30 @@ class Batch:
     unit: int
     offset: int  # first row of this micro-batch inside the unit
     indices: np.ndarray  # global sample indices
-    x0: torch.Tensor  # (m, 3, S, S) float32 in [-1, 1]; zeros for failed images
+    pixels: torch.Tensor  # (m, S, S, 3) uint8 after preprocessing (pinned for a CUDA run); 0 for failed images
     ids: list[str]
     errors: list[str]  # "" for good rows, else why the image failed
 
 
-def load_batch(source: ImageSource, image_size: int, method: str, unit: int, offset: int, indices: np.ndarray) -> Batch:
-    size = image_size
-    x0 = np.zeros((len(indices), 3, size, size), dtype=np.float32)
-    errors: list[str] = []
-    ids: list[str] = []
-    for row, index in enumerate(indices):
-        item = source.load(int(index))
-        ids.append(item.sample_id)
-        if item.error is None:
-            try:
-                x0[row] = preprocess(item.image, size, method)
-            except Exception as exc:  # a decodable image that preprocessing cannot take is a failure too
-                errors.append(f"preprocess: {type(exc).__name__}: {exc}")
-                continue
-            errors.append("")
-        else:
-            errors.append(item.error)
-    return Batch(unit, offset, indices, torch.from_numpy(x0), ids, errors)
+def to_batch(loaded: LoadedPixels, pin: bool) -> Batch:
+    """Loaded pixels as a torch batch; page-locked (one host copy) when it will go to a GPU."""
+    pixels = torch.from_numpy(loaded.pixels)
+    if pin:
+        pixels = pixels.pin_memory()
+    return Batch(loaded.unit, loaded.offset, loaded.indices, pixels, loaded.ids, loaded.errors)
+
+
+def load_batch(
+    source: ImageSource,
+    image_size: int,
+    method: str,
+    pin: bool,
+    unit: int,
+    offset: int,
+    indices: np.ndarray,
+) -> Batch:
+    """One micro-batch loaded here and now (calibration, benchmarks)."""
+    return to_batch(load_pixels(source, image_size, method, unit, offset, indices), pin)
 
 
 def plan_batches(writer: StoreWriter, units: Sequence[int], micro_batch: int) -> list[tuple[int, int, np.ndarray]]:
@@ -63,19 +64,19 @@ def plan_batches(writer: StoreWriter, units: Sequence[int], micro_batch: int) ->
     return out
 
 
-def prefetch(pool_: ThreadPoolExecutor, fn: Any, jobs: Sequence[tuple[Any, ...]], depth: int) -> Iterator[Any]:
-    """Results of fn(*job) in order, with at most `depth` jobs in flight."""
+def prefetch(submit: Callable[..., Future], jobs: Sequence[tuple[Any, ...]], depth: int) -> Iterator[Any]:
+    """Results of submit(*job) in order, with at most `depth` jobs in flight."""
     pending: list[Future] = []
     it = iter(jobs)
     for job in it:
-        pending.append(pool_.submit(fn, *job))
+        pending.append(submit(*job))
         if len(pending) >= depth:
             break
     while pending:
         fut = pending.pop(0)
         nxt = next(it, None)
         if nxt is not None:
-            pending.append(pool_.submit(fn, *nxt))
+            pending.append(submit(*nxt))
         yield fut.result()
 
 

@@ -22,7 +22,8 @@ Memory. Peak RSS of a probe stays within `memory_budget` plus a constant:
   most a quarter window);
 - the statistics pass: 3 blocks of `probe.stats.STATS_BLOCK_BYTES` (16 MiB) float32 plus two float64 copies
   of one (~112 MiB), freed before training;
-- the reader: 8 MiB of decode scratch per decode thread (`open_store(workers=...)`, default the cores here);
+- the reader: ~16 MiB per decode thread (8 MiB of decode scratch, up to 8 MiB of the bytes read from a local
+  store; `open_store(workers=...)`, default the cores here);
 - the model and heads (parameters, gradients, optimiser state: a 27-head linear sweep on 4,096-d features is
   ~1 MB), one batch and its activations;
 - the Python/torch/zarr baseline (485-515 MB peak RSS measured for `diffbank probe linear/sweep` on Linux).

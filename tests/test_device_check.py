@@ -38,3 +38,9 @@ def test_device_check_cpu_quick_mode(tmp_path):
     arms = [a for a in report["throughput"]["arms"] if "images_per_s" in a]
     assert {a["arm"] for a in arms} == {"features [24]", "features [19,24,30]", "full forward + hook 24"}
     assert all(a["images_per_s"] > 0 for a in arms)
+    pipeline = report["pipeline"]
+    assert pipeline["noise_and_pixels"]["pixel_scaling_bitwise_equal_to_cpu"] is True
+    assert pipeline["stores"]["kill_resume_bitwise_equal"] is True
+    assert pipeline["stores"]["batch_size_3_vs_8_bitwise_equal"] is True
+    assert pipeline["end_to_end"]["images_per_s"] > 0
+    assert pipeline["sweep"]["ok"] is True and pipeline["sweep"]["test_top1"] > 0.5  # 10 classes

@@ -221,7 +221,7 @@ def test_a_rerun_is_exact_and_resume_continues_exactly(tmp_path):
 
 
 def test_noise_is_fresh_per_epoch_and_fixed_for_evaluation():
-    from probe.feedback import _noised
+    from probe.feedback.training import _noised
 
     data = images(4)
     recipe = FeedbackRecipe()

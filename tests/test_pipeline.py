@@ -83,6 +83,29 @@ def test_batch_size_3_vs_8_identical(images, tmp_path):
     assert not np.array_equal(fs.read("t010_b02_tok4"), fs.read("t010_b02_tok4_flip"))
 
 
+def test_counter_noise_rule_is_batch_independent_and_recorded(images, tmp_path):
+    spec = _spec(images, noise={"rule": "counter", "draws": 1}, views={"hflip": False})
+    s3 = extract(spec, tmp_path / "c3.zarr", progress=False, batch_size=3, micro_batch=3)
+    extract(spec, tmp_path / "c8.zarr", progress=False, batch_size=8, micro_batch=3)
+    assert_same_arrays(arrays(tmp_path / "c3.zarr"), arrays(tmp_path / "c8.zarr"))
+    generator = extract(_spec(images, noise={"draws": 1}, views={"hflip": False}), tmp_path / "g.zarr", progress=False)
+    assert s3["fingerprint"] != generator["fingerprint"]  # the rule decides the bytes, so it is in the spec
+    counter, plain = open_store(tmp_path / "c3.zarr"), open_store(tmp_path / "g.zarr")
+    assert "splitmix64" in counter.attrs["provenance"]["noise_seed_rule"]
+    assert "torch.Generator" in plain.attrs["provenance"]["noise_seed_rule"]
+    assert not np.array_equal(counter.read("t010_b02_avg1"), plain.read("t010_b02_avg1"))
+
+
+def test_channels_last_is_a_content_option_close_to_the_default(images, tmp_path):
+    plain = extract(_spec(images, views={"hflip": False}), tmp_path / "p.zarr", progress=False)
+    nhwc = extract(_spec(images, views={"hflip": False}, compute={"channels_last": True}), tmp_path / "c.zarr", progress=False)
+    assert nhwc["fingerprint"] != plain["fingerprint"] and nhwc["compile_seconds"] == 0.0
+    a, b = open_store(tmp_path / "p.zarr"), open_store(tmp_path / "c.zarr")
+    assert b.attrs["spec"]["compute"]["channels_last"] is True and "channels_last" not in a.attrs["spec"]["compute"]
+    for name in a.feature_names():
+        np.testing.assert_allclose(a.read(name), b.read(name), rtol=2e-3, atol=2e-3)
+
+
 def test_units_in_any_order_give_the_same_bytes(images, tmp_path):
     extract(_spec(images), tmp_path / "all.zarr", progress=False)
     part = tmp_path / "parts.zarr"
@@ -112,6 +135,25 @@ def test_threads_are_recorded_and_kept_on_resume(images, tmp_path, monkeypatch, 
     assert "started with 2 torch thread(s)" in caplog.text
     default = extract(_spec(images), tmp_path / "d.zarr", progress=False)
     assert seen[-1] == 1 and default["threads"] == 1
+
+
+def test_reduced_precision_without_cpu_support_is_refused_before_any_work(images, tmp_path, monkeypatch):
+    import extract.prepare as preparation
+
+    monkeypatch.setattr(preparation, "cpu_has_native", lambda dtype: dtype == "float32")
+    store = tmp_path / "bf16.zarr"
+    with pytest.raises(ExtractionError, match=r"compute.dtype bfloat16 on .* no AMX_BF16 / AVX512_BF16.*34x slower"):
+        extract(_spec(images, compute={"dtype": "bfloat16"}), store, progress=False, device="cpu")
+    assert not store.exists()
+    monkeypatch.setattr(preparation, "cpu_has_native", lambda dtype: True)
+    done = extract(_spec(images, compute={"dtype": "bfloat16"}, views={"hflip": False}), store, progress=False)
+    assert done["complete"]
+    # The autocast's error against float32, per feature, on a calibration batch, is in the provenance.
+    calibration = open_store(store).attrs["provenance"]["compute"]["calibration"]
+    assert calibration["rows"] == 14 and calibration["dtype"] == "bfloat16"
+    assert set(calibration["features"]) == set(open_store(store).feature_names())
+    for err in calibration["features"].values():
+        assert 0 < err["rms_rel_err"] <= err["max_rel_err"] < 0.1
 
 
 def test_corrupt_image_recorded_or_strict(tmp_path):
@@ -263,3 +305,19 @@ def test_separate_draws_resume_only_the_missing_draws(images, tmp_path):
     extract(spec, tmp_path / "parts.zarr", progress=False, units=[0, 2], finalize=False)
     extract(spec, tmp_path / "parts.zarr", progress=False)
     assert_same_arrays(arrays(tmp_path / "whole.zarr"), arrays(tmp_path / "parts.zarr"))
+
+
+def test_each_local_dask_worker_takes_its_own_gpu(monkeypatch):
+    import types
+
+    import dask.distributed
+
+    from extract.pipeline import worker_device
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert worker_device(torch.device("cuda")) == torch.device("cuda")  # outside a worker: unchanged
+    for name, expected in ((0, "cuda:0"), (2, "cuda:2"), (5, "cuda:1"), ("tcp-worker", "cuda")):
+        monkeypatch.setattr(dask.distributed, "get_worker", lambda name=name: types.SimpleNamespace(name=name))
+        assert worker_device(torch.device("cuda")) == torch.device(expected)
+    assert worker_device(torch.device("cuda:3")) == torch.device("cuda:3")  # an explicit index is kept
+    assert worker_device(torch.device("cpu")) == torch.device("cpu")

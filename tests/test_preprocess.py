@@ -74,3 +74,20 @@ def test_scaling_to_minus_one_one():
     assert x.shape == (3, 32, 32) and -1.0 <= x.min() and x.max() <= 1.0
     with pytest.raises(ValueError, match="unknown preprocessing"):
         preprocess(photo(8, 8), 8, method="imagenet")
+
+
+def test_batch_scaling_on_the_device_equals_the_reference_for_every_value():
+    import torch
+
+    from extract.preprocess import batch_to_model_range, pixels
+
+    every = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, axis=2)
+    got = batch_to_model_range(torch.from_numpy(every[None]))
+    assert got.dtype == torch.float32 and got.shape == (1, 3, 16, 16)
+    assert got[0].numpy().tobytes() == to_model_range(every).tobytes()
+    image = photo(70, 150)
+    assert batch_to_model_range(torch.from_numpy(pixels(image, 32)[None]))[0].numpy().tobytes() == (
+        preprocess(image, 32).tobytes()
+    )
+    with pytest.raises(TypeError, match="uint8"):
+        batch_to_model_range(torch.zeros(1, 4, 4, 3))

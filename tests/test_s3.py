@@ -211,3 +211,89 @@ def test_verify_full_finds_a_flipped_byte_and_a_lost_shard_on_s3(s3_bucket):
     assert len(problems) == 2, problems
     assert "unit 1 (rows 16-31)" in problems[0] and "fails its checksum" in problems[0]
     assert "unit 2 (rows 32-39): marked done but its data is absent" in problems[1]
+
+
+def _without_clocks(doc):
+    """A results document without wall-clock durations (`seconds`, `refit_seconds`, ...) at any depth."""
+    if isinstance(doc, dict):
+        return {k: _without_clocks(v) for k, v in doc.items() if not k.endswith("seconds")}
+    if isinstance(doc, list):
+        return [_without_clocks(v) for v in doc]
+    return doc
+
+
+def _tensors(path) -> dict[str, bytes]:
+    from safetensors.numpy import load_file
+
+    return {k: v.tobytes() for k, v in load_file(str(path)).items()}
+
+
+@pytest.mark.slow
+def test_probe_commands_read_an_s3_store_as_a_local_copy(s3_bucket, s3_endpoint, monkeypatch, tmp_path):
+    """Extract into S3, then `probe linear` and `probe logistic` from it with --storage-option alone: the
+    same results (and head weights, byte for byte) as on a local copy of the store; nothing written to S3."""
+    from diffbank.cli import main
+
+    spec = yaml.safe_load(open("tests/data/reference/spec.yaml"))
+    spec["dataset"]["limit"] = {"train": 150, "test": 50}
+    spec["views"] = {"center": True, "hflip": False}
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    url = f"{s3_bucket}/probe.zarr"
+    runner = CliRunner()
+    opt = ["--storage-option", f"endpoint_url={s3_endpoint}"]
+    made = runner.invoke(main, ["extract", str(spec_path), "--store", url, "--no-progress", "--threads", "1", *opt])
+    assert made.exit_code == 0, made.output
+    local = tmp_path / "local.zarr"
+    _fs().get(url.removeprefix("s3://"), str(local), recursive=True)
+    before = _snapshot(url)
+    monkeypatch.delenv("AWS_ENDPOINT_URL")  # the endpoint comes from --storage-option alone
+    runs = {
+        "linear": [
+            "--feature",
+            "t050_b05_avg2",
+            "--epochs",
+            "3",
+            "--lr",
+            "0.05",
+            "--batch-size",
+            "16",
+            "--val-fraction",
+            "0.2",
+            "--quiet",
+        ],
+        "logistic": ["--feature", "t010_b02_avg1", "--c", "0.1", "--c", "10", "--val-fraction", "0.2"],
+    }
+    for command, args in runs.items():
+        docs, heads = [], []
+        for where, store, extra in (("s3", url, opt), ("local", str(local), [])):
+            out = tmp_path / f"{command}-{where}"
+            result = runner.invoke(main, ["probe", command, store, "--out", str(out), *args, *extra])
+            assert result.exit_code == 0, result.output
+            doc = json.loads((out / "results.json").read_text())
+            assert doc["store"]["url"] == store
+            when = ("store", "timings", "started_at", "finished_at", "environment")  # where and when, not what
+            assert doc["metrics"]["test"]["top1"] > 0.3  # chance is 0.1: the probe learned from the features
+            docs.append(_without_clocks({k: v for k, v in doc.items() if k not in when}))
+            heads.append([_tensors(p) for p in sorted(out.glob("*.safetensors"))])  # metadata names the store
+        assert docs[0] == docs[1], command
+        assert heads[0] == heads[1], command
+        assert (command == "linear") == bool(heads[0])
+    bad = runner.invoke(main, ["probe", "logistic", url, "--out", str(tmp_path / "x"), "--storage-option", "nokey"])
+    assert bad.exit_code == 1 and "write key=value" in bad.output and not (tmp_path / "x").exists()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    assert _snapshot(url) == before  # the probes wrote nothing to the store
+
+
+def test_plain_xarray_opens_an_s3_store(s3_bucket, s3_endpoint):
+    """A team without diffbank opens a shared store with xarray alone (format 3: one Dataset of features)."""
+    xr = pytest.importorskip("xarray")
+    url = f"{s3_bucket}/small.zarr"
+    fs, feats = _small(url)
+    options = {"endpoint_url": s3_endpoint}
+    tree = xr.open_datatree(url, engine="zarr", storage_options=options)
+    ds = tree["features"].to_dataset().assign_coords(tree["samples"].to_dataset().variables)
+    for name, data in feats.items():
+        np.testing.assert_array_equal(ds[name].values, data)
+    np.testing.assert_array_equal(ds["label"].values, fs.labels)
+    assert int(tree["splits"]["test"].sum()) == 10

@@ -313,3 +313,16 @@ def test_digits_pixels_are_scikit_learns_scaled():
     # scikit-learn's digits.images[0][0] is [0, 0, 5, 13, 9, 1, 0, 0] (a zero), scaled by 255/16 and rounded.
     item = DigitsSource().load(0)
     assert item.image[0, :, 0].tolist() == [0, 0, 80, 207, 143, 16, 0, 0] and item.label == 0
+
+
+def test_load_rgb_keeps_pil_images_with_the_same_pixels(tree: Path):
+    """The extraction's path: decoded files stay PIL (no PIL -> numpy -> PIL), pixels as `load` gives."""
+    from PIL import Image
+
+    src = FolderSource(tree)
+    for i in range(len(src)):
+        fast, plain = src.load_rgb(i), src.load(i)
+        assert fast.error == plain.error
+        if plain.ok:
+            assert isinstance(fast.image, Image.Image) and fast.image.mode == "RGB"
+            np.testing.assert_array_equal(np.asarray(fast.image), plain.image)

@@ -275,6 +275,7 @@ def test_fingerprint_is_stable_and_ignores_run_only_settings():
         ("noise.seed", 1),
         ("noise.draws", 2),
         ("noise.combine", "separate"),
+        ("noise.rule", "counter"),
         ("storage.dtype", "float32"),
         ("compute.dtype", "bfloat16"),
         ("features.timesteps", [50]),
@@ -286,6 +287,15 @@ def test_fingerprint_is_stable_and_ignores_run_only_settings():
 )
 def test_fingerprint_changes_with_content(path, value):
     assert load_spec(edit(path, value)).fingerprint != load_spec(base()).fingerprint
+
+
+def test_default_noise_rule_is_left_out_of_the_recorded_spec():
+    """Stores written before noise rules existed keep their fingerprint; a bad rule is named."""
+    assert load_spec(edit("noise.rule", "generator")).fingerprint == load_spec(base()).fingerprint
+    assert "rule" not in load_spec(base()).to_dict()["noise"]
+    assert load_spec(edit("noise.rule", "counter")).to_dict()["noise"]["rule"] == "counter"
+    (problem,) = problems_of(edit("noise.rule", "philox"))
+    assert problem == "noise.rule: unknown value 'philox'; choose one of generator, counter"
 
 
 # -- size ----------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ import pytest
 import zarr
 
 from extract.store import (
-    FEATURE_DIMS,
     FLOAT16_MAX,
     FeatureInfo,
     FingerprintMismatch,
@@ -118,7 +117,9 @@ def test_layout_with_plain_zarr(saved):
         assert key in root.attrs, key
     assert set(root.attrs["versions"]) >= {"torch", "zarr", "numpy", "dask", "diffbank"}
     arr = root["features/t150_b19_tok4"]
-    assert arr.metadata.dimension_names == FEATURE_DIMS
+    # format 3: every axis but `sample` is the feature's own, so xarray can hold all features in one Dataset
+    assert arr.metadata.dimension_names == ("sample", "t150_b19_tok4_channel", "t150_b19_tok4_y", "t150_b19_tok4_x")
+    assert root["samples/label"].metadata.dimension_names == ("sample",)
     assert arr.shape == (N, 16, 4, 4) and arr.shards == (8, 16, 4, 4) and arr.chunks == (4, 16, 4, 4)
     assert arr.attrs["t"] == 150 and arr.attrs["block"] == 19 and arr.attrs["pool_kind"] == "tok"
     assert arr.attrs["stats"]["complete"] is True

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import zarr
 
-from extract.store import open_store, save_features
+from extract.store import FORMAT_VERSION, open_store, save_features
 
 N = 45  # 3 shards of 16 (the last short), 4-row chunks: every kind of edge
 
@@ -88,18 +88,70 @@ def test_to_xarray_views(stored):
 
 
 def test_plain_xarray_and_zarr_open_what_the_readme_says(stored):
-    """README's recipes for teams without diffbank: one feature, the samples and the splits."""
+    """README's recipes for teams without diffbank: every feature in one Dataset, samples as coordinates."""
     xr = pytest.importorskip("xarray")
     path, feats = stored
-    name = "t090_b24_avg2"
-    others = [n for n in feats if n != name]
-    ds = xr.open_zarr(str(path), group="features", drop_variables=others)
-    assert ds[name].dims == ("sample", "channel", "y", "x")
-    np.testing.assert_array_equal(ds[name].values, feats[name])
-    samples = xr.open_zarr(str(path), group="samples")
-    np.testing.assert_array_equal(samples["label"].values, np.arange(N) % 3)
-    splits = xr.open_zarr(str(path), group="splits")
-    assert int(splits["train"].sum()) == 30
+    fs = open_store(path)
+    tree = xr.open_datatree(str(path), engine="zarr")
+    assert sorted(tree.children) == ["_progress", "features", "samples", "splits"]
+    ds = tree["features"].to_dataset().assign_coords(tree["samples"].to_dataset().variables)
+    assert sorted(ds.data_vars) == sorted(feats)
+    for name, data in feats.items():
+        x = ds[name]
+        assert x.dims == ("sample", f"{name}_channel", f"{name}_y", f"{name}_x")
+        assert x.dtype == data.dtype and x.attrs["t"] == int(name[1:4])
+        np.testing.assert_array_equal(x.values.astype(np.float32), fs.read(name))
+    np.testing.assert_array_equal(ds["label"].values, fs.labels)
+    assert ds["valid"].values.all() and str(ds["id"].values[2]) == "2"
+    assert ds["t090_b24_avg2"].where(ds["valid"], drop=True).shape == feats["t090_b24_avg2"].shape
+    assert int(tree["splits"]["train"].sum()) == 30
+    assert tree.attrs["format_version"] == FORMAT_VERSION >= 3 and tree.attrs["fingerprint"] == fs.fingerprint
+    one = xr.open_zarr(str(path), group="features")  # the features group alone
+    np.testing.assert_array_equal(one["t150_b19_tok4"].values, feats["t150_b19_tok4"])
     root = zarr.open_group(str(path), mode="r")
-    np.testing.assert_array_equal(root["features"][name][:], feats[name])
-    assert root.attrs["format_version"] == 2
+    name = "t090_b24_avg2"
+    np.testing.assert_array_equal(root[f"features/{name}"][:10], feats[name][:10])
+    assert root.attrs["features"] == fs.feature_names(None)
+
+
+def test_zero_rows_stay_zero_under_xarray(tmp_path):
+    """The arrays' fill value is 0.0: xarray must not mask it as missing (a failed image's row is zeros)."""
+    xr = pytest.importorskip("xarray")
+    data = np.ones((6, 2, 1, 1), np.float16)
+    data[2] = 0
+    save_features(tmp_path / "z.zarr", {"t010_b01_avg1": data}, np.zeros(6, int), {"train": np.arange(6)})
+    got = xr.open_zarr(str(tmp_path / "z.zarr"), group="features")["t010_b01_avg1"].values
+    np.testing.assert_array_equal(got, data)
+
+
+@pytest.mark.parametrize("prefetch", [0, 1])
+def test_iter_batches_reuses_blocks_only_when_no_batch_of_them_is_held(stored, prefetch, monkeypatch):
+    """Blocks are recycled (no fresh memory per block), yet a batch the caller keeps never changes."""
+    import extract.store.reader as reader
+
+    monkeypatch.setattr(reader, "BLOCK_BYTES", 8 * 6 * 2 * 2 * 4)  # 8-row blocks of t090_b24_avg2
+    path, feats = stored
+    fs = open_store(path)
+    name, data = "t090_b24_avg2", feats["t090_b24_avg2"].astype(np.float32)
+    for rows in (None, np.random.default_rng(2).permutation(N)):
+        want = data if rows is None else data[rows]
+        buffers, kept, got = set(), [], []
+        for i, batch in enumerate(fs.iter_batches(name, 4, rows, prefetch=prefetch)):
+            buffers.add(batch.base.__array_interface__["data"][0])
+            got.append(batch.copy())
+            if i % 5 == 0:
+                kept.append((i, batch))  # held to the end: its block must never be reused
+        np.testing.assert_array_equal(np.concatenate(got), want)
+        for i, batch in kept:
+            np.testing.assert_array_equal(batch, want[4 * i : 4 * i + 4])
+        assert len(buffers) < len(got) // 2, (len(buffers), len(got))  # recycled, not one per block
+
+
+def test_a_truncated_shard_fails_to_read_with_a_clear_error(stored):
+    path, _ = stored
+    shard = path / "features" / "t090_b24_avg2" / "c" / "1" / "0" / "0" / "0"
+    shard.write_bytes(shard.read_bytes()[:-40])
+    fs = open_store(path)
+    with pytest.raises(Exception, match="checksum|truncated|shorter"):
+        fs.read("t090_b24_avg2")
+    np.testing.assert_array_equal(fs.read("t150_b19_tok4", slice(0, 16)).shape, (16, 3, 4, 4))

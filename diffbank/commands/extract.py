@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from diffbank.commands.remote import open_read_only, storage_option_flag
 from extract.provenance import to_jsonable
 
 DEFAULT_STORE_DIR = "stores"
@@ -57,13 +58,7 @@ log = logging.getLogger(__name__)
     help="Take over the store from a writer whose lease is stale (no heartbeat for 10 minutes): "
     "only when that run is gone.",
 )
-@click.option(
-    "--storage-option",
-    "storage_option",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="fsspec option for a remote --store (repeatable): endpoint_url=http://host:9000; dots nest.",
-)
+@storage_option_flag("--store")
 def extract_command(
     spec_path: str,
     store_url: str | None,
@@ -177,13 +172,7 @@ def _report_run(summary: dict[str, Any], as_json: bool) -> None:
 
 
 @click.group("store")
-@click.option(
-    "--storage-option",
-    "storage_option",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="fsspec option for a remote STORE (repeatable): endpoint_url=http://host:9000; dots nest.",
-)
+@storage_option_flag()
 @click.pass_context
 def store_command(ctx: click.Context, storage_option: tuple[str, ...]) -> None:
     """Inspect, verify and export feature stores (read-only: nothing under STORE is written)."""
@@ -191,14 +180,7 @@ def store_command(ctx: click.Context, storage_option: tuple[str, ...]) -> None:
 
 
 def _open(url: str) -> Any:
-    from extract.store import StoreError, open_store
-    from extract.store.remote import parse_storage_options
-
-    try:
-        options = parse_storage_options(click.get_current_context().meta.get("diffbank.storage_option", ()))
-        return open_store(url, options)
-    except (StoreError, FileNotFoundError) as exc:
-        raise click.ClickException(str(exc)) from None
+    return open_read_only(url, click.get_current_context().meta.get("diffbank.storage_option", ()))
 
 
 @store_command.command("info")

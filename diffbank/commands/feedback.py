@@ -161,7 +161,7 @@ def feedback_command(
     from extract.compute import ExtractionError, resolve_device
     from extract.diffusion import NoiseSchedule
     from extract.models.registry import build_model
-    from extract.pipeline import checkpoint_path
+    from extract.prepare import checkpoint_path
     from extract.spec import SpecError, load_spec
     from probe.feedback import DifFeed, FeedbackRecipe, train_feedback, validation_split
     from probe.heads import PRESETS, seeded_init

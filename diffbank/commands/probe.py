@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from diffbank.commands.remote import open_read_only, storage_option_flag
 from probe.recipe import RECIPES  # declarations only (no torch): the defaults shown in --help come from here
 
 SUBSET_HELP = "label subset of train: 1%, 10% (stratified) or K-shot, e.g. 5-shot (seeded)"
@@ -53,6 +54,7 @@ def _common(func: Callable[..., Any]) -> Callable[..., Any]:
             help="features up to this size are loaded into memory, larger ones streamed "
             "(bytes, 2GiB, 25%; default 25% of RAM)",
         ),
+        storage_option_flag(),
     ]
     for option in reversed(options):
         func = option(func)
@@ -163,6 +165,8 @@ def _run(name: str, **kwargs: Any) -> None:
     from probe.data import ProbeDataError
     from probe.report import render
 
+    # opened here, before anything is written under --out: a bad URL, option or store fails cleanly first
+    kwargs["store"] = open_read_only(kwargs["store"], kwargs.pop("storage_option"))
     kwargs["features"] = list(kwargs.get("features") or []) or None
     if kwargs.get("standardize") is None:
         kwargs.pop("standardize", None)

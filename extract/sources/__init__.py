@@ -32,7 +32,15 @@ from pathlib import Path
 from typing import Any
 
 from extract.sources.arrays import DigitsSource, HDF5Source, IDXSource
-from extract.sources.base import ImageSource, SourceError, SourceItem, decode_image_file, to_rgb_array
+from extract.sources.base import (
+    ImageSource,
+    SourceError,
+    SourceItem,
+    decode_image_file,
+    open_image_file,
+    to_rgb,
+    to_rgb_array,
+)
 from extract.sources.files import CSVSource, FolderSource, folder_split_dirs
 
 __all__ = [
@@ -46,6 +54,8 @@ __all__ = [
     "SourceItem",
     "check_dataset",
     "decode_image_file",
+    "open_image_file",
+    "to_rgb",
     "folder_split_dirs",
     "open_source",
     "to_rgb_array",

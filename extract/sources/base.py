@@ -45,23 +45,35 @@ def _reason(exc: BaseException) -> str:
     return text if len(text) <= _MAX_REASON else text[: _MAX_REASON - 3] + "..."
 
 
+def to_rgb(image: Any) -> Any:
+    """A PIL image as an RGB PIL image (wide grayscale: a uint8 array); arrays as `to_rgb_array`.
+
+    Pixels stay in PIL for the preprocessing that follows, so nothing goes PIL -> numpy -> PIL.
+    """
+    from PIL import Image
+
+    if not isinstance(image, Image.Image):
+        return to_rgb_array(image)
+    if image.mode in _WIDE_GRAY:
+        # PIL's convert() clips 16-bit values at 255 (a 16-bit photo turns white): scale instead,
+        # keeping the high byte as Pillow itself does for 16-bit RGB(A) files.
+        wide = np.clip(np.asarray(image).astype(np.int64), 0, 65535) >> 8
+        return np.ascontiguousarray(np.repeat(wide.astype(np.uint8)[:, :, None], 3, axis=2))
+    # As the reference does (guided-diffusion's convert("RGB")): grayscale, palette, CMYK and alpha
+    # images become plain RGB, alpha dropped and transparent palette entries shown as their colour.
+    if image.mode != "RGB":
+        with warnings.catch_warnings():  # "palette images with transparency ... RGBA": known, as the reference
+            warnings.simplefilter("ignore", UserWarning)
+            image = image.convert("RGB")
+    return image
+
+
 def to_rgb_array(image: Any) -> np.ndarray:
     """A PIL image or uint8 array (H, W), (H, W, 1|3|4) as uint8 (H, W, 3) RGB."""
     from PIL import Image
 
     if isinstance(image, Image.Image):
-        if image.mode in _WIDE_GRAY:
-            # PIL's convert() clips 16-bit values at 255 (a 16-bit photo turns white): scale instead,
-            # keeping the high byte as Pillow itself does for 16-bit RGB(A) files.
-            wide = np.clip(np.asarray(image).astype(np.int64), 0, 65535) >> 8
-            return np.ascontiguousarray(np.repeat(wide.astype(np.uint8)[:, :, None], 3, axis=2))
-        # As the reference does (guided-diffusion's convert("RGB")): grayscale, palette, CMYK and alpha
-        # images become plain RGB, alpha dropped and transparent palette entries shown as their colour.
-        if image.mode != "RGB":
-            with warnings.catch_warnings():  # "palette images with transparency ... RGBA": known, as the reference
-                warnings.simplefilter("ignore", UserWarning)
-                image = image.convert("RGB")
-        return np.asarray(image, dtype=np.uint8).copy()
+        return np.asarray(to_rgb(image), dtype=np.uint8).copy()
     arr = np.asarray(image)
     if arr.dtype != np.uint8:
         raise TypeError(f"expected uint8 pixels, got {arr.dtype}")
@@ -76,13 +88,18 @@ def to_rgb_array(image: Any) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def decode_image_file(path: str | os.PathLike) -> np.ndarray:
-    """Fully decode one image file (so truncation shows now, not later) as uint8 RGB."""
+def open_image_file(path: str | os.PathLike) -> Any:
+    """Fully decode one image file (so truncation shows now, not later) as an RGB PIL image."""
     from PIL import Image
 
     with Image.open(path) as im:
         im.load()
-        return to_rgb_array(im)
+        return to_rgb(im)
+
+
+def decode_image_file(path: str | os.PathLike) -> np.ndarray:
+    """Fully decode one image file as uint8 (H, W, 3) RGB."""
+    return to_rgb_array(open_image_file(path))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,7 +110,7 @@ def decode_image_file(path: str | os.PathLike) -> np.ndarray:
 class ImageSource:
     """Rows of a dataset: a catalog (ids, labels, splits) plus pixels on demand.
 
-    Subclasses fill the catalog of *all* rows and implement `_read(row) -> uint8 array`;
+    Subclasses fill the catalog of *all* rows and implement `_read(row)` (a uint8 array or PIL image);
     `select(splits, limit)` narrows that to the rows a store holds.
     """
 
@@ -181,18 +198,29 @@ class ImageSource:
 
     # -- pixels ------------------------------------------------------------------------------
 
-    def _read(self, row: int) -> np.ndarray:
+    def _read(self, row: int) -> Any:
+        """Row `row` of the whole catalog as decoded: a uint8 array or a loaded PIL image."""
         raise NotImplementedError
 
     def load(self, i: int) -> SourceItem:
-        """Row i; an unreadable image gives an item with `error` set instead of raising."""
+        """Row i as uint8 (H, W, 3); an unreadable image gives an item with `error` set instead of raising."""
+        return self._load(i, to_rgb_array)
+
+    def load_rgb(self, i: int) -> SourceItem:
+        """Row i as decoded, made RGB: a PIL image (files) or a uint8 array (array sources).
+
+        For preprocessing that resizes in PIL anyway: it saves the PIL -> numpy -> PIL round trip.
+        """
+        return self._load(i, to_rgb)
+
+    def _load(self, i: int, convert: Any) -> SourceItem:
         if not -len(self) <= i < len(self):
             raise IndexError(f"index {i} out of range for a source of {len(self)} rows")
         i = int(i) % len(self)
         row = int(self._rows[i])
         sid, label, split = str(self._all_ids[row]), int(self._all_labels[row]), str(self._all_splits[row])
         try:
-            image = to_rgb_array(self._read(row))
+            image = convert(self._read(row))
         except Exception as exc:  # any decoding failure is data, recorded by the caller
             return SourceItem(i, sid, label, split, None, _reason(exc))
         return SourceItem(i, sid, label, split, image)

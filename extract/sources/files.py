@@ -6,10 +6,9 @@ import csv
 import io
 import os
 from pathlib import Path
+from typing import Any
 
-import numpy as np
-
-from extract.sources.base import IMAGE_EXTENSIONS, SPLIT_DIR_NAMES, ImageSource, SourceError, decode_image_file
+from extract.sources.base import IMAGE_EXTENSIONS, SPLIT_DIR_NAMES, ImageSource, SourceError, open_image_file
 
 # ---------------------------------------------------------------------------------------------
 # Class-folder trees
@@ -67,8 +66,8 @@ class FolderSource(ImageSource):
     def describe(self) -> str:
         return f"folder dataset {self.root}"
 
-    def _read(self, row: int) -> np.ndarray:
-        return decode_image_file(self.root / str(self._all_ids[row]))
+    def _read(self, row: int) -> Any:
+        return open_image_file(self.root / str(self._all_ids[row]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,9 +113,9 @@ class CSVSource(ImageSource):
     def describe(self) -> str:
         return f"list file {self.list_file}"
 
-    def _read(self, row: int) -> np.ndarray:
+    def _read(self, row: int) -> Any:
         p = Path(str(self._all_ids[row])).expanduser()
-        return decode_image_file(p if p.is_absolute() else self.base / p)
+        return open_image_file(p if p.is_absolute() else self.base / p)
 
 
 def _number_labels(raw: list[str]) -> tuple[list[int], list[str]]:

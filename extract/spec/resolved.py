@@ -18,7 +18,7 @@ from typing import Any
 from extract.features import FeatureKey, pool_label
 from extract.idx import FASHION_MNIST_DIR
 from extract.provenance import fingerprint
-from extract.spec.schema import SPEC_VERSION
+from extract.spec.schema import COMPUTE_OPTION_DEFAULTS, DEFAULT_NOISE_RULE, SPEC_VERSION
 from extract.store.layout import itemsize
 
 # Settings that change how fast a store is written, never what is in it.
@@ -84,18 +84,21 @@ class NoiseSpec:
     seed: int
     draws: int
     combine: str = "mean"
+    rule: str = DEFAULT_NOISE_RULE
 
     @property
     def stored_draws(self) -> int:
         """Arrays per feature: K when the draws are kept apart, 1 when they are averaged."""
         return self.draws if self.combine == "separate" else 1
 
-    def to_dict(self) -> dict[str, Any]:
-        # `combine` is recorded only when it is not the default, so every spec written before it existed
-        # keeps its resolved form and fingerprint (and the stores made from it stay resumable).
-        out: dict[str, Any] = {"seed": self.seed, "draws": self.draws}
-        if self.combine != "mean":
-            out["combine"] = self.combine
+    def as_dict(self) -> dict[str, Any]:
+        # Defaults (combine "mean", the default rule) are left out, so stores written before either
+        # existed keep their resolved form and fingerprint (and stay resumable).
+        out = dataclasses.asdict(self)
+        if out["combine"] == "mean":
+            out.pop("combine")
+        if out["rule"] == DEFAULT_NOISE_RULE:
+            out.pop("rule")
         return out
 
 
@@ -127,6 +130,14 @@ class ComputeSpec:
     batch_size: int
     device: str
     num_workers: int
+    channels_last: bool = COMPUTE_OPTION_DEFAULTS["channels_last"]
+    compile: bool = COMPUTE_OPTION_DEFAULTS["compile"]
+    deterministic: bool = COMPUTE_OPTION_DEFAULTS["deterministic"]
+
+    def as_dict(self) -> dict[str, Any]:
+        # Options at their defaults are left out, so stores written before they existed keep their fingerprint.
+        out = dataclasses.asdict(self)
+        return {k: v for k, v in out.items() if k not in COMPUTE_OPTION_DEFAULTS or v != COMPUTE_OPTION_DEFAULTS[k]}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,10 +223,10 @@ class Spec:
                 "pooling": {str(b): list(g.pooling[b]) for b in g.blocks},
                 "tokens": {str(b): g.tokens[b] for b in g.blocks if b in g.tokens},
             },
-            "noise": self.noise.to_dict(),
+            "noise": self.noise.as_dict(),
             "views": dataclasses.asdict(self.views),
             "storage": dataclasses.asdict(self.storage),
-            "compute": dataclasses.asdict(self.compute),
+            "compute": self.compute.as_dict(),
         }
 
     def content_dict(self) -> dict[str, Any]:

@@ -32,6 +32,7 @@ YAML schema (defaults in brackets; `null` where a default is derived)::
     noise: {seed: 0, draws: 1, combine: mean}   # K = draws noise draws, K U-Net forwards per image and timestep;
                                          # combine mean: one array, the draws' features averaged;
                                          # separate: one array per draw (draw d >= 1 named <feature>_d<d>)
+                                         # rule: generator (default) | counter (drawn on the compute device)
     views: {center: true, hflip: false}  # hflip adds a horizontally flipped second view ("_flip" features)
     storage: {dtype: float16, compressor: blosc-lz4, chunk_rows: 64, shard_rows: null}
                                          # dtype float16|float32; compressor blosc-lz4|zstd|none;
@@ -64,6 +65,11 @@ from extract.store.layout import COMPRESSIONS, STORAGE_DTYPES
 
 SPEC_VERSION = 1
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+# How the U-Net runs; each changes the last bits (kernels differ), so a non-default one is part of the
+# fingerprint. deterministic: false lets cuDNN autotune, and then the bytes may change run to run.
+COMPUTE_OPTION_DEFAULTS = {"channels_last": False, "compile": False, "deterministic": True}
+NOISE_RULES = ("generator", "counter")  # implemented by extract.diffusion.noise_for
+DEFAULT_NOISE_RULE = NOISE_RULES[0]
 DATASET_KINDS = ("folder", "csv", "hdf5", "idx", "digits")
 PREPROCESSING = ("reference",)
 # How a store keeps K noise draws: averaged into one array, or one array per draw (augmentation for probes).
@@ -177,6 +183,11 @@ class NoiseSection(_Section):
     seed: NonNegInt = 0
     draws: PosInt = 1
     combine: Literal[NOISE_COMBINE] = Field("mean", title="noise combine")  # type: ignore[valid-type]
+    rule: Literal[NOISE_RULES] = Field(  # type: ignore[valid-type]
+        DEFAULT_NOISE_RULE,
+        description="generator: a seeded torch CPU generator per sample (the default); counter: a "
+        "counter-based hash drawn on the compute device (fast on GPUs; bytes differ from generator's)",
+    )
 
 
 class ViewsSection(_Section):
@@ -211,7 +222,12 @@ class ComputeSection(_Section):
     dtype: Literal[COMPUTE_DTYPES] = Field("float32", title="compute dtype")  # type: ignore[valid-type]
     batch_size: PosInt = 32
     device: str = Field("auto", description="auto, cpu, cuda, cuda:<index> or mps")
-    num_workers: NonNegInt = 0
+    num_workers: NonNegInt = Field(0, description="image-loading processes; 0: two threads in the extracting process")
+    channels_last: bool = Field(COMPUTE_OPTION_DEFAULTS["channels_last"], description="NHWC layout for the U-Net")
+    compile: bool = Field(COMPUTE_OPTION_DEFAULTS["compile"], description="torch.compile the U-Net's feature pass")
+    deterministic: bool = Field(
+        COMPUTE_OPTION_DEFAULTS["deterministic"], description="false: cuDNN autotuning (bytes may vary run to run)"
+    )
 
     @field_validator("device", mode="before")
     @classmethod

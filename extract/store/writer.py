@@ -556,7 +556,13 @@ def _reopen(
     layout = plan_layout(len(ids), added, shard_rows=shard_rows)
     root_w.attrs.update({"consolidated": False})  # drop stale consolidated metadata before adding arrays
     for info in added:
-        create_feature_array(root_w[FEATURES], info, layout, str(attrs.get("compression", "blosc-lz4")))
+        create_feature_array(
+            root_w[FEATURES],
+            info,
+            layout,
+            str(attrs.get("compression", "blosc-lz4")),
+            int(attrs.get("format_version", 1)),
+        )
     progress = root_w[PROGRESS]
     columns = old_names + [f.name for f in added]
     units = int(attrs["num_units"])

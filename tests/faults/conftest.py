@@ -174,6 +174,7 @@ def no_compute(monkeypatch):
         raise AssertionError("the model was built or run before the refusal")
 
     def forbid() -> None:
+        monkeypatch.setattr("extract.prepare.build", boom)
         monkeypatch.setattr("extract.pipeline.build", boom)
         monkeypatch.setattr("extract.compute.Computer.compute", boom)
 

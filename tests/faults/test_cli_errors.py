@@ -58,7 +58,7 @@ def test_store_is_created_with_the_users_umask(tmp_path, umask, file_mode, dir_m
 
 
 def test_units_are_sized_for_resume_and_the_same_on_every_device():
-    from extract.pipeline import store_features, unit_rows_for
+    from extract.prepare import store_features, unit_rows_for
     from extract.spec import load_spec
     from extract.store import plan_layout
 

@@ -4,6 +4,7 @@ finalize merges into the root it reads fresh instead of overwriting it from a st
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -68,7 +69,10 @@ def _plant_lease(store, age_s: float, host: str = "elsewhere") -> dict:
         "heartbeat": "2026-01-01T00:00:00Z",
         "heartbeat_epoch": now,
     }
-    (store / LEASE_KEY).write_text(json.dumps(record))
+    # Atomically, as a breaking writer does: a running heartbeat must never read it half-written.
+    tmp = store / (LEASE_KEY + ".planting")
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, store / LEASE_KEY)
     return record
 
 

@@ -1,41 +1,16 @@
-"""DifFeed: the paper's feedback head, trained with the frozen U-Net in the loop.
-
-This is the one probe that runs the U-Net (everything else in `probe` reads stores only), because its input
-is not a cacheable feature: pass 2 depends on the feedback layers being trained.
-
-Mechanics (docs: /work/shared/PAPER.md), at one timestep t (the paper's 150):
-- pass 1, without gradients, gives the decoder outputs of the feedback blocks;
-- each feedback block b has a layer Conv1x1 (no bias) + BatchNorm + ReLU mapping its map to the channels of
-  its skip partner, the encoder block `num_blocks + 1 - b` (38 - b on the 256 models);
-- pass 2 runs with each layer's output added to its partner's output (the sum is also what the skip carries,
-  see `ADMUNet.features(additions=...)`), and an `AttentionPoolHead` reads the read block of pass 2.
-Only the feedback layers and the head train; the U-Net is frozen (no parameter needs a gradient, so none gets a
-`.grad`), while gradients flow through its pass-2 activations back to the feedback layers.
-
-Default blocks, for any ADM configuration (R = num_res_blocks, L = len(channel_mult)): one feedback per
-resolution level, namely the decoder block whose skip comes from the first ResBlock of each encoder level
-(encoder blocks 2 + l (R + 1), l = 0..L-1); the read block is the second-deepest of them (the deepest when
-L = 1). On the 256 models (R = 2, L = 6) this gives the paper's lists exactly: feedback {21, 24, 27, 30, 33, 36}
-into {17, 14, 11, 8, 5, 2}, read block 24. On the embedded Fashion-MNIST model (19 blocks): {12, 15, 18} into
-{8, 5, 2}, read block 15.
-
-Noise: training epoch e draws the noise of draw e, evaluation always draw 0, each keyed by (seed, sample key, t,
-draw) with `extract.diffusion.seeded_noise`; so every epoch sees fresh noise, a rerun is exact, and draw 0 is
-the noise an extraction with the same seed stores. With no feedback blocks the same trainer is the plain attention
-head on live U-Net features (the paper's protocol, noise as augmentation): the baseline DifFeed is compared with.
-"""
+"""DifFeed's training loop: fresh seeded noise per epoch, micro-batches sized to memory, selection on
+validation, and checkpoints that resume exactly."""
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,263 +18,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from torch import nn
 
 from extract.diffusion import NoiseSchedule, seeded_noise
-from extract.models.adm import ADMUNet
-from probe.data import default_memory_budget, stratified_holdout
-from probe.heads import AttentionPoolHead
-
-__all__ = [
-    "CHECKPOINT_FORMAT",
-    "DifFeed",
-    "FeedbackRecipe",
-    "ImageSet",
-    "activation_bytes_per_sample",
-    "default_feedback_blocks",
-    "default_read_block",
-    "feedback_parameter_count",
-    "skip_partner",
-    "train_feedback",
-    "validation_split",
-]
-
-log = logging.getLogger("probe.feedback")
+from probe.data import default_memory_budget
+from probe.feedback.images import ImageSet
+from probe.feedback.network import DifFeed, activation_bytes_per_sample
 
 CHECKPOINT_FORMAT = "diffbank-difffeed-checkpoint/1"
 EVAL_DRAW = 0
-_KEY_VAL = 12  # probe.data's key for a carved validation split: the same seed carves the same rows
 
-
-# ---------------------------------------------------------------------------------------------- blocks
-
-
-def _encoder_size(unet: ADMUNet) -> int:
-    return len(unet.input_blocks)
-
-
-def skip_partner(unet: ADMUNet, block: int) -> int:
-    """The encoder block whose output decoder block `block` takes as its skip (38 - b on the 256 models)."""
-    number = unet.block_info(block).number
-    if number <= _encoder_size(unet) + 1:
-        raise ValueError(f"block {number} is not a decoder block (decoder blocks: {_encoder_size(unet) + 2}..)")
-    return unet.num_blocks + 1 - number
-
-
-def default_feedback_blocks(unet: ADMUNet) -> list[int]:
-    """One decoder block per resolution level: the one fed by the first ResBlock of each encoder level."""
-    cfg = unet.config
-    firsts = [2 + level * (cfg.num_res_blocks + 1) for level in range(len(cfg.channel_mult))]
-    return sorted(unet.num_blocks + 1 - p for p in firsts)
-
-
-def default_read_block(unet: ADMUNet) -> int:
-    """The paper's block 24 on the 256 models: the second-deepest default feedback block."""
-    blocks = default_feedback_blocks(unet)
-    return blocks[1] if len(blocks) > 1 else blocks[0]
-
-
-def _feedback_layer(in_channels: int, out_channels: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU())
-
-
-def feedback_parameter_count(unet: ADMUNet, feedback_blocks: Sequence[int] | None = None) -> int:
-    """Trainable parameters of the feedback layers alone (about 2.8M for the 256 models' defaults)."""
-    blocks = default_feedback_blocks(unet) if feedback_blocks is None else feedback_blocks
-    total = 0
-    for b in blocks:
-        c_in, c_out = unet.block_info(b).channels, unet.block_info(skip_partner(unet, b)).channels
-        total += c_in * c_out + 2 * c_out
-    return total
-
-
-# ---------------------------------------------------------------------------------------------- module
-
-
-class DifFeed(nn.Module):
-    """Feedback layers + attention head around a frozen U-Net; `forward(x_t, t)` gives logits.
-
-    The U-Net is held but not registered as a submodule, so `parameters()`, `state_dict()` and checkpoints hold
-    only what trains; move it with `.unet.to(device)` (the trainer does). `feedback_blocks=()` gives the plain
-    attention head on the read block (one pass, no feedback).
-    """
-
-    def __init__(
-        self,
-        unet: ADMUNet,
-        num_classes: int,
-        feedback_blocks: Sequence[int] | None = None,
-        read_block: int | None = None,
-        tokens: int = 16,
-        dim: int = 1024,
-        heads: int = 8,
-        depth: int = 2,
-        final_norm: bool = False,
-    ) -> None:
-        super().__init__()
-        object.__setattr__(self, "unet", unet)  # bypasses nn.Module registration on purpose (see above)
-        unet.eval().requires_grad_(False)
-        blocks = default_feedback_blocks(unet) if feedback_blocks is None else feedback_blocks
-        self.feedback_blocks = sorted({unet.block_info(b).number for b in blocks})
-        self.read_block = unet.block_info(default_read_block(unet) if read_block is None else read_block).number
-        if tokens < 1:
-            raise ValueError(f"tokens must be a positive int, got {tokens!r}")
-        self.tokens = int(tokens)
-        # The head first: under one seed it starts with the same weights whatever the feedback, so DifFeed and
-        # its no-feedback baseline are paired from the first step.
-        info = unet.block_info(self.read_block)
-        side = min(self.tokens, info.resolution)
-        self.head = AttentionPoolHead(
-            (info.channels, side, side), num_classes, dim=dim, heads=heads, depth=depth, final_norm=final_norm
-        )
-        self.partners: dict[int, int] = {}
-        layers = {}
-        for b in self.feedback_blocks:
-            p = skip_partner(unet, b)
-            src, dst = unet.block_info(b), unet.block_info(p)
-            if src.resolution != dst.resolution:
-                raise ValueError(
-                    f"feedback block {b} ({src.resolution}x{src.resolution}) and its partner {p} "
-                    f"({dst.resolution}x{dst.resolution}) differ in resolution"
-                )
-            if p >= self.read_block:
-                raise ValueError(
-                    f"feedback block {b} feeds block {p}, which is not before the read block {self.read_block}"
-                )
-            self.partners[b] = p
-            layers[str(b)] = _feedback_layer(src.channels, dst.channels)
-        self.feedback = nn.ModuleDict(layers)
-
-    def train(self, mode: bool = True) -> DifFeed:
-        super().train(mode)
-        self.unet.eval()  # dropout (LSUN models) stays off whatever the head's mode
-        return self
-
-    def additions(self, x_t: torch.Tensor, t: torch.Tensor) -> dict[int, torch.Tensor]:
-        """Pass 1 (no gradient) and the feedback layers: {encoder block: tensor to add in pass 2}."""
-        if not self.feedback_blocks:
-            return {}
-        with torch.no_grad():
-            decoded = self.unet.features(x_t, t, self.feedback_blocks)
-        return {self.partners[b]: self.feedback[str(b)](decoded[b]) for b in self.feedback_blocks}
-
-    def read(self, x_t: torch.Tensor, t: torch.Tensor, additions: Mapping[int, torch.Tensor] | None) -> torch.Tensor:
-        """Pass 2's read-block map, average-pooled to at most tokens x tokens."""
-        if additions:
-            h = self.unet.features(x_t, t, [self.read_block], additions=additions)[self.read_block]
-        else:
-            with torch.no_grad():  # nothing before the head trains: keep no graph
-                h = self.unet.features(x_t, t, [self.read_block])[self.read_block]
-        if h.shape[-1] > self.tokens or h.shape[-2] > self.tokens:
-            h = F.adaptive_avg_pool2d(h, (min(self.tokens, h.shape[-2]), min(self.tokens, h.shape[-1])))
-        return h
-
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.head(self.read(x_t, t, self.additions(x_t, t)))
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "feedback_blocks": self.feedback_blocks,
-            "skip_partners": {str(b): p for b, p in self.partners.items()},
-            "read_block": self.read_block,
-            "tokens": self.tokens,
-            "feedback_parameters": sum(p.numel() for p in self.feedback.parameters()),
-            "head_parameters": sum(p.numel() for p in self.head.parameters()),
-        }
-
-
-def activation_bytes_per_sample(model: DifFeed, t: int = 150) -> int:
-    """Bytes autograd saves for backward, per sample, in one training forward (shapes only, on the meta device).
-
-    The U-Net's weights are not copied: a meta twin of the same configuration runs with meta copies of the
-    trainable layers. This is the part of a step's memory that grows with the micro-batch.
-    """
-    with torch.device("meta"):
-        twin_unet = ADMUNet(model.unet.config)
-        twin = DifFeed(
-            twin_unet,
-            model.head.classifier.out_features,
-            model.feedback_blocks,
-            model.read_block,
-            model.tokens,
-            dim=model.head.classifier.in_features,
-            heads=_heads_of(model),
-            depth=len(model.head.encoder.blocks),
-        )
-    size = model.unet.config.image_size
-    x = torch.zeros(1, model.unet.config.in_channels, size, size, device="meta")
-    seen: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        # Weights are not activations; a tensor several ops save is stored once (the graph keeps it alive,
-        # so its id is unique during the forward).
-        if not isinstance(tensor, nn.Parameter):
-            seen[id(tensor)] = tensor.numel() * tensor.element_size()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        logits = twin.train()(x, torch.full((1,), int(t), device="meta"))
-    del logits
-    return sum(seen.values())
-
-
-def _heads_of(model: DifFeed) -> int:
-    blocks = model.head.encoder.blocks
-    return blocks[0].attn.heads if len(blocks) else 1
-
-
-# ---------------------------------------------------------------------------------------------- data
-
-
-class ImageSet:
-    """Labelled images by key: `load(keys) -> float32 (n, 3, H, W)` in [-1, 1].
-
-    `keys` are the samples' global indices (in the source), which also key their noise, so a sample keeps its
-    noise whatever subset or order it is used in.
-    """
-
-    def __init__(self, labels: np.ndarray, keys: np.ndarray, load: Callable[[np.ndarray], Any]) -> None:
-        self.labels = np.asarray(labels, dtype=np.int64)
-        self.keys = np.asarray(keys, dtype=np.int64)
-        if self.labels.shape != self.keys.shape or self.labels.ndim != 1:
-            raise ValueError(f"labels {self.labels.shape} and keys {self.keys.shape} must be equal 1-d arrays")
-        self._load = load
-
-    @classmethod
-    def from_array(
-        cls, images: np.ndarray | torch.Tensor, labels: np.ndarray, keys: np.ndarray | None = None
-    ) -> ImageSet:
-        """Images already preprocessed, float32 (N, 3, H, W); `keys` default to their row numbers."""
-        array = torch.as_tensor(images, dtype=torch.float32)
-        keys = np.arange(len(array)) if keys is None else np.asarray(keys, dtype=np.int64)
-        position = {int(k): i for i, k in enumerate(keys)}
-        return cls(labels, keys, lambda ks: array[torch.as_tensor([position[int(k)] for k in ks])])
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def subset(self, positions: np.ndarray) -> ImageSet:
-        positions = np.asarray(positions, dtype=np.int64)
-        return ImageSet(self.labels[positions], self.keys[positions], self._load)
-
-    def images(self, positions: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(self._load(self.keys[np.asarray(positions, dtype=np.int64)]), dtype=torch.float32)
-
-    def digest(self) -> str:
-        h = hashlib.sha256(np.ascontiguousarray(self.keys).tobytes())
-        h.update(np.ascontiguousarray(self.labels).tobytes())
-        return h.hexdigest()[:16]
-
-
-def validation_split(data: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
-    """(train, val): a seeded, stratified `fraction` of `data` held out for selection."""
-    positions = np.arange(len(data), dtype=np.int64)
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed), _KEY_VAL]))
-    kept, held = stratified_holdout(positions, data.labels, fraction, rng)
-    return data.subset(kept), data.subset(held)
-
-
-# ---------------------------------------------------------------------------------------------- training
+log = logging.getLogger("probe.feedback")
 
 
 @dataclasses.dataclass(frozen=True)
