@@ -1,5 +1,6 @@
 """The compute of one micro-batch: seeded noise, one U-Net forward per (timestep, draw, view) that serves
-every requested block and stops after the deepest, the mean over draws, then pooling.
+every requested block and stops after the deepest, the mean over draws (or each draw on its own, for
+`combine: separate`), then pooling.
 
 The horizontally flipped view mirrors the centre view's noised input x_t (same noise, mirrored).
 
@@ -165,27 +166,36 @@ class Computer:
         """`compute`, queued: returns a function that waits for the features (at once on a CPU)."""
         pooled: dict[str, torch.Tensor] = {}
         noise_spec = self.spec.noise
-        draws = noise_spec.draws
+        separate = noise_spec.combine == "separate"
         x0 = batch_to_model_range(pixels.to(self.device, non_blocking=True))
         shape = tuple(x0.shape[1:])
         rows = indices.tolist()
         for t in job.timesteps:
             blocks = job.blocks_at(t)
+            wanted = [f for f in job.features if f.t == t]
+            # Separate draws: only the draws this job still lacks (a resumed unit may miss some);
+            # averaged: every draw, since each one enters the mean.
+            draws = sorted({f.draw for f in wanted}) if separate else range(noise_spec.draws)
             sums: dict[str, dict[int, torch.Tensor]] = {v: {} for v in job.views()}
-            for draw in range(draws):
+            for i, draw in enumerate(draws):
                 noise = noise_for(noise_spec.rule, noise_spec.seed, rows, t, draw, shape, self.device)
                 x_t = self.schedule.q_sample(x0, t, noise)
                 for view in job.views():
                     x_v = x_t if view == "center" else x_t.flip(-1)
                     feats = self.forward(x_v, t, blocks)
+                    if separate:
+                        for f in wanted:
+                            if f.draw == draw and f.view == view:
+                                pooled[f.name] = pool(feats[f.block], (f.pool_kind, f.pool_size))
+                        continue
                     for b, v in feats.items():
-                        sums[view][b] = v if draw == 0 else sums[view][b] + v
-            for f in job.features:
-                if f.t != t:
-                    continue
+                        sums[view][b] = v if i == 0 else sums[view][b] + v
+            if separate:
+                continue
+            for f in wanted:
                 mean = sums[f.view][f.block]
-                if draws > 1:
-                    mean = mean / draws
+                if len(draws) > 1:
+                    mean = mean / len(draws)
                 pooled[f.name] = pool(mean, (f.pool_kind, f.pool_size))
         return self._collect(pooled)
 

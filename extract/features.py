@@ -2,6 +2,9 @@
 
 One store array per (timestep, block, pooling, view), named ``t{t:03d}_b{block:02d}_{pool}`` plus
 ``_flip`` for the horizontally flipped view, e.g. ``t090_b24_avg2`` or ``t150_b19_tok16_flip``.
+A store that keeps K noise draws apart (``noise: {combine: separate}``) holds one array per draw: draw 0
+under the plain name (so it is the array a one-draw store holds) and draw d >= 1 under the name plus
+``_d{d}``, e.g. ``t150_b15_tok8_d3``.
 
 Pooling is ``avg{p}`` (average-pooled to exactly p x p; p may not exceed the map, since a "pooled"
 map larger than its source would store interpolated values) or ``tok{s}`` (token mode for attention
@@ -20,7 +23,7 @@ POOL_KINDS = ("avg", "tok")
 VIEWS = ("center", "flip")
 
 _POOL_RE = re.compile(r"^(avg|tok)([1-9][0-9]*)$")
-_NAME_RE = re.compile(r"^t(\d{3,})_b(\d{2,})_(avg|tok)(\d+)(_flip)?$")
+_NAME_RE = re.compile(r"^t(\d{3,})_b(\d{2,})_(avg|tok)(\d+)(_flip)?(?:_d(\d+))?$")
 
 
 def parse_pool(pool: str) -> tuple[str, int]:
@@ -64,6 +67,7 @@ class FeatureKey(NamedTuple):
     block: int
     pool: str  # 'avg2', 'tok16'
     view: str = "center"
+    draw: int = 0  # noise draw of a `combine: separate` store; 0 for every other store
 
     @classmethod
     def parse(cls, name: str) -> FeatureKey:
@@ -86,25 +90,34 @@ class FeatureKey(NamedTuple):
         return (int(channels), *pooled_hw(self.pool_kind, self.pool_size, int(height), width))
 
 
-def feature_name(t: int, block: int, pool: str | tuple[str, int], view: str = "center") -> str:
-    """`t{t:03d}_b{block:02d}_{pool}` plus `_flip` for the flipped view, e.g. 't090_b24_avg2'."""
+def feature_name(t: int, block: int, pool: str | tuple[str, int], view: str = "center", draw: int = 0) -> str:
+    """`t{t:03d}_b{block:02d}_{pool}` plus `_flip` for the flipped view and `_d{draw}` for noise draw
+    draw >= 1 of a separate-draws store, e.g. 't090_b24_avg2', 't150_b15_tok8_flip_d2'."""
     kind, size = parse_pool(pool) if isinstance(pool, str) else pool
     if view not in VIEWS:
         raise ValueError(f"view {view!r}: expected one of {', '.join(VIEWS)}")
-    for label, value in (("t", t), ("block", block)):
+    for label, value in (("t", t), ("block", block), ("draw", draw)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{label} {value!r}: expected a non-negative integer")
-    suffix = "_flip" if view == "flip" else ""
+    suffix = ("_flip" if view == "flip" else "") + (f"_d{draw}" if draw else "")
     return f"t{t:03d}_b{block:02d}_{pool_label(kind, size)}{suffix}"
+
+
+def draw_name(name: str, draw: int) -> str:
+    """The array holding noise draw `draw` of feature `name` (draw 0: `name` itself), e.g.
+    ('t150_b15_tok8', 2) -> 't150_b15_tok8_d2'."""
+    return parse_feature_name(name)._replace(draw=int(draw)).name
 
 
 def parse_feature_name(name: str) -> FeatureKey:
     """Reverse `feature_name`: `feature_name(*parse_feature_name(n)) == n`."""
     m = _NAME_RE.fullmatch(name)
     if not m or m.group(4).startswith("0"):
-        raise ValueError(f"{name!r} is not a feature name (expected e.g. 't090_b24_avg2' or 't150_b19_tok16_flip')")
-    t, block, kind, size, flip = m.groups()
-    key = FeatureKey(int(t), int(block), f"{kind}{int(size)}", "flip" if flip else "center")
+        raise ValueError(
+            f"{name!r} is not a feature name (expected e.g. 't090_b24_avg2', 't150_b19_tok16_flip' or 't150_b15_tok8_d1')"
+        )
+    t, block, kind, size, flip, draw = m.groups()
+    key = FeatureKey(int(t), int(block), f"{kind}{int(size)}", "flip" if flip else "center", int(draw or 0))
     if feature_name(*key) != name:  # e.g. 't0090_b24_avg2': not the canonical spelling
         raise ValueError(f"{name!r} is not in canonical form; expected {feature_name(*key)!r}")
     return key

@@ -4,7 +4,7 @@ One *unit* is one shard of rows (the store's work unit). For each unit with unma
 
     load + preprocess (background threads) -> x0 -> for each timestep and draw: seeded noise,
     q_sample, one forward that serves every requested block and stops after the deepest ->
-    average over draws -> pool -> unit buffer -> writer thread -> whole shards, then markers.
+    average over draws (or keep each draw) -> pool -> unit buffer -> writer thread -> whole shards, then markers.
 
 Determinism. Each sample's noise depends only on (seed, sample index, t, draw). The U-Net runs on
 fixed *micro-batches*: the rows of a unit taken `micro_batch` at a time from the unit's first row.

@@ -46,6 +46,11 @@ NOISE_SEED_RULES = {  # what a store's provenance says of its spec's noise.rule
         "over draws d = 0..draws-1; the flip view uses the mirrored x_t of the centre view"
     ),
 }
+SEPARATE_DRAWS_RULE = (
+    "combine: separate: the {k} draws are not averaged; draw d of a feature is its own array, draw 0 under the "
+    "feature's name (the array a one-draw store holds) and draw d >= 1 under the name plus _d<d> "
+    "(extract.features.draw_name); each costs one forward per image, timestep and view"
+)
 # A unit (shard) should take about a minute on a reference device, so an interrupted run loses little.
 # The reference is fixed, not the machine at hand, so a spec always gets the same layout and bytes:
 # ~10 TMAC/s, a mid-range GPU in float32. On a 2-core CPU (~25 GMAC/s) the store's minimum number
@@ -78,6 +83,8 @@ def store_features(spec: Spec) -> list[FeatureInfo]:
             shape=tuple(f.shape),
             dtype=spec.storage.dtype,
             view=f.view,
+            draw=f.draw,
+            draws=f.draws,
         )
         for f in spec.features()
     ]
@@ -214,7 +221,8 @@ def _prepare(
         raise ExtractionError(f"the dataset ({source.describe()}) has no rows for splits {spec.dataset.splits}")
     log.info(
         f"{len(source)} images x {len(spec.features())} features -> about "
-        f"{format_bytes(spec.estimated_bytes(len(source)))} uncompressed ({spec.storage.dtype})"
+        f"{format_bytes(spec.estimated_bytes(len(source)))} uncompressed ({spec.storage.dtype}); "
+        f"{spec.cost_summary(len(source))}"
     )
     if load_model:
         model, built = build(spec, dev)
@@ -224,6 +232,7 @@ def _prepare(
     provenance = {
         **record,
         "noise_seed_rule": NOISE_SEED_RULES[spec.noise.rule],
+        **({"noise_draws": SEPARATE_DRAWS_RULE.format(k=spec.noise.draws)} if spec.noise.combine == "separate" else {}),
         "timestep_convention": TIMESTEP_CONVENTION,
         "dataset": source.describe(),
         "dataset_manifest_sha256_source": source.manifest_hash(),

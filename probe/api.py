@@ -62,7 +62,9 @@ def run_linear(store: Any, out_dir: str | Path, **options: Any) -> dict[str, Any
 
     Options (keyword; declared once, in `probe.trained.TrainedRun`): `features`, `recipe`, `lr`, `epochs`, `batch_size`,
     `momentum`, `weight_decay`, `step_size`, `gamma`, `standardize`, `batchnorm` (parameter-free BatchNorm
-    before the linear layer), `seed`, `subset`, `val_fraction`, `memory_budget`, `device`, `progress`, `resume`.
+    before the linear layer), `seed`, `subset`, `val_fraction`, `memory_budget`, `device`, `progress`, `resume`,
+    `draws` and `eval_draws` (noise draws of a store that keeps them apart: `probe.data`; recorded in results.json
+    under "noise_draws").
     """
     job = TrainedRun("linear", store, out_dir, **options)
     run = job.run

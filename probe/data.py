@@ -7,6 +7,11 @@
 - **In memory or streamed?** When all used features fit `memory_budget` (default 25% of RAM) they are read
   once as standardised float32 arrays; otherwise batches are streamed window by window.
 - **In which order?** `probe.stream.epoch_order`, the same in both modes.
+- **Which noise draw?** A store that keeps K noise draws apart (`noise: {combine: separate}`) is augmentation:
+  training epoch e reads draw e mod K (of the first `draws`, default all K; `draws=1` is draw 0 alone, i.e. a
+  one-draw store); validation and test read draw 0, or with `eval_draws="mean"` every draw, the heads' logits
+  averaged over them (`probe.evaluation`). Statistics come from draw 0's train rows, so every draw is
+  standardised alike and `draws=1` and `draws=K` runs see the same scale.
 
 Memory. Peak RSS of a probe stays within `memory_budget` plus a constant:
 
@@ -78,6 +83,7 @@ __all__ = [
 ]
 
 StandardizeMode = Literal["dim", "channel", "none"]
+EVAL_DRAWS = ("first", "mean")
 
 
 def default_memory_budget(fraction: float = 0.25) -> int:
@@ -152,9 +158,15 @@ class ProbeData:
         info: SplitInfo,
         full_train_rows: np.ndarray,
         shuffle_buffer: int,
+        draws: int | None = None,
+        eval_draws: str = "first",
     ) -> None:
         self.store = store
         self.features = list(features)
+        self._draw_arrays = _draw_arrays(store, self.features, draws)
+        self.store_draws = len(_store_draws(store, self.features[0])) if self.features else 1
+        self.draws = len(next(iter(self._draw_arrays.values()))) if self._draw_arrays else 1
+        self.eval_draws = eval_draws
         self._splits = {k: np.asarray(v, dtype=np.int64) for k, v in splits.items()}
         self.all_labels = np.asarray(labels, dtype=np.int64)
         self.class_names = list(class_names)
@@ -196,16 +208,21 @@ class ProbeData:
         in_memory: bool | None = None,
         allow_missing_classes: bool = False,
         shuffle_buffer: int | str = "1GiB",
+        draws: int | None = None,
+        eval_draws: str = "first",
     ) -> ProbeData:
         """Resolve features, labels and splits of `store` (a `FeatureStore` or a URL/path).
 
         `val_fraction` / `test_fraction` apply only to splits the store lacks; `subset` takes a label subset
         of train; `in_memory=None` decides by `memory_budget` (bytes, '2GiB', '25%'; default 25% of RAM).
         `shuffle_buffer` (bytes) sizes the shuffle windows of `stream` in both modes (see `epoch_order`).
+        `draws` (default: all the store keeps) and `eval_draws` ("first" | "mean"): see the module docstring.
         """
         store = _open(store)
         features = [features] if isinstance(features, str) else list(features)
         _check_features(store, features)
+        if eval_draws not in EVAL_DRAWS:
+            raise ProbeDataError(f"eval_draws={eval_draws!r}: choose one of {', '.join(EVAL_DRAWS)}")
         for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if not 0 < frac < 1:
                 raise ProbeDataError(f"{name} must be in (0, 1), got {frac}")
@@ -237,6 +254,8 @@ class ProbeData:
             info=info,
             full_train_rows=full_train,
             shuffle_buffer=parse_memory(shuffle_buffer),
+            draws=draws,
+            eval_draws=eval_draws,
         )
 
     # ---- descriptive
@@ -260,11 +279,39 @@ class ProbeData:
         return self.all_labels[self.rows(split)]
 
     def memory_bytes(self) -> int:
-        """Bytes of all features as float32 in memory (all rows: the in-memory copy is indexed by store row)."""
-        return sum(self.num_rows * int(np.prod(s)) * 4 for s in self.feature_shapes.values())
+        """Bytes of all features (every used noise draw) as float32 in memory (all rows: the in-memory copy is
+        indexed by store row)."""
+        return self.draws * sum(self.num_rows * int(np.prod(s)) * 4 for s in self.feature_shapes.values())
 
     def row_bytes(self) -> int:
+        """Bytes of one row of one draw of every feature: what a training window holds per row. It does not
+        depend on `draws`, so runs on one draw and on K draws shuffle alike."""
         return sum(int(np.prod(s)) * 4 for s in self.feature_shapes.values())
+
+    def draw_arrays(self, name: str) -> list[str]:
+        """The store arrays of feature `name`'s used noise draws, draw 0 first."""
+        self._check_name(name)
+        return list(self._draw_arrays[name])
+
+    def train_draw(self, epoch: int) -> int:
+        """The noise draw training epoch `epoch` reads: e mod K."""
+        return int(epoch) % self.draws
+
+    def draw_definition(self, epochs: int | None = None) -> dict[str, Any]:
+        """JSON-able description of how the noise draws are used (for results.json)."""
+        out: dict[str, Any] = {
+            "store_draws": self.store_draws,
+            "train_draws": self.draws,
+            "train": "draw 0 only" if self.draws == 1 else f"draw e mod {self.draws} in epoch e",
+            "eval": "draw 0"
+            if self.eval_draws == "first" or self.draws == 1
+            else f"logits averaged over draws 0..{self.draws - 1}",
+            "eval_draws": self.eval_draws,
+            "statistics_from": "draw 0",
+        }
+        if epochs is not None:
+            out["rotation"] = [self.train_draw(e) for e in range(int(epochs))]
+        return out
 
     def window_bytes(self) -> int:
         """Bytes of one shuffle window: `shuffle_buffer`, at most a quarter of the memory budget.
@@ -356,8 +403,13 @@ class ProbeData:
         seed: int | None = None,
         buffer_rows: int | None = None,
         drop_last: bool = False,
+        draws: str | None = None,
     ) -> FeatureStream:
-        """A `BatchStream` over `split` (seed defaults to the data's seed)."""
+        """A `BatchStream` over `split` (seed defaults to the data's seed).
+
+        `draws`: "rotate" (epoch e reads draw e mod K), "first" (draw 0) or "mean" (every draw, for logits
+        averaged over them); default "rotate" for the train split and `eval_draws` for the others.
+        """
         self.rows(split)
         return FeatureStream(
             self,
@@ -367,13 +419,16 @@ class ProbeData:
             self.seed if seed is None else seed,
             buffer_rows=buffer_rows,
             drop_last=drop_last,
+            draws=draws or ("rotate" if split == "train" else self.eval_draws),
         )
 
     def arrays(self, split: str) -> dict[str, np.ndarray]:
-        """Standardised float32 arrays (N, C, H, W) of a split in store order (loads them when streaming)."""
+        """Standardised float32 arrays (N, C, H, W) of a split in store order (loads them when streaming);
+        noise draw 0 where the store keeps several."""
         rows = self.rows(split)
         if self.in_memory:
-            return {n: a[rows] for n, a in self.memory_arrays().items()}
+            arrays = self.memory_arrays()
+            return {n: arrays[n][rows] for n in self.features}
         out: dict[str, np.ndarray] = {}
         for w in epoch_order(rows, self.chunk_rows, len(rows), 0, 0, shuffle=False):
             for n, a in self.read_window(w).items():
@@ -385,7 +440,8 @@ class ProbeData:
         return {n: torch.from_numpy(a) for n, a in xs.items()}, torch.from_numpy(self.labels(split))
 
     def memory_arrays(self) -> dict[str, np.ndarray]:
-        """The standardised in-memory copy, indexed by store row (read on first use)."""
+        """The standardised in-memory copy, indexed by store row (read on first use), keyed by store array:
+        the feature's name for draw 0, `draw_arrays(name)` for the others."""
         if not self.in_memory:
             raise ProbeDataError(
                 "this ProbeData streams from the store (features exceed the memory budget); use stream() or arrays()"
@@ -398,36 +454,44 @@ class ProbeData:
         used = np.unique(np.concatenate(list(self._splits.values())))
         out: dict[str, np.ndarray] = {}
         for name in self.features:
-            raw = self.store.read(name, out=np.empty((self.num_rows, *self.feature_shapes[name]), np.float32))
-            # The statistics from the raw copy use the streamed pass's blocks (bit-identical statistics)
-            # without reading the store twice.
-            stats = self._stats_from(name, raw)
-            for start in range(0, len(used), self.chunk_rows):
-                rows = used[start : start + self.chunk_rows]
-                check_chunk_finite(name, raw[rows], rows, self._sample_ids)
-            # Standardise chunk by chunk in place: a second full-size copy could exceed the budget.
-            for start in range(0, len(raw), self.chunk_rows):
-                stats.apply(raw[start : start + self.chunk_rows])
-            out[name] = raw
+            for array in self._draw_arrays[name]:  # draw 0 first: its statistics standardise every draw
+                raw = self.store.read(array, out=np.empty((self.num_rows, *self.feature_shapes[name]), np.float32))
+                # The statistics from the raw copy use the streamed pass's blocks (bit-identical statistics)
+                # without reading the store twice.
+                stats = self._stats_from(name, raw)
+                for start in range(0, len(used), self.chunk_rows):
+                    rows = used[start : start + self.chunk_rows]
+                    check_chunk_finite(array, raw[rows], rows, self._sample_ids)
+                # Standardise chunk by chunk in place: a second full-size copy could exceed the budget.
+                for start in range(0, len(raw), self.chunk_rows):
+                    stats.apply(raw[start : start + self.chunk_rows])
+                out[array] = raw
         return out
 
-    def read_window(self, window: Window) -> dict[str, np.ndarray]:
+    def read_window(self, window: Window, arrays: Mapping[str, str] | None = None) -> dict[str, np.ndarray]:
         """Read a window's rows from the store in `window.order`, check and standardise them (float32).
 
-        The reader decodes each touched chunk once and scatters its rows straight into one new buffer per
-        feature: the window's only copy.
+        `arrays` maps each key of the result to the store array to read (a feature, or one of its noise draws:
+        `draw_arrays`); default every feature under its own name. The reader decodes each touched chunk once and
+        scatters its rows straight into one new buffer per array: the window's only copy.
         """
         out: dict[str, np.ndarray] = {}
-        for name in self.features:
+        for key, array in (arrays or {n: n for n in self.features}).items():
+            name = self._feature_of[array]
             stats = self.stats(name)
             x = self.store.read(
-                name, window.order, out=np.empty((len(window.order), *self.feature_shapes[name]), np.float32)
+                array, window.order, out=np.empty((len(window.order), *self.feature_shapes[name]), np.float32)
             )
-            check_rows_finite(name, x, window.order, self._sample_ids)
-            out[name] = stats.apply(x)
+            check_rows_finite(array, x, window.order, self._sample_ids)
+            out[key] = stats.apply(x)
         return out
 
     # ---- internals
+
+    @functools.cached_property
+    def _feature_of(self) -> dict[str, str]:
+        """Store array -> the feature it is a draw of."""
+        return {a: n for n, arrays in self._draw_arrays.items() for a in arrays}
 
     def _check_name(self, name: str) -> None:
         if name not in self.feature_shapes:
@@ -473,6 +537,31 @@ def available_features(store: Any) -> list[str]:
     return list(store.feature_names(view=None))
 
 
+def _store_draws(store: Any, name: str) -> list[str]:
+    """The arrays of a feature's noise draws; stores without draws kept apart (or without the method) have one."""
+    draw_names = getattr(store, "draw_names", None)
+    return [name] if draw_names is None else list(draw_names(name))
+
+
+def _draw_arrays(store: Any, features: Sequence[str], draws: int | None) -> dict[str, list[str]]:
+    """Feature -> the arrays of its first `draws` noise draws (None: all the store keeps); one K for all."""
+    per = {n: _store_draws(store, n) for n in features}
+    counts = {n: len(a) for n, a in per.items()}
+    if len(set(counts.values())) > 1:
+        raise ProbeDataError(f"the features keep different numbers of noise draws ({counts}); probe them apart")
+    have = next(iter(counts.values()), 1)
+    if draws is None:
+        return per
+    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
+        raise ProbeDataError(f"draws={draws!r}: expected a positive number of noise draws")
+    if draws > have:
+        raise ProbeDataError(
+            f"draws={draws}, but the store keeps {have} noise draw{'s' if have > 1 else ''} per feature; "
+            "extract with noise: {draws: K, combine: separate} for more"
+        )
+    return {n: a[:draws] for n, a in per.items()}
+
+
 def _check_features(store: Any, features: list[str]) -> None:
     if not features:
         raise ProbeDataError("no features requested; features in the store: " + ", ".join(available_features(store)))
@@ -487,7 +576,7 @@ def _check_features(store: Any, features: list[str]) -> None:
             f"feature(s) {', '.join(map(repr, missing))} not in the store; features that exist: {listing}"
         )
     is_complete = getattr(store, "is_complete", None)
-    unfinished = [f for f in features if is_complete is not None and not is_complete(f)]
+    unfinished = [a for f in features for a in _store_draws(store, f) if is_complete is not None and not is_complete(a)]
     if unfinished:
         # Unwritten shards read as the fill value: probing them would report accuracy on zeros.
         raise ProbeDataError(

@@ -7,6 +7,9 @@ Fusion: plain `LinearHead`s that read the same feature (one feature at several l
 their logits with one matmul over their concatenated weights. Autograd hands each head's own parameters their
 own gradient slice, so training them this way only changes the float rounding of the shared matmul (about
 1e-7 relative), never which gradient a head gets.
+
+Noise draws: a stream that carries several draws of each feature (`draw_inputs`, FeatureStream's "mean") is
+evaluated on the heads' logits averaged over the draws; any other stream on the features it yields.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ __all__ = [
     "LinearGroup",
     "evaluate",
     "predict_logits",
+    "draw_views",
 ]
 
 K = TypeVar("K", bound=Hashable)
@@ -49,6 +53,22 @@ def gather(spec: InputSpec, feats: Mapping[str, torch.Tensor]) -> torch.Tensor |
     if isinstance(spec, str):
         return feats[spec]
     return {k: feats[name] for k, name in spec.items()}
+
+
+def draw_views(
+    xs: Mapping[str, torch.Tensor], names: Sequence[str], stream: Any, device: torch.device
+) -> list[dict[str, torch.Tensor]]:
+    """The batch as {feature: tensor} once per noise draw the stream carries (once unless it averages draws)."""
+    variants = getattr(stream, "draw_inputs", None) or [{n: n for n in names}]
+    return [{n: xs[v[n]].to(device) for n in names} for v in variants]
+
+
+def _mean_logits(logits: list[torch.Tensor]) -> torch.Tensor:
+    """Logits averaged over noise draws; one draw's logits are returned as they are (bit for bit)."""
+    out = logits[0]
+    for more in logits[1:]:
+        out = out + more
+    return out if len(logits) == 1 else out / len(logits)
 
 
 def _fusion_key(head: nn.Module, spec: InputSpec) -> tuple[Any, ...] | None:
@@ -147,13 +167,13 @@ def evaluate(
     stream.set_epoch(0)
     for xs, y in stream:
         y = y.to(device)
-        feats = {n: xs[n].to(device) for n in names}
+        views = draw_views(xs, names, stream, device)
         for i, (_, bank) in enumerate(banks):
-            logits = bank.logits(feats[bank.spec])
+            logits = _mean_logits([bank.logits(feats[bank.spec]) for feats in views])
             bank_loss[i] += bank.per_head_ce(logits.float(), y).sum(0).double()
             bank_correct[i] += bank.correct(logits, y)
         for k in single:
-            logits = heads[k](gather(inputs_of[k], feats))
+            logits = _mean_logits([heads[k](gather(inputs_of[k], feats)) for feats in views])
             loss_sum[k] += F.cross_entropy(logits.float(), y, reduction="sum").double()
             correct[k] += (logits.argmax(1) == y).sum()
         count += int(y.shape[0])
@@ -178,8 +198,8 @@ def predict_logits(
     stream.set_epoch(0)
     out = []
     for xs, _ in stream:
-        feats = {n: xs[n].to(device) for n in feature_names(input)}
-        out.append(head(gather(input, feats)).float().cpu())
+        views = draw_views(xs, feature_names(input), stream, device)
+        out.append(_mean_logits([head(gather(input, feats)) for feats in views]).float().cpu())
     head.train(was_training)
     if not out:
         raise ValueError("stream yielded no samples")

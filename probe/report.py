@@ -175,6 +175,9 @@ def render(results: Mapping[str, Any]) -> str:
     sel = {k: v for k, v in (results.get("selected") or {}).items()}
     if sel:
         parts.append("selected on val: " + ", ".join(f"{k}={v}" for k, v in sel.items()))
+    draws = results.get("noise_draws") or {}
+    if draws.get("store_draws", 1) > 1:
+        parts.append(f"noise draws: trained on {draws['train']}; evaluated on {draws['eval']}")
     return "\n\n".join(parts)
 
 

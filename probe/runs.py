@@ -33,7 +33,8 @@ RESULTS_FILE = "results.json"
 RUN_FILE = "run.json"
 _RECIPE_KEYS = ("momentum", "weight_decay", "step_size", "gamma")
 # Settings older runs did not record: at these values a run is one of theirs, so its out_dir still resumes.
-_IMPLICIT = {"recipe": "diffbank", "keep": "best"}
+_IMPLICIT = {"recipe": "diffbank", "keep": "best", "draws": None, "eval_draws": "first"}
+LOGITS_FILE = "logits.npz"
 
 
 class RunConflictError(ValueError):
@@ -59,6 +60,8 @@ class Run:
         resume: bool = True,
         guard: bool = True,
         recipe: Recipe | None = None,
+        draws: int | None = 1,
+        eval_draws: str = "first",
     ) -> None:
         self.started = time.perf_counter()
         self.started_at = utc_now()
@@ -87,6 +90,8 @@ class Run:
             subset=subset,
             standardize=standardize,
             memory_budget=memory_budget,
+            draws=draws,
+            eval_draws=eval_draws,
         )
         # Reading (in memory) or the statistics pass (streamed), with their NaN checks, count as data time;
         # in memory the statistics come from the loaded copy, so the store is read once.
@@ -163,6 +168,7 @@ class Run:
             "num_classes": self.data.num_classes,
             "class_names": self.data.class_names,
             "data_mode": "in_memory" if self.data.in_memory else "streamed",
+            "noise_draws": self.data.draw_definition(self.recipe.epochs if self.recipe is not None else None),
             **({"recipe": self.recipe.to_record()} if self.recipe is not None else {}),
             **body,
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
@@ -206,16 +212,20 @@ def train_heads(
 
 
 def evaluate_head(run: Run, head: torch.nn.Module, input: Any, device: str) -> dict[str, Any]:
-    """Metrics of one head on the validation and test splits."""
+    """Metrics of one head on the validation and test splits; its logits (and the store rows they belong to)
+    go to out_dir/logits.npz, so two runs can be compared image by image (e.g. McNemar)."""
     assert run.recipe is not None
     batch_size = run.recipe.batch_size
     t0 = time.perf_counter()
     out = {}
+    saved: dict[str, np.ndarray] = {}
     for split in ("val", "test"):
         logits = predict_logits(head, run.stream(split, batch_size, False), input, device=device).numpy()
         out[split] = classification_metrics(
             run.data.labels(split), logits, num_classes=run.data.num_classes, class_names=run.data.class_names
         )
+        saved[f"{split}_logits"], saved[f"{split}_rows"] = logits, run.data.rows(split)
+    np.savez(run.out / LOGITS_FILE, **saved)
     run.timings["eval_s"] = time.perf_counter() - t0
     return out
 

@@ -8,6 +8,10 @@ One function (`epoch_order`) fixes an epoch's order in both of FeatureStream's m
 order, grouped into windows of about `ProbeData.window_bytes()` (`shuffle_buffer`, at most a quarter of the
 memory budget; the whole split when it is smaller), rows shuffled within each window. The window does not depend on
 the mode, so both modes yield bit-identical batches, and a run with the same budget is reproducible on any machine.
+
+Noise draws (a store that keeps K apart): a FeatureStream reads draw e mod K in epoch e ("rotate", training),
+draw 0 ("first") or every draw ("mean": batches carry each draw's array too, and `draw_inputs` tells
+`probe.evaluation` how to average the heads' logits over them). The order never depends on the draw.
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ from probe.splits import KEY_ORDER, seeded_rng
 if TYPE_CHECKING:
     from probe.data import ProbeData
 
-__all__ = ["BatchStream", "ArrayStream", "FeatureStream", "Window", "epoch_order"]
+__all__ = ["BatchStream", "ArrayStream", "FeatureStream", "Window", "epoch_order", "DRAW_MODES"]
+
+DRAW_MODES = ("rotate", "first", "mean")
 
 
 @runtime_checkable
@@ -202,9 +208,12 @@ class FeatureStream:
         buffer_rows: int | None = None,
         drop_last: bool = False,
         prefetch: bool = True,
+        draws: str = "first",
     ) -> None:
         if batch_size < 1:
             raise ProbeDataError(f"batch_size must be >= 1, got {batch_size}")
+        if draws not in DRAW_MODES:
+            raise ProbeDataError(f"draws={draws!r}: choose one of {', '.join(DRAW_MODES)}")
         self._data = data
         self.split = split
         self.rows = data.rows(split)
@@ -213,7 +222,13 @@ class FeatureStream:
         self.seed = int(seed)
         self.drop_last = bool(drop_last)
         self.prefetch = bool(prefetch)
-        self.buffer_rows = int(buffer_rows) if buffer_rows else data.default_buffer_rows()
+        self.draws = draws
+        # A "mean" window holds every draw of its rows: K times fewer rows keep it within its memory share.
+        # (Evaluation streams are unshuffled, so the window size changes no order.)
+        reads = data.draws if draws == "mean" else 1
+        self.buffer_rows = (
+            int(buffer_rows) if buffer_rows else max(data.chunk_rows, data.default_buffer_rows() // reads)
+        )
         self.epoch = 0
 
     @property
@@ -233,17 +248,43 @@ class FeatureStream:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    @property
+    def draw(self) -> int | None:
+        """The noise draw this epoch reads; None when it reads every draw ("mean")."""
+        if self.draws == "mean":
+            return None
+        return self._data.train_draw(self.epoch) if self.draws == "rotate" else 0
+
+    @property
+    def draw_inputs(self) -> list[dict[str, str]] | None:
+        """For "mean" over K > 1 draws: per draw, feature name -> the batch key holding that draw; else None."""
+        if self.draws != "mean" or self._data.draws == 1:
+            return None
+        arrays = {n: self._data.draw_arrays(n) for n in self._data.features}
+        return [{n: a[d] for n, a in arrays.items()} for d in range(self._data.draws)]
+
+    def _sources(self) -> dict[str, str]:
+        """Batch key -> store array: the features under their own names, plus the other draws' arrays for "mean"."""
+        data = self._data
+        if self.draws == "mean":
+            return {a: a for n in data.features for a in data.draw_arrays(n)}
+        draw = self.draw or 0
+        return {n: data.draw_arrays(n)[draw] for n in data.features}
+
     def windows(self) -> list[Window]:
         return epoch_order(self.rows, self._data.chunk_rows, self.buffer_rows, self.seed, self.epoch, self.shuffle)
 
     def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
         windows = self.windows()
+        sources = self._sources()
         if self._data.in_memory:
-            yield from self._memory_batches(windows)
+            yield from self._memory_batches(windows, sources)
         else:
-            yield from self._batches(self._store_windows(windows))
+            yield from self._batches(self._store_windows(windows, sources))
 
-    def _memory_batches(self, windows: list[Window]) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+    def _memory_batches(
+        self, windows: list[Window], sources: dict[str, str]
+    ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
         # Gather batch by batch from the resident arrays: no second copy of the split per epoch.
         order = np.concatenate([w.order for w in windows]) if windows else np.empty(0, np.int64)
         stop = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
@@ -251,20 +292,23 @@ class FeatureStream:
         for start in range(0, stop, self.batch_size):
             idx = order[start : start + self.batch_size]
             yield (
-                {n: torch.from_numpy(a[idx]) for n, a in arrays.items()},
+                {key: torch.from_numpy(arrays[a][idx]) for key, a in sources.items()},
                 torch.from_numpy(self._data.all_labels[idx]),
             )
 
-    def _store_windows(self, windows: list[Window]) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
+    def _store_windows(
+        self, windows: list[Window], sources: dict[str, str]
+    ) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
+        read = self._data.read_window
         if not self.prefetch or len(windows) <= 1:
             for w in windows:
-                yield self._data.read_window(w), self._data.all_labels[w.order]
+                yield read(w, sources), self._data.all_labels[w.order]
             return
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="probe-prefetch") as pool:
-            pending: Future | None = pool.submit(self._data.read_window, windows[0])
+            pending: Future | None = pool.submit(read, windows[0], sources)
             for i, w in enumerate(windows):
                 xs = pending.result()
-                pending = pool.submit(self._data.read_window, windows[i + 1]) if i + 1 < len(windows) else None
+                pending = pool.submit(read, windows[i + 1], sources) if i + 1 < len(windows) else None
                 yield xs, self._data.all_labels[w.order]
 
     def _batches(

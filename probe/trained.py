@@ -92,6 +92,8 @@ class TrainedRun:
         device: str = "cpu",
         progress: bool = True,
         resume: bool = True,
+        draws: int | None = None,
+        eval_draws: str = "first",
     ) -> None:
         given = {"batchnorm": batchnorm, "preset": preset, "lr": lr, "lrs": lrs}
         for option, commands in _ONLY.items():
@@ -126,7 +128,7 @@ class TrainedRun:
             store,
             out_dir,
             features,
-            _config(self.recipe, **settings, device=device),
+            _config(self.recipe, **settings, device=device, draws=draws, eval_draws=eval_draws),
             seed=seed,
             subset=subset,
             val_fraction=val_fraction,
@@ -134,6 +136,8 @@ class TrainedRun:
             memory_budget=memory_budget,
             resume=resume,
             recipe=self.recipe,
+            draws=draws,
+            eval_draws=eval_draws,
         )
 
     def finish(self, make_head: Callable[[], torch.nn.Module], input: Any) -> dict[str, Any]:

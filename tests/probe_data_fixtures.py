@@ -29,3 +29,28 @@ def write_store(tmp_path):
         shard_rows=16,
     )
     return tmp_path / "s.zarr"
+
+
+DRAW_OFFSET = 100.0  # draw d = draw 0 + d * DRAW_OFFSET: unstandardised, a batch's mean names its draw
+
+
+def write_draws_store(tmp_path, draws=3, name="draws.zarr"):
+    """The small store with FEAT's noise draws kept apart (`combine: separate`): FEAT, FEAT_d1, ... ."""
+    feats, y = make_features(np.random.default_rng(0))
+    arrays = {FEAT: feats[FEAT]}
+    arrays.update({f"{FEAT}_d{d}": feats[FEAT] + np.float32(d * DRAW_OFFSET) for d in range(1, draws)})
+    save_features(
+        tmp_path / name,
+        arrays,
+        y,
+        {"train": np.arange(90), "test": np.arange(90, N)},
+        class_names=["a", "b", "c"],
+        info={a: {"draws": draws} for a in arrays},
+        shard_rows=16,
+    )
+    return tmp_path / name
+
+
+def draw_of(x):
+    """The draw an unstandardised (standardize="none") batch of FEAT was read from (see DRAW_OFFSET)."""
+    return int(round(float(np.mean(np.asarray(x))) / DRAW_OFFSET))

@@ -154,3 +154,31 @@ def test_attention_lrs_selects_the_val_best_head(store, tmp_path):
     assert all(np.array_equal(one[k].numpy(), chosen[k].numpy()) for k in one)
     assert single["metrics"]["test"] == doc["metrics"]["test"]
     assert set(single) | {"lr_sweep", "all_weights"} == set(doc)
+
+
+# -- noise draws kept apart ------------------------------------------------------------------------------------
+
+
+def test_attention_on_rotated_draws_records_the_rotation_and_the_evaluation(tmp_path):
+    from probe_data_fixtures import FEAT, write_draws_store
+
+    store = str(write_draws_store(tmp_path, draws=3))
+    opts = {"features": [FEAT], "preset": "tiny", "epochs": 4, "batch_size": 32, "progress": False}
+    one = api.run_attention(store, tmp_path / "k1", draws=1, **opts)
+    rot = api.run_attention(store, tmp_path / "k3", **opts)  # default: every draw the store keeps
+    mean = api.run_attention(store, tmp_path / "k3m", eval_draws="mean", **opts)
+    assert one["noise_draws"]["rotation"] == [0, 0, 0, 0] and one["noise_draws"]["train"] == "draw 0 only"
+    assert rot["noise_draws"]["rotation"] == [0, 1, 2, 0] and rot["noise_draws"]["eval"] == "draw 0"
+    assert mean["noise_draws"]["eval"] == "logits averaged over draws 0..2"
+    assert rot["noise_draws"]["statistics_from"] == "draw 0" and rot["noise_draws"]["store_draws"] == 3
+    assert (rot["config"]["draws"], mean["config"]["eval_draws"]) == (None, "mean")
+    logits = {k: np.load(tmp_path / k / "logits.npz") for k in ("k1", "k3", "k3m")}
+    assert np.array_equal(logits["k1"]["test_rows"], np.arange(90, 120))
+    # Epoch 0 reads draw 0 in both runs; from epoch 1 on the rotated run sees other inputs.
+    assert one["training"]["history"][0] == rot["training"]["history"][0]
+    assert one["training"]["history"][1]["train_loss"] != rot["training"]["history"][1]["train_loss"]
+    assert not np.array_equal(logits["k1"]["test_logits"], logits["k3"]["test_logits"])
+    # The same training (draw 0 selection is on val, which "mean" also averages), another evaluation.
+    assert not np.allclose(logits["k3"]["test_logits"], logits["k3m"]["test_logits"])
+    with pytest.raises(api.RunConflictError, match="draws"):
+        api.run_attention(store, tmp_path / "k1", draws=2, **opts)

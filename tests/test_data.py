@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from probe_data_fixtures import FEAT, FLAT, N, make_features, write_store
+from probe_data_fixtures import DRAW_OFFSET, FEAT, FLAT, N, draw_of, make_features, write_draws_store, write_store
 
 from extract.store import open_store, save_features
 from probe.data import ProbeData, ProbeDataError, check_min_samples
@@ -77,3 +77,60 @@ def test_memory_budget_strings():
             parse_memory(bad)
     with pytest.raises(ProbeDataError, match=">= 0"):
         parse_memory(-1)
+
+
+# -- noise draws kept apart (combine: separate) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_train_stream_reads_draw_e_mod_k_and_eval_draw_0(tmp_path, in_memory):
+    path = write_draws_store(tmp_path)
+    data = ProbeData.from_store(open_store(path), [FEAT], standardize="none", in_memory=in_memory)
+    assert data.store_draws == data.draws == 3 and data.draw_arrays(FEAT) == [FEAT, f"{FEAT}_d1", f"{FEAT}_d2"]
+    train, test = data.stream("train", 32, shuffle=True), data.stream("test", 32, shuffle=False)
+    orders = []
+    for epoch in range(6):
+        train.set_epoch(epoch)
+        batches = list(train)
+        assert {draw_of(xs[FEAT]) for xs, _ in batches} == {epoch % 3}, epoch
+        orders.append(np.concatenate([y.numpy() for _, y in batches]))
+        test.set_epoch(epoch)
+        assert {draw_of(xs[FEAT]) for xs, _ in test} == {0}
+    # The order is the stream's (seed, epoch) alone: the draw never changes which rows come when.
+    plain = ProbeData.from_store(open_store(path), [FEAT], standardize="none", in_memory=in_memory, draws=1)
+    one = plain.stream("train", 32, shuffle=True)
+    for epoch in range(3):
+        one.set_epoch(epoch)
+        assert {draw_of(xs[FEAT]) for xs, _ in one} == {0}
+        assert np.array_equal(np.concatenate([y.numpy() for _, y in one]), orders[epoch])
+
+
+def test_mean_stream_carries_every_draw_and_statistics_come_from_draw_0(tmp_path):
+    path = write_draws_store(tmp_path)
+    data = ProbeData.from_store(open_store(path), [FEAT], eval_draws="mean", in_memory=False, memory_budget="64KiB")
+    stream = data.stream("test", 8, shuffle=False)
+    assert stream.draw_inputs == [{FEAT: FEAT}, {FEAT: f"{FEAT}_d1"}, {FEAT: f"{FEAT}_d2"}]
+    assert stream.buffer_rows <= max(data.chunk_rows, data.default_buffer_rows() // 3)  # K draws per row held
+    xs, _ = next(iter(stream))
+    assert sorted(xs) == [FEAT, f"{FEAT}_d1", f"{FEAT}_d2"]
+    # One scale for all draws: draw 0's train statistics, so draw d sits d * OFFSET / std above draw 0.
+    stats = data.stats(FEAT)
+    gap = (xs[f"{FEAT}_d2"] - xs[FEAT]).numpy()
+    np.testing.assert_allclose(gap, np.broadcast_to(2 * DRAW_OFFSET / stats.std, gap.shape), rtol=1e-4)
+    alone = ProbeData.from_store(write_store(tmp_path / "one"), [FEAT])
+    assert np.array_equal(stats.mean, alone.stats(FEAT).mean) and np.array_equal(stats.std, alone.stats(FEAT).std)
+
+
+def test_draw_options_are_checked_before_reading(tmp_path):
+    path = write_draws_store(tmp_path)
+    with pytest.raises(ProbeDataError, match="draws=4, but the store keeps 3 noise draws"):
+        ProbeData.from_store(open_store(path), [FEAT], draws=4)
+    with pytest.raises(ProbeDataError, match="draws=0"):
+        ProbeData.from_store(open_store(path), [FEAT], draws=0)
+    with pytest.raises(ProbeDataError, match="eval_draws='all'"):
+        ProbeData.from_store(open_store(path), [FEAT], eval_draws="all")
+    with pytest.raises(ProbeDataError, match="not in the store"):  # a draw is not a feature of its own
+        ProbeData.from_store(open_store(path), [f"{FEAT}_d1"])
+    assert open_store(path).feature_names() == [FEAT]
+    with pytest.raises(ProbeDataError, match="store keeps 1 noise draw per feature"):
+        ProbeData.from_store(open_store(write_store(tmp_path / "one")), [FEAT], draws=2)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from extract.features import FeatureKey, feature_name, parse_feature_name
+from extract.features import FeatureKey, draw_name, feature_name, parse_feature_name
 
 
 def test_feature_names_round_trip():
@@ -27,3 +27,17 @@ def test_key_parts_and_shape():
     assert key.shape(512, 8) == (512, 8, 8) and key.shape(512, 32) == (512, 16, 16)
     with pytest.raises(ValueError, match="cannot enlarge"):
         FeatureKey(90, 24, "avg4").shape(64, 2)
+
+
+def test_noise_draw_names():
+    assert feature_name(150, 15, "tok8", draw=2) == "t150_b15_tok8_d2"
+    assert feature_name(150, 15, "tok8", "flip", 1) == "t150_b15_tok8_flip_d1"
+    assert feature_name(150, 15, "tok8", draw=0) == "t150_b15_tok8"  # draw 0 keeps the plain name
+    assert parse_feature_name("t150_b15_tok8_flip_d3") == FeatureKey(150, 15, "tok8", "flip", 3)
+    assert draw_name("t150_b15_tok8", 3) == "t150_b15_tok8_d3"
+    assert draw_name("t150_b15_tok8_d3", 0) == "t150_b15_tok8"
+    for bad in ("t150_b15_tok8_d0", "t150_b15_tok8_d01", "t150_b15_tok8_d1_flip", "t150_b15_tok8_d"):
+        with pytest.raises(ValueError):
+            parse_feature_name(bad)
+    with pytest.raises(ValueError, match="draw"):
+        feature_name(150, 15, "tok8", draw=-1)

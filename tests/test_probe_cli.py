@@ -167,3 +167,21 @@ def test_repeated_lr_trains_one_head_per_lr(store, tmp_path):
     assert result.exit_code == 0, result.output
     doc = _results(out1)
     assert doc["config"]["lr"] == 0.02 and "lr_sweep" not in doc
+
+
+def test_draw_options_reach_the_run_and_bad_ones_are_clean_errors(tmp_path):
+    from probe_data_fixtures import FEAT, write_draws_store
+
+    store = str(write_draws_store(tmp_path, draws=3))
+    out = tmp_path / "att"
+    args = ("attention", store, "--out", str(out), "--feature", FEAT, "--preset", "tiny", "--epochs", "2", "--quiet")
+    result = _invoke(*args, "--draws", "2", "--eval-draws", "mean")
+    assert result.exit_code == 0, result.output
+    assert "noise draws: trained on draw e mod 2 in epoch e; evaluated on logits averaged over draws 0..1" in (
+        result.output
+    )
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["noise_draws"]["rotation"] == [0, 1] and doc["noise_draws"]["eval_draws"] == "mean"
+    result = _invoke(*args[:3], str(tmp_path / "x"), *args[4:], "--draws", "4")
+    assert result.exit_code != 0 and "the store keeps 3 noise draws" in result.output
+    assert not (tmp_path / "x").exists()

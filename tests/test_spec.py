@@ -170,6 +170,7 @@ def test_fmnist_demo_names_the_missing_embedded_model():
             "model.noise_schedule: unknown noise schedule 'cosin' (did you mean 'cosine'?)",
         ),
         (edit("noise.draws", 0), "noise.draws: must be >= 1"),
+        (edit("noise.combine", "stack"), "noise.combine: unknown noise combine 'stack'"),
         (edit("noise.seed", 1.5), "noise.seed: expected an integer, got float 1.5"),
         (edit("views.center", "yes"), "views.center: expected true or false"),
         ({**base(), "views": {"center": False}}, "views: at least one of center and hflip must be true"),
@@ -273,6 +274,7 @@ def test_fingerprint_is_stable_and_ignores_run_only_settings():
     [
         ("noise.seed", 1),
         ("noise.draws", 2),
+        ("noise.combine", "separate"),
         ("noise.rule", "counter"),
         ("storage.dtype", "float32"),
         ("compute.dtype", "bfloat16"),
@@ -312,6 +314,34 @@ def test_size_estimate_formula():
     assert load_spec(raw).estimated_bytes(10) == 2 * spec.estimated_bytes(10)
     raw["noise"] = {"draws": 4}  # draws are averaged: no extra bytes
     assert load_spec(raw).estimated_bytes(10) == 2 * spec.estimated_bytes(10)
+    raw["noise"] = {"draws": 4, "combine": "separate"}  # each draw stored: K times the bytes
+    assert load_spec(raw).estimated_bytes(10) == 4 * 2 * spec.estimated_bytes(10)
+
+
+def test_noise_draws_cost_is_said_and_separate_lists_one_array_per_draw():
+    averaged = load_spec(edit("noise", {"draws": 4}))
+    separate = load_spec(edit("noise", {"draws": 4, "combine": "separate"}))
+    for spec in (averaged, separate):  # K forwards per image and timestep, however the draws are kept
+        assert spec.forwards_per_image() == 2 * 4
+        assert "8 U-Net forwards per image (2 timesteps x 4 noise draws x 1 view), 1,797 images" in spec.cost_summary(
+            1797
+        )
+    assert "averaged into one array" in averaged.cost_summary(None)
+    assert "each stored as its own array" in separate.cost_summary(None)
+    assert len(separate.features()) == 4 * len(averaged.features())
+    names = [f.name for f in separate.features() if f.t == 50 and f.block == 5]
+    assert names == ["t050_b05_avg2", "t050_b05_avg2_d1", "t050_b05_avg2_d2", "t050_b05_avg2_d3"]
+    assert {f.draws for f in separate.features()} == {4}
+
+
+def test_combine_is_recorded_only_when_not_the_default():
+    """Specs written before `combine` existed keep their resolved form, hence their fingerprint."""
+    plain = load_spec(edit("noise", {"draws": 2}))
+    assert plain.to_dict()["noise"] == {"seed": 0, "draws": 2}
+    assert load_spec(edit("noise", {"draws": 2, "combine": "mean"})).fingerprint == plain.fingerprint
+    separate = load_spec(edit("noise", {"draws": 2, "combine": "separate"}))
+    assert separate.to_dict()["noise"] == {"seed": 0, "draws": 2, "combine": "separate"}
+    assert load_spec(separate.to_dict()).fingerprint == separate.fingerprint  # round trip
 
 
 def test_known_num_samples():

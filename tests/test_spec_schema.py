@@ -31,7 +31,7 @@ def test_defaults_and_scalar_shorthands():
 def test_unknown_keys_everywhere_with_did_you_mean():
     got = dict(_problems({**MINIMAL, "storge": {}, "noise": {"sed": 1}, "views": {"hlip": True}}))
     assert got["storge"].startswith("unknown key (did you mean 'storage'?); allowed: version, name, model")
-    assert got["noise.sed"] == "unknown key (did you mean 'seed'?); allowed: seed, draws, rule"
+    assert got["noise.sed"] == "unknown key (did you mean 'seed'?); allowed: seed, draws, combine, rule"
     assert got["views.hlip"].startswith("unknown key (did you mean 'hflip'?)")
 
 

@@ -18,6 +18,7 @@ from extract.store import (
     cast_with_stats,
     create_store,
     export_hdf5,
+    info,
     open_store,
     plan_layout,
     save_features,
@@ -261,3 +262,28 @@ def test_verify_ok_and_detects_fingerprint_tampering(saved):
     root.attrs["fingerprint"] = "0" * 64
     rep = verify(open_store(fs.url))
     assert not rep.ok and "fingerprint" in str(rep)
+
+
+def test_separate_noise_draws_are_one_feature_of_k_arrays_that_verify_info_and_export_walk(tmp_path):
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(40, 2, 2, 2)).astype(np.float32)
+    arrays = {"t150_b15_tok8": base, "t150_b15_tok8_d1": base + 1, "t150_b15_tok8_d2": base + 2}
+    fs = save_features(
+        tmp_path / "k3.zarr", arrays, np.arange(40) % 2, None, info={n: {"draws": 3} for n in arrays}, shard_rows=8
+    )
+    assert fs.feature_names() == ["t150_b15_tok8"]
+    assert fs.draw_names("t150_b15_tok8") == list(arrays)
+    assert [fs.feature_info(n).draw for n in arrays] == [0, 1, 2]
+    assert fs.array("t150_b15_tok8_d2").attrs["noise_draws"] == 3
+    with pytest.raises(KeyError, match="draw 1 of a feature"):
+        fs.draw_names("t150_b15_tok8_d1")
+    np.testing.assert_array_equal(fs.read("t150_b15_tok8_d2"), base + 2)
+    full = verify(fs, full_scan=True)
+    assert full.ok and full.checked["features"] == 3, full
+    assert [f["name"] for f in info(fs)["features"]] == list(arrays)
+    # A one-draw store's arrays carry no draw attributes (its metadata is what it always was).
+    plain = save_features(tmp_path / "one.zarr", {"t150_b15_tok8": base}, np.arange(40) % 2, None, shard_rows=8)
+    assert "noise_draws" not in plain.array("t150_b15_tok8").attrs
+    assert plain.draw_names("t150_b15_tok8") == ["t150_b15_tok8"]
+    with pytest.raises(StoreError, match="noise draw 1 of 1"):
+        save_features(tmp_path / "bad.zarr", {"t150_b15_tok8_d1": base}, np.arange(40) % 2, None)

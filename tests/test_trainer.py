@@ -7,7 +7,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from probe_data_fixtures import FEAT, draw_of, write_draws_store
 
+from probe.data import ProbeData
+from probe.evaluation import predict_logits
 from probe.heads import DifFormerHead, LinearHead, seeded_init
 from probe.recipe import Recipe
 from probe.stream import ArrayStream, BatchStream
@@ -361,3 +364,81 @@ def test_checkpoint_of_the_earlier_trainer_resumes(data, tmp_path) -> None:
     for k in lrs:
         assert states_equal(resumed[k], reference[k]), k
         assert out.heads[k].history == ref.heads[k].history and out.heads[k].best_epoch == ref.heads[k].best_epoch
+
+
+# -- noise draws as augmentation ------------------------------------------------------------------------------
+
+
+class _DrawRecorder(torch.nn.Module):
+    """A linear head that notes which noise draw every batch it sees came from, and in which mode."""
+
+    def __init__(self, in_shape, classes: int) -> None:
+        super().__init__()
+        self.head = LinearHead(in_shape, classes)
+        self.seen: list[tuple[str, int]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(("train" if self.training else "eval", draw_of(x)))
+        return self.head(x)
+
+
+def test_k3_store_trains_on_each_draw_in_rotation_and_evaluates_on_draw_0(tmp_path) -> None:
+    """An instrumented run of the real trainer on a 3-draw store: epoch e trains on draw e mod 3 (every batch),
+    validation and the final test read draw 0."""
+    data = ProbeData.from_store(write_draws_store(tmp_path), [FEAT], standardize="none")
+    with seeded_init(0):
+        head = _DrawRecorder(data.feature_shapes[FEAT], data.num_classes)
+    per_epoch: list[list[tuple[str, int]]] = []
+
+    def cut(epoch, rows) -> None:
+        per_epoch.append(list(head.seen))
+        head.seen.clear()
+
+    train(
+        head,
+        data.stream("train", 16, shuffle=True),
+        data.stream("val", 64, shuffle=False),
+        data.stream("test", 64, shuffle=False),
+        input=FEAT,
+        epochs=7,
+        lr=1e-4,
+        progress=False,
+        on_epoch_end=cut,
+    )
+    assert len(per_epoch) == 7
+    for epoch, seen in enumerate(per_epoch):
+        assert {d for mode, d in seen if mode == "train"} == {epoch % 3}, epoch
+        assert {d for mode, d in seen if mode == "eval"} == {0}, epoch  # validation
+        assert sum(mode == "train" for mode, _ in seen) == -(-len(data.rows("train")) // 16)
+    assert head.seen and set(head.seen) == {("eval", 0)}  # the test pass after training
+
+
+def test_mean_evaluation_averages_the_logits_over_the_draws(tmp_path) -> None:
+    path = write_draws_store(tmp_path)
+    data = ProbeData.from_store(path, [FEAT], standardize="none", eval_draws="mean")
+    with seeded_init(0):
+        head = _DrawRecorder(data.feature_shapes[FEAT], data.num_classes)
+    averaged = predict_logits(head, data.stream("test", 8, shuffle=False), FEAT)
+    assert {d for _, d in head.seen} == {0, 1, 2}
+    per_draw = [predict_logits(head, _draw_stream(path, d), FEAT) for d in range(3)]
+    torch.testing.assert_close(averaged, sum(per_draw) / 3)
+    loss, acc = evaluate({"h": head}, {"h": FEAT}, data.stream("test", 8, shuffle=False))["h"]
+    y = torch.from_numpy(data.labels("test"))
+    assert acc == pytest.approx(float((averaged.argmax(1) == y).float().mean()))
+    assert loss == pytest.approx(float(torch.nn.functional.cross_entropy(averaged, y)), rel=1e-5)
+
+
+def _draw_stream(path, draw: int):
+    """The test split of draw `draw` alone: a rotating stream set to an epoch that reads it."""
+    stream = ProbeData.from_store(path, [FEAT], standardize="none").stream("test", 8, shuffle=False, draws="rotate")
+
+    class _Fixed:
+        num_samples = stream.num_samples
+
+        def set_epoch(self, epoch: int) -> None:
+            stream.set_epoch(draw)
+
+        def __iter__(self):
+            return iter(stream)
+
+    return _Fixed()

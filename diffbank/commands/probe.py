@@ -111,6 +111,20 @@ def _training(func: Callable[..., Any]) -> Callable[..., Any]:
             type=click.FloatRange(0, 1, min_open=True),
             help="StepLR: lr factor at each decay " + _recipe_value("gamma"),
         ),
+        click.option(
+            "--draws",
+            default=None,
+            type=click.IntRange(min=1),
+            help="noise draws to train on, for a store that keeps K apart (noise: {combine: separate}): epoch e "
+            "reads draw e mod DRAWS; 1 = draw 0 only [default: all K]",
+        ),
+        click.option(
+            "--eval-draws",
+            type=click.Choice(["first", "mean"]),
+            default="first",
+            show_default=True,
+            help="validation and test on draw 0 (first), or on the logits averaged over the training draws (mean)",
+        ),
     ]
     for option in reversed(options):
         func = option(func)

@@ -85,6 +85,8 @@ def _report(spec: Any, n: int | None) -> dict[str, Any]:
         "bytes_per_sample": per_sample,
         "n_samples": n,
         "estimated_bytes": spec.estimated_bytes(n) if n is not None else None,
+        "forwards_per_image": spec.forwards_per_image(),
+        "cost": spec.cost_summary(n),
     }
 
 
@@ -123,5 +125,6 @@ def _print_text(spec: Any, report: dict[str, Any], n_note: str) -> None:
         click.echo(f"images: {n} ({n_note})")
         click.echo(
             f"estimated store size: {format_bytes(report['estimated_bytes'])} "
-            f"(N · Σ C·p²·itemsize · |T| · views; lossless compression gains little on features)"
+            f"(N · Σ C·p²·itemsize · |T| · views · stored noise draws; lossless compression gains little on features)"
         )
+    click.echo(f"compute: {report['cost']}")

@@ -83,11 +83,20 @@ class FeatureGrid:
 class NoiseSpec:
     seed: int
     draws: int
+    combine: str = "mean"
     rule: str = DEFAULT_NOISE_RULE
 
+    @property
+    def stored_draws(self) -> int:
+        """Arrays per feature: K when the draws are kept apart, 1 when they are averaged."""
+        return self.draws if self.combine == "separate" else 1
+
     def as_dict(self) -> dict[str, Any]:
-        # The default rule is left out, so stores written before rules existed keep their fingerprint.
+        # Defaults (combine "mean", the default rule) are left out, so stores written before either
+        # existed keep their resolved form and fingerprint (and stay resumable).
         out = dataclasses.asdict(self)
+        if out["combine"] == "mean":
+            out.pop("combine")
         if out["rule"] == DEFAULT_NOISE_RULE:
             out.pop("rule")
         return out
@@ -143,6 +152,8 @@ class Feature:
     pool_kind: str  # 'avg' | 'tok'
     pool_size: int
     view: str  # 'center' | 'flip'
+    draw: int = 0  # which noise draw this array holds (combine: separate); 0 otherwise
+    draws: int = 1  # arrays per feature: K for combine: separate, else 1
 
     @property
     def pool(self) -> str:
@@ -150,7 +161,7 @@ class Feature:
 
     @property
     def key(self) -> FeatureKey:
-        return FeatureKey(self.t, self.block, self.pool, self.view)
+        return FeatureKey(self.t, self.block, self.pool, self.view, self.draw)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -235,7 +246,7 @@ class Spec:
         return self.block_table
 
     def features(self) -> list[Feature]:
-        """Every store array, ordered by timestep, block, pooling kind and size, view."""
+        """Every store array, ordered by timestep, block, pooling kind and size, view, noise draw."""
         table = {b.number: b for b in self.block_table}
         out = []
         for t in self.grid.timesteps:
@@ -244,18 +255,46 @@ class Spec:
                 pools = [("avg", p) for p in self.grid.pooling[number]]
                 if number in self.grid.tokens:
                     pools.append(("tok", self.grid.tokens[number]))
+                k = self.noise.stored_draws
                 for kind, size in pools:
                     for view in self.views.names:
-                        out.append(Feature(t, number, info.module, info.channels, info.resolution, kind, size, view))
+                        for draw in range(k):
+                            out.append(
+                                Feature(
+                                    t, number, info.module, info.channels, info.resolution, kind, size, view, draw, k
+                                )
+                            )
         return out
 
     def bytes_per_sample(self) -> int:
-        """Σ over features of C·h·w·itemsize (timesteps and views are features of their own)."""
+        """Σ over features of C·h·w·itemsize (timesteps, views and separate noise draws are arrays of their own)."""
         return sum(f.nbytes(self.storage.itemsize) for f in self.features())
 
     def estimated_bytes(self, n_samples: int) -> int:
-        """Uncompressed store size: N · Σ C·p²·itemsize · |T| · views (noise draws are averaged, not stored)."""
+        """Uncompressed store size: N · Σ C·p²·itemsize · |T| · views · K, where K is the number of noise
+        draws when they are stored apart (combine: separate) and 1 when they are averaged."""
         return int(n_samples) * self.bytes_per_sample()
+
+    def forwards_per_image(self) -> int:
+        """U-Net forwards one image costs: |T| · K draws · views, whether the draws are averaged or kept."""
+        return len(self.grid.timesteps) * self.noise.draws * len(self.views.names)
+
+    def cost_summary(self, n_samples: int | None) -> str:
+        """One line on what a run will cost, said before any work starts."""
+        n = "N" if n_samples is None else f"{int(n_samples):,}"
+        draws = self.noise.draws
+        how = {"mean": "averaged into one array", "separate": "each stored as its own array"}[self.noise.combine]
+
+        def count(k: int, what: str) -> str:
+            return f"{k} {what}{'s' if k != 1 else ''}"
+
+        factors = [
+            count(len(self.grid.timesteps), "timestep"),
+            count(draws, "noise draw"),
+            count(len(self.views.names), "view"),
+        ]
+        text = f"{count(self.forwards_per_image(), 'U-Net forward')} per image ({' x '.join(factors)}), {n} images"
+        return text + (f"; the {draws} draws are {how}" if draws > 1 else "")
 
     def known_num_samples(self) -> int | None:
         """N without touching the data, where the source's size is fixed (digits, Fashion-MNIST)."""

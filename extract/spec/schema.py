@@ -29,7 +29,9 @@ YAML schema (defaults in brackets; `null` where a default is derived)::
       blocks: [19, 24, "output_blocks.8"]   # paper numbering (1-based) or module names
       pooling: [2] | {default: [2], 24: [2, 4]}   # [{default: [2]}] average-pool sizes p (output p x p); [] = none
       tokens: 16 | {default: 16, 19: 8} | null    # [null] token mode: average-pool to at most s x s
-    noise: {seed: 0, draws: 1}           # draws > 1: features averaged over that many noise draws
+    noise: {seed: 0, draws: 1, combine: mean}   # K = draws noise draws, K U-Net forwards per image and timestep;
+                                         # combine mean: one array, the draws' features averaged;
+                                         # separate: one array per draw (draw d >= 1 named <feature>_d<d>)
                                          # rule: generator (default) | counter (drawn on the compute device)
     views: {center: true, hflip: false}  # hflip adds a horizontally flipped second view ("_flip" features)
     storage: {dtype: float16, compressor: blosc-lz4, chunk_rows: 64, shard_rows: null}
@@ -70,6 +72,8 @@ NOISE_RULES = ("generator", "counter")  # implemented by extract.diffusion.noise
 DEFAULT_NOISE_RULE = NOISE_RULES[0]
 DATASET_KINDS = ("folder", "csv", "hdf5", "idx", "digits")
 PREPROCESSING = ("reference",)
+# How a store keeps K noise draws: averaged into one array, or one array per draw (augmentation for probes).
+NOISE_COMBINE = ("mean", "separate")
 SCHEDULES = ("linear", "cosine")
 DEFAULT_POOLING = (2,)
 SECTIONS = ("model", "dataset", "features", "noise", "views", "storage", "compute")
@@ -178,6 +182,7 @@ class FeaturesSection(_Section):
 class NoiseSection(_Section):
     seed: NonNegInt = 0
     draws: PosInt = 1
+    combine: Literal[NOISE_COMBINE] = Field("mean", title="noise combine")  # type: ignore[valid-type]
     rule: Literal[NOISE_RULES] = Field(  # type: ignore[valid-type]
         DEFAULT_NOISE_RULE,
         description="generator: a seeded torch CPU generator per sample (the default); counter: a "

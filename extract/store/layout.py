@@ -95,8 +95,12 @@ class FeatureInfo:
     dtype: str
     view: str = "center"
     stats: dict[str, Any] | None = None
+    draw: int = 0  # the noise draw this array holds, of `draws` kept apart (combine: separate)
+    draws: int = 1
 
     def to_attrs(self) -> dict[str, Any]:
+        # Draw attributes only where draws are kept apart: a one-array-per-feature store's metadata is unchanged.
+        draws = {"noise_draw": self.draw, "noise_draws": self.draws} if self.draws > 1 else {}
         return {
             "t": self.t,
             "block": self.block,
@@ -109,6 +113,7 @@ class FeatureInfo:
             "shape": list(self.shape),
             "storage_dtype": self.dtype,
             "view": self.view,
+            **draws,
         }
 
     @classmethod
@@ -126,6 +131,8 @@ class FeatureInfo:
             dtype=str(attrs.get("storage_dtype")),
             view=attrs.get("view", "center"),
             stats=attrs.get("stats"),
+            draw=int(attrs.get("noise_draw", 0)),
+            draws=int(attrs.get("noise_draws", 1)),
         )
 
     @property

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from extract.features import draw_name
 from extract.store.layout import (
     FEATURES,
     FORMAT_NAME,
@@ -146,11 +147,29 @@ class FeatureStore:
     # -- features --------------------------------------------------------------------------
 
     def feature_names(self, view: str | None = "center") -> list[str]:
-        """Feature array names, sorted by (t, block, pool); view=None lists every view."""
-        names = list(self.attrs.get("features") or sorted(self._features.array_keys()))
+        """Feature names, sorted by (t, block, pool); view=None lists every view.
+
+        A feature whose noise draws are stored apart is listed once, by its draw-0 name; `draw_names`
+        gives the arrays of all its draws.
+        """
+        names = [n for n in self._all_names() if self.feature_info(n).draw == 0]
         if view is None:
             return names
         return [n for n in names if self.feature_info(n).view == view]
+
+    def array_names(self) -> list[str]:
+        """Every feature array, noise draws >= 1 included (what verify, info and export walk)."""
+        return list(self._all_names())
+
+    def draw_names(self, name: str) -> list[str]:
+        """The arrays of feature `name`'s noise draws, draw 0 first: [name] unless the store keeps K > 1
+        draws apart (spec `noise: {combine: separate}`)."""
+        info = self.feature_info(name)
+        if info.draw != 0:
+            raise KeyError(f"{name!r} is draw {info.draw} of a feature; name the feature by its draw-0 array")
+        if info.draws <= 1:
+            return [name]
+        return [draw_name(name, d) for d in range(info.draws)]
 
     def _check_name(self, name: str) -> None:
         if name not in self._all_names():

@@ -56,7 +56,8 @@ def save_features(
     """Write a complete store from arrays (N, C, h, w) or (N, D); returns it opened read-only.
 
     Names following the rule (t090_b24_avg2) get t/block/pooling parsed from the name; `info[name]`
-    adds or overrides fields (module, resolution, t, block, pool_kind, pool_size, view, dtype).
+    adds or overrides fields (module, resolution, t, block, pool_kind, pool_size, view, draw, draws, dtype).
+    Separate noise draws: arrays `name`, `name_d1`, ... each with `info[...]["draws"] = K`.
     float16 arrays are stored as float16, other floats as float32.
     """
     if not features:
@@ -80,15 +81,21 @@ def save_features(
             "pool_kind": None,
             "pool_size": None,
             "view": "center",
+            "draw": 0,
+            "draws": 1,
         }
         if key is not None:
-            fields.update(t=key.t, block=key.block, pool_kind=key.pool_kind, pool_size=key.pool_size, view=key.view)
+            fields.update(
+                t=key.t, block=key.block, pool_kind=key.pool_kind, pool_size=key.pool_size, view=key.view, draw=key.draw
+            )
         unknown = set(extra) - set(fields) - {"channels"}
         if unknown:
             raise StoreError(
                 f"info[{name!r}]: unknown field(s) {sorted(unknown)}; allowed: {sorted(fields) + ['dtype']}"
             )
         fields.update({k: v for k, v in extra.items() if k != "channels"})
+        if not 0 <= int(fields["draw"]) < max(1, int(fields["draws"])):
+            raise StoreError(f"{name}: noise draw {fields['draw']} of {fields['draws']}: give info[{name!r}]['draws']")
         infos.append(
             FeatureInfo(name=name, channels=int(data.shape[1]), shape=tuple(data.shape[1:]), dtype=str(dtype), **fields)
         )
@@ -146,7 +153,7 @@ def export_hdf5(
     if compression not in ("gzip", "lzf", None, "none"):
         raise ValueError(f"compression {compression!r}: use gzip, lzf or none")
     compression = None if compression == "none" else compression
-    names = list(features) if features is not None else fs.feature_names(None)
+    names = list(features) if features is not None else fs.array_names()
     for name in names:
         fs._check_name(name)
     out = Path(path)
@@ -219,7 +226,7 @@ def verify(
     status = fs.unit_status()
     problems += feature_list_problems(fs._root)
     version = int(fs.attrs.get("format_version", 0))
-    names = [n for n in fs.feature_names(None) if n in fs.arrays_on_disk()]
+    names = [n for n in fs.array_names() if n in fs.arrays_on_disk()]
     unchecked = [n for n in names if not has_checksums(fs.array(n))]
     checked["checksums"] = not unchecked
     if version < CHECKSUMS_SINCE or unchecked:
@@ -355,7 +362,7 @@ def info(fs: FeatureStore) -> dict[str, Any]:
     """What `diffbank store info` shows, as data."""
     status = fs.unit_status()
     feats = []
-    for name in fs.feature_names(None):
+    for name in fs.array_names():
         feature = fs.feature_info(name)
         arr = fs.array(name)
         done = status.get(name)
