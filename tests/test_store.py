@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import uuid
 
@@ -281,6 +282,10 @@ def test_separate_noise_draws_are_one_feature_of_k_arrays_that_verify_info_and_e
     full = verify(fs, full_scan=True)
     assert full.ok and full.checked["features"] == 3, full
     assert [f["name"] for f in info(fs)["features"]] == list(arrays)
+    if importlib.util.find_spec("xarray"):  # every draw is a node of the store's DataTree
+        tree = fs.to_xarray()
+        assert sorted(tree.children) == sorted(arrays)
+        np.testing.assert_array_equal(tree["t150_b15_tok8_d1"]["t150_b15_tok8_d1"].values, base + 1)
     # A one-draw store's arrays carry no draw attributes (its metadata is what it always was).
     plain = save_features(tmp_path / "one.zarr", {"t150_b15_tok8": base}, np.arange(40) % 2, None, shard_rows=8)
     assert "noise_draws" not in plain.array("t150_b15_tok8").attrs

@@ -409,13 +409,13 @@ class FeatureStore:
     def to_xarray(self, name: str | None = None) -> Any:
         """A lazy xarray view: one feature as a DataArray with dims (sample, channel, y, x), coordinates
         label, id, split and valid and the feature's attributes; without a name, a DataTree with one node
-        per feature. The same in every store format: the stored dimension names (the feature's own from
-        format 3, which plain `xarray.open_datatree` needs) are not used here."""
+        per feature array (noise draws >= 1 included). The same in every store format: the stored dimension
+        names (the feature's own from format 3, which plain `xarray.open_datatree` needs) are not used here."""
         import xarray as xr
 
         if name is None:
             return xr.DataTree.from_dict(
-                {f"/{n}": xr.Dataset({n: self.to_xarray(n)}, attrs={"feature": n}) for n in self.feature_names(None)}
+                {f"/{n}": xr.Dataset({n: self.to_xarray(n)}, attrs={"feature": n}) for n in self.array_names()}
                 | {"/": xr.Dataset(attrs={"fingerprint": self.fingerprint, "url": self.url})}
             )
         self._check_name(name)
