@@ -34,15 +34,9 @@ import numpy as np
 import torch
 import yaml
 
+from extract.models.adm import TINY_FLAGS
+
 ROOT = Path(__file__).resolve().parents[1]
-TINY_FLAGS = {
-    "image_size": 16,
-    "num_channels": 32,
-    "num_res_blocks": 1,
-    "channel_mult": "1,2",
-    "attention_resolutions": "8",
-    "num_head_channels": 16,
-}
 
 
 def noise_and_pixels(device: torch.device) -> dict[str, Any]:

@@ -19,17 +19,11 @@ from faults.conftest import arrays, assert_same_arrays  # one definition of "the
 from PIL import Image
 
 from extract.diffusion import seeded_noise
+from extract.models.adm import TINY_FLAGS
 from extract.pipeline import ExtractionError, extract
 from extract.store import FingerprintMismatch, open_store
 
-TINY = {
-    "image_size": 16,
-    "num_channels": 32,
-    "num_res_blocks": 1,
-    "channel_mult": "1,2",
-    "attention_resolutions": "8",
-    "num_head_channels": 16,
-}
+TINY = TINY_FLAGS
 N_PER_CLASS = 7
 
 

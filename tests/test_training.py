@@ -6,20 +6,12 @@ import pytest
 import torch
 
 from extract.diffusion import NoiseSchedule
+from extract.models.adm import TINY_FLAGS
 from extract.models.sampling import ddim_sample, image_grid
 from extract.models.training import TrainConfig, autocast_dtype, ema_model, export_ema, train
 from extract.statedir import load_state
 
-FLAGS = {
-    "image_size": 16,
-    "num_channels": 32,
-    "num_res_blocks": 1,
-    "channel_mult": "1,2",
-    "attention_resolutions": "8",
-    "num_head_channels": 16,
-    "use_scale_shift_norm": True,
-    "resblock_updown": True,
-}
+FLAGS = {**TINY_FLAGS, "use_scale_shift_norm": True, "resblock_updown": True}
 
 
 def _images(n=24):

@@ -70,6 +70,16 @@ _RELEASED_COMMON = {
     "attention_resolutions": "32,16,8",
     "num_res_blocks": 2,
 }
+# A 16-pixel, two-level ADM that builds and runs in milliseconds: the test suite's and the benchmarks'
+# CPU-mode network (not a released checkpoint's configuration).
+TINY_FLAGS: dict[str, Any] = {
+    "image_size": 16,
+    "num_channels": 32,
+    "num_res_blocks": 1,
+    "channel_mult": "1,2",
+    "attention_resolutions": "8",
+    "num_head_channels": 16,
+}
 PRESETS: dict[str, dict[str, Any]] = {
     "256x256_diffusion_uncond": {
         **_RELEASED_COMMON,

@@ -15,14 +15,8 @@ import yaml
 import zarr
 from click.testing import CliRunner
 
-TINY_FLAGS = {
-    "image_size": 16,
-    "num_channels": 32,
-    "num_res_blocks": 1,
-    "channel_mult": "1,2",
-    "attention_resolutions": "8",
-    "num_head_channels": 16,
-}
+from extract.models.adm import TINY_FLAGS
+
 UNITS = 8  # 32 rows in units of 4
 
 

@@ -7,7 +7,9 @@ import pytest
 import torch
 import yaml
 
-from .conftest import TINY_FLAGS, cli, tiny_spec
+from extract.models.adm import TINY_FLAGS
+
+from .conftest import cli, tiny_spec
 
 BAD_SPECS = {
     "unknown key": ("features: {timestep: [10]}\n", "did you mean 'timesteps'"),

@@ -11,9 +11,10 @@ import pytest
 import yaml
 from PIL import Image
 
+from extract.models.adm import TINY_FLAGS
 from extract.sources.base import decode_image_file, to_rgb_array
 
-from .conftest import TINY_FLAGS, cli
+from .conftest import cli
 
 RNG = np.random.default_rng(0)
 
