@@ -164,8 +164,14 @@ def run_demo(
     preset: str = "tiny",
     install: bool = True,
     progress: bool = True,
+    threads: int | None = None,
 ) -> dict[str, Any]:
-    """Extract, sweep, and train the linear, attention and fusion heads; returns the summary it writes."""
+    """Extract, sweep, and train the linear, attention and fusion heads; returns the summary it writes.
+
+    The demo's extraction is one process with the whole machine to itself, so it computes with a torch
+    thread per core unless `threads` says otherwise (`diffbank extract` defaults to one per process, so
+    that its bytes never depend on the machine; the store records the count either way).
+    """
     from extract.pipeline import extract
     from extract.spec import load_spec
     from probe import api
@@ -183,7 +189,7 @@ def run_demo(
         f"[1/5] extracting {spec.known_num_samples() or '?'} images x {len(spec.features())} features -> {store_url}"
     )
     t0 = time.perf_counter()
-    summary = extract(spec, store_url, progress=progress)
+    summary = extract(spec, store_url, progress=progress, threads=threads or os.cpu_count() or 1)
     timings = {"extract_s": time.perf_counter() - t0}
     rows = []
 
@@ -302,7 +308,12 @@ def _ints(text: str) -> tuple[int, ...]:
 )
 @click.option("--no-install", is_flag=True, help="Never try to install Debian's dataset package.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def demo_command(out, data_dir, train_n, test_n, timesteps, blocks, epochs, head_epochs, preset, no_install, quiet):
+@click.option(
+    "--threads", type=click.IntRange(min=1), default=None, help="torch threads for the extraction (default: one per core)."
+)
+def demo_command(
+    out, data_dir, train_n, test_n, timesteps, blocks, epochs, head_epochs, preset, no_install, quiet, threads
+):
     """Real images end to end: embedded Fashion-MNIST diffusion model -> feature store -> probes."""
     try:
         run_demo(
@@ -317,6 +328,7 @@ def demo_command(out, data_dir, train_n, test_n, timesteps, blocks, epochs, head
             preset=preset,
             install=not no_install,
             progress=not quiet,
+            threads=threads,
         )
     except KeyboardInterrupt:
         log.warning(f"interrupted; rerun the same command to resume from {out}")
