@@ -107,30 +107,32 @@ class Computer:
     def forward(self, x_t: torch.Tensor, t: int, blocks: list[int]) -> dict[int, torch.Tensor]:
         tt = torch.full((x_t.shape[0],), t, dtype=torch.long, device=self.device)
         x_t = x_t.contiguous(memory_format=self._memory_format)
-        if self.spec.compute.compile and (key := (tuple(blocks), tuple(x_t.shape))) not in self._compiled:
-            t0 = time.perf_counter()  # compile + first run, outside the model's time
-            with self._autocast:
-                self._features(x_t, tt, blocks)
+        key = (tuple(blocks), tuple(x_t.shape))
+        if self.spec.compute.compile and key not in self._compiled:
+            # The first call per (blocks, batch shape) compiles: its time is compile time, not model time.
+            t0 = time.perf_counter()
+            out = self._run(x_t, tt, blocks)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             self.compile_seconds += time.perf_counter() - t0
             self._compiled.add(key)
-        cuda = self.device.type == "cuda"
-        if cuda:  # events time the GPU's work without making the host wait for it
+        elif self.device.type == "cuda":  # events time the GPU's work without making the host wait for it
             start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-        else:
-            t0 = time.perf_counter()
-        with self._autocast:
-            out = self._features(x_t, tt, blocks)
-        out = {b: v.float() for b, v in out.items()}
-        if cuda:
+            out = self._run(x_t, tt, blocks)
             stop.record()
             self._events.append((start, stop))
         else:
+            t0 = time.perf_counter()
+            out = self._run(x_t, tt, blocks)
             self.model_seconds += time.perf_counter() - t0
         self.forwards += 1
         return out
+
+    def _run(self, x_t: torch.Tensor, tt: torch.Tensor, blocks: list[int]) -> dict[int, torch.Tensor]:
+        with self._autocast:
+            out = self._features(x_t, tt, blocks)
+        return {b: v.float() for b, v in out.items()}
 
     def _collect(self, pooled: dict[str, torch.Tensor]) -> Callable[[], dict[str, np.ndarray]]:
         """Start copying pooled features to the host; the returned function waits for them.

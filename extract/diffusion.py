@@ -87,25 +87,23 @@ class NoiseSchedule:
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor | int, noise: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise, with t per sample (or one int for all)."""
-        if not isinstance(t, torch.Tensor):
-            self.check_timesteps([t])  # on the host: no device round trip for one int
-            if noise.shape != x0.shape:
-                raise ValueError(f"noise shape {tuple(noise.shape)} differs from x0 shape {tuple(x0.shape)}")
-            shape = (x0.shape[0], *([1] * (x0.ndim - 1)))
-            # The same float64 -> float32 cast of the coefficients as the per-sample path below.
-            a = torch.full(shape, float(np.float32(self.sqrt_alphas_cumprod[int(t)])), device=x0.device)
-            s = torch.full(shape, float(np.float32(self.sqrt_one_minus_alphas_cumprod[int(t)])), device=x0.device)
-            return a * x0 + s * noise
-        t = t.to(device=x0.device, dtype=torch.long)
-        if t.ndim == 0:
-            t = t.expand(x0.shape[0])
-        self.check_timesteps(t)
         if noise.shape != x0.shape:
             raise ValueError(f"noise shape {tuple(noise.shape)} differs from x0 shape {tuple(x0.shape)}")
-        a = self._coef(self.sqrt_alphas_cumprod, t, x0.ndim)
-        s = self._coef(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim)
+        if isinstance(t, torch.Tensor):
+            t = t.to(device=x0.device, dtype=torch.long)
+            if t.ndim == 0:
+                t = t.expand(x0.shape[0])
+            self.check_timesteps(t)
+            a = self._coef(self.sqrt_alphas_cumprod, t, x0.ndim)
+            s = self._coef(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim)
+        else:
+            self.check_timesteps([t])  # on the host: no device round trip for one int
+            # The same float64 -> float32 cast of the coefficients as `_coef`.
+            a, s = (
+                torch.tensor(np.float32(table[int(t)]), device=x0.device)
+                for table in (self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod)
+            )
         return a * x0 + s * noise
-
 
 def noise_seed(seed: int, sample_index: int, timestep: int, draw: int) -> int:
     """A 64-bit seed for one (global seed, sample, timestep, draw): independent of batching and order."""

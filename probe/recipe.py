@@ -187,3 +187,26 @@ def _fmt(value: float) -> str:
     """0.0 -> '0', 0.1 -> '0.1', 7 -> '7': exact (repr) and equal to the strings older runs recorded."""
     value = float(value)
     return str(int(value)) if value.is_integer() else repr(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class FeedbackRecipe:
+    """Everything that decides DifFeed's numbers (probe.feedback); the defaults are the paper's DifFeed
+    recipe: its heads' optimiser, with the effective batch of 16 and lr 1e-2, at t = 150."""
+
+    t: int = 150
+    epochs: int = _OPTIMIZER["epochs"]
+    batch_size: int = 16  # the effective batch: micro-batches accumulate up to it
+    lr: float = _LINEAR_LR
+    momentum: float = _OPTIMIZER["momentum"]
+    weight_decay: float = _OPTIMIZER["weight_decay"]
+    step_size: int = _OPTIMIZER["step_size"]
+    gamma: float = _OPTIMIZER["gamma"]
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "step_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")

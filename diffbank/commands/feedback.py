@@ -13,6 +13,10 @@ from typing import Any
 import click
 import numpy as np
 
+from probe.recipe import FeedbackRecipe  # declarations only (no torch): the defaults shown in --help
+
+PAPER = FeedbackRecipe()
+
 TRAIN_SPLITS = ("train", "training")
 TEST_SPLITS = ("test", "testing", "val", "valid", "validation")
 
@@ -72,13 +76,13 @@ def _image_sets(spec: Any, train_split: str | None, test_split: str | None) -> t
     type=click.Path(file_okay=False),
     help="directory for results.json, weights.safetensors and checkpoint/ (a rerun resumes)",
 )
-@click.option("--epochs", default=28, show_default=True, type=click.IntRange(min=1))
+@click.option("--epochs", default=PAPER.epochs, show_default=True, type=click.IntRange(min=1))
 @click.option(
     "--batch-size",
-    default=16,
+    default=PAPER.batch_size,
     show_default=True,
     type=click.IntRange(min=1),
-    help="effective batch (the paper's 16); micro-batches accumulate up to it",
+    help="effective batch (the paper's); micro-batches accumulate up to it",
 )
 @click.option(
     "--micro-batch",
@@ -86,17 +90,17 @@ def _image_sets(spec: Any, train_split: str | None, test_split: str | None) -> t
     type=click.IntRange(min=1),
     help="samples per forward/backward (default: sized to the free memory); one BatchNorm batch",
 )
-@click.option("--lr", default=1e-2, show_default=True, type=click.FloatRange(min=0, min_open=True))
-@click.option("--momentum", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True))
-@click.option("--step-size", default=7, show_default=True, type=click.IntRange(min=1), help="StepLR period (epochs)")
-@click.option("--gamma", default=0.1, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--lr", default=PAPER.lr, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--momentum", default=PAPER.momentum, show_default=True, type=click.FloatRange(0, 1, max_open=True))
+@click.option("--step-size", default=PAPER.step_size, show_default=True, type=click.IntRange(min=1), help="StepLR period (epochs)")
+@click.option("--gamma", default=PAPER.gamma, show_default=True, type=click.FloatRange(0, 1, min_open=True))
 @click.option(
     "--t",
     "timestep",
-    default=150,
+    default=PAPER.t,
     show_default=True,
     type=click.IntRange(min=0),
-    help="the noise step of both passes (the paper's 150)",
+    help="the noise step of both passes (the paper's)",
 )
 @click.option(
     "--seed", default=None, type=int, help="seed of val split, order, noise and init (default: the spec's noise seed)"
@@ -163,7 +167,7 @@ def feedback_command(
     from extract.models.registry import build_model
     from extract.prepare import checkpoint_path
     from extract.spec import SpecError, load_spec
-    from probe.feedback import DifFeed, FeedbackRecipe, train_feedback, validation_split
+    from probe.feedback import DifFeed, train_feedback, validation_split
     from probe.heads import PRESETS, seeded_init
 
     try:

@@ -23,33 +23,12 @@ from extract.diffusion import NoiseSchedule, seeded_noise
 from probe.data import default_memory_budget
 from probe.feedback.images import ImageSet
 from probe.feedback.network import DifFeed, activation_bytes_per_sample
+from probe.recipe import FeedbackRecipe
 
 CHECKPOINT_FORMAT = "diffbank-difffeed-checkpoint/1"
 EVAL_DRAW = 0
 
 log = logging.getLogger("probe.feedback")
-
-
-@dataclasses.dataclass(frozen=True)
-class FeedbackRecipe:
-    """Everything that decides the numbers; the defaults are the paper's DifFeed recipe."""
-
-    t: int = 150
-    epochs: int = 28
-    batch_size: int = 16  # the effective batch: micro-batches accumulate up to it
-    lr: float = 1e-2
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    step_size: int = 7
-    gamma: float = 0.1
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "step_size"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
 
 
 def _order(n: int, seed: int, epoch: int) -> np.ndarray:
