@@ -14,6 +14,18 @@ per selected model. Paired comparisons use the exact McNemar test on the same te
     python benchmarks/fmnist_reproduction.py --run runs/train-gpu --out runs/repro --device cuda
 
 `--limit-train/--limit-test` shrink the data for a smoke run on the CPU. Writes reproduction.json to --out.
+
+On a CPU the features come from the cache instead: `diffbank extract cache_specs/fmnist_full.yaml` (and
+`fmnist_full_random.yaml`) writes the same grid (float32, the same noise rule and row numbering) into
+stores, and each stage runs as its own process, so two cores work at once:
+
+    python benchmarks/fmnist_reproduction.py --out runs/full/linear --stages pixels,progress \
+        --models random,final --grid-timesteps 5 \
+        --store final=runs/full/fmnist_full.zarr --store random=runs/full/fmnist_full_random.zarr
+    python benchmarks/fmnist_reproduction.py --out runs/full/attention --stages heads --head-kinds attention \
+        --attention-input 5,10,tok8 --store final=runs/full/fmnist_full.zarr --head-dim 128 --head-depth 2
+    python benchmarks/fmnist_reproduction.py --out runs/full --stages tests \
+        --merge runs/full/linear --merge runs/full/attention
 """
 
 from __future__ import annotations
@@ -21,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -29,6 +42,7 @@ import torch
 from sklearn.model_selection import train_test_split
 
 from extract.diffusion import NoiseSchedule, seeded_noise
+from extract.features import feature_name
 from extract.idx import FASHION_MNIST_DIR, load_fashion_mnist
 from extract.models import fmnist
 from extract.models.adm import ADMUNet
@@ -36,6 +50,7 @@ from extract.models.checkpoints import read_state_dict
 from extract.models.training import load_run
 from extract.pooling import pool
 from extract.preprocess import reference
+from extract.store import open_store
 from probe.evaluation import predict_logits
 from probe.exact_logistic import logistic_path
 from probe.heads import AttentionPoolHead, DifFormerHead, seeded_init
@@ -47,6 +62,7 @@ NOISE_SEED = 0
 WEIGHTS = Path(__file__).resolve().parents[1] / "extract" / "models" / "weights"
 L2_GRID = (1e-2, 1e-3, 1e-4, 1e-5)
 HEAD_SIZES = {"dim": 256, "heads": 4, "depth": 2}  # ~4x the 64-wide tiny preset; paper: 1024/8/2 on ImageNet
+STAGES = ("pixels", "progress", "curve", "heads", "tests")
 
 
 def log(msg: str) -> None:
@@ -109,6 +125,34 @@ class Features:
                 self.maps[(t, b, p)] = torch.cat(chunks)
 
 
+class StoreFeatures(Mapping):
+    """The same {(t, block, pool): (N, C, h, w) float32} maps, read one at a time from a diffbank store.
+
+    A CPU cannot hold a model's whole grid as float32 next to the fits (12 GB for fmnist_full.yaml), so
+    each map is read when a probe asks for it and dropped after.
+    """
+
+    def __init__(self, url: str, labels: np.ndarray, timesteps, blocks, pools, device: torch.device):
+        self.store = open_store(url)
+        if not np.array_equal(self.store.labels, labels):
+            raise ValueError(f"{url}: its labels are not Fashion-MNIST's train+test in order (rows 0-69,999)")
+        self.device = device
+        self.keys = [(t, b, p) for t in timesteps for b in blocks for p in pools]
+        missing = [feature_name(*k) for k in self.keys if feature_name(*k) not in self.store.feature_names()]
+        if missing:
+            raise ValueError(f"{url} lacks {', '.join(missing)} (extract cache_specs/fmnist_full.yaml into it)")
+        self.maps = self
+
+    def __getitem__(self, key: tuple[int, int, str]) -> torch.Tensor:
+        return torch.from_numpy(self.store.read(feature_name(*key))).to(self.device)
+
+    def __iter__(self):
+        return iter(self.keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
 def standardised(x: torch.Tensor, train_rows: torch.Tensor) -> torch.Tensor:
     flat = x.flatten(1)
     mean = flat[train_rows].mean(0)
@@ -145,8 +189,22 @@ def probe_grid(feats: dict, y: torch.Tensor, rows: dict[str, torch.Tensor], keys
     }
 
 
-def head_run(kind: str, feats: dict, keys, y: np.ndarray, rows: dict, seed: int, epochs: int, device) -> dict:
-    """Attention (one map) or DifFormer (blocks x timesteps) head, the paper's SGD recipe, best epoch on val."""
+def head_run(
+    kind: str,
+    feats: Mapping,
+    keys,
+    y: np.ndarray,
+    rows: dict,
+    seed: int,
+    epochs: int,
+    device,
+    sizes: dict = HEAD_SIZES,
+    checkpoint_dir: Path | None = None,
+) -> dict:
+    """Attention (one map) or DifFormer (blocks x timesteps) head, the paper's SGD recipe, best epoch on val.
+
+    With `checkpoint_dir` the head checkpoints every epoch and a rerun resumes it (CPU runs take hours).
+    """
     arrays = {f"t{t}_b{b}_{p}": feats[(t, b, p)].cpu().numpy() for t, b, p in keys}
     names = list(arrays)
     split = {s: {n: a[rows[s].cpu().numpy()] for n, a in arrays.items()} for s in ("fit", "val", "test")}
@@ -161,12 +219,12 @@ def head_run(kind: str, feats: dict, keys, y: np.ndarray, rows: dict, seed: int,
     norm = {s: {n: (split[s][n] - stats[n][0]) / stats[n][1] for n in names} for s in split}
     with seeded_init(seed):
         if kind == "attention":
-            head = AttentionPoolHead(arrays[names[0]].shape[1:], 10, **HEAD_SIZES)
+            head = AttentionPoolHead(arrays[names[0]].shape[1:], 10, **sizes)
             spec = names[0]
         else:
             shapes = {b: arrays[f"t{keys[0][0]}_b{b}_{keys[0][2]}"].shape[1:] for b in sorted({k[1] for k in keys})}
             ts = sorted({k[0] for k in keys})
-            head = DifFormerHead(shapes, ts, 10, **HEAD_SIZES)
+            head = DifFormerHead(shapes, ts, 10, **sizes)
             spec = {(t, b): f"t{t}_b{b}_{p}" for t, b, p in keys}
     stream = lambda s, shuffle: ArrayStream(norm[s], ys[s], batch_size=128, shuffle=shuffle, seed=seed)  # noqa: E731
     t0 = time.perf_counter()
@@ -184,6 +242,9 @@ def head_run(kind: str, feats: dict, keys, y: np.ndarray, rows: dict, seed: int,
         momentum=0.0,
         progress=False,
         device=device,
+        checkpoint_dir=checkpoint_dir,
+        resume=checkpoint_dir is not None,
+        on_epoch_end=lambda e, rows_: log(f"  {kind} seed {seed} epoch {e + 1}/{epochs}: {rows_['head']}"),
     )
     logits = predict_logits(head, stream("test", False), spec, device=device)
     correct = logits.argmax(1).numpy() == ys["test"]
@@ -196,7 +257,8 @@ def head_run(kind: str, feats: dict, keys, y: np.ndarray, rows: dict, seed: int,
         "test": round(100 * correct.mean(), 2),
         "seconds": round(time.perf_counter() - t0, 1),
         "inputs": [list(k) for k in keys],
-        "sizes": HEAD_SIZES,
+        "sizes": sizes,
+        "parameters": sum(p.numel() for p in head.parameters()),
         "optimizer": "SGD lr 5e-2, no momentum/wd, StepLR(7, 0.1), batch 128; per-channel standardised inputs; "
         "epoch selected on val",
         "_correct": correct,
@@ -226,6 +288,49 @@ def _commit() -> str | None:
         return None
 
 
+def _stores(values: list[str]) -> dict[str, str]:
+    out = {}
+    for v in values:
+        name, sep, url = v.partition("=")
+        if not sep or not name or not url:
+            raise SystemExit(f"--store {v!r}: expected MODEL=PATH, e.g. final=runs/full/fmnist_full.zarr")
+        out[name] = url
+    return out
+
+
+def _key(text: str) -> tuple[int, int, str]:
+    t, b, p = text.split(",")
+    return int(t), int(b), p
+
+
+def merge_runs(dirs: list[Path], result: dict, correct: dict[str, np.ndarray]) -> None:
+    """Earlier stages' results (reproduction.json) and per-image test outcomes (test_correct.npz), merged."""
+    for d in dirs:
+        part = json.loads((d / "reproduction.json").read_text())
+        for k in ("pixels", "store_fingerprints"):
+            if k in part:
+                result[k] = part[k] if k == "pixels" else {**result.get(k, {}), **part[k]}
+        for k in ("progress", "t_curve", "heads"):
+            result.setdefault(k, []).extend(part.get(k, []))
+        with np.load(d / "test_correct.npz") as z:
+            correct.update({k: z[k] for k in z.files})
+
+
+def paired_tests(result: dict, correct: dict[str, np.ndarray]) -> dict:
+    """Exact McNemar tests of each headline comparison whose two arms were scored in these runs."""
+    pairs = [("final_vs_pixels", "final", "pixels"), ("final_vs_random", "final", "random")]
+    for head in result.get("heads", []):
+        seed = head["seed"]
+        if head["kind"] == "attention":
+            pairs.append((f"attention{seed}_vs_linear", f"attention{seed}", "final"))
+        else:
+            pairs += [
+                (f"fusion{seed}_vs_attention{seed}", f"fusion{seed}", f"attention{seed}"),
+                (f"fusion{seed}_vs_linear", f"fusion{seed}", "final"),
+            ]
+    return {name: mcnemar(correct[a], correct[b]) for name, a, b in pairs if a in correct and b in correct}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -237,11 +342,33 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--data", type=Path, default=FASHION_MNIST_DIR)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--stages", default=",".join(STAGES[:-1]), help=f"comma-separated subset of {','.join(STAGES)}")
+    ap.add_argument(
+        "--store",
+        action="append",
+        default=[],
+        metavar="MODEL=PATH",
+        help="take MODEL's grid (random, final, a snapshot) from a diffbank store instead of extracting it",
+    )
+    ap.add_argument("--merge", action="append", type=Path, default=[], help="an earlier stage's --out (tests)")
     ap.add_argument("--grid-timesteps", default="5,10,25")
     ap.add_argument("--curve-timesteps", default="0,2,5,10,25,50,100,150,250,400")
     ap.add_argument("--blocks", default="10,12,13")
     ap.add_argument("--head-epochs", type=int, default=28)
     ap.add_argument("--head-seconds", type=float, default=150, help="time box for the heads (seeds run in turn)")
+    ap.add_argument("--head-kinds", default="attention,fusion")
+    ap.add_argument("--head-seeds", default="0,1,2")
+    ap.add_argument("--head-dim", type=int, default=HEAD_SIZES["dim"])
+    ap.add_argument("--head-heads", type=int, default=HEAD_SIZES["heads"])
+    ap.add_argument("--head-depth", type=int, default=HEAD_SIZES["depth"])
+    ap.add_argument(
+        "--attention-input",
+        type=_key,
+        default=None,
+        metavar="T,BLOCK,POOL",
+        help="the attention head's map when this run has no linear selection (default: the selected t and block, tok8)",
+    )
     ap.add_argument("--limit-train", type=int, default=None)
     ap.add_argument("--limit-test", type=int, default=None)
     ap.add_argument("--workers", type=int, default=8)
@@ -249,6 +376,14 @@ def main() -> None:
     ap.add_argument("--skip-pixels", action="store_true", help="no raw-pixel baseline (and no McNemar against it)")
     ap.add_argument("--models", default=None, help="comma-separated subset: random, final, snapshot file names")
     args = ap.parse_args()
+    stages = set(args.stages.split(","))
+    if stages - set(STAGES):
+        raise SystemExit(f"--stages: unknown {sorted(stages - set(STAGES))}; choose from {', '.join(STAGES)}")
+    if args.skip_pixels:
+        stages.discard("pixels")
+    stores = _stores(args.store)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     started = time.perf_counter()
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -258,17 +393,29 @@ def main() -> None:
     curve_t = [int(v) for v in args.curve_timesteps.split(",")]
     blocks = [int(v) for v in args.blocks.split(",")]
     pools = args.pools.split(",")
+    sizes = {"dim": args.head_dim, "heads": args.head_heads, "depth": args.head_depth}
     result: dict = {
         "code_commit": _commit(),
         "protocol": __doc__.split("\n\n")[2].replace("\n", " "),
         "l2_grid": L2_GRID,
         "grid": {"timesteps": grid_t, "blocks": blocks, "pools": pools},
         "device": str(device),
+        "threads": torch.get_num_threads(),
+        "stages": sorted(stages, key=STAGES.index),
     }
+    correct: dict[str, np.ndarray] = {}
 
     def save() -> None:
         clean = json.loads(json.dumps(result, default=lambda o: None))
         (args.out / "reproduction.json").write_text(json.dumps(clean, indent=1))
+        np.savez_compressed(args.out / "test_correct.npz", **correct)
+
+    if stages == {"tests"}:  # nothing to compute but the paired tests of earlier stages
+        merge_runs(args.merge, result, correct)
+        result["tests"] = paired_tests(result, correct)
+        save()
+        log(json.dumps(result["tests"], indent=1))
+        return
 
     x0, labels, n_train = load_images(args.data, args.limit_train, args.limit_test)
     n = len(labels)
@@ -281,105 +428,120 @@ def main() -> None:
     }
     rows_t = {k: torch.from_numpy(v).to(device) for k, v in rows.items()}
     y = torch.from_numpy(labels).to(device)
-    log(f"{n_train} train ({len(val_rows)} val) + {n - n_train} test images; noise for {sorted(set(grid_t + curve_t))}")
-    noise = {t: all_noise(n, t, args.workers) for t in sorted(set(grid_t + curve_t))}
-    schedule = NoiseSchedule.from_flags("linear", 1000)
-    correct: dict[str, np.ndarray] = {}
-
-    # Pixels: the same exact solver on the raw pixels (32x32 after the reference resize).
-    if not args.skip_pixels:
-        pixels = {(0, 0, "pixels"): x0[:, :1].to(device)}
-        res = probe_grid(pixels, y, rows_t, list(pixels))
-        correct["pixels"] = res.pop("_correct")
-        result["pixels"] = res["selected"]
-        log(f"pixels: test {res['selected']['test']}")
-
-    # Training progress: random init, each snapshot, the final EMA weights; the same grid and selection.
     models = [("random", None, 0)] + (trained_models(args.run) if args.run else shipped_models())
     if args.models:
         models = [m for m in models if m[0] in args.models.split(",")]
-    result["progress"] = []
-    final_feats = None
-    for name, path, seen in models:
+    extracted = [m for m in models if m[0] not in stores] if "progress" in stages else []
+    if "curve" in stages or ("heads" in stages and "final" not in stores):
+        extracted += [m for m in models if m[0] == "final" and m not in extracted]
+    need_t = sorted(set(grid_t + (curve_t if "curve" in stages else []))) if extracted else []
+    log(f"{n_train} train ({len(val_rows)} val) + {n - n_train} test images; noise for {need_t}")
+    noise = {t: all_noise(n, t, args.workers) for t in need_t}
+    schedule = NoiseSchedule.from_flags("linear", 1000)
+
+    def features_of(name: str, path) -> tuple[Mapping, ADMUNet | None, float]:
+        if name in stores:
+            feats = StoreFeatures(stores[name], labels, grid_t, blocks, pools, device)
+            result.setdefault("store_fingerprints", {})[name] = feats.store.fingerprint
+            return feats.maps, None, 0.0
         torch.manual_seed(0)
         model = ADMUNet.from_flags(**fmnist.FLAGS)
         if path is not None:
             model.load_state_dict(path if isinstance(path, dict) else read_state_dict(path))
         t0 = time.perf_counter()
         feats = Features(model, x0, noise, schedule, grid_t, blocks, pools, device)
-        t_extract = time.perf_counter() - t0
-        res = probe_grid(feats.maps, y, rows_t, sorted(feats.maps))
-        correct[name] = res.pop("_correct")
-        result["progress"].append(
-            {
-                "model": name,
-                "images_seen": seen,
-                "epochs": round(seen / 60000, 3),
-                "extract_seconds": round(t_extract, 1),
-                **res,
-            }
-        )
-        log(f"{name} ({seen / 60000:.2f} epochs): {res['selected']}")
-        if name == "final":
-            final_feats, final_model = feats, model
+        return feats.maps, model, time.perf_counter() - t0
+
+    # Pixels: the same exact solver on the raw pixels (32x32 after the reference resize).
+    if "pixels" in stages:
+        pixels = {(0, 0, "pixels"): x0[:, :1].to(device)}
+        res = probe_grid(pixels, y, rows_t, list(pixels))
+        correct["pixels"] = res.pop("_correct")
+        result["pixels"] = res["selected"]
+        log(f"pixels: test {res['selected']['test']}")
         save()
 
-    final = result["progress"][-1]["selected"]
-    random_sel = next((p["selected"] for p in result["progress"] if p["model"] == "random"), None)
-    result["tests"] = {}
-    if "pixels" in correct:
-        result["tests"]["final_vs_pixels"] = mcnemar(correct["final"], correct["pixels"])
-    if "random" in correct:
-        result["tests"]["final_vs_random"] = mcnemar(correct["final"], correct["random"])
+    # Training progress: random init, each snapshot, the final EMA weights; the same grid and selection.
+    final_maps = final_model = final = None
+    if "progress" in stages:
+        result["progress"] = []
+        for name, path, seen in models:
+            maps, model, t_extract = features_of(name, path)
+            res = probe_grid(maps, y, rows_t, sorted(maps))
+            correct[name] = res.pop("_correct")
+            result["progress"].append(
+                {
+                    "model": name,
+                    "images_seen": seen,
+                    "epochs": round(seen / 60000, 3),
+                    "source": stores.get(name, "extracted in memory"),
+                    "extract_seconds": round(t_extract, 1),
+                    **res,
+                }
+            )
+            log(f"{name} ({seen / 60000:.2f} epochs): {res['selected']}")
+            if name == "final":
+                final_maps, final_model, final = maps, model, res["selected"]
+            save()
+        result["tests"] = paired_tests(result, correct)
+        by_model = {p["model"]: p["selected"] for p in result["progress"]}
+        if "final" in by_model and "random" in by_model:
+            result["summary"] = {
+                "final": by_model["final"],
+                "random": by_model["random"],
+                "pixels": result.get("pixels"),
+                "gain_over_random_points": round(by_model["final"]["test"] - by_model["random"]["test"], 2),
+            }
+        save()
+    if final_maps is None and ({"curve", "heads"} & stages):
+        final_path = next(m[1] for m in models if m[0] == "final")
+        final_maps, final_model, _ = features_of("final", final_path)
 
     # Timestep curve at the final model's selected block, both poolings, every t.
-    curve_feats = Features(
-        final_model, x0, noise, schedule, [t for t in curve_t if t not in grid_t], [final["block"]], pools, device
-    )
-    curve_feats.maps.update({k: v for k, v in final_feats.maps.items() if k[1] == final["block"]})
-    result["t_curve"] = []
-    for t in curve_t:
-        res = probe_grid(curve_feats.maps, y, rows_t, [(t, final["block"], p) for p in pools])
-        res.pop("_correct")
-        result["t_curve"].append({"t": t, **res["selected"]})
-        log(f"t={t}: {res['selected']}")
-    save()
-
-    result["summary"] = {
-        "final": final,
-        "random": random_sel,
-        "pixels": result.get("pixels"),
-        "gain_over_random_points": round(final["test"] - random_sel["test"], 2) if random_sel else None,
-    }
-    np.savez_compressed(args.out / "test_correct.npz", **correct)
-    save()
+    if "curve" in stages:
+        if final is None or final_model is None:
+            raise SystemExit("--stages curve needs the progress stage's final selection, extracted in memory")
+        curve_feats = Features(
+            final_model, x0, noise, schedule, [t for t in curve_t if t not in grid_t], [final["block"]], pools, device
+        )
+        curve_feats.maps.update({k: v for k, v in final_maps.items() if k[1] == final["block"]})
+        result["t_curve"] = []
+        for t in curve_t:
+            res = probe_grid(curve_feats.maps, y, rows_t, [(t, final["block"], p) for p in pools])
+            res.pop("_correct")
+            result["t_curve"].append({"t": t, **res["selected"]})
+            log(f"t={t}: {res['selected']}")
+        save()
 
     # Heads with capacity, the paper's 28 epochs: attention on the selected 8x8 map; DifFormer on
     # the three blocks x the grid's timesteps (4x4 maps), seeds in turn while the time box lasts.
-    result["heads"] = []
-    att_keys = [(final["t"], final["block"], "tok8")]
-    fus_keys = [(t, b, "avg4") for t in grid_t for b in blocks]
-    head_start = time.perf_counter()
-    if not {"tok8", "avg4"} <= set(pools):
-        log("heads skipped: they read the tok8 and avg4 maps, and --pools leaves one out")
-        args.head_seconds = -1.0
-    for seed in range(3):
-        for kind, keys in (("attention", att_keys), ("fusion", fus_keys)):
-            if time.perf_counter() - head_start > args.head_seconds:
-                break
-            res = head_run(kind, final_feats.maps, keys, labels, rows_t, seed, args.head_epochs, device)
-            correct[f"{kind}{seed}"] = res.pop("_correct")
-            result["heads"].append(res)
-            log(f"{kind} seed {seed}: val {res['val']} test {res['test']} ({res['seconds']} s)")
-            if "attention0" in correct:
-                result["tests"]["attention_vs_linear"] = mcnemar(correct["attention0"], correct["final"])
-            if "fusion0" in correct and "attention0" in correct:
-                result["tests"]["fusion_vs_attention"] = mcnemar(correct["fusion0"], correct["attention0"])
-            np.savez_compressed(args.out / "test_correct.npz", **correct)
-            save()
+    if "heads" in stages:
+        result["heads"] = []
+        if args.attention_input is not None:
+            att_keys = [args.attention_input]
+        elif final is not None:
+            att_keys = [(final["t"], final["block"], "tok8")]
+        else:
+            raise SystemExit("--stages heads without the progress stage needs --attention-input T,BLOCK,POOL")
+        fus_keys = [(t, b, "avg4") for t in grid_t for b in blocks]
+        kinds = args.head_kinds.split(",")
+        head_start = time.perf_counter()
+        if "fusion" in kinds and "avg4" not in pools:
+            raise SystemExit("the fusion head reads the avg4 maps, and --pools leaves them out")
+        for seed in [int(v) for v in args.head_seeds.split(",")]:
+            for kind, keys in (("attention", att_keys), ("fusion", fus_keys)):
+                if kind not in kinds or time.perf_counter() - head_start > args.head_seconds:
+                    continue
+                ckpt = args.out / "checkpoints" / f"{kind}{seed}"
+                res = head_run(kind, final_maps, keys, labels, rows_t, seed, args.head_epochs, device, sizes, ckpt)
+                correct[f"{kind}{seed}"] = res.pop("_correct")
+                result["heads"].append(res)
+                log(f"{kind} seed {seed}: val {res['val']} test {res['test']} ({res['seconds']} s)")
+                result["tests"] = paired_tests(result, correct)
+                save()
     result["wall_seconds"] = round(time.perf_counter() - started, 1)
     save()
-    log(json.dumps(result["summary"]))
+    log(json.dumps(result.get("summary") or result.get("tests"), default=str))
 
 
 if __name__ == "__main__":

@@ -44,14 +44,19 @@ def fit_logistic(
     if l2 < 0:
         raise ValueError(f"l2 must be >= 0, got {l2}")
     d = x.shape[1]
-    w = (
-        init.weight.clone() if init is not None else torch.zeros(d, num_classes, device=x.device, dtype=x.dtype)
+    # The weight is optimised as (K, d) and applied with F.linear: its gradient is then grad.T @ x, which
+    # BLAS runs ~15x faster than the x.T @ grad that a (d, K) weight's `x @ w` asks for (54k x 4096 on
+    # one CPU thread: 0.15 s vs 2.3 s per evaluation, measured).
+    wt = (
+        init.weight.T.clone(memory_format=torch.contiguous_format)
+        if init is not None
+        else torch.zeros(num_classes, d, device=x.device, dtype=x.dtype)
     ).requires_grad_()
     b = (
         init.bias.clone() if init is not None else torch.zeros(num_classes, device=x.device, dtype=x.dtype)
     ).requires_grad_()
     opt = torch.optim.LBFGS(
-        [w, b],
+        [wt, b],
         lr=1.0,
         max_iter=max_iter,
         tolerance_grad=tol,
@@ -60,17 +65,20 @@ def fit_logistic(
         line_search_fn="strong_wolfe",
     )
 
+    def objective() -> torch.Tensor:
+        return F.cross_entropy(F.linear(x, wt, b), y) + 0.5 * l2 * (wt * wt).sum()
+
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = F.cross_entropy(x @ w + b, y) + 0.5 * l2 * (w * w).sum()
+        loss = objective()
         loss.backward()
         return loss
 
     opt.step(closure)
     with torch.no_grad():
-        loss = float(F.cross_entropy(x @ w + b, y) + 0.5 * l2 * (w * w).sum())
+        loss = float(objective())
     iterations = int(opt.state[opt._params[0]].get("n_iter", 0))
-    return LogisticFit(l2, w.detach(), b.detach(), loss, iterations)
+    return LogisticFit(l2, wt.detach().T.contiguous(), b.detach(), loss, iterations)
 
 
 def logistic_path(
