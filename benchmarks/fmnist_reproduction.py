@@ -168,7 +168,17 @@ def probe_grid(feats: dict, y: torch.Tensor, rows: dict[str, torch.Tensor], keys
         x = standardised(feats[key], rows["train"])
         path = logistic_path(x[rows["fit"]], y[rows["fit"]], x[rows["val"]], y[rows["val"]], 10, L2_GRID)
         for fit, val_acc in path:
-            table.append({"t": key[0], "block": key[1], "pool": key[2], "l2": fit.l2, "val": round(100 * val_acc, 2)})
+            table.append(
+                {
+                    "t": key[0],
+                    "block": key[1],
+                    "pool": key[2],
+                    "l2": fit.l2,
+                    "val": round(100 * val_acc, 2),
+                    "iterations": fit.iterations,  # 300 = L-BFGS stopped at max_iter, not at its tolerance
+                    "loss": round(fit.loss, 6),
+                }
+            )
             if best is None or val_acc > best[0]:
                 best = (val_acc, key, fit, x)
         log(f"  {key}: best val {max(a for _, a in path) * 100:.2f}")
