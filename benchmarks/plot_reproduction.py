@@ -1,6 +1,10 @@
 """Figures for README from the reproduction's JSON: accuracy over training progress, and over t.
 
-    python benchmarks/plot_reproduction.py docs/results/reproduction_gpu.json docs/results/reproduction_t_curve.json
+    python benchmarks/plot_reproduction.py docs/results/reproduction_gpu.json docs/results/reproduction_t_curve.json \
+        [docs/results/reproduction_cpu_full.json]
+
+The third file (the CPU run from the cached grid) adds the final model's point, which the GPU run's time box
+left out, on the same grid and protocol.
 """
 
 from __future__ import annotations
@@ -18,9 +22,11 @@ def main() -> None:
 
     gpu = json.loads(Path(sys.argv[1]).read_text())
     curve = json.loads(Path(sys.argv[2]).read_text()) if len(sys.argv) > 2 else None
+    cpu = json.loads(Path(sys.argv[3]).read_text()) if len(sys.argv) > 3 else {}
     progress = gpu["run_2_progress_t_5"]["progress"]
+    progress = progress + [p for p in cpu.get("progress", []) if p["model"] == "final" and p not in progress]
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    trained = [p for p in progress if p["model"] != "random"]
+    trained = sorted((p for p in progress if p["model"] != "random"), key=lambda p: p["epochs"])
     ax.plot([p["epochs"] for p in trained], [p["selected"]["test"] for p in trained], "o-", label="trained (EMA)")
     random = next(p for p in progress if p["model"] == "random")["selected"]["test"]
     ax.axhline(random, color="gray", ls="--", label=f"random init ({random:.2f})")
