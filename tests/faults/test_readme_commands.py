@@ -1,7 +1,8 @@
 """Every `diffbank spec|extract|store` command in README's ```bash blocks runs as written, on cpu_small.
 
-Lines with placeholders (SPEC, STORE, ADDR: what the reader fills in) and remote stores (s3://, run against
-moto's server in tests/test_s3.py) are left out; everything else is
+Lines with placeholders (SPEC, STORE, ADDR: what the reader fills in), remote stores (s3://, run against
+moto's server in tests/test_s3.py) and lines marked `# long run` (a whole data set: what the README's result
+sections were measured with) are left out; everything else is
 run in order, in a scratch folder that sees the repository's cache_specs/, as a user would type it.
 """
 
@@ -18,6 +19,7 @@ from .conftest import cli
 REPO = Path(__file__).resolve().parents[2]
 STAGES = ("spec", "extract", "store")
 PLACEHOLDER = re.compile(r"^[A-Z][A-Z_.0-9]*$")
+LONG_RUN = "# long run"
 
 
 def readme_commands() -> list[list[str]]:
@@ -26,6 +28,8 @@ def readme_commands() -> list[list[str]]:
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         block = block.replace("\\\n", " ")  # a command continued over several lines is one command
         for line in block.splitlines():
+            if LONG_RUN in line:
+                continue
             line = re.sub(r"\s+#.*$", "", line).strip()
             if not line.startswith("diffbank "):
                 continue
