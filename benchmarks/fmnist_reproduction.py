@@ -138,10 +138,10 @@ class StoreFeatures(Mapping):
             raise ValueError(f"{url}: its labels are not Fashion-MNIST's train+test in order (rows 0-69,999)")
         self.device = device
         self.keys = [(t, b, p) for t in timesteps for b in blocks for p in pools]
-        missing = [feature_name(*k) for k in self.keys if feature_name(*k) not in self.store.feature_names()]
+        stored = set(self.store.feature_names())
+        missing = [feature_name(*k) for k in self.keys if feature_name(*k) not in stored]
         if missing:
             raise ValueError(f"{url} lacks {', '.join(missing)} (extract cache_specs/fmnist_full.yaml into it)")
-        self.maps = self
 
     def __getitem__(self, key: tuple[int, int, str]) -> torch.Tensor:
         return torch.from_numpy(self.store.read(feature_name(*key))).to(self.device)
@@ -325,9 +325,9 @@ def merge_runs(dirs: list[Path], result: dict, correct: dict[str, np.ndarray]) -
     """Earlier stages' results (reproduction.json) and per-image test outcomes (test_correct.npz), merged."""
     for d in dirs:
         part = json.loads((d / "reproduction.json").read_text())
-        for k in ("pixels", "store_fingerprints"):
-            if k in part:
-                result[k] = part[k] if k == "pixels" else {**result.get(k, {}), **part[k]}
+        if "pixels" in part:
+            result["pixels"] = part["pixels"]
+        result.setdefault("store_fingerprints", {}).update(part.get("store_fingerprints", {}))
         for k in ("progress", "t_curve", "heads"):
             result.setdefault(k, []).extend(part.get(k, []))
         with np.load(d / "test_correct.npz") as z:
@@ -398,6 +398,15 @@ def main() -> None:
     if args.skip_pixels:
         stages.discard("pixels")
     stores = _stores(args.store)
+    # Settled before any image is loaded: what a stage needs from the others.
+    if "curve" in stages and ("progress" not in stages or "final" in stores):
+        raise SystemExit("--stages curve needs the progress stage's final selection, extracted in memory")
+    if {"curve", "heads"} & stages and args.models and "final" not in args.models.split(","):
+        raise SystemExit("--stages curve and heads read the final model: --models must include final")
+    if "heads" in stages and args.attention_input is None and "progress" not in stages:
+        raise SystemExit("--stages heads without the progress stage needs --attention-input T,BLOCK,POOL")
+    if "heads" in stages and "fusion" in args.head_kinds.split(",") and "avg4" not in args.pools.split(","):
+        raise SystemExit("the fusion head reads the avg4 maps, and --pools leaves them out")
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -447,10 +456,12 @@ def main() -> None:
     models = [("random", None, 0)] + (trained_models(args.run) if args.run else shipped_models())
     if args.models:
         models = [m for m in models if m[0] in args.models.split(",")]
-    extracted = [m for m in models if m[0] not in stores] if "progress" in stages else []
-    if "curve" in stages or ("heads" in stages and "final" not in stores):
-        extracted += [m for m in models if m[0] == "final" and m not in extracted]
-    need_t = sorted(set(grid_t + (curve_t if "curve" in stages else []))) if extracted else []
+    extracts = (
+        ("progress" in stages and any(m[0] not in stores for m in models))
+        or "curve" in stages
+        or ("heads" in stages and "final" not in stores)
+    )
+    need_t = sorted(set(grid_t + (curve_t if "curve" in stages else []))) if extracts else []
     log(f"{n_train} train ({len(val_rows)} val) + {n - n_train} test images; noise for {need_t}")
     noise = {t: all_noise(n, t, args.workers) for t in need_t}
     schedule = NoiseSchedule.from_flags("linear", 1000)
@@ -459,7 +470,7 @@ def main() -> None:
         if name in stores:
             feats = StoreFeatures(stores[name], labels, grid_t, blocks, pools, device)
             result.setdefault("store_fingerprints", {})[name] = feats.store.fingerprint
-            return feats.maps, None, 0.0
+            return feats, None, 0.0
         torch.manual_seed(0)
         model = ADMUNet.from_flags(**fmnist.FLAGS)
         if path is not None:
@@ -515,8 +526,6 @@ def main() -> None:
 
     # Timestep curve at the final model's selected block, both poolings, every t.
     if "curve" in stages:
-        if final is None or final_model is None:
-            raise SystemExit("--stages curve needs the progress stage's final selection, extracted in memory")
         curve_feats = Features(
             final_model, x0, noise, schedule, [t for t in curve_t if t not in grid_t], [final["block"]], pools, device
         )
@@ -533,22 +542,15 @@ def main() -> None:
     # the three blocks x the grid's timesteps (4x4 maps), seeds in turn while the time box lasts.
     if "heads" in stages:
         result["heads"] = []
-        if args.attention_input is not None:
-            att_keys = [args.attention_input]
-        elif final is not None:
-            att_keys = [(final["t"], final["block"], "tok8")]
-        else:
-            raise SystemExit("--stages heads without the progress stage needs --attention-input T,BLOCK,POOL")
+        att_keys = [args.attention_input or (final["t"], final["block"], "tok8")]
         fus_keys = [(t, b, "avg4") for t in grid_t for b in blocks]
         kinds = args.head_kinds.split(",")
         head_start = time.perf_counter()
-        if "fusion" in kinds and "avg4" not in pools:
-            raise SystemExit("the fusion head reads the avg4 maps, and --pools leaves them out")
         for seed in [int(v) for v in args.head_seeds.split(",")]:
             for kind, keys in (("attention", att_keys), ("fusion", fus_keys)):
                 if kind not in kinds or time.perf_counter() - head_start > args.head_seconds:
                     continue
-                ckpt = args.out / "checkpoints" / f"{kind}{seed}"
+                ckpt = args.out / "checkpoints" / head_key(kind, seed, args.head_momentum)
                 res = head_run(
                     kind,
                     final_maps,
