@@ -107,7 +107,9 @@ def main() -> None:
         f"store: {fp16 / 1e6:.0f} MB float16 ({fp16 * 2 / 1e6:.0f} MB as float32), budget {budget / 1e6:.0f} MB "
         f"({fp16 / budget:.1f}x); reader scratch {reader / MiB:.0f} MiB ({workers} threads)"
     )
-    env_cmd = [shutil.which("diffbank") or "diffbank"]
+    # the console script next to this Python first: the benchmark may run from a venv that is not activated
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    env_cmd = [shutil.which("diffbank", path=path) or "diffbank"]
     rows_out = []
     for command in ("linear", "sweep"):
         with tempfile.TemporaryDirectory() as tmp:
@@ -122,7 +124,8 @@ def main() -> None:
         print(
             f"probe {command:6s}: peak RSS {big / MiB:7.0f} MiB   baseline (tiny store) {base / MiB:5.0f} MiB   "
             f"budget + constant = {budget / MiB:.0f} + {constant / MiB:.0f} = {(budget + constant) / MiB:.0f} MiB   "
-            f"data above baseline {(big - base) / MiB:5.0f} MiB   {wall:5.0f} s   {'OK' if ok else 'OVER'}",
+            f"data above baseline {(big - base) / MiB:5.0f} MiB   {wall:5.0f} s   "
+            f"{'OK' if ok else 'OVER' if rc == rc0 == 0 else f'FAILED (exit {rc0}, {rc})'}",
             flush=True,
         )
     sys.exit(0 if all(r[-1] for r in rows_out) else 1)

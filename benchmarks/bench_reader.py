@@ -6,9 +6,14 @@ same data, each measured in this run (best of --repeat after a warm-up, page cac
 
 - np.load of the .npy (float16), and np.load followed by a torch cast to float32;
 - plain zarr `arr[:]` (float16) and `to_dask().compute()`;
-- FeatureStore.read -> float32 with the decode pool (default threads) and with one thread; what the fresh
-  float32 output alone costs (allocate and fill it), and the read into a reused buffer (`out=`);
+- FeatureStore.read -> float32 with the decode pool (default threads) and with one thread. Once a result
+  is dropped, the next read reuses its memory (as in a loop over features or shards); the arm "into fresh
+  memory" passes a new `out=` each time, as a process's first read; what the fresh float32 output alone
+  costs (allocate and fill it), and the read into a caller's reused buffer (`out=`);
 - a full pass of FeatureStore.iter_batches (batch 256) with read-ahead, and without it on one thread;
+- a probe's epoch of data (`ProbeData.stream`, batch 256, streamed under `--budget`): shuffled windows read,
+  checked for NaN/inf and standardised, in order and shuffled (GB/s counts the float16 bytes of the split it
+  reads, so it compares with np.load of the same bytes);
 - 200 random 64-row batches (a shuffled probe epoch's access) with 64- and 512-row inner chunks, and a
   full read of the 512-row store (the chunk-size choice recorded in extract/store/layout.py);
 - on moto's S3 server (a separate process on 127.0.0.1): read and iter_batches with prefetch (8 requests
@@ -25,6 +30,7 @@ threads) an arm took: on a shared machine wall times swing with other jobs, CPU 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import socket
@@ -103,6 +109,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=7, help="paired rounds of np.load / read / epoch")
     ap.add_argument("--no-s3", action="store_true")
+    ap.add_argument("--json", default=None, help="also write every figure to this JSON file")
+    ap.add_argument("--budget", default="1GiB", help="memory budget of the probe-epoch arms (streams below 1.8 GB)")
     ap.add_argument("--s3-shard-mb", type=float, default=16.0, help="shard size of the store the S3 arms read")
     ap.add_argument("--dir", default=None, help="where to write the data (default: a temporary folder)")
     args = ap.parse_args()
@@ -135,10 +143,12 @@ def main() -> None:
     )
 
     results: list[tuple[str, float]] = []
+    record: dict = {"feature_gb": gb, "rows": args.rows, "torch_threads": torch.get_num_threads(), "arms": {}}
 
     def arm(label: str, fn, repeat: int = args.repeat) -> None:
         seconds, cpu = best(fn, repeat)
         results.append((label, seconds))
+        record["arms"][label] = {"seconds": seconds, "gb_per_s": gb / seconds, "cpu_seconds": cpu}
         print(f"  {label:<62} {seconds:7.3f} s  {gb / seconds:6.2f} GB/s  cpu {cpu:6.3f} s", flush=True)
 
     local = open_store(root / "c64.zarr")
@@ -149,11 +159,12 @@ def main() -> None:
     arm("np.load + torch cast to float32", lambda: torch.from_numpy(np.load(npy)).float())
     arm("plain zarr arr[:] (float16)", lambda: arr[:])
     arm("to_dask().compute() (float16)", lambda: local.to_dask(NAME).compute(), repeat=1)
+    shape = (args.rows, *arr.shape[1:])
     arm(f"FeatureStore.read -> float32 ({local.workers} decode threads)", lambda: local.read(NAME))
     arm("FeatureStore.read -> float32 (1 thread)", lambda: single.read(NAME))
+    arm("FeatureStore.read -> float32 into fresh memory", lambda: local.read(NAME, out=np.empty(shape, np.float32)))
     # What a fresh float32 result costs before any decoding: the kernel zeroes and maps every page on first
     # write (2x np.load's float16 bytes), and the read into a reused buffer is the decode alone.
-    shape = (args.rows, *arr.shape[1:])
     arm("fresh float32 output alone (np.empty + fill)", lambda: np.empty(shape, np.float32).fill(0))
     reused = np.empty(shape, np.float32)
     arm(
@@ -173,9 +184,36 @@ def main() -> None:
     arm("iter_batches full pass, batch 256, read-ahead", full_pass(local, 1))
     arm("iter_batches full pass, 1 thread, no read-ahead", full_pass(single, 0))
 
+    from probe.data import ProbeData
+
+    # its own store handle, as `diffbank probe` has: windows reuse their memory, not the read arm's
+    data = ProbeData.from_store(open_store(root / "c64.zarr"), NAME, in_memory=False, memory_budget=args.budget)
+    data.stats(NAME)  # the statistics pass is once per feature, not per epoch
+    split_gb = len(data.rows("train")) * arr.nbytes / args.rows / 1e9
+
+    def probe_epoch(shuffle):
+        def run():
+            for _ in data.stream("train", 256, shuffle=shuffle):
+                pass
+
+        return run
+
+    for shuffle in (False, True):
+        seconds, cpu = best(probe_epoch(shuffle), args.repeat)
+        label = f"probe epoch (ProbeData.stream, {'shuffled' if shuffle else 'in order'})"
+        results.append((label, seconds * gb / split_gb))  # as seconds for the whole feature's bytes
+        record["arms"][label] = {"seconds": seconds, "gb_per_s": split_gb / seconds, "cpu_seconds": cpu}
+        print(f"  {label:<62} {seconds:7.3f} s  {split_gb / seconds:6.2f} GB/s  cpu {cpu:6.3f} s", flush=True)
+
     # On a shared machine one arm can catch a quiet moment the next one misses: paired rounds time the
     # goal's arms back to back, and the median of the per-round ratios is the figure to quote.
-    paired = {"np.load": lambda: np.load(npy), "read": lambda: local.read(NAME), "epoch": full_pass(local, 1)}
+    paired = {
+        "np.load": lambda: np.load(npy),
+        "read": lambda: local.read(NAME),
+        "fresh": lambda: local.read(NAME, out=np.empty(shape, np.float32)),
+        "epoch": full_pass(local, 1),
+        "probe": probe_epoch(True),
+    }
     rounds = {k: [] for k in paired}
     cpus = {k: [] for k in paired}
     for _ in range(args.rounds):
@@ -186,8 +224,15 @@ def main() -> None:
             cpus[key].append(cpu_seconds() - c0)
     base_t = np.array(rounds["np.load"])
     print(f"  paired rounds ({args.rounds}), median GB/s and median ratio to np.load in the same round; median CPU s:")
+    record["paired"] = {}
     for key in paired:
-        t = np.array(rounds[key])
+        size = split_gb if key == "probe" else gb
+        t = np.array(rounds[key]) * gb / size  # seconds for the whole feature's bytes
+        record["paired"][key] = {
+            "median_gb_per_s": gb / float(np.median(t)),
+            "median_percent_of_np_load": float(np.median(base_t / t) * 100),
+            "median_cpu_seconds": float(np.median(cpus[key])),
+        }
         print(
             f"    {key:<8} {gb / np.median(t):6.2f} GB/s   {np.median(base_t / t) * 100:6.1f} % of np.load"
             f"   cpu {np.median(cpus[key]):6.3f} s"
@@ -204,6 +249,7 @@ def main() -> None:
 
         seconds, _ = best(random_batches, 1)
         print(f"  200 random 64-row batches, {label:<33} {seconds:7.3f} s  {1000 * seconds / 200:6.2f} ms/batch")
+        record.setdefault("random_64_row_batch_ms", {})[label] = 1000 * seconds / 200
     arm("FeatureStore.read -> float32, 512-row chunks", lambda: wide.read(NAME))
 
     if not args.no_s3:
@@ -243,6 +289,11 @@ def main() -> None:
     print(f"\nrelative to np.load ({gb / base:.2f} GB/s):")
     for label, seconds in results:
         print(f"  {label:<62} {base / seconds * 100:6.1f} %")
+        if label in record["arms"]:
+            record["arms"][label]["percent_of_np_load"] = base / seconds * 100
+    if args.json:
+        record["load_average"] = os.getloadavg()
+        Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,9 @@ Memory. Peak RSS of a probe stays within `memory_budget` plus a constant:
   being consumed, the one being read ahead and the previous one while its last batch is referenced, each
   under 1.25 x budget / 4 (the shuffle window is the smaller of `shuffle_buffer` and a quarter of the budget,
   and its unit a shard or, when a shard is larger than a sixteenth of the budget, a run of inner chunks of at
-  most a quarter window);
+  most a quarter window). A window's memory is the reader's: once no batch of it is held, the next window
+  reuses it (fresh pages cost more than decoding), and the reader gives free memory back before it
+  allocates more, so at most those three windows are ever resident;
 - the statistics pass: 3 blocks of `probe.stats.STATS_BLOCK_BYTES` (16 MiB) float32 plus two float64 copies
   of one (~112 MiB), freed before training;
 - the reader: ~16 MiB per decode thread (8 MiB of decode scratch, up to 8 MiB of the bytes read from a local
@@ -477,13 +479,22 @@ class ProbeData:
         """
         out: dict[str, np.ndarray] = {}
         for key, array in (arrays or {n: n for n in self.features}).items():
-            name = self._feature_of[array]
-            stats = self.stats(name)
-            x = self.store.read(
-                array, window.order, out=np.empty((len(window.order), *self.feature_shapes[name]), np.float32)
-            )
-            check_rows_finite(array, x, window.order, self._sample_ids)
-            out[key] = stats.apply(x)
+            stats = self.stats(self._feature_of[array])
+            not_finite: list[bool] = []
+
+            def check_and_standardise(block: np.ndarray, stats: FeatureStats = stats, flag: list = not_finite) -> None:
+                if not np.isfinite(block).all():
+                    flag.append(True)
+                stats.apply(block)
+
+            # Checked (unless the store vouches for it) and standardised block by block in the decode threads,
+            # while each block is in cache. The window's memory is the reader's: reused by a later window once
+            # no batch of it is held.
+            each = stats.apply if self.store.known_finite(array) else check_and_standardise
+            x = self.store.read(array, window.order, each=each)
+            if not_finite:  # read the raw rows again to name the first bad one
+                check_rows_finite(array, self.store.read(array, window.order), window.order, self._sample_ids)
+            out[key] = x
         return out
 
     # ---- internals

@@ -54,6 +54,32 @@ def test_every_selection_equals_plain_zarr(stored, workers):
             fs.read(name, out=np.empty((N, *data.shape[1:]), np.float16))
 
 
+@pytest.mark.parametrize("workers", [1, 3])
+def test_each_sees_every_row_once_in_blocks_and_its_changes_land_in_the_result(stored, workers):
+    """`each` runs in the decode threads on blocks that partition the rows, before they land in the result:
+    a row-wise step (here a standardisation) gives what applying it to the plain read gives, in every path."""
+    path, feats = stored
+    fs = open_store(path, workers=workers)
+    rng = np.random.default_rng(1)
+    mean, scale = np.float32(0.25), np.float32(3.0)
+    for name, data in feats.items():
+        want = (data.astype(np.float32) - mean) / scale
+        selections = (None, slice(3, 41), slice(40, 2, -3), rng.permutation(N), np.array([44, 0, 0, 17, 16, 15, -1]))
+        for rows in selections:
+            seen = []
+
+            def standardise(block, seen=seen, shape=data.shape[1:]):
+                assert block.dtype == np.float32 and block.shape[1:] == shape
+                seen.append(len(block))
+                block -= mean
+                block /= scale
+
+            got = fs.read(name, rows, each=standardise)
+            expect = want if rows is None else want[rows]
+            np.testing.assert_array_equal(got, expect)
+            assert sum(seen) == len(expect), (rows, seen)
+
+
 @pytest.mark.parametrize("prefetch", [0, 1, 3])
 def test_iter_batches_in_order_with_read_ahead(stored, prefetch):
     path, feats = stored
@@ -145,6 +171,51 @@ def test_iter_batches_reuses_blocks_only_when_no_batch_of_them_is_held(stored, p
         for i, batch in kept:
             np.testing.assert_array_equal(batch, want[4 * i : 4 * i + 4])
         assert len(buffers) < len(got) // 2, (len(buffers), len(got))  # recycled, not one per block
+
+
+def test_read_reuses_the_memory_of_dropped_results_and_never_that_of_held_ones(stored):
+    """Fresh memory costs page faults: a result the caller dropped lends its memory to the next read of a
+    similar size, a held one never changes, and free memory that does not fit is given back, not hoarded."""
+    import gc
+    import weakref
+
+    path, feats = stored
+    fs = open_store(path)
+    big, small = "t090_b24_avg2", "t150_b19_tok4"  # 24 and 48 values a row: big[:40] is 960, small[:8] 384
+    want = feats[big].astype(np.float32)
+    held = fs.read(big)
+    dropped = fs.read(big, slice(0, 40))
+    assert not np.shares_memory(held, dropped)
+    memory = weakref.ref(dropped.base)
+    del dropped
+    again = fs.read(big, slice(5, 45))  # same size: the dropped result's memory
+    assert again.base is memory()
+    np.testing.assert_array_equal(again, want[5:45])
+    np.testing.assert_array_equal(held, want)  # read twice since, unchanged
+    del again
+    tiny = fs.read(small, slice(0, 8))  # under half the free memory: new memory, and the free one is given back
+    gc.collect()
+    assert memory() is None
+    np.testing.assert_array_equal(tiny, feats[small][:8])
+    tiny_memory = weakref.ref(tiny.base)
+    del tiny
+    fs.release_memory()
+    assert tiny_memory() is None
+
+
+def test_known_finite_only_when_the_extraction_counted_no_nan_and_reads_are_checksummed(tmp_path):
+    """A probe skips its per-window NaN/inf check only on this word: a finished extraction that counted
+    none, in chunks whose bytes cannot change unnoticed (format 1 stores have no checksums)."""
+    from pathlib import Path
+
+    data = np.ones((8, 2, 1, 1), np.float16)
+    clean = save_features(tmp_path / "c.zarr", {"t010_b01_avg1": data}, np.zeros(8, int), {})
+    assert clean.known_finite("t010_b01_avg1")
+    data[3, 1] = np.nan
+    dirty = save_features(tmp_path / "d.zarr", {"t010_b01_avg1": data}, np.zeros(8, int), {})
+    assert not dirty.known_finite("t010_b01_avg1")
+    old = open_store(Path(__file__).parent / "data" / "store_v1.zarr")
+    assert not any(old.known_finite(n) for n in old.feature_names())
 
 
 def test_a_truncated_shard_fails_to_read_with_a_clear_error(stored):

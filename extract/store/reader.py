@@ -3,8 +3,8 @@
 Feature reads decode inner chunks in a thread pool straight into the caller's float32 output: each
 task fetches the bytes of a run of chunks with one (ranged) request, checks their crc32c, decompresses
 them into a float16 scratch of its own and casts that into its slice of the output with torch. Remote
-stores get several requests in flight at once, so a read from S3 is not bound by latency. `iter_batches`
-recycles its blocks (`_Recycled`).
+stores get several requests in flight at once, so a read from S3 is not bound by latency. Results reuse
+the memory of results the caller has dropped, and `iter_batches` that of its own blocks (`_ReusedMemory`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import concurrent.futures
 import os
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -32,6 +32,7 @@ from extract.store.layout import (
     StoreError,
     as_str,
     direct_codecs,
+    has_checksums,
     is_local,
     local_path,
     open_group,
@@ -67,39 +68,59 @@ def cast_into(dst: np.ndarray, src: np.ndarray) -> None:
 
 
 def _scatter_into(out: np.ndarray, positions: np.ndarray, rows: np.ndarray) -> None:
+    """out[positions] = rows (float32 both)."""
     try:
         import torch
     except ImportError:  # pragma: no cover
         out[positions] = rows
         return
-    torch.from_numpy(out)[torch.from_numpy(positions)] = torch.from_numpy(rows).to(torch.float32)
+    torch.from_numpy(out).index_copy_(0, torch.from_numpy(positions), torch.from_numpy(rows))
 
 
-class _Recycled:
-    """float32 output buffers of one iter_batches pass, reused once the caller holds no batch of them.
+class _ReusedMemory:
+    """float32 arrays whose memory is reused once the caller holds none of their views.
 
-    Writing into fresh memory costs a page fault per (huge) page: a float16 -> float32 cast ran at ~3 GB/s into
-    fresh buffers against ~10 GB/s into reused ones (2 cores, transparent huge pages on), so allocating every
-    block cost more than decoding it. Every batch handed out is a view, and a view holds a reference to its
-    buffer, so a buffer whose only reference is this list is free: the caller may keep any batch for as long as
-    it likes and it never changes. Called from one thread at a time (the prefetch thread, or the caller's).
+    Fresh memory is slow: the kernel zeroes and maps every page on first write, and a virtual machine's host
+    may have to back the pages again. On this project's 2-core VM, filling a fresh 1.26 GB float32 array took
+    0.13 s and at times 1.5 s of system time, against 0.05 s for memory already mapped; a read's decoding
+    takes ~0.25 CPU s. So results are views of memory this pool tracks, and a view holds a reference to its
+    memory: memory whose only reference is this pool's list is free, and a caller may keep any result as long
+    as it likes without it ever changing. At most `keep` allocations are tracked (older ones become the
+    caller's alone), free memory is reused only for a result at least half its size, and free memory that
+    does not fit is released before new memory is allocated, so peak use never exceeds what fresh
+    allocations reach. Free memory stays mapped until the next take or `release()`.
     """
 
-    def __init__(self, rows: int, shape: tuple[int, ...], keep: int):
-        self.rows, self.shape, self.keep = rows, tuple(shape), keep
-        self._owned: list[np.ndarray] = []
+    def __init__(self, keep: int):
+        self.keep = keep
+        self._owned: list[np.ndarray] = []  # flat float32 allocations, oldest first
+        self._lock = threading.Lock()
 
-    def take(self, n: int) -> np.ndarray:
-        for i in range(len(self._owned)):
-            if sys.getrefcount(self._owned[i]) == 2:  # this list and getrefcount's argument: nobody else
-                buf = self._owned.pop(i)
-                break
-        else:
-            buf = np.empty((self.rows, *self.shape), dtype=np.float32)
-            if len(self._owned) >= self.keep:  # still held by the caller: theirs now, not ours to track
-                self._owned.pop(0)
-        self._owned.append(buf)
-        return buf[:n]
+    def _free(self, i: int) -> bool:
+        return sys.getrefcount(self._owned[i]) == 2  # this list and getrefcount's argument: nobody else
+
+    def take(self, shape: tuple[int, ...], reserve: int = 0) -> np.ndarray:
+        """An uninitialised float32 array of `shape`; new memory holds at least `reserve` elements, so that
+        a shorter last block can reuse a full one."""
+        n = int(np.prod(shape, dtype=np.int64))
+        with self._lock:
+            fits = [
+                i for i in range(len(self._owned)) if self._free(i) and n <= self._owned[i].size <= 2 * max(n, reserve)
+            ]
+            if fits:
+                buf = self._owned.pop(min(fits, key=lambda i: self._owned[i].size))
+            else:
+                self._owned = [self._owned[i] for i in range(len(self._owned)) if not self._free(i)]
+                buf = np.empty(max(n, reserve), dtype=np.float32)
+                if len(self._owned) >= self.keep:
+                    self._owned.pop(0)
+            self._owned.append(buf)
+        return buf[:n].reshape(shape)
+
+    def release(self) -> None:
+        """Give free memory back to the system."""
+        with self._lock:
+            self._owned = [self._owned[i] for i in range(len(self._owned)) if not self._free(i)]
 
 
 class FeatureStore:
@@ -121,6 +142,8 @@ class FeatureStore:
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._scratch = threading.local()
+        # Memory of read()'s results (a probe's windows: a few per feature), reused once the caller drops them.
+        self._memory = _ReusedMemory(keep=16)
         self.attrs: dict[str, Any] = dict(root.attrs)
         if self.attrs.get("format") != FORMAT_NAME:
             raise StoreError(
@@ -197,6 +220,18 @@ class FeatureStore:
             self._cache[key] = FeatureInfo.from_attrs(name, dict(arr.attrs), arr.shape[1:])
         return self._cache[key]
 
+    def known_finite(self, name: str) -> bool:
+        """Whether every value of array `name` is finite without reading it: its extraction finished and
+        counted no inf or NaN, and its chunks carry checksums, so a read of changed bytes fails instead of
+        returning them. A probe then skips its own NaN/inf check of every window."""
+        stats = self.feature_info(name).stats or {}
+        return (
+            bool(stats.get("complete"))
+            and stats.get("n_inf") == 0
+            and stats.get("n_nan") == 0
+            and has_checksums(self.array(name))
+        )
+
     def to_dask(self, name: str):
         """A dask array chunked by shard rows (one task per shard, not per inner chunk)."""
         import dask.array as da
@@ -204,18 +239,30 @@ class FeatureStore:
         arr = self.array(name)
         return da.from_zarr(arr, chunks=(self.shard_rows, *arr.shape[1:]))
 
-    def read(self, name: str, rows: Any = None, *, out: np.ndarray | None = None) -> np.ndarray:
+    def read(
+        self,
+        name: str,
+        rows: Any = None,
+        *,
+        out: np.ndarray | None = None,
+        each: Callable[[np.ndarray], None] | None = None,
+    ) -> np.ndarray:
         """Rows of one feature as float32: rows is None (all), a slice, a bool mask or indices.
 
         `out` (float32, C-contiguous, shape (rows, *feature shape)) is filled and returned instead of a
-        new array: a probe can reuse one buffer for every batch.
+        new array: a probe can reuse one buffer for every batch. Without it the result is the caller's for as
+        long as they hold it; its memory is reused by a later read once they drop it (`release_memory`).
+        `each(block)` is called on every float32 block of decoded rows, in the decode threads and while the
+        block is still in cache, before it lands in the result: an in-place, row-wise step such as
+        standardisation or a finiteness check costs no pass of its own. The blocks partition the rows in no
+        particular order.
         """
         arr = self.array(name)
         if rows is None or (isinstance(rows, slice) and rows.indices(self.num_samples)[2] == 1):
             start, stop, _ = (rows or slice(None)).indices(self.num_samples)
             stop = max(start, stop)
             out = self._output(arr, stop - start, out)
-            self._read_range(name, arr, start, stop, out)
+            self._read_range(name, arr, start, stop, out, each)
             return out
         if isinstance(rows, slice):
             rows = np.arange(*rows.indices(self.num_samples))
@@ -230,13 +277,17 @@ class FeatureStore:
         idx = np.where(idx < 0, idx + self.num_samples, idx)
         out = self._output(arr, idx.size, out)
         if idx.size:
-            self._read_rows(name, arr, idx, out)
+            self._read_rows(name, arr, idx, out, each)
         return out
+
+    def release_memory(self) -> None:
+        """Give back the memory of results and batches the caller has dropped, kept for reuse by later reads."""
+        self._memory.release()
 
     def _output(self, arr: zarr.Array, n: int, out: np.ndarray | None) -> np.ndarray:
         shape = (n, *arr.shape[1:])
         if out is None:
-            return np.empty(shape, dtype=np.float32)
+            return self._memory.take(shape)
         if out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous:
             raise ValueError(f"out must be a C-contiguous float32 array of shape {shape}")
         return out
@@ -257,13 +308,14 @@ class FeatureStore:
             self._cache[key] = index
         return index
 
-    def _scratch_for(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-        """This thread's decode buffer, reused from task to task: a fresh one per task would cost a page
+    def _scratch_for(self, slot: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        """This thread's buffer `slot`, reused from task to task: a fresh one per task would cost a page
         fault per 4 KiB, which measured slower than the decompression itself."""
         nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-        buf = getattr(self._scratch, "buf", None)
+        buf = getattr(self._scratch, slot, None)
         if buf is None or buf.nbytes < nbytes:
-            buf = self._scratch.buf = np.empty(max(nbytes, 1), dtype=np.uint8)
+            buf = np.empty(max(nbytes, 1), dtype=np.uint8)
+            setattr(self._scratch, slot, buf)
         return buf[:nbytes].view(dtype).reshape(shape)
 
     def _run(self, tasks: list[Any]) -> None:
@@ -283,11 +335,15 @@ class FeatureStore:
         chunk = codecs.chunk_rows
         return max(chunk, (TASK_BYTES // max(row_bytes, 1)) // chunk * chunk)
 
-    def _read_range(self, name: str, arr: zarr.Array, start: int, stop: int, out: np.ndarray) -> None:
+    def _read_range(
+        self, name: str, arr: zarr.Array, start: int, stop: int, out: np.ndarray, each: Callable | None
+    ) -> None:
         codecs = self._codecs(name, arr)
         if codecs is None:  # a layout the fast path does not decode itself: zarr does, then one cast
             if stop > start:
                 cast_into(out, np.asarray(arr[start:stop]))
+                if each is not None:
+                    each(out)
             return
         step = self._task_rows(arr, codecs)
         shard_rows = int(arr.shards[0])
@@ -297,27 +353,33 @@ class FeatureStore:
             # tasks end on chunk boundaries and never cross a shard
             shard_end = (lo // shard_rows + 1) * shard_rows
             hi = min(stop, shard_end, (lo // codecs.chunk_rows) * codecs.chunk_rows + step)
-            tasks.append(self._range_task(name, arr, codecs, lo, hi, out[lo - start : hi - start]))
+            tasks.append(self._range_task(name, arr, codecs, lo, hi, out[lo - start : hi - start], each))
             lo = hi
         self._run(tasks)
 
-    def _range_task(self, name: str, arr: zarr.Array, codecs: Any, lo: int, hi: int, dst: np.ndarray) -> Any:
+    def _range_task(
+        self, name: str, arr: zarr.Array, codecs: Any, lo: int, hi: int, dst: np.ndarray, each: Callable | None
+    ) -> Any:
         def task() -> None:
             index = self._index(name, arr, codecs, lo // int(arr.shards[0]))
             if arr.dtype == np.float32:
                 read_shard_rows_into(arr, codecs, index, lo, hi, dst)
-                return
-            scratch = self._scratch_for(dst.shape, arr.dtype)
-            read_shard_rows_into(arr, codecs, index, lo, hi, scratch)
-            cast_into(dst, scratch)
+            else:
+                scratch = self._scratch_for("stored", dst.shape, arr.dtype)
+                read_shard_rows_into(arr, codecs, index, lo, hi, scratch)
+                cast_into(dst, scratch)
+            if each is not None:
+                each(dst)
 
         return task
 
-    def _read_rows(self, name: str, arr: zarr.Array, idx: np.ndarray, out: np.ndarray) -> None:
+    def _read_rows(self, name: str, arr: zarr.Array, idx: np.ndarray, out: np.ndarray, each: Callable | None) -> None:
         codecs = self._codecs(name, arr)
         if codecs is None:
             uniq, inverse = np.unique(idx, return_inverse=True)
             cast_into(out, np.asarray(arr.oindex[(uniq,) + (slice(None),) * (arr.ndim - 1)])[inverse])
+            if each is not None:
+                each(out)
             return
         # Decode each run of touched chunks once (a run never crosses a shard), then gather its rows.
         order = np.argsort(idx, kind="stable")
@@ -330,25 +392,43 @@ class FeatureStore:
         )
         bounds = np.concatenate([[0], breaks + 1, [len(sorted_idx)]])
         tasks = [
-            self._gather_task(name, arr, codecs, sorted_idx[a:b], order[a:b], out)
+            self._gather_task(name, arr, codecs, sorted_idx[a:b], order[a:b], out, each)
             for a, b in zip(bounds[:-1], bounds[1:])
         ]
         self._run(tasks)
 
     def _gather_task(
-        self, name: str, arr: zarr.Array, codecs: Any, rows: np.ndarray, positions: np.ndarray, out: np.ndarray
+        self,
+        name: str,
+        arr: zarr.Array,
+        codecs: Any,
+        rows: np.ndarray,
+        positions: np.ndarray,
+        out: np.ndarray,
+        each: Callable | None,
     ) -> Any:
         def task() -> None:
             lo = int(rows[0]) // codecs.chunk_rows * codecs.chunk_rows
             hi = min(arr.shape[0], (int(rows[-1]) // codecs.chunk_rows + 1) * codecs.chunk_rows)
             index = self._index(name, arr, codecs, lo // int(arr.shards[0]))
-            scratch = self._scratch_for((hi - lo, *arr.shape[1:]), arr.dtype)
+            scratch = self._scratch_for("stored", (hi - lo, *arr.shape[1:]), arr.dtype)
             read_shard_rows_into(arr, codecs, index, lo, hi, scratch)
-            picked = scratch[rows - lo]
-            if np.all(np.diff(positions) == 1):
-                cast_into(out[positions[0] : positions[-1] + 1], picked)
+            # A shuffled window reads whole chunk runs: its rows of a run are then a slice, not a gather.
+            if int(rows[-1]) - int(rows[0]) == len(rows) - 1:
+                picked = scratch[int(rows[0]) - lo : int(rows[-1]) - lo + 1]
             else:
-                _scatter_into(out, positions, picked)
+                picked = scratch[rows - lo]
+            if int(positions[-1]) - int(positions[0]) == len(positions) - 1 and np.all(np.diff(positions) == 1):
+                dst = out[positions[0] : positions[-1] + 1]
+                cast_into(dst, picked)
+                if each is not None:
+                    each(dst)
+                return
+            rows_f32 = self._scratch_for("float32", picked.shape, np.float32)
+            cast_into(rows_f32, picked)
+            if each is not None:
+                each(rows_f32)
+            _scatter_into(out, positions, rows_f32)
 
         return task
 
@@ -383,10 +463,13 @@ class FeatureStore:
     def _ahead(self, name: str, pieces: list[Any], prefetch: int) -> Iterator[np.ndarray]:
         """Read `pieces` (slices or row indices) in order into recycled buffers, `prefetch` of them ahead."""
         lengths = [len(range(*p.indices(self.num_samples))) if isinstance(p, slice) else len(p) for p in pieces]
-        buffers = _Recycled(max(lengths, default=0), self.array(name).shape[1:], keep=prefetch + 3)
+        shape = self.array(name).shape[1:]
+        reserve = max(lengths, default=0) * int(np.prod(shape, dtype=np.int64))
+        # The pass's own blocks, freed with it (a probe's statistics pass must not leave them behind).
+        blocks = _ReusedMemory(keep=prefetch + 3)
 
         def read(i: int) -> np.ndarray:
-            return self.read(name, pieces[i], out=buffers.take(lengths[i]))
+            return self.read(name, pieces[i], out=blocks.take((lengths[i], *shape), reserve))
 
         if prefetch <= 0:
             for i in range(len(pieces)):
