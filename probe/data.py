@@ -376,10 +376,11 @@ class ProbeData:
     def _stats_block_rows(self, name: str) -> int:
         return stats_block_rows(int(np.prod(self.feature_shapes[name])) * 4, len(self.rows("train")))
 
-    def _stats_from(self, name: str, raw: np.ndarray | None) -> FeatureStats:
+    def _stats_from(self, name: str, raw: np.ndarray | None, finite: bool = False) -> FeatureStats:
         """Statistics of the train rows: streamed from the store, or from `raw` (all rows, in memory).
 
         Both sources give the same blocks (sorted train rows, `_stats_block_rows` at a time), hence the same bits.
+        The pass checks each block for NaN/inf unless `raw` is known `finite` or the store vouches for it.
         """
         if name not in self._stats:
             train = self.rows("train")
@@ -391,7 +392,8 @@ class ProbeData:
                     blocks = self.store.iter_batches(name, block, rows=np.sort(train), prefetch=1)
                 else:
                     blocks = (raw[train[i : i + block]] for i in range(0, len(train), block))
-                cache[key] = compute_stats(name, blocks, np.sort(train), self.standardize, self._sample_ids)
+                check = not (finite or self.store.known_finite(name))
+                cache[key] = compute_stats(name, blocks, np.sort(train), self.standardize, self._sample_ids, check)
             self._stats[name] = cache[key]
         return self._stats[name]
 
@@ -457,11 +459,16 @@ class ProbeData:
         out: dict[str, np.ndarray] = {}
         for name in self.features:
             for array in self._draw_arrays[name]:  # draw 0 first: its statistics standardise every draw
-                raw = self.store.read(array, out=np.empty((self.num_rows, *self.feature_shapes[name]), np.float32))
+                # NaN/inf are looked for while the blocks are decoded (unless the store vouches for the array);
+                # only if some turn up are the used rows checked one by one, to name the first bad one.
+                not_finite: list[bool] = []
+                each = None if self.store.known_finite(array) else functools.partial(_flag_not_finite, not_finite)
+                shape = (self.num_rows, *self.feature_shapes[name])
+                raw = self.store.read(array, out=np.empty(shape, np.float32), each=each)
                 # The statistics from the raw copy use the streamed pass's blocks (bit-identical statistics)
                 # without reading the store twice.
-                stats = self._stats_from(name, raw)
-                for start in range(0, len(used), self.chunk_rows):
+                stats = self._stats_from(name, raw, finite=not not_finite)
+                for start in range(0, len(used) if not_finite else 0, self.chunk_rows):
                     rows = used[start : start + self.chunk_rows]
                     check_chunk_finite(array, raw[rows], rows, self._sample_ids)
                 # Standardise chunk by chunk in place: a second full-size copy could exceed the budget.
@@ -483,8 +490,7 @@ class ProbeData:
             not_finite: list[bool] = []
 
             def check_and_standardise(block: np.ndarray, stats: FeatureStats = stats, flag: list = not_finite) -> None:
-                if not np.isfinite(block).all():
-                    flag.append(True)
+                _flag_not_finite(flag, block)
                 stats.apply(block)
 
             # Checked (unless the store vouches for it) and standardised block by block in the decode threads,
@@ -613,6 +619,12 @@ def _fixed_mmap_threshold() -> bool:
         return bool(libc.mallopt(-3, _MMAP_THRESHOLD))  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         return False
+
+
+def _flag_not_finite(flags: list[bool], block: np.ndarray) -> None:
+    """Note (for the caller, after a parallel read) that `block` holds NaN or inf."""
+    if not np.isfinite(block).all():
+        flags.append(True)
 
 
 def check_rows_finite(name: str, x: np.ndarray, rows: np.ndarray, sample_ids: Any) -> None:

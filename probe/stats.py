@@ -77,11 +77,13 @@ def compute_stats(
     rows: np.ndarray,
     mode: str,
     sample_ids: Sequence[Any] | None = None,
+    check_finite: bool = True,
 ) -> FeatureStats:
     """Mean/std over `rows` (ascending) from `blocks`: float32 arrays holding those rows in order, in one pass.
 
-    Each block is checked for NaN/inf before it is used (the error names the store row), then added to float64
-    sums and sums of squares. Memory: the blocks the caller keeps alive plus two float64 copies of one block.
+    Each block is checked for NaN/inf before it is used (the error names the store row; `check_finite=False`
+    where the caller knows them finite), then added to float64 sums and sums of squares. Memory: the blocks the
+    caller keeps alive plus one float64 copy of one block.
     """
     if mode not in STANDARDIZE_MODES:
         raise ProbeDataError(f"standardize={mode!r}: choose one of {', '.join(STANDARDIZE_MODES)}")
@@ -89,27 +91,35 @@ def compute_stats(
     total = count = 0
     shift = s1 = s2 = None
     ndim = None
+    scratch: torch.Tensor | None = None
     for block in blocks:
         n = len(block)
         if n == 0:
             continue
-        check_chunk_finite(name, block, rows[total : total + n], sample_ids)
+        if check_finite:
+            check_chunk_finite(name, block, rows[total : total + n], sample_ids)
         total += n
         ndim = block.ndim
         if mode == "none":
             continue
         axes = _reduce_axes(block.ndim, mode)
-        x = block.astype(np.float64)
+        # Elementwise steps in torch (exact, so numpy's bits, and ~2x faster) in one float64 buffer for every
+        # block (fresh pages per block cost more than the arithmetic); the sums stay numpy's, whose order of
+        # additions the statistics' bits depend on.
+        if scratch is None or scratch.shape[0] < n or scratch.shape[1:] != block.shape[1:]:
+            scratch = torch.empty(block.shape, dtype=torch.float64)
+        xt = scratch[:n]
+        xt.copy_(torch.from_numpy(np.ascontiguousarray(block)))
+        x = xt.numpy()
         if shift is None:
             shift = x.mean(axis=axes, keepdims=True)
-        x -= shift
+        xt.sub_(torch.from_numpy(shift))
         part1 = x.sum(axis=axes, keepdims=True)
-        np.multiply(x, x, out=x)
+        xt.mul_(xt)
         part2 = x.sum(axis=axes, keepdims=True)
         count += x.size // part1.size
         s1 = part1 if s1 is None else s1 + part1
         s2 = part2 if s2 is None else s2 + part2
-        del x
     if total != len(rows):
         raise ProbeDataError(f"feature {name!r}: the statistics pass read {total} rows, expected {len(rows)}")
     if mode == "none" or s1 is None:
