@@ -4,14 +4,13 @@ Feature reads decode inner chunks in a thread pool straight into the caller's fl
 task fetches the bytes of a run of chunks with one (ranged) request, checks their crc32c, decompresses
 them into a float16 scratch of its own and casts that into its slice of the output with torch. Remote
 stores get several requests in flight at once, so a read from S3 is not bound by latency. Results reuse
-the memory of results the caller has dropped, and `iter_batches` that of its own blocks (`_ReusedMemory`).
+the memory of results the caller has dropped, and `iter_batches` that of its own blocks (`extract.store.memory`).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import os
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -39,6 +38,7 @@ from extract.store.layout import (
     read_shard_rows_into,
     shard_index,
 )
+from extract.store.memory import ReusedMemory, cast_into, scatter_into
 
 # Stored bytes one task decodes. A task's working set (compressed payload, float16 scratch, float32 output:
 # ~4x this) should stay in the last-level cache: reading a 629 MB float16 feature on one thread took
@@ -52,75 +52,6 @@ def default_workers(url: str) -> int:
     """Decode threads: the cores here; for remote stores more, since most of a request's time is waiting."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores) if is_local(url) else max(8, cores)
-
-
-def cast_into(dst: np.ndarray, src: np.ndarray) -> None:
-    """dst[...] = src with a dtype cast; torch's kernel casts float16 -> float32 ~3.5x faster than numpy's."""
-    if src.dtype == dst.dtype:
-        np.copyto(dst, src)
-        return
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is an install requirement; numpy is the fallback
-        np.copyto(dst, src, casting="unsafe")
-        return
-    torch.from_numpy(dst).copy_(torch.from_numpy(src))
-
-
-def _scatter_into(out: np.ndarray, positions: np.ndarray, rows: np.ndarray) -> None:
-    """out[positions] = rows (float32 both)."""
-    try:
-        import torch
-    except ImportError:  # pragma: no cover
-        out[positions] = rows
-        return
-    torch.from_numpy(out).index_copy_(0, torch.from_numpy(positions), torch.from_numpy(rows))
-
-
-class _ReusedMemory:
-    """float32 arrays whose memory is reused once the caller holds none of their views.
-
-    Fresh memory is slow: the kernel zeroes and maps every page on first write, and a virtual machine's host
-    may have to back the pages again. On this project's 2-core VM, filling a fresh 1.26 GB float32 array took
-    0.13 s and at times 1.5 s of system time, against 0.05 s for memory already mapped; a read's decoding
-    takes ~0.25 CPU s. So results are views of memory this pool tracks, and a view holds a reference to its
-    memory: memory whose only reference is this pool's list is free, and a caller may keep any result as long
-    as it likes without it ever changing. At most `keep` allocations are tracked (older ones become the
-    caller's alone), free memory is reused only for a result at least half its size, and free memory that
-    does not fit is released before new memory is allocated, so peak use never exceeds what fresh
-    allocations reach. Free memory stays mapped until the next take or `release()`.
-    """
-
-    def __init__(self, keep: int):
-        self.keep = keep
-        self._owned: list[np.ndarray] = []  # flat float32 allocations, oldest first
-        self._lock = threading.Lock()
-
-    def _free(self, i: int) -> bool:
-        return sys.getrefcount(self._owned[i]) == 2  # this list and getrefcount's argument: nobody else
-
-    def take(self, shape: tuple[int, ...], reserve: int = 0) -> np.ndarray:
-        """An uninitialised float32 array of `shape`; new memory holds at least `reserve` elements, so that
-        a shorter last block can reuse a full one."""
-        n = int(np.prod(shape, dtype=np.int64))
-        with self._lock:
-            fits = [
-                i for i in range(len(self._owned)) if self._free(i) and n <= self._owned[i].size <= 2 * max(n, reserve)
-            ]
-            if fits:
-                buf = self._owned.pop(min(fits, key=lambda i: self._owned[i].size))
-            else:
-                self._owned = [self._owned[i] for i in range(len(self._owned)) if not self._free(i)]
-                buf = np.empty(max(n, reserve), dtype=np.float32)
-                if len(self._owned) >= self.keep:
-                    self._owned.pop(0)
-            self._owned.append(buf)
-        return buf[:n].reshape(shape)
-
-    def release(self) -> None:
-        """Give free memory back to the system."""
-        with self._lock:
-            self._owned = [self._owned[i] for i in range(len(self._owned)) if not self._free(i)]
 
 
 class FeatureStore:
@@ -143,7 +74,7 @@ class FeatureStore:
         self._lock = threading.Lock()
         self._scratch = threading.local()
         # Memory of read()'s results (a probe's windows: a few per feature), reused once the caller drops them.
-        self._memory = _ReusedMemory(keep=16)
+        self._memory = ReusedMemory(keep=16)
         self.attrs: dict[str, Any] = dict(root.attrs)
         if self.attrs.get("format") != FORMAT_NAME:
             raise StoreError(
@@ -428,7 +359,7 @@ class FeatureStore:
             cast_into(rows_f32, picked)
             if each is not None:
                 each(rows_f32)
-            _scatter_into(out, positions, rows_f32)
+            scatter_into(out, positions, rows_f32)
 
         return task
 
@@ -466,7 +397,7 @@ class FeatureStore:
         shape = self.array(name).shape[1:]
         reserve = max(lengths, default=0) * int(np.prod(shape, dtype=np.int64))
         # The pass's own blocks, freed with it (a probe's statistics pass must not leave them behind).
-        blocks = _ReusedMemory(keep=prefetch + 3)
+        blocks = ReusedMemory(keep=prefetch + 3)
 
         def read(i: int) -> np.ndarray:
             return self.read(name, pieces[i], out=blocks.take((lengths[i], *shape), reserve))
