@@ -380,7 +380,7 @@ class ProbeData:
         """Statistics of the train rows: streamed from the store, or from `raw` (all rows, in memory).
 
         Both sources give the same blocks (sorted train rows, `_stats_block_rows` at a time), hence the same bits.
-        The pass checks each block for NaN/inf unless `raw` is known `finite` or the store vouches for it.
+        The pass checks each block for NaN/inf unless `raw` was found `finite` while it was decoded.
         """
         if name not in self._stats:
             train = self.rows("train")
@@ -392,8 +392,7 @@ class ProbeData:
                     blocks = self.store.iter_batches(name, block, rows=np.sort(train), prefetch=1)
                 else:
                     blocks = (raw[train[i : i + block]] for i in range(0, len(train), block))
-                check = not (finite or self.store.known_finite(name))
-                cache[key] = compute_stats(name, blocks, np.sort(train), self.standardize, self._sample_ids, check)
+                cache[key] = compute_stats(name, blocks, np.sort(train), self.standardize, self._sample_ids, not finite)
             self._stats[name] = cache[key]
         return self._stats[name]
 
@@ -459,12 +458,13 @@ class ProbeData:
         out: dict[str, np.ndarray] = {}
         for name in self.features:
             for array in self._draw_arrays[name]:  # draw 0 first: its statistics standardise every draw
-                # NaN/inf are looked for while the blocks are decoded (unless the store vouches for the array);
-                # only if some turn up are the used rows checked one by one, to name the first bad one.
+                # NaN/inf are looked for while the blocks are decoded, in cache (a store's own record of them is
+                # not trusted: stores come from other teams); only if some turn up are the used rows checked one
+                # by one, to name the first bad one.
                 not_finite: list[bool] = []
-                each = None if self.store.known_finite(array) else functools.partial(_flag_not_finite, not_finite)
                 shape = (self.num_rows, *self.feature_shapes[name])
-                raw = self.store.read(array, out=np.empty(shape, np.float32), each=each)
+                flag = functools.partial(_flag_not_finite, not_finite)
+                raw = self.store.read(array, out=np.empty(shape, np.float32), each=flag)
                 # The statistics from the raw copy use the streamed pass's blocks (bit-identical statistics)
                 # without reading the store twice.
                 stats = self._stats_from(name, raw, finite=not not_finite)
@@ -493,11 +493,9 @@ class ProbeData:
                 _flag_not_finite(flag, block)
                 stats.apply(block)
 
-            # Checked (unless the store vouches for it) and standardised block by block in the decode threads,
-            # while each block is in cache. The window's memory is the reader's: reused by a later window once
-            # no batch of it is held.
-            each = stats.apply if self.store.known_finite(array) else check_and_standardise
-            x = self.store.read(array, window.order, each=each)
+            # Checked and standardised block by block in the decode threads, while each block is in cache. The
+            # window's memory is the reader's: reused by a later window once no batch of it is held.
+            x = self.store.read(array, window.order, each=check_and_standardise)
             if not_finite:  # read the raw rows again to name the first bad one
                 check_rows_finite(array, self.store.read(array, window.order), window.order, self._sample_ids)
             out[key] = x

@@ -203,21 +203,6 @@ def test_read_reuses_the_memory_of_dropped_results_and_never_that_of_held_ones(s
     assert tiny_memory() is None
 
 
-def test_known_finite_only_when_the_extraction_counted_no_nan_and_reads_are_checksummed(tmp_path):
-    """A probe skips its per-window NaN/inf check only on this word: a finished extraction that counted
-    none, in chunks whose bytes cannot change unnoticed (format 1 stores have no checksums)."""
-    from pathlib import Path
-
-    data = np.ones((8, 2, 1, 1), np.float16)
-    clean = save_features(tmp_path / "c.zarr", {"t010_b01_avg1": data}, np.zeros(8, int), {})
-    assert clean.known_finite("t010_b01_avg1")
-    data[3, 1] = np.nan
-    dirty = save_features(tmp_path / "d.zarr", {"t010_b01_avg1": data}, np.zeros(8, int), {})
-    assert not dirty.known_finite("t010_b01_avg1")
-    old = open_store(Path(__file__).parent / "data" / "store_v1.zarr")
-    assert not any(old.known_finite(n) for n in old.feature_names())
-
-
 def test_a_truncated_shard_fails_to_read_with_a_clear_error(stored):
     path, _ = stored
     shard = path / "features" / "t090_b24_avg2" / "c" / "1" / "0" / "0" / "0"

@@ -31,7 +31,6 @@ from extract.store.layout import (
     StoreError,
     as_str,
     direct_codecs,
-    has_checksums,
     is_local,
     local_path,
     open_group,
@@ -150,18 +149,6 @@ class FeatureStore:
             arr = self.array(name)
             self._cache[key] = FeatureInfo.from_attrs(name, dict(arr.attrs), arr.shape[1:])
         return self._cache[key]
-
-    def known_finite(self, name: str) -> bool:
-        """Whether every value of array `name` is finite without reading it: its extraction finished and
-        counted no inf or NaN, and its chunks carry checksums, so a read of changed bytes fails instead of
-        returning them. A probe then skips its own NaN/inf check of every window."""
-        stats = self.feature_info(name).stats or {}
-        return (
-            bool(stats.get("complete"))
-            and stats.get("n_inf") == 0
-            and stats.get("n_nan") == 0
-            and has_checksums(self.array(name))
-        )
 
     def to_dask(self, name: str):
         """A dask array chunked by shard rows (one task per shard, not per inner chunk)."""
