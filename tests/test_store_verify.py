@@ -11,7 +11,7 @@ import pytest
 import zarr
 
 from extract.store import open_store, save_features, verify
-from extract.store.layout import ChecksumError
+from extract.store.shards import ChecksumError
 
 N, SHARD, CHUNK = 24, 8, 4
 NAME = "t090_b24_avg2"

@@ -1,6 +1,6 @@
 """The feature store (Zarr v3): layout, writer, reader and tools.
 
-`layout` is the only code that knows the disk format. The store imports no spec, no model and no
+`layout` and `shards` are the only code that knows the disk format (`shards`: the bytes inside a shard). The store imports no spec, no model and no
 CLI: what it records about a spec arrives as plain data, and checks that need a spec (may a new spec
 extend this store? what is the recorded spec's fingerprint?) arrive as functions from the caller.
 """

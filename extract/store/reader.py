@@ -30,14 +30,12 @@ from extract.store.layout import (
     Layout,
     StoreError,
     as_str,
-    direct_codecs,
     is_local,
     local_path,
     open_group,
-    read_shard_rows_into,
-    shard_index,
 )
 from extract.store.memory import ReusedMemory, cast_into, scatter_into
+from extract.store.shards import direct_codecs, read_shard_rows_into, shard_index
 
 # Stored bytes one task decodes. A task's working set (compressed payload, float16 scratch, float32 output:
 # ~4x this) should stay in the last-level cache: reading a 629 MB float16 feature on one thread took

@@ -23,9 +23,9 @@ from extract.store.layout import (
     StoreError,
     as_str,
     has_checksums,
-    shard_state,
 )
 from extract.store.reader import FeatureStore, open_store
+from extract.store.shards import shard_state
 from extract.store.writer import create_store, feature_list_problems
 
 SAVED_KIND = "save_features"  # the recorded "spec" of a store written from arrays
