@@ -30,7 +30,7 @@ MiB = 2**20
 
 
 def _parse_bytes(text: str) -> int:
-    from probe.data import parse_memory
+    from probe.budget import parse_memory
 
     return parse_memory(text)
 

@@ -67,18 +67,6 @@ def test_memory_budget_decides_the_mode(store_path):
         ProbeData.from_store(store, [FEAT], memory_budget="lots")
 
 
-def test_memory_budget_strings():
-    from probe.data import default_memory_budget, parse_memory
-
-    assert parse_memory("2GiB") == 2 * 2**30 and parse_memory("500MB") == 500 * 10**6 and parse_memory(4096) == 4096
-    assert parse_memory("25%") == default_memory_budget(0.25) and parse_memory(None) == default_memory_budget()
-    for bad in ("", "lots", "-1GB"):
-        with pytest.raises(ProbeDataError, match="not understood"):
-            parse_memory(bad)
-    with pytest.raises(ProbeDataError, match=">= 0"):
-        parse_memory(-1)
-
-
 # -- noise draws kept apart (combine: separate) -------------------------------------------------------------
 
 

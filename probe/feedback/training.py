@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from extract.diffusion import NoiseSchedule, seeded_noise
-from probe.data import default_memory_budget
+from probe.budget import default_memory_budget
 from probe.feedback.images import ImageSet
 from probe.feedback.network import DifFeed, activation_bytes_per_sample
 from probe.recipe import FeedbackRecipe
