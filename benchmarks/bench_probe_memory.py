@@ -6,7 +6,7 @@ the counter `/usr/bin/time -v` prints. A baseline run of the same command on a t
 (Python, torch, zarr, the model); the claim checked is
 
     peak RSS <= budget + constant,  constant = baseline RSS + reader scratch (8 MiB x decode threads)
-                                               + statistics blocks (~112 MiB, see probe/data.py)
+                                               + statistics blocks (~80 MiB, see probe/data.py)
 
     python benchmarks/bench_probe_memory.py [--budget 100MB] [--factor 4] [--dims 4096] [--epochs 1]
                                             [--store /tmp/diffbank-mem.zarr] [--sweep-features 3]
@@ -102,7 +102,7 @@ def main() -> None:
     fp16 = rows * args.dims * 2 * args.sweep_features
     workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     reader = 8 * MiB * workers
-    stats_blocks = 112 * MiB
+    stats_blocks = 80 * MiB
     print(
         f"store: {fp16 / 1e6:.0f} MB float16 ({fp16 * 2 / 1e6:.0f} MB as float32), budget {budget / 1e6:.0f} MB "
         f"({fp16 / budget:.1f}x); reader scratch {reader / MiB:.0f} MiB ({workers} threads)"

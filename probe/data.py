@@ -22,8 +22,8 @@ Memory. Peak RSS of a probe stays within `memory_budget` plus a constant:
   most a quarter window). A window's memory is the reader's: once no batch of it is held, the next window
   reuses it (fresh pages cost more than decoding), and the reader gives free memory back before it
   allocates more, so at most those three windows are ever resident;
-- the statistics pass: 3 blocks of `probe.stats.STATS_BLOCK_BYTES` (16 MiB) float32 plus two float64 copies
-  of one (~112 MiB), freed before training;
+- the statistics pass: 3 blocks of `probe.stats.STATS_BLOCK_BYTES` (16 MiB) float32 plus one float64 copy
+  of one (~80 MiB), freed before training;
 - the reader: ~16 MiB per decode thread (8 MiB of decode scratch, up to 8 MiB of the bytes read from a local
   store; `open_store(workers=...)`, default the cores here);
 - the model and heads (parameters, gradients, optimiser state: a 27-head linear sweep on 4,096-d features is
@@ -33,7 +33,7 @@ Memory. Peak RSS of a probe stays within `memory_budget` plus a constant:
 Process-wide malloc settings are left alone: a streamed probe once set glibc's mmap threshold to 1 MiB so
 freed windows went back to the OS, which made every batch-sized allocation fresh pages (an in-memory epoch
 5x slower in the same process); windows now reuse their memory through the reader, and without the setting
-the peak stayed within the bound (linear 578 against 543 MiB, sweep 563 against 545, bound 691 / 724).
+the peak stayed within the bound (linear 578 against 543 MiB, sweep 563 against 545, bound 659 / 692).
 
 Bad input fails early with `ProbeDataError` and a message that says what to do.
 This module imports `extract.store` only: probing never needs the U-Net.
@@ -418,9 +418,10 @@ class ProbeData:
                 # The statistics from the raw copy use the streamed pass's blocks (bit-identical statistics)
                 # without reading the store twice.
                 stats = self._stats_from(name, raw, finite=not not_finite)
-                for start in range(0, len(used) if not_finite else 0, self.chunk_rows):
-                    rows = used[start : start + self.chunk_rows]
-                    check_chunk_finite(array, raw[rows], rows, self._sample_ids)
+                if not_finite:
+                    for start in range(0, len(used), self.chunk_rows):
+                        rows = used[start : start + self.chunk_rows]
+                        check_chunk_finite(array, raw[rows], rows, self._sample_ids)
                 # Standardise chunk by chunk in place: a second full-size copy could exceed the budget.
                 for start in range(0, len(raw), self.chunk_rows):
                     stats.apply(raw[start : start + self.chunk_rows])

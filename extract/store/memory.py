@@ -64,7 +64,7 @@ class ReusedMemory:
             if fits:
                 buf = self._owned.pop(min(fits, key=lambda i: self._owned[i].size))
             else:
-                self._owned = [self._owned[i] for i in range(len(self._owned)) if not self._free(i)]
+                self._drop_free()
                 buf = np.empty(max(n, reserve), dtype=np.float32)
                 if len(self._owned) >= self.keep:
                     self._owned.pop(0)
@@ -74,4 +74,7 @@ class ReusedMemory:
     def release(self) -> None:
         """Give free memory back to the system."""
         with self._lock:
-            self._owned = [self._owned[i] for i in range(len(self._owned)) if not self._free(i)]
+            self._drop_free()
+
+    def _drop_free(self) -> None:  # under the lock
+        self._owned = [self._owned[i] for i in range(len(self._owned)) if not self._free(i)]

@@ -45,6 +45,10 @@ TASK_BYTES = 2 << 20
 BLOCK_BYTES = 64 << 20
 
 
+def _unchanged(block: np.ndarray) -> None:
+    """The `each` of a read that asks for none."""
+
+
 def default_workers(url: str) -> int:
     """Decode threads: the cores here; for remote stores more, since most of a request's time is waiting."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -174,6 +178,7 @@ class FeatureStore:
         particular order.
         """
         arr = self.array(name)
+        each = each or _unchanged
         if rows is None or (isinstance(rows, slice) and rows.indices(self.num_samples)[2] == 1):
             start, stop, _ = (rows or slice(None)).indices(self.num_samples)
             stop = max(start, stop)
@@ -251,15 +256,12 @@ class FeatureStore:
         chunk = codecs.chunk_rows
         return max(chunk, (TASK_BYTES // max(row_bytes, 1)) // chunk * chunk)
 
-    def _read_range(
-        self, name: str, arr: zarr.Array, start: int, stop: int, out: np.ndarray, each: Callable | None
-    ) -> None:
+    def _read_range(self, name: str, arr: zarr.Array, start: int, stop: int, out: np.ndarray, each: Callable) -> None:
         codecs = self._codecs(name, arr)
         if codecs is None:  # a layout the fast path does not decode itself: zarr does, then one cast
             if stop > start:
                 cast_into(out, np.asarray(arr[start:stop]))
-                if each is not None:
-                    each(out)
+                each(out)
             return
         step = self._task_rows(arr, codecs)
         shard_rows = int(arr.shards[0])
@@ -274,7 +276,7 @@ class FeatureStore:
         self._run(tasks)
 
     def _range_task(
-        self, name: str, arr: zarr.Array, codecs: Any, lo: int, hi: int, dst: np.ndarray, each: Callable | None
+        self, name: str, arr: zarr.Array, codecs: Any, lo: int, hi: int, dst: np.ndarray, each: Callable
     ) -> Any:
         def task() -> None:
             index = self._index(name, arr, codecs, lo // int(arr.shards[0]))
@@ -284,18 +286,16 @@ class FeatureStore:
                 scratch = self._scratch_for("stored", dst.shape, arr.dtype)
                 read_shard_rows_into(arr, codecs, index, lo, hi, scratch)
                 cast_into(dst, scratch)
-            if each is not None:
-                each(dst)
+            each(dst)
 
         return task
 
-    def _read_rows(self, name: str, arr: zarr.Array, idx: np.ndarray, out: np.ndarray, each: Callable | None) -> None:
+    def _read_rows(self, name: str, arr: zarr.Array, idx: np.ndarray, out: np.ndarray, each: Callable) -> None:
         codecs = self._codecs(name, arr)
         if codecs is None:
             uniq, inverse = np.unique(idx, return_inverse=True)
             cast_into(out, np.asarray(arr.oindex[(uniq,) + (slice(None),) * (arr.ndim - 1)])[inverse])
-            if each is not None:
-                each(out)
+            each(out)
             return
         # Decode each run of touched chunks once (a run never crosses a shard), then gather its rows.
         order = np.argsort(idx, kind="stable")
@@ -321,7 +321,7 @@ class FeatureStore:
         rows: np.ndarray,
         positions: np.ndarray,
         out: np.ndarray,
-        each: Callable | None,
+        each: Callable,
     ) -> Any:
         def task() -> None:
             lo = int(rows[0]) // codecs.chunk_rows * codecs.chunk_rows
@@ -337,13 +337,11 @@ class FeatureStore:
             if int(positions[-1]) - int(positions[0]) == len(positions) - 1 and np.all(np.diff(positions) == 1):
                 dst = out[positions[0] : positions[-1] + 1]
                 cast_into(dst, picked)
-                if each is not None:
-                    each(dst)
+                each(dst)
                 return
             rows_f32 = self._scratch_for("float32", picked.shape, np.float32)
             cast_into(rows_f32, picked)
-            if each is not None:
-                each(rows_f32)
+            each(rows_f32)
             scatter_into(out, positions, rows_f32)
 
         return task
