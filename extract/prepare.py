@@ -18,7 +18,15 @@ import torch
 from dask.utils import format_bytes
 
 from extract.compute import Computer, ExtractionError, UnitJob, compute_threads, device_name, resolve_device
-from extract.hardware import NATIVE_FLAGS, SLOWDOWN_WITHOUT, cpu_has_native, cpu_name
+from extract.hardware import (
+    NATIVE_FLAGS,
+    SLOWDOWN_WITHOUT,
+    cpu_has_native,
+    cpu_name,
+    describe_signature,
+    machine_signature,
+    same_kernels,
+)
 from extract.overlap import load_batch
 from extract.sources import ImageSource, open_source
 from extract.spec import Spec, extension_problem, load_spec
@@ -243,6 +251,7 @@ def _prepare(
             "device": str(dev),
             "device_name": device_name(dev),
             "cudnn_deterministic": dev.type == "cuda" and spec.compute.deterministic,
+            "machine": machine_signature(dev, n_threads),
         },
         "preprocess": spec.dataset.preprocess,
         "image_size": spec.dataset.image_size,
@@ -335,12 +344,16 @@ def _check_reopened(
             f"checkpoint now at {spec.model.checkpoint} has {record.get('checkpoint_sha256')}: refusing "
             f"to mix weights in one store"
         )
-    if stored.get("compute", {}).get("device", str(dev)).split(":")[0] != dev.type:
-        log.warning(
-            f"this store was started on {stored['compute']['device']}; resuming on {dev} may give "
-            f"slightly different bytes for the remaining units"
-        )
     # Resume with the grouping the store was started with: it decides the bytes.
     mb = int(stored.get("compute", {}).get("micro_batch", mb))
     n_threads = int(stored_threads or threads or DEFAULT_THREADS)
+    started_on, here = stored.get("compute", {}).get("machine"), machine_signature(dev, n_threads)
+    if not same_kernels(started_on, here):
+        # Units stay within float tolerance of each other, so the run goes on; the bytes of the
+        # remaining units belong to this machine kind, and each unit records which one wrote it.
+        log.warning(
+            f"{store_url} was started on {describe_signature(started_on)}; continuing on "
+            f"{describe_signature(here)}: its remaining units may differ from a single-machine run in the "
+            f"last bit of some values"
+        )
     return Prepared(spec, source, writer, model, dev, mb, n_threads)

@@ -168,10 +168,10 @@ def test_readers_work_with_read_only_credentials(s3_bucket, s3_endpoint, tmp_pat
     before = _snapshot(url)
     iam = boto3.client("iam", endpoint_url=s3_endpoint, region_name="us-east-1")
     iam.create_user(UserName="reader")
-    policy = {
-        "Version": "2012-10-17",
-        "Statement": [{"Effect": "Allow", "Action": ["s3:GetObject", "s3:ListBucket"], "Resource": "*"}],
-    }
+    # AWS authorises HeadObject as s3:GetObject and ListObjectsV2 as s3:ListBucket; moto 5.2 checks the
+    # operations' own names (s3:HeadObject, s3:ListObjectsV2). Both spellings are reads: nothing here writes.
+    reads = ["s3:GetObject", "s3:ListBucket", "s3:HeadObject", "s3:ListObjectsV2"]
+    policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": reads, "Resource": "*"}]}
     iam.put_user_policy(UserName="reader", PolicyName="read-only", PolicyDocument=json.dumps(policy))
     key = iam.create_access_key(UserName="reader")["AccessKey"]
     options = {"key": key["AccessKeyId"], "secret": key["SecretAccessKey"], "skip_instance_cache": True}

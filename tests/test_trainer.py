@@ -232,8 +232,14 @@ def test_fused_heads_resume_from_checkpoint(data, tmp_path) -> None:
     resumed = {k: linear(7) for k in lrs}  # other weights: the checkpoint must override them
     out = train_many(resumed, {k: "f" for k in lrs}, *streams(data), checkpoint_dir=tmp_path, resume=True, **kwargs)
     for k in lrs:
-        assert states_equal(resumed[k], reference[k]), k
-        assert out.heads[k].history == ref.heads[k].history and out.heads[k].best_epoch == ref.heads[k].best_epoch
+        got, want = resumed[k].state_dict(), reference[k].state_dict()
+        assert got.keys() == want.keys() and not states_equal(resumed[k], linear(7)), k
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=f"{k}.{name}")
+        assert out.heads[k].best_epoch == ref.heads[k].best_epoch, k
+        for a, b in zip(out.heads[k].history, ref.heads[k].history, strict=True):
+            assert a.keys() == b.keys() and a == pytest.approx(b, rel=1e-6), k
+            assert (a["epoch"], a["train_accuracy"], a["val_accuracy"]) == (b["epoch"], b["train_accuracy"], b["val_accuracy"])
     # A checkpoint of fused heads resumes on the per-head path too (same format): same result to rounding.
     with pytest.raises(Interrupt):
         train_many(
@@ -348,7 +354,9 @@ def test_progress_line_can_be_silenced(data, capsys, caplog) -> None:
 
 def test_checkpoint_of_the_earlier_trainer_resumes(data, tmp_path) -> None:
     # tests/data/probe_checkpoint_v1: the per-head-optimizer trainer's format (diffbank.probe.train/1), written
-    # by it for these heads and data, interrupted after 2 of 5 epochs.
+    # by it for these heads and data, interrupted after 2 of 5 epochs. Its two stored epochs were computed on
+    # another machine, whose matmul kernels round differently (1e-7 relative on an AVX-512 Xeon without
+    # AVX512-BF16): weights and losses are compared within float32 tolerance, accuracies and choices exactly.
     import shutil
     from pathlib import Path
 
@@ -362,8 +370,14 @@ def test_checkpoint_of_the_earlier_trainer_resumes(data, tmp_path) -> None:
         resumed, {k: "f" for k in lrs}, *streams(data)[:2], checkpoint_dir=tmp_path / "ckpt", resume=True, **kwargs
     )
     for k in lrs:
-        assert states_equal(resumed[k], reference[k]), k
-        assert out.heads[k].history == ref.heads[k].history and out.heads[k].best_epoch == ref.heads[k].best_epoch
+        got, want = resumed[k].state_dict(), reference[k].state_dict()
+        assert got.keys() == want.keys() and not states_equal(resumed[k], linear(7)), k
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=f"{k}.{name}")
+        assert out.heads[k].best_epoch == ref.heads[k].best_epoch, k
+        for a, b in zip(out.heads[k].history, ref.heads[k].history, strict=True):
+            assert a.keys() == b.keys() and a == pytest.approx(b, rel=1e-6), k
+            assert (a["epoch"], a["train_accuracy"], a["val_accuracy"]) == (b["epoch"], b["train_accuracy"], b["val_accuracy"])
 
 
 # -- noise draws as augmentation ------------------------------------------------------------------------------

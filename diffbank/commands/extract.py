@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from diffbank.commands.remote import open_read_only, storage_option_flag
+from extract.hardware import describe_signature
 from extract.provenance import to_jsonable
 
 DEFAULT_STORE_DIR = "stores"
@@ -199,6 +200,7 @@ def info_command(store: str, as_json: bool) -> None:
     size = format_bytes(s["bytes_on_disk"]) if s["bytes_on_disk"] is not None else "n/a (remote)"
     click.echo(f"{s['url']}  format {s['format_version']}  diffbank {s['diffbank_version']}  created {s['created']}")
     click.echo(f"fingerprint {s['fingerprint']}  checkpoint sha256 {s['checkpoint_sha256']}")
+    click.echo(f"written on {describe_signature(s['machine'])}")
     click.echo(
         f"{s['num_samples']} samples, {s['num_failures']} failed; units of {s['shard_rows']} rows: "
         f"{s['num_units']}; {'complete' if s['complete'] else 'INCOMPLETE'}; {size} on disk "

@@ -402,6 +402,7 @@ def info(fs: FeatureStore) -> dict[str, Any]:
         "class_names": fs.class_names,
         "splits": {k: int(len(v)) for k, v in fs.splits.items()},
         "checkpoint_sha256": fs.attrs.get("checkpoint_sha256"),
+        "machine": fs.attrs.get("provenance", {}).get("compute", {}).get("machine"),
         "compression": fs.attrs.get("compression"),
         "features": feats,
     }
