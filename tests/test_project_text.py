@@ -35,9 +35,7 @@ BINARY_SUFFIXES = {".npz", ".npy", ".png", ".jpg", ".jpeg", ".safetensors", ".pt
 
 def tracked_text_files() -> list[Path]:
     try:
-        listing = subprocess.run(
-            ["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True
-        ).stdout.decode()
+        listing = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout.decode()
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("not a git checkout")
     files = []
@@ -67,8 +65,15 @@ def offending_lines(path: Path) -> list[str]:
 
 @pytest.mark.parametrize(
     "phrase",
-    ["the previous session's run", "this round", "the brief's measurement", "see issue 12", "on this VM",
-     "a helper wrote it", "Issue #7"],
+    [
+        "the previous session's run",
+        "this round",
+        "the brief's measurement",
+        "see issue 12",
+        "on this VM",
+        "a helper wrote it",
+        "Issue #7",
+    ],
 )
 def test_the_patterns_catch_wording_about_the_making(phrase):
     assert PATTERN.search(phrase)
@@ -76,8 +81,17 @@ def test_the_patterns_catch_wording_about_the_making(phrase):
 
 @pytest.mark.parametrize(
     "phrase",
-    ["requests.Session()", "a PIL round trip", "7 paired rounds", "store helpers", "a helper function",
-     "boto3 session", "round(x, 2)", "the issue is", "_helper_fn"],
+    [
+        "requests.Session()",
+        "a PIL round trip",
+        "7 paired rounds",
+        "store helpers",
+        "a helper function",
+        "boto3 session",
+        "round(x, 2)",
+        "the issue is",
+        "_helper_fn",
+    ],
 )
 def test_the_patterns_leave_plain_words_alone(phrase):
     assert not PATTERN.search(phrase)
