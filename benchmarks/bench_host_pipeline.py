@@ -16,7 +16,7 @@ side by side in one run with the arms interleaved over repeats (medians reported
 for 1 and 2 workers, and prints
 images/s (wall), the speed-up of 2 workers, and images per CPU-second of this process (the per-core
 rate, which other jobs on a shared machine barely change). Also the per-image cost of the two
-noise rules on this CPU. Goal (issue 11): host >= 150 images/s per core, 2 workers >= 1.8x one.
+noise rules on this CPU. Goal: host >= 150 images/s per core, 2 workers >= 1.8x one.
 
     python benchmarks/bench_host_pipeline.py [--images 300] [--repeats 3] [--json out.json]
 """

@@ -1,4 +1,4 @@
-"""Peak RSS of `diffbank probe linear` and `diffbank probe sweep` against `--memory-budget` (issue 12, item 4).
+"""Peak RSS of `diffbank probe linear` and `diffbank probe sweep` against `--memory-budget`.
 
 Writes (once) a float16 store about `--factor` x the budget with `extract.store.save_features`, then runs each
 command as its own process and reads that process's peak RSS from the OS (`os.wait4`'s rusage, ru_maxrss):

@@ -1,4 +1,4 @@
-"""Figures for README from the reproduction's JSON: accuracy over training progress, and over t.
+"""Figures for docs/results.md from the reproduction's JSON: accuracy over training progress, and over t.
 
     python benchmarks/plot_reproduction.py docs/results/reproduction_gpu.json docs/results/reproduction_t_curve.json \
         [docs/results/reproduction_cpu_full.json]

@@ -163,7 +163,7 @@ def train(
     """Train on `images` (N, 3, H, W) float32 in [-1, 1]; resumes from `out_dir` when it holds a run.
 
     `until_step` and `max_seconds` stop early (after checkpointing) without changing the run's config,
-    so a later call continues the same trajectory: time-boxed sessions give the same weights as one
+    so a later call continues the same trajectory: time-boxed runs give the same weights as one
     long run. `snapshot_images` keeps a copy of the EMA weights in `out_dir/snapshots/` each time the
     count of images seen passes one of its marks (a training-progress curve's points).
     """
