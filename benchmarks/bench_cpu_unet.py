@@ -31,7 +31,8 @@ ARMS = {  # name: (threads, OMP_WAIT_POLICY, channels_last, compile)
 def child(threads: int, channels_last: bool, compile_: bool, seconds: float) -> None:
     import torch
 
-    from extract.models.adm import PRESETS, ADMUNet
+    from extract.models.adm import ADMUNet
+    from extract.models.config import PRESETS
 
     torch.set_num_threads(threads)
     flags = {**PRESETS["256x256_diffusion_uncond"], "image_size": 64, "num_channels": 64, "num_head_channels": 32}

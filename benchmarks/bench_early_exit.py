@@ -17,7 +17,8 @@ import time
 
 import torch
 
-from extract.models.adm import PRESETS, ADMUNet
+from extract.models.adm import ADMUNet
+from extract.models.config import PRESETS
 
 
 def main() -> None:

@@ -39,8 +39,7 @@ from PIL import Image
 
 from extract.diffusion import counter_noise, seeded_noise
 from extract.loader import Loader
-from extract.models.adm import PRESETS, config_from_flags
-from extract.models.blocks import block_table
+from extract.models.config import PRESETS, block_table, config_from_flags
 from extract.overlap import load_batch, prefetch
 from extract.preprocess import preprocess
 from extract.sources import FolderSource

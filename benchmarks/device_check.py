@@ -33,8 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from extract.models.adm import PRESETS, ADMUNet
+from extract.models.adm import ADMUNet
 from extract.models.checkpoints import load_checkpoint
+from extract.models.config import PRESETS
 
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data"
 TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}

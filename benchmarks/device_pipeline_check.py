@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import yaml
 
-from extract.models.adm import TINY_FLAGS
+from extract.models.config import TINY_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from extract.diffusion import NoiseSchedule
-from extract.models.adm import PRESETS as ADM_PRESETS
 from extract.models.adm import ADMUNet
+from extract.models.config import PRESETS as ADM_PRESETS
 from extract.models.registry import build_model
 from probe.feedback import DifFeed, FeedbackRecipe, ImageSet, activation_bytes_per_sample, train_feedback
 from probe.feedback.training import _evaluate

@@ -26,7 +26,8 @@ import torch
 
 from extract.diffusion import NoiseSchedule
 from extract.idx import FASHION_MNIST_DIR, load_fashion_mnist
-from extract.models.registry import build_model, embedded_card
+from extract.models.config import embedded_card
+from extract.models.registry import build_model
 from extract.preprocess import reference
 from probe.data import stratified_holdout
 from probe.feedback import DifFeed, FeedbackRecipe, ImageSet, train_feedback, validation_split

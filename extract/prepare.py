@@ -130,7 +130,8 @@ def _check_model_supported(spec: Spec) -> None:
 
 def checkpoint_path(spec: Spec) -> Path | None:
     """The checkpoint as a filesystem path (embedded names resolved); None for random weights."""
-    from extract.models.registry import EMBEDDED_PREFIX, resolve_checkpoint
+    from extract.models.config import EMBEDDED_PREFIX
+    from extract.models.registry import resolve_checkpoint
 
     c = spec.model.checkpoint
     if c is None:

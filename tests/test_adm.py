@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from extract.models.adm import PRESETS, ADMUNet
+from extract.models.adm import ADMUNet
 from extract.models.checkpoints import CheckpointError, load_checkpoint, read_state_dict
+from extract.models.config import PRESETS
 
 DATA = Path(__file__).parent / "data"
 CONFIGS = ["adm_tiny", "adm_tiny_alt"]

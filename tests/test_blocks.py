@@ -1,12 +1,12 @@
-"""extract/models/blocks.py: the block table from the flags equals the built network's."""
+"""extract/models/config.py: the block table from the flags equals the built network's."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from extract.models.adm import PRESETS, ADMUNet, config_from_flags
-from extract.models.blocks import block_table
+from extract.models.adm import ADMUNet
+from extract.models.config import PRESETS, block_table, config_from_flags, resolve_flags
 
 # The byte-identity reference's network (tests/data/reference/spec.yaml), with updown ResBlocks.
 TINY = dict(
@@ -21,8 +21,6 @@ TINY = dict(
 
 
 def _embedded() -> dict:
-    from extract.models.registry import resolve_flags
-
     return resolve_flags("embedded:fmnist32", None)
 
 

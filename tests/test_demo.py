@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from diffbank.cli import main
 from diffbank.demo import DataMissing, ensure_fashion_mnist, fashion_mnist_present
 from extract.idx import FASHION_MNIST_DIR
-from extract.models.registry import embedded_card, embedded_checkpoint
+from extract.models.config import embedded_card, embedded_checkpoint
 
 needs_fmnist = pytest.mark.skipif(
     not fashion_mnist_present(FASHION_MNIST_DIR), reason="Debian's dataset-fashion-mnist is not installed"

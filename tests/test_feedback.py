@@ -12,7 +12,8 @@ import yaml
 from click.testing import CliRunner
 
 from extract.diffusion import NoiseSchedule
-from extract.models.adm import PRESETS, ADMUNet
+from extract.models.adm import ADMUNet
+from extract.models.config import PRESETS
 from probe.feedback import (
     DifFeed,
     FeedbackRecipe,

@@ -19,7 +19,7 @@ from faults.conftest import arrays, assert_same_arrays  # one definition of "the
 from PIL import Image
 
 from extract.diffusion import seeded_noise
-from extract.models.adm import TINY_FLAGS
+from extract.models.config import TINY_FLAGS
 from extract.pipeline import ExtractionError, extract
 from extract.store import FingerprintMismatch, open_store
 

@@ -119,7 +119,7 @@ def test_shipped_specs_resolve(tmp_path):
 
 
 def test_fmnist_demo_names_the_missing_embedded_model():
-    from extract.models.registry import embedded_models
+    from extract.models.config import embedded_models
 
     if "fmnist32" in embedded_models():
         assert load_spec(SPECS / "fmnist_demo.yaml", check_files=False).model.preset == "embedded:fmnist32"

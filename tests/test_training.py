@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from extract.diffusion import NoiseSchedule
-from extract.models.adm import TINY_FLAGS
+from extract.models.config import TINY_FLAGS
 from extract.models.sampling import ddim_sample, image_grid
 from extract.models.training import TrainConfig, autocast_dtype, ema_model, export_ema, train
 from extract.statedir import load_state

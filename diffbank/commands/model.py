@@ -186,7 +186,8 @@ def sample_command(model_name, flags_json, num, steps, eta, seed, out_path):
     from PIL import Image
 
     from extract.diffusion import NoiseSchedule
-    from extract.models.registry import EMBEDDED_PREFIX, build_model, embedded_card
+    from extract.models.config import EMBEDDED_PREFIX, embedded_card
+    from extract.models.registry import build_model
     from extract.models.sampling import ddim_sample, image_grid
 
     if model_name.startswith(EMBEDDED_PREFIX):

@@ -11,229 +11,15 @@ the network only as far as the deepest requested block.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-NUM_CLASSES = 1000  # guided-diffusion's ImageNet label embedding size
-
-# guided-diffusion's `model_and_diffusion_defaults()`, model part, plus the diffusion flags that
-# change the network (learn_sigma) or that checkpoints are published with (schedule, steps).
-DEFAULT_FLAGS: dict[str, Any] = {
-    "image_size": 64,
-    "num_channels": 128,
-    "num_res_blocks": 2,
-    "num_heads": 4,
-    "num_heads_upsample": -1,
-    "num_head_channels": -1,
-    "attention_resolutions": "16,8",
-    "channel_mult": "",
-    "dropout": 0.0,
-    "class_cond": False,
-    "use_checkpoint": False,
-    "use_scale_shift_norm": True,
-    "resblock_updown": False,
-    "use_fp16": False,
-    "use_new_attention_order": False,
-    "learn_sigma": False,
-}
-# Flags guided-diffusion's scripts accept that do not change the network; accepted and ignored so a
-# command line copied from the model card works.
-DIFFUSION_ONLY_FLAGS = {
-    "diffusion_steps",
-    "noise_schedule",
-    "timestep_respacing",
-    "use_kl",
-    "predict_xstart",
-    "rescale_timesteps",
-    "rescale_learned_sigmas",
-}
-
-DEFAULT_CHANNEL_MULT = {
-    512: (0.5, 1, 1, 2, 2, 4, 4),
-    256: (1, 1, 2, 2, 4, 4),
-    128: (1, 1, 2, 3, 4),
-    64: (1, 2, 3, 4),
-}
-
-_RELEASED_COMMON = {
-    "diffusion_steps": 1000,
-    "learn_sigma": True,
-    "noise_schedule": "linear",
-    "resblock_updown": True,
-    "use_scale_shift_norm": True,
-    "attention_resolutions": "32,16,8",
-    "num_res_blocks": 2,
-}
-# A 16-pixel, two-level ADM that builds and runs in milliseconds: the test suite's and the benchmarks'
-# CPU-mode network (not a released checkpoint's configuration).
-TINY_FLAGS: dict[str, Any] = {
-    "image_size": 16,
-    "num_channels": 32,
-    "num_res_blocks": 1,
-    "channel_mult": "1,2",
-    "attention_resolutions": "8",
-    "num_head_channels": 16,
-}
-PRESETS: dict[str, dict[str, Any]] = {
-    "256x256_diffusion_uncond": {
-        **_RELEASED_COMMON,
-        "image_size": 256,
-        "num_channels": 256,
-        "num_head_channels": 64,
-        "class_cond": False,
-    },
-    "256x256_diffusion": {
-        **_RELEASED_COMMON,
-        "image_size": 256,
-        "num_channels": 256,
-        "num_head_channels": 64,
-        "class_cond": True,
-    },
-    "512x512_diffusion": {
-        **_RELEASED_COMMON,
-        "image_size": 512,
-        "num_channels": 256,
-        "num_head_channels": 64,
-        "class_cond": True,
-    },
-    "128x128_diffusion": {
-        **_RELEASED_COMMON,
-        "image_size": 128,
-        "num_channels": 256,
-        "num_heads": 4,
-        "class_cond": True,
-    },
-    "64x64_diffusion": {
-        **_RELEASED_COMMON,
-        "image_size": 64,
-        "num_channels": 192,
-        "num_res_blocks": 3,
-        "num_head_channels": 64,
-        "class_cond": True,
-        "use_new_attention_order": True,
-        "noise_schedule": "cosine",
-    },
-    **{
-        f"lsun_{name}": {
-            **_RELEASED_COMMON,
-            "image_size": 256,
-            "num_channels": 256,
-            "num_head_channels": 64,
-            "class_cond": False,
-            "dropout": 0.1,
-        }
-        for name in ("bedroom", "cat", "horse")
-    },
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class ADMConfig:
-    """The network's shape, resolved from guided-diffusion's flags."""
-
-    image_size: int
-    in_channels: int
-    model_channels: int
-    out_channels: int
-    num_res_blocks: int
-    attention_ds: tuple[int, ...]  # downsample rates (image_size // resolution) that get attention
-    channel_mult: tuple[float, ...]
-    dropout: float = 0.0
-    num_classes: int | None = None
-    num_heads: int = 1
-    num_head_channels: int = -1
-    num_heads_upsample: int = -1
-    use_scale_shift_norm: bool = False
-    resblock_updown: bool = False
-    use_new_attention_order: bool = False
-
-    @property
-    def emb_channels(self) -> int:
-        return 4 * self.model_channels
-
-    def to_flags(self) -> dict[str, Any]:
-        """guided-diffusion flags that rebuild exactly this network."""
-        return {
-            "image_size": self.image_size,
-            "num_channels": self.model_channels,
-            "num_res_blocks": self.num_res_blocks,
-            "attention_resolutions": ",".join(str(self.image_size // d) for d in self.attention_ds),
-            "channel_mult": ",".join(_fmt_mult(m) for m in self.channel_mult),
-            "num_heads": self.num_heads,
-            "num_head_channels": self.num_head_channels,
-            "num_heads_upsample": self.num_heads_upsample,
-            "use_scale_shift_norm": self.use_scale_shift_norm,
-            "resblock_updown": self.resblock_updown,
-            "use_new_attention_order": self.use_new_attention_order,
-            "learn_sigma": self.out_channels == 2 * self.in_channels,
-            "class_cond": self.num_classes is not None,
-            "dropout": self.dropout,
-        }
-
-
-def _fmt_mult(m: float) -> str:
-    return str(int(m)) if float(m).is_integer() else str(m)
-
-
-def _parse_ints(value: str | Sequence[int], flag: str) -> tuple[int, ...]:
-    if isinstance(value, str):
-        try:
-            return tuple(int(v) for v in value.split(",") if v.strip())
-        except ValueError:
-            raise ValueError(f"{flag}={value!r}: expected comma-separated integers") from None
-    return tuple(int(v) for v in value)
-
-
-def config_from_flags(**flags: Any) -> ADMConfig:
-    """Resolve guided-diffusion's flags (its names and defaults) into an `ADMConfig`."""
-    unknown = sorted(set(flags) - set(DEFAULT_FLAGS) - DIFFUSION_ONLY_FLAGS)
-    if unknown:
-        raise TypeError(f"unknown ADM flag(s): {', '.join(unknown)}; known flags: {', '.join(sorted(DEFAULT_FLAGS))}")
-    f = {**DEFAULT_FLAGS, **{k: v for k, v in flags.items() if k in DEFAULT_FLAGS}}
-    if f["use_fp16"]:
-        raise ValueError("use_fp16 is not supported: run in float32 and pass an autocast dtype instead")
-    image_size = int(f["image_size"])
-    mult = f["channel_mult"]
-    if mult in ("", None, ()):
-        if image_size not in DEFAULT_CHANNEL_MULT:
-            raise ValueError(f"no default channel_mult for image_size={image_size}; pass channel_mult, e.g. '1,2,2'")
-        channel_mult: tuple[float, ...] = DEFAULT_CHANNEL_MULT[image_size]
-    elif isinstance(mult, str):
-        try:
-            channel_mult = tuple(float(m) if "." in m else int(m) for m in mult.split(","))
-        except ValueError:
-            raise ValueError(f"channel_mult={mult!r}: expected comma-separated numbers") from None
-    else:
-        channel_mult = tuple(mult)
-    resolutions = _parse_ints(f["attention_resolutions"], "attention_resolutions")
-    for r in resolutions:
-        if r <= 0 or image_size % r:
-            raise ValueError(f"attention_resolutions entry {r} does not divide image_size={image_size}")
-    in_channels = 3
-    return ADMConfig(
-        image_size=image_size,
-        in_channels=in_channels,
-        model_channels=int(f["num_channels"]),
-        out_channels=2 * in_channels if f["learn_sigma"] else in_channels,
-        num_res_blocks=int(f["num_res_blocks"]),
-        attention_ds=tuple(image_size // r for r in resolutions),
-        channel_mult=channel_mult,
-        dropout=float(f["dropout"]),
-        num_classes=NUM_CLASSES if f["class_cond"] else None,
-        num_heads=int(f["num_heads"]),
-        num_head_channels=int(f["num_head_channels"]),
-        num_heads_upsample=int(f["num_heads_upsample"]),
-        use_scale_shift_norm=bool(f["use_scale_shift_norm"]),
-        resblock_updown=bool(f["resblock_updown"]),
-        use_new_attention_order=bool(f["use_new_attention_order"]),
-    )
-
+from extract.models.config import PRESETS, ADMConfig, BlockInfo, block_table, config_from_flags
 
 # ---------------------------------------------------------------------------------------------
 # Building blocks
@@ -415,16 +201,6 @@ class TimestepEmbedSequential(nn.Sequential):
         return x
 
 
-@dataclasses.dataclass(frozen=True)
-class BlockInfo:
-    """One tappable block: the paper's 1-based number, its module name, and its output's shape."""
-
-    number: int
-    module: str
-    channels: int
-    resolution: int
-
-
 # ---------------------------------------------------------------------------------------------
 # The U-Net
 # ---------------------------------------------------------------------------------------------
@@ -483,8 +259,6 @@ class ADMUNet(nn.Module):
         self.out = nn.Sequential(
             normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(input_ch, cfg.out_channels, 3, padding=1))
         )
-
-        from extract.models.blocks import block_table  # the one table of block names and output shapes
 
         self.blocks: tuple[BlockInfo, ...] = block_table(cfg)
 
@@ -559,35 +333,30 @@ class ADMUNet(nn.Module):
         kept: dict[int, torch.Tensor] = {}
         skips: list[torch.Tensor] = []
         h = x
-        n = 0
-        for module in self.input_blocks:
-            n += 1
-            h = module(h, emb)
+        for n, module, role in self._walk():
+            if role == "decoder":
+                h = module(torch.cat([h, skips.pop()], dim=1), emb)  # current h first, then the skip
+            else:
+                h = module(h, emb)
             if additions and n in additions:
                 h = h + additions[n]
-            skips.append(h)
+            if role == "encoder":
+                skips.append(h)
             if n in keep:
                 kept[n] = h
             if n == last_block:
-                return h, kept
-        n += 1
-        h = self.middle_block(h, emb)
-        if additions and n in additions:
-            h = h + additions[n]
-        if n in keep:
-            kept[n] = h
-        if n == last_block:
-            return h, kept
-        for module in self.output_blocks:
-            n += 1
-            h = module(torch.cat([h, skips.pop()], dim=1), emb)  # current h first, then the skip
-            if additions and n in additions:
-                h = h + additions[n]
-            if n in keep:
-                kept[n] = h
-            if n == last_block:
-                return h, kept
+                break
         return h, kept
+
+    def _walk(self) -> Iterator[tuple[int, nn.Module, str]]:
+        """Every block in running order, numbered from 1, with its role: encoder blocks push a skip, decoder blocks pop one."""
+        blocks = [
+            *(("encoder", m) for m in self.input_blocks),
+            ("middle", self.middle_block),
+            *(("decoder", m) for m in self.output_blocks),
+        ]
+        for n, (role, module) in enumerate(blocks, start=1):
+            yield n, module, role
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         h, _ = self._run(x, t, y, self.num_blocks, set())

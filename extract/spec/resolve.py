@@ -1,6 +1,6 @@
 """From a schema-valid spec to a resolved `Spec`: what needs the model's block table, or the files.
 
-The model's flags resolve to its block table (`extract.models.blocks`, no network built); against it
+The model's flags resolve to its block table (`extract.models.config`, no network built); against it
 the timesteps, blocks, pooling and tokens are checked and expanded per block. With `check_files` the
 checkpoint and the dataset are looked at too. Each check appends `(field path, message)` to one list
 and carries on, so a user sees every problem of a spec at once.
@@ -15,6 +15,17 @@ from pathlib import Path
 from typing import Any
 
 from extract.idx import FASHION_MNIST_DIR
+from extract.models.config import (
+    DEFAULT_FLAGS,
+    DIFFUSION_ONLY_FLAGS,
+    EMBEDDED_PREFIX,
+    PRESETS,
+    block_table,
+    config_from_flags,
+    embedded_checkpoint,
+    embedded_models,
+    resolve_flags,
+)
 from extract.spec.resolved import (
     KNOWN_SPLIT_SIZES,
     ComputeSpec,
@@ -80,19 +91,12 @@ def _plain(section: Any) -> Any:
 
 
 def _preset_names() -> list[str]:
-    from extract.models.adm import PRESETS
-    from extract.models.registry import EMBEDDED_PREFIX, embedded_models
-
     return sorted(PRESETS) + [EMBEDDED_PREFIX + n for n in embedded_models()]
 
 
 def _model(
     s: ModelSection, problems: Problems, base_dir: str, check_files: bool
 ) -> tuple[ModelSpec | None, tuple[Any, ...] | None]:
-    from extract.models.adm import DEFAULT_FLAGS, DIFFUSION_ONLY_FLAGS, config_from_flags
-    from extract.models.blocks import block_table
-    from extract.models.registry import resolve_flags
-
     ok = True
     flags = dict(s.flags or {})
     known_flags = sorted(set(DEFAULT_FLAGS) | DIFFUSION_ONLY_FLAGS)
@@ -147,8 +151,6 @@ def _model(
 
 
 def _checkpoint_problem(checkpoint: str, base_dir: str) -> str:
-    from extract.models.registry import EMBEDDED_PREFIX, embedded_checkpoint
-
     if checkpoint.startswith(EMBEDDED_PREFIX):
         try:
             embedded_checkpoint(checkpoint.removeprefix(EMBEDDED_PREFIX))
@@ -169,8 +171,9 @@ def _checkpoint_problem(checkpoint: str, base_dir: str) -> str:
 
 def _checkpoint_header_problem(checkpoint: str, base_dir: str, flags: dict[str, Any]) -> str:
     """Whether the checkpoint's tensors (read from its header, nothing loaded) fit the model's keys and shapes."""
+    # Lazy: the header check builds the network on the meta device, and torch's import (about 3 s on a
+    # 2-core machine, against 1.2 s for all of extract.spec) is paid only when a checkpoint is checked.
     from extract.models.checkpoints import CheckpointError, check_header
-    from extract.models.registry import EMBEDDED_PREFIX, embedded_checkpoint
 
     if checkpoint.startswith(EMBEDDED_PREFIX):
         path = Path(embedded_checkpoint(checkpoint.removeprefix(EMBEDDED_PREFIX)))

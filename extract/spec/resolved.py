@@ -190,7 +190,7 @@ class Spec:
     views: ViewSpec
     storage: StorageSpec
     compute: ComputeSpec
-    # Tappable blocks at the dataset's image size, computed from the flags at load time (extract.models.blocks).
+    # Tappable blocks at the dataset's image size, computed from the flags at load time (extract.models.config).
     block_table: tuple[Any, ...] = dataclasses.field(default=(), compare=False, repr=False)
 
     # -- resolved views --------------------------------------------------------------------

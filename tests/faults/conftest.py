@@ -15,7 +15,7 @@ import yaml
 import zarr
 from click.testing import CliRunner
 
-from extract.models.adm import TINY_FLAGS
+from extract.models.config import TINY_FLAGS
 
 UNITS = 8  # 32 rows in units of 4
 

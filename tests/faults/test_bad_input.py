@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from extract.models.adm import TINY_FLAGS
+from extract.models.config import TINY_FLAGS
 
 from .conftest import cli, tiny_spec
 

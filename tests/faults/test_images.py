@@ -11,7 +11,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from extract.models.adm import TINY_FLAGS
+from extract.models.config import TINY_FLAGS
 from extract.sources.base import decode_image_file, to_rgb_array
 
 from .conftest import cli
