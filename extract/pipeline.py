@@ -56,7 +56,7 @@ from extract.sources import open_source
 from extract.spec import Spec, load_spec
 from extract.store import StoreError, StoreWriter
 from extract.store.lease import LeaseLost
-from extract.store.writer import store_state
+from extract.store.state import store_state
 
 log = logging.getLogger(__name__)
 

@@ -30,9 +30,9 @@ from extract.hardware import (
 from extract.overlap import load_batch
 from extract.sources import ImageSource, open_source
 from extract.spec import Spec, extension_problem, load_spec
-from extract.store import FeatureInfo, StoreError, StoreWriter, create_store
+from extract.store import FeatureInfo, NewStore, StoreError, StoreWriter, create_store
 from extract.store.lease import acquire
-from extract.store.writer import store_state
+from extract.store.state import store_state
 
 log = logging.getLogger(__name__)
 
@@ -260,23 +260,23 @@ def _prepare(
     if model is not None and spec.compute.dtype != "float32":
         with compute_threads(n_threads), torch.inference_mode():
             provenance["compute"]["calibration"] = calibrate(spec, source, model, dev, mb)
-    writer = create_store(
-        store_url,
-        spec.to_dict(),
-        len(source),
-        source.sample_ids,
-        source.labels,
-        source.splits,
-        list(source.class_names) or None,
-        provenance,
+    new = NewStore(
+        num_samples=len(source),
         features=store_features(spec),
+        spec=spec.to_dict(),
+        sample_ids=source.sample_ids,
+        labels=source.labels,
+        splits=source.splits,
+        class_names=list(source.class_names) or None,
+        provenance=provenance,
+        fingerprint=spec.fingerprint,
         shard_rows=spec.storage.shard_rows,
         chunk_rows=spec.storage.chunk_rows,
-        compression=spec.storage.compressor,
-        storage_options=storage_options,
-        fingerprint=spec.fingerprint,
-        can_extend=lambda old: extension_problem(old, spec),
         max_shard_rows=unit_rows_for(spec),
+        compression=spec.storage.compressor,
+    )
+    writer = create_store(
+        store_url, new, storage_options=storage_options, can_extend=lambda old: extension_problem(old, spec)
     )
     try:
         return _check_reopened(spec, store_url, writer, record, dev, mb, threads, source, model)
@@ -305,7 +305,9 @@ def calibrate(spec: Spec, source: ImageSource, model: torch.nn.Module, device: t
             "rms_rel_err": float(np.sqrt((diff**2).mean() / max((ref.astype(np.float64) ** 2).mean(), 1e-30))),
         }
     worst = max(errors, key=lambda n: errors[n]["max_rel_err"])
-    log.info(f"{spec.compute.dtype} vs float32 on {len(indices)} rows: worst max rel err {errors[worst]['max_rel_err']:.2e} ({worst})")
+    log.info(
+        f"{spec.compute.dtype} vs float32 on {len(indices)} rows: worst max rel err {errors[worst]['max_rel_err']:.2e} ({worst})"
+    )
     return {"rows": len(indices), "reference": "float32", "dtype": spec.compute.dtype, "features": errors}
 
 

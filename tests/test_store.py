@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import uuid
@@ -14,6 +15,7 @@ from extract.store import (
     FLOAT16_MAX,
     FeatureInfo,
     FingerprintMismatch,
+    NewStore,
     StoreError,
     StoreWriter,
     cast_with_stats,
@@ -162,16 +164,17 @@ def _infos() -> list[FeatureInfo]:
 
 def test_fingerprint_mismatch_refused_and_resume_reopens(tmp_path):
     url = str(tmp_path / "f.zarr")
-    args = (10, [str(i) for i in range(10)], np.arange(10) % 2, {"train": np.arange(10)}, None, {})
-    w = create_store(url, {"spec": 1}, *args, features=_infos(), shard_rows=4)
+    ids, labels, splits = [str(i) for i in range(10)], np.arange(10) % 2, {"train": np.arange(10)}
+    new = NewStore(10, _infos(), {"spec": 1}, ids, labels, splits, shard_rows=4)
+    w = create_store(url, new)
     w.write_unit(0, {"t010_b02_avg1": np.ones((4, 4, 1, 1), np.float32)})
-    again = create_store(url, {"spec": 1}, *args, features=_infos(), shard_rows=4)
+    again = create_store(url, new)
     assert set(again.pending()) == {1, 2}  # unit 0 is kept
     with pytest.raises(FingerprintMismatch, match="different spec"):
-        create_store(url, {"spec": 2}, *args, features=_infos(), shard_rows=4)
-    other = (10, [f"x{i}" for i in range(10)], *args[2:])
+        create_store(url, dataclasses.replace(new, spec={"spec": 2}))
+    other = dataclasses.replace(new, sample_ids=[f"x{i}" for i in range(10)])
     with pytest.raises(FingerprintMismatch, match="different dataset"):
-        create_store(url, {"spec": 1}, *other, features=_infos(), shard_rows=4)
+        create_store(url, other)
     np.testing.assert_array_equal(open_store(url).read("t010_b02_avg1", slice(0, 4)), 1.0)
 
 
@@ -179,13 +182,13 @@ def test_not_a_store_refused(tmp_path):
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "file.txt").write_text("x")
     with pytest.raises(StoreError, match="not a Zarr store"):
-        create_store(tmp_path / "junk", {}, 2, None, None, None, None, None, features=_infos())
+        create_store(tmp_path / "junk", NewStore(2, _infos()))
     with pytest.raises(FileNotFoundError):
         open_store(tmp_path / "missing.zarr")
 
 
 def test_write_unit_validates_before_writing(tmp_path):
-    w = create_store(tmp_path / "v.zarr", {}, 6, None, None, None, None, None, features=_infos(), shard_rows=4)
+    w = create_store(tmp_path / "v.zarr", NewStore(6, _infos(), shard_rows=4))
     with pytest.raises(ValueError, match="expects shape"):
         w.write_unit(1, {"t010_b02_avg1": np.ones((4, 4, 1, 1))})  # unit 1 has 2 rows
     with pytest.raises(KeyError):
@@ -208,7 +211,7 @@ def test_write_unit_validates_before_writing(tmp_path):
 
 def test_worker_reopen_writes_data_only(tmp_path):
     url = tmp_path / "w.zarr"
-    create_store(url, {}, 8, None, None, None, None, None, features=_infos(), shard_rows=4)
+    create_store(url, NewStore(8, _infos(), shard_rows=4))
     worker = StoreWriter.open(url)
     worker.write_unit(1, {"t010_b02_avg1": np.full((4, 4, 1, 1), 2.0, np.float32)})
     assert list(worker.pending()) == [0]

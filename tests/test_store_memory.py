@@ -7,7 +7,7 @@ import weakref
 
 import numpy as np
 
-from extract.store.memory import ReusedMemory, cast_into, scatter_into
+from extract.store.memory import ReusedMemory, allocation, cast_into, scatter_into
 
 
 def test_held_memory_is_never_handed_out_again_and_dropped_memory_is():
@@ -19,21 +19,21 @@ def test_held_memory_is_never_handed_out_again_and_dropped_memory_is():
     b = pool.take((10, 3))
     assert not np.shares_memory(b, view)
     np.testing.assert_array_equal(view, 1)
-    base = weakref.ref(b.base)
+    base = weakref.ref(allocation(b))
     del b
     c = pool.take((6, 3))  # 18 of 30 elements: at least half, so the dropped memory serves
-    assert c.base is base()
+    assert allocation(c) is base()
 
 
 def test_memory_that_does_not_fit_is_given_back_before_more_is_taken():
     pool = ReusedMemory(keep=4)
     big = pool.take((100, 4))
-    base = weakref.ref(big.base)
+    base = weakref.ref(allocation(big))
     del big
     small = pool.take((10, 4))  # under half: new memory, and the free 400 elements are released first
     gc.collect()
-    assert base() is None and small.base.size == 40
-    other = weakref.ref(small.base)
+    assert base() is None and allocation(small).size == 40
+    other = weakref.ref(allocation(small))
     del small
     pool.release()
     assert other() is None
@@ -42,9 +42,9 @@ def test_memory_that_does_not_fit_is_given_back_before_more_is_taken():
 def test_a_reserve_lets_a_short_last_block_reuse_a_full_one():
     pool = ReusedMemory(keep=4)
     full = pool.take((8, 2), reserve=16)
-    base = weakref.ref(full.base)
+    base = weakref.ref(allocation(full))
     del full
-    assert pool.take((1, 2), reserve=16).base is base()
+    assert allocation(pool.take((1, 2), reserve=16)) is base()
 
 
 def test_cast_and_scatter():

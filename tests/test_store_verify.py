@@ -121,3 +121,24 @@ def test_format_1_store_reads_and_verify_says_it_predates_checksums(tmp_path):
     report = verify(old, full_scan=True)
     assert report.ok and not report.checked["checksums"], report
     assert any("predates chunk checksums" in n for n in report.notes), report.notes
+
+
+def test_the_shard_index_is_read_from_public_codec_metadata_and_one_zarr_internal(store):
+    """The index size comes from the array's index codecs (bytes + crc32c: 16 bytes a chunk + 4), and the
+    store's bytes come through `zarr.core.sync.sync`, the one zarr internal it uses: checked on zarr 3.1.0
+    and 3.1.6. A zarr that drops or changes it fails here first."""
+    from zarr.core.sync import sync
+
+    from extract.store.shards import object_bytes, shard_index_format, shard_key
+
+    arr = zarr.open_group(store, mode="r")["features"][NAME]
+    fmt = shard_index_format(arr)
+    assert (fmt.chunks, fmt.checksum, fmt.nbytes) == (SHARD // CHUNK, True, 16 * (SHARD // CHUNK) + 4)
+    raw = _shard(store, 1).read_bytes()
+    assert object_bytes(arr, shard_key(arr, 1)).tobytes() == raw and callable(sync)
+    at = 0 if fmt.at_start else len(raw) - fmt.nbytes
+    table = fmt.decode(np.frombuffer(raw[at : at + fmt.nbytes], np.uint8), "index")
+    body = fmt.nbytes if fmt.at_start else 0
+    assert table[0, 0] == body and int(table[-1].sum()) == body + len(raw) - fmt.nbytes  # chunks fill the rest
+    with pytest.raises(ChecksumError, match="index"):
+        fmt.decode(np.frombuffer(bytes(raw[at : at + fmt.nbytes - 1]) + b"\x00", np.uint8), "index")

@@ -1,10 +1,11 @@
-"""The feature store (Zarr v3): layout, writer, reader and tools.
+"""The feature store (Zarr v3): layout, creation, writer, reader and tools.
 
 `layout` and `shards` are the only code that knows the disk format (`shards`: the bytes inside a shard). The store imports no spec, no model and no
 CLI: what it records about a spec arrives as plain data, and checks that need a spec (may a new spec
 extend this store? what is the recorded spec's fingerprint?) arrive as functions from the caller.
 """
 
+from extract.store.create import ExtensionCheck, NewStore, create_store
 from extract.store.layout import (
     COMPRESSIONS,
     FEATURE_DIMS,
@@ -19,8 +20,9 @@ from extract.store.layout import (
     plan_layout,
 )
 from extract.store.reader import FeatureStore, open_store
-from extract.store.tools import VerifyReport, export_hdf5, info, save_features, verify
-from extract.store.writer import ExtensionCheck, StoreWriter, cast_with_stats, create_store
+from extract.store.tools import export_hdf5, info, save_features
+from extract.store.verify import VerifyReport, verify
+from extract.store.writer import StoreWriter, cast_with_stats
 
 __all__ = [
     "COMPRESSIONS",
@@ -33,6 +35,7 @@ __all__ = [
     "FeatureStore",
     "FingerprintMismatch",
     "Layout",
+    "NewStore",
     "StoreError",
     "StoreWriter",
     "VerifyReport",

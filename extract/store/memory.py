@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import sys
 import threading
+import weakref
 
 import numpy as np
 
@@ -35,23 +35,27 @@ class ReusedMemory:
     """float32 arrays whose memory is reused once the caller holds none of their views.
 
     Fresh memory is slow: the kernel zeroes and maps every page on first write, and a virtual machine's host
-    may have to back the pages again. On this project's 2-core VM, filling a fresh 1.26 GB float32 array took
-    0.13 s and at times 1.5 s of system time, against 0.05 s for memory already mapped; a read's decoding
-    takes ~0.25 CPU s. So results are views of memory this pool tracks, and a view holds a reference to its
-    memory: memory whose only reference is this pool's list is free, and a caller may keep any result as long
-    as it likes without it ever changing. At most `keep` allocations are tracked (older ones become the
-    caller's alone), free memory is reused only for a result at least half its size, and free memory that
-    does not fit is released before new memory is allocated, so peak use never exceeds what fresh
-    allocations reach. Free memory stays mapped until the next take or `release()`.
+    may have to back the pages again. On this machine (2 cores, a virtual machine), filling a fresh 1.26 GB
+    float32 array took 0.13 s and at times 1.5 s of system time, against 0.05 s for memory already mapped; a
+    read's decoding takes ~0.25 CPU s. So results come from memory this pool keeps.
+
+    Each result is a view of a handle array made for it with `np.frombuffer`: numpy points every view of a
+    result (and views of views) at that handle, never past it, so the handle lives exactly as long as the
+    caller holds any view of the result. The pool keeps only a weak reference to the handle: once it is gone
+    the memory is free. This holds in any Python with weak references (an interpreter with a tracing
+    collector frees later, so memory is reused less often, never while held); no reference counts are read.
+
+    At most `keep` allocations are tracked (older ones become the caller's alone), free memory is reused only
+    for a result at least half its size, and free memory that does not fit is released before new memory is
+    allocated, so peak use never exceeds what fresh allocations reach. Free memory stays mapped until the next
+    take or `release()`.
     """
 
     def __init__(self, keep: int):
         self.keep = keep
-        self._owned: list[np.ndarray] = []  # flat float32 allocations, oldest first
+        # (flat float32 allocation, weak reference to the handle of the result it backs), oldest first
+        self._owned: list[tuple[np.ndarray, weakref.ref]] = []
         self._lock = threading.Lock()
-
-    def _free(self, i: int) -> bool:
-        return sys.getrefcount(self._owned[i]) == 2  # this list and getrefcount's argument: nobody else
 
     def take(self, shape: tuple[int, ...], reserve: int = 0) -> np.ndarray:
         """An uninitialised float32 array of `shape`; new memory holds at least `reserve` elements, so that
@@ -59,17 +63,20 @@ class ReusedMemory:
         n = int(np.prod(shape, dtype=np.int64))
         with self._lock:
             fits = [
-                i for i in range(len(self._owned)) if self._free(i) and n <= self._owned[i].size <= 2 * max(n, reserve)
+                i
+                for i, (buf, handle) in enumerate(self._owned)
+                if handle() is None and n <= buf.size <= 2 * max(n, reserve)
             ]
             if fits:
-                buf = self._owned.pop(min(fits, key=lambda i: self._owned[i].size))
+                buf, _ = self._owned.pop(min(fits, key=lambda i: self._owned[i][0].size))
             else:
                 self._drop_free()
                 buf = np.empty(max(n, reserve), dtype=np.float32)
                 if len(self._owned) >= self.keep:
                     self._owned.pop(0)
-            self._owned.append(buf)
-        return buf[:n].reshape(shape)
+            handle = np.frombuffer(memoryview(buf), dtype=np.float32, count=n)
+            self._owned.append((buf, weakref.ref(handle)))
+        return handle.reshape(shape)
 
     def release(self) -> None:
         """Give free memory back to the system."""
@@ -77,4 +84,10 @@ class ReusedMemory:
             self._drop_free()
 
     def _drop_free(self) -> None:  # under the lock
-        self._owned = [self._owned[i] for i in range(len(self._owned)) if not self._free(i)]
+        self._owned = [(buf, handle) for buf, handle in self._owned if handle() is not None]
+
+
+def allocation(result: np.ndarray) -> np.ndarray:
+    """The pool allocation that a result of `ReusedMemory.take` (or any view of it) lives in."""
+    handle = result if isinstance(result.base, memoryview) else result.base
+    return handle.base.obj

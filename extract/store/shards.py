@@ -15,9 +15,88 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+from zarr.abc.store import ByteRequest, RangeByteRequest, SuffixByteRequest
+from zarr.buffer import default_buffer_prototype
+from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ZstdCodec
+
+# zarr's bridge from its async stores to synchronous code: the one name of `zarr.core` the store uses.
+# Checked on zarr 3.1.0 and 3.1.6 (tests/test_store_verify.py::test_the_one_zarr_internal_the_store_uses).
+from zarr.core.sync import sync
 
 from extract.store.layout import StoreError, sharding_codec
+
+# ---------------------------------------------------------------------------------------------
+# Stored objects, through the array's zarr store
+# ---------------------------------------------------------------------------------------------
+
+
+def shard_key(arr: zarr.Array, shard: int) -> str:
+    """The store key of shard `shard` along the sample axis (every other axis is one shard)."""
+    return f"{arr.path}/{arr.metadata.encode_chunk_key((shard,) + (0,) * (arr.ndim - 1))}"
+
+
+def object_size(arr: zarr.Array, key: str) -> int | None:
+    """Bytes of the stored object `key` of `arr`'s store; None when it is absent."""
+    store = arr.store_path.store
+    return int(sync(store.getsize(key))) if sync(store.exists(key)) else None
+
+
+def object_bytes(arr: zarr.Array, key: str, byte_range: ByteRequest | None = None) -> np.ndarray | None:
+    """The stored object `key` (or `byte_range` of it) as uint8; None when it is absent."""
+    raw = sync(arr.store_path.store.get(key, prototype=default_buffer_prototype(), byte_range=byte_range))
+    return None if raw is None else raw.as_numpy_array()
+
+
+# ---------------------------------------------------------------------------------------------
+# The shard index, read from the array's public codec metadata
+# ---------------------------------------------------------------------------------------------
+
+EMPTY_CHUNK = np.iinfo(np.uint64).max  # the offset (and length) the index records for an inner chunk never written
+
+
+class ChecksumError(ValueError):
+    """A stored chunk does not match its crc32c: the bytes changed after they were written."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardIndexFormat:
+    """How a shard records its inner chunks: an (offset, length) uint64 pair per chunk, encoded by the
+    sharding codec's `index_codecs` (bytes, then optionally crc32c: 16 bytes a chunk + 4), at the start
+    or the end of the shard object. Read from the array's metadata, as the Zarr v3 sharding spec defines it."""
+
+    chunks: int  # inner chunks per shard
+    byteorder: str  # "<" or ">"
+    checksum: bool
+    at_start: bool
+
+    @property
+    def nbytes(self) -> int:
+        return 16 * self.chunks + (4 if self.checksum else 0)
+
+    def decode(self, raw: np.ndarray, where: str) -> np.ndarray:
+        """(chunks, 2) uint64 offsets and lengths from the index's bytes; ChecksumError names `where`."""
+        raw = np.asarray(raw, dtype=np.uint8).reshape(-1)
+        if raw.size != self.nbytes:
+            raise ChecksumError(f"{where}: index of {raw.size} bytes, expected {self.nbytes} (truncated)")
+        if self.checksum:
+            raw = _checked(raw, where)
+        return raw.view(f"{self.byteorder}u8").astype(np.uint64).reshape(self.chunks, 2)
+
+
+def shard_index_format(arr: zarr.Array) -> ShardIndexFormat:
+    """The index format of `arr`'s shards; StoreError for index codecs other than bytes [+ crc32c]."""
+    codec = sharding_codec(arr)
+    if codec is None:
+        raise StoreError(f"{arr.path}: not a sharded array")
+    chain = list(codec.index_codecs)
+    checksum = len(chain) == 2 and isinstance(chain[1], Crc32cCodec)
+    if not chain or not isinstance(chain[0], BytesCodec) or len(chain) > 1 + checksum:
+        raise StoreError(f"{arr.path}: shard index codecs {chain} are not read here (bytes, then optionally crc32c)")
+    endian = str(getattr(chain[0].endian, "value", chain[0].endian))
+    chunks = int(np.prod([s // c for s, c in zip(arr.shards, codec.chunk_shape)], dtype=np.int64))
+    at_start = str(getattr(codec.index_location, "value", codec.index_location)) == "start"
+    return ShardIndexFormat(chunks, "<" if endian == "little" else ">", checksum, at_start)
+
 
 # ---------------------------------------------------------------------------------------------
 # Inspecting stored shards (verify)
@@ -47,35 +126,28 @@ def shard_state(arr: zarr.Array, shard: int) -> ShardState:
     Only the index is fetched (a ranged request), not the data: verify decodes the data separately, and
     a remote shard of 256 MiB should cross the network once.
     """
-    from zarr.abc.store import RangeByteRequest
-    from zarr.core.buffer import default_buffer_prototype
-    from zarr.core.sync import sync
-
     codec = sharding_codec(arr)
-    coords = (shard,) + (0,) * (arr.ndim - 1)
-    key = f"{arr.path}/{arr.metadata.encode_chunk_key(coords)}"
-    store = arr.store_path.store
-    if not sync(store.exists(key)):
+    key = shard_key(arr, shard)
+    nbytes = object_size(arr, key)
+    if nbytes is None:
         return ShardState(key, present=False)
-    nbytes = int(sync(store.getsize(key)))
     if codec is None:
         return ShardState(key, present=True, nbytes=nbytes)
     chunk_rows = int(codec.chunk_shape[0])
-    per_shard = tuple(s // c for s, c in zip(arr.shards, codec.chunk_shape))
-    index_size = codec._shard_index_size(per_shard)
+    index_format = shard_index_format(arr)
+    index_size = index_format.nbytes
     if nbytes < index_size:
         return ShardState(key, True, nbytes, f"truncated: {nbytes} bytes, less than its index", (), chunk_rows)
-    at_start = str(getattr(codec.index_location, "value", codec.index_location)) == "start"
-    lo = 0 if at_start else nbytes - index_size
-    index_bytes = sync(
-        store.get(key, prototype=default_buffer_prototype(), byte_range=RangeByteRequest(lo, lo + index_size))
-    )
+    lo = 0 if index_format.at_start else nbytes - index_size
+    index_bytes = object_bytes(arr, key, RangeByteRequest(lo, lo + index_size))
+    if index_bytes is None:
+        return ShardState(key, present=False)
     try:
-        index = sync(codec._decode_shard_index(index_bytes, per_shard))
-    except Exception as exc:  # a checksum mismatch in the index: the shard was truncated or overwritten
+        table = index_format.decode(index_bytes, f"{key} (index)")
+    except ChecksumError as exc:  # the shard was truncated or overwritten
         return ShardState(key, True, nbytes, f"unreadable index ({exc}); truncated or corrupt", (), chunk_rows)
-    table = index.offsets_and_lengths.reshape(-1, 2)
-    empty = table[:, 0] == np.iinfo(np.uint64).max
+    at_start = index_format.at_start
+    empty = table[:, 0] == EMPTY_CHUNK
     data_lo, data_hi = (index_size, nbytes) if at_start else (0, nbytes - index_size)
     ends = table[~empty, 0].astype(np.int64) + table[~empty, 1].astype(np.int64)
     starts = table[~empty, 0].astype(np.int64)
@@ -99,15 +171,15 @@ class DirectCodecs:
     compressor: str  # "blosc" | "zstd" | "none"
     checksum: bool
     chunk_rows: int
-    chunks_per_shard: int
-    index_size: int
-    index_at_start: bool
+    index: ShardIndexFormat
+
+    @property
+    def chunks_per_shard(self) -> int:
+        return self.index.chunks
 
 
 def direct_codecs(arr: zarr.Array) -> DirectCodecs | None:
     """How to decode `arr`'s inner chunks without zarr's per-chunk machinery; None: let zarr do it."""
-    from zarr.codecs import BytesCodec
-
     codec = sharding_codec(arr)
     if codec is None or not np.dtype(arr.dtype).isnative or np.dtype(arr.dtype).kind != "f":
         return None
@@ -130,30 +202,18 @@ def direct_codecs(arr: zarr.Array) -> DirectCodecs | None:
         compressor = "zstd"
     else:
         return None
-    per_shard = int(arr.shards[0]) // int(codec.chunk_shape[0])
-    index_size = codec._shard_index_size((per_shard,) + (1,) * (arr.ndim - 1))
-    at_start = str(getattr(codec.index_location, "value", codec.index_location)) == "start"
-    return DirectCodecs(compressor, checksum, int(codec.chunk_shape[0]), per_shard, index_size, at_start)
-
-
-class ChecksumError(ValueError):
-    """A stored chunk does not match its crc32c: the bytes changed after they were written."""
+    index = shard_index_format(arr)
+    return DirectCodecs(compressor, checksum, int(codec.chunk_shape[0]), index)
 
 
 def shard_index(arr: zarr.Array, codecs: DirectCodecs, shard: int) -> np.ndarray | None:
     """(chunks_per_shard, 2) offsets and lengths of a shard's inner chunks; None if the shard is absent."""
-    from zarr.abc.store import RangeByteRequest, SuffixByteRequest
-    from zarr.core.buffer import default_buffer_prototype
-    from zarr.core.sync import sync
-
-    key = f"{arr.path}/{arr.metadata.encode_chunk_key((shard,) + (0,) * (arr.ndim - 1))}"
-    request = RangeByteRequest(0, codecs.index_size) if codecs.index_at_start else SuffixByteRequest(codecs.index_size)
-    raw = sync(arr.store_path.store.get(key, prototype=default_buffer_prototype(), byte_range=request))
+    size = codecs.index.nbytes
+    request = RangeByteRequest(0, size) if codecs.index.at_start else SuffixByteRequest(size)
+    raw = object_bytes(arr, shard_key(arr, shard), request)
     if raw is None:
         return None
-    codec = sharding_codec(arr)
-    index = sync(codec._decode_shard_index(raw, (codecs.chunks_per_shard,) + (1,) * (arr.ndim - 1)))
-    return index.offsets_and_lengths.reshape(-1, 2)
+    return codecs.index.decode(raw, f"{arr.path}: shard {shard}'s index")
 
 
 def read_shard_rows_into(
@@ -164,10 +224,6 @@ def read_shard_rows_into(
     One ranged request fetches every inner chunk the rows touch; each chunk is checked and decompressed
     in place into `out`, or into a chunk-sized scratch only where the range starts or ends mid-chunk.
     """
-    from zarr.abc.store import RangeByteRequest
-    from zarr.core.buffer import default_buffer_prototype
-    from zarr.core.sync import sync
-
     shard_rows = int(arr.shards[0])
     shard = lo // shard_rows
     base = shard * shard_rows
@@ -177,20 +233,15 @@ def read_shard_rows_into(
         out[...] = arr.metadata.fill_value
         return
     table = index[c_first : c_last + 1]
-    empty = table[:, 0] == np.iinfo(np.uint64).max
+    empty = table[:, 0] == EMPTY_CHUNK
     payload = None
     if not empty.all():
         start = int(table[~empty, 0].min())
         stop = int((table[~empty, 0] + table[~empty, 1]).max())
-        key = f"{arr.path}/{arr.metadata.encode_chunk_key((shard,) + (0,) * (arr.ndim - 1))}"
+        key = shard_key(arr, shard)
         payload = _read_local(arr.store_path.store, key, start, stop)
         if payload is None:
-            raw = sync(
-                arr.store_path.store.get(
-                    key, prototype=default_buffer_prototype(), byte_range=RangeByteRequest(start, stop)
-                )
-            )
-            payload = None if raw is None else raw.as_numpy_array()
+            payload = object_bytes(arr, key, RangeByteRequest(start, stop))
         if payload is None or len(payload) != stop - start:
             raise StoreError(f"{arr.path}: shard {shard} is shorter than its index says (truncated)")
     row_bytes = out[0].nbytes if len(out) else 0
@@ -205,7 +256,7 @@ def read_shard_rows_into(
             continue
         data = payload[offset - start : offset - start + length]
         if codecs.checksum:
-            data = _checked(data, arr.path, chunk + shard * codecs.chunks_per_shard)
+            data = _checked(data, f"{arr.path}: inner chunk {chunk + shard * codecs.chunks_per_shard}")
         whole = r_lo == c_lo and r_hi == c_hi and c_hi - c_lo == codecs.chunk_rows
         if whole:
             _decompress(codecs.compressor, data, flat[(r_lo - lo) * row_bytes : (r_hi - lo) * row_bytes])
@@ -240,12 +291,13 @@ def _read_local(store: Any, key: str, start: int, stop: int) -> np.ndarray | Non
     return buf[:got]
 
 
-def _checked(data: np.ndarray, path: str, chunk: int) -> np.ndarray:
+def _checked(data: np.ndarray, where: str) -> np.ndarray:
+    """`data` without its trailing crc32c (little-endian, as Zarr's crc32c codec writes it), once it matches."""
     import google_crc32c
 
     body = data[:-4]
-    if np.uint32(google_crc32c.value(body)).tobytes() != bytes(data[-4:]):
-        raise ChecksumError(f"{path}: inner chunk {chunk} fails its crc32c checksum (the stored bytes changed)")
+    if len(data) < 4 or np.array(google_crc32c.value(body), "<u4").tobytes() != bytes(data[-4:]):
+        raise ChecksumError(f"{where} fails its crc32c checksum (the stored bytes changed)")
     return body
 
 

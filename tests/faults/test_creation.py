@@ -16,11 +16,12 @@ from .conftest import assert_identical_to, cli, cli_process, done_units, files, 
 # Kill the writer at a point of creation: after the root group (before any array), mid-way, and after
 # the root attributes but before the creation marker is removed.
 KILL_POINTS = {
-    "before the arrays": "import extract.store.writer as w; w.create_feature_array = _die",
-    "mid-way": "import extract.store.writer as w; w.create_progress = _die",
+    "before the arrays": "import extract.store.create as w; w.create_feature_array = _die",
+    "mid-way": "import extract.store.create as w; w.create_progress = _die",
     "after the attributes": (
-        "import extract.store.lease as l; _real = l.RootObjects.delete\n"
-        "l.RootObjects.delete = lambda self, key: _die() if key == l.CREATING_KEY else _real(self, key)"
+        "import extract.store.root_objects as l; from extract.store.lease import CREATING_KEY\n"
+        "_real = l.RootObjects.delete\n"
+        "l.RootObjects.delete = lambda self, key: _die() if key == CREATING_KEY else _real(self, key)"
     ),
 }
 DIE = "import os, signal\ndef _die(*a, **k):\n    os.kill(os.getpid(), signal.SIGKILL)\n"

@@ -14,7 +14,7 @@ import zarr
 
 from extract.pipeline import extract
 from extract.store.lease import LEASE_KEY
-from extract.store.writer import feature_list_problems
+from extract.store.state import feature_list_problems
 
 from .conftest import assert_identical_to, cli, files, tiny_spec
 
@@ -178,7 +178,8 @@ def test_heartbeat_refreshes_and_a_lost_lease_stops_writing(tmp_path):
 
 
 def test_exclusive_create_on_an_fsspec_store(tmp_path):
-    from extract.store.lease import LeaseHeld, RootObjects, acquire
+    from extract.store.lease import LeaseHeld, acquire
+    from extract.store.root_objects import RootObjects
 
     objects = RootObjects("memory://faults-lease/s.zarr")
     assert objects.create("probe.json", b"1") and not objects.create("probe.json", b"2")
@@ -202,7 +203,7 @@ def test_exclusive_create_on_an_fsspec_store(tmp_path):
 def test_best_effort_lease_where_there_is_no_exclusive_create(monkeypatch):
     from fsspec.implementations.memory import MemoryFileSystem
 
-    from extract.store.lease import RootObjects
+    from extract.store.root_objects import RootObjects
 
     real_open = MemoryFileSystem._open
 

@@ -1,0 +1,178 @@
+"""What a store records besides feature data: its attributes, feature names and their metadata, the sample
+arrays (labels, ids, valid, errors, splits) and the progress markers. Read lazily, cached, never written."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import zarr
+
+from extract.features import draw_name
+from extract.store.layout import (
+    FEATURES,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    PROGRESS,
+    SAMPLES,
+    SPLITS,
+    FeatureInfo,
+    Layout,
+    StoreError,
+    as_str,
+    is_local,
+    local_path,
+)
+
+
+class StoreMetadata:
+    """A store's records, opened read-only; `extract.store.reader.FeatureStore` adds the feature data."""
+
+    def __init__(self, root: zarr.Group, url: str, storage_options: dict[str, Any] | None = None):
+        self._root = root
+        self.url = url
+        self.storage_options = storage_options
+        self.attrs: dict[str, Any] = dict(root.attrs)
+        if self.attrs.get("format") != FORMAT_NAME:
+            raise StoreError(
+                f"{url} is a Zarr hierarchy but not a diffbank feature store "
+                f"(root attribute format={self.attrs.get('format')!r})"
+            )
+        version = int(self.attrs.get("format_version", 0))
+        if version > FORMAT_VERSION:
+            raise StoreError(
+                f"{url} has store format {version}; this diffbank reads up to {FORMAT_VERSION}: upgrade diffbank"
+            )
+        self.spec: dict[str, Any] = dict(self.attrs.get("spec") or {})
+        self.fingerprint: str = str(self.attrs.get("fingerprint"))
+        self.num_samples: int = int(self.attrs["num_samples"])
+        self.shard_rows: int = int(self.attrs["shard_rows"])
+        self._features = root[FEATURES]
+        self._cache: dict[Any, Any] = {}
+
+    # -- features --------------------------------------------------------------------------
+
+    def feature_names(self, view: str | None = "center") -> list[str]:
+        """Feature names, sorted by (t, block, pool); view=None lists every view.
+
+        A feature whose noise draws are stored apart is listed once, by its draw-0 name; `draw_names`
+        gives the arrays of all its draws.
+        """
+        names = [n for n in self._all_names() if self.feature_info(n).draw == 0]
+        if view is None:
+            return names
+        return [n for n in names if self.feature_info(n).view == view]
+
+    def array_names(self) -> list[str]:
+        """Every feature array, noise draws >= 1 included (what verify, info and export walk)."""
+        return list(self._all_names())
+
+    def draw_names(self, name: str) -> list[str]:
+        """The arrays of feature `name`'s noise draws, draw 0 first: [name] unless the store keeps K > 1
+        draws apart (spec `noise: {combine: separate}`)."""
+        info = self.feature_info(name)
+        if info.draw != 0:
+            raise KeyError(f"{name!r} is draw {info.draw} of a feature; name the feature by its draw-0 array")
+        if info.draws <= 1:
+            return [name]
+        return [draw_name(name, d) for d in range(info.draws)]
+
+    def _check_name(self, name: str) -> None:
+        if name not in self._all_names():
+            known = ", ".join(self._all_names()) or "none"
+            raise KeyError(f"no feature {name!r} in {self.url}; features: {known}")
+
+    def _all_names(self) -> list[str]:
+        if "names" not in self._cache:
+            self._cache["names"] = list(self.attrs.get("features") or sorted(self._features.array_keys()))
+        return self._cache["names"]
+
+    def arrays_on_disk(self) -> list[str]:
+        """Feature arrays present in the hierarchy (live listing when opened without consolidation)."""
+        return sorted(self._features.array_keys())
+
+    def array(self, name: str) -> zarr.Array:
+        self._check_name(name)
+        return self._features[name]
+
+    def feature_info(self, name: str) -> FeatureInfo:
+        key = ("info", name)
+        if key not in self._cache:
+            arr = self.array(name)
+            self._cache[key] = FeatureInfo.from_attrs(name, dict(arr.attrs), arr.shape[1:])
+        return self._cache[key]
+
+    # -- samples ---------------------------------------------------------------------------
+
+    def _sample_array(self, key: str) -> np.ndarray:
+        if key not in self._cache:
+            self._cache[key] = np.asarray(self._root[SAMPLES][key][:])
+        return self._cache[key]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self._sample_array("label").astype(np.int64, copy=False)
+
+    @property
+    def class_names(self) -> list[str] | None:
+        names = self.attrs.get("class_names")
+        return list(names) if names is not None else None
+
+    @property
+    def sample_ids(self) -> np.ndarray:
+        return as_str(self._sample_array("id"))
+
+    @property
+    def valid(self) -> np.ndarray:
+        return self._sample_array("valid").astype(bool, copy=False)
+
+    def split_masks(self) -> dict[str, np.ndarray]:
+        """Each split's stored membership mask (invalid rows included), by split name."""
+        if "split_masks" not in self._cache:
+            group = self._root[SPLITS]
+            self._cache["split_masks"] = {
+                name: np.asarray(group[name][:], dtype=bool) for name in sorted(group.array_keys())
+            }
+        return dict(self._cache["split_masks"])
+
+    @property
+    def splits(self) -> dict[str, np.ndarray]:
+        """Row indices of each split, valid rows only."""
+        valid = self.valid
+        return {name: np.flatnonzero(mask & valid).astype(np.int64) for name, mask in self.split_masks().items()}
+
+    @property
+    def failures(self) -> list[dict[str, Any]]:
+        errors = as_str(self._sample_array("error"))
+        ids = self.sample_ids
+        return [{"index": int(i), "id": str(ids[i]), "reason": str(errors[i])} for i in np.flatnonzero(errors != "")]
+
+    # -- progress --------------------------------------------------------------------------
+
+    @property
+    def num_units(self) -> int:
+        return Layout(self.num_samples, self.shard_rows, {}).num_units
+
+    def _markers(self) -> tuple[list[str], np.ndarray]:
+        done = self._root[PROGRESS]["done"]
+        return list(done.attrs["features"]), np.asarray(done[:])
+
+    def is_complete(self, name: str | None = None) -> bool:
+        """Every unit of `name` (None: of every feature) is marked done."""
+        columns, done = self._markers()
+        if name is None:
+            return bool(done.all())
+        self._check_name(name)
+        return bool(done[:, columns.index(name)].all())
+
+    def unit_status(self) -> dict[str, np.ndarray]:
+        """Per feature, a bool vector over units: done or not."""
+        columns, done = self._markers()
+        return {name: done[:, i].astype(bool) for i, name in enumerate(columns)}
+
+    def nbytes_stored(self) -> int | None:
+        """Bytes on disk (local stores only; None elsewhere)."""
+        if not is_local(self.url):
+            return None
+        root = local_path(self.url)
+        return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())

@@ -1,0 +1,192 @@
+"""Checking a store against what it records: markers, shapes, dtypes, the feature list, the fingerprint,
+and (in a full scan) every stored shard and chunk. Nothing is written."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from extract.provenance import fingerprint as fingerprint_of
+from extract.store.layout import CHECKSUMS_SINCE, PROGRESS, SAMPLES, SPLITS, has_checksums
+from extract.store.reader import FeatureStore, open_store
+from extract.store.shards import shard_state
+from extract.store.state import feature_list_problems
+from extract.store.tools import SAVED_KIND
+
+
+@dataclasses.dataclass
+class VerifyReport:
+    url: str
+    ok: bool
+    problems: list[str]
+    checked: dict[str, Any]
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    def __str__(self) -> str:
+        head = f"{self.url}: {'OK' if self.ok else 'PROBLEMS'}"
+        return "\n".join([head, *(f"  - {p}" for p in self.problems), *(f"  note: {n}" for n in self.notes)])
+
+
+def verify(
+    store: FeatureStore | str | os.PathLike,
+    *,
+    full_scan: bool = False,
+    fingerprint_of_spec: Callable[[Mapping[str, Any]], str | None] | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> VerifyReport:
+    """Check a store against what it records: markers, shapes, dtypes, the feature list, fingerprint.
+
+    `full_scan` reads every stored shard and chunk: a shard missing under a unit marked done, a
+    truncated shard, a chunk missing from its shard, a chunk that fails its checksum or does not
+    decode, and infs/NaNs the extraction did not record are each named, with their rows. Stores of
+    format 1 carry no chunk checksums, so a flipped byte there can only show as a wrong value; the
+    report says so in its notes. Nothing is written.
+
+    The store cannot read a spec, so for stores written from one, `fingerprint_of_spec(recorded spec)`
+    recomputes the fingerprint (None: the spec no longer loads); without it that check is skipped.
+    Stores written by `save_features` are checked by their own canonical hash.
+    """
+    url = store.url if isinstance(store, FeatureStore) else os.fspath(store)
+    so = storage_options if storage_options is not None else getattr(store, "storage_options", None)
+    # Live metadata: the consolidated copy could hide an array added or lost since it was written.
+    fs = open_store(url, so, consolidated=False)
+    problems: list[str] = []
+    notes: list[str] = []
+    checked: dict[str, Any] = {"features": 0, "scanned": full_scan}
+    status = fs.unit_status()
+    problems += feature_list_problems(fs._root)
+    version = int(fs.attrs.get("format_version", 0))
+    names = [n for n in fs.array_names() if n in fs.arrays_on_disk()]
+    unchecked = [n for n in names if not has_checksums(fs.array(n))]
+    checked["checksums"] = not unchecked
+    if version < CHECKSUMS_SINCE or unchecked:
+        notes.append(
+            f"this store (format {version}) predates chunk checksums: a flipped byte in a chunk cannot be "
+            f"detected, only values that do not decode or are not finite"
+        )
+    per_unit = _unit_stats(fs) if full_scan else {}
+    valid = fs.valid if full_scan else None
+    for name in names:
+        checked["features"] += 1
+        info = fs.feature_info(name)
+        arr = fs.array(name)
+        if tuple(arr.shape) != (fs.num_samples, *info.shape):
+            problems.append(f"{name}: shape {tuple(arr.shape)} != recorded {(fs.num_samples, *info.shape)}")
+        if str(arr.dtype) != info.dtype:
+            problems.append(f"{name}: dtype {arr.dtype} != recorded {info.dtype}")
+        units = status.get(name)
+        if units is None:
+            problems.append(f"{name}: no completion markers")
+        elif not units.all():
+            problems.append(f"{name}: units {np.flatnonzero(~units).tolist()[:20]} not marked done")
+        if full_scan:
+            marked = np.ones(fs.num_units, bool) if units is None else units
+            found, counted = _scan_feature(fs, name, marked, per_unit.get(name), valid)
+            problems += found
+            n_inf, n_nan, rec_inf, rec_nan = counted
+            if n_inf != rec_inf or n_nan != rec_nan:
+                problems.append(
+                    f"{name}: holds {n_inf} infs and {n_nan} NaNs in units marked done; the extraction "
+                    f"recorded {rec_inf} and {rec_nan}"
+                )
+            elif n_inf or n_nan:
+                notes.append(f"{name}: {n_inf} infs and {n_nan} NaNs, as recorded at extraction")
+    for key in ("label", "id", "valid", "error"):
+        shape = fs._root[SAMPLES][key].shape
+        if shape != (fs.num_samples,):
+            problems.append(f"samples/{key}: shape {shape} != ({fs.num_samples},)")
+    if full_scan:
+        problems += _scan_small_arrays(fs)
+    if fs.spec.get("kind") == SAVED_KIND:
+        expected: str | None = fingerprint_of(fs.spec)
+    elif fingerprint_of_spec is not None:
+        expected = fingerprint_of_spec(fs.spec)
+    else:
+        expected = fs.fingerprint
+        checked["fingerprint_skipped"] = True
+    checked["fingerprint"] = expected == fs.fingerprint
+    if expected is None:
+        problems.append("the stored spec no longer loads, so its fingerprint cannot be recomputed")
+    elif expected != fs.fingerprint:
+        problems.append(f"fingerprint {fs.fingerprint[:12]} does not match the stored spec ({expected[:12]})")
+    if fs.class_names is not None and fs.labels.size and fs.labels.max() >= len(fs.class_names):
+        problems.append(f"labels reach {int(fs.labels.max())} but only {len(fs.class_names)} class names")
+    return VerifyReport(fs.url, not problems, problems, checked, notes)
+
+
+def _unit_stats(fs: FeatureStore) -> dict[str, np.ndarray]:
+    """Per feature, the (units, 4) statistics the writer recorded with each unit's data."""
+    progress = fs._root[PROGRESS]
+    columns = list(progress["done"].attrs["features"])
+    stats = np.asarray(progress["stats"][:])
+    return {name: stats[:, i, :] for i, name in enumerate(columns) if i < stats.shape[1]}
+
+
+def _scan_feature(
+    fs: FeatureStore, name: str, marked: np.ndarray, unit_stats: np.ndarray | None, valid: np.ndarray
+) -> tuple[list[str], tuple[int, int, int, int]]:
+    arr = fs.array(name)
+    problems: list[str] = []
+    n_inf = n_nan = rec_inf = rec_nan = 0
+    for unit in range(fs.num_units):
+        if not marked[unit]:
+            continue  # reported above as not done; its data may legitimately be absent
+        lo, hi = unit * fs.shard_rows, min(fs.num_samples, (unit + 1) * fs.shard_rows)
+        where = f"{name}: unit {unit} (rows {lo}-{hi - 1})"
+        recorded = unit_stats[unit] if unit_stats is not None else np.zeros(4)
+        rec_inf += int(recorded[1])
+        rec_nan += int(recorded[2])
+        # zarr writes no chunk (or shard) that equals the fill value: absence is data loss only where the
+        # writer saw something other than zeros.
+        nonzero = bool(recorded[0] > 0 or recorded[1] or recorded[2])
+        state = shard_state(arr, unit)
+        if not state.present:
+            if nonzero:
+                problems.append(f"{where}: marked done but its data is absent ({state.key}); it reads as zeros")
+            continue
+        if state.problem:
+            problems.append(f"{where}: shard {state.key} is {state.problem}")
+            continue
+        for k in state.empty_chunks:
+            c_lo = lo + k * state.chunk_rows
+            c_hi = min(hi, c_lo + state.chunk_rows)
+            if c_lo < hi and nonzero and valid[c_lo:c_hi].any():
+                problems.append(
+                    f"{where}: chunk {k} (rows {c_lo}-{c_hi - 1}) is missing from shard {state.key}; it reads as zeros"
+                )
+        try:
+            block = fs.read(name, slice(lo, hi))
+        except Exception:  # name each chunk that fails, not just the first
+            problems += _bad_chunks(arr, where, lo, hi, state.chunk_rows or (hi - lo))
+            continue
+        n_inf += int(np.isinf(block).sum())
+        n_nan += int(np.isnan(block).sum())
+    return problems, (n_inf, n_nan, rec_inf, rec_nan)
+
+
+def _bad_chunks(arr: Any, where: str, lo: int, hi: int, chunk_rows: int) -> list[str]:
+    out = []
+    for c_lo in range(lo, hi, chunk_rows):
+        c_hi = min(hi, c_lo + chunk_rows)
+        try:
+            arr[c_lo:c_hi]
+        except Exception as exc:
+            why = "fails its checksum" if "checksum" in str(exc).lower() else f"does not decode ({exc})"
+            out.append(f"{where}: the chunk of rows {c_lo}-{c_hi - 1} {why}")
+    return out or [f"{where}: does not decode"]
+
+
+def _scan_small_arrays(fs: FeatureStore) -> list[str]:
+    out = []
+    for group in (SAMPLES, SPLITS, PROGRESS):
+        for key, arr in fs._root[group].arrays():
+            try:
+                arr[...]
+            except Exception as exc:
+                why = "fails its checksum" if "checksum" in str(exc).lower() else f"does not decode ({exc})"
+                out.append(f"{group}/{key}: {why}")
+    return out
