@@ -8,7 +8,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -83,8 +83,9 @@ def prefetch(submit: Callable[..., Future], jobs: Sequence[tuple[Any, ...]], dep
 class UnitWriter:
     """Writes finished units in a background thread so the U-Net never waits on compression."""
 
-    def __init__(self, writer: StoreWriter, max_queued: int = 2):
+    def __init__(self, writer: StoreWriter, machine: Mapping[str, Any] | None = None, max_queued: int = 2):
         self.writer = writer
+        self.machine = machine  # the signature each unit records (extract.hardware.machine_signature)
         self._queue: queue.Queue = queue.Queue(maxsize=max_queued)
         self._error: BaseException | None = None
         self.written: list[int] = []
@@ -103,7 +104,7 @@ class UnitWriter:
             unit, arrays, valid, errors = job
             try:
                 t0 = time.perf_counter()
-                self.writer.write_unit(unit, arrays, valid=valid, errors=errors)
+                self.writer.write_unit(unit, arrays, valid=valid, errors=errors, machine=self.machine)
                 self.seconds += time.perf_counter() - t0
                 self.written.append(unit)
                 if self._delay:

@@ -42,6 +42,7 @@ from extract.compute import (
     configure_determinism,
     resolve_device,
 )
+from extract.hardware import machine_signature
 from extract.loader import Loader
 from extract.overlap import Batch, UnitWriter, plan_batches, prefetch, to_batch
 from extract.prepare import (
@@ -101,7 +102,7 @@ def _run_units(
     depth = max(2, (load_rows + mb - 1) // mb * 2, 2 * processes)  # about two loading batches ahead
     total = sum(len(b[2]) for b in batches)
     bar = _progress_bar(total, progress)
-    unit_writer = UnitWriter(writer)
+    unit_writer = UnitWriter(writer, machine=machine_signature(prepared.device, prepared.threads))
     assembler = UnitAssembler(writer, unit_writer)
     t_start = time.perf_counter()
     in_flight: list[tuple[Batch, Any]] = []  # at most one micro-batch queued on the device

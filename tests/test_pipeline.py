@@ -171,6 +171,28 @@ def test_corrupt_image_recorded_or_strict(tmp_path):
     assert all(done[:unit].all() for done in status.values())  # earlier finished units were kept
 
 
+def test_a_store_continued_on_another_machine_kind_warns_and_records_both(images, tmp_path, monkeypatch, caplog):
+    from extract.store.tools import info
+
+    url = tmp_path / "two.zarr"
+    base = _spec(images, features={"timesteps": [10]}, views={"hflip": False}, noise={"draws": 1})
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # capped kernels: another machine kind
+    extract(base, url, progress=False)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    caplog.set_level("WARNING", logger="extract.prepare")
+    grown = _spec(images, features={"timesteps": [10, 50]}, views={"hflip": False}, noise={"draws": 1})
+    extract(grown, url, progress=False)
+    warning = " ".join(r.getMessage() for r in caplog.records)
+    assert "was started on" in warning and "ONEDNN_MAX_CPU_ISA=AVX2" in warning, warning
+    fs = open_store(url)
+    assert fs.is_complete()
+    units = fs.unit_machines()
+    assert units is not None and all(len(signatures) == 2 for signatures in units)
+    machines = info(fs)["machines"]
+    assert [m["signature"].get("kernel_env") for m in machines] == [{"ONEDNN_MAX_CPU_ISA": "AVX2"}, None]
+    assert all(m["units"] == list(range(fs.num_units)) for m in machines)
+
+
 def test_only_adds_extension_and_refusal(images, tmp_path):
     url = tmp_path / "ext.zarr"
     base = _spec(images, features={"timesteps": [10]}, views={"hflip": False}, noise={"draws": 1})

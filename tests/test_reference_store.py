@@ -92,6 +92,12 @@ def test_the_fresh_store_records_this_machine(fresh):
     assert _provenance_signature(REFERENCE / "store.zarr"), "the reference store records its machine"
 
 
+def test_every_unit_records_the_machine_that_wrote_it(fresh):
+    units = open_store(fresh).unit_machines()
+    assert units is not None and len(units) == 3
+    assert all(len(signatures) == 1 and same_kernels(signatures[0], _provenance_signature(fresh)) for signatures in units)
+
+
 def test_layout_and_metadata_are_identical_everywhere(fresh):
     ref, new = _files(REFERENCE / "store.zarr"), _files(fresh)
     assert sorted(ref) == sorted(new)

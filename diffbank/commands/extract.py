@@ -200,7 +200,9 @@ def info_command(store: str, as_json: bool) -> None:
     size = format_bytes(s["bytes_on_disk"]) if s["bytes_on_disk"] is not None else "n/a (remote)"
     click.echo(f"{s['url']}  format {s['format_version']}  diffbank {s['diffbank_version']}  created {s['created']}")
     click.echo(f"fingerprint {s['fingerprint']}  checkpoint sha256 {s['checkpoint_sha256']}")
-    click.echo(f"written on {describe_signature(s['machine'])}")
+    for machine in s["machines"]:
+        units = "" if machine["units"] is None else f" ({len(machine['units'])} of {s['num_units']} units)"
+        click.echo(f"written on {describe_signature(machine['signature'])}{units}")
     click.echo(
         f"{s['num_samples']} samples, {s['num_failures']} failed; units of {s['shard_rows']} rows: "
         f"{s['num_units']}; {'complete' if s['complete'] else 'INCOMPLETE'}; {size} on disk "

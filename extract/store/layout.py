@@ -57,6 +57,7 @@ STORAGE_DTYPES = ("float16", "float32")
 STATS_FIELDS = ("max_abs", "n_inf", "n_nan", "n_overflow")
 
 FEATURES, SAMPLES, SPLITS, PROGRESS = "features", "samples", "splits", "_progress"
+MACHINE_RECORD = "machine"  # _progress/machine; stores written before it have none
 FEATURE_DIMS = ("sample", "channel", "y", "x")  # a feature's axes; also its dimension names before format 3
 _ARRAY_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 _SAMPLE_CHUNK = 1 << 16
@@ -344,6 +345,21 @@ def create_progress(group: zarr.Group, names: Sequence[str], num_units: int) -> 
         fill_value=0.0,
         dimension_names=("unit", "feature", "stat"),
         attributes={"fields": list(STATS_FIELDS)},
+    )
+    create_machine_record(group, num_units)
+
+
+def create_machine_record(group: zarr.Group, num_units: int) -> None:
+    """Per unit, the machine signatures that wrote its features (stores written across machine kinds)."""
+    group.create_array(
+        MACHINE_RECORD,
+        shape=(num_units,),
+        dtype=str,
+        chunks=(1,),  # one chunk per unit: only the unit's owner writes it, as with its markers
+        compressors=_SMALL_CODECS,
+        fill_value="",
+        dimension_names=("unit",),
+        attributes={"meaning": "JSON list of the machine signatures that wrote this unit (extract.hardware)"},
     )
 
 

@@ -3,6 +3,7 @@ arrays (labels, ids, valid, errors, splits) and the progress markers. Read lazil
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
@@ -13,6 +14,7 @@ from extract.store.layout import (
     FEATURES,
     FORMAT_NAME,
     FORMAT_VERSION,
+    MACHINE_RECORD,
     PROGRESS,
     SAMPLES,
     SPLITS,
@@ -164,6 +166,13 @@ class StoreMetadata:
             return bool(done.all())
         self._check_name(name)
         return bool(done[:, columns.index(name)].all())
+
+    def unit_machines(self) -> list[list[dict[str, Any]]] | None:
+        """Per unit, the machine signatures that wrote it (None for stores written before the record)."""
+        progress = self._root[PROGRESS]
+        if MACHINE_RECORD not in progress:
+            return None
+        return [json.loads(str(cell)) if str(cell) else [] for cell in np.asarray(progress[MACHINE_RECORD][:])]
 
     def unit_status(self) -> dict[str, np.ndarray]:
         """Per feature, a bool vector over units: done or not."""

@@ -177,6 +177,23 @@ def export_hdf5(
     return out
 
 
+def machines_of(fs: FeatureStore) -> list[dict[str, Any]]:
+    """The machine signatures a store's units were written on, each with its units; for a store written
+    before units recorded it, the creating machine's from the provenance (units unknown: None)."""
+    per_unit = fs.unit_machines()
+    if per_unit is None:
+        created_on = fs.attrs.get("provenance", {}).get("compute", {}).get("machine")
+        return [{"signature": created_on, "units": None}] if created_on else []
+    out: list[dict[str, Any]] = []
+    for unit, signatures in enumerate(per_unit):
+        for signature in signatures:
+            entry = next((e for e in out if e["signature"] == signature), None)
+            if entry is None:
+                out.append(entry := {"signature": signature, "units": []})
+            entry["units"].append(unit)
+    return out
+
+
 def info(fs: FeatureStore) -> dict[str, Any]:
     """What `diffbank store info` shows, as data."""
     status = fs.unit_status()
@@ -221,7 +238,7 @@ def info(fs: FeatureStore) -> dict[str, Any]:
         "class_names": fs.class_names,
         "splits": {k: int(len(v)) for k, v in fs.splits.items()},
         "checkpoint_sha256": fs.attrs.get("checkpoint_sha256"),
-        "machine": fs.attrs.get("provenance", {}).get("compute", {}).get("machine"),
+        "machines": machines_of(fs),
         "compression": fs.attrs.get("compression"),
         "features": feats,
     }

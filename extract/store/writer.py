@@ -8,6 +8,7 @@ when the run started.
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -18,6 +19,7 @@ import zarr
 
 from extract.provenance import utc_now
 from extract.store.layout import (
+    MACHINE_RECORD,
     FEATURES,
     FLOAT16_MAX,
     PROGRESS,
@@ -75,6 +77,7 @@ class StoreWriter:
         self.columns: list[str] = list(done.attrs["features"])
         self._done = done
         self._stats = root[PROGRESS]["stats"]
+        self._machine = root[PROGRESS][MACHINE_RECORD] if MACHINE_RECORD in root[PROGRESS] else None
         self._features = {name: root[FEATURES][name] for name in self.columns}
         self._valid = root[SAMPLES]["valid"]
         self._error = root[SAMPLES]["error"]
@@ -112,11 +115,13 @@ class StoreWriter:
         *,
         valid: np.ndarray | None = None,
         errors: Sequence[str] | None = None,
+        machine: Mapping[str, Any] | None = None,
     ) -> None:
         """Write whole shards of `unit` for the given features, then mark them done.
 
-        Rows of invalid samples are zeroed, whatever the caller passed. Order matters for crash safety:
-        data, then statistics, then sample status, then the markers.
+        Rows of invalid samples are zeroed, whatever the caller passed. `machine`: the signature of the
+        machine that computed them (extract.hardware), added to the unit's record. Order matters for crash
+        safety: data, then statistics, then sample status and machine record, then the markers.
         """
         start, stop = self.unit_rows(unit)
         rows = stop - start
@@ -150,9 +155,18 @@ class StoreWriter:
         self._stats[unit] = stats_row
         self._valid[start:stop] = valid_rows
         self._error[start:stop] = np.array(error_rows.tolist(), dtype=str)
+        if machine is not None and self._machine is not None:
+            self._record_machine(unit, dict(machine))
         done_row = np.asarray(self._done[unit])
         done_row[cols] = 1
         self._done[unit] = done_row  # the unit's marker row: only this unit's owner touches it
+
+    def _record_machine(self, unit: int, signature: dict[str, Any]) -> None:
+        assert self._machine is not None
+        cell = str(np.asarray(self._machine[unit : unit + 1])[0])
+        seen = json.loads(cell) if cell else []
+        if signature not in seen:
+            self._machine[unit : unit + 1] = np.array([json.dumps([*seen, signature], sort_keys=True)], dtype=str)
 
     def release(self) -> None:
         """Give up the writer lease (idempotent); the store stays as written."""
