@@ -19,9 +19,9 @@ import zarr
 
 from extract.provenance import utc_now
 from extract.store.layout import (
-    MACHINE_RECORD,
     FEATURES,
     FLOAT16_MAX,
+    MACHINE_RECORD,
     PROGRESS,
     SAMPLES,
     FeatureInfo,
