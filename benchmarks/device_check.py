@@ -277,7 +277,7 @@ class Arm:
     kind: str  # "eager", "compile" or "graph": later compile arms' estimates follow the first one's setup time
     prepare: Callable[[], Callable[[], torch.Tensor]]
     estimate_s: float  # setup + timing at full size on an H100/H200
-    setup: str
+    setup: str  # what runs before the two warm-up calls that every arm's setup time also holds
     macs_to: int | None = 24  # None: the full forward
     layout: str = "contiguous"
     autocast_cache: bool = True
@@ -361,7 +361,10 @@ def block24_arms(
         section["cuda_graph"] = graph.record
         return lambda: graph(x, t)
 
-    inductor = f"torch.compile ({backend}"
+    def compile_setup(mode: str, what: str = "") -> str:
+        applied = mode if backend == "inductor" else f"{mode} not applied: the {backend} backend takes no mode"
+        return f"torch.compile{what} (backend {backend}, mode {applied})"
+
     arms = [
         Arm("eager", "eager", lambda: lambda: block24(x, t), 15, "none"),
         Arm(
@@ -369,14 +372,14 @@ def block24_arms(
             "compile",
             lambda: compiled("max-autotune-no-cudagraphs"),
             150,
-            f"{inductor}, max-autotune-no-cudagraphs) + 2 warm-up calls",
+            compile_setup("max-autotune-no-cudagraphs"),
         ),
         Arm(
             "cuda graph (eager capture)",
             "graph",
             captured,
             20,
-            "3 warm-up calls on a side stream + capture",
+            "3 calls on a side stream + capture at the fixed batch",
             autocast_cache=False,
         ),
         Arm(
@@ -384,14 +387,14 @@ def block24_arms(
             "compile",
             lambda: compiled("reduce-overhead"),
             90,
-            f"{inductor}, reduce-overhead) + 2 warm-up calls (cudagraph trees record on them)",
+            compile_setup("reduce-overhead") + " (cudagraph trees record during the warm-up calls)",
         ),
         Arm(
             "compile max-autotune-no-cudagraphs + channels_last",
             "compile",
             lambda: compiled("max-autotune-no-cudagraphs", channels_last=True),
             150,
-            f"{inductor}, max-autotune-no-cudagraphs) on channels_last weights and input + 2 warm-up calls",
+            compile_setup("max-autotune-no-cudagraphs", " on channels_last weights and input"),
             layout="channels_last",
         ),
         Arm("full forward + hook 24 (eager)", "eager", lambda: hooked, 20, "none", macs_to=None),
@@ -450,7 +453,11 @@ def _run_arm(arm: Arm, device, dtype, timer, repeats, reference, peak, batch, ma
         seconds = timer(step, repeats)
         err = float((step().float() - reference).abs().max() / reference.abs().max().clamp_min(1e-12))
         top = _profile(step, device)
-    row = {"setup": arm.setup, "setup_seconds": round(setup_s, 2), **rate(batch / seconds, macs, precision, peak)}
+    row = {
+        "setup": f"{arm.setup} + 2 warm-up calls",
+        "setup_seconds": round(setup_s, 2),
+        **rate(batch / seconds, macs, precision, peak),
+    }
     row.update(max_rel_err=err, tolerance=TOLERANCE[precision], features_ok=err <= TOLERANCE[precision])
     if device.type == "cuda":
         row["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
