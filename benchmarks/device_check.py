@@ -136,7 +136,14 @@ BF16_DENSE_PEAKS = (
 # What each section costs at full size on an H100/H200 (seconds, with margin): the budget skips what would
 # not fit. The arms carry their own estimates.
 SECTION_ESTIMATE_S = {"correctness": 10, "batch_independence": 5, "pipeline": 150, "throughput": 90}
-# The arms' CPU-mode network: what dynamo traces per compile arm is what the test suite pays for.
+# The CPU-mode networks: the 256x256 uncond topology, narrow and small. The table's needs block 30; the arms'
+# keeps the six levels (block 24 in the decoder) with one res block each: dynamo traces it per compile arm.
+TABLE_QUICK_FLAGS = {
+    "num_channels": 64,
+    "image_size": 64,
+    "attention_resolutions": "8,4,2",
+    "channel_mult": "1,1,2,2,4,4",
+}
 ARMS_QUICK_FLAGS = {
     "num_channels": 32,
     "image_size": 32,
@@ -227,6 +234,31 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def bench_model(
+    device: torch.device, quick_flags: dict[str, Any] | None
+) -> tuple[dict, ADMUNet, torch.Tensor, torch.Tensor]:
+    """The timed network (the 256x256 uncond topology, random weights; `quick_flags` shrink it) and its batch:
+    64 images at its resolution (2 in the CPU mode), all at t = 90."""
+    flags = {**PRESETS["256x256_diffusion_uncond"], **(quick_flags or {})}
+    batch = 2 if quick_flags else 64
+    torch.manual_seed(0)
+    model = ADMUNet.from_flags(**flags).eval().to(device)
+    size = flags["image_size"]
+    return flags, model, torch.randn(batch, 3, size, size, device=device), torch.full((batch,), 90, device=device)
+
+
+def hooked_block24(model: ADMUNet, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Block 24 the public code's way: the whole forward, the block's output caught by a forward hook."""
+    captured = {}
+    target = model.get_submodule(model.block_info(24).module)
+    handle = target.register_forward_hook(lambda m, i, o: captured.__setitem__("h", o))
+    try:
+        model(x, t)
+    finally:
+        handle.remove()
+    return captured["h"]
+
+
 class CapturedForward:
     """A forward captured once into a CUDA graph at a fixed batch. Each call copies its inputs into the static
     input buffers, replays the graph and returns the static output, which the next call overwrites. Without
@@ -295,20 +327,12 @@ def block24_arms(
 ) -> dict[str, Any]:
     """Block-24 extraction run each way in turn, each checked against the float32 eager features; `publish`
     gets the section after every arm (a run cut short keeps what it measured)."""
-    flags = dict(PRESETS["256x256_diffusion_uncond"])
-    size, batch, repeats = 256, 64, 10
-    if quick:  # the same six levels (block 24 in the decoder), one res block each: compile traces half as much
-        flags.update(ARMS_QUICK_FLAGS)
-        size, batch, repeats = flags["image_size"], 2, 1
+    flags, model, x, t = bench_model(device, ARMS_QUICK_FLAGS if quick else None)
+    batch, size, repeats = x.shape[0], x.shape[-1], 1 if quick else 10
     # bf16 is the precision extraction uses on a GPU; CPUs without native bf16 run it ~35x slower
     precision = "bfloat16" if device.type == "cuda" else "float32"
     dtype = DTYPES[precision]
-    torch.manual_seed(0)
-    model = ADMUNet.from_flags(**flags).eval().to(device)
     macs = {24: model.flops_to_block(24), None: model.flops_to_block(None)}
-    x = torch.randn(batch, 3, size, size, device=device)
-    t = torch.full((batch,), 90, device=device)
-    target = model.get_submodule(model.block_info(24).module)
     timer = Timer(device)
 
     t0 = time.perf_counter()
@@ -334,15 +358,6 @@ def block24_arms(
 
     def block24(xx: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
         return model.features(xx, tt, [24])[24]
-
-    def hooked() -> torch.Tensor:
-        captured = {}
-        handle = target.register_forward_hook(lambda m, i, o: captured.__setitem__("h", o))
-        try:
-            model(x, t)
-        finally:
-            handle.remove()
-        return captured["h"]
 
     def compiled(mode: str, channels_last: bool = False) -> Callable[[], torch.Tensor]:
         torch._dynamo.reset()  # each arm compiles from scratch (in-process caches cleared; inductor's disk cache stays)
@@ -397,7 +412,14 @@ def block24_arms(
             compile_setup("max-autotune-no-cudagraphs", " on channels_last weights and input"),
             layout="channels_last",
         ),
-        Arm("full forward + hook 24 (eager)", "eager", lambda: hooked, 20, "none", macs_to=None),
+        Arm(
+            "full forward + hook 24 (eager)",
+            "eager",
+            lambda: lambda: hooked_block24(model, x, t),
+            20,
+            "none",
+            macs_to=None,
+        ),
     ]
     if only:
         unknown = sorted(set(only) - {a.name for a in arms})
@@ -483,34 +505,17 @@ def _rank(section: dict[str, Any]) -> None:
 
 
 def throughput(device: torch.device, quick: bool, budget: Budget, peak: dict[str, Any]) -> dict:
-    flags = dict(PRESETS["256x256_diffusion_uncond"])
-    size, batch, repeats = 256, 64, 5
-    if quick:  # the same topology, narrow and small, so the CPU mode runs in seconds
-        flags.update(num_channels=64, image_size=64, attention_resolutions="8,4,2", channel_mult="1,1,2,2,4,4")
-        size, batch, repeats = 64, 2, 1
-    torch.manual_seed(0)
-    model = ADMUNet.from_flags(**flags).eval().to(device)
+    flags, model, x, t = bench_model(device, TABLE_QUICK_FLAGS if quick else None)
+    batch, size, repeats = x.shape[0], x.shape[-1], 1 if quick else 5
     macs = {b: model.flops_to_block(b) for b in (19, 24, 30)}
     macs["full"] = model.flops_to_block(None)
-    x = torch.randn(batch, 3, size, size, device=device)
-    t = torch.full((batch,), 90, device=device)
-    target = model.get_submodule(model.block_info(24).module)
     timer = Timer(device)
     rows = []
-
-    def hooked(net):
-        captured = {}
-        handle = target.register_forward_hook(lambda m, i, o: captured.__setitem__("h", o))
-        try:
-            net(x, t)
-        finally:
-            handle.remove()
-        return captured["h"]
 
     arms = [
         ("features [24]", lambda net: net.features(x, t, [24]), macs[24]),
         ("features [19,24,30]", lambda net: net.features(x, t, [19, 24, 30]), macs[30]),
-        ("full forward + hook 24", hooked, macs["full"]),
+        ("full forward + hook 24", lambda net: hooked_block24(net, x, t), macs["full"]),
     ]
     # Quick (CPU) mode times float32 only: bf16/fp16 run ~35x slower on CPUs without native support.
     precisions = {"float32": None} if quick else DTYPES
