@@ -394,7 +394,7 @@ def block24_arms(
             "graph",
             captured,
             20,
-            "3 calls on a side stream + capture at the fixed batch",
+            "on a GPU 3 calls on a side stream + the capture at the fixed batch (elsewhere one plain call)",
             autocast_cache=False,
         ),
         Arm(
