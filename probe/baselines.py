@@ -25,12 +25,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from probe.data import ProbeDataError, check_min_samples
+from probe.errors import ProbeDataError
 from probe.metrics import classification_metrics
+from probe.options import KNN_KS, KNN_TEMPERATURE
 
 DINOV2_C_GRID: tuple[float, ...] = tuple(float(c) for c in np.logspace(-6, 5, 45))
-KNN_KS: tuple[int, ...] = (10, 20, 100, 200)
-KNN_TEMPERATURE = 0.07
 
 
 def flatten_features(xs: Mapping[str, np.ndarray | torch.Tensor], order: Sequence[str] | None = None):
@@ -271,3 +270,11 @@ def knn_sweep(
             "test": classification_metrics(y_test, scores[n_val:], num_classes=num_classes, class_names=class_names),
         },
     }
+
+
+def check_min_samples(n_available: int, k: int, what: str) -> None:
+    """Raise when a method needs k samples but only n are there (e.g. kNN's k against the train split)."""
+    if n_available < k:
+        raise ProbeDataError(
+            f"{what} needs at least {k} samples but only {n_available} are available; use a smaller k or a larger split"
+        )

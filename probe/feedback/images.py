@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from probe.data import stratified_holdout
+from probe.splits import stratified_holdout
 
 _KEY_VAL = 12  # probe.data's key for a carved validation split: the same seed carves the same rows
 

@@ -1,6 +1,7 @@
 """One Python call per probe command: what `diffbank probe ...` runs, and what a researcher calls directly.
 
-Every `run_*` function reads a store (a `FeatureStore` or its URL/path), writes `results.json` into `out_dir`
+Every `run_*` function reads a store (a `FeatureStore` or its URL/path) with the command's options (one frozen
+dataclass per command, `probe.options`: a misspelt option is a `TypeError`), writes `results.json` into `out_dir`
 (exact configuration, recipe, store fingerprint, seeds, split definition, metrics, timings, library versions)
 and returns the same dict. Trained heads are saved as safetensors in `out_dir`; training checkpoints live in
 `out_dir/checkpoint/`, and a rerun with the same `out_dir` resumes after the last completed epoch.
@@ -18,7 +19,8 @@ Selection is always on the validation split; the test split is only reported.
 
 The trained commands (linear, attention, fusion, sweep) take `recipe="diffbank"` (default) or `"paper"`
 (`probe.recipe`); `lr`/`lrs`, `epochs`, `batch_size`, `momentum`, `weight_decay`, `step_size`, `gamma` and
-`standardize` left at None take the recipe's value, given ones override it. The full recipe and the names of
+`standardize` left at None take the recipe's value, given ones override it. The steps they share are
+`probe.fitting` (train, evaluate, save a head) and `probe.job` (store, data, out_dir, results.json). The full recipe and the names of
 the overridden settings are recorded in `results.json` (`recipe`). Bad values raise `ProbeConfigError` (a
 `ValueError` naming the parameter) before any data is read.
 """
@@ -32,208 +34,166 @@ from typing import Any
 
 import torch
 
-from probe.baselines import DINOV2_C_GRID, KNN_KS, KNN_TEMPERATURE, flatten_features, knn_sweep, logistic_sweep
-from probe.features import default_features, fusion_inputs
+from probe.baselines import DINOV2_C_GRID, flatten_features, knn_sweep, logistic_sweep
+from probe.fitting import TrainedRun, evaluate_head, finish_single, head_record, save_heads, single_feature, train_heads
+from probe.head_results import SweepResult
 from probe.heads import AttentionPoolHead, DifFormerHead, LinearHead, seeded_init
+from probe.inputs import StoreLike, fusion_inputs
+from probe.job import Job
 from probe.metrics import select_best, selection_rank
-from probe.recipe import RECIPES, ProbeConfigError
+from probe.options import (
+    AttentionOptions,
+    FusionOptions,
+    KnnOptions,
+    LinearOptions,
+    LogisticOptions,
+    SweepOptions,
+)
 from probe.report import plot_accuracy_vs_t, plot_heatmap
-from probe.runs import Run, RunConflictError, evaluate_head, head_record, save_heads, single_feature, train_heads
-from probe.trained import TrainedRun, finish_single
 
-__all__ = [
-    "run_linear",
-    "run_attention",
-    "run_fusion",
-    "run_logistic",
-    "run_knn",
-    "run_sweep",
-    "default_features",
-    "RunConflictError",
-    "ProbeConfigError",
-    "SWEEP_LRS",
-]
-
-SWEEP_LRS: tuple[float, ...] = tuple(RECIPES["diffbank"]["sweep"]["lrs"])
+__all__ = ["run_linear", "run_attention", "run_fusion", "run_logistic", "run_knn", "run_sweep"]
 
 
-def run_linear(store: Any, out_dir: str | Path, **options: Any) -> dict[str, Any]:
+def run_linear(store: StoreLike, out_dir: str | Path, options: LinearOptions | None = None) -> dict[str, Any]:
     """The paper's linear probe on one feature (default t090_b24_avg2); weights -> out_dir/head.safetensors.
 
-    Options (keyword; declared once, in `probe.trained.TrainedRun`): `features`, `recipe`, `lr`, `epochs`, `batch_size`,
-    `momentum`, `weight_decay`, `step_size`, `gamma`, `standardize`, `batchnorm` (parameter-free BatchNorm
-    before the linear layer), `seed`, `subset`, `val_fraction`, `memory_budget`, `device`, `progress`, `resume`,
-    `draws` and `eval_draws` (noise draws of a store that keeps them apart: `probe.data`; recorded in results.json
-    under "noise_draws").
+    Options: `probe.options.LinearOptions` (the noise draws of a store that keeps them apart are recorded in
+    results.json under "noise_draws").
     """
-    job = TrainedRun("linear", store, out_dir, **options)
-    run = job.run
-    name = single_feature(run)
-    with seeded_init(job.seed):
-        head = LinearHead(run.data.feature_shapes[name], run.data.num_classes, batchnorm=job.batchnorm)
-    return finish_single(run, head, name, job.recipe.lr, job.device, job.progress)
+    options = options or LinearOptions()
+    trained = TrainedRun("linear", store, out_dir, options)
+    job = trained.job
+    name = single_feature(job)
+    with seeded_init(options.seed):
+        head = LinearHead(job.data.feature_shapes[name], job.data.num_classes, batchnorm=bool(options.batchnorm))
+    return finish_single(job, head, name, trained.recipe.lr, options.device, options.progress)
 
 
-def run_attention(store: Any, out_dir: str | Path, **options: Any) -> dict[str, Any]:
+def run_attention(store: StoreLike, out_dir: str | Path, options: AttentionOptions | None = None) -> dict[str, Any]:
     """The attention-pool head on one block map (default t090_b24_tok16).
 
-    Options as in `run_linear`, with `preset` (tiny|small|paper; default small) and `lr` or `lrs` instead of
-    `batchnorm`. `lrs` (instead of `lr`) trains
-    one head per lr in one pass, all from the same initial weights, and reports the head whose lr is best on
-    validation (see `results["lr_sweep"]`).
+    Options: `probe.options.AttentionOptions`. `lrs` (instead of `lr`) trains one head per lr in one pass, all
+    from the same initial weights, and reports the head whose lr is best on validation (`results["lr_sweep"]`).
     """
-    job = TrainedRun("attention", store, out_dir, **options)
-    name = single_feature(job.run)
-    shape, classes = job.run.data.feature_shapes[name], job.run.data.num_classes
-    return job.finish(lambda: AttentionPoolHead(shape, classes, **job.sizes), name)
+    trained = TrainedRun("attention", store, out_dir, options or AttentionOptions())
+    name = single_feature(trained.job)
+    shape, classes = trained.job.data.feature_shapes[name], trained.job.data.num_classes
+    return trained.finish(lambda: AttentionPoolHead(shape, classes, **trained.sizes), name)
 
 
-def run_fusion(store: Any, out_dir: str | Path, **options: Any) -> dict[str, Any]:
+def run_fusion(store: StoreLike, out_dir: str | Path, options: FusionOptions | None = None) -> dict[str, Any]:
     """DifFormer over a complete timestep x block grid (default blocks {19, 24, 30} x t {90, 150, 300}).
 
-    Options as in `run_attention`.
+    Options: `probe.options.FusionOptions` (as `run_attention`'s).
     """
-    job = TrainedRun("fusion", store, out_dir, **options)
-    keyed, ts, shapes = fusion_inputs(job.run.store, job.run.features)
-    job.run.config["grid"] = {"timesteps": ts, "blocks": list(shapes)}
-    classes = job.run.data.num_classes
-    return job.finish(lambda: DifFormerHead(shapes, ts, classes, **job.sizes), keyed)
+    trained = TrainedRun("fusion", store, out_dir, options or FusionOptions())
+    keyed, ts, shapes = fusion_inputs(trained.job.store, trained.job.features)
+    trained.job.config["grid"] = {"timesteps": ts, "blocks": list(shapes)}
+    classes = trained.job.data.num_classes
+    return trained.finish(lambda: DifFormerHead(shapes, ts, classes, **trained.sizes), keyed)
 
 
-# Options that only some trained commands take (None in the signature: not given).
-def run_logistic(
-    store: Any,
-    out_dir: str | Path,
-    *,
-    features: Sequence[str] | str | None = None,
-    cs: Sequence[float] | None = None,
-    max_iter: int = 1000,
-    refit: str = "train+val",
-    seed: int = 0,
-    subset: str | None = None,
-    val_fraction: float = 0.1,
-    standardize: str = "dim",
-    memory_budget: int | str | None = None,
-) -> dict[str, Any]:
+def run_logistic(store: StoreLike, out_dir: str | Path, options: LogisticOptions | None = None) -> dict[str, Any]:
     """Logistic regression (lbfgs) over a C grid (default DINOv2's 45 values), features concatenated."""
-    grid = sorted(float(c) for c in (cs if cs is not None else DINOV2_C_GRID))
-    run = Run(
+    options = options or LogisticOptions()
+    max_iter, refit = options.max_iter, options.refit
+    grid = sorted(float(c) for c in (options.cs if options.cs is not None else DINOV2_C_GRID))
+    job = Job(
         "logistic",
         store,
         out_dir,
-        features,
+        options,
         {"cs": grid, "max_iter": max_iter, "refit": refit},
-        seed=seed,
-        subset=subset,
-        val_fraction=val_fraction,
-        standardize=standardize,
-        memory_budget=memory_budget,
+        standardize=options.standardize,
         guard=False,
     )
     t0 = time.perf_counter()
-    x = {s: flatten_features(run.data.arrays(s), run.features) for s in ("train", "val", "test")}
-    run.timings["data_s"] += time.perf_counter() - t0
+    x = {s: flatten_features(job.data.arrays(s), job.features) for s in ("train", "val", "test")}
+    job.timings["data_s"] += time.perf_counter() - t0
     t0 = time.perf_counter()
     out = logistic_sweep(
         x["train"],
-        run.data.labels("train"),
+        job.data.labels("train"),
         x["val"],
-        run.data.labels("val"),
+        job.data.labels("val"),
         x["test"],
-        run.data.labels("test"),
-        num_classes=run.data.num_classes,
+        job.data.labels("test"),
+        num_classes=job.data.num_classes,
         cs=grid,
         max_iter=max_iter,
         refit=refit,
-        class_names=run.data.class_names,
+        class_names=job.data.class_names,
     )
-    run.timings["train_s"] = time.perf_counter() - t0
-    return run.finish(out)
+    job.timings["train_s"] = time.perf_counter() - t0
+    return job.finish(out)
 
 
-def run_knn(
-    store: Any,
-    out_dir: str | Path,
-    *,
-    features: Sequence[str] | str | None = None,
-    ks: Sequence[int] = KNN_KS,
-    temperature: float = KNN_TEMPERATURE,
-    batch_size: int = 4096,
-    seed: int = 0,
-    subset: str | None = None,
-    val_fraction: float = 0.1,
-    standardize: str = "dim",
-    memory_budget: int | str | None = None,
-    device: str = "cpu",
-) -> dict[str, Any]:
+def run_knn(store: StoreLike, out_dir: str | Path, options: KnnOptions | None = None) -> dict[str, Any]:
     """Weighted cosine kNN (k swept on validation); the train bank is streamed, so it may exceed memory."""
-    run = Run(
+    options = options or KnnOptions()
+    ks, temperature, batch_size, device = options.ks, options.temperature, options.batch_size, options.device
+    job = Job(
         "knn",
         store,
         out_dir,
-        features,
+        options,
         {"ks": sorted({int(k) for k in ks}), "temperature": temperature, "batch_size": batch_size, "device": device},
-        seed=seed,
-        subset=subset,
-        val_fraction=val_fraction,
-        standardize=standardize,
-        memory_budget=memory_budget,
+        standardize=options.standardize,
         guard=False,
     )
     t0 = time.perf_counter()
-    queries = {s: torch.from_numpy(flatten_features(run.data.arrays(s), run.features)) for s in ("val", "test")}
-    run.timings["data_s"] += time.perf_counter() - t0
+    queries = {s: torch.from_numpy(flatten_features(job.data.arrays(s), job.features)) for s in ("val", "test")}
+    job.timings["data_s"] += time.perf_counter() - t0
 
     def bank() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for xs, y in run.stream("train", batch_size, False):
-            yield flatten_features(xs, run.features), y
+        for xs, y in job.stream("train", batch_size, False):
+            yield flatten_features(xs, job.features), y
 
     t0 = time.perf_counter()
     out = knn_sweep(
         bank(),
-        len(run.data.rows("train")),
+        len(job.data.rows("train")),
         queries["val"],
-        run.data.labels("val"),
+        job.data.labels("val"),
         queries["test"],
-        run.data.labels("test"),
-        num_classes=run.data.num_classes,
+        job.data.labels("test"),
+        num_classes=job.data.num_classes,
         ks=ks,
         temperature=temperature,
         device=device,
-        class_names=run.data.class_names,
+        class_names=job.data.class_names,
     )
-    run.timings["train_s"] = time.perf_counter() - t0
-    return run.finish(out)
+    job.timings["train_s"] = time.perf_counter() - t0
+    return job.finish(out)
 
 
-def run_sweep(store: Any, out_dir: str | Path, **options: Any) -> dict[str, Any]:
+def run_sweep(store: StoreLike, out_dir: str | Path, options: SweepOptions | None = None) -> dict[str, Any]:
     """Linear heads for every feature x lr in one pass over the data; selection on validation.
 
-    Options as in `run_linear`, with `lrs` (default: the recipe's; diffbank 1e-3, 1e-2, 1e-1; paper 1e-2)
-    instead of `lr` and `batchnorm`. Writes heatmap.png (test top-1 of the validation-selected (pooling, lr)
+    Options: `probe.options.SweepOptions` (`lrs` default: the recipe's; diffbank 1e-3, 1e-2, 1e-1; paper 1e-2). Writes heatmap.png (test top-1 of the validation-selected (pooling, lr)
     per (t, block) cell, the validation-selected cell outlined) and accuracy_vs_t.png, and all heads to
     heads.safetensors.
     """
-    job = TrainedRun("sweep", store, out_dir, **options)
-    run, rec, seed, device, progress = job.run, job.recipe, job.seed, job.device, job.progress
+    trained = TrainedRun("sweep", store, out_dir, options or SweepOptions())
+    job, rec, seed, device, progress = trained.job, trained.recipe, trained.seed, trained.device, trained.progress
     heads: dict[str, torch.nn.Module] = {}
     inputs: dict[str, str] = {}
     lr_of: dict[str, float] = {}
-    for name in run.features:
+    for name in job.features:
         for lr in rec.learning_rates:
             key = f"{name}@lr={lr:g}"
             with seeded_init(seed):  # same start for every lr: the sweep's head equals `run_linear`'s
-                heads[key] = LinearHead(run.data.feature_shapes[name], run.data.num_classes)
+                heads[key] = LinearHead(job.data.feature_shapes[name], job.data.num_classes)
             inputs[key], lr_of[key] = name, lr
-    result = train_heads(run, heads, inputs, lr_of, device=device, progress=progress)
+    result = train_heads(job, heads, inputs, lr_of, device=device, progress=progress)
     assert result.best is not None  # a validation split always exists
     best_key = str(result.best)
-    metrics = evaluate_head(run, heads[best_key], inputs[best_key], device)
-    table = _sweep_table(run, result)
+    metrics = evaluate_head(job, heads[best_key], inputs[best_key], device)
+    table = _sweep_table(job, result)
     cells = _best_per_cell(table, result)
-    figures = _sweep_figures(run, cells, table, best_key)
-    save_heads(run.out / "heads.safetensors", heads, {"command": "sweep", "heads": list(heads)})
-    return run.finish(
+    figures = _sweep_figures(job, cells, table, best_key)
+    save_heads(job.out / "heads.safetensors", heads, {"command": "sweep", "heads": list(heads)})
+    return job.finish(
         {
             "metrics": metrics,
             "selected": {
@@ -252,10 +212,10 @@ def run_sweep(store: Any, out_dir: str | Path, **options: Any) -> dict[str, Any]
     )
 
 
-def _sweep_table(run: Run, result: Any) -> list[dict[str, Any]]:
+def _sweep_table(job: Job, result: SweepResult) -> list[dict[str, Any]]:
     rows = []
     for key, r in result.heads.items():
-        info = run.store.feature_info(r.input)
+        info = job.store.feature_info(r.input)
         rows.append(
             {
                 "head": key,
@@ -274,7 +234,7 @@ def _sweep_table(run: Run, result: Any) -> list[dict[str, Any]]:
     return rows
 
 
-def _best_per_cell(table: Sequence[Mapping[str, Any]], result: Any) -> dict[tuple[int, int], dict[str, Any]]:
+def _best_per_cell(table: Sequence[Mapping[str, Any]], result: SweepResult) -> dict[tuple[int, int], dict[str, Any]]:
     """Per (t, block): the head the selection rule picks among that cell's poolings and lrs.
 
     The same rule (`probe.metrics.select_best`) picks the sweep's overall head, so the selected head's cell
@@ -303,7 +263,7 @@ def _best_per_cell(table: Sequence[Mapping[str, Any]], result: Any) -> dict[tupl
 
 
 def _sweep_figures(
-    run: Run, cells: Mapping[tuple[int, int], Mapping[str, Any]], table: Sequence[Mapping[str, Any]], best_key: str
+    job: Job, cells: Mapping[tuple[int, int], Mapping[str, Any]], table: Sequence[Mapping[str, Any]], best_key: str
 ) -> dict[str, str]:
     if not cells:
         return {}
@@ -312,12 +272,12 @@ def _sweep_figures(
     test = {k: c["test_top1"] for k, c in cells.items()}
     plot_heatmap(
         test,
-        run.out / "heatmap.png",
+        job.out / "heatmap.png",
         labels={k: c["pool"] for k, c in cells.items()},
         best=best_cell,
         title="test top-1 (pooling and lr selected on val)",
     )
     plot_accuracy_vs_t(
-        test, run.out / "accuracy_vs_t.png", best=best_cell, title="test top-1 over timestep (selected on val)"
+        test, job.out / "accuracy_vs_t.png", best=best_cell, title="test top-1 over timestep (selected on val)"
     )
     return {"heatmap": "heatmap.png", "accuracy_vs_t": "accuracy_vs_t.png"}
