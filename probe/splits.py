@@ -24,6 +24,7 @@ __all__ = [
     "Subset",
     "SplitInfo",
     "stratified_holdout",
+    "carve_validation",
     "draw_subset",
     "rows_digest",
     "resolve_splits",
@@ -111,6 +112,16 @@ def stratified_holdout(
     out = np.sort(np.concatenate(held)) if held else np.empty(0, np.int64)
     kept = np.setdiff1d(rows, out, assume_unique=True)
     return kept.astype(np.int64), out.astype(np.int64)
+
+
+def carve_validation(
+    rows: np.ndarray, labels: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, validation): the seeded, stratified validation split a probe carves out of train for `seed`.
+
+    The one split rule of the project: the store probes, DifFeed and the benchmarks all carve it here.
+    """
+    return stratified_holdout(rows, labels, fraction, seeded_rng(seed, _KEY_VAL))
 
 
 def draw_subset(
@@ -204,9 +215,7 @@ def resolve_splits(
         split_rows["train"], split_rows["test"] = train, test
         info.source["test"] = f"carved from train (stratified, {test_fraction:g}, seed {seed})"
     if "val" not in split_rows:
-        train, val = stratified_holdout(
-            split_rows["train"], labels[split_rows["train"]], val_fraction, seeded_rng(seed, _KEY_VAL)
-        )
+        train, val = carve_validation(split_rows["train"], labels[split_rows["train"]], val_fraction, seed)
         split_rows["train"], split_rows["val"] = train, val
         info.source["val"] = f"carved from train (stratified, {val_fraction:g}, seed {seed})"
     ordered = {s: split_rows[s] for s in SPLITS}
