@@ -114,9 +114,7 @@ def stratified_holdout(
     return kept.astype(np.int64), out.astype(np.int64)
 
 
-def carve_validation(
-    rows: np.ndarray, labels: np.ndarray, fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
+def carve_validation(rows: np.ndarray, labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(kept, validation): the seeded, stratified validation split a probe carves out of train for `seed`.
 
     The one split rule of the project: the store probes, DifFeed and the benchmarks all carve it here.

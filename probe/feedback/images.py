@@ -12,7 +12,6 @@ import torch
 from probe.splits import carve_validation
 
 
-
 class ImageSet:
     """Labelled images by key: `load(keys) -> float32 (n, 3, H, W)` in [-1, 1].
 
