@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from extract.store import FeatureStore
 from probe.errors import ProbeDataError
 
 __all__ = [
@@ -151,7 +152,7 @@ class SplitInfo:
     dropped: dict[str, int] = field(default_factory=dict)  # reasons -> rows left out
 
 
-def store_labels(store: Any) -> tuple[np.ndarray, list[str]]:
+def store_labels(store: FeatureStore) -> tuple[np.ndarray, list[str]]:
     labels = optional_attr(store, "labels")
     if labels is None or len(labels) == 0 or not (np.asarray(labels) >= 0).any():
         raise ProbeDataError(
@@ -178,7 +179,7 @@ def _store_split(splits: Mapping[str, Any], canonical: str) -> np.ndarray | None
 
 
 def resolve_splits(
-    store: Any, labels: np.ndarray, class_names: Sequence[str], seed: int, val_fraction: float, test_fraction: float
+    store: FeatureStore, labels: np.ndarray, class_names: Sequence[str], seed: int, val_fraction: float, test_fraction: float
 ) -> tuple[dict[str, np.ndarray], SplitInfo, np.ndarray]:
     n = len(labels)
     valid = optional_attr(store, "valid")

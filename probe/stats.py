@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from extract.store import FeatureStore
 from probe.errors import ProbeDataError
 from probe.finite import check_chunk_finite
 from probe.recipe import STANDARDIZE_MODES
@@ -148,10 +149,10 @@ def array_stats(name: str, x: np.ndarray, mode: str, check_finite: bool = True) 
 
 # Statistics are cached per store object: a second ProbeData on the same store and train rows (e.g. a
 # logistic sweep after a linear run in one session) does not read the train split again.
-_STATS_CACHE: weakref.WeakKeyDictionary[Any, dict[tuple[str, str, str], FeatureStats]] = weakref.WeakKeyDictionary()
+_STATS_CACHE: weakref.WeakKeyDictionary[FeatureStore, dict[tuple[str, str, str], FeatureStats]] = weakref.WeakKeyDictionary()
 
 
-def cached_stats(store: Any) -> dict[tuple[str, str, str], FeatureStats]:
+def cached_stats(store: FeatureStore) -> dict[tuple[str, str, str], FeatureStats]:
     try:
         return _STATS_CACHE.setdefault(store, {})
     except TypeError:  # an object that cannot be weakly referenced: no cross-object cache
