@@ -172,6 +172,8 @@ def run_demo(
     thread per core unless `threads` says otherwise (`diffbank extract` defaults to one per process, so
     that its bytes never depend on the machine; the store records the count either way).
     """
+    # Imported when the demo runs, not when the CLI starts: `import probe.run` (torch, the store reader)
+    # measured 4.7-8.3 s on 2 busy cores, the CLI without it 0.4 s.
     from extract.pipeline import extract
     from extract.spec import load_spec
     from probe.options import AttentionOptions, FusionOptions, LinearOptions, SweepOptions

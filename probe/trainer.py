@@ -9,9 +9,10 @@ with others ends exactly as it does trained alone.
 One shortcut, on by default (`fuse=True`): linear heads on one feature share one matmul
 (`probe.heads.LinearGroup`); each still gets its own gradient, so only float rounding can differ.
 
-Settings come from a `probe.recipe.Recipe` (validated there); `train`/`train_many` also take its fields as
-keyword overrides (`lr=0.05, momentum=0.9`). `recipe.keep` says which weights a head keeps: those of its best
-validation epoch (`"best"`: the highest validation accuracy, the earliest on ties) or of the last epoch (`"last"`, the paper's protocol, and what any head keeps without a validation stream).
+Settings come from a `probe.recipe.Recipe` (validated there); `train`/`train_many` also take its optimiser fields
+as keyword overrides (`lr=0.05, momentum=0.9`; a misspelt one is a `TypeError`). `recipe.keep` says which weights
+a head keeps: those of its best validation epoch (`"best"`: the highest validation accuracy, the earliest on ties)
+or of the last epoch (`"last"`, the paper's protocol, and what any head keeps without a validation stream).
 
 Determinism: the trainer draws no random numbers. A run is fixed by the heads' initial weights
 (`probe.heads.seeded_init`) and the stream's seed. Checkpoints (`checkpoint_dir`, `probe.checkpoint`) are
@@ -107,13 +108,22 @@ def train(
     progress: bool = True,
     device: str | torch.device = "cpu",
     on_epoch_end: Callable[[int, Mapping[Hashable, dict[str, float | None]]], None] | None = None,
-    **settings: Any,
+    lr: float | None = None,
+    epochs: int | None = None,
+    momentum: float | None = None,
+    weight_decay: float | None = None,
+    step_size: int | None = None,
+    gamma: float | None = None,
+    keep: str | None = None,
 ) -> HeadResult:
     """Train one head (see `train_many`; this is the one-head case). `input=None`: the stream's only feature.
 
-    `settings` override fields of `recipe` (default `Recipe()`), e.g. `lr=0.05, momentum=0.9`.
+    `lr`, `epochs`, `momentum`, `weight_decay`, `step_size`, `gamma` and `keep` override fields of `recipe`
+    (default `Recipe()`); None leaves the recipe's.
     """
-    recipe = (recipe or Recipe()).replace(**settings)
+    recipe = (recipe or Recipe()).replace(
+        lr=lr, epochs=epochs, momentum=momentum, weight_decay=weight_decay, step_size=step_size, gamma=gamma, keep=keep
+    )
     if input is None:
         input = _resolve_single_input(train_stream)
     result = train_many(
@@ -147,7 +157,13 @@ def train_many(
     device: str | torch.device = "cpu",
     on_epoch_end: Callable[[int, Mapping[K, dict[str, float | None]]], None] | None = None,
     fuse: bool = True,
-    **settings: Any,
+    lr: float | None = None,
+    epochs: int | None = None,
+    momentum: float | None = None,
+    weight_decay: float | None = None,
+    step_size: int | None = None,
+    gamma: float | None = None,
+    keep: str | None = None,
 ) -> SweepResult:
     """Train several heads in one pass over the data.
 
@@ -162,7 +178,9 @@ def train_many(
     `fuse=False` computes every head's logits on its own (see the module docstring).
     """
     started = time.perf_counter()
-    recipe = (recipe or Recipe()).replace(**settings)
+    recipe = (recipe or Recipe()).replace(
+        lr=lr, epochs=epochs, momentum=momentum, weight_decay=weight_decay, step_size=step_size, gamma=gamma, keep=keep
+    )
     if not heads:
         raise ValueError("heads must hold at least one head")
     missing = [k for k in heads if k not in inputs_of]

@@ -337,6 +337,14 @@ def test_bad_parameters_are_named(data) -> None:
         train(linear(), two, progress=False)
 
 
+def test_a_misspelt_setting_is_a_type_error_naming_it(data) -> None:
+    train_s, _, _ = streams(data)
+    with pytest.raises(TypeError, match="epoch"):
+        train(linear(), train_s, progress=False, epoch=1)
+    with pytest.raises(TypeError, match="learning_rate"):
+        train_many({"a": linear()}, {"a": "f"}, train_s, progress=False, learning_rate=0.1)
+
+
 def test_progress_line_can_be_silenced(data, capsys, caplog) -> None:
     train_s, val_s, _ = streams(data)
     caplog.set_level("INFO", logger="probe.trainer")
