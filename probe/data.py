@@ -138,7 +138,7 @@ class ProbeData:
 
         `val_fraction` / `test_fraction` apply only to splits the store lacks; `subset` takes a label subset
         of train; `in_memory=None` decides by `memory_budget` (bytes, '2GiB', '25%'; default 25% of RAM).
-        `shuffle_buffer` (bytes) sizes the shuffle windows of `stream` in both modes (see `epoch_order`).
+        `shuffle_buffer` (bytes) sizes the shuffle windows of its `FeatureStream`s in both modes (see `epoch_order`).
         `draws` (default: all the store keeps) and `eval_draws` ("first" | "mean"): see the module docstring.
         """
         store = as_store(store)
@@ -330,7 +330,7 @@ class ProbeData:
         the feature's name for draw 0, `draw_arrays(name)` for the others."""
         if not self.in_memory:
             raise ProbeDataError(
-                "this ProbeData streams from the store (features exceed the memory budget); use stream() or arrays()"
+                "this ProbeData streams from the store (features exceed the memory budget); use a FeatureStream or arrays()"
             )
         if self._memory is None:
             self._memory = self._load_all()

@@ -179,7 +179,12 @@ def _store_split(splits: Mapping[str, Any], canonical: str) -> np.ndarray | None
 
 
 def resolve_splits(
-    store: FeatureStore, labels: np.ndarray, class_names: Sequence[str], seed: int, val_fraction: float, test_fraction: float
+    store: FeatureStore,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    seed: int,
+    val_fraction: float,
+    test_fraction: float,
 ) -> tuple[dict[str, np.ndarray], SplitInfo, np.ndarray]:
     n = len(labels)
     valid = optional_attr(store, "valid")

@@ -148,8 +148,10 @@ def array_stats(name: str, x: np.ndarray, mode: str, check_finite: bool = True) 
 
 
 # Statistics are cached per store object: a second ProbeData on the same store and train rows (e.g. a
-# logistic sweep after a linear run in one session) does not read the train split again.
-_STATS_CACHE: weakref.WeakKeyDictionary[FeatureStore, dict[tuple[str, str, str], FeatureStats]] = weakref.WeakKeyDictionary()
+# logistic sweep after a linear run in one process) does not read the train split again.
+_STATS_CACHE: weakref.WeakKeyDictionary[FeatureStore, dict[tuple[str, str, str], FeatureStats]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def cached_stats(store: FeatureStore) -> dict[tuple[str, str, str], FeatureStats]:
