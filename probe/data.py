@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from functools import cached_property
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -54,7 +54,6 @@ from probe.stats import FeatureStats, cached_stats, compute_stats, stats_block_r
 
 __all__ = ["ProbeData", "EVAL_DRAWS"]
 
-StandardizeMode = Literal["dim", "channel", "none"]
 EVAL_DRAWS = ("first", "mean")
 
 
@@ -126,7 +125,7 @@ class ProbeData:
         test_fraction: float = 0.2,
         seed: int = 0,
         subset: str | Subset | None = None,
-        standardize: StandardizeMode = "dim",
+        standardize: str = "dim",
         memory_budget: int | float | str | None = None,
         in_memory: bool | None = None,
         allow_missing_classes: bool = False,

@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 K = TypeVar("K", bound=Hashable)
-InputSpec = str | Mapping[Hashable, str]
+InputSpec = str | Mapping[Any, str]
 
 
 def input_label(spec: InputSpec) -> str:

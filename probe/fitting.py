@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -204,9 +204,9 @@ def finish_single(
 
 def train_heads(
     job: Job,
-    heads: Mapping[Hashable, torch.nn.Module],
-    inputs: Mapping[Hashable, Any],
-    lrs: Mapping[Hashable, float],
+    heads: Mapping[str, torch.nn.Module],
+    inputs: Mapping[str, InputSpec],
+    lrs: Mapping[str, float],
     *,
     device: str,
     progress: bool,
@@ -232,7 +232,7 @@ def train_heads(
     return result
 
 
-def evaluate_head(job: Job, head: torch.nn.Module, input: Any, device: str) -> dict[str, Any]:
+def evaluate_head(job: Job, head: torch.nn.Module, input: InputSpec, device: str) -> dict[str, Any]:
     """Metrics of one head on the validation and test splits; its logits (and the store rows they belong to)
     go to out_dir/logits.npz, so two runs can be compared image by image (e.g. McNemar)."""
     assert job.recipe is not None

@@ -215,11 +215,12 @@ def run_sweep(store: StoreLike, out_dir: str | Path, options: SweepOptions | Non
 def _sweep_table(job: Job, result: SweepResult) -> list[dict[str, Any]]:
     rows = []
     for key, r in result.heads.items():
-        info = job.store.feature_info(r.input)
+        feature = str(r.input)  # a sweep's heads each read one feature
+        info = job.store.feature_info(feature)
         rows.append(
             {
                 "head": key,
-                "feature": r.input,
+                "feature": feature,
                 "t": info.t,
                 "block": info.block,
                 "pool": None if info.pool_kind is None else f"{info.pool_kind}{info.pool_size}",
@@ -228,7 +229,7 @@ def _sweep_table(job: Job, result: SweepResult) -> list[dict[str, Any]]:
                 "val_top1": r.val_accuracy,
                 "test_top1": r.test_accuracy,
                 "diverged": r.diverged,
-                "selected_for_feature": result.best_per_input.get(r.input) == key,
+                "selected_for_feature": result.best_per_input.get(feature) == key,
             }
         )
     return rows
@@ -250,14 +251,14 @@ def _best_per_cell(table: Sequence[Mapping[str, Any]], result: SweepResult) -> d
 
     cells: dict[tuple[int, int], dict[str, Any]] = {}
     for key, rows in by_cell.items():
-        row = select_best(rows, rank)
-        assert row is not None
+        chosen = select_best(rows, rank)
+        assert chosen is not None
         cells[key] = {
-            "feature": row["feature"],
-            "pool": row["pool"],
-            "lr": row["lr"],
-            "val_top1": row["val_top1"],
-            "test_top1": row["test_top1"],
+            "feature": chosen["feature"],
+            "pool": chosen["pool"],
+            "lr": chosen["lr"],
+            "val_top1": chosen["val_top1"],
+            "test_top1": chosen["test_top1"],
         }
     return cells
 
