@@ -28,8 +28,11 @@ from extract.diffusion import NoiseSchedule
 from extract.idx import FASHION_MNIST_DIR, load_fashion_mnist
 from extract.models.registry import build_model, embedded_card
 from extract.preprocess import reference
-from probe.feedback import DifFeed, FeedbackRecipe, ImageSet, train_feedback, validation_split
+from probe.feedback.images import ImageSet, validation_split
+from probe.feedback.network import DifFeed
+from probe.feedback.training import train_feedback
 from probe.heads import PRESETS, seeded_init
+from probe.recipe import FeedbackRecipe
 from probe.significance import mcnemar
 from probe.splits import stratified_holdout
 

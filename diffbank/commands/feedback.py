@@ -34,7 +34,7 @@ def _image_sets(spec: Any, train_split: str | None, test_split: str | None) -> t
     # measured 10.1 s on 2 busy cores, the CLI without it 0.4 s.
     from extract.preprocess import preprocess
     from extract.sources import open_source
-    from probe.feedback import ImageSet
+    from probe.feedback.images import ImageSet
 
     source = open_source(spec.dataset)
     size, method = spec.dataset.image_size, spec.dataset.preprocess
@@ -170,7 +170,9 @@ def feedback_command(
     from extract.models.registry import build_model
     from extract.prepare import checkpoint_path
     from extract.spec import SpecError, load_spec
-    from probe.feedback import DifFeed, train_feedback, validation_split
+    from probe.feedback.images import validation_split
+    from probe.feedback.network import DifFeed
+    from probe.feedback.training import train_feedback
     from probe.heads import PRESETS, seeded_init
 
     try:
