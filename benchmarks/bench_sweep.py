@@ -1,8 +1,8 @@
 """Sweep benchmark: 9 (t, block) features x 3 learning rates as a user runs them.
 
-- Arm A: ONE call of `probe.api.run_sweep(store, out, lrs=LRS, epochs=E)` over the store's 9 features (one
+- Arm A: ONE call of `probe.run.run_sweep(store, out, SweepOptions(lrs=LRS, epochs=E))` over the store's 9 features (one
   statistics pass and one read, all 27 linear heads trained in one pass over the batches).
-- Arm B: 27 separate calls of `probe.api.run_linear(store, out_i, features=[f], lr=lr, epochs=E)`, each with its
+- Arm B: 27 separate calls of `probe.run.run_linear(store, out_i, LinearOptions(features=[f], lr=lr, epochs=E))`, each with its
   own statistics pass, reads, evaluation and results file, as 27 separate runs are.
 
 Both arms read the same Zarr store written by `extract.store.save_features` (float16, as caches usually are:
@@ -109,7 +109,8 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
 
     from extract.store import save_features
-    from probe.api import run_linear, run_sweep
+    from probe.options import LinearOptions, SweepOptions
+    from probe.run import run_linear, run_sweep
 
     n = args.samples
     feats, y = synthetic(n, args.classes)
@@ -135,9 +136,11 @@ def main() -> None:
 
         # Warm-up outside the timings (imports incl. matplotlib, torch's first optimizer step): tiny runs of
         # both commands on one feature, so neither arm pays one-off process costs.
-        run_linear(store_path, os.path.join(tmp, "warm"), features=[names[0]], epochs=1, progress=False)
+        run_linear(store_path, os.path.join(tmp, "warm"), LinearOptions(features=[names[0]], epochs=1, progress=False))
         run_sweep(
-            store_path, os.path.join(tmp, "warm_sweep"), features=[names[0]], lrs=LRS[:2], epochs=1, progress=False
+            store_path,
+            os.path.join(tmp, "warm_sweep"),
+            SweepOptions(features=[names[0]], lrs=LRS[:2], epochs=1, progress=False),
         )
 
         common = dict(epochs=args.epochs, batch_size=args.batch_size, seed=0, progress=False)
@@ -145,7 +148,9 @@ def main() -> None:
         for i in range(max(1, args.repeat)):
             t0, c0 = time.perf_counter(), time.process_time()
             with _profiled(args.profile, "arm A (run_sweep)"):
-                sweep = run_sweep(store_path, os.path.join(tmp, f"sweep{i}"), features=names, lrs=LRS, **common)
+                sweep = run_sweep(
+                    store_path, os.path.join(tmp, f"sweep{i}"), SweepOptions(features=names, lrs=LRS, **common)
+                )
             walls.append(time.perf_counter() - t0)
             cpus.append(time.process_time() - c0)
         time_a, cpu_a = min(walls), min(cpus)
@@ -164,7 +169,9 @@ def main() -> None:
             for i, name in enumerate(names):
                 for j, lr in enumerate(sorted(LRS)):
                     separate[(name, lr)] = run_linear(
-                        store_path, os.path.join(tmp, f"linear_{i}_{j}"), features=[name], lr=lr, **common
+                        store_path,
+                        os.path.join(tmp, f"linear_{i}_{j}"),
+                        LinearOptions(features=[name], lr=lr, **common),
                     )
         time_b, cpu_b = time.perf_counter() - t0, time.process_time() - c0
         cli_times = _cli_arms(store_path, tmp, names, args) if args.cli else None

@@ -175,7 +175,8 @@ def end_to_end(device: torch.device, tmp: Path, quick: bool) -> dict[str, Any]:
 
 def sweep(device: torch.device, tmp: Path, quick: bool) -> dict[str, Any]:
     from extract.store import save_features
-    from probe.api import run_sweep
+    from probe.options import SweepOptions
+    from probe.run import run_sweep
 
     n, dim, classes = (2_000, 256, 10) if quick else (136_000, 4_096, 100)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -200,7 +201,7 @@ def sweep(device: torch.device, tmp: Path, quick: bool) -> dict[str, Any]:
     gigabytes = sum(a.nbytes for a in feats.values()) / 1e9
     del feats
     t0 = time.perf_counter()
-    result = run_sweep(str(store), tmp / "sweep", epochs=1, device=str(device), progress=False)
+    result = run_sweep(str(store), tmp / "sweep", SweepOptions(epochs=1, device=str(device), progress=False))
     wall = time.perf_counter() - t0
     return {
         "samples": n,

@@ -20,9 +20,11 @@ from extract.diffusion import NoiseSchedule
 from extract.models.adm import ADMUNet
 from extract.models.config import PRESETS as ADM_PRESETS
 from extract.models.registry import build_model
-from probe.feedback import DifFeed, FeedbackRecipe, ImageSet, activation_bytes_per_sample, train_feedback
-from probe.feedback.training import _evaluate
+from probe.feedback.images import ImageSet
+from probe.feedback.network import DifFeed, activation_bytes_per_sample
+from probe.feedback.training import _evaluate, train_feedback
 from probe.heads import PRESETS, seeded_init
+from probe.recipe import FeedbackRecipe
 
 
 def main() -> None:

@@ -29,10 +29,13 @@ from extract.idx import FASHION_MNIST_DIR, load_fashion_mnist
 from extract.models.config import embedded_card
 from extract.models.registry import build_model
 from extract.preprocess import reference
-from probe.data import stratified_holdout
-from probe.feedback import DifFeed, FeedbackRecipe, ImageSet, train_feedback, validation_split
+from probe.feedback.images import ImageSet, validation_split
+from probe.feedback.network import DifFeed
+from probe.feedback.training import train_feedback
 from probe.heads import PRESETS, seeded_init
+from probe.recipe import FeedbackRecipe
 from probe.significance import mcnemar
+from probe.splits import stratified_holdout
 
 MODEL = "embedded:fmnist32"
 TRAIN_ROWS = 60_000  # test images are keyed after the training split, as a [train, test] source numbers them

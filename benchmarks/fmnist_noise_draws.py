@@ -31,10 +31,11 @@ from safetensors.torch import load_file
 
 from extract.pipeline import extract
 from extract.store import open_store
-from probe.api import run_attention
 from probe.data import ProbeData
 from probe.evaluation import predict_logits
 from probe.heads import AttentionPoolHead, resolve_preset
+from probe.options import AttentionOptions
+from probe.run import run_attention
 from probe.significance import mcnemar
 
 FEATURE = "t150_b15_tok8"
@@ -116,12 +117,9 @@ def probe_stage(args: argparse.Namespace, out: Path, store: Path, extraction: di
         res = run_attention(
             str(store),
             run_dir,
-            features=[FEATURE],
-            preset=args.preset,
-            seed=args.seed,
-            epochs=args.epochs,
-            draws=draws,
-            progress=True,
+            AttentionOptions(
+                features=[FEATURE], preset=args.preset, seed=args.seed, epochs=args.epochs, draws=draws, progress=True
+            ),
         )
         cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
         saved = np.load(run_dir / "logits.npz")

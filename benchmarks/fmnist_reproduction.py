@@ -39,7 +39,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.model_selection import train_test_split
 
 from extract.diffusion import NoiseSchedule, seeded_noise
 from extract.features import feature_name
@@ -55,6 +54,8 @@ from probe.evaluation import predict_logits
 from probe.exact_logistic import logistic_path
 from probe.heads import AttentionPoolHead, DifFormerHead, seeded_init
 from probe.significance import mcnemar
+from probe.splits import carve_validation
+from probe.stats import array_stats
 from probe.stream import ArrayStream
 from probe.trainer import train
 
@@ -154,10 +155,10 @@ class StoreFeatures(Mapping):
 
 
 def standardised(x: torch.Tensor, train_rows: torch.Tensor) -> torch.Tensor:
-    flat = x.flatten(1)
-    mean = flat[train_rows].mean(0)
-    std = flat[train_rows].std(0).clamp_min(1e-6)
-    return (flat - mean) / std
+    """x flattened, standardised per dimension with the train rows' statistics: the probes' own (`probe.stats`)."""
+    flat = x.flatten(1).float().cpu().numpy()
+    stats = array_stats("x", flat[train_rows.cpu().numpy()], "dim")
+    return torch.from_numpy(stats.apply(flat.copy())).to(x.device)
 
 
 def probe_grid(feats: dict, y: torch.Tensor, rows: dict[str, torch.Tensor], keys) -> dict:
@@ -220,14 +221,8 @@ def head_run(
     names = list(arrays)
     split = {s: {n: a[rows[s].cpu().numpy()] for n, a in arrays.items()} for s in ("fit", "val", "test")}
     ys = {s: y[rows[s].cpu().numpy()] for s in ("fit", "val", "test")}
-    stats = {
-        n: (
-            split["fit"][n].mean(axis=(0, 2, 3), keepdims=True),
-            split["fit"][n].std(axis=(0, 2, 3), keepdims=True) + 1e-6,
-        )
-        for n in names
-    }
-    norm = {s: {n: (split[s][n] - stats[n][0]) / stats[n][1] for n in names} for s in split}
+    stats = {n: array_stats(n, split["fit"][n], "channel") for n in names}  # per channel, the probes' own rule
+    norm = {s: {n: stats[n].apply(split[s][n].astype(np.float32)) for n in names} for s in split}
     with seeded_init(seed):
         if kind == "attention":
             head = AttentionPoolHead(arrays[names[0]].shape[1:], 10, **sizes)
@@ -444,7 +439,7 @@ def main() -> None:
 
     x0, labels, n_train = load_images(args.data, args.limit_train, args.limit_test)
     n = len(labels)
-    fit_rows, val_rows = train_test_split(np.arange(n_train), test_size=0.1, stratify=labels[:n_train], random_state=0)
+    fit_rows, val_rows = carve_validation(np.arange(n_train), labels[:n_train], 0.1, seed=0)
     rows = {
         "train": np.sort(fit_rows),
         "fit": np.sort(fit_rows),

@@ -172,9 +172,12 @@ def run_demo(
     thread per core unless `threads` says otherwise (`diffbank extract` defaults to one per process, so
     that its bytes never depend on the machine; the store records the count either way).
     """
+    # Imported when the demo runs, not when the CLI starts: `import probe.run` (torch, the store reader)
+    # measured 4.7-8.3 s on 2 busy cores, the CLI without it 0.4 s.
     from extract.pipeline import extract
     from extract.spec import load_spec
-    from probe import api
+    from probe.options import AttentionOptions, FusionOptions, LinearOptions, SweepOptions
+    from probe.run import run_attention, run_fusion, run_linear, run_sweep
 
     started = time.perf_counter()
     data_dir = ensure_fashion_mnist(Path(data_dir), install=install)
@@ -195,8 +198,10 @@ def run_demo(
 
     log.info(f"[2/5] linear sweep: {len(lrs)} learning rates x every (t, block, pooling), one pass")
     t0 = time.perf_counter()
-    sweep = api.run_sweep(
-        store_url, out / "sweep", lrs=lrs, epochs=epochs, step_size=short_schedule(epochs), progress=progress
+    sweep = run_sweep(
+        store_url,
+        out / "sweep",
+        SweepOptions(lrs=lrs, epochs=epochs, step_size=short_schedule(epochs), progress=progress),
     )
     rows.append(_row("sweep", sweep, time.perf_counter() - t0))
     best = sweep["selected"]
@@ -204,14 +209,16 @@ def run_demo(
 
     log.info("[3/5] linear head on the selected feature (paper recipe, selected lr)")
     t0 = time.perf_counter()
-    linear = api.run_linear(
+    linear = run_linear(
         store_url,
         out / "linear",
-        features=[best["feature"]],
-        lr=best["lr"],
-        epochs=epochs,
-        step_size=short_schedule(epochs),
-        progress=progress,
+        LinearOptions(
+            features=[best["feature"]],
+            lr=best["lr"],
+            epochs=epochs,
+            step_size=short_schedule(epochs),
+            progress=progress,
+        ),
     )
     rows.append(_row("linear", linear, time.perf_counter() - t0))
 
@@ -227,7 +234,7 @@ def run_demo(
         "step_size": short_schedule(head_epochs),
         "progress": progress,
     }
-    attention = api.run_attention(store_url, out / "attention", features=[tok_feature], **head_opts)
+    attention = run_attention(store_url, out / "attention", AttentionOptions(features=[tok_feature], **head_opts))
     rows.append(_row("attention", attention, time.perf_counter() - t0))
 
     fusion_features = [f"t{t:03d}_b{b:02d}_avg4" for t in spec.grid.timesteps for b in spec.grid.blocks]
@@ -236,7 +243,7 @@ def run_demo(
         f"(4x4 tokens per block)"
     )
     t0 = time.perf_counter()
-    fusion = api.run_fusion(store_url, out / "fusion", features=fusion_features, **head_opts)
+    fusion = run_fusion(store_url, out / "fusion", FusionOptions(features=fusion_features, **head_opts))
     rows.append(_row("fusion", fusion, time.perf_counter() - t0))
 
     timings["total_s"] = time.perf_counter() - started
@@ -309,7 +316,10 @@ def _ints(text: str) -> tuple[int, ...]:
 @click.option("--no-install", is_flag=True, help="Never try to install Debian's dataset package.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option(
-    "--threads", type=click.IntRange(min=1), default=None, help="torch threads for the extraction (default: one per core)."
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="torch threads for the extraction (default: one per core).",
 )
 def demo_command(
     out, data_dir, train_n, test_n, timesteps, blocks, epochs, head_epochs, preset, no_install, quiet, threads

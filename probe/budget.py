@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 
+from dask.utils import parse_bytes
+
 from probe.errors import ProbeDataError
 
-__all__ = ["default_memory_budget", "parse_bytes", "parse_memory"]
+__all__ = ["default_memory_budget", "parse_memory"]
 
 
 def default_memory_budget(fraction: float = 0.25) -> int:
@@ -18,30 +20,12 @@ def default_memory_budget(fraction: float = 0.25) -> int:
     return int(total * fraction)
 
 
-# Units of `parse_bytes`, as dask.utils.parse_bytes reads them (case-insensitive; "k"/"ki" = kB/KiB, ...).
-_BYTE_UNITS = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "pb": 10**15}
-_BYTE_UNITS.update({k[0] + "ib": 2 ** (10 * (i + 1)) for i, k in enumerate(_BYTE_UNITS)})
-_BYTE_UNITS.update({k[0]: v for k, v in list(_BYTE_UNITS.items()) if "i" not in k})
-_BYTE_UNITS.update({k[:-1]: v for k, v in list(_BYTE_UNITS.items()) if "i" in k})
-_BYTE_UNITS.update({"b": 1, "": 1})
-
-
-def parse_bytes(text: str) -> int:
-    """Bytes from "2GiB", "500 MB", "1e9", "MB" (= 1 MB): dask.utils.parse_bytes's rules, without importing dask."""
-    s = text.replace(" ", "")
-    if not any(c.isdigit() for c in s):
-        s = "1" + s
-    i = len(s)
-    while i > 0 and s[i - 1].isalpha():
-        i -= 1
-    try:
-        return int(float(s[:i]) * _BYTE_UNITS[s[i:].lower()])
-    except (ValueError, KeyError) as exc:
-        raise ValueError(f"could not interpret {text!r} as a byte size") from exc
-
-
 def parse_memory(value: int | float | str | None) -> int:
-    """Bytes from `None` (default budget), a number of bytes, or a string like `"2GiB"`, `"500MB"`, `"25%"`."""
+    """Bytes from `None` (default budget), a number of bytes, or a string like `"2GiB"`, `"500MB"`, `"25%"`.
+
+    Sizes are read by `dask.utils.parse_bytes` ("2GiB", "500 MB", "1e9"); an empty, unreadable or negative
+    size is a `ProbeDataError` that says what is understood.
+    """
     if value is None:
         return default_memory_budget()
     if isinstance(value, str):
@@ -49,6 +33,7 @@ def parse_memory(value: int | float | str | None) -> int:
         if text.endswith("%"):
             return default_memory_budget(float(text[:-1]) / 100.0)
         try:
+            # dask reads "" as 1 byte; a budget must name its size.
             size = parse_bytes(text) if text else -1
         except ValueError:
             size = -1

@@ -6,34 +6,15 @@
 - **Which scale?** `probe.stats`: statistics from the (subset) train rows only, cached per store object.
 - **In memory or streamed?** When all used features fit `memory_budget` (default 25% of RAM) they are read
   once as standardised float32 arrays; otherwise batches are streamed window by window.
-- **In which order?** `probe.stream.epoch_order`, the same in both modes.
+- **In which order?** `probe.order.epoch_order`, the same in both modes (streams: `probe.stream.FeatureStream`).
 - **Which noise draw?** A store that keeps K noise draws apart (`noise: {combine: separate}`) is augmentation:
   training epoch e reads draw e mod K (of the first `draws`, default all K; `draws=1` is draw 0 alone, i.e. a
   one-draw store); validation and test read draw 0, or with `eval_draws="mean"` every draw, the heads' logits
   averaged over them (`probe.evaluation`). Statistics come from draw 0's train rows, so every draw is
   standardised alike and `draws=1` and `draws=K` runs see the same scale.
 
-Memory. Peak RSS of a probe stays within `memory_budget` plus a constant:
-
-- the data: in memory, all rows of the features as float32 (<= budget, or it streams); streamed, the window
-  being consumed, the one being read ahead and the previous one while its last batch is referenced, each
-  under 1.25 x budget / 4 (the shuffle window is the smaller of `shuffle_buffer` and a quarter of the budget,
-  and its unit a shard or, when a shard is larger than a sixteenth of the budget, a run of inner chunks of at
-  most a quarter window). A window's memory is the reader's: once no batch of it is held, the next window
-  reuses it (fresh pages cost more than decoding), and the reader gives free memory back before it
-  allocates more, so at most those three windows are ever resident;
-- the statistics pass: 3 blocks of `probe.stats.STATS_BLOCK_BYTES` (16 MiB) float32 plus one float64 copy
-  of one (~80 MiB), freed before training;
-- the reader: ~16 MiB per decode thread (8 MiB of decode scratch, up to 8 MiB of the bytes read from a local
-  store; `open_store(workers=...)`, default the cores here);
-- the model and heads (parameters, gradients, optimiser state: a 27-head linear sweep on 4,096-d features is
-  ~1 MB), one batch and its activations;
-- the Python/torch/zarr baseline (485-515 MB peak RSS measured for `diffbank probe linear/sweep` on Linux).
-
-Process-wide malloc settings are left alone: a streamed probe once set glibc's mmap threshold to 1 MiB so
-freed windows went back to the OS, which made every batch-sized allocation fresh pages (an in-memory epoch
-5x slower in the same process); windows now reuse their memory through the reader, and without the setting
-the peak stayed within the bound (linear 578 against 543 MiB, sweep 563 against 545, bound 659 / 692).
+Memory: `probe.sizing` (what a probe holds at once, and the bound on its peak). Reading: `probe.reading`
+(checked and standardised in the decode threads; `probe.finite` names a row that holds NaN/inf).
 
 Bad input fails early with `ProbeDataError` and a message that says what to do.
 This module imports `extract.store` only: probing never needs the U-Net.
@@ -41,20 +22,24 @@ This module imports `extract.store` only: probing never needs the U-Net.
 
 from __future__ import annotations
 
-import functools
-import os
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from functools import cached_property
+from typing import Any
 
 import numpy as np
 import torch
 
-from probe.budget import default_memory_budget, parse_memory
+from extract.store import FeatureStore
+from probe import sizing
+from probe.budget import parse_memory
 from probe.errors import ProbeDataError
+from probe.finite import check_chunk_finite
+from probe.inputs import StoreLike, as_store, check_features, draw_arrays, store_draws
+from probe.order import Window, epoch_order
+from probe.reading import read_rows, read_whole
 from probe.recipe import STANDARDIZE_MODES
 from probe.splits import (
     KEY_SUBSET,
-    SPLITS,
     SplitInfo,
     Subset,
     check_classes,
@@ -64,30 +49,11 @@ from probe.splits import (
     rows_digest,
     seeded_rng,
     store_labels,
-    stratified_holdout,
 )
-from probe.stats import FeatureStats, cached_stats, check_chunk_finite, compute_stats, stats_block_rows
-from probe.stream import FeatureStream, Window, epoch_order
+from probe.stats import FeatureStats, cached_stats, compute_stats, stats_block_rows
 
-__all__ = [
-    "ProbeData",
-    "ProbeDataError",
-    "Subset",
-    "SPLITS",
-    "FeatureStream",
-    "FeatureStats",
-    "Window",
-    "epoch_order",
-    "compute_stats",
-    "stratified_holdout",
-    "parse_memory",
-    "default_memory_budget",
-    "rows_digest",
-    "available_features",
-    "check_min_samples",
-]
+__all__ = ["ProbeData", "EVAL_DRAWS"]
 
-StandardizeMode = Literal["dim", "channel", "none"]
 EVAL_DRAWS = ("first", "mean")
 
 
@@ -96,7 +62,7 @@ class ProbeData:
 
     def __init__(
         self,
-        store: Any,
+        store: FeatureStore,
         features: Sequence[str],
         splits: Mapping[str, np.ndarray],
         labels: np.ndarray,
@@ -117,8 +83,8 @@ class ProbeData:
     ) -> None:
         self.store = store
         self.features = list(features)
-        self._draw_arrays = _draw_arrays(store, self.features, draws)
-        self.store_draws = len(_store_draws(store, self.features[0])) if self.features else 1
+        self._draw_arrays = draw_arrays(store, self.features, draws)
+        self.store_draws = len(store_draws(store, self.features[0])) if self.features else 1
         self.draws = len(next(iter(self._draw_arrays.values()))) if self._draw_arrays else 1
         self.eval_draws = eval_draws
         self._splits = {k: np.asarray(v, dtype=np.int64) for k, v in splits.items()}
@@ -138,7 +104,11 @@ class ProbeData:
         self.feature_shapes: dict[str, tuple[int, ...]] = {
             n: tuple(int(s) for s in store.feature_info(n).shape) for n in self.features
         }
-        self.chunk_rows = self._chunk_rows()
+        self.chunk_rows = (
+            sizing.chunk_rows(store, self.features[0], self.row_bytes(), self.memory_budget, self.window_bytes())
+            if self.features
+            else 1
+        )
         self.in_memory = self.memory_bytes() <= self.memory_budget if in_memory is None else bool(in_memory)
         self._memory: dict[str, np.ndarray] | None = None
         self._stats: dict[str, FeatureStats] = {}
@@ -148,14 +118,14 @@ class ProbeData:
     @classmethod
     def from_store(
         cls,
-        store: Any,
+        store: StoreLike,
         features: Sequence[str] | str,
         *,
         val_fraction: float = 0.1,
         test_fraction: float = 0.2,
         seed: int = 0,
         subset: str | Subset | None = None,
-        standardize: StandardizeMode = "dim",
+        standardize: str = "dim",
         memory_budget: int | float | str | None = None,
         in_memory: bool | None = None,
         allow_missing_classes: bool = False,
@@ -167,12 +137,12 @@ class ProbeData:
 
         `val_fraction` / `test_fraction` apply only to splits the store lacks; `subset` takes a label subset
         of train; `in_memory=None` decides by `memory_budget` (bytes, '2GiB', '25%'; default 25% of RAM).
-        `shuffle_buffer` (bytes) sizes the shuffle windows of `stream` in both modes (see `epoch_order`).
+        `shuffle_buffer` (bytes) sizes the shuffle windows of its `FeatureStream`s in both modes (see `epoch_order`).
         `draws` (default: all the store keeps) and `eval_draws` ("first" | "mean"): see the module docstring.
         """
-        store = _open(store)
+        store = as_store(store)
         features = [features] if isinstance(features, str) else list(features)
-        _check_features(store, features)
+        check_features(store, features)
         if eval_draws not in EVAL_DRAWS:
             raise ProbeDataError(f"eval_draws={eval_draws!r}: choose one of {', '.join(EVAL_DRAWS)}")
         for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
@@ -233,12 +203,12 @@ class ProbeData:
     def memory_bytes(self) -> int:
         """Bytes of all features (every used noise draw) as float32 in memory (all rows: the in-memory copy is
         indexed by store row)."""
-        return self.draws * sum(self.num_rows * int(np.prod(s)) * 4 for s in self.feature_shapes.values())
+        return self.draws * self.num_rows * self.row_bytes()
 
     def row_bytes(self) -> int:
         """Bytes of one row of one draw of every feature: what a training window holds per row. It does not
         depend on `draws`, so runs on one draw and on K draws shuffle alike."""
-        return sum(int(np.prod(s)) * 4 for s in self.feature_shapes.values())
+        return sizing.row_bytes(self.feature_shapes.values())
 
     def draw_arrays(self, name: str) -> list[str]:
         """The store arrays of feature `name`'s used noise draws, draw 0 first."""
@@ -266,23 +236,12 @@ class ProbeData:
         return out
 
     def window_bytes(self) -> int:
-        """Bytes of one shuffle window: `shuffle_buffer`, at most a quarter of the memory budget.
-
-        A streamed epoch holds up to three windows at once (the one being consumed, the one read ahead, and
-        the previous one while its last batch is still referenced), each under 1.25 quarters (a window
-        overshoots by less than one unit, see `_chunk_rows`), so the data stays within the budget.
-        """
-        return min(self.shuffle_buffer, self.memory_budget // 4)
+        """Bytes of one shuffle window (`probe.sizing.window_bytes`)."""
+        return sizing.window_bytes(self.shuffle_buffer, self.memory_budget)
 
     def default_buffer_rows(self) -> int:
-        """Shuffle window in rows: what `window_bytes()` hold, at least one chunk.
-
-        It depends on the features, `shuffle_buffer` and the memory budget, never on the mode, so a run gives
-        the same batches on a machine that streams and on one that holds everything in memory (and the same
-        as before budgets sized windows whenever the budget is at least 4 x `shuffle_buffer` and a shard at most
-        a sixteenth of it).
-        """
-        return max(self.chunk_rows, self.window_bytes() // max(1, self.row_bytes()))
+        """Shuffle window in rows (`probe.sizing.buffer_rows`): the same in memory and streamed."""
+        return sizing.buffer_rows(self.chunk_rows, self.window_bytes(), self.row_bytes())
 
     def split_definition(self) -> dict[str, Any]:
         """JSON-able description of the splits (sources, seeds, counts per class, row digests)."""
@@ -348,33 +307,6 @@ class ProbeData:
 
     # ---- data access
 
-    def stream(
-        self,
-        split: str,
-        batch_size: int,
-        shuffle: bool = True,
-        seed: int | None = None,
-        buffer_rows: int | None = None,
-        drop_last: bool = False,
-        draws: str | None = None,
-    ) -> FeatureStream:
-        """A `BatchStream` over `split` (seed defaults to the data's seed).
-
-        `draws`: "rotate" (epoch e reads draw e mod K), "first" (draw 0) or "mean" (every draw, for logits
-        averaged over them); default "rotate" for the train split and `eval_draws` for the others.
-        """
-        self.rows(split)
-        return FeatureStream(
-            self,
-            split,
-            batch_size,
-            shuffle,
-            self.seed if seed is None else seed,
-            buffer_rows=buffer_rows,
-            drop_last=drop_last,
-            draws=draws or ("rotate" if split == "train" else self.eval_draws),
-        )
-
     def arrays(self, split: str) -> dict[str, np.ndarray]:
         """Standardised float32 arrays (N, C, H, W) of a split in store order (loads them when streaming);
         noise draw 0 where the store keeps several."""
@@ -397,7 +329,7 @@ class ProbeData:
         the feature's name for draw 0, `draw_arrays(name)` for the others."""
         if not self.in_memory:
             raise ProbeDataError(
-                "this ProbeData streams from the store (features exceed the memory budget); use stream() or arrays()"
+                "this ProbeData streams from the store (features exceed the memory budget); use a FeatureStream or arrays()"
             )
         if self._memory is None:
             self._memory = self._load_all()
@@ -408,17 +340,11 @@ class ProbeData:
         out: dict[str, np.ndarray] = {}
         for name in self.features:
             for array in self._draw_arrays[name]:  # draw 0 first: its statistics standardise every draw
-                # NaN/inf are looked for while the blocks are decoded, in cache (a store's own record of them is
-                # not trusted: stores come from other teams); only if some turn up are the used rows checked one
-                # by one, to name the first bad one.
-                not_finite: list[bool] = []
-                shape = (self.num_rows, *self.feature_shapes[name])
-                flag = functools.partial(_flag_not_finite, not_finite)
-                raw = self.store.read(array, out=np.empty(shape, np.float32), each=flag)
+                raw, finite = read_whole(self.store, array, (self.num_rows, *self.feature_shapes[name]))
                 # The statistics from the raw copy use the streamed pass's blocks (bit-identical statistics)
                 # without reading the store twice.
-                stats = self._stats_from(name, raw, finite=not not_finite)
-                if not_finite:
+                stats = self._stats_from(name, raw, finite=finite)
+                if not finite:  # only the used rows matter; name the first bad one
                     for start in range(0, len(used), self.chunk_rows):
                         rows = used[start : start + self.chunk_rows]
                         check_chunk_finite(array, raw[rows], rows, self._sample_ids)
@@ -432,29 +358,14 @@ class ProbeData:
         """Read a window's rows from the store in `window.order`, check and standardise them (float32).
 
         `arrays` maps each key of the result to the store array to read (a feature, or one of its noise draws:
-        `draw_arrays`); default every feature under its own name. The reader decodes each touched chunk once and
-        scatters its rows straight into one new buffer per array: the window's only copy.
+        `draw_arrays`); default every feature under its own name (`probe.reading.read_rows`).
         """
-        out: dict[str, np.ndarray] = {}
-        for key, array in (arrays or {n: n for n in self.features}).items():
-            stats = self.stats(self._feature_of[array])
-            not_finite: list[bool] = []
-
-            def check_and_standardise(block: np.ndarray, stats: FeatureStats = stats, flag: list = not_finite) -> None:
-                _flag_not_finite(flag, block)
-                stats.apply(block)
-
-            # Checked and standardised block by block in the decode threads, while each block is in cache. The
-            # window's memory is the reader's: reused by a later window once no batch of it is held.
-            x = self.store.read(array, window.order, each=check_and_standardise)
-            if not_finite:  # read the raw rows again to name the first bad one
-                check_rows_finite(array, self.store.read(array, window.order), window.order, self._sample_ids)
-            out[key] = x
-        return out
+        sources = arrays or {n: n for n in self.features}
+        return read_rows(self.store, window.order, sources, lambda a: self.stats(self._feature_of[a]), self._sample_ids)
 
     # ---- internals
 
-    @functools.cached_property
+    @cached_property
     def _feature_of(self) -> dict[str, str]:
         """Store array -> the feature it is a draw of."""
         return {a: n for n, arrays in self._draw_arrays.items() for a in arrays}
@@ -464,109 +375,3 @@ class ProbeData:
             raise ProbeDataError(
                 f"feature {name!r} is not part of this ProbeData; features: {', '.join(self.features)}"
             )
-
-    def _chunk_rows(self) -> int:
-        """The unit of `epoch_order`: a shard, or a run of inner chunks when a shard is large for the budget.
-
-        Whole shards (the order of every earlier run) whenever a shard's float32 rows fit a sixteenth of the
-        memory budget; under a smaller budget the largest multiple of the inner chunk that fits a quarter of
-        `window_bytes()` (at least one inner chunk), so a window (< buffer rows + one unit) stays near its
-        share of the budget.
-        """
-        shard = optional_attr(self.store, "shard_rows")
-        if shard:
-            shard = int(shard)
-            if shard * self.row_bytes() <= self.memory_budget // 16:
-                return shard
-            limit = self.window_bytes() // 4
-            array = getattr(self.store, "array", None)
-            inner = int(array(self.features[0]).chunks[0]) if array is not None else shard
-            inner = max(1, min(inner, shard))
-            return max(inner, limit // max(1, self.row_bytes()) // inner * inner)
-        first = self.store.to_dask(self.features[0])
-        return int(first.chunks[0][0]) if first.chunks[0] else 1
-
-
-# ------------------------------------------------------------------------------------- store helpers
-
-
-def _open(store: Any) -> Any:
-    if isinstance(store, (str, os.PathLike)):
-        from extract.store import open_store
-
-        return open_store(str(store))
-    return store
-
-
-def available_features(store: Any) -> list[str]:
-    """Every feature name in the store (all views)."""
-    return list(store.feature_names(view=None))
-
-
-def _store_draws(store: Any, name: str) -> list[str]:
-    """The arrays of a feature's noise draws; stores without draws kept apart (or without the method) have one."""
-    draw_names = getattr(store, "draw_names", None)
-    return [name] if draw_names is None else list(draw_names(name))
-
-
-def _draw_arrays(store: Any, features: Sequence[str], draws: int | None) -> dict[str, list[str]]:
-    """Feature -> the arrays of its first `draws` noise draws (None: all the store keeps); one K for all."""
-    per = {n: _store_draws(store, n) for n in features}
-    counts = {n: len(a) for n, a in per.items()}
-    if len(set(counts.values())) > 1:
-        raise ProbeDataError(f"the features keep different numbers of noise draws ({counts}); probe them apart")
-    have = next(iter(counts.values()), 1)
-    if draws is None:
-        return per
-    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
-        raise ProbeDataError(f"draws={draws!r}: expected a positive number of noise draws")
-    if draws > have:
-        raise ProbeDataError(
-            f"draws={draws}, but the store keeps {have} noise draw{'s' if have > 1 else ''} per feature; "
-            "extract with noise: {draws: K, combine: separate} for more"
-        )
-    return {n: a[:draws] for n, a in per.items()}
-
-
-def _check_features(store: Any, features: list[str]) -> None:
-    if not features:
-        raise ProbeDataError("no features requested; features in the store: " + ", ".join(available_features(store)))
-    dupes = sorted({f for f in features if features.count(f) > 1})
-    if dupes:
-        raise ProbeDataError(f"features requested twice: {', '.join(dupes)}")
-    known = available_features(store)
-    missing = [f for f in features if f not in known]
-    if missing:
-        listing = ", ".join(known) if known else "(none)"
-        raise ProbeDataError(
-            f"feature(s) {', '.join(map(repr, missing))} not in the store; features that exist: {listing}"
-        )
-    is_complete = getattr(store, "is_complete", None)
-    unfinished = [a for f in features for a in _store_draws(store, f) if is_complete is not None and not is_complete(a)]
-    if unfinished:
-        # Unwritten shards read as the fill value: probing them would report accuracy on zeros.
-        raise ProbeDataError(
-            f"feature(s) {', '.join(unfinished)} are not completely extracted; finish (resume) the extraction first"
-        )
-
-
-def _flag_not_finite(flags: list[bool], block: np.ndarray) -> None:
-    """Note (for the caller, after a parallel read) that `block` holds NaN or inf."""
-    if not np.isfinite(block).all():
-        flags.append(True)
-
-
-def check_rows_finite(name: str, x: np.ndarray, rows: np.ndarray, sample_ids: Any) -> None:
-    """Raise naming the lowest store row of `rows` (any order) whose values in `x` are not all finite."""
-    ok = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
-    if not ok.all():
-        order = np.argsort(rows, kind="stable")
-        check_chunk_finite(name, x[order], rows[order], sample_ids)
-
-
-def check_min_samples(n_available: int, k: int, what: str) -> None:
-    """Raise when a method needs k samples but only n are there (e.g. kNN's k against the train split)."""
-    if n_available < k:
-        raise ProbeDataError(
-            f"{what} needs at least {k} samples but only {n_available} are available; use a smaller k or a larger split"
-        )

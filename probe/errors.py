@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-__all__ = ["ProbeDataError"]
+__all__ = ["ProbeDataError", "RunConflictError"]
 
 
 class ProbeDataError(ValueError):
     """The store or the request cannot give a sound probe dataset; the message says why and what to do."""
+
+
+class RunConflictError(ValueError):
+    """`out_dir` holds a run made with other settings or another store: resuming it would mix two runs."""

@@ -1,4 +1,4 @@
-"""Heads applied to batches: what a head reads, linear heads fused into one matmul, evaluation, prediction.
+"""Heads applied to batches: what a head reads, which linear heads share one matmul, evaluation, prediction.
 
 A head reads one feature (`InputSpec` = its name; the head gets a tensor) or several ({input key: feature
 name}; the head gets a dict, e.g. DifFormerHead's {(t, block): tensor}).
@@ -14,7 +14,6 @@ evaluated on the heads' logits averaged over the draws; any other stream on the 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -22,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .heads import LinearHead
-from .stream import BatchStream
+from probe.heads import LinearGroup, LinearHead
+from probe.stream import BatchStream
 
 __all__ = [
     "InputSpec",
@@ -31,14 +30,13 @@ __all__ = [
     "feature_names",
     "gather",
     "fusable_groups",
-    "LinearGroup",
     "evaluate",
     "predict_logits",
     "draw_views",
 ]
 
 K = TypeVar("K", bound=Hashable)
-InputSpec = str | Mapping[Hashable, str]
+InputSpec = str | Mapping[Any, str]
 
 
 def input_label(spec: InputSpec) -> str:
@@ -98,45 +96,6 @@ def fusable_groups(items: Sequence[tuple[Any, nn.Module, InputSpec]]) -> tuple[l
     fused = [g for g in groups.values() if len(g) >= 2]
     rest += [g[0] for g in groups.values() if len(g) == 1]
     return fused, rest
-
-
-class LinearGroup:
-    """H `LinearHead`s on one feature as one (H*K, D) matmul; gradients flow back to each head's own weights."""
-
-    def __init__(self, heads: Sequence[LinearHead], spec: str) -> None:
-        self.spec = spec
-        self.heads = list(heads)
-        self.num_heads = len(self.heads)
-        self.classes = self.heads[0].linear.out_features
-        self.in_features = self.heads[0].linear.in_features
-        self.in_shape = self.heads[0].in_shape
-        self.weights = [h.linear.weight for h in self.heads]
-        self.biases = [h.linear.bias for h in self.heads]
-        self._fixed: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def frozen(self) -> LinearGroup:
-        """Concatenate the weights once, for evaluation (weights fixed, no gradient)."""
-        self._fixed = (torch.cat(self.biases).detach(), torch.cat(self.weights).detach().t())
-        return self
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() < 2 or math.prod(x.shape[1:]) != self.in_features:
-            raise ValueError(f"LinearHead expects inputs of shape (N, {self.in_shape}), got {tuple(x.shape)}")
-        bias, weight_t = (
-            self._fixed if self._fixed is not None else (torch.cat(self.biases), torch.cat(self.weights).t())
-        )
-        return torch.addmm(bias, x.flatten(1), weight_t)
-
-    def per_head_ce(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """(B, H*K) logits -> (B, H) cross-entropy of every sample under every head."""
-        n, h = int(y.shape[0]), self.num_heads
-        targets = y.unsqueeze(1).expand(n, h).reshape(-1)
-        return F.cross_entropy(logits.reshape(n * h, self.classes), targets, reduction="none").view(n, h)
-
-    def correct(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """(H,) number of samples each head classifies correctly."""
-        n = int(y.shape[0])
-        return (logits.view(n, self.num_heads, self.classes).argmax(2) == y.unsqueeze(1)).sum(0)
 
 
 @torch.no_grad()

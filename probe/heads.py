@@ -3,6 +3,7 @@
 Three heads, as the paper describes them (docs: /work/shared/PAPER.md):
 
 - `LinearHead`: flatten the pooled map channel-major, optionally BatchNorm1d without affine, one Linear.
+  `LinearGroup` computes H such heads on one feature as one matmul (sweeps train and evaluate them so).
 - `AttentionPoolHead`: LayerNorm over (C, H, W) + Conv1x1 C -> dim turns a block map into H*W tokens; a
   zero-initialised CLS token is prepended; `depth` pre-norm ViT blocks (MLP x4, GELU, no qkv bias, no
   dropout) run without any positional embedding; a Linear reads the CLS output.
@@ -34,6 +35,7 @@ __all__ = [
     "ClsTransformer",
     "AttentionPoolHead",
     "DifFormerHead",
+    "LinearGroup",
     "seeded_init",
     "resolve_preset",
 ]
@@ -301,3 +303,42 @@ class DifFormerHead(nn.Module):
         cls = self.encoder(torch.cat(tokens, dim=1))  # (n_t * N, dim), rows grouped by t
         n = cls.shape[0] // n_t
         return self.classifier(cls.reshape(n_t, n, self.dim).transpose(0, 1).reshape(n, n_t * self.dim))
+
+
+class LinearGroup:
+    """H `LinearHead`s on one feature as one (H*K, D) matmul; gradients flow back to each head's own weights."""
+
+    def __init__(self, heads: Sequence[LinearHead], spec: str) -> None:
+        self.spec = spec
+        self.heads = list(heads)
+        self.num_heads = len(self.heads)
+        self.classes = self.heads[0].linear.out_features
+        self.in_features = self.heads[0].linear.in_features
+        self.in_shape = self.heads[0].in_shape
+        self.weights = [h.linear.weight for h in self.heads]
+        self.biases = [h.linear.bias for h in self.heads]
+        self._fixed: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def frozen(self) -> LinearGroup:
+        """Concatenate the weights once, for evaluation (weights fixed, no gradient)."""
+        self._fixed = (torch.cat(self.biases).detach(), torch.cat(self.weights).detach().t())
+        return self
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 2 or math.prod(x.shape[1:]) != self.in_features:
+            raise ValueError(f"LinearHead expects inputs of shape (N, {self.in_shape}), got {tuple(x.shape)}")
+        bias, weight_t = (
+            self._fixed if self._fixed is not None else (torch.cat(self.biases), torch.cat(self.weights).t())
+        )
+        return torch.addmm(bias, x.flatten(1), weight_t)
+
+    def per_head_ce(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """(B, H*K) logits -> (B, H) cross-entropy of every sample under every head."""
+        n, h = int(y.shape[0]), self.num_heads
+        targets = y.unsqueeze(1).expand(n, h).reshape(-1)
+        return F.cross_entropy(logits.reshape(n * h, self.classes), targets, reduction="none").view(n, h)
+
+    def correct(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """(H,) number of samples each head classifies correctly."""
+        n = int(y.shape[0])
+        return (logits.view(n, self.num_heads, self.classes).argmax(2) == y.unsqueeze(1)).sum(0)

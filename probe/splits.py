@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from extract.store import FeatureStore
 from probe.errors import ProbeDataError
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "Subset",
     "SplitInfo",
     "stratified_holdout",
+    "carve_validation",
     "draw_subset",
     "rows_digest",
     "resolve_splits",
@@ -113,6 +115,14 @@ def stratified_holdout(
     return kept.astype(np.int64), out.astype(np.int64)
 
 
+def carve_validation(rows: np.ndarray, labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, validation): the seeded, stratified validation split a probe carves out of train for `seed`.
+
+    The one split rule of the project: the store probes, DifFeed and the benchmarks all carve it here.
+    """
+    return stratified_holdout(rows, labels, fraction, seeded_rng(seed, _KEY_VAL))
+
+
 def draw_subset(
     rows: np.ndarray, labels: np.ndarray, subset: Subset, rng: np.random.Generator, class_names: Sequence[str]
 ) -> np.ndarray:
@@ -142,7 +152,7 @@ class SplitInfo:
     dropped: dict[str, int] = field(default_factory=dict)  # reasons -> rows left out
 
 
-def store_labels(store: Any) -> tuple[np.ndarray, list[str]]:
+def store_labels(store: FeatureStore) -> tuple[np.ndarray, list[str]]:
     labels = optional_attr(store, "labels")
     if labels is None or len(labels) == 0 or not (np.asarray(labels) >= 0).any():
         raise ProbeDataError(
@@ -169,7 +179,12 @@ def _store_split(splits: Mapping[str, Any], canonical: str) -> np.ndarray | None
 
 
 def resolve_splits(
-    store: Any, labels: np.ndarray, class_names: Sequence[str], seed: int, val_fraction: float, test_fraction: float
+    store: FeatureStore,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    seed: int,
+    val_fraction: float,
+    test_fraction: float,
 ) -> tuple[dict[str, np.ndarray], SplitInfo, np.ndarray]:
     n = len(labels)
     valid = optional_attr(store, "valid")
@@ -204,9 +219,7 @@ def resolve_splits(
         split_rows["train"], split_rows["test"] = train, test
         info.source["test"] = f"carved from train (stratified, {test_fraction:g}, seed {seed})"
     if "val" not in split_rows:
-        train, val = stratified_holdout(
-            split_rows["train"], labels[split_rows["train"]], val_fraction, seeded_rng(seed, _KEY_VAL)
-        )
+        train, val = carve_validation(split_rows["train"], labels[split_rows["train"]], val_fraction, seed)
         split_rows["train"], split_rows["val"] = train, val
         info.source["val"] = f"carved from train (stratified, {val_fraction:g}, seed {seed})"
     ordered = {s: split_rows[s] for s in SPLITS}

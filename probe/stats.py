@@ -9,6 +9,9 @@ Mode `"dim"` standardises every element of the (C, H, W) map: what a linear head
 wants (the paper's linear head has no normalisation of its own). `"channel"` shares one mean/std per channel
 across positions, which keeps the spatial structure token heads see; `"none"` passes values through.
 Dimensions without spread get std 1 instead of a division by ~0. Statistics are cached per store object.
+
+This is the one standardiser of the project: the store-backed probes, the scikit-learn estimators
+(`array_stats` over their in-memory training arrays) and the benchmarks all compute and apply it here.
 """
 
 from __future__ import annotations
@@ -21,15 +24,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from extract.store import FeatureStore
 from probe.errors import ProbeDataError
+from probe.finite import check_chunk_finite
 from probe.recipe import STANDARDIZE_MODES
 from probe.splits import rows_digest
 
 __all__ = [
     "FeatureStats",
     "compute_stats",
+    "array_stats",
     "stats_block_rows",
-    "check_chunk_finite",
     "cached_stats",
     "STATS_BLOCK_BYTES",
 ]
@@ -135,31 +140,21 @@ def compute_stats(
     return FeatureStats(mean[0].astype(np.float32), std[0].astype(np.float32), mode, rows_digest(rows), len(rows))
 
 
-def _raise_if_not_finite(name: str, ok: np.ndarray, rows: np.ndarray, sample_ids: Sequence[Any] | None) -> None:
-    bad = np.flatnonzero(~np.asarray(ok))
-    if len(bad) == 0:
-        return
-    row = int(rows[bad[0]])
-    sid = f" (sample id {sample_ids[row]!r})" if sample_ids is not None and len(sample_ids) > row else ""
-    raise ProbeDataError(
-        f"feature {name!r} has NaN or inf values at store row {row}{sid} and {len(bad) - 1} other row(s) "
-        f"of this read; the extraction overflowed (float16 storage saturates above 65504) or failed. "
-        f"Mark those rows invalid in the store or re-extract them"
-    )
-
-
-def check_chunk_finite(name: str, x: np.ndarray, rows: np.ndarray, sample_ids: Sequence[Any] | None) -> None:
-    ok = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
-    if not ok.all():
-        _raise_if_not_finite(name, ok, rows, sample_ids)
+def array_stats(name: str, x: np.ndarray, mode: str, check_finite: bool = True) -> FeatureStats:
+    """Statistics of every row of an in-memory array, in the blocks the store's pass uses (the same bits)."""
+    block = stats_block_rows(int(np.prod(x.shape[1:])) * 4, len(x))
+    blocks = (x[i : i + block] for i in range(0, len(x), block))
+    return compute_stats(name, blocks, np.arange(len(x)), mode, check_finite=check_finite)
 
 
 # Statistics are cached per store object: a second ProbeData on the same store and train rows (e.g. a
-# logistic sweep after a linear run in one session) does not read the train split again.
-_STATS_CACHE: weakref.WeakKeyDictionary[Any, dict[tuple[str, str, str], FeatureStats]] = weakref.WeakKeyDictionary()
+# logistic sweep after a linear run in one process) does not read the train split again.
+_STATS_CACHE: weakref.WeakKeyDictionary[FeatureStore, dict[tuple[str, str, str], FeatureStats]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
-def cached_stats(store: Any) -> dict[tuple[str, str, str], FeatureStats]:
+def cached_stats(store: FeatureStore) -> dict[tuple[str, str, str], FeatureStats]:
     try:
         return _STATS_CACHE.setdefault(store, {})
     except TypeError:  # an object that cannot be weakly referenced: no cross-object cache

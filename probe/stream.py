@@ -4,10 +4,9 @@
 scikit-learn estimators); `FeatureStream` serves a `probe.data.ProbeData` (a Zarr store), in memory or window
 by window.
 
-One function (`epoch_order`) fixes an epoch's order in both of FeatureStream's modes: shards in a seeded random
-order, grouped into windows of about `ProbeData.window_bytes()` (`shuffle_buffer`, at most a quarter of the
-memory budget; the whole split when it is smaller), rows shuffled within each window. The window does not depend on
-the mode, so both modes yield bit-identical batches, and a run with the same budget is reproducible on any machine.
+One function (`probe.order.epoch_order`) fixes an epoch's order in both of FeatureStream's modes, with windows of
+about `ProbeData.window_bytes()` (`shuffle_buffer`, at most a quarter of the memory budget; the whole split when
+it is smaller).
 
 Noise draws (a store that keeps K apart): a FeatureStream reads draw e mod K in epoch e ("rotate", training),
 draw 0 ("first") or every draw ("mean": batches carry each draw's array too, and `draw_inputs` tells
@@ -19,19 +18,16 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
+from probe.data import ProbeData
 from probe.errors import ProbeDataError
-from probe.splits import KEY_ORDER, seeded_rng
+from probe.order import Window, epoch_order
 
-if TYPE_CHECKING:
-    from probe.data import ProbeData
-
-__all__ = ["BatchStream", "ArrayStream", "FeatureStream", "Window", "epoch_order", "DRAW_MODES"]
+__all__ = ["BatchStream", "ArrayStream", "FeatureStream", "DRAW_MODES"]
 
 DRAW_MODES = ("rotate", "first", "mean")
 
@@ -142,60 +138,16 @@ def _to_tensor(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
 
 
-@dataclass(frozen=True)
-class Window:
-    """A read unit of the stream: whole chunks (`chunks`, ascending) and the order of their split rows."""
-
-    chunks: tuple[int, ...]
-    order: np.ndarray
-
-
-def epoch_order(
-    rows: np.ndarray, chunk_rows: int, buffer_rows: int, seed: int, epoch: int, shuffle: bool
-) -> list[Window]:
-    """The order of one epoch over the (sorted) `rows`, as windows of whole chunks.
-
-    Shuffled: chunks in a random order (seeded by seed and epoch), grouped greedily into windows of at
-    least `buffer_rows` split rows, rows permuted within each window. Unshuffled: store order. Both the
-    in-memory and the streamed source consume this, which is what makes them yield identical batches.
-    """
-    rows = np.asarray(rows, dtype=np.int64)
-    if len(rows) == 0:
-        return []
-    chunk_of = rows // chunk_rows
-    chunk_ids, starts = np.unique(chunk_of, return_index=True)
-    groups = np.split(rows, starts[1:])
-    rng = seeded_rng(seed, KEY_ORDER, epoch)
-    sequence = rng.permutation(len(groups)) if shuffle else np.arange(len(groups))
-    windows: list[Window] = []
-    pending: list[int] = []
-    count = 0
-    for g in sequence:
-        pending.append(int(g))
-        count += len(groups[g])
-        if count >= buffer_rows:
-            windows.append(_make_window(pending, chunk_ids, groups, rng, shuffle))
-            pending, count = [], 0
-    if pending:
-        windows.append(_make_window(pending, chunk_ids, groups, rng, shuffle))
-    return windows
-
-
-def _make_window(
-    members: list[int], chunk_ids: np.ndarray, groups: list[np.ndarray], rng: np.random.Generator, shuffle: bool
-) -> Window:
-    order = np.concatenate([groups[g] for g in members])
-    if shuffle:
-        order = order[rng.permutation(len(order))]
-    return Window(tuple(sorted(int(chunk_ids[g]) for g in members)), order)
-
-
 class FeatureStream:
     """A `BatchStream`: `(xs: {name: float32 tensor (B, C, H, W)}, y: int64 tensor (B,))` batches of one split.
 
     Backed either by in-memory standardised arrays or by the store itself (read window by window, the next
     window prefetched in a thread while the current one is consumed). Call `set_epoch` before iterating
     to get that epoch's order; the order depends on (seed, epoch) only.
+
+    `seed` defaults to the data's seed. `draws`: "rotate" (epoch e reads draw e mod K), "first" (draw 0) or
+    "mean" (every draw, for logits averaged over them); default "rotate" for the train split and the data's
+    `eval_draws` for the others.
     """
 
     def __init__(
@@ -203,15 +155,16 @@ class FeatureStream:
         data: ProbeData,
         split: str,
         batch_size: int,
-        shuffle: bool,
-        seed: int,
+        shuffle: bool = True,
+        seed: int | None = None,
         buffer_rows: int | None = None,
         drop_last: bool = False,
         prefetch: bool = True,
-        draws: str = "first",
+        draws: str | None = None,
     ) -> None:
         if batch_size < 1:
             raise ProbeDataError(f"batch_size must be >= 1, got {batch_size}")
+        draws = draws or ("rotate" if split == "train" else data.eval_draws)
         if draws not in DRAW_MODES:
             raise ProbeDataError(f"draws={draws!r}: choose one of {', '.join(DRAW_MODES)}")
         self._data = data
@@ -219,7 +172,7 @@ class FeatureStream:
         self.rows = data.rows(split)
         self.batch_size = int(batch_size)
         self.shuffle = bool(shuffle)
-        self.seed = int(seed)
+        self.seed = data.seed if seed is None else int(seed)
         self.drop_last = bool(drop_last)
         self.prefetch = bool(prefetch)
         self.draws = draws

@@ -7,11 +7,12 @@ gradient it gets alone, and SGD updates every group as it would a single head's 
 with others ends exactly as it does trained alone.
 
 One shortcut, on by default (`fuse=True`): linear heads on one feature share one matmul
-(`probe.evaluation.LinearGroup`); each still gets its own gradient, so only float rounding can differ.
+(`probe.heads.LinearGroup`); each still gets its own gradient, so only float rounding can differ.
 
-Settings come from a `probe.recipe.Recipe` (validated there); `train`/`train_many` also take its fields as
-keyword overrides (`lr=0.05, momentum=0.9`). `recipe.keep` says which weights a head keeps: those of its best
-validation epoch (`"best"`: the highest validation accuracy, the earliest on ties) or of the last epoch (`"last"`, the paper's protocol, and what any head keeps without a validation stream).
+Settings come from a `probe.recipe.Recipe` (validated there); `train`/`train_many` also take its optimiser fields
+as keyword overrides (`lr=0.05, momentum=0.9`; a misspelt one is a `TypeError`). `recipe.keep` says which weights
+a head keeps: those of its best validation epoch (`"best"`: the highest validation accuracy, the earliest on ties)
+or of the last epoch (`"last"`, the paper's protocol, and what any head keeps without a validation stream).
 
 Determinism: the trainer draws no random numbers. A run is fixed by the heads' initial weights
 (`probe.heads.seeded_init`) and the stream's seed. Checkpoints (`checkpoint_dir`, `probe.checkpoint`) are
@@ -21,7 +22,6 @@ with the same weights as an uninterrupted run. Status goes to `logging` (one lin
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -36,75 +36,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from extract.statedir import has_state
+from probe.checkpoint import load_checkpoint, save_checkpoint
+from probe.evaluation import InputSpec, evaluate, feature_names, fusable_groups, gather
+from probe.head_results import HeadResult, SweepResult, select_heads
+from probe.heads import LinearGroup
+from probe.recipe import ProbeConfigError, Recipe, check_lr
+from probe.stream import BatchStream
 
-from .checkpoint import load_checkpoint, save_checkpoint
-from .evaluation import (
-    InputSpec,
-    LinearGroup,
-    evaluate,
-    feature_names,
-    fusable_groups,
-    gather,
-    input_label,
-    predict_logits,
-)
-from .metrics import select_best, selection_rank
-from .recipe import ProbeConfigError, Recipe, check_lr
-from .stream import BatchStream
-
-__all__ = ["HeadResult", "SweepResult", "train", "train_many", "evaluate", "predict_logits", "build_optimizer"]
+__all__ = ["train", "train_many", "build_optimizer"]
 
 log = logging.getLogger(__name__)
 
 K = TypeVar("K", bound=Hashable)
-
-
-@dataclasses.dataclass
-class HeadResult:
-    """The outcome for one head. Epochs are 0-based; `best_epoch` is the epoch whose weights the head holds."""
-
-    key: Hashable
-    input: InputSpec
-    lr: float
-    epochs_trained: int
-    best_epoch: int | None
-    val_accuracy: float | None
-    val_loss: float | None
-    test_accuracy: float | None
-    test_loss: float | None
-    diverged: bool
-    history: list[dict[str, float | None]]
-
-
-@dataclasses.dataclass
-class SweepResult:
-    """Results of `train_many`: per head, plus the selection on validation (`probe.metrics.select_best`).
-
-    `best_per_input` maps each input (the feature name, or for dict inputs the sorted feature names joined by
-    "+") to the key of its best head (e.g. the best lr per feature); `best` is the best head overall. Both are
-    empty/None without a validation stream: selecting on test data would bias the reported test accuracy.
-    """
-
-    heads: dict[Hashable, HeadResult]
-    best_per_input: dict[str, Hashable]
-    best: Hashable | None
-    wall_time_s: float
-
-    def rows(self) -> list[dict[str, Any]]:
-        """One flat dict per head (for tables and JSON)."""
-        return [
-            {
-                "key": r.key if isinstance(r.key, (str, int, float)) else repr(r.key),
-                "input": input_label(r.input),
-                "lr": r.lr,
-                "best_epoch": r.best_epoch,
-                "val_accuracy": r.val_accuracy,
-                "test_accuracy": r.test_accuracy,
-                "diverged": r.diverged,
-                "selected_for_input": self.best_per_input.get(input_label(r.input)) == r.key,
-            }
-            for r in self.heads.values()
-        ]
 
 
 def _has_batchnorm(module: nn.Module) -> bool:
@@ -165,13 +108,22 @@ def train(
     progress: bool = True,
     device: str | torch.device = "cpu",
     on_epoch_end: Callable[[int, Mapping[Hashable, dict[str, float | None]]], None] | None = None,
-    **settings: Any,
+    lr: float | None = None,
+    epochs: int | None = None,
+    momentum: float | None = None,
+    weight_decay: float | None = None,
+    step_size: int | None = None,
+    gamma: float | None = None,
+    keep: str | None = None,
 ) -> HeadResult:
     """Train one head (see `train_many`; this is the one-head case). `input=None`: the stream's only feature.
 
-    `settings` override fields of `recipe` (default `Recipe()`), e.g. `lr=0.05, momentum=0.9`.
+    `lr`, `epochs`, `momentum`, `weight_decay`, `step_size`, `gamma` and `keep` override fields of `recipe`
+    (default `Recipe()`); None leaves the recipe's.
     """
-    recipe = (recipe or Recipe()).replace(**settings)
+    recipe = (recipe or Recipe()).replace(
+        lr=lr, epochs=epochs, momentum=momentum, weight_decay=weight_decay, step_size=step_size, gamma=gamma, keep=keep
+    )
     if input is None:
         input = _resolve_single_input(train_stream)
     result = train_many(
@@ -205,7 +157,13 @@ def train_many(
     device: str | torch.device = "cpu",
     on_epoch_end: Callable[[int, Mapping[K, dict[str, float | None]]], None] | None = None,
     fuse: bool = True,
-    **settings: Any,
+    lr: float | None = None,
+    epochs: int | None = None,
+    momentum: float | None = None,
+    weight_decay: float | None = None,
+    step_size: int | None = None,
+    gamma: float | None = None,
+    keep: str | None = None,
 ) -> SweepResult:
     """Train several heads in one pass over the data.
 
@@ -220,7 +178,9 @@ def train_many(
     `fuse=False` computes every head's logits on its own (see the module docstring).
     """
     started = time.perf_counter()
-    recipe = (recipe or Recipe()).replace(**settings)
+    recipe = (recipe or Recipe()).replace(
+        lr=lr, epochs=epochs, momentum=momentum, weight_decay=weight_decay, step_size=step_size, gamma=gamma, keep=keep
+    )
     if not heads:
         raise ValueError("heads must hold at least one head")
     missing = [k for k in heads if k not in inputs_of]
@@ -309,19 +269,7 @@ def train_many(
             diverged=r.diverged,
             history=r.history,
         )
-    best_per_input: dict[str, Hashable] = {}
-    best: Hashable | None = None
-    if val_stream is not None:
-
-        def rank(k: Hashable) -> tuple[float, float]:
-            return selection_rank(results[k].val_accuracy, results[k].val_loss)
-
-        by_input: dict[str, list[Hashable]] = {}
-        for r in runs:  # the caller's order decides ties
-            by_input.setdefault(input_label(r.spec), []).append(r.key)
-        best_per_input = {label: select_best(keys, rank) for label, keys in by_input.items()}
-        best = select_best([r.key for r in runs], rank)
-    return SweepResult(results, best_per_input, best, time.perf_counter() - started)
+    return select_heads(results, selected=val_stream is not None, wall_time_s=time.perf_counter() - started)
 
 
 def _train_epoch(

@@ -1,15 +1,30 @@
-"""probe.api training settings: the SGD/StepLR recipe arguments and the attention/fusion lr sweep."""
+"""probe.run training settings: the SGD/StepLR recipe arguments, the attention/fusion lr sweep, typed options."""
 
 import json
 import math
 
 import numpy as np
 import pytest
+from probe_data_fixtures import FEAT, write_draws_store
 from safetensors.torch import load_file
 
-from probe import api
+from probe.errors import RunConflictError
+from probe.options import AttentionOptions, FusionOptions, LinearOptions, SweepOptions
+from probe.recipe import ProbeConfigError
+from probe.run import run_attention, run_fusion, run_linear, run_sweep
 
 N, K = 120, 3
+COMMANDS = {
+    "run_linear": (run_linear, LinearOptions),
+    "run_attention": (run_attention, AttentionOptions),
+    "run_fusion": (run_fusion, FusionOptions),
+    "run_sweep": (run_sweep, SweepOptions),
+}
+
+
+def _call(command, store, out, **settings):
+    run, options = COMMANDS[command]
+    return run(store, out, options(**settings))
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +41,7 @@ def _weights(out, name="head.safetensors"):
 
 
 def test_default_recipe_is_the_papers_and_recorded(store, tmp_path):
-    doc = api.run_linear(store, tmp_path / "a", **LINEAR)
+    doc = run_linear(store, tmp_path / "a", LinearOptions(**LINEAR))
     cfg = doc["config"]
     assert cfg["optimizer"] == "SGD(momentum=0, weight_decay=0)"  # the strings older runs recorded
     assert cfg["schedule"] == "StepLR(step_size=7, gamma=0.1)"
@@ -36,8 +51,8 @@ def test_default_recipe_is_the_papers_and_recorded(store, tmp_path):
 
 @pytest.mark.parametrize("setting", [{"momentum": 0.9}, {"weight_decay": 0.05}])
 def test_optimizer_settings_are_recorded_and_used(store, tmp_path, setting):
-    base = api.run_linear(store, tmp_path / "base", **LINEAR)
-    doc = api.run_linear(store, tmp_path / "other", **LINEAR, **setting)
+    base = run_linear(store, tmp_path / "base", LinearOptions(**LINEAR))
+    doc = run_linear(store, tmp_path / "other", LinearOptions(**LINEAR, **setting))
     ((key, value),) = setting.items()
     assert doc["config"][key] == value
     assert f"{key}={value}" in doc["config"]["optimizer"]
@@ -47,14 +62,14 @@ def test_optimizer_settings_are_recorded_and_used(store, tmp_path, setting):
     assert a.keys() == b.keys()
     assert any(not np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)  # same seed, other weights
     # the same settings again reproduce the weights exactly: the difference is the setting, not noise
-    api.run_linear(store, tmp_path / "again", **LINEAR, **setting)
+    run_linear(store, tmp_path / "again", LinearOptions(**LINEAR, **setting))
     c = _weights(tmp_path / "again")
     assert all(np.array_equal(b[k].numpy(), c[k].numpy()) for k in b)
     assert base["config"][key] == 0.0
 
 
 def test_schedule_settings_are_recorded_and_used(store, tmp_path):
-    doc = api.run_linear(store, tmp_path / "s", **LINEAR, step_size=1, gamma=0.5)
+    doc = run_linear(store, tmp_path / "s", LinearOptions(**LINEAR, step_size=1, gamma=0.5))
     assert doc["config"]["schedule"] == "StepLR(step_size=1, gamma=0.5)"
     assert (doc["config"]["step_size"], doc["config"]["gamma"]) == (1, 0.5)
     # the lr after each epoch's scheduler step: halved every epoch
@@ -62,15 +77,10 @@ def test_schedule_settings_are_recorded_and_used(store, tmp_path):
 
 
 def test_sweep_takes_the_recipe(store, tmp_path):
-    doc = api.run_sweep(
+    doc = run_sweep(
         store,
         tmp_path / "sw",
-        features=["t090_b24_avg1"],
-        lrs=[0.01, 0.1],
-        momentum=0.5,
-        step_size=1,
-        gamma=0.5,
-        **FAST,
+        SweepOptions(features=["t090_b24_avg1"], lrs=[0.01, 0.1], momentum=0.5, step_size=1, gamma=0.5, **FAST),
     )
     assert doc["config"]["optimizer"] == "SGD(momentum=0.5, weight_decay=0)"
     assert doc["config"]["schedule"] == "StepLR(step_size=1, gamma=0.5)"
@@ -79,11 +89,11 @@ def test_sweep_takes_the_recipe(store, tmp_path):
 
 
 def test_changed_recipe_in_the_same_out_dir_is_a_conflict(store, tmp_path):
-    api.run_linear(store, tmp_path / "r", **LINEAR)
-    again = api.run_linear(store, tmp_path / "r", **LINEAR)  # the same settings resume
+    run_linear(store, tmp_path / "r", LinearOptions(**LINEAR))
+    again = run_linear(store, tmp_path / "r", LinearOptions(**LINEAR))  # the same settings resume
     assert len(again["training"]["history"]) == 2
-    with pytest.raises(api.RunConflictError, match="optimizer"):
-        api.run_linear(store, tmp_path / "r", **LINEAR, momentum=0.9)
+    with pytest.raises(RunConflictError, match="optimizer"):
+        run_linear(store, tmp_path / "r", LinearOptions(**LINEAR, momentum=0.9))
 
 
 BAD = [
@@ -105,9 +115,24 @@ def test_bad_settings_name_the_parameter_before_reading_data(tmp_path, command, 
     out = tmp_path / "out"
     # the store does not exist: reaching the data would raise something else
     with pytest.raises(ValueError, match=rf"^{name} must") as info:
-        getattr(api, command)(str(tmp_path / "missing.zarr"), out, **kwargs)
-    assert isinstance(info.value, api.ProbeConfigError)
+        _call(command, str(tmp_path / "missing.zarr"), out, **kwargs)
+    assert isinstance(info.value, ProbeConfigError)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+@pytest.mark.parametrize("typo", ["epoch", "learning_rate", "batchsize"])
+def test_a_misspelt_option_is_a_type_error_naming_it(command, typo):
+    with pytest.raises(TypeError, match=typo):
+        _call(command, "unused.zarr", "unused", **{typo: 1})
+
+
+@pytest.mark.parametrize(
+    "options,option", [(AttentionOptions, "batchnorm"), (SweepOptions, "lr"), (SweepOptions, "preset")]
+)
+def test_an_option_of_another_command_is_a_type_error_naming_it(options, option):
+    with pytest.raises(TypeError, match=option):
+        options(**{option: 1})
 
 
 @pytest.mark.parametrize("command", ["run_attention", "run_fusion"])
@@ -122,14 +147,14 @@ def test_bad_settings_name_the_parameter_before_reading_data(tmp_path, command, 
     ],
 )
 def test_bad_lrs(tmp_path, command, kwargs, match):
-    with pytest.raises(api.ProbeConfigError, match=match):
-        getattr(api, command)(str(tmp_path / "missing.zarr"), tmp_path / "out", **kwargs)
+    with pytest.raises(ProbeConfigError, match=match):
+        _call(command, str(tmp_path / "missing.zarr"), tmp_path / "out", **kwargs)
 
 
 def test_attention_lrs_selects_the_val_best_head(store, tmp_path):
     common = {"features": ["t090_b24_tok2"], "preset": "tiny", **FAST}
     lrs = [1e-5, 0.05, 0.5]
-    doc = api.run_attention(store, tmp_path / "many", lrs=lrs[::-1], **common)
+    doc = run_attention(store, tmp_path / "many", AttentionOptions(lrs=lrs[::-1], **common))
     table = doc["lr_sweep"]
     assert [row["lr"] for row in table] == lrs and doc["config"]["lrs"] == lrs and "lr" not in doc["config"]
     vals = [row["val_accuracy"] for row in table]
@@ -149,7 +174,7 @@ def test_attention_lrs_selects_the_val_best_head(store, tmp_path):
     assert all(np.array_equal(chosen[k].numpy(), all_heads[prefix + k].numpy()) for k in chosen)
     assert len(all_heads) == len(lrs) * len(chosen)
     # every lr started from the same weights: a single-lr run with the selected lr ends identically
-    single = api.run_attention(store, tmp_path / "one", lr=lrs[best], **common)
+    single = run_attention(store, tmp_path / "one", AttentionOptions(lr=lrs[best], **common))
     one = _weights(tmp_path / "one")
     assert all(np.array_equal(one[k].numpy(), chosen[k].numpy()) for k in one)
     assert single["metrics"]["test"] == doc["metrics"]["test"]
@@ -160,13 +185,11 @@ def test_attention_lrs_selects_the_val_best_head(store, tmp_path):
 
 
 def test_attention_on_rotated_draws_records_the_rotation_and_the_evaluation(tmp_path):
-    from probe_data_fixtures import FEAT, write_draws_store
-
     store = str(write_draws_store(tmp_path, draws=3))
     opts = {"features": [FEAT], "preset": "tiny", "epochs": 4, "batch_size": 32, "progress": False}
-    one = api.run_attention(store, tmp_path / "k1", draws=1, **opts)
-    rot = api.run_attention(store, tmp_path / "k3", **opts)  # default: every draw the store keeps
-    mean = api.run_attention(store, tmp_path / "k3m", eval_draws="mean", **opts)
+    one = run_attention(store, tmp_path / "k1", AttentionOptions(draws=1, **opts))
+    rot = run_attention(store, tmp_path / "k3", AttentionOptions(**opts))  # default: every draw the store keeps
+    mean = run_attention(store, tmp_path / "k3m", AttentionOptions(eval_draws="mean", **opts))
     assert one["noise_draws"]["rotation"] == [0, 0, 0, 0] and one["noise_draws"]["train"] == "draw 0 only"
     assert rot["noise_draws"]["rotation"] == [0, 1, 2, 0] and rot["noise_draws"]["eval"] == "draw 0"
     assert mean["noise_draws"]["eval"] == "logits averaged over draws 0..2"
@@ -180,5 +203,5 @@ def test_attention_on_rotated_draws_records_the_rotation_and_the_evaluation(tmp_
     assert not np.array_equal(logits["k1"]["test_logits"], logits["k3"]["test_logits"])
     # The same training (draw 0 selection is on val, which "mean" also averages), another evaluation.
     assert not np.allclose(logits["k3"]["test_logits"], logits["k3m"]["test_logits"])
-    with pytest.raises(api.RunConflictError, match="draws"):
-        api.run_attention(store, tmp_path / "k1", draws=2, **opts)
+    with pytest.raises(RunConflictError, match="draws"):
+        run_attention(store, tmp_path / "k1", AttentionOptions(draws=2, **opts))

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from probe.baselines import knn_neighbours, knn_sweep, knn_vote, logistic_sweep
-from probe.data import ProbeDataError
+from probe.baselines import check_min_samples, knn_neighbours, knn_sweep, knn_vote, logistic_sweep
+from probe.errors import ProbeDataError
 
 
 def _gaussians(seed, n_per_class=60, k=5, d=12, spread=1.0):
@@ -77,3 +77,8 @@ def test_chunked_knn_equals_brute_force():
         ref, (rows, bank_y[ref_idx[:, :10]].numpy().ravel()), np.exp(ref_sims[:, :10].double().numpy().ravel() / 0.07)
     )
     np.testing.assert_allclose(scores.numpy(), ref, rtol=1e-4)
+
+
+def test_error_too_few_samples_for_k():
+    with pytest.raises(ProbeDataError, match="kNN with k=200 needs at least 200 samples but only 81"):
+        check_min_samples(81, 200, "kNN with k=200")

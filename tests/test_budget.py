@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from probe.budget import default_memory_budget, parse_bytes, parse_memory
+from probe.budget import default_memory_budget, parse_memory
 from probe.errors import ProbeDataError
 
 
@@ -19,6 +19,6 @@ def test_memory_budget_strings():
 
 
 def test_byte_sizes_read_as_dask_reads_them():
-    assert parse_bytes("1e9") == 10**9 and parse_bytes("MB") == 10**6 and parse_bytes("3 KiB") == 3 * 1024
-    with pytest.raises(ValueError, match="byte size"):
-        parse_bytes("3 apples")
+    assert parse_memory("1e9") == 10**9 and parse_memory("MB") == 10**6 and parse_memory("3 KiB") == 3 * 1024
+    with pytest.raises(ProbeDataError, match="not understood"):
+        parse_memory("3 apples")

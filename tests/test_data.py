@@ -5,7 +5,9 @@ import pytest
 from probe_data_fixtures import DRAW_OFFSET, FEAT, FLAT, N, draw_of, make_features, write_draws_store, write_store
 
 from extract.store import open_store, save_features
-from probe.data import ProbeData, ProbeDataError, check_min_samples
+from probe.data import ProbeData
+from probe.errors import ProbeDataError
+from probe.stream import FeatureStream
 
 
 @pytest.fixture
@@ -37,7 +39,7 @@ def test_error_nan_names_feature_and_row(tmp_path, row, in_memory):
     with pytest.raises(ProbeDataError, match=rf"feature '{FEAT}' has NaN or inf values at store row {row}\b"):
         data.stats(FEAT)
         for split in ("train", "val", "test"):
-            list(data.stream(split, 16, shuffle=False))
+            list(FeatureStream(data, split, 16, shuffle=False))
 
 
 def test_error_split_missing_a_class(tmp_path):
@@ -54,8 +56,6 @@ def test_error_split_missing_a_class(tmp_path):
 def test_error_too_few_samples_for_k(store_path):
     with pytest.raises(ProbeDataError, match=r"class 'a' \(label 0\) has only 27 train samples, fewer than k=28"):
         ProbeData.from_store(open_store(store_path), [FEAT], subset="28-shot")
-    with pytest.raises(ProbeDataError, match="kNN with k=200 needs at least 200 samples but only 81"):
-        check_min_samples(81, 200, "kNN with k=200")
 
 
 def test_memory_budget_decides_the_mode(store_path):
@@ -75,7 +75,7 @@ def test_train_stream_reads_draw_e_mod_k_and_eval_draw_0(tmp_path, in_memory):
     path = write_draws_store(tmp_path)
     data = ProbeData.from_store(open_store(path), [FEAT], standardize="none", in_memory=in_memory)
     assert data.store_draws == data.draws == 3 and data.draw_arrays(FEAT) == [FEAT, f"{FEAT}_d1", f"{FEAT}_d2"]
-    train, test = data.stream("train", 32, shuffle=True), data.stream("test", 32, shuffle=False)
+    train, test = FeatureStream(data, "train", 32, shuffle=True), FeatureStream(data, "test", 32, shuffle=False)
     orders = []
     for epoch in range(6):
         train.set_epoch(epoch)
@@ -86,7 +86,7 @@ def test_train_stream_reads_draw_e_mod_k_and_eval_draw_0(tmp_path, in_memory):
         assert {draw_of(xs[FEAT]) for xs, _ in test} == {0}
     # The order is the stream's (seed, epoch) alone: the draw never changes which rows come when.
     plain = ProbeData.from_store(open_store(path), [FEAT], standardize="none", in_memory=in_memory, draws=1)
-    one = plain.stream("train", 32, shuffle=True)
+    one = FeatureStream(plain, "train", 32, shuffle=True)
     for epoch in range(3):
         one.set_epoch(epoch)
         assert {draw_of(xs[FEAT]) for xs, _ in one} == {0}
@@ -96,7 +96,7 @@ def test_train_stream_reads_draw_e_mod_k_and_eval_draw_0(tmp_path, in_memory):
 def test_mean_stream_carries_every_draw_and_statistics_come_from_draw_0(tmp_path):
     path = write_draws_store(tmp_path)
     data = ProbeData.from_store(open_store(path), [FEAT], eval_draws="mean", in_memory=False, memory_budget="64KiB")
-    stream = data.stream("test", 8, shuffle=False)
+    stream = FeatureStream(data, "test", 8, shuffle=False)
     assert stream.draw_inputs == [{FEAT: FEAT}, {FEAT: f"{FEAT}_d1"}, {FEAT: f"{FEAT}_d2"}]
     assert stream.buffer_rows <= max(data.chunk_rows, data.default_buffer_rows() // 3)  # K draws per row held
     xs, _ = next(iter(stream))

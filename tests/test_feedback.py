@@ -14,19 +14,18 @@ from click.testing import CliRunner
 from extract.diffusion import NoiseSchedule
 from extract.models.adm import ADMUNet
 from extract.models.config import PRESETS
-from probe.feedback import (
+from probe.feedback.images import ImageSet, validation_split
+from probe.feedback.network import (
     DifFeed,
-    FeedbackRecipe,
-    ImageSet,
     activation_bytes_per_sample,
     default_feedback_blocks,
     default_read_block,
     feedback_parameter_count,
     skip_partner,
-    train_feedback,
-    validation_split,
 )
+from probe.feedback.training import _noised, train_feedback
 from probe.heads import seeded_init
+from probe.recipe import FeedbackRecipe
 
 # 9 blocks at 16x16: encoder 1-4 (4 = 8x8 after the down block), middle 5, decoder 6-9.
 # Defaults: feedback {6, 8} into {4, 2}; read block 8 (32 x 16 x 16).
@@ -222,8 +221,6 @@ def test_a_rerun_is_exact_and_resume_continues_exactly(tmp_path):
 
 
 def test_noise_is_fresh_per_epoch_and_fixed_for_evaluation():
-    from probe.feedback.training import _noised
-
     data = images(4)
     recipe = FeedbackRecipe()
     e0, _ = _noised(data, np.arange(4), SCHEDULE, recipe, 0, torch.device("cpu"))

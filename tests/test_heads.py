@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from probe.evaluation import evaluate
 from probe.heads import (
     PRESETS,
     AttentionPoolHead,
@@ -15,7 +16,7 @@ from probe.heads import (
     seeded_init,
 )
 from probe.stream import ArrayStream
-from probe.trainer import evaluate, train
+from probe.trainer import train
 
 
 def localized_tokens(n: int, seed: int, num_classes: int = 4, channels: int = 8, side: int = 4):

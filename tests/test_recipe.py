@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import probe.runs
+import probe.fitting
 import probe.trainer
 from diffbank.cli import main
 from probe.recipe import RECIPES, ProbeConfigError, Recipe
@@ -74,7 +74,7 @@ def store(synthetic_store):
 def built(monkeypatch):
     """The optimizer, scheduler and train stream of every training run, as the trainer built them."""
     seen: dict[str, list] = {"optim": [], "train_stream": []}
-    real_build, real_train_many = probe.trainer.build_optimizer, probe.runs.train_many
+    real_build, real_train_many = probe.trainer.build_optimizer, probe.fitting.train_many
 
     def build(*args, **kwargs):
         pair = real_build(*args, **kwargs)
@@ -86,7 +86,7 @@ def built(monkeypatch):
         return real_train_many(heads, inputs, train_stream, *args, **kwargs)
 
     monkeypatch.setattr(probe.trainer, "build_optimizer", build)
-    monkeypatch.setattr(probe.runs, "train_many", train_many)
+    monkeypatch.setattr(probe.fitting, "train_many", train_many)
     return seen
 
 

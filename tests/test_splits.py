@@ -5,7 +5,9 @@ import pytest
 from probe_data_fixtures import FEAT, K, N, make_features, write_store
 
 from extract.store import open_store, save_features
-from probe.data import ProbeData, ProbeDataError, Subset
+from probe.data import ProbeData
+from probe.errors import ProbeDataError
+from probe.splits import Subset
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 import numpy as np
 from probe_data_fixtures import FEAT, N, make_features
 
+import probe.stats
 from extract.store import save_features
 from probe.data import ProbeData
 
@@ -29,8 +30,6 @@ def test_statistics_come_from_train_rows_only(tmp_path):
 
 
 def test_streamed_statistics_in_blocks_match_numpy_despite_a_large_offset(tmp_path, monkeypatch):
-    import probe.stats
-
     monkeypatch.setattr(probe.stats, "STATS_BLOCK_BYTES", 5 * 48)  # 5-row blocks: many blocks, a short last one
     feats, y = make_features(np.random.default_rng(2))
     feats[FEAT] = (feats[FEAT] * 0.01 + 3000.0).astype(np.float32)  # mean >> std: naive sum of squares cancels
@@ -41,3 +40,16 @@ def test_streamed_statistics_in_blocks_match_numpy_despite_a_large_offset(tmp_pa
     np.testing.assert_allclose(stats.mean, train.mean(0), rtol=1e-7)
     np.testing.assert_allclose(stats.std, train.std(0), rtol=1e-4)
     assert stats.count == len(train)
+
+
+def test_in_memory_arrays_get_the_store_probes_statistics(tmp_path):
+    # One standardiser: statistics of an in-memory array (the estimators, the benchmarks) are those a probe
+    # computes from the same rows in the store.
+    feats, y = make_features(np.random.default_rng(3))
+    store = save_features(tmp_path / "s.zarr", feats, y, {"train": np.arange(N)})
+    for mode in ("dim", "channel"):
+        data = ProbeData.from_store(store, [FEAT], seed=0, standardize=mode, in_memory=False)
+        rows = np.sort(data.rows("train"))
+        mine = probe.stats.array_stats(FEAT, feats[FEAT][rows], mode)
+        theirs = data.stats(FEAT)
+        assert np.array_equal(mine.mean, theirs.mean) and np.array_equal(mine.std, theirs.std)

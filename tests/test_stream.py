@@ -6,7 +6,9 @@ import torch
 from probe_data_fixtures import FEAT, FLAT, write_store
 
 from extract.store import open_store
-from probe.data import ProbeData, epoch_order
+from probe.data import ProbeData
+from probe.order import epoch_order
+from probe.stream import FeatureStream
 
 
 @pytest.fixture
@@ -25,8 +27,8 @@ def test_streamed_and_in_memory_give_identical_batches_and_statistics(store_path
         assert np.array_equal(mem.stats(name).std, streamed.stats(name).std)
     orders = []
     for epoch in (0, 1):
-        s1 = mem.stream("train", 13, shuffle=shuffle, buffer_rows=40)
-        s2 = streamed.stream("train", 13, shuffle=shuffle, buffer_rows=40)
+        s1 = FeatureStream(mem, "train", 13, shuffle=shuffle, buffer_rows=40)
+        s2 = FeatureStream(streamed, "train", 13, shuffle=shuffle, buffer_rows=40)
         s1.set_epoch(epoch)
         s2.set_epoch(epoch)
         b1, b2 = list(s1), list(s2)
@@ -44,7 +46,9 @@ def test_streamed_and_in_memory_give_identical_batches_and_statistics(store_path
     small = ProbeData.from_store(open_store(store_path), [FEAT], seed=3, in_memory=False, shuffle_buffer=600)
     big = ProbeData.from_store(open_store(store_path), [FEAT], seed=3, in_memory=True, shuffle_buffer=600)
     assert small.default_buffer_rows() == big.default_buffer_rows() == 16  # 600 B / 48 B rows, >= a shard
-    assert all(torch.equal(a[1], b[1]) for a, b in zip(small.stream("train", 8), big.stream("train", 8)))
+    assert all(
+        torch.equal(a[1], b[1]) for a, b in zip(FeatureStream(small, "train", 8), FeatureStream(big, "train", 8))
+    )
 
 
 def test_epoch_order_visits_each_row_once_and_is_seeded():
@@ -65,7 +69,7 @@ def test_memory_budget_caps_the_shuffle_window_in_both_modes(store_path):
     streamed = ProbeData.from_store(open_store(store_path), [FEAT], in_memory=False, **kw)
     assert mem.default_buffer_rows() == streamed.default_buffer_rows() == 40
     assert mem.split_definition()["shuffle"]["buffer_rows"] == 40
-    s1, s2 = mem.stream("train", 7), streamed.stream("train", 7)
+    s1, s2 = FeatureStream(mem, "train", 7), FeatureStream(streamed, "train", 7)
     assert len(s2.windows()) > 1  # batches span windows
     b1, b2 = list(s1), list(s2)
     assert [len(y) for _, y in b2] == [7] * (s2.num_samples // 7) + ([s2.num_samples % 7] if s2.num_samples % 7 else [])
@@ -91,8 +95,8 @@ def test_a_shard_large_for_the_budget_is_shuffled_in_runs_of_inner_chunks(tmp_pa
     tight = ProbeData.from_store(open_store(tmp_path / "s.zarr"), [FEAT], in_memory=False, **kw)
     mem = ProbeData.from_store(open_store(tmp_path / "s.zarr"), [FEAT], in_memory=True, **kw)
     assert tight.chunk_rows == mem.chunk_rows == 48  # inner chunks filling a quarter window (3071 B)
-    windows = tight.stream("train", 8).windows()
+    windows = FeatureStream(tight, "train", 8).windows()
     assert all(set(np.unique(w.order // 48)) == set(w.chunks) for w in windows)
     assert max(len(w.order) * 48 for w in windows) < 1.25 * tight.window_bytes() + 48 * 48
-    for (x1, y1), (x2, y2) in zip(tight.stream("train", 8), mem.stream("train", 8)):
+    for (x1, y1), (x2, y2) in zip(FeatureStream(tight, "train", 8), FeatureStream(mem, "train", 8)):
         assert torch.equal(y1, y2) and torch.equal(x1[FEAT], x2[FEAT])

@@ -10,11 +10,11 @@ import torch
 from probe_data_fixtures import FEAT, draw_of, write_draws_store
 
 from probe.data import ProbeData
-from probe.evaluation import predict_logits
+from probe.evaluation import evaluate, predict_logits
 from probe.heads import DifFormerHead, LinearHead, seeded_init
 from probe.recipe import Recipe
-from probe.stream import ArrayStream, BatchStream
-from probe.trainer import build_optimizer, evaluate, train, train_many
+from probe.stream import ArrayStream, BatchStream, FeatureStream
+from probe.trainer import build_optimizer, train, train_many
 
 
 def subspace_classes(n: int, seed: int, dim: int = 64, informative: int = 3, num_classes: int = 3):
@@ -343,6 +343,14 @@ def test_bad_parameters_are_named(data) -> None:
         train(linear(), two, progress=False)
 
 
+def test_a_misspelt_setting_is_a_type_error_naming_it(data) -> None:
+    train_s, _, _ = streams(data)
+    with pytest.raises(TypeError, match="epoch"):
+        train(linear(), train_s, progress=False, epoch=1)
+    with pytest.raises(TypeError, match="learning_rate"):
+        train_many({"a": linear()}, {"a": "f"}, train_s, progress=False, learning_rate=0.1)
+
+
 def test_progress_line_can_be_silenced(data, capsys, caplog) -> None:
     train_s, val_s, _ = streams(data)
     caplog.set_level("INFO", logger="probe.trainer")
@@ -410,9 +418,9 @@ def test_k3_store_trains_on_each_draw_in_rotation_and_evaluates_on_draw_0(tmp_pa
 
     train(
         head,
-        data.stream("train", 16, shuffle=True),
-        data.stream("val", 64, shuffle=False),
-        data.stream("test", 64, shuffle=False),
+        FeatureStream(data, "train", 16, shuffle=True),
+        FeatureStream(data, "val", 64, shuffle=False),
+        FeatureStream(data, "test", 64, shuffle=False),
         input=FEAT,
         epochs=7,
         lr=1e-4,
@@ -432,11 +440,11 @@ def test_mean_evaluation_averages_the_logits_over_the_draws(tmp_path) -> None:
     data = ProbeData.from_store(path, [FEAT], standardize="none", eval_draws="mean")
     with seeded_init(0):
         head = _DrawRecorder(data.feature_shapes[FEAT], data.num_classes)
-    averaged = predict_logits(head, data.stream("test", 8, shuffle=False), FEAT)
+    averaged = predict_logits(head, FeatureStream(data, "test", 8, shuffle=False), FEAT)
     assert {d for _, d in head.seen} == {0, 1, 2}
     per_draw = [predict_logits(head, _draw_stream(path, d), FEAT) for d in range(3)]
     torch.testing.assert_close(averaged, sum(per_draw) / 3)
-    loss, acc = evaluate({"h": head}, {"h": FEAT}, data.stream("test", 8, shuffle=False))["h"]
+    loss, acc = evaluate({"h": head}, {"h": FEAT}, FeatureStream(data, "test", 8, shuffle=False))["h"]
     y = torch.from_numpy(data.labels("test"))
     assert acc == pytest.approx(float((averaged.argmax(1) == y).float().mean()))
     assert loss == pytest.approx(float(torch.nn.functional.cross_entropy(averaged, y)), rel=1e-5)
@@ -444,7 +452,9 @@ def test_mean_evaluation_averages_the_logits_over_the_draws(tmp_path) -> None:
 
 def _draw_stream(path, draw: int):
     """The test split of draw `draw` alone: a rotating stream set to an epoch that reads it."""
-    stream = ProbeData.from_store(path, [FEAT], standardize="none").stream("test", 8, shuffle=False, draws="rotate")
+    stream = FeatureStream(
+        ProbeData.from_store(path, [FEAT], standardize="none"), "test", 8, shuffle=False, draws="rotate"
+    )
 
     class _Fixed:
         num_samples = stream.num_samples

@@ -1,4 +1,8 @@
-"""`diffbank probe ...`: thin click wrappers over `probe.api` (all logic lives there)."""
+"""`diffbank probe ...`: thin click wrappers over `probe.run` (all logic lives there).
+
+Each command builds its `probe.options` dataclass from its flags (the API's defaults are the flags' defaults)
+and makes one call into `probe.run`.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,21 @@ from typing import Any
 import click
 
 from diffbank.commands.remote import open_read_only, storage_option_flag
-from probe.recipe import RECIPES  # declarations only (no torch): the defaults shown in --help come from here
+
+# Declarations only (no torch): the options, defaults and errors shown in --help come from here.
+from probe.errors import ProbeDataError, RunConflictError
+from probe.options import (
+    AttentionOptions,
+    DataOptions,
+    FusionOptions,
+    KnnOptions,
+    LinearOptions,
+    LogisticOptions,
+    SweepOptions,
+    TrainingOptions,
+)
+from probe.recipe import RECIPES, ProbeConfigError
+from probe.report import format_table, render
 
 SUBSET_HELP = "label subset of train: 1%, 10% (stratified) or K-shot, e.g. 5-shot (seeded)"
 
@@ -32,11 +50,13 @@ def _common(func: Callable[..., Any]) -> Callable[..., Any]:
             multiple=True,
             help="feature name (repeatable); default: the paper's choice or the nearest available",
         ),
-        click.option("--seed", default=0, show_default=True, type=int, help="seed of splits, subsets, order, init"),
+        click.option(
+            "--seed", default=DataOptions.seed, show_default=True, type=int, help="seed of splits, subsets, order, init"
+        ),
         click.option("--subset", default=None, help=SUBSET_HELP),
         click.option(
             "--val-fraction",
-            default=0.1,
+            default=DataOptions.val_fraction,
             show_default=True,
             type=float,
             help="validation fraction carved from train when the store has no validation split",
@@ -76,7 +96,7 @@ def _training(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--recipe",
             type=click.Choice(["diffbank", "paper"]),
-            default="diffbank",
+            default=TrainingOptions.recipe,
             show_default=True,
             help="named training recipe (probe/recipe.py): paper = the public code's protocol (raw "
             "features, last epoch kept); diffbank = the same optimiser on standardised features, "
@@ -85,7 +105,7 @@ def _training(func: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option("--epochs", default=None, type=click.IntRange(min=1), help=_recipe_value("epochs")),
         click.option("--batch-size", default=None, type=click.IntRange(min=1), help=_recipe_value("batch_size")),
-        click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda:0"),
+        click.option("--device", default=TrainingOptions.device, show_default=True, help="torch device, e.g. cuda:0"),
         click.option("--quiet", is_flag=True, help="no per-epoch progress"),
         click.option(
             "--momentum",
@@ -121,7 +141,7 @@ def _training(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--eval-draws",
             type=click.Choice(["first", "mean"]),
-            default="first",
+            default=TrainingOptions.eval_draws,
             show_default=True,
             help="validation and test on draw 0 (first), or on the logits averaged over the training draws (mean)",
         ),
@@ -133,9 +153,9 @@ def _training(func: Callable[..., Any]) -> Callable[..., Any]:
 
 def _transformer(func: Callable[..., Any]) -> Callable[..., Any]:
     """Options of the transformer heads (attention, fusion): the paper's lr 5e-2 and a size preset."""
-    func = click.option("--preset", type=click.Choice(["tiny", "small", "paper"]), default="small", show_default=True)(
-        func
-    )
+    func = click.option(
+        "--preset", type=click.Choice(["tiny", "small", "paper"]), default=AttentionOptions.preset, show_default=True
+    )(func)
     return click.option(
         "--lr",
         "lr",
@@ -156,38 +176,48 @@ def _lr_values(kwargs: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
+_OPTIONS: dict[str, type[DataOptions]] = {
+    "linear": LinearOptions,
+    "attention": AttentionOptions,
+    "fusion": FusionOptions,
+    "logistic": LogisticOptions,
+    "knn": KnnOptions,
+    "sweep": SweepOptions,
+}
+
+
 def _run(name: str, **kwargs: Any) -> None:
-    """Call `probe.api.run_<name>` and print its table; known input problems become clean CLI errors.
+    """Call `probe.run.run_<name>` with the command's options and print its table; known input problems become
+    clean CLI errors.
 
     The table is the command's output (stdout); status goes through `logging`.
     """
-    from probe import api
-    from probe.data import ProbeDataError
-    from probe.report import render
+    # Imported when a probe runs: importing the probes (torch, the store reader) takes ~5 s, which `--help` and
+    # every other command would pay at start-up (`import probe.run` measured 4.7-8.3 s on 2 busy cores).
+    from probe import run
 
     # opened here, before anything is written under --out: a bad URL, option or store fails cleanly first
-    kwargs["store"] = open_read_only(kwargs["store"], kwargs.pop("storage_option"))
+    store = open_read_only(kwargs.pop("store"), kwargs.pop("storage_option"))
+    out_dir = kwargs.pop("out_dir")
     kwargs["features"] = list(kwargs.get("features") or []) or None
     if kwargs.get("standardize") is None:
         kwargs.pop("standardize", None)
     if "quiet" in kwargs:
         kwargs["progress"] = not kwargs.pop("quiet")
-    out = Path(kwargs["out_dir"])
+    out = Path(out_dir)
     fresh = not out.exists()
     try:
-        results = getattr(api, f"run_{name}")(**kwargs)
+        results = getattr(run, f"run_{name}")(store, out_dir, _OPTIONS[name](**kwargs))
     except BaseException as exc:
         # A run that fails before finishing leaves nothing behind in an --out it created, so the next run
         # there does not meet half a run's settings (an interrupted run keeps its checkpoint to resume).
         if fresh and not isinstance(exc, KeyboardInterrupt) and not (out / "checkpoint").exists():
             shutil.rmtree(out, ignore_errors=True)
-        if isinstance(exc, (ProbeDataError, api.RunConflictError, api.ProbeConfigError, FileNotFoundError)):
+        if isinstance(exc, (ProbeDataError, RunConflictError, ProbeConfigError, FileNotFoundError)):
             raise click.ClickException(str(exc)) from exc
         raise
     click.echo(render(results))
     if results.get("lr_sweep"):
-        from probe.report import format_table
-
         rows = [
             {
                 "lr": r["lr"],
@@ -199,7 +229,7 @@ def _run(name: str, **kwargs: Any) -> None:
             for r in results["lr_sweep"]
         ]
         click.echo("\n" + format_table(rows, title=f"{name}: lr on validation", percent=("val top1", "test top1")))
-    click.echo(f"\nresults: {kwargs['out_dir']}/results.json")
+    click.echo(f"\nresults: {out_dir}/results.json")
 
 
 @click.group("probe")
@@ -246,7 +276,7 @@ def fusion(**kwargs: Any) -> None:
 @click.option(
     "--c", "cs", multiple=True, type=float, help="C values (repeatable; default DINOv2's 45 from 1e-6 to 1e5)"
 )
-@click.option("--max-iter", default=1000, show_default=True, type=int)
+@click.option("--max-iter", default=LogisticOptions.max_iter, show_default=True, type=int)
 def logistic(**kwargs: Any) -> None:
     """Logistic regression (lbfgs) with C selected on validation, refit on train+val."""
     kwargs["cs"] = list(kwargs["cs"]) or None
@@ -256,9 +286,11 @@ def logistic(**kwargs: Any) -> None:
 @probe_command.command("knn")
 @_common
 @click.option("--k", "ks", multiple=True, type=int, help="k values (repeatable; default 10, 20, 100, 200)")
-@click.option("--temperature", default=0.07, show_default=True, type=float)
-@click.option("--batch-size", default=4096, show_default=True, type=int, help="bank rows per similarity chunk")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--temperature", default=KnnOptions.temperature, show_default=True, type=float)
+@click.option(
+    "--batch-size", default=KnnOptions.batch_size, show_default=True, type=int, help="bank rows per similarity chunk"
+)
+@click.option("--device", default=KnnOptions.device, show_default=True)
 def knn(**kwargs: Any) -> None:
     """Cosine kNN with exp(sim/T)-weighted votes, k selected on validation."""
     if not kwargs["ks"]:

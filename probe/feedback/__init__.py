@@ -27,30 +27,3 @@ draw) with `extract.diffusion.seeded_noise`; so every epoch sees fresh noise, a 
 the noise an extraction with the same seed stores. With no feedback blocks the same trainer is the plain attention
 head on live U-Net features (the paper's protocol, noise as augmentation): the baseline DifFeed is compared with.
 """
-
-from __future__ import annotations
-
-from probe.feedback.images import ImageSet, validation_split
-from probe.feedback.network import (
-    DifFeed,
-    activation_bytes_per_sample,
-    default_feedback_blocks,
-    default_read_block,
-    feedback_parameter_count,
-    skip_partner,
-)
-from probe.feedback.training import CHECKPOINT_FORMAT, FeedbackRecipe, train_feedback
-
-__all__ = [
-    "CHECKPOINT_FORMAT",
-    "DifFeed",
-    "FeedbackRecipe",
-    "ImageSet",
-    "activation_bytes_per_sample",
-    "default_feedback_blocks",
-    "default_read_block",
-    "feedback_parameter_count",
-    "skip_partner",
-    "train_feedback",
-    "validation_split",
-]

@@ -9,9 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from probe.data import stratified_holdout
-
-_KEY_VAL = 12  # probe.data's key for a carved validation split: the same seed carves the same rows
+from probe.splits import carve_validation
 
 
 class ImageSet:
@@ -57,6 +55,5 @@ class ImageSet:
 def validation_split(data: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
     """(train, val): a seeded, stratified `fraction` of `data` held out for selection."""
     positions = np.arange(len(data), dtype=np.int64)
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed), _KEY_VAL]))
-    kept, held = stratified_holdout(positions, data.labels, fraction, rng)
+    kept, held = carve_validation(positions, data.labels, fraction, seed)  # the store probes' rule
     return data.subset(kept), data.subset(held)

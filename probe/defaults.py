@@ -1,17 +1,14 @@
-"""Which features a probe command reads when the user names none: the paper's, or the nearest the store has.
-
-Also the grid check of DifFormer fusion (every timestep x block pair, one shape per block).
-"""
+"""Which features a probe command reads when the user names none: the paper's, or the nearest the store has."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
-from probe.data import ProbeDataError
+from extract.store import FeatureInfo, FeatureStore
+from probe.errors import ProbeDataError
 
-__all__ = ["default_features", "fusion_inputs", "PAPER_LINEAR_FEATURE", "PAPER_ATTENTION_FEATURE"]
+__all__ = ["default_features", "PAPER_LINEAR_FEATURE", "PAPER_ATTENTION_FEATURE"]
 
 PAPER_LINEAR_FEATURE = "t090_b24_avg2"
 PAPER_ATTENTION_FEATURE = "t090_b24_tok16"
@@ -20,24 +17,24 @@ PAPER_FUSION_TIMESTEPS = (90, 150, 300)
 PAPER_T, PAPER_BLOCK = 90, 24
 
 
-def _center_infos(store: Any) -> list[Any]:
+def _center_infos(store: FeatureStore) -> list[FeatureInfo]:
     return [store.feature_info(n) for n in store.feature_names(view="center")]
 
 
-def _distance(info: Any) -> tuple[float, float]:
+def _distance(info: FeatureInfo) -> tuple[float, float]:
     t = abs(info.t - PAPER_T) if info.t is not None else math.inf
     b = abs(info.block - PAPER_BLOCK) if info.block is not None else math.inf
     return (t, b)
 
 
-def _pool_rank(info: Any, prefer: str) -> tuple[int, float]:
+def _pool_rank(info: FeatureInfo, prefer: str) -> tuple[int, float]:
     kind, size = info.pool_kind, info.pool_size or 0
     if prefer == "avg":  # the linear head: avg2 first, then the nearest avg size, then tokens
         return (0, abs(size - 2)) if kind == "avg" else (1, -size)
     return (0, -size) if kind == "tok" else (1, -size)  # attention: the most tokens
 
 
-def default_features(store: Any, command: str) -> list[str]:
+def default_features(store: FeatureStore, command: str) -> list[str]:
     """The paper's feature(s) for `command` when the store has them, else the nearest available ones.
 
     linear/logistic/knn: t090_b24_avg2, else the avg-pooled feature nearest to t=90, block 24 (avg2 first).
@@ -60,7 +57,7 @@ def default_features(store: Any, command: str) -> list[str]:
     return [min(infos, key=lambda i: (_pool_rank(i, prefer), _distance(i), i.name)).name]
 
 
-def _default_fusion(infos: Sequence[Any]) -> list[str]:
+def _default_fusion(infos: Sequence[FeatureInfo]) -> list[str]:
     by_pool: dict[str, dict[tuple[int, int], str]] = {}
     for i in infos:
         if i.t is not None and i.block is not None and i.pool_kind is not None:
@@ -78,33 +75,3 @@ def _default_fusion(infos: Sequence[Any]) -> list[str]:
             if blocks:
                 return [grid[(t, b)] for t in chosen_t for b in blocks]
     raise ProbeDataError("no complete timestep x block grid of features for fusion")
-
-
-def fusion_inputs(
-    store: Any, features: Sequence[str]
-) -> tuple[dict[tuple[int, int], str], list[int], dict[int, tuple[int, ...]]]:
-    """{(t, block): name}, the timesteps, and one shape per block; errors when the grid is not complete."""
-    keyed: dict[tuple[int, int], str] = {}
-    shapes: dict[int, tuple[int, ...]] = {}
-    for name in features:
-        info = store.feature_info(name)
-        if info.t is None or info.block is None:
-            raise ProbeDataError(f"fusion needs a timestep and a block for every feature; {name!r} has none")
-        if (info.t, info.block) in keyed:
-            raise ProbeDataError(
-                f"fusion: {name!r} and {keyed[(info.t, info.block)]!r} are both t={info.t}, "
-                f"block {info.block}; give one pooling per (t, block)"
-            )
-        keyed[(info.t, info.block)] = name
-        shape = tuple(info.shape)
-        if shapes.setdefault(info.block, shape) != shape:
-            raise ProbeDataError(
-                f"fusion shares one tokenizer per block across timesteps, so block {info.block} "
-                f"needs one shape; got {shapes[info.block]} and {shape} ({name!r})"
-            )
-    ts = sorted({t for t, _ in keyed})
-    blocks = sorted(shapes)
-    missing = [f"t={t}/block {b}" for t in ts for b in blocks if (t, b) not in keyed]
-    if missing:
-        raise ProbeDataError(f"fusion needs every timestep x block pair; missing: {', '.join(missing)}")
-    return keyed, ts, {b: shapes[b] for b in blocks}

@@ -1,62 +1,51 @@
-"""What every probe command shares: open the store, build the data, guard out_dir, train, evaluate, report.
+"""One probe command's job: open the store, build the data, guard out_dir, time the stages, write results.json.
 
-A `Run` is one command's run: it resolves the features, reads the data (timed), refuses to mix two runs in one
-`out_dir` (`run.json` holds the identity of the run a checkpoint belongs to) and writes results.json.
+A `Job` resolves the features (`probe.defaults` when none are named), reads the data (timed), refuses to mix
+two runs in one `out_dir` (`run.json` holds the identity of the run a checkpoint belongs to) and writes
+results.json and splits.npz.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import time
-from collections.abc import Hashable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from safetensors.torch import save_file
 
 from extract.provenance import to_jsonable, utc_now
-from probe.data import ProbeData, ProbeDataError, _open
-from probe.features import default_features
-from probe.metrics import classification_metrics
+from probe.data import ProbeData
+from probe.defaults import default_features
+from probe.errors import RunConflictError
+from probe.inputs import StoreLike, as_store
+from probe.options import DataOptions
 from probe.recipe import Recipe
 from probe.report import environment, write_results
-from probe.trainer import SweepResult, predict_logits, train_many
+from probe.stream import FeatureStream
 
-__all__ = ["Run", "RunConflictError", "RESULTS_FILE", "RUN_FILE"]
-
-log = logging.getLogger(__name__)
+__all__ = ["Job", "RESULTS_FILE", "RUN_FILE", "LOGITS_FILE"]
 
 RESULTS_FILE = "results.json"
 RUN_FILE = "run.json"
+LOGITS_FILE = "logits.npz"
 _RECIPE_KEYS = ("momentum", "weight_decay", "step_size", "gamma")
 # Settings older runs did not record: at these values a run is one of theirs, so its out_dir still resumes.
 _IMPLICIT = {"recipe": "diffbank", "keep": "best", "draws": None, "eval_draws": "first"}
-LOGITS_FILE = "logits.npz"
 
 
-class RunConflictError(ValueError):
-    """`out_dir` holds a run made with other settings or another store: resuming it would mix two runs."""
-
-
-class Run:
+class Job:
     """What every command shares: open the store, build the data, guard out_dir, time, write results."""
 
     def __init__(
         self,
         command: str,
-        store: Any,
+        store: StoreLike,
         out_dir: str | Path,
-        features: Any,
+        options: DataOptions,
         config: dict[str, Any],
         *,
-        seed: int,
-        subset: str | None,
-        val_fraction: float,
         standardize: str,
-        memory_budget: Any,
         resume: bool = True,
         guard: bool = True,
         recipe: Recipe | None = None,
@@ -67,9 +56,10 @@ class Run:
         self.started_at = utc_now()
         self.recipe = recipe
         self.command = command
-        self.store = _open(store)
+        self.store = as_store(store)
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
+        features, seed, subset, val_fraction = options.features, options.seed, options.subset, options.val_fraction
         chosen = [features] if isinstance(features, str) else list(features or [])
         self.features = chosen or default_features(self.store, command)
         self.config = {
@@ -89,7 +79,7 @@ class Run:
             seed=seed,
             subset=subset,
             standardize=standardize,
-            memory_budget=memory_budget,
+            memory_budget=options.memory_budget,
             draws=draws,
             eval_draws=eval_draws,
         )
@@ -142,8 +132,8 @@ class Run:
                 )
         path.write_text(json.dumps(ident, indent=1))
 
-    def stream(self, split: str, batch_size: int, shuffle: bool):
-        return self.data.stream(split, batch_size, shuffle=shuffle, seed=self.data.seed)
+    def stream(self, split: str, batch_size: int, shuffle: bool) -> FeatureStream:
+        return FeatureStream(self.data, split, batch_size, shuffle=shuffle)
 
     def finish(self, body: dict[str, Any]) -> dict[str, Any]:
         self.timings["total_s"] = time.perf_counter() - self.started
@@ -179,83 +169,3 @@ class Run:
         write_results(self.out / RESULTS_FILE, results)
         np.savez(self.out / "splits.npz", **self.data.split_rows())
         return to_jsonable(results)
-
-
-def train_heads(
-    run: Run,
-    heads: Mapping[Hashable, torch.nn.Module],
-    inputs: Mapping[Hashable, Any],
-    lrs: Mapping[Hashable, float],
-    *,
-    device: str,
-    progress: bool,
-) -> SweepResult:
-    """Train `heads` with the run's recipe on its train split, validating every epoch; checkpoints resume."""
-    assert run.recipe is not None
-    batch_size = run.recipe.batch_size
-    t0 = time.perf_counter()
-    result = train_many(
-        heads,
-        inputs,
-        run.stream("train", batch_size, True),
-        run.stream("val", batch_size, False),
-        run.stream("test", batch_size, False),
-        lrs=dict(lrs),
-        recipe=run.recipe,
-        checkpoint_dir=run.out / "checkpoint",
-        resume=True,
-        progress=progress,
-        device=device,
-    )
-    run.timings["train_s"] = time.perf_counter() - t0
-    return result
-
-
-def evaluate_head(run: Run, head: torch.nn.Module, input: Any, device: str) -> dict[str, Any]:
-    """Metrics of one head on the validation and test splits; its logits (and the store rows they belong to)
-    go to out_dir/logits.npz, so two runs can be compared image by image (e.g. McNemar)."""
-    assert run.recipe is not None
-    batch_size = run.recipe.batch_size
-    t0 = time.perf_counter()
-    out = {}
-    saved: dict[str, np.ndarray] = {}
-    for split in ("val", "test"):
-        logits = predict_logits(head, run.stream(split, batch_size, False), input, device=device).numpy()
-        out[split] = classification_metrics(
-            run.data.labels(split), logits, num_classes=run.data.num_classes, class_names=run.data.class_names
-        )
-        saved[f"{split}_logits"], saved[f"{split}_rows"] = logits, run.data.rows(split)
-    np.savez(run.out / LOGITS_FILE, **saved)
-    run.timings["eval_s"] = time.perf_counter() - t0
-    return out
-
-
-def save_heads(path: Path, heads: Mapping[str, torch.nn.Module], metadata: Mapping[str, Any]) -> None:
-    """Heads' weights as one safetensors file (keys prefixed by the head's name), metadata as JSON strings."""
-    tensors = {
-        f"{prefix}.{k}" if prefix else k: v.detach().cpu().contiguous()
-        for prefix, head in heads.items()
-        for k, v in head.state_dict().items()
-    }
-    save_file(tensors, str(path), metadata={k: json.dumps(to_jsonable(v)) for k, v in metadata.items()})
-
-
-def head_record(result: Any) -> dict[str, Any]:
-    return {
-        "lr": result.lr,
-        "epochs_trained": result.epochs_trained,
-        "best_epoch": result.best_epoch,
-        "val_accuracy": result.val_accuracy,
-        "test_accuracy": result.test_accuracy,
-        "diverged": result.diverged,
-        "history": result.history,
-    }
-
-
-def single_feature(run: Run) -> str:
-    if len(run.features) != 1:
-        raise ProbeDataError(
-            f"{run.command} trains a head on one feature, got {len(run.features)} "
-            f"({', '.join(run.features)}); use `sweep` for many features or `fusion` to combine them"
-        )
-    return run.features[0]

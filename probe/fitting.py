@@ -1,0 +1,282 @@
+"""Training, evaluating and saving the heads of a trained command (linear, attention, fusion, sweep).
+
+`TrainedRun` turns a command's options into its recipe (checked before any data is read) and its `Job`;
+`finish_single` and `TrainedRun.finish` train one head, or one head per lr (selected on validation), evaluate
+it on validation and test (logits to out_dir/logits.npz), save its weights as safetensors and write the report.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from extract.provenance import to_jsonable
+from probe.errors import ProbeDataError
+from probe.evaluation import InputSpec, predict_logits
+from probe.head_results import HeadResult, SweepResult
+from probe.heads import resolve_preset, seeded_init
+from probe.inputs import StoreLike
+from probe.job import LOGITS_FILE, Job
+from probe.metrics import classification_metrics
+from probe.options import AttentionOptions, LinearOptions, SweepOptions, TrainingOptions
+from probe.recipe import ProbeConfigError, Recipe
+from probe.trainer import train_many
+
+__all__ = [
+    "TrainedRun",
+    "finish_single",
+    "train_heads",
+    "evaluate_head",
+    "save_heads",
+    "head_record",
+    "single_feature",
+]
+
+
+def _recipe(name: str, head: str, **settings: Any) -> Recipe:
+    """The named recipe with the caller's settings (None = not given); checked before any data is read."""
+    if settings.get("lr") is not None and settings.get("lrs") is not None:
+        raise ProbeConfigError("give either lr or lrs, not both")
+    return Recipe.named(name, head, **settings)
+
+
+def _config(recipe: Recipe, lr_keys: bool = True, **settings: Any) -> dict[str, Any]:
+    """A training command's configuration: its settings, then the recipe it trains with.
+
+    One lr keeps the key older runs recorded ("lr"), so their out_dirs still resume.
+    """
+    lr = ({"lr": recipe.lr} if recipe.lrs is None else {"lrs": list(recipe.lrs)}) if lr_keys else {}
+    return {
+        "recipe": recipe.name,
+        "keep": recipe.keep,
+        "epochs": recipe.epochs,
+        **lr,
+        "batch_size": recipe.batch_size,
+        **settings,
+        "optimizer": recipe.optimizer_label(),
+        "schedule": recipe.schedule_label(),
+        "momentum": recipe.momentum,
+        "weight_decay": recipe.weight_decay,
+        "step_size": recipe.step_size,
+        "gamma": recipe.gamma,
+    }
+
+
+def _lr_key(lr: float) -> str:
+    value = float(lr)
+    return f"lr={int(value) if value.is_integer() else repr(value)}"
+
+
+class TrainedRun:
+    """What the trained commands (linear, attention, fusion, sweep) share: the recipe their options make, checked
+    before any data is read, and one config layout (so all record and resume alike)."""
+
+    def __init__(self, command: str, store: StoreLike, out_dir: str | Path, options: TrainingOptions) -> None:
+        lr = options.lr if isinstance(options, (LinearOptions, AttentionOptions)) else None
+        lrs = options.lrs if isinstance(options, (AttentionOptions, SweepOptions)) else None
+        self.recipe = _recipe(
+            options.recipe,
+            command,
+            lr=lr,
+            lrs=lrs,
+            epochs=options.epochs,
+            batch_size=options.batch_size,
+            standardize=options.standardize,
+            momentum=options.momentum,
+            weight_decay=options.weight_decay,
+            step_size=options.step_size,
+            gamma=options.gamma,
+        )
+        self.options = options
+        self.seed, self.device, self.progress = options.seed, options.device, options.progress
+        self.sizes: dict[str, int] = {}
+        settings: dict[str, Any] = {}
+        if isinstance(options, LinearOptions):
+            settings = {"batchnorm": bool(options.batchnorm)}
+        elif isinstance(options, AttentionOptions):
+            preset = options.preset or "small"
+            self.sizes = resolve_preset(preset)
+            settings = {"preset": preset, **self.sizes}
+        draws, eval_draws = options.draws, options.eval_draws
+        self.job = Job(
+            command,
+            store,
+            out_dir,
+            options,
+            _config(self.recipe, **settings, device=options.device, draws=draws, eval_draws=eval_draws),
+            standardize=self.recipe.standardize,
+            resume=options.resume,
+            recipe=self.recipe,
+            draws=draws,
+            eval_draws=eval_draws,
+        )
+
+    def finish(self, make_head: Callable[[], torch.nn.Module], input: InputSpec) -> dict[str, Any]:
+        """Train the head `make_head` builds (one per lr of the recipe's `lrs`), evaluate, save, report."""
+        return _finish_transformer(self.job, make_head, input, self.seed, self.device, self.progress)
+
+
+def _finish_transformer(
+    job: Job, make_head: Callable[[], torch.nn.Module], input: InputSpec, seed: int, device: str, progress: bool
+) -> dict[str, Any]:
+    rec = job.recipe
+    assert rec is not None
+    if rec.lrs is None:
+        with seeded_init(seed):
+            head = make_head()
+        return finish_single(job, head, input, rec.lr, device, progress)
+    heads: dict[str, torch.nn.Module] = {}
+    lr_of: dict[str, float] = {}
+    for value in rec.lrs:
+        key = _lr_key(value)
+        with seeded_init(seed):  # same start for every lr: each head equals the single-lr run's head
+            heads[key] = make_head()
+        lr_of[key] = value
+    result = train_heads(job, heads, {k: input for k in heads}, lr_of, device=device, progress=progress)
+    assert result.best is not None  # a validation split always exists
+    best = str(result.best)
+    chosen = result.heads[best]
+    metrics = evaluate_head(job, heads[best], input, device)
+    save_heads(
+        job.out / "head.safetensors",
+        {"": heads[best]},
+        {"command": job.command, "features": job.features, "config": job.config, "lr": chosen.lr},
+    )
+    save_heads(
+        job.out / "heads.safetensors",
+        heads,
+        {"command": job.command, "features": job.features, "config": job.config, "heads": list(heads)},
+    )
+    table = [
+        {
+            "head": k,
+            "lr": r.lr,
+            "best_epoch": r.best_epoch,
+            "epochs_trained": r.epochs_trained,
+            "val_accuracy": r.val_accuracy,
+            "test_accuracy": r.test_accuracy,
+            "diverged": r.diverged,
+            "selected": k == best,
+            "history": r.history,
+        }
+        for k, r in result.heads.items()
+    ]
+    return job.finish(
+        {
+            "metrics": metrics,
+            "selected": {"lr": chosen.lr, "epoch": chosen.best_epoch, "val_accuracy": chosen.val_accuracy},
+            "training": head_record(chosen),
+            "lr_sweep": table,
+            "weights": "head.safetensors",
+            "all_weights": "heads.safetensors",
+        }
+    )
+
+
+def finish_single(
+    job: Job, head: torch.nn.Module, input: InputSpec, lr: float, device: str, progress: bool
+) -> dict[str, Any]:
+    result = train_heads(job, {"head": head}, {"head": input}, {"head": lr}, device=device, progress=progress).heads[
+        "head"
+    ]
+    metrics = evaluate_head(job, head, input, device)
+    save_heads(
+        job.out / "head.safetensors",
+        {"": head},
+        {"command": job.command, "features": job.features, "config": job.config},
+    )
+    return job.finish(
+        {
+            "metrics": metrics,
+            "selected": {"epoch": result.best_epoch, "lr": lr, "val_accuracy": result.val_accuracy},
+            "training": head_record(result),
+            "weights": "head.safetensors",
+        }
+    )
+
+
+def train_heads(
+    job: Job,
+    heads: Mapping[str, torch.nn.Module],
+    inputs: Mapping[str, InputSpec],
+    lrs: Mapping[str, float],
+    *,
+    device: str,
+    progress: bool,
+) -> SweepResult:
+    """Train `heads` with the run's recipe on its train split, validating every epoch; checkpoints resume."""
+    assert job.recipe is not None
+    batch_size = job.recipe.batch_size
+    t0 = time.perf_counter()
+    result = train_many(
+        heads,
+        inputs,
+        job.stream("train", batch_size, True),
+        job.stream("val", batch_size, False),
+        job.stream("test", batch_size, False),
+        lrs=dict(lrs),
+        recipe=job.recipe,
+        checkpoint_dir=job.out / "checkpoint",
+        resume=True,
+        progress=progress,
+        device=device,
+    )
+    job.timings["train_s"] = time.perf_counter() - t0
+    return result
+
+
+def evaluate_head(job: Job, head: torch.nn.Module, input: InputSpec, device: str) -> dict[str, Any]:
+    """Metrics of one head on the validation and test splits; its logits (and the store rows they belong to)
+    go to out_dir/logits.npz, so two runs can be compared image by image (e.g. McNemar)."""
+    assert job.recipe is not None
+    batch_size = job.recipe.batch_size
+    t0 = time.perf_counter()
+    out = {}
+    saved: dict[str, np.ndarray] = {}
+    for split in ("val", "test"):
+        logits = predict_logits(head, job.stream(split, batch_size, False), input, device=device).numpy()
+        out[split] = classification_metrics(
+            job.data.labels(split), logits, num_classes=job.data.num_classes, class_names=job.data.class_names
+        )
+        saved[f"{split}_logits"], saved[f"{split}_rows"] = logits, job.data.rows(split)
+    np.savez(job.out / LOGITS_FILE, **saved)
+    job.timings["eval_s"] = time.perf_counter() - t0
+    return out
+
+
+def save_heads(path: Path, heads: Mapping[str, torch.nn.Module], metadata: Mapping[str, Any]) -> None:
+    """Heads' weights as one safetensors file (keys prefixed by the head's name), metadata as JSON strings."""
+    tensors = {
+        f"{prefix}.{k}" if prefix else k: v.detach().cpu().contiguous()
+        for prefix, head in heads.items()
+        for k, v in head.state_dict().items()
+    }
+    save_file(tensors, str(path), metadata={k: json.dumps(to_jsonable(v)) for k, v in metadata.items()})
+
+
+def head_record(result: HeadResult) -> dict[str, Any]:
+    return {
+        "lr": result.lr,
+        "epochs_trained": result.epochs_trained,
+        "best_epoch": result.best_epoch,
+        "val_accuracy": result.val_accuracy,
+        "test_accuracy": result.test_accuracy,
+        "diverged": result.diverged,
+        "history": result.history,
+    }
+
+
+def single_feature(job: Job) -> str:
+    if len(job.features) != 1:
+        raise ProbeDataError(
+            f"{job.command} trains a head on one feature, got {len(job.features)} "
+            f"({', '.join(job.features)}); use `sweep` for many features or `fusion` to combine them"
+        )
+    return job.features[0]
