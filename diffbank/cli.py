@@ -13,6 +13,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import click  # noqa: E402
 
 from diffbank import __version__  # noqa: E402
+from diffbank.teardown import silence_abandoned_requests  # noqa: E402
 
 # Status messages go through logging (and tqdm for bars) under these loggers; -v / -q set their level.
 STATUS_LOGGERS = ("diffbank", "extract", "probe")
@@ -106,6 +107,8 @@ def main(verbose: int, quiet: int, debug: bool) -> None:
       diffbank probe sweep runs/small.zarr --out runs/small-probe
     """
     configure_logging(verbose - quiet)
+    if not debug:
+        silence_abandoned_requests()
 
 
 def _register() -> None:

@@ -82,6 +82,7 @@ def extract_command(
     from extract.spec import SpecError, load_spec
     from extract.store import StoreError
     from extract.store.remote import parse_storage_options
+    from extract.store.s3check import check_s3
 
     try:
         storage_options = parse_storage_options(storage_option)
@@ -96,6 +97,7 @@ def extract_command(
         echo_problems(spec_path, exc.problems)
         sys.exit(2)
     url = store_url or f"{DEFAULT_STORE_DIR}/{spec.name}.zarr"
+    check_s3(url, storage_options, store_must_exist=False)  # endpoint and bucket, before any work
     resume = f"diffbank extract {spec_path} --store {url}"
     try:
         if workers is not None or scheduler is not None:

@@ -17,8 +17,11 @@ from extract.store.layout import StoreError
 
 S3_SCHEMES = ("s3", "s3a")
 # Connect timeout and attempts of the check only: an unreachable endpoint fails in about a second.
-CHECK_CONFIG = {"connect_timeout": 1, "read_timeout": 10, "retries": {"max_attempts": 1, "mode": "standard"}}
+CHECK_CONFIG = {"connect_timeout": 1, "read_timeout": 10, "retries": {"total_max_attempts": 1, "mode": "standard"}}
 ENDPOINT_HINT = "set AWS_ENDPOINT_URL or the storage option endpoint_url=http://HOST:PORT (--storage-option)"
+
+
+DEFAULT_ENDPOINT = "AWS's default endpoint (no AWS_ENDPOINT_URL set)"
 
 
 def is_s3(url: str) -> bool:
@@ -38,7 +41,7 @@ def endpoint_of(storage_options: dict[str, Any] | None) -> str:
         or (options.get("client_kwargs") or {}).get("endpoint_url")
         or os.environ.get("AWS_ENDPOINT_URL_S3")
         or os.environ.get("AWS_ENDPOINT_URL")
-        or "AWS's default endpoint (no AWS_ENDPOINT_URL set)"
+        or DEFAULT_ENDPOINT
     )
 
 
@@ -58,17 +61,18 @@ def check_s3(url: str, storage_options: dict[str, Any] | None = None, *, store_m
     fs = s3fs.S3FileSystem(**options)
     fs.retries = 1  # s3fs's own retry loop, on top of botocore's
     endpoint = endpoint_of(storage_options)
-    try:
-        fs.call_s3("head_bucket", Bucket=bucket)
-    except Exception as exc:
-        raise StoreError(describe_s3_failure(exc, url, bucket, None, endpoint)) from None
-    if not store_must_exist:
-        return
     marker = f"{key}/zarr.json" if key else "zarr.json"
-    try:
-        fs.call_s3("head_object", Bucket=bucket, Key=marker)
-    except Exception as exc:
-        raise StoreError(describe_s3_failure(exc, url, bucket, marker, endpoint)) from None
+    requests = [("head_bucket", {"Bucket": bucket})]
+    if store_must_exist:
+        requests.append(("head_object", {"Bucket": bucket, "Key": marker}))
+    for operation, params in requests:
+        try:
+            fs.call_s3(operation, **params)
+        except Exception as exc:
+            line = describe_s3_failure(exc, url, bucket, params.get("Key"), endpoint)
+            if endpoint == DEFAULT_ENDPOINT and ENDPOINT_HINT not in line:
+                line += f"; for a store not on AWS, {ENDPOINT_HINT}"
+            raise StoreError(line) from None
 
 
 def describe_s3_failure(exc: BaseException, url: str, bucket: str, key: str | None, endpoint: str) -> str:
