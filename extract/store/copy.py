@@ -83,7 +83,7 @@ def copy_store(
         raise StoreError(f"{src} is being written (it holds {LEASE_KEY}): copy it once the writer has finished")
     for key in OWN_KEYS:
         sizes.pop(key, None)
-    present = _listing(dst_fs, dst_root) if dst_fs.exists(dst_root) else {}
+    present = _listing(dst_fs, dst_root)
     if present and not resume:
         what = "a store" if METADATA_KEY in present else "a partial copy"
         raise StoreError(f"{dst} already holds {what} ({len(present)} objects): resume the copy or choose another DST")
@@ -148,7 +148,8 @@ def copy_store(
 
 
 def _listing(fs: Any, root: str) -> dict[str, int]:
-    """Relative key -> size of every object under `root`."""
+    """Relative key -> size of every object under `root`, as it is now (not from a listing cache)."""
+    fs.invalidate_cache(root)
     found = fs.find(root, detail=True)
     prefix = root + "/"
     return {
