@@ -13,6 +13,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import click  # noqa: E402
 
 from diffbank import __version__  # noqa: E402
+from diffbank.teardown import silence_abandoned_requests  # noqa: E402
+from extract.progress import force_bars, write_clear_of_bars  # noqa: E402
 
 # Status messages go through logging (and tqdm for bars) under these loggers; -v / -q set their level.
 STATUS_LOGGERS = ("diffbank", "extract", "probe")
@@ -23,7 +25,8 @@ class _StatusHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            click.echo(self.format(record), err=True)
+            line = self.format(record)
+            write_clear_of_bars(lambda: click.echo(line, err=True))
         except Exception:  # logging must never take a run down
             self.handleError(record)
 
@@ -96,7 +99,8 @@ class CleanErrors(click.Group):
 @click.option("-v", "--verbose", count=True, help="More status messages (debug details); repeatable.")
 @click.option("-q", "--quiet", count=True, help="Fewer status messages: warnings and errors only.")
 @click.option("--debug", is_flag=True, help="Show the traceback of a failure instead of a one-line error.")
-def main(verbose: int, quiet: int, debug: bool) -> None:
+@click.option("--progress", is_flag=True, help="Draw progress bars even when stderr is not a terminal.")
+def main(verbose: int, quiet: int, debug: bool, progress: bool) -> None:
     """Feature banks from text-free diffusion U-Nets, and the probes that read them.
 
     \b
@@ -106,6 +110,10 @@ def main(verbose: int, quiet: int, debug: bool) -> None:
       diffbank probe sweep runs/small.zarr --out runs/small-probe
     """
     configure_logging(verbose - quiet)
+    if progress:
+        force_bars()
+    if not debug:
+        silence_abandoned_requests()
 
 
 def _register() -> None:

@@ -16,11 +16,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from extract.compute import ExtractionError
 from extract.pipeline import run_units_worker, spec_base_dir
 from extract.prepare import prepare
+from extract.progress import progress_bar
 
 log = logging.getLogger(__name__)
 MISSING_DISTRIBUTED = "running on a dask cluster needs dask.distributed: pip install 'diffbank[cluster]'"
@@ -110,12 +110,11 @@ def extract_distributed(
     ranges = plan_ranges(sorted(pending), n_workers)
     where = scheduler or f"a local cluster of {workers} process(es)"
     log.info(f"{url}: {len(pending)} of {writer.num_units} unit(s) in {len(ranges)} task(s) on {where}")
-    bar = tqdm(
+    bar = progress_bar(
         total=sum(writer.unit_rows(u)[1] - writer.unit_rows(u)[0] for u in pending),
         unit="img",
         desc="extract",
-        disable=not progress,
-        dynamic_ncols=True,
+        enabled=progress,
     )
     summaries = []
     try:

@@ -53,6 +53,7 @@ from extract.prepare import (
     build,
     prepare,
 )
+from extract.progress import progress_bar
 from extract.sources import open_source
 from extract.spec import Spec, load_spec
 from extract.store import StoreError, StoreWriter
@@ -190,9 +191,7 @@ class UnitAssembler:
 
 
 def _progress_bar(total: int, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="img", desc="extract", disable=not enabled, smoothing=0.1, dynamic_ncols=True)
+    return progress_bar(total=total, unit="img", desc="extract", enabled=enabled, smoothing=0.1)
 
 
 def extract(

@@ -33,8 +33,8 @@ from typing import Any, TypeVar
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
+from extract.progress import progress_bar
 from extract.statedir import has_state
 from probe.checkpoint import load_checkpoint, save_checkpoint
 from probe.evaluation import InputSpec, evaluate, feature_names, fusable_groups, gather
@@ -230,7 +230,7 @@ def train_many(
         start_epoch = load_checkpoint(ckpt, runs, optimizer, scheduler, config, device)
 
     epochs = recipe.epochs
-    bar = tqdm(total=epochs, initial=start_epoch, desc="train", unit="epoch", disable=not progress, leave=False)
+    bar = progress_bar(total=epochs, initial=start_epoch, desc="train", unit="epoch", enabled=progress, leave=False)
     try:
         for epoch in range(start_epoch, epochs):
             t0 = time.perf_counter()

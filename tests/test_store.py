@@ -243,7 +243,10 @@ def test_hdf5_export_round_trip(saved, tmp_path):
             assert json.loads(h5["features/t090_b24_avg2"].attrs["t"]) == 90
             assert json.loads(h5.attrs["diffbank"])["fingerprint"] == fs.fingerprint
             np.testing.assert_array_equal(h5["samples/label"][:], labels)
-            np.testing.assert_array_equal(h5["splits/test"][:], splits["test"])
+            assert h5["splits/test"].dtype == bool and h5["splits/test"].shape == labels.shape
+            np.testing.assert_array_equal(np.flatnonzero(h5["splits/test"][:]), splits["test"])
+            np.testing.assert_array_equal(h5["splits/train"][:], fs._root["splits/train"][:])
+            assert "bool membership mask" in h5["splits"].attrs["meaning"]
             assert h5["samples/id"][0].decode() == "img/0.png"
     with h5py.File(export_hdf5(fs, tmp_path / "k.h5", features=["t090_b24_avg2_flip"], keep_dtype=True), "r") as h5:
         assert list(h5["features"]) == ["t090_b24_avg2_flip"] and h5["features/t090_b24_avg2_flip"].dtype == np.float16

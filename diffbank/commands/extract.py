@@ -82,6 +82,7 @@ def extract_command(
     from extract.spec import SpecError, load_spec
     from extract.store import StoreError
     from extract.store.remote import parse_storage_options
+    from extract.store.s3check import check_s3
 
     try:
         storage_options = parse_storage_options(storage_option)
@@ -96,6 +97,7 @@ def extract_command(
         echo_problems(spec_path, exc.problems)
         sys.exit(2)
     url = store_url or f"{DEFAULT_STORE_DIR}/{spec.name}.zarr"
+    check_s3(url, storage_options, store_must_exist=False)  # endpoint and bucket, before any work
     resume = f"diffbank extract {spec_path} --store {url}"
     try:
         if workers is not None or scheduler is not None:
@@ -176,7 +178,7 @@ def _report_run(summary: dict[str, Any], as_json: bool) -> None:
 @storage_option_flag()
 @click.pass_context
 def store_command(ctx: click.Context, storage_option: tuple[str, ...]) -> None:
-    """Inspect, verify and export feature stores (read-only: nothing under STORE is written)."""
+    """Inspect, verify, export and copy feature stores (nothing under STORE or SRC is written)."""
     ctx.meta["diffbank.storage_option"] = storage_option
 
 
@@ -264,3 +266,66 @@ def export_command(store: str, out: str, compression: str, features: tuple[str, 
     except KeyError as exc:
         raise click.ClickException(str(exc.args[0])) from None
     click.echo(f"wrote {path}")
+
+
+@store_command.command("copy")
+@click.argument("src", metavar="SRC")
+@click.argument("dst", metavar="DST")
+@click.option(
+    "--resume", is_flag=True, help="Continue a copy: objects already at DST with the same size and hash stay."
+)
+@click.option(
+    "--src-option",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="fsspec option for SRC only (repeatable), after --storage-option.",
+)
+@click.option(
+    "--dst-option",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="fsspec option for DST only (repeatable), after --storage-option.",
+)
+@click.option("--workers", type=click.IntRange(min=1), default=4, show_default=True, help="Objects copied at once.")
+@click.option("--full", is_flag=True, help="Then verify DST reading every value (`store verify --full`).")
+@storage_option_flag("SRC and DST")
+def copy_command(
+    src: str,
+    dst: str,
+    resume: bool,
+    src_option: tuple[str, ...],
+    dst_option: tuple[str, ...],
+    workers: int,
+    full: bool,
+    storage_option: tuple[str, ...],
+) -> None:
+    """Copy the store SRC to DST (local paths or fsspec URLs: s3://, gs://, ...), writing DST only.
+
+    Data objects first, then progress markers, then metadata with the root's last: a copy stopped
+    midway leaves no store at DST, and `--resume` finishes it. Every object is read back and compared
+    with the source by size and SHA-256.
+    """
+    from extract.spec import fingerprint_of_resolved
+    from extract.store import StoreError, verify
+    from extract.store.copy import copy_store
+    from extract.store.layout import is_local
+    from extract.store.remote import parse_storage_options
+    from extract.store.s3check import check_s3
+
+    common = (*click.get_current_context().meta.get("diffbank.storage_option", ()), *storage_option)
+    try:
+        # Options are for remote ends: a local path takes none.
+        src_options = None if is_local(src) else parse_storage_options((*common, *src_option))
+        dst_options = None if is_local(dst) else parse_storage_options((*common, *dst_option))
+    except StoreError as exc:
+        raise click.UsageError(str(exc)) from None
+    try:
+        check_s3(src, src_options)
+        check_s3(dst, dst_options, store_must_exist=False)
+        summary = copy_store(src, dst, src_options=src_options, dst_options=dst_options, resume=resume, workers=workers)
+    except (StoreError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from None
+    report = verify(dst, full_scan=full, fingerprint_of_spec=fingerprint_of_resolved, storage_options=dst_options)
+    click.echo(f"{summary.copied} objects copied, {summary.skipped} already there, of {summary.objects}; {report}")
+    if not report.ok:
+        sys.exit(1)

@@ -24,8 +24,11 @@ def open_read_only(url: str, storage_option: tuple[str, ...] | list[str]) -> Any
     """`open_store(url, options)`; a bad option, URL or store becomes a clean CLI error before any work."""
     from extract.store import StoreError, open_store
     from extract.store.remote import parse_storage_options
+    from extract.store.s3check import check_s3
 
     try:
-        return open_store(url, parse_storage_options(storage_option))
+        options = parse_storage_options(storage_option)
+        check_s3(url, options)
+        return open_store(url, options)
     except (StoreError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None

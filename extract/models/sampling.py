@@ -7,6 +7,7 @@ import torch
 
 from extract.diffusion import NoiseSchedule
 from extract.models.adm import ADMUNet
+from extract.progress import progress_bar
 
 
 @torch.inference_mode()
@@ -27,12 +28,7 @@ def ddim_sample(
     x = torch.randn(n, model.config.in_channels, size, size, generator=g)
     abar = torch.from_numpy(schedule.alphas_cumprod).float()
     ts = np.linspace(0, schedule.num_steps - 1, steps).round().astype(int)[::-1]
-    iterator = ts
-    if progress:
-        from tqdm import tqdm
-
-        iterator = tqdm(ts, desc="sampling", unit="step")
-    for i, t in enumerate(iterator):
+    for i, t in enumerate(progress_bar(ts, enabled=progress, desc="sampling", unit="step")):
         a_t = abar[t]
         a_prev = abar[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0)
         eps = model(x, torch.full((n,), int(t), dtype=torch.long))[:, : model.config.in_channels]

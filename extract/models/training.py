@@ -24,6 +24,7 @@ import torch
 from extract.diffusion import NoiseSchedule
 from extract.hardware import cpu_has_native
 from extract.models.adm import ADMUNet
+from extract.progress import progress_bar
 from extract.statedir import has_state, join_optimizer_state, load_state, save_state, split_optimizer_state
 
 log = logging.getLogger(__name__)
@@ -224,11 +225,7 @@ def train(
     start_step, started = record["step"], time.time()
     wall_before = record["wall_seconds"]
     loss_sum, loss_count = torch.zeros((), device=device), 0
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=start_step, unit="step", dynamic_ncols=True)
+    bar = progress_bar(total=cfg.steps, initial=start_step, unit="step", enabled=progress)
     stop = cfg.steps if until_step is None else min(cfg.steps, until_step)
     marks = sorted(m for m in snapshot_images if m > start_step * cfg.batch_size)
     for step in range(start_step, stop):
@@ -255,7 +252,7 @@ def train(
         loss_sum += loss.detach()
         loss_count += 1
         done = step + 1
-        if bar is not None:
+        if not bar.disable:
             bar.update(1)
             if done % 50 == 0:
                 bar.set_postfix(loss=f"{loss_sum.item() / loss_count:.4f}")
@@ -270,13 +267,12 @@ def train(
             record["wall_seconds"] = wall_before + time.time() - started
             record["scheduler"] = sched.state_dict()
             _save(out, model, ema, opt, record)
-            if bar is None:
+            if bar.disable:  # plain lines where no bar is drawn
                 log.info("step %d/%d loss %.4f", done, cfg.steps, record["losses"][-1][1])
         if timed_out:
             log.info("stopping after %.0f s at step %d (max_seconds); rerun to continue", max_seconds, done)
             break
-    if bar is not None:
-        bar.close()
+    bar.close()
     return record
 
 

@@ -128,6 +128,12 @@ def save_features(
     return open_store(url, storage_options)
 
 
+SPLIT_MASKS_NOTE = (
+    "one (N,) bool membership mask per split, as in the Zarr store (splits/<name>); splits may overlap; "
+    "rows whose samples/valid is False failed and hold zeros: drop them (rows = mask & valid)"
+)
+
+
 def export_hdf5(
     store: FeatureStore | str | os.PathLike,
     path: str | os.PathLike,
@@ -171,8 +177,11 @@ def export_hdf5(
         h5.create_dataset("samples/valid", data=fs.valid)
         errors = as_str(fs._sample_array("error")).astype(object)
         h5.create_dataset("samples/error", data=errors, dtype=h5py.string_dtype())
-        for split, rows in fs.splits.items():
-            h5.create_dataset(f"splits/{split}", data=rows)
+        # Membership masks as the store holds them (not `fs.splits`' row indices), so both read alike.
+        splits = h5.create_group("splits")
+        splits.attrs["meaning"] = SPLIT_MASKS_NOTE
+        for split in sorted(fs._root[SPLITS].array_keys()):
+            splits.create_dataset(split, data=np.asarray(fs._root[SPLITS][split][:], dtype=bool))
     tmp.replace(out)  # a half-written export never carries the final name
     return out
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from extract.diffusion import NoiseSchedule, seeded_noise
+from extract.progress import progress_bar
 from probe.budget import default_memory_budget
 from probe.feedback.images import ImageSet
 from probe.feedback.network import DifFeed, activation_bytes_per_sample
@@ -213,8 +214,6 @@ def train_feedback(
     afresh); results.json and the selected weights (weights.safetensors) are written at the end.
     `max_steps` stops after that many optimiser steps (tests and memory measurements).
     """
-    from tqdm.auto import tqdm
-
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but CUDA is not available here")
@@ -264,11 +263,11 @@ def train_feedback(
         t0 = time.perf_counter()
         order = _order(len(train), recipe.seed, epoch)
         seen, correct, loss_sum = 0, 0, 0.0
-        bar = tqdm(
+        bar = progress_bar(
             total=len(order),
             desc=f"{'difffeed' if model.feedback_blocks else 'attention'} epoch {epoch + 1}/{recipe.epochs}",
             unit="img",
-            disable=not progress,
+            enabled=progress,
             leave=False,
         )
         for lo in range(0, len(order), recipe.batch_size):
