@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from probe.budget import default_memory_budget, parse_memory
-from probe.errors import ProbeDataError
+from probe.errors import ProbeDataError, UnknownFeatureError
 from probe.recipe import STANDARDIZE_MODES
 from probe.splits import (
     KEY_SUBSET,
@@ -538,7 +538,7 @@ def _check_features(store: Any, features: list[str]) -> None:
     missing = [f for f in features if f not in known]
     if missing:
         listing = ", ".join(known) if known else "(none)"
-        raise ProbeDataError(
+        raise UnknownFeatureError(
             f"feature(s) {', '.join(map(repr, missing))} not in the store; features that exist: {listing}"
         )
     is_complete = getattr(store, "is_complete", None)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-__all__ = ["ProbeDataError"]
+__all__ = ["ProbeDataError", "UnknownFeatureError"]
 
 
 class ProbeDataError(ValueError):
     """The store or the request cannot give a sound probe dataset; the message says why and what to do."""
+
+
+class UnknownFeatureError(ProbeDataError):
+    """A requested feature the store does not hold (a request given wrongly, not a faulty store)."""

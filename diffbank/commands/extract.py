@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from diffbank.commands.options import spec_device
 from diffbank.commands.remote import open_read_only, storage_option_flag
 from extract.provenance import to_jsonable
 
@@ -36,7 +37,9 @@ log = logging.getLogger(__name__)
     default=None,
     help="Images loaded per batch (run-only: the stored bytes do not depend on it).",
 )
-@click.option("--device", default=None, help="auto (default: the spec's), cpu, cuda, cuda:N or mps.")
+@click.option(
+    "--device", default=None, callback=spec_device, help="auto (default: the spec's), cpu, cuda, cuda:N or mps."
+)
 @click.option(
     "--micro-batch",
     type=click.IntRange(min=1),
@@ -257,6 +260,6 @@ def export_command(store: str, out: str, compression: str, features: tuple[str, 
             features=list(features) or None,
             keep_dtype=keep_dtype,
         )
-    except KeyError as exc:
-        raise click.ClickException(str(exc.args[0])) from None
+    except KeyError as exc:  # a --feature the store does not hold
+        raise click.BadParameter(str(exc.args[0]), param_hint="'--feature'") from None
     click.echo(f"wrote {path}")

@@ -9,10 +9,23 @@ from typing import Any
 
 import click
 
+from diffbank.commands.options import checked
 from diffbank.commands.remote import open_read_only, storage_option_flag
 from probe.recipe import RECIPES  # declarations only (no torch): the defaults shown in --help come from here
 
 SUBSET_HELP = "label subset of train: 1%, 10% (stratified) or K-shot, e.g. 5-shot (seeded)"
+
+
+def _subset(value: str) -> Any:
+    from probe.splits import Subset
+
+    return Subset.parse(value)
+
+
+def _memory(value: str) -> Any:
+    from probe.budget import parse_memory
+
+    return parse_memory(value)
 
 
 def _common(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -33,7 +46,7 @@ def _common(func: Callable[..., Any]) -> Callable[..., Any]:
             help="feature name (repeatable); default: the paper's choice or the nearest available",
         ),
         click.option("--seed", default=0, show_default=True, type=int, help="seed of splits, subsets, order, init"),
-        click.option("--subset", default=None, help=SUBSET_HELP),
+        click.option("--subset", default=None, callback=checked(_subset), help=SUBSET_HELP),
         click.option(
             "--val-fraction",
             default=0.1,
@@ -51,6 +64,7 @@ def _common(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--memory-budget",
             default=None,
+            callback=checked(_memory),
             help="features up to this size are loaded into memory, larger ones streamed "
             "(bytes, 2GiB, 25%; default 25% of RAM)",
         ),
@@ -163,6 +177,7 @@ def _run(name: str, **kwargs: Any) -> None:
     """
     from probe import api
     from probe.data import ProbeDataError
+    from probe.errors import UnknownFeatureError
     from probe.report import render
 
     # opened here, before anything is written under --out: a bad URL, option or store fails cleanly first
@@ -181,6 +196,8 @@ def _run(name: str, **kwargs: Any) -> None:
         # there does not meet half a run's settings (an interrupted run keeps its checkpoint to resume).
         if fresh and not isinstance(exc, KeyboardInterrupt) and not (out / "checkpoint").exists():
             shutil.rmtree(out, ignore_errors=True)
+        if isinstance(exc, UnknownFeatureError):
+            raise click.BadParameter(str(exc), param_hint="'--feature'") from exc
         if isinstance(exc, (ProbeDataError, api.RunConflictError, api.ProbeConfigError, FileNotFoundError)):
             raise click.ClickException(str(exc)) from exc
         raise

@@ -134,6 +134,13 @@ def name_problem(name: str) -> str:
     return ""
 
 
+def device_problem(value: Any) -> str:
+    """Why `value` names no compute device, or ""."""
+    if isinstance(value, str) and _DEVICE_RE.match(value):
+        return ""
+    return f"unknown device {short_repr(value)}; use auto, cpu, cuda, cuda:<index> or mps"
+
+
 def _fspath(value: Any) -> Any:
     value = os.fspath(value) if isinstance(value, os.PathLike) else value
     if isinstance(value, str) and "\0" in value:
@@ -276,12 +283,9 @@ class ComputeSection(_Section):
     @field_validator("device", mode="before")
     @classmethod
     def _device(cls, value: Any) -> Any:
-        if not isinstance(value, str) or not _DEVICE_RE.match(value):
-            raise PydanticCustomError(
-                "device",
-                "unknown device {value}; use auto, cpu, cuda, cuda:<index> or mps",
-                {"value": short_repr(value)},
-            )
+        problem = device_problem(value)
+        if problem:
+            raise PydanticCustomError("device", "{problem}", {"problem": problem})
         return value
 
 
