@@ -115,7 +115,9 @@ def test_unit_problem_counts_values_as_stored_among_valid_rows():
     valid = np.ones(4, bool)
     assert unit_problem(3, (12, 16), finite, valid, "float16") == ""
     big = {"f": np.full((4, 2), 1e5, np.float32)}  # finite in float32, inf in float16
-    assert "feature f holds 0 NaN and 8 inf value(s) as float16 among 8" in unit_problem(3, (12, 16), big, valid, "float16")
+    assert "feature f holds 0 NaN and 8 inf value(s) as float16 among 8" in unit_problem(
+        3, (12, 16), big, valid, "float16"
+    )
     assert unit_problem(3, (12, 16), big, valid, "float32") == ""
     nan_in_failed_row = {"f": np.ones((4, 2), np.float32)}
     nan_in_failed_row["f"][1] = np.nan
