@@ -285,8 +285,17 @@ def _prepare(
 
 def model_output_problem(spec: Spec) -> str:
     """Why the spec's model gives non-finite features at its taps on the dataset's first image, or ""
-    (extract.finite.model_problem, on the spec's device with the default thread count)."""
-    dev = resolve_device(spec.compute.device)
+    (extract.finite.model_problem, with the default thread count).
+
+    It runs on the spec's device, or on the CPU where that device is absent here; in float32 where the CPU
+    would emulate the spec's reduced dtype (a check of the weights, not of the GPU's arithmetic).
+    """
+    try:
+        dev = resolve_device(spec.compute.device)
+    except ExtractionError:
+        dev = torch.device("cpu")
+    if dev.type == "cpu" and not cpu_has_native(spec.compute.dtype):
+        spec = dataclasses.replace(spec, compute=dataclasses.replace(spec.compute, dtype="float32"))
     source = open_source(spec.dataset)
     model, _ = build(spec, dev)
     with compute_threads(DEFAULT_THREADS):
