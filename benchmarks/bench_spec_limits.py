@@ -5,8 +5,8 @@ spec listing 8.7 million timesteps, 100k-deep flow nesting, a 900 KB `name:`, an
 cache_specs/cpu_small.yaml as the reference. For each: the exit status, the wall time of the whole
 command in a fresh process (interpreter start and imports included; best of --repeat) and of
 `load_spec` alone in this process (best of --repeat), and the size of the answer. `diffbank --version`
-is timed the same way: the start-up every command pays (a refusal before resolution imports no torch;
-resolving a spec does).
+and the import of the spec package are timed the same way: the start-up every `spec check` pays (a refusal
+before resolution imports no torch; resolving a spec does).
 
     python benchmarks/bench_spec_limits.py [--repeat 3]
 """
@@ -81,6 +81,9 @@ def main() -> None:
         version = [sys.executable, "-m", "diffbank", "--version"]
         start_s, _ = best(lambda: subprocess.run(version, capture_output=True, cwd=ROOT), args.repeat)
         rows.append(("start-up (diffbank --version)", 0, 0, start_s, 0.0, 0, ""))
+        imports = [sys.executable, "-c", "import diffbank.cli, extract.spec"]
+        import_s, _ = best(lambda: subprocess.run(imports, capture_output=True, cwd=ROOT), args.repeat)
+        rows.append(("start-up + import extract.spec", 0, 0, import_s, 0.0, 0, ""))
         for label, path in cases(Path(tmp)).items():
             cmd = [sys.executable, "-m", "diffbank", "spec", "check", "--no-files", str(path)]
             cli_s, proc = best(lambda c=cmd: subprocess.run(c, capture_output=True, text=True, cwd=ROOT), args.repeat)
@@ -90,7 +93,7 @@ def main() -> None:
                     load_spec(p, check_files=False)
                     return "accepted"
                 except SpecError as exc:
-                    return exc.problems[0][:70]
+                    return exc.problems[0].replace("\n", " ")[:70]
 
             load_s, first = best(load, args.repeat)
             answer = len(proc.stdout) + len(proc.stderr)

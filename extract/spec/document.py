@@ -20,7 +20,7 @@ import yaml
 MAX_SPEC_BYTES = 2**20
 SPEC_BYTES_ENV = "DIFFBANK_SPEC_MAX_BYTES"
 MAX_DEPTH = 32
-MAX_NODES = 20_000  # scalars, lists and mappings: timesteps may list up to 4096 values
+MAX_NODES = 5_000  # scalars, lists and mappings: timesteps may list up to 4096 values; a spec holds a few dozen
 
 
 class SpecFileError(ValueError):

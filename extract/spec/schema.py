@@ -92,6 +92,7 @@ MAX_FLAGS = 256
 MAX_TEXT = 4096  # paths, presets
 MAX_KEY = 128  # block names, split names, flag names
 REPR_LIMIT = 60  # characters of a value quoted in a message
+HINTED = 100  # errors that get a "did you mean" suggestion
 # Union branches are chosen by the input's shape; their tags are dropped again from error paths.
 _ONE, _LIST, _MAP, _NONE = "one", "list", "map", "none"
 _TAGS = {_ONE, _LIST, _MAP, _NONE}
@@ -385,13 +386,13 @@ def _literals(annotation: Any) -> list[str]:
     return [c for arg in get_args(annotation) for c in _literals(arg)]
 
 
-def _message(err: Any) -> str:
+def _message(err: Any, suggestions: bool = True) -> str:
     kind, value, loc = err["type"], err.get("input"), tuple(err["loc"])
     got = f"got {type_name(value)} {short_repr(value)}"
     if kind == "extra_forbidden":
         model = _model_at(loc)
         allowed = list(model.model_fields) if model is not None else []
-        return f"unknown key{suggest(loc[-1], allowed)}; allowed: {', '.join(allowed)}"
+        return f"unknown key{suggest(loc[-1], allowed) if suggestions else ''}; allowed: {', '.join(allowed)}"
     if kind == "missing":
         return "section is required" if len(loc) == 1 else "is required"
     if kind == "literal_error":
@@ -405,7 +406,8 @@ def _message(err: Any) -> str:
             else ""
         )
         value_text = short_repr(value)
-        return f"unknown {what} {value_text}{suggest(value, choices)}; choose one of {', '.join(choices)}{hint}"
+        close = suggest(value, choices) if suggestions else ""
+        return f"unknown {what} {value_text}{close}; choose one of {', '.join(choices)}{hint}"
     if kind in ("int_type", "int_parsing", "int_from_float"):
         return f"expected an integer, {got}"
     if kind == "bool_type":
@@ -427,5 +429,6 @@ def _message(err: Any) -> str:
 
 
 def problems(error: ValidationError) -> list[tuple[str, str]]:
-    """(field path, message) of every error, in document order."""
-    return [(_path(tuple(e["loc"])), _message(e)) for e in error.errors()]
+    """(field path, message) of every error, in document order; "did you mean" for the first HINTED only
+    (a document with thousands of bad keys would otherwise spend seconds in difflib)."""
+    return [(_path(tuple(e["loc"])), _message(e, suggestions=i < HINTED)) for i, e in enumerate(error.errors())]
