@@ -33,5 +33,16 @@ def _spec_device(value: str) -> None:
         raise ValueError(problem)
 
 
+def _torch_device(value: str) -> None:
+    import torch
+
+    try:
+        torch.device(value)
+    except RuntimeError:
+        raise ValueError(f"unknown device {value!r}; use cpu, cuda, cuda:<index> or mps") from None
+
+
 # --device of the commands that run a spec's model: the spec's compute.device vocabulary.
 spec_device = checked(_spec_device)
+# --device of probes and model training: any device torch names.
+torch_device = checked(_torch_device)

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from diffbank.commands.options import checked
+from diffbank.commands.options import checked, torch_device
 from diffbank.commands.remote import open_read_only, storage_option_flag
 from probe.recipe import RECIPES  # declarations only (no torch): the defaults shown in --help come from here
 
@@ -99,7 +99,9 @@ def _training(func: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option("--epochs", default=None, type=click.IntRange(min=1), help=_recipe_value("epochs")),
         click.option("--batch-size", default=None, type=click.IntRange(min=1), help=_recipe_value("batch_size")),
-        click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda:0"),
+        click.option(
+            "--device", default="cpu", show_default=True, callback=torch_device, help="torch device, e.g. cuda:0"
+        ),
         click.option("--quiet", is_flag=True, help="no per-epoch progress"),
         click.option(
             "--momentum",
@@ -275,7 +277,7 @@ def logistic(**kwargs: Any) -> None:
 @click.option("--k", "ks", multiple=True, type=int, help="k values (repeatable; default 10, 20, 100, 200)")
 @click.option("--temperature", default=0.07, show_default=True, type=float)
 @click.option("--batch-size", default=4096, show_default=True, type=int, help="bank rows per similarity chunk")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="cpu", show_default=True, callback=torch_device)
 def knn(**kwargs: Any) -> None:
     """Cosine kNN with exp(sim/T)-weighted votes, k selected on validation."""
     if not kwargs["ks"]:

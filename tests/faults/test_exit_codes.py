@@ -63,3 +63,19 @@ def test_an_unknown_device_is_a_usage_error(tmp_path, spec_file, no_compute, com
     assert result.exit_code == 2, result.output
     assert "Invalid value for '--device'" in result.output and "unknown device" in result.output
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["probe", "linear", "STORE", "--out", "OUT"],
+        ["probe", "knn", "STORE", "--out", "OUT"],
+        ["train", "--out", "OUT"],
+    ],
+)
+def test_an_unknown_torch_device_is_a_usage_error(tmp_path, store, command):
+    args = [store if a == "STORE" else str(tmp_path / "out") if a == "OUT" else a for a in command]
+    result = cli(*args, "--device", "gpu")
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for '--device': unknown device 'gpu'" in result.output
+    assert not (tmp_path / "out").exists()
