@@ -68,8 +68,12 @@ def extract_distributed(
     micro_batch: int | None = None,
     threads: int | None = None,
     storage_options: dict[str, Any] | None = None,
+    allow_nonfinite: bool = False,
 ) -> dict[str, Any]:
-    """`extract.pipeline.extract` spread over a LocalCluster of `workers` processes or a scheduler address."""
+    """`extract.pipeline.extract` spread over a LocalCluster of `workers` processes or a scheduler address.
+
+    The client builds no model, so the one-image check of extract.finite is left to the workers' units.
+    """
     try:
         from dask.distributed import Client, LocalCluster, as_completed
     except ImportError as exc:  # distributed is the optional extra `cluster`
@@ -129,6 +133,7 @@ def extract_distributed(
                 batch_size=batch_size,
                 strict=strict,
                 storage_options=storage_options,
+                allow_nonfinite=allow_nonfinite,
                 pure=False,
             )
             for rng in ranges

@@ -42,6 +42,7 @@ from extract.compute import (
     configure_determinism,
     resolve_device,
 )
+from extract.finite import NonFiniteFeatures, unit_problem
 from extract.hardware import machine_signature
 from extract.loader import Loader
 from extract.overlap import Batch, UnitWriter, plan_batches, prefetch, to_batch
@@ -62,6 +63,7 @@ from extract.store.state import store_state
 
 log = logging.getLogger(__name__)
 
+
 def run_units(
     prepared: Prepared,
     units: Iterable[int] | None = None,
@@ -70,8 +72,13 @@ def run_units(
     progress: bool = True,
     batch_size: int | None = None,
     num_workers: int | None = None,
+    allow_nonfinite: bool = False,
 ) -> dict[str, Any]:
-    """Compute and write every unmarked (unit, feature) pair of `units` (None: all units)."""
+    """Compute and write every unmarked (unit, feature) pair of `units` (None: all units).
+
+    A unit whose features are not finite stops the run before it is written (extract.finite), unless
+    `allow_nonfinite`.
+    """
     writer = prepared.writer
     if prepared.model is None:
         raise ExtractionError("run_units needs a loaded model (prepare(..., load_model=True))")
@@ -81,7 +88,7 @@ def run_units(
     jobs = {u: UnitJob(u, [infos[name] for name in pending[u]]) for u in wanted}
     configure_determinism(prepared.device, prepared.spec.compute.deterministic)
     with compute_threads(prepared.threads):
-        return _run_units(prepared, jobs, wanted, pending, strict, progress, batch_size, num_workers)
+        return _run_units(prepared, jobs, wanted, pending, strict, progress, batch_size, num_workers, allow_nonfinite)
 
 
 def _run_units(
@@ -93,6 +100,7 @@ def _run_units(
     progress: bool,
     batch_size: int | None,
     num_workers: int | None,
+    allow_nonfinite: bool,
 ) -> dict[str, Any]:
     spec, writer, source = prepared.spec, prepared.writer, prepared.source
     computer = Computer(prepared.model, spec, prepared.device)
@@ -104,7 +112,7 @@ def _run_units(
     total = sum(len(b[2]) for b in batches)
     bar = _progress_bar(total, progress)
     unit_writer = UnitWriter(writer, machine=machine_signature(prepared.device, prepared.threads))
-    assembler = UnitAssembler(writer, unit_writer)
+    assembler = UnitAssembler(writer, unit_writer, None if allow_nonfinite else spec.storage.dtype)
     t_start = time.perf_counter()
     in_flight: list[tuple[Batch, Any]] = []  # at most one micro-batch queued on the device
 
@@ -162,10 +170,15 @@ def _run_units(
 
 
 class UnitAssembler:
-    """Collects micro-batch results, in order, into whole units and hands complete ones to the writer."""
+    """Collects micro-batch results, in order, into whole units and hands complete ones to the writer.
 
-    def __init__(self, writer: StoreWriter, unit_writer: UnitWriter):
+    With `check_dtype` (the storage dtype), a unit whose features are not finite as stored raises
+    NonFiniteFeatures instead of being written.
+    """
+
+    def __init__(self, writer: StoreWriter, unit_writer: UnitWriter, check_dtype: str | None = None):
         self.writer, self.unit_writer = writer, unit_writer
+        self.check_dtype = check_dtype
         self.buffers: dict[str, np.ndarray] = {}
         self.errors: list[str] = []
         self.failures: list[dict[str, Any]] = []
@@ -186,6 +199,10 @@ class UnitAssembler:
         self.images += len(batch.indices)
         if batch.offset + len(batch.indices) == stop - start:  # the unit is complete
             valid = np.array([e == "" for e in self.errors])
+            if self.check_dtype is not None:
+                problem = unit_problem(batch.unit, (start, stop), self.buffers, valid, self.check_dtype)
+                if problem:
+                    raise NonFiniteFeatures(problem)
             self.unit_writer.put(batch.unit, self.buffers, valid, self.errors)
             self.buffers, self.errors = {}, []
 
@@ -209,6 +226,7 @@ def extract(
     storage_options: dict[str, Any] | None = None,
     finalize: bool = True,
     break_lease: bool = False,
+    allow_nonfinite: bool = False,
 ) -> dict[str, Any]:
     """Extract a spec's features into a store; rerunning resumes (redoes only unmarked units).
 
@@ -229,6 +247,7 @@ def extract(
         threads=threads,
         storage_options=storage_options,
         break_lease=break_lease,
+        allow_nonfinite=allow_nonfinite,
     )
     writer = prepared.writer
     try:
@@ -239,7 +258,13 @@ def extract(
         )
         try:
             summary = run_units(
-                prepared, units, strict=strict, progress=progress, batch_size=batch_size, num_workers=num_workers
+                prepared,
+                units,
+                strict=strict,
+                progress=progress,
+                batch_size=batch_size,
+                num_workers=num_workers,
+                allow_nonfinite=allow_nonfinite,
             )
         except ExtractionError as exc:
             exc.resumable = not isinstance(exc.__cause__, LeaseLost)  # the store is another writer's now
@@ -297,6 +322,7 @@ def run_units_worker(
     batch_size: int | None = None,
     strict: bool = False,
     storage_options: dict[str, Any] | None = None,
+    allow_nonfinite: bool = False,
 ) -> dict[str, Any]:
     """A cluster task: reopen the store for data writes only (no metadata) and compute `units`."""
     spec = load_spec(dict(spec_dict), base_dir=base_dir)
@@ -311,7 +337,9 @@ def run_units_worker(
     mb = int(compute.get("micro_batch", DEFAULT_MICRO_BATCH))
     threads = int(compute.get("threads") or DEFAULT_THREADS)
     prepared = Prepared(spec, open_source(spec.dataset), writer, model, dev, mb, threads)
-    return run_units(prepared, units, strict=strict, progress=False, batch_size=batch_size)
+    return run_units(
+        prepared, units, strict=strict, progress=False, batch_size=batch_size, allow_nonfinite=allow_nonfinite
+    )
 
 
 def worker_device(device: torch.device) -> torch.device:

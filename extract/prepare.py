@@ -18,6 +18,7 @@ import torch
 from dask.utils import format_bytes
 
 from extract.compute import Computer, ExtractionError, UnitJob, compute_threads, device_name, resolve_device
+from extract.finite import model_problem, refuse_nonfinite_model
 from extract.hardware import (
     NATIVE_FLAGS,
     SLOWDOWN_WITHOUT,
@@ -189,6 +190,7 @@ def prepare(
     storage_options: dict[str, Any] | None = None,
     load_model: bool = True,
     break_lease: bool = False,
+    allow_nonfinite: bool = False,
 ) -> Prepared:
     """Validate, open the source, take the store's writer lease, load the model, create (or reopen /
     extend) the store.
@@ -196,6 +198,8 @@ def prepare(
     Everything that can refuse the run (a newer-format or read-only store, another writer) does so
     before the model is built. With load_model=False (a cluster's client) the checkpoint is only
     hashed; workers load it. The returned writer holds the lease until `finalize()` or `release()`.
+    A loaded model whose features on the dataset's first image are not finite is refused before the store
+    is created (extract.finite), unless `allow_nonfinite`.
     """
     spec = as_spec(spec)
     _check_model_supported(spec)
@@ -204,7 +208,7 @@ def prepare(
     store_state(url, storage_options)  # a newer-format store is refused before anything else
     lease = acquire(url, storage_options, break_stale=break_lease)  # read-only media refused here
     try:
-        return _prepare(spec, url, device, micro_batch, threads, storage_options, load_model)
+        return _prepare(spec, url, device, micro_batch, threads, storage_options, load_model, allow_nonfinite)
     finally:
         lease.release()  # the writer holds its own reference
 
@@ -217,6 +221,7 @@ def _prepare(
     threads: int | None,
     storage_options: dict[str, Any] | None,
     load_model: bool,
+    allow_nonfinite: bool = False,
 ) -> Prepared:
     dev = resolve_device(device or spec.compute.device)
     mb = int(micro_batch or DEFAULT_MICRO_BATCH)
@@ -238,6 +243,9 @@ def _prepare(
         record = {k: built.get(k) for k in ("preset", "flags", "checkpoint", "checkpoint_sha256", "init")}
     else:
         model, record = None, model_record(spec)
+    if model is not None and not allow_nonfinite:
+        with compute_threads(n_threads):
+            refuse_nonfinite_model(spec, model, source, dev)
     provenance = {
         **record,
         "noise_seed_rule": NOISE_SEED_RULES[spec.noise.rule],
@@ -283,6 +291,25 @@ def _prepare(
     except BaseException:
         writer.release()
         raise
+
+
+def model_output_problem(spec: Spec) -> str:
+    """Why the spec's model gives non-finite features at its taps on the dataset's first image, or ""
+    (extract.finite.model_problem, with the default thread count).
+
+    It runs on the spec's device, or on the CPU where that device is absent here; in float32 where the CPU
+    would emulate the spec's reduced dtype (a check of the weights, not of the GPU's arithmetic).
+    """
+    try:
+        dev = resolve_device(spec.compute.device)
+    except ExtractionError:
+        dev = torch.device("cpu")
+    if dev.type == "cpu" and not cpu_has_native(spec.compute.dtype):
+        spec = dataclasses.replace(spec, compute=dataclasses.replace(spec.compute, dtype="float32"))
+    source = open_source(spec.dataset)
+    model, _ = build(spec, dev)
+    with compute_threads(DEFAULT_THREADS):
+        return model_problem(spec, model, source, dev)
 
 
 def calibrate(spec: Spec, source: ImageSource, model: torch.nn.Module, device: torch.device, rows: int) -> dict:

@@ -31,7 +31,13 @@ def parse_memory(value: int | float | str | None) -> int:
     if isinstance(value, str):
         text = value.strip()
         if text.endswith("%"):
-            return default_memory_budget(float(text[:-1]) / 100.0)
+            try:
+                percent = float(text[:-1])
+            except ValueError:
+                percent = -1.0
+            if not 0 <= percent <= 100:
+                raise ProbeDataError(f"memory budget {value!r}: the percentage of RAM must be in [0, 100]")
+            return default_memory_budget(percent / 100.0)
         try:
             # dask reads "" as 1 byte; a budget must name its size.
             size = parse_bytes(text) if text else -1

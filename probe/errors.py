@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ProbeDataError", "RunConflictError"]
+__all__ = ["ProbeDataError", "RunConflictError", "UnknownFeatureError"]
 
 
 class ProbeDataError(ValueError):
@@ -11,3 +11,7 @@ class ProbeDataError(ValueError):
 
 class RunConflictError(ValueError):
     """`out_dir` holds a run made with other settings or another store: resuming it would mix two runs."""
+
+
+class UnknownFeatureError(ProbeDataError):
+    """A requested feature the store does not hold (a request given wrongly, not a faulty store)."""

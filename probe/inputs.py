@@ -9,7 +9,7 @@ import os
 from collections.abc import Sequence
 
 from extract.store import FeatureStore, open_store
-from probe.errors import ProbeDataError
+from probe.errors import ProbeDataError, UnknownFeatureError
 
 __all__ = [
     "StoreLike",
@@ -72,7 +72,7 @@ def check_features(store: FeatureStore, features: list[str]) -> None:
     missing = [f for f in features if f not in known]
     if missing:
         listing = ", ".join(known) if known else "(none)"
-        raise ProbeDataError(
+        raise UnknownFeatureError(
             f"feature(s) {', '.join(map(repr, missing))} not in the store; features that exist: {listing}"
         )
     is_complete = getattr(store, "is_complete", None)

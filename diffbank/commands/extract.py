@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from diffbank.commands.options import spec_device
 from diffbank.commands.remote import open_read_only, storage_option_flag
 from extract.hardware import describe_signature
 from extract.provenance import to_jsonable
@@ -37,7 +38,9 @@ log = logging.getLogger(__name__)
     default=None,
     help="Images loaded per batch (run-only: the stored bytes do not depend on it).",
 )
-@click.option("--device", default=None, help="auto (default: the spec's), cpu, cuda, cuda:N or mps.")
+@click.option(
+    "--device", default=None, callback=spec_device, help="auto (default: the spec's), cpu, cuda, cuda:N or mps."
+)
 @click.option(
     "--micro-batch",
     type=click.IntRange(min=1),
@@ -52,6 +55,11 @@ log = logging.getLogger(__name__)
     "For more cores, prefer --workers.",
 )
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option(
+    "--allow-nonfinite",
+    is_flag=True,
+    help="Store NaN/inf features instead of refusing the model and stopping at the first such unit.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the run's summary as JSON on stdout.")
 @click.option(
     "--break-lease",
@@ -71,6 +79,7 @@ def extract_command(
     micro_batch: int | None,
     threads: int | None,
     no_progress: bool,
+    allow_nonfinite: bool,
     as_json: bool,
     break_lease: bool,
     storage_option: tuple[str, ...],
@@ -122,6 +131,7 @@ def extract_command(
                     micro_batch=micro_batch,
                     threads=threads,
                     storage_options=storage_options,
+                    allow_nonfinite=allow_nonfinite,
                 )
         else:
             from extract.pipeline import extract
@@ -137,6 +147,7 @@ def extract_command(
                 threads=threads,
                 break_lease=break_lease,
                 storage_options=storage_options,
+                allow_nonfinite=allow_nonfinite,
             )
     except ExtractionInterrupted:
         log.warning(f"interrupted: finished units are saved in {url}. Resume with:\n  {resume}")
@@ -211,7 +222,11 @@ def info_command(store: str, as_json: bool) -> None:
         f"({s['compression']})"
     )
     click.echo("splits: " + (", ".join(f"{k} {v}" for k, v in s["splits"].items()) or "none"))
-    header = f"{'feature':<24} {'shape (N, C, h, w)':<22} {'dtype':<8} {'module':<18} {'res':>4} {'done':>9} {'max|x|':>10} {'inf':>5}"
+    # max|x| is over the finite values; inf and nan count the rest (an all-NaN feature shows max|x| 0).
+    header = (
+        f"{'feature':<24} {'shape (N, C, h, w)':<22} {'dtype':<8} {'module':<18} {'res':>4} {'done':>9} "
+        f"{'max|x|':>10} {'inf':>5} {'nan':>5}"
+    )
     click.echo(header)
     click.echo("-" * len(header))
     for f in s["features"]:
@@ -220,7 +235,8 @@ def info_command(store: str, as_json: bool) -> None:
         click.echo(
             f"{f['name']:<24} {str(tuple(f['shape'])):<22} {f['dtype']:<8} {str(f['module']):<18} "
             f"{str(f['resolution']):>4} {f['units_done']}/{f['units']:<7} "
-            f"{'' if max_abs is None else f'{max_abs:.4g}':>10} {stats.get('n_inf', ''):>5}"
+            f"{'' if max_abs is None else f'{max_abs:.4g}':>10} {stats.get('n_inf', ''):>5} "
+            f"{stats.get('n_nan', ''):>5}"
         )
 
 
@@ -263,8 +279,8 @@ def export_command(store: str, out: str, compression: str, features: tuple[str, 
             features=list(features) or None,
             keep_dtype=keep_dtype,
         )
-    except KeyError as exc:
-        raise click.ClickException(str(exc.args[0])) from None
+    except KeyError as exc:  # a --feature the store does not hold
+        raise click.BadParameter(str(exc.args[0]), param_hint="'--feature'") from None
     click.echo(f"wrote {path}")
 
 

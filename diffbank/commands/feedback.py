@@ -13,6 +13,7 @@ from typing import Any
 import click
 import numpy as np
 
+from diffbank.commands.options import spec_device
 from probe.recipe import FeedbackRecipe  # declarations only (no torch): the defaults shown in --help
 
 PAPER = FeedbackRecipe()
@@ -94,7 +95,9 @@ def _image_sets(spec: Any, train_split: str | None, test_split: str | None) -> t
 )
 @click.option("--lr", default=PAPER.lr, show_default=True, type=click.FloatRange(min=0, min_open=True))
 @click.option("--momentum", default=PAPER.momentum, show_default=True, type=click.FloatRange(0, 1, max_open=True))
-@click.option("--step-size", default=PAPER.step_size, show_default=True, type=click.IntRange(min=1), help="StepLR period (epochs)")
+@click.option(
+    "--step-size", default=PAPER.step_size, show_default=True, type=click.IntRange(min=1), help="StepLR period (epochs)"
+)
 @click.option("--gamma", default=PAPER.gamma, show_default=True, type=click.FloatRange(0, 1, min_open=True))
 @click.option(
     "--t",
@@ -107,7 +110,12 @@ def _image_sets(spec: Any, train_split: str | None, test_split: str | None) -> t
 @click.option(
     "--seed", default=None, type=int, help="seed of val split, order, noise and init (default: the spec's noise seed)"
 )
-@click.option("--device", default=None, help="torch device (default: the spec's compute.device; auto picks CUDA)")
+@click.option(
+    "--device",
+    default=None,
+    callback=spec_device,
+    help="torch device (default: the spec's compute.device; auto picks CUDA)",
+)
 @click.option(
     "--preset",
     type=click.Choice(["tiny", "small", "paper"]),

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from diffbank.commands.options import torch_device
 from extract.idx import FASHION_MNIST_DIR
 
 
@@ -61,7 +62,7 @@ from extract.idx import FASHION_MNIST_DIR
     help="min-snr: epsilon-MSE weighted by min(SNR, gamma)/SNR (Hang et al., ICCV 2023).",
 )
 @click.option("--snr-gamma", type=float, default=5.0, show_default=True)
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
+@click.option("--device", default="cpu", show_default=True, callback=torch_device, help="cpu, cuda, cuda:1, ...")
 @click.option("--channels-last/--no-channels-last", default=False, show_default=True)
 @click.option(
     "--compile/--no-compile",

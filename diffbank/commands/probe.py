@@ -13,10 +13,11 @@ from typing import Any
 
 import click
 
+from diffbank.commands.options import checked, torch_device
 from diffbank.commands.remote import open_read_only, storage_option_flag
 
 # Declarations only (no torch): the options, defaults and errors shown in --help come from here.
-from probe.errors import ProbeDataError, RunConflictError
+from probe.errors import ProbeDataError, RunConflictError, UnknownFeatureError
 from probe.options import (
     AttentionOptions,
     DataOptions,
@@ -31,6 +32,18 @@ from probe.recipe import RECIPES, ProbeConfigError
 from probe.report import format_table, render
 
 SUBSET_HELP = "label subset of train: 1%, 10% (stratified) or K-shot, e.g. 5-shot (seeded)"
+
+
+def _subset(value: str) -> Any:
+    from probe.splits import Subset
+
+    return Subset.parse(value)
+
+
+def _memory(value: str) -> Any:
+    from probe.budget import parse_memory
+
+    return parse_memory(value)
 
 
 def _common(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -53,7 +66,7 @@ def _common(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--seed", default=DataOptions.seed, show_default=True, type=int, help="seed of splits, subsets, order, init"
         ),
-        click.option("--subset", default=None, help=SUBSET_HELP),
+        click.option("--subset", default=None, callback=checked(_subset), help=SUBSET_HELP),
         click.option(
             "--val-fraction",
             default=DataOptions.val_fraction,
@@ -71,6 +84,7 @@ def _common(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--memory-budget",
             default=None,
+            callback=checked(_memory),
             help="features up to this size are loaded into memory, larger ones streamed "
             "(bytes, 2GiB, 25%; default 25% of RAM)",
         ),
@@ -105,7 +119,9 @@ def _training(func: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option("--epochs", default=None, type=click.IntRange(min=1), help=_recipe_value("epochs")),
         click.option("--batch-size", default=None, type=click.IntRange(min=1), help=_recipe_value("batch_size")),
-        click.option("--device", default=TrainingOptions.device, show_default=True, help="torch device, e.g. cuda:0"),
+        click.option(
+            "--device", default=TrainingOptions.device, show_default=True, callback=torch_device, help="torch device, e.g. cuda:0"
+        ),
         click.option("--quiet", is_flag=True, help="no per-epoch progress"),
         click.option(
             "--momentum",
@@ -213,6 +229,8 @@ def _run(name: str, **kwargs: Any) -> None:
         # there does not meet half a run's settings (an interrupted run keeps its checkpoint to resume).
         if fresh and not isinstance(exc, KeyboardInterrupt) and not (out / "checkpoint").exists():
             shutil.rmtree(out, ignore_errors=True)
+        if isinstance(exc, UnknownFeatureError):
+            raise click.BadParameter(str(exc), param_hint="'--feature'") from exc
         if isinstance(exc, (ProbeDataError, RunConflictError, ProbeConfigError, FileNotFoundError)):
             raise click.ClickException(str(exc)) from exc
         raise
@@ -290,7 +308,7 @@ def logistic(**kwargs: Any) -> None:
 @click.option(
     "--batch-size", default=KnnOptions.batch_size, show_default=True, type=int, help="bank rows per similarity chunk"
 )
-@click.option("--device", default=KnnOptions.device, show_default=True)
+@click.option("--device", default=KnnOptions.device, show_default=True, callback=torch_device)
 def knn(**kwargs: Any) -> None:
     """Cosine kNN with exp(sim/T)-weighted votes, k selected on validation."""
     if not kwargs["ks"]:

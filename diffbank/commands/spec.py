@@ -40,6 +40,8 @@ def schema_command() -> None:
 def check_command(spec_path: str, as_json: bool, no_files: bool) -> None:
     """Validate SPEC; print the resolved spec, its fingerprint, its features and the store size.
 
+    With a checkpoint (and without --no-files), one image runs through the model: a model whose features
+    at the spec's taps are not finite is refused, naming the first block that goes non-finite.
     Exits with status 2 and lists every problem when the spec is invalid.
     """
     from extract.spec import SpecError, load_spec
@@ -52,6 +54,16 @@ def check_command(spec_path: str, as_json: bool, no_files: bool) -> None:
         else:
             echo_problems(spec_path, exc.problems)
         sys.exit(2)
+    if spec.model.checkpoint is not None and not no_files:
+        from extract.prepare import model_output_problem
+
+        problem = model_output_problem(spec)
+        if problem:
+            if as_json:
+                click.echo(json.dumps({"ok": False, "spec": spec_path, "problems": [problem]}, indent=2))
+            else:
+                echo_problems(spec_path, [f"model.checkpoint: {problem}"])
+            sys.exit(2)
 
     n, n_note = _count_samples(spec, count_files=not no_files)
     report = _report(spec, n)

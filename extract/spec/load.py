@@ -9,6 +9,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from extract.spec.document import SpecFileError, read_document
 from extract.spec.resolve import Problems, resolve
 from extract.spec.resolved import Feature, Spec
 from extract.spec.schema import (
@@ -17,16 +18,22 @@ from extract.spec.schema import (
     SECTIONS,
     TOP_KEYS,
     SpecDocument,
+    name_problem,
     problems,
     type_name,
 )
+
+MAX_PROBLEMS = 50  # listed one per line; a document with thousands of bad keys still gives a readable answer
 
 
 class SpecError(ValueError):
     """A spec with problems; `.problems` lists every one, each starting with its field path."""
 
     def __init__(self, problems: list[str], source: str | None = None):
-        self.problems = list(problems)
+        problems = list(problems)
+        if len(problems) > MAX_PROBLEMS:
+            problems = [*problems[:MAX_PROBLEMS], f"... and {len(problems) - MAX_PROBLEMS} more problem(s)"]
+        self.problems = problems
         self.source = source
         where = f" in {source}" if source else ""
         lines = "\n".join(f"  - {p}" for p in self.problems)
@@ -48,22 +55,20 @@ def load_spec(
         raw: Any = spec
         default_name = "spec"
     else:
-        import yaml
-
         path = Path(spec)
         source = str(path)
         try:
-            raw = yaml.safe_load(path.read_text())
-        except OSError as exc:
-            raise SpecError([f"cannot read the spec file: {exc.strerror or exc}"], source) from None
-        except yaml.YAMLError as exc:
-            raise SpecError([f"not valid YAML: {exc}"], source) from None
+            raw = read_document(path)
+        except SpecFileError as exc:
+            raise SpecError([str(exc)], source) from None
         default_name = path.stem
     if not isinstance(raw, Mapping):
         raise SpecError([f"a spec is a mapping of sections ({', '.join(TOP_KEYS)}), got {type_name(raw)}"], source)
     base = str(Path(base_dir) if base_dir is not None else Path.cwd())
     found: Problems = []
     sections, name = _sections(dict(raw), found)
+    if name is None and name_problem(default_name):  # the file's stem stands in for the name
+        found.append(("name", f"is not set, and the file name {name_problem(default_name)}: set name"))
     resolved = resolve(sections, name or default_name, base_dir=base, check_files=check_files, problems=found)
     if resolved is None:
         if not found:  # defensive: an unresolved spec always comes with a reported problem

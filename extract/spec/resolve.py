@@ -351,10 +351,12 @@ def _pool_path(raw_pooling: Any, number: int, info: Any) -> str:
 
 def _distinct(values: list[Any], path: str, problems: Problems, what: str) -> bool:
     ok = True
+    seen: set[Any] = set()
     for i, v in enumerate(values):
-        if v in values[:i]:
+        if v in seen:
             problems.append((f"{path}[{i}]", f"duplicate {what} {v}"))
             ok = False
+        seen.add(v)
     return ok
 
 
@@ -362,7 +364,15 @@ def _features(
     s: FeaturesSection, problems: Problems, table: tuple[Any, ...] | None, model: ModelSpec | None
 ) -> FeatureGrid | None:
     ts_ok = _distinct(s.timesteps, "features.timesteps", problems, "value")
-    if model is not None:
+    if model is not None and len(s.timesteps) > model.diffusion_steps:
+        problems.append(
+            (
+                "features.timesteps",
+                f"has {len(s.timesteps)} entries, more than the {model.diffusion_steps} steps of the schedule",
+            )
+        )
+        ts_ok = False
+    elif model is not None:
         for i, t in enumerate(s.timesteps):
             if not 0 <= t < model.diffusion_steps:
                 problems.append(

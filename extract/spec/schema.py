@@ -81,6 +81,18 @@ REQUIRED_SECTIONS = ("model", "dataset", "features")
 TOP_KEYS = ("version", "name", *SECTIONS)
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+# Bounds on what a document may ask for, so a hostile spec is refused quickly instead of expanding: a
+# U-Net has a few dozen blocks and a schedule at most a few thousand steps; the resolver checks the
+# exact bounds (timesteps within the schedule, blocks within the model) under these.
+MAX_NAME_LENGTH = 128
+MAX_TIMESTEPS = 4096
+MAX_BLOCKS = 256
+MAX_SMALL_LIST = 64  # pooling sizes, splits
+MAX_FLAGS = 256
+MAX_TEXT = 4096  # paths, presets
+MAX_KEY = 128  # block names, split names, flag names
+REPR_LIMIT = 60  # characters of a value quoted in a message
+HINTED = 100  # errors that get a "did you mean" suggestion
 # Union branches are chosen by the input's shape; their tags are dropped again from error paths.
 _ONE, _LIST, _MAP, _NONE = "one", "list", "map", "none"
 _TAGS = {_ONE, _LIST, _MAP, _NONE}
@@ -90,14 +102,51 @@ def type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
+def short_repr(value: Any, limit: int = REPR_LIMIT) -> str:
+    """repr(value) cut to about `limit` characters: a message never carries a huge value.
+
+    Long strings and containers are cut before repr is taken, so a megabyte value costs no more than a
+    short one.
+    """
+    if isinstance(value, str) and len(value) > limit:
+        return repr(value[:limit]) + f"... ({len(value)} characters)"
+    if isinstance(value, (list, tuple, dict)) and len(value) > 8:
+        return f"<{type_name(value)} of {len(value)} items>"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def suggest(word: Any, choices: Any) -> str:
     """' (did you mean 'x'?)' when a choice is close to `word`, else ''."""
+    if len(str(word)) > REPR_LIMIT:  # no near miss is that long; difflib's cost grows with the length
+        return ""
     close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def name_problem(name: str) -> str:
+    """Why `name` cannot be a file name (a store's default path is stores/<name>.zarr), or ""."""
+    if len(name) > MAX_NAME_LENGTH:
+        return f"is {len(name)} characters long; at most {MAX_NAME_LENGTH}"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return f"{short_repr(name)} holds a control character (NUL, newline, ...); use a plain file name"
+    if "/" in name or "\\" in name or ".." in name:
+        return f"{short_repr(name)} is not a plain file name: no '/', '\\' or '..' (it names stores/<name>.zarr)"
+    return ""
+
+
+def device_problem(value: Any) -> str:
+    """Why `value` names no compute device, or ""."""
+    if isinstance(value, str) and _DEVICE_RE.match(value):
+        return ""
+    return f"unknown device {short_repr(value)}; use auto, cpu, cuda, cuda:<index> or mps"
+
+
 def _fspath(value: Any) -> Any:
-    return os.fspath(value) if isinstance(value, os.PathLike) else value
+    value = os.fspath(value) if isinstance(value, os.PathLike) else value
+    if isinstance(value, str) and "\0" in value:
+        raise PydanticCustomError("nul", "{value} holds a NUL byte, which no path can", {"value": short_repr(value)})
+    return value
 
 
 def _listify(value: Any) -> Any:
@@ -115,7 +164,7 @@ def _block_ref(value: Any) -> Any:
         raise PydanticCustomError(
             "block_ref",
             "expected a block number or module name, got {kind} {value}",
-            {"kind": type_name(value), "value": repr(value)},
+            {"kind": type_name(value), "value": short_repr(value)},
         )
     return value
 
@@ -136,15 +185,16 @@ def _by_shape(one: Any, many: Any, mapping: Any) -> Any:
 
 
 PosInt = Annotated[int, Field(ge=1)]
+Key = Annotated[str, Field(min_length=1, max_length=MAX_KEY)]
 NonNegInt = Annotated[int, Field(ge=0)]
-Path_ = Annotated[str | None, BeforeValidator(_fspath)]
-BlockRef = Annotated[int | str, BeforeValidator(_block_ref)]
-BlockKey = int | str  # a block number, a digit string or a module name, or "default"
-Pools = Annotated[list[PosInt], BeforeValidator(_listify)]
+Path_ = Annotated[Annotated[str, Field(max_length=MAX_TEXT)] | None, BeforeValidator(_fspath)]
+BlockRef = Annotated[int | Key, BeforeValidator(_block_ref)]
+BlockKey = int | Key  # a block number, a digit string or a module name, or "default"
+Pools = Annotated[list[PosInt], BeforeValidator(_listify), Field(max_length=MAX_SMALL_LIST)]
 TokenSize = Annotated[PosInt | None, BeforeValidator(_tokens)]
 PoolingField = _by_shape(Pools, Pools, dict[BlockKey, Pools])
 TokensField = _by_shape(TokenSize, TokenSize, dict[BlockKey, TokenSize])
-LimitField = _by_shape(PosInt, PosInt, dict[str, PosInt])
+LimitField = _by_shape(PosInt, PosInt, dict[Key, PosInt])
 
 
 class _Section(BaseModel):
@@ -153,8 +203,10 @@ class _Section(BaseModel):
 
 
 class ModelSection(_Section):
-    preset: str | None = Field(None, min_length=1)
-    flags: dict[str, Any] | None = Field(None, description="guided-diffusion flags over the preset's")
+    preset: str | None = Field(None, min_length=1, max_length=MAX_TEXT)
+    flags: dict[Key, Any] | None = Field(
+        None, max_length=MAX_FLAGS, description="guided-diffusion flags over the preset's"
+    )
     checkpoint: Path_ = Field(None, description="a path, 'embedded:<name>', or null for random weights")
     init_seed: NonNegInt = 0
     noise_schedule: Literal[SCHEDULES] | None = Field(None, title="noise schedule")  # type: ignore[valid-type]
@@ -164,8 +216,8 @@ class ModelSection(_Section):
 class DatasetSection(_Section):
     kind: Literal[DATASET_KINDS] = Field(title="dataset kind")  # type: ignore[valid-type]
     path: Path_ = None
-    splits: Annotated[list[Annotated[str, Field(min_length=1)]] | None, BeforeValidator(_listify)] = Field(
-        None, min_length=1
+    splits: Annotated[list[Key] | None, BeforeValidator(_listify)] = Field(
+        None, min_length=1, max_length=MAX_SMALL_LIST
     )
     limit: LimitField = None
     image_size: PosInt | None = None
@@ -173,8 +225,8 @@ class DatasetSection(_Section):
 
 
 class FeaturesSection(_Section):
-    timesteps: Annotated[list[int], BeforeValidator(_listify)] = Field(min_length=1)
-    blocks: Annotated[list[BlockRef], BeforeValidator(_listify)] = Field(min_length=1)
+    timesteps: Annotated[list[int], BeforeValidator(_listify)] = Field(min_length=1, max_length=MAX_TIMESTEPS)
+    blocks: Annotated[list[BlockRef], BeforeValidator(_listify)] = Field(min_length=1, max_length=MAX_BLOCKS)
     pooling: PoolingField = None
     tokens: TokensField = None
 
@@ -232,10 +284,9 @@ class ComputeSection(_Section):
     @field_validator("device", mode="before")
     @classmethod
     def _device(cls, value: Any) -> Any:
-        if not isinstance(value, str) or not _DEVICE_RE.match(value):
-            raise PydanticCustomError(
-                "device", "unknown device {value}; use auto, cpu, cuda, cuda:<index> or mps", {"value": repr(value)}
-            )
+        problem = device_problem(value)
+        if problem:
+            raise PydanticCustomError("device", "{problem}", {"problem": problem})
         return value
 
 
@@ -243,7 +294,7 @@ class SpecDocument(_Section):
     """A whole spec file."""
 
     version: int = SPEC_VERSION
-    name: str | None = Field(None, min_length=1)
+    name: str | None = Field(None, min_length=1, description="a plain file name (stores/<name>.zarr)")
     model: ModelSection
     dataset: DatasetSection
     features: FeaturesSection
@@ -260,6 +311,14 @@ class SpecDocument(_Section):
             return {k: ({} if k in SECTION_MODELS and v is None else v) for k, v in raw.items()}
         return raw
 
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str | None) -> str | None:
+        problem = name_problem(value) if value is not None else ""
+        if problem:
+            raise PydanticCustomError("name", "{problem}", {"problem": problem})
+        return value
+
     @field_validator("version", mode="before")
     @classmethod
     def _version(cls, value: Any) -> Any:
@@ -267,7 +326,7 @@ class SpecDocument(_Section):
             raise PydanticCustomError(
                 "version",
                 "unsupported spec version {value}; this diffbank reads version {supported}",
-                {"value": repr(value), "supported": SPEC_VERSION},
+                {"value": short_repr(value), "supported": SPEC_VERSION},
             )
         return value
 
@@ -303,7 +362,8 @@ def _path(loc: tuple[Any, ...]) -> str:
         if isinstance(part, int) and not after_map:
             out += f"[{part}]"
         else:
-            out += f".{part}" if out else str(part)
+            text = str(part) if len(str(part)) <= REPR_LIMIT else short_repr(part)  # an unknown key may be huge
+            out += f".{text}" if out else text
         after_map = False
     return out
 
@@ -326,13 +386,13 @@ def _literals(annotation: Any) -> list[str]:
     return [c for arg in get_args(annotation) for c in _literals(arg)]
 
 
-def _message(err: Any) -> str:
+def _message(err: Any, suggestions: bool = True) -> str:
     kind, value, loc = err["type"], err.get("input"), tuple(err["loc"])
-    got = f"got {type_name(value)} {value!r}"
+    got = f"got {type_name(value)} {short_repr(value)}"
     if kind == "extra_forbidden":
         model = _model_at(loc)
         allowed = list(model.model_fields) if model is not None else []
-        return f"unknown key{suggest(loc[-1], allowed)}; allowed: {', '.join(allowed)}"
+        return f"unknown key{suggest(loc[-1], allowed) if suggestions else ''}; allowed: {', '.join(allowed)}"
     if kind == "missing":
         return "section is required" if len(loc) == 1 else "is required"
     if kind == "literal_error":
@@ -345,7 +405,9 @@ def _message(err: Any) -> str:
             if loc == ("storage", "dtype") and value == "bfloat16"
             else ""
         )
-        return f"unknown {what} {value!r}{suggest(value, choices)}; choose one of {', '.join(choices)}{hint}"
+        value_text = short_repr(value)
+        close = suggest(value, choices) if suggestions else ""
+        return f"unknown {what} {value_text}{close}; choose one of {', '.join(choices)}{hint}"
     if kind in ("int_type", "int_parsing", "int_from_float"):
         return f"expected an integer, {got}"
     if kind == "bool_type":
@@ -358,11 +420,15 @@ def _message(err: Any) -> str:
         return f"expected a list, {got}"
     if kind == "too_short":
         return "must not be empty"
+    if kind in ("too_long", "string_too_long"):
+        what = "characters" if isinstance(value, str) else "items"
+        return f"has {len(value)} {what}; at most {err['ctx']['max_length']}"
     if kind == "greater_than_equal":
-        return f"must be >= {err['ctx']['ge']}, got {value}"
+        return f"must be >= {err['ctx']['ge']}, got {short_repr(value)}"
     return err["msg"]
 
 
 def problems(error: ValidationError) -> list[tuple[str, str]]:
-    """(field path, message) of every error, in document order."""
-    return [(_path(tuple(e["loc"])), _message(e)) for e in error.errors()]
+    """(field path, message) of every error, in document order; "did you mean" for the first HINTED only
+    (a document with thousands of bad keys would otherwise spend seconds in difflib)."""
+    return [(_path(tuple(e["loc"])), _message(e, suggestions=i < HINTED)) for i, e in enumerate(error.errors())]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Mapping, Sequence
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ from extract.provenance import fingerprint as fingerprint_of
 from extract.provenance import to_jsonable
 from extract.store.create import NewStore, create_store
 from extract.store.layout import (
+    SPLITS,
     FeatureInfo,
     StoreError,
     as_str,
@@ -156,9 +159,10 @@ def export_hdf5(
     for name in names:
         fs._check_name(name)
     out = Path(path)
-    tmp = out.with_name(out.name + ".partial")
+    # A name of its own, so two exports to one path do not collide; renamed to `out` only when complete.
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:12]}.partial")
     filters: dict[str, Any] = {} if compression is None else {"compression": compression, "shuffle": True}
-    with h5py.File(tmp, "w") as h5:
+    with _published_as(out, tmp), h5py.File(tmp, "w") as h5:
         h5.attrs["diffbank"] = json.dumps(to_jsonable(fs.attrs))
         h5.attrs["source_store"] = fs.url
         for name in names:
@@ -182,8 +186,19 @@ def export_hdf5(
         splits.attrs["meaning"] = SPLIT_MASKS_NOTE
         for split in sorted(fs._root[SPLITS].array_keys()):
             splits.create_dataset(split, data=np.asarray(fs._root[SPLITS][split][:], dtype=bool))
-    tmp.replace(out)  # a half-written export never carries the final name
     return out
+
+
+@contextlib.contextmanager
+def _published_as(out: Path, tmp: Path) -> Iterator[None]:
+    """`tmp` renamed to `out` when the block completes, removed when it fails: a half-written file never
+    carries the final name, and none is left behind."""
+    try:
+        yield
+        tmp.replace(out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def machines_of(fs: FeatureStore) -> list[dict[str, Any]]:
