@@ -13,8 +13,9 @@ import torch
 import yaml
 
 from extract.finite import unit_problem
-from extract.models.adm import TINY_FLAGS, ADMUNet
+from extract.models.adm import ADMUNet
 from extract.models.checkpoints import save_safetensors
+from extract.models.config import TINY_FLAGS
 
 from .conftest import cli, tiny_spec
 
