@@ -1,0 +1,234 @@
+"""diffusers UNet2DModel as a model family: every tap equals a hook on diffusers' own forward, early exit,
+local-only loading, the scheduler's noise schedule."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+
+from extract.diffusion import NoiseSchedule  # noqa: E402
+from extract.models.diffusers_unet import (  # noqa: E402
+    DiffusersModelError,
+    DiffusersUNet,
+    describe,
+    load_unet,
+    locate,
+    tap_modules,
+)
+
+# google/ddpm-cifar10-32's layout (its config.json), used at 32x32.
+CIFAR10 = dict(
+    sample_size=32,
+    block_out_channels=(128, 256, 256, 256),
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    layers_per_block=2,
+    attention_head_dim=None,
+    downsample_padding=0,
+    flip_sin_to_cos=False,
+    freq_shift=1,
+    norm_eps=1e-6,
+)
+CLASS_COND = dict(
+    sample_size=16,
+    block_out_channels=(32, 64),
+    down_block_types=("AttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "AttnUpBlock2D"),
+    layers_per_block=1,
+    norm_num_groups=8,
+    attention_head_dim=8,
+    num_class_embeds=10,
+)
+SMALL = dict(
+    sample_size=8,
+    in_channels=1,
+    out_channels=1,
+    block_out_channels=(16, 32),
+    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    layers_per_block=1,
+    norm_num_groups=8,
+    time_embedding_type="fourier",
+    flip_sin_to_cos=True,
+)
+CONFIGS = {"cifar10": CIFAR10, "class_cond": CLASS_COND, "small": SMALL}
+
+
+def save_unet(directory, config: dict, seed: int = 0, scheduler: dict | None = None):
+    """A randomly initialised UNet2DModel saved as diffusers does (a pipeline folder with a scheduler)."""
+    torch.manual_seed(seed)
+    unet = diffusers.UNet2DModel(**config)
+    if scheduler is None:
+        unet.save_pretrained(directory)
+    else:
+        unet.save_pretrained(directory / "unet")
+        diffusers.DDPMScheduler(**scheduler).save_pretrained(directory / "scheduler")
+    return unet.eval()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    out = {}
+    for name, config in CONFIGS.items():
+        d = tmp_path_factory.mktemp(name)
+        reference = save_unet(d, config, seed=len(name))
+        out[name] = (d, reference)
+    return out
+
+
+def hooked_outputs(unet, x, t, y):
+    """Every tap's output as a forward hook on diffusers' own forward sees it."""
+    seen = {}
+    hooks = [
+        m.register_forward_hook(lambda _m, _i, o, p=path: seen.__setitem__(p, o[0] if isinstance(o, tuple) else o))
+        for path, m in tap_modules(unet).items()
+    ]
+    try:
+        with torch.no_grad():
+            unet(x, t, class_labels=y)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_every_tap_equals_a_hook_on_diffusers_forward(saved, name):
+    directory, reference = saved[name]
+    model, record = DiffusersUNet.from_pretrained(directory)
+    config = CONFIGS[name]
+    size, channels = config["sample_size"], config.get("in_channels", 3)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, channels, size, size, generator=gen)
+    y = torch.tensor([3, 7]) if "num_class_embeds" in config else None
+    paths = [b.module for b in model.blocks]
+    assert len(set(paths)) == len(paths) == len(tap_modules(reference))
+    for step in (1, 250, 999):  # fourier embeds log(t): t = 0 would be -inf in diffusers too
+        t = torch.full((2,), step, dtype=torch.long)
+        expected = hooked_outputs(reference, x, t, y)
+        with torch.no_grad():
+            got = model.features(x, t, paths, y=y)
+        for info in model.blocks:
+            ref = expected[info.module]
+            out = got[info.module]
+            assert out.shape == (2, info.channels, info.resolution, info.resolution), info
+            rel = (out - ref).abs().max() / ref.abs().max()
+            assert rel <= 1e-5, (name, step, info.module, float(rel))
+    assert record["family"] == "diffusers" and len(record["checkpoint_sha256"]) == 64
+
+
+def test_taps_are_numbered_in_forward_order(saved):
+    model, _ = DiffusersUNet.from_pretrained(saved["cifar10"][0])
+    names = [b.module for b in model.blocks]
+    assert names[0] == "conv_in"
+    # A block is complete after its own sub-modules; the attention follows its resnet.
+    assert names.index("down_blocks.1.resnets.0") < names.index("down_blocks.1.attentions.0") < names.index(
+        "down_blocks.1.resnets.1"
+    )
+    assert names.index("down_blocks.1.downsamplers.0") + 1 == names.index("down_blocks.1")
+    assert names[-1] == "up_blocks.3"
+    assert [b.number for b in model.blocks] == list(range(1, len(names) + 1))
+    info = model.block_info("down_blocks.1.attentions.0")
+    assert (info.channels, info.resolution) == (256, 16)  # AttnDownBlock2D at 16x16
+    assert model.block_info(str(info.number)) == info == model.block_info(info.number)
+
+
+def test_nothing_after_the_deepest_tap_runs(saved):
+    model, _ = DiffusersUNet.from_pretrained(saved["cifar10"][0])
+    ran = []
+    for path, module in tap_modules(model.unet).items():
+        module.register_forward_hook(lambda *_a, p=path: ran.append(p))
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        model.features(x, torch.tensor([10]), ["down_blocks.1.attentions.0"])
+    assert ran[-1] == "down_blocks.1.attentions.0"
+    assert "down_blocks.1.resnets.1" not in ran and "mid_block" not in ran
+    ran.clear()
+    with torch.no_grad():
+        model.features(x, torch.tensor([10]), ["mid_block"])
+    assert ran[-1] == "mid_block" and not any(p.startswith("up_blocks") for p in ran)
+
+
+def test_class_labels_are_required_and_used(saved):
+    model, _ = DiffusersUNet.from_pretrained(saved["class_cond"][0])
+    x = torch.randn(2, 3, 16, 16)
+    t = torch.tensor([5, 5])
+    with pytest.raises(ValueError, match="class-conditional"):
+        model.features(x, t, ["mid_block"])
+    with torch.no_grad():
+        a = model.features(x, t, ["mid_block"], y=torch.tensor([0, 0]))["mid_block"]
+        b = model.features(x, t, ["mid_block"], y=torch.tensor([1, 1]))["mid_block"]
+    assert not torch.allclose(a, b)
+    small, _ = DiffusersUNet.from_pretrained(saved["small"][0])
+    with pytest.raises(ValueError, match="unconditional"):
+        small.features(torch.randn(1, 1, 8, 8), torch.tensor([1]), [1], y=torch.tensor([0]))
+
+
+def test_unknown_tap_names_the_taps(saved):
+    model, _ = DiffusersUNet.from_pretrained(saved["small"][0])
+    with pytest.raises(ValueError, match="no tap named 'mid_blok'"):
+        model.block_info("mid_blok")
+    with pytest.raises(ValueError, match=f"taps 1..{model.num_blocks}"):
+        model.block_info(model.num_blocks + 1)
+
+
+def test_hub_ids_remote_urls_and_missing_paths_are_clear_errors(tmp_path):
+    with pytest.raises(DiffusersModelError, match="hub id.*never downloads"):
+        locate("google/ddpm-cifar10-32")
+    with pytest.raises(DiffusersModelError, match="not a local path"):
+        locate("https://huggingface.co/google/ddpm-cifar10-32")
+    with pytest.raises(DiffusersModelError, match="does not exist"):
+        locate(tmp_path / "nowhere")
+    with pytest.raises(DiffusersModelError, match="neither config.json"):
+        locate(tmp_path)
+
+
+def test_other_model_classes_and_missing_weights_are_refused(tmp_path):
+    (tmp_path / "config.json").write_text('{"_class_name": "UNet2DConditionModel"}')
+    with pytest.raises(DiffusersModelError, match="UNet2DConditionModel, not a UNet2DModel"):
+        describe(tmp_path)
+    (tmp_path / "config.json").write_text('{"_class_name": "UNet2DModel", "sample_size": 8}')
+    with pytest.raises(DiffusersModelError, match="has no weights"):
+        describe(tmp_path)
+
+
+def test_bin_weights_load_weights_only_and_pickles_are_refused(tmp_path, saved):
+    reference = saved["small"][1]
+    directory = tmp_path / "bin"
+    reference.save_pretrained(directory, safe_serialization=False)
+    unet, record = load_unet(directory)
+    assert record["checkpoint"].endswith(".bin")
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(unet.state_dict()[key], value, rtol=0, atol=0)
+    import pickle
+
+    (directory / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps({"a": object()}, protocol=2))
+    with pytest.raises(DiffusersModelError, match="weights_only"):
+        load_unet(directory)
+
+
+@pytest.mark.parametrize(
+    "scheduler",
+    [
+        dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02),
+        dict(num_train_timesteps=500, beta_schedule="scaled_linear", beta_start=8.5e-4, beta_end=0.012),
+        dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2"),
+        dict(num_train_timesteps=4, trained_betas=[0.1, 0.2, 0.3, 0.4]),
+    ],
+)
+def test_the_noise_schedule_is_the_schedulers(tmp_path, scheduler):
+    save_unet(tmp_path, SMALL, scheduler=scheduler)
+    record = describe(tmp_path)
+    schedule = NoiseSchedule.from_scheduler_config(record["scheduler"])
+    reference = diffusers.DDPMScheduler.from_pretrained(tmp_path / "scheduler")
+    assert schedule.num_steps == scheduler["num_train_timesteps"]
+    np.testing.assert_array_equal(schedule.betas, reference.betas.double().numpy())
+    np.testing.assert_allclose(schedule.alphas_cumprod, reference.alphas_cumprod.double().numpy(), rtol=1e-5)
+
+
+def test_an_unsupported_beta_schedule_is_named():
+    with pytest.raises(ValueError, match="unsupported beta_schedule 'sigmoid'"):
+        NoiseSchedule.from_scheduler_config({"beta_schedule": "sigmoid"})
