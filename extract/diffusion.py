@@ -59,16 +59,30 @@ class NoiseSchedule:
         raise ValueError(f"unknown noise_schedule {noise_schedule!r}; choose one of {', '.join(SCHEDULES)}")
 
     @classmethod
+    def for_model(
+        cls, noise_schedule: str, diffusion_steps: int, scheduler: Mapping[str, Any] | None = None
+    ) -> NoiseSchedule:
+        """A model's schedule: its diffusers scheduler config where it has one, else the named schedule."""
+        if scheduler is not None:
+            return cls.from_scheduler_config(scheduler)
+        return cls.from_flags(noise_schedule, diffusion_steps)
+
+    @classmethod
     def from_scheduler_config(cls, config: Mapping[str, Any]) -> NoiseSchedule:
         """The training schedule of a diffusers scheduler config (DDPMScheduler and its kin), with the
         betas computed as diffusers computes them (float32, then widened)."""
+        if config.get("beta_schedule") is None and config.get("trained_betas") is None:
+            raise ValueError(
+                f"the scheduler ({config.get('_class_name', 'unnamed')}) has no beta_schedule or trained_betas: "
+                f"diffbank noises images with a discrete DDPM schedule"
+            )
         steps = int(config.get("num_train_timesteps", 1000))
         if config.get("trained_betas") is not None:
             betas = torch.tensor(config["trained_betas"], dtype=torch.float32)
             if len(betas) != steps:
                 raise ValueError(f"trained_betas has {len(betas)} values for num_train_timesteps={steps}")
             return cls("trained_betas", betas.double().numpy())
-        kind = config.get("beta_schedule", "linear")
+        kind = config["beta_schedule"]
         start, end = float(config.get("beta_start", 1e-4)), float(config.get("beta_end", 0.02))
         if kind == "linear":
             betas = torch.linspace(start, end, steps, dtype=torch.float32)

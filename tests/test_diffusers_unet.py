@@ -232,3 +232,123 @@ def test_the_noise_schedule_is_the_schedulers(tmp_path, scheduler):
 def test_an_unsupported_beta_schedule_is_named():
     with pytest.raises(ValueError, match="unsupported beta_schedule 'sigmoid'"):
         NoiseSchedule.from_scheduler_config({"beta_schedule": "sigmoid"})
+
+
+# ---------------------------------------------------------------------------------------------
+# The spec and an extraction
+# ---------------------------------------------------------------------------------------------
+
+TINY = dict(
+    sample_size=8,
+    block_out_channels=(16, 32),
+    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    layers_per_block=1,
+    norm_num_groups=8,
+)
+TINY_SCHEDULER = dict(num_train_timesteps=200, beta_schedule="scaled_linear", beta_start=1e-4, beta_end=0.02)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny") / "pipeline"
+    save_unet(directory, TINY, scheduler=TINY_SCHEDULER)
+    return directory
+
+
+def tiny_spec(path, **model):
+    return {
+        "name": "tiny-diffusers",
+        "model": {"family": "diffusers", "path": str(path), **model},
+        "dataset": {"kind": "digits", "splits": ["train", "test"], "limit": {"train": 12, "test": 6}},
+        "features": {"timesteps": [10, 150], "blocks": ["down_blocks.1.attentions.0", "mid_block"], "pooling": [1, 2]},
+        "storage": {"dtype": "float32", "chunk_rows": 8},
+        "compute": {"device": "cpu"},
+    }
+
+
+def test_a_spec_resolves_taps_schedule_and_round_trips(tiny):
+    from extract.spec import load_spec
+
+    spec = load_spec(tiny_spec(tiny))
+    numbers = {b.module: b.number for b in spec.block_table}
+    assert spec.grid.blocks == tuple(sorted((numbers["down_blocks.1.attentions.0"], numbers["mid_block"])))
+    assert (spec.model.noise_schedule, spec.model.diffusion_steps) == ("scaled_linear", 200)
+    assert spec.to_dict()["model"] == {"family": "diffusers", "path": str(tiny)}
+    again = load_spec(spec.to_dict())
+    assert again.fingerprint == spec.fingerprint and again.model == spec.model
+
+
+def test_spec_problems_are_named(tiny, tmp_path):
+    from extract.spec import SpecError, load_spec
+
+    bad = tiny_spec(tiny)
+    bad["features"] = {"timesteps": [200], "blocks": ["mid_blok"]}
+    bad["model"]["preset"] = "64x64_diffusion"
+    with pytest.raises(SpecError) as err:
+        load_spec(bad)
+    text = str(err.value)
+    assert "features.blocks[0]: this model has no block named 'mid_blok' (did you mean 'mid_block'?)" in text
+    assert "features.timesteps[0]: 200 is outside [0, 200)" in text
+    assert "model.preset: is for model.family: adm" in text
+    with pytest.raises(SpecError, match="model.path: 'google/ddpm-cifar10-32' looks like a Hugging Face hub id"):
+        load_spec(tiny_spec("google/ddpm-cifar10-32"))
+    with pytest.raises(SpecError, match="model.path: .* does not exist"):
+        load_spec(tiny_spec(tmp_path / "missing"))
+    with pytest.raises(SpecError, match="model.class_label: this UNet is unconditional"):
+        load_spec(tiny_spec(tiny, class_label=1))
+
+
+def test_a_class_conditional_model_needs_a_fixed_class(saved):
+    from extract.spec import SpecError, load_spec
+
+    def spec(**model):
+        out = tiny_spec(saved["class_cond"][0], **model)
+        return out | {"features": {"timesteps": [5], "blocks": ["mid_block"]}}
+
+    with pytest.raises(SpecError, match="model.class_label: this UNet is class-conditional"):
+        load_spec(spec())
+    with pytest.raises(SpecError, match="model.class_label: 10 is not among the model's 10 classes"):
+        load_spec(spec(class_label=10))
+    assert load_spec(spec(class_label=3)).model.class_label == 3
+
+
+def test_diffbank_extract_writes_a_store_from_a_diffusers_model(tiny, tmp_path):
+    import yaml
+    from click.testing import CliRunner
+
+    from diffbank.cli import main
+    from extract.diffusion import seeded_noise
+    from extract.overlap import load_batch
+    from extract.pooling import pool
+    from extract.preprocess import batch_to_model_range
+    from extract.sources import open_source
+    from extract.spec import load_spec
+    from extract.store import open_store
+
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(tiny_spec(tiny)))
+    store_path = tmp_path / "s.zarr"
+    result = CliRunner().invoke(main, ["extract", str(spec_path), "--store", str(store_path), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    store = open_store(store_path)
+    assert store.num_samples == 18
+    prov = store.attrs["provenance"]
+    assert prov["family"] == "diffusers" and len(prov["checkpoint_sha256"]) == 64
+    assert prov["noise_schedule"]["scheduler"]["beta_schedule"] == "scaled_linear"
+
+    # One feature recomputed by hand: the scheduler's schedule, seeded noise, the network's tap, pooling.
+    spec = load_spec(spec_path)
+    model, _ = DiffusersUNet.from_pretrained(tiny)
+    source = open_source(spec.dataset)
+    rows = np.arange(4)
+    x0 = batch_to_model_range(load_batch(source, 8, "reference", False, 0, 0, rows).pixels)
+    schedule = NoiseSchedule.from_scheduler_config(spec.model.scheduler)
+    t = 150
+    x_t = schedule.q_sample(x0, t, seeded_noise(0, rows.tolist(), t, 0, tuple(x0.shape[1:])))
+    tap = model.block_info("mid_block")
+    with torch.no_grad():
+        h = model.features(x_t, torch.full((4,), t), [tap.number])[tap.number]
+    name = f"t{t:03d}_b{tap.number:02d}_avg2"
+    assert name in store.feature_names()
+    np.testing.assert_allclose(store.read(name, rows), pool(h, ("avg", 2)).numpy(), rtol=1e-4, atol=1e-5)

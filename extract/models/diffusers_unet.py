@@ -62,14 +62,17 @@ def _import_diffusers() -> Any:
 # ---------------------------------------------------------------------------------------------
 
 
-def locate(path: str | os.PathLike) -> tuple[Path, Path | None]:
-    """(the UNet's folder, the scheduler's folder or None) of a local diffusers directory."""
+def locate(path: str | os.PathLike, base_dir: str | os.PathLike | None = None) -> tuple[Path, Path | None]:
+    """(the UNet's folder, the scheduler's folder or None) of a local diffusers directory; a relative
+    path is taken from `base_dir` (default: the working directory)."""
     text = os.fspath(path)
     if "://" in text:
         raise DiffusersModelError(
             f"{text!r} is not a local path: diffusers models are loaded from a local directory only"
         )
     p = Path(text).expanduser()
+    if base_dir is not None and not p.is_absolute():
+        p = Path(base_dir) / p
     if not p.exists():
         if _HUB_ID.match(text) and not text.startswith((".", "~")):
             raise DiffusersModelError(
@@ -120,9 +123,9 @@ def read_scheduler_config(scheduler_dir: Path | None) -> dict[str, Any] | None:
     return json.loads((scheduler_dir / "scheduler_config.json").read_text())
 
 
-def describe(path: str | os.PathLike) -> dict[str, Any]:
+def describe(path: str | os.PathLike, base_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """Provenance of a diffusers directory without loading it: family, configs, weights and their sha256."""
-    unet_dir, scheduler_dir = locate(path)
+    unet_dir, scheduler_dir = locate(path, base_dir)
     config = read_unet_config(unet_dir)
     weights = weights_file(unet_dir)
     return {
@@ -144,10 +147,10 @@ def build_unet(config: Mapping[str, Any], device: str | torch.device = "meta") -
         return diffusers.UNet2DModel.from_config(dict(config))
 
 
-def load_unet(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
+def load_unet(path: str | os.PathLike, base_dir: str | os.PathLike | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """The UNet of a local diffusers directory in eval mode, float32, and its provenance."""
-    record = describe(path)
-    unet_dir, _ = locate(path)
+    record = describe(path, base_dir)
+    unet_dir, _ = locate(path, base_dir)
     unet = build_unet(read_unet_config(unet_dir))
     weights = Path(record["checkpoint"])
     try:
@@ -233,8 +236,10 @@ class DiffusersUNet(nn.Module):
         self._top += [f"up_blocks.{i}" for i in range(len(unet.up_blocks))]
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> tuple[DiffusersUNet, dict[str, Any]]:
-        unet, record = load_unet(path)
+    def from_pretrained(
+        cls, path: str | os.PathLike, base_dir: str | os.PathLike | None = None
+    ) -> tuple[DiffusersUNet, dict[str, Any]]:
+        unet, record = load_unet(path, base_dir)
         return cls(unet), record
 
     @property
