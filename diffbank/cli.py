@@ -115,7 +115,7 @@ def _register() -> None:
     for module, names in [
         ("diffbank.commands.spec", ("spec",)),
         ("diffbank.commands.extract", ("extract", "store")),
-        ("diffbank.commands.model", ("train", "sample")),
+        ("diffbank.commands.model", ("train", "sample", "model")),
         ("diffbank.commands.probe", ("probe",)),
         ("diffbank.demo", ("demo",)),
     ]:

@@ -352,3 +352,43 @@ def test_diffbank_extract_writes_a_store_from_a_diffusers_model(tiny, tmp_path):
     name = f"t{t:03d}_b{tap.number:02d}_avg2"
     assert name in store.feature_names()
     np.testing.assert_allclose(store.read(name, rows), pool(h, ("avg", 2)).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_model_blocks_lists_taps_and_their_flop_share(tiny):
+    import json
+
+    from click.testing import CliRunner
+
+    from diffbank.cli import main
+
+    result = CliRunner().invoke(main, ["model", "blocks", "--model", str(tiny), "--json"])
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.output)
+    taps = record["taps"]
+    model, _ = DiffusersUNet.from_pretrained(tiny)
+    assert [(t["number"], t["module"], t["channels"], t["resolution"]) for t in taps] == [
+        (b.number, b.module, b.channels, b.resolution) for b in model.blocks
+    ]
+    # The time embedding's two linears (16 -> 64 -> 64), then conv_in (3 -> 16 channels, 3x3, on 8x8).
+    assert taps[0]["flops"] == 2 * (16 * 64 + 64 * 64) + 2 * 3 * 16 * 9 * 8 * 8
+    shares = [t["share"] for t in taps]
+    assert shares == sorted(shares) and 0.95 < shares[-1] < 1  # the output head is the rest
+    # At twice the image size every map side doubles.
+    wide = CliRunner().invoke(main, ["model", "blocks", "--model", str(tiny), "--image-size", "16", "--json"])
+    assert [t["resolution"] for t in json.loads(wide.output)["taps"]] == [2 * t["resolution"] for t in taps]
+
+
+def test_model_blocks_reads_an_adm_spec(tmp_path):
+    from click.testing import CliRunner
+
+    from diffbank.cli import main
+
+    spec = tmp_path / "adm.yaml"
+    spec.write_text(
+        "model: {preset: 'embedded:fmnist32'}\ndataset: {kind: digits, image_size: 32}\n"
+        "features: {timesteps: [10], blocks: [3]}\n"
+    )
+    result = CliRunner().invoke(main, ["model", "blocks", str(spec)])
+    assert result.exit_code == 0, result.output
+    assert "middle_block" in result.output and "input_blocks.0" in result.output
+    assert CliRunner().invoke(main, ["model", "blocks"]).exit_code == 2

@@ -11,10 +11,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
+from extract.models.adm import ADMUNet
 from extract.models.checkpoints import sha256_file
-from extract.models.registry import EMBEDDED_PREFIX, build_model, resolve_checkpoint
+from extract.models.registry import EMBEDDED_PREFIX, build_model, resolve_checkpoint, resolve_flags
 
 FAMILIES = ("adm", "diffusers")
 
@@ -72,3 +74,27 @@ def describe_model(section: Mapping[str, Any], base_dir: str | os.PathLike | Non
         "checkpoint_sha256": sha256_file(path) if path is not None else None,
         "init": "checkpoint" if path is not None else f"random(seed={int(section.get('init_seed') or 0)})",
     }
+
+
+def meta_network(section: Mapping[str, Any], base_dir: str | os.PathLike | None = None) -> tuple[nn.Module, int]:
+    """The section's network on the meta device (shapes only: no weights read, no memory) and its native
+    image size."""
+    if _family(section) == "diffusers":
+        from extract.models.diffusers_unet import DiffusersUNet, build_unet, locate, read_unet_config
+
+        config = read_unet_config(locate(section["path"], base_dir)[0])
+        return DiffusersUNet(build_unet(config)), int(config["sample_size"])
+    flags = resolve_flags(section.get("preset"), dict(section.get("flags") or {}))
+    with torch.device("meta"):
+        network = ADMUNet.from_flags(**flags)
+    return network, network.config.image_size
+
+
+def section_for(name: str, base_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """A model section from one word: a diffusers directory, else an ADM preset or 'embedded:<name>'."""
+    p = Path(name).expanduser()
+    if base_dir is not None and not p.is_absolute():
+        p = Path(base_dir) / p
+    if p.is_dir() or "/" in name or os.sep in name:
+        return {"family": "diffusers", "path": name}
+    return {"preset": name}
