@@ -117,6 +117,7 @@ def _register() -> None:
         ("diffbank.commands.extract", ("extract", "store")),
         ("diffbank.commands.model", ("train", "sample", "model")),
         ("diffbank.commands.probe", ("probe",)),
+        ("diffbank.commands.analyze", ("analyze",)),
         ("diffbank.demo", ("demo",)),
     ]:
         try:

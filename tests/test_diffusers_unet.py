@@ -125,8 +125,10 @@ def test_taps_are_numbered_in_forward_order(saved):
     names = [b.module for b in model.blocks]
     assert names[0] == "conv_in"
     # A block is complete after its own sub-modules; the attention follows its resnet.
-    assert names.index("down_blocks.1.resnets.0") < names.index("down_blocks.1.attentions.0") < names.index(
-        "down_blocks.1.resnets.1"
+    assert (
+        names.index("down_blocks.1.resnets.0")
+        < names.index("down_blocks.1.attentions.0")
+        < names.index("down_blocks.1.resnets.1")
     )
     assert names.index("down_blocks.1.downsamplers.0") + 1 == names.index("down_blocks.1")
     assert names[-1] == "up_blocks.3"

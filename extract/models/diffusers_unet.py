@@ -292,7 +292,9 @@ class DiffusersUNet(nn.Module):
             raise ValueError("this model is unconditional: y must be None")
         return emb
 
-    def _walk(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, last: int, keep: set[int]) -> dict[int, torch.Tensor]:
+    def _walk(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, last: int, keep: set[int]
+    ) -> dict[int, torch.Tensor]:
         unet = self.unet
         kept: dict[int, torch.Tensor] = {}
         number = {info.module: info.number for info in self.blocks}
