@@ -11,6 +11,7 @@ diffusers = pytest.importorskip("diffusers")
 
 from extract.diffusion import NoiseSchedule  # noqa: E402
 from extract.models.diffusers_unet import (  # noqa: E402
+    DDPM_CIFAR10_LAYOUT,
     DiffusersModelError,
     DiffusersUNet,
     describe,
@@ -19,19 +20,7 @@ from extract.models.diffusers_unet import (  # noqa: E402
     tap_modules,
 )
 
-# google/ddpm-cifar10-32's layout (its config.json), used at 32x32.
-CIFAR10 = dict(
-    sample_size=32,
-    block_out_channels=(128, 256, 256, 256),
-    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    layers_per_block=2,
-    attention_head_dim=None,
-    downsample_padding=0,
-    flip_sin_to_cos=False,
-    freq_shift=1,
-    norm_eps=1e-6,
-)
+CIFAR10 = DDPM_CIFAR10_LAYOUT  # used at 32x32
 CLASS_COND = dict(
     sample_size=16,
     block_out_channels=(32, 64),

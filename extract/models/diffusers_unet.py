@@ -40,6 +40,19 @@ WEIGHT_FILES = (
 )
 # Children of a block that are taps of their own, in diffusers' attribute names.
 SUB_TAPS = ("resnets", "attentions", "downsamplers", "upsamplers")
+# google/ddpm-cifar10-32's UNet2DModel layout (its config.json): the reference layout of tests and benchmarks.
+DDPM_CIFAR10_LAYOUT: dict[str, Any] = {
+    "sample_size": 32,
+    "block_out_channels": (128, 256, 256, 256),
+    "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    "layers_per_block": 2,
+    "attention_head_dim": None,
+    "downsample_padding": 0,
+    "flip_sin_to_cos": False,
+    "freq_shift": 1,
+    "norm_eps": 1e-6,
+}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
