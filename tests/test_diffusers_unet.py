@@ -383,3 +383,38 @@ def test_model_blocks_reads_an_adm_spec(tmp_path):
     assert result.exit_code == 0, result.output
     assert "middle_block" in result.output and "input_blocks.0" in result.output
     assert CliRunner().invoke(main, ["model", "blocks"]).exit_code == 2
+
+
+def test_a_class_conditional_model_extracts_with_the_spec_class(saved, tmp_path):
+    from extract.diffusion import seeded_noise
+    from extract.overlap import load_batch
+    from extract.pipeline import extract
+    from extract.pooling import pool
+    from extract.preprocess import batch_to_model_range
+    from extract.sources import open_source
+    from extract.spec import load_spec
+    from extract.store import open_store
+
+    spec = tiny_spec(saved["class_cond"][0], class_label=4)
+    spec["features"] = {"timesteps": [20], "blocks": ["mid_block"], "pooling": [1]}
+    spec["dataset"] |= {"image_size": 16, "limit": {"train": 4, "test": 2}}
+    extract(spec, tmp_path / "c.zarr", progress=False)
+    stored = open_store(tmp_path / "c.zarr").read(
+        "t020_b" + f"{load_spec(spec).grid.blocks[0]:02d}" + "_avg1", np.arange(2)
+    )
+
+    # By hand: the spec's schedule (no scheduler/ folder: linear, 1000 steps), seeded noise, class 4.
+    resolved = load_spec(spec)
+    m = resolved.model
+    schedule = NoiseSchedule.for_model(m.noise_schedule, m.diffusion_steps, m.scheduler)
+    rows = np.arange(2)
+    x0 = batch_to_model_range(load_batch(open_source(resolved.dataset), 16, "reference", False, 0, 0, rows).pixels)
+    x_t = schedule.q_sample(x0, 20, seeded_noise(0, rows.tolist(), 20, 0, (3, 16, 16)))
+    model, _ = DiffusersUNet.from_pretrained(saved["class_cond"][0])
+    t = torch.full((2,), 20)
+    with torch.no_grad():
+        own = {
+            c: pool(model.features(x_t, t, ["mid_block"], y=torch.full((2,), c))["mid_block"], "avg1") for c in (4, 5)
+        }
+    np.testing.assert_allclose(stored, own[4].numpy(), rtol=1e-4, atol=1e-5)
+    assert not np.allclose(stored, own[5].numpy(), rtol=1e-4, atol=1e-5)
