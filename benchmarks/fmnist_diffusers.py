@@ -53,7 +53,7 @@ def train(unet: UNet2DModel, seconds: float, batch: int, seed: int) -> dict:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         step += 1
     unet.eval()
     tail = losses[-20:]
