@@ -123,8 +123,9 @@ def _register() -> None:
     for module, names in [
         ("diffbank.commands.spec", ("spec",)),
         ("diffbank.commands.extract", ("extract", "store")),
-        ("diffbank.commands.model", ("train", "sample")),
+        ("diffbank.commands.model", ("train", "sample", "model")),
         ("diffbank.commands.probe", ("probe",)),
+        ("diffbank.commands.analyze", ("analyze",)),
         ("diffbank.demo", ("demo",)),
     ]:
         try:

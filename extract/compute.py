@@ -88,7 +88,10 @@ class Computer:
         self.model = model
         self.spec = spec
         self.device = device
-        self.schedule = NoiseSchedule.from_flags(spec.model.noise_schedule, spec.model.diffusion_steps)
+        m = spec.model
+        self.schedule = NoiseSchedule.for_model(m.noise_schedule, m.diffusion_steps, m.scheduler)
+        # A class-conditional diffusers UNet gets the spec's fixed class (never the row's own label).
+        self.class_label = m.class_label
         self.model_seconds = 0.0
         self.forwards = 0
         self.compile_seconds = 0.0
@@ -130,8 +133,9 @@ class Computer:
         return out
 
     def _run(self, x_t: torch.Tensor, tt: torch.Tensor, blocks: list[int]) -> dict[int, torch.Tensor]:
+        y = None if self.class_label is None else torch.full_like(tt, self.class_label)
         with self._autocast:
-            out = self._features(x_t, tt, blocks)
+            out = self._features(x_t, tt, blocks) if y is None else self._features(x_t, tt, blocks, y=y)
         return {b: v.float() for b, v in out.items()}
 
     def _collect(self, pooled: dict[str, torch.Tensor]) -> Callable[[], dict[str, np.ndarray]]:

@@ -10,12 +10,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 SCHEDULES = ("linear", "cosine")
+DIFFUSERS_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")  # beta_schedule of a scheduler config
 
 
 def linear_betas(steps: int) -> np.ndarray:
@@ -55,6 +57,44 @@ class NoiseSchedule:
         if noise_schedule == "cosine":
             return cls("cosine", cosine_betas(diffusion_steps))
         raise ValueError(f"unknown noise_schedule {noise_schedule!r}; choose one of {', '.join(SCHEDULES)}")
+
+    @classmethod
+    def for_model(
+        cls, noise_schedule: str, diffusion_steps: int, scheduler: Mapping[str, Any] | None = None
+    ) -> NoiseSchedule:
+        """A model's schedule: its diffusers scheduler config where it has one, else the named schedule."""
+        if scheduler is not None:
+            return cls.from_scheduler_config(scheduler)
+        return cls.from_flags(noise_schedule, diffusion_steps)
+
+    @classmethod
+    def from_scheduler_config(cls, config: Mapping[str, Any]) -> NoiseSchedule:
+        """The training schedule of a diffusers scheduler config (DDPMScheduler and its kin), with the
+        betas computed as diffusers computes them (float32, then widened)."""
+        if config.get("beta_schedule") is None and config.get("trained_betas") is None:
+            raise ValueError(
+                f"the scheduler ({config.get('_class_name', 'unnamed')}) has no beta_schedule or trained_betas: "
+                f"diffbank noises images with a discrete DDPM schedule"
+            )
+        steps = int(config.get("num_train_timesteps", 1000))
+        if config.get("trained_betas") is not None:
+            betas = torch.tensor(config["trained_betas"], dtype=torch.float32)
+            if len(betas) != steps:
+                raise ValueError(f"trained_betas has {len(betas)} values for num_train_timesteps={steps}")
+            return cls("trained_betas", betas.double().numpy())
+        kind = config["beta_schedule"]
+        start, end = float(config.get("beta_start", 1e-4)), float(config.get("beta_end", 0.02))
+        if kind == "linear":
+            betas = torch.linspace(start, end, steps, dtype=torch.float32)
+        elif kind == "scaled_linear":
+            betas = torch.linspace(start**0.5, end**0.5, steps, dtype=torch.float32) ** 2
+        elif kind == "squaredcos_cap_v2":
+            betas = torch.tensor(cosine_betas(steps), dtype=torch.float32)
+        else:
+            raise ValueError(
+                f"unsupported beta_schedule {kind!r}; choose one of {', '.join(DIFFUSERS_SCHEDULES)} or trained_betas"
+            )
+        return cls(kind, betas.double().numpy())
 
     @property
     def num_steps(self) -> int:

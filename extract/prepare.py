@@ -144,15 +144,17 @@ def checkpoint_path(spec: Spec) -> Path | None:
 
 
 def build(spec: Spec, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
-    from extract.models.registry import build_model
+    from extract.models.loading import load_model
 
-    model, record = build_model(
-        spec.model.preset,
-        dict(spec.model.flags),
-        None if spec.model.checkpoint is None else str(checkpoint_path(spec)),
-        spec.model.init_seed,
-    )
+    model, record = load_model(spec.model.section(), spec.dataset.base_dir)
     return model.to(device), record
+
+
+def diffusers_schedule_record(spec: Spec) -> dict[str, Any]:
+    """Where a diffusers model's noise schedule came from: its scheduler config, or the spec's named schedule."""
+    m = spec.model
+    source = {"scheduler": dict(m.scheduler)} if m.scheduler is not None else {"from": "spec (no scheduler/ folder)"}
+    return {"name": m.noise_schedule, "steps": m.diffusion_steps, **source}
 
 
 @dataclasses.dataclass
@@ -168,16 +170,9 @@ class Prepared:
 
 def model_record(spec: Spec) -> dict[str, Any]:
     """The model's provenance without building it (the checkpoint is hashed, not loaded)."""
-    from extract.models.checkpoints import sha256_file
+    from extract.models.loading import describe_model
 
-    path = checkpoint_path(spec)
-    return {
-        "preset": spec.model.preset,
-        "flags": dict(spec.model.flags),
-        "checkpoint": spec.model.checkpoint,
-        "checkpoint_sha256": sha256_file(path) if path is not None else None,
-        "init": "checkpoint" if path is not None else f"random(seed={spec.model.init_seed})",
-    }
+    return describe_model(spec.model.section(), spec.dataset.base_dir)
 
 
 def prepare(
@@ -239,8 +234,7 @@ def _prepare(
         f"{spec.cost_summary(len(source))}"
     )
     if load_model:
-        model, built = build(spec, dev)
-        record = {k: built.get(k) for k in ("preset", "flags", "checkpoint", "checkpoint_sha256", "init")}
+        model, record = build(spec, dev)
     else:
         model, record = None, model_record(spec)
     if model is not None and not allow_nonfinite:
@@ -251,6 +245,7 @@ def _prepare(
         "noise_seed_rule": NOISE_SEED_RULES[spec.noise.rule],
         **({"noise_draws": SEPARATE_DRAWS_RULE.format(k=spec.noise.draws)} if spec.noise.combine == "separate" else {}),
         "timestep_convention": TIMESTEP_CONVENTION,
+        **({"noise_schedule": diffusers_schedule_record(spec)} if spec.model.family == "diffusers" else {}),
         "dataset": source.describe(),
         "dataset_manifest_sha256_source": source.manifest_hash(),
         "compute": {

@@ -205,3 +205,49 @@ def sample_command(model_name, flags_json, num, steps, eta, seed, out_path):
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(image_grid(images, nrow=int(num**0.5) or 1)).save(out_path)
     click.echo(f"wrote {out_path} ({num} images, {steps} DDIM steps)")
+
+
+@click.group("model")
+def model_command():
+    """Look at a model: its taps and what reaching each costs."""
+
+
+@model_command.command("blocks")
+@click.argument("spec_path", metavar="SPEC", required=False, type=click.Path(dir_okay=False))
+@click.option(
+    "--model",
+    "model_name",
+    default=None,
+    help="Instead of a spec: an ADM preset, embedded:NAME, or a local diffusers directory.",
+)
+@click.option("--image-size", type=click.IntRange(min=1), default=None, help="Default: the spec's, else the model's.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def blocks_command(spec_path, model_name, image_size, as_json):
+    """Every tap with its ordinal, module path, channels, map side and the share of the full forward's FLOPs
+    needed to reach it (what early exit saves)."""
+    from extract.models.accounting import model_tap_costs
+    from extract.models.loading import section_for
+    from extract.spec import load_spec
+
+    if (spec_path is None) == (model_name is None):
+        raise click.UsageError("give either a SPEC or --model")
+    if spec_path is not None:
+        spec = load_spec(spec_path, check_files=False)
+        section, base_dir, size = spec.model.section(), spec.dataset.base_dir, image_size or spec.dataset.image_size
+        label = spec_path
+    else:
+        section, base_dir, size, label = section_for(model_name), None, image_size, model_name
+    costs, size = model_tap_costs(section, size, base_dir)
+    full = costs[0].flops / costs[0].share if costs and costs[0].share else 0.0
+    if as_json:
+        record = {"model": label, "image_size": size, "full_forward_flops": int(full), "taps": [c.to_dict() for c in costs]}
+        click.echo(json.dumps(record, indent=1))
+        return
+    click.echo(f"{label}: {len(costs)} taps at {size}x{size}; full forward {full / 1e9:.3g} GFLOP per image")
+    width = max(len(c.module) for c in costs)
+    click.echo(f"{'#':>3}  {'module':<{width}}  {'channels':>8}  {'map':>7}  {'GFLOP':>8}  {'share':>6}")
+    for c in costs:
+        side = f"{c.resolution}x{c.resolution}"
+        click.echo(
+            f"{c.number:>3}  {c.module:<{width}}  {c.channels:>8}  {side:>7}  {c.flops / 1e9:>8.3f}  {c.share:>6.1%}"
+        )

@@ -97,6 +97,81 @@ def _preset_names() -> list[str]:
 def _model(
     s: ModelSection, problems: Problems, base_dir: str, check_files: bool
 ) -> tuple[ModelSpec | None, tuple[Any, ...] | None]:
+    if s.family == "diffusers":
+        return _diffusers_model(s, problems, base_dir, check_files)
+    for key in ("path", "class_label"):
+        if getattr(s, key) is not None:
+            problems.append((f"model.{key}", "is for model.family: diffusers; an ADM model takes preset/flags/checkpoint"))
+    return _adm_model(s, problems, base_dir, check_files)
+
+
+DIFFUSERS_SCHEDULER_KEYS = ("_class_name", "num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "trained_betas", "prediction_type")
+
+
+def _diffusers_model(
+    s: ModelSection, problems: Problems, base_dir: str, check_files: bool
+) -> tuple[ModelSpec | None, tuple[Any, ...] | None]:
+    """A diffusers directory: its config and scheduler are always read (they make the tap table and the
+    schedule); with check_files its weights must be there too."""
+    from extract.diffusion import NoiseSchedule
+    from extract.models.diffusers_unet import (
+        DiffusersModelError,
+        build_unet,
+        locate,
+        read_scheduler_config,
+        read_unet_config,
+        tap_table,
+        weights_file,
+    )
+
+    adm_only = [k for k in ("preset", "flags", "checkpoint", "init_seed") if k in s.model_fields_set]
+    for key in adm_only:
+        problems.append((f"model.{key}", "is for model.family: adm; a diffusers model is its directory (model.path)"))
+    if s.path is None:
+        problems.append(("model.path", "is required for model.family: diffusers (a local save_pretrained directory)"))
+        return None, None
+    try:
+        unet_dir, scheduler_dir = locate(s.path, base_dir)
+        config = read_unet_config(unet_dir)
+        if check_files:
+            weights_file(unet_dir)
+        scheduler = read_scheduler_config(scheduler_dir)
+    except (DiffusersModelError, OSError, ValueError) as exc:
+        problems.append(("model.path", str(exc)))
+        return None, None
+    if scheduler is not None:
+        scheduler = {k: scheduler[k] for k in DIFFUSERS_SCHEDULER_KEYS if k in scheduler}
+        for key in ("noise_schedule", "diffusion_steps"):
+            if getattr(s, key) is not None:
+                problems.append((f"model.{key}", f"the schedule comes from {scheduler_dir}; remove model.{key}"))
+    try:
+        schedule = NoiseSchedule.for_model(s.noise_schedule or "linear", s.diffusion_steps or 1000, scheduler)
+    except ValueError as exc:
+        problems.append(("model.path", f"{scheduler_dir}: {exc}"))
+        return None, None
+    classes = config.get("num_class_embeds")
+    conditional = config.get("class_embed_type") is not None or classes is not None
+    if conditional and s.class_label is None:
+        problems.append(("model.class_label", "this UNet is class-conditional: set the class it is given"))
+    elif not conditional and s.class_label is not None:
+        problems.append(("model.class_label", "this UNet is unconditional: it takes no class"))
+    elif s.class_label is not None and classes is not None and s.class_label >= classes:
+        problems.append(("model.class_label", f"{s.class_label} is not among the model's {classes} classes"))
+    try:
+        table = tap_table(build_unet(config))
+    except Exception as exc:  # a config that diffusers itself cannot build
+        problems.append(("model.path", f"diffusers cannot build this UNet2DModel: {exc}"))
+        return None, None
+    flags = {k: v for k, v in config.items() if not k.startswith("_")}
+    model = ModelSpec(
+        None, flags, None, 0, schedule.name, schedule.num_steps, "diffusers", s.path, scheduler, s.class_label
+    )
+    return model, table
+
+
+def _adm_model(
+    s: ModelSection, problems: Problems, base_dir: str, check_files: bool
+) -> tuple[ModelSpec | None, tuple[Any, ...] | None]:
     ok = True
     flags = dict(s.flags or {})
     known_flags = sorted(set(DEFAULT_FLAGS) | DIFFUSION_ONLY_FLAGS)
@@ -292,7 +367,7 @@ class _Blocks:
                 (
                     path,
                     f"this model has no block named {ref!r}{suggest(ref, names)}; blocks are 1..{n} "
-                    f"or module names such as 'input_blocks.0', 'middle_block', '{names[-1]}'",
+                    f"or module names such as '{names[0]}', '{names[n // 2]}', '{names[-1]}'",
                 )
             )
             return None

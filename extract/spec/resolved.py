@@ -41,10 +41,30 @@ class ModelSpec:
     init_seed: int
     noise_schedule: str
     diffusion_steps: int
+    # diffusers: `flags` holds the UNet's config.json, `scheduler` its scheduler config (None: the
+    # noise_schedule / diffusion_steps pair), `class_label` the class a class-conditional UNet gets.
+    family: str = "adm"
+    path: str | None = None
+    scheduler: Mapping[str, Any] | None = None
+    class_label: int | None = None
 
     @property
     def image_size(self) -> int:
-        return int(self.flags["image_size"])
+        return int(self.flags["image_size" if self.family == "adm" else "sample_size"])
+
+    def section(self) -> dict[str, Any]:
+        """The recorded `model:` section (ADM's keys unchanged, so older stores keep their fingerprint)."""
+        if self.family != "adm":
+            out: dict[str, Any] = {"family": self.family, "path": self.path}
+            return out | ({"class_label": self.class_label} if self.class_label is not None else {})
+        return {
+            "preset": self.preset,
+            "flags": dict(self.flags),
+            "checkpoint": self.checkpoint,
+            "init_seed": self.init_seed,
+            "noise_schedule": self.noise_schedule,
+            "diffusion_steps": self.diffusion_steps,
+        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,14 +221,7 @@ class Spec:
         return {
             "version": SPEC_VERSION,
             "name": self.name,
-            "model": {
-                "preset": m.preset,
-                "flags": dict(m.flags),
-                "checkpoint": m.checkpoint,
-                "init_seed": m.init_seed,
-                "noise_schedule": m.noise_schedule,
-                "diffusion_steps": m.diffusion_steps,
-            },
+            "model": m.section(),
             "dataset": {
                 "kind": d.kind,
                 "path": d.path,

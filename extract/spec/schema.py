@@ -10,6 +10,9 @@ YAML schema (defaults in brackets; `null` where a default is derived)::
 
     name: cpu_small                      # [file stem] a label; not part of the fingerprint
     model:
+      family: adm | diffusers            # [adm] diffusers: `path` only (+ class_label), schedule from its scheduler
+      path: models/ddpm-cifar10-32       # diffusers: a local UNet or pipeline directory (no hub ids)
+      class_label: 3                     # [null] diffusers: the class a class-conditional UNet is given
       preset: 256x256_diffusion_uncond   # [null] a released preset, or "embedded:<name>"
       flags: {num_channels: 32, ...}     # [{}] guided-diffusion flag overrides on top of the preset
       checkpoint: path | "embedded:<name>" | null   # [null] null = random weights from init_seed
@@ -75,6 +78,7 @@ PREPROCESSING = ("reference",)
 # How a store keeps K noise draws: averaged into one array, or one array per draw (augmentation for probes).
 NOISE_COMBINE = ("mean", "separate")
 SCHEDULES = ("linear", "cosine")
+MODEL_FAMILIES = ("adm", "diffusers")  # guided-diffusion U-Nets; diffusers UNet2DModel directories
 DEFAULT_POOLING = (2,)
 SECTIONS = ("model", "dataset", "features", "noise", "views", "storage", "compute")
 REQUIRED_SECTIONS = ("model", "dataset", "features")
@@ -203,6 +207,9 @@ class _Section(BaseModel):
 
 
 class ModelSection(_Section):
+    family: Literal[MODEL_FAMILIES] = Field("adm", title="model family")  # type: ignore[valid-type]
+    path: Path_ = Field(None, description="diffusers: a local save_pretrained directory (UNet or pipeline)")
+    class_label: NonNegInt | None = Field(None, description="diffusers: the class fed to a class-conditional UNet")
     preset: str | None = Field(None, min_length=1, max_length=MAX_TEXT)
     flags: dict[Key, Any] | None = Field(
         None, max_length=MAX_FLAGS, description="guided-diffusion flags over the preset's"
