@@ -84,14 +84,18 @@ class UnitJob:
 class Computer:
     """Noise, forward, draw-averaging and pooling for one micro-batch; times the model alone."""
 
-    def __init__(self, model: torch.nn.Module, spec: Spec, device: torch.device):
+    def __init__(self, model: torch.nn.Module, spec: Spec, device: torch.device, labels: np.ndarray | None = None):
+        """`labels`: every row's label, for a class-conditional model given `class_label: dataset`."""
         self.model = model
         self.spec = spec
         self.device = device
         m = spec.model
         self.schedule = NoiseSchedule.for_model(m.noise_schedule, m.diffusion_steps, m.scheduler)
-        # A class-conditional diffusers UNet gets the spec's fixed class (never the row's own label).
+        # A class-conditional diffusers UNet gets the spec's fixed class, or with "dataset" each row's label.
         self.class_label = m.class_label
+        if self.class_label == "dataset" and labels is None:
+            raise ExtractionError("model.class_label: dataset needs the rows' labels")
+        self._labels = labels
         self.model_seconds = 0.0
         self.forwards = 0
         self.compile_seconds = 0.0
@@ -107,14 +111,25 @@ class Computer:
         self._compiled: set[tuple[Any, ...]] = set()
         self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
-    def forward(self, x_t: torch.Tensor, t: int, blocks: list[int]) -> dict[int, torch.Tensor]:
+    def class_input(self, rows: np.ndarray) -> torch.Tensor | None:
+        """The class a conditional model gets for store rows `rows` (None: an unconditional model)."""
+        if self.class_label is None:
+            return None
+        if self.class_label == "dataset":
+            assert self._labels is not None
+            return torch.as_tensor(self._labels[rows], dtype=torch.long, device=self.device)
+        return torch.full((len(rows),), int(self.class_label), dtype=torch.long, device=self.device)
+
+    def forward(
+        self, x_t: torch.Tensor, t: int, blocks: list[int], y: torch.Tensor | None = None
+    ) -> dict[int, torch.Tensor]:
         tt = torch.full((x_t.shape[0],), t, dtype=torch.long, device=self.device)
         x_t = x_t.contiguous(memory_format=self._memory_format)
         key = (tuple(blocks), tuple(x_t.shape))
         if self.spec.compute.compile and key not in self._compiled:
             # The first call per (blocks, batch shape) compiles: its time is compile time, not model time.
             t0 = time.perf_counter()
-            out = self._run(x_t, tt, blocks)
+            out = self._run(x_t, tt, blocks, y)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             self.compile_seconds += time.perf_counter() - t0
@@ -122,18 +137,19 @@ class Computer:
         elif self.device.type == "cuda":  # events time the GPU's work without making the host wait for it
             start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            out = self._run(x_t, tt, blocks)
+            out = self._run(x_t, tt, blocks, y)
             stop.record()
             self._events.append((start, stop))
         else:
             t0 = time.perf_counter()
-            out = self._run(x_t, tt, blocks)
+            out = self._run(x_t, tt, blocks, y)
             self.model_seconds += time.perf_counter() - t0
         self.forwards += 1
         return out
 
-    def _run(self, x_t: torch.Tensor, tt: torch.Tensor, blocks: list[int]) -> dict[int, torch.Tensor]:
-        y = None if self.class_label is None else torch.full_like(tt, self.class_label)
+    def _run(
+        self, x_t: torch.Tensor, tt: torch.Tensor, blocks: list[int], y: torch.Tensor | None
+    ) -> dict[int, torch.Tensor]:
         with self._autocast:
             out = self._features(x_t, tt, blocks) if y is None else self._features(x_t, tt, blocks, y=y)
         return {b: v.float() for b, v in out.items()}
@@ -176,6 +192,7 @@ class Computer:
         x0 = batch_to_model_range(pixels.to(self.device, non_blocking=True))
         shape = tuple(x0.shape[1:])
         rows = indices.tolist()
+        y = self.class_input(indices)
         for t in job.timesteps:
             blocks = job.blocks_at(t)
             wanted = [f for f in job.features if f.t == t]
@@ -188,7 +205,7 @@ class Computer:
                 x_t = self.schedule.q_sample(x0, t, noise)
                 for view in job.views():
                     x_v = x_t if view == "center" else x_t.flip(-1)
-                    feats = self.forward(x_v, t, blocks)
+                    feats = self.forward(x_v, t, blocks, y)
                     if separate:
                         for f in wanted:
                             if f.draw == draw and f.view == view:

@@ -74,14 +74,15 @@ def model_problem(spec: Spec, model: torch.nn.Module, source: ImageSource, devic
     view = "center" if any(f.view == "center" for f in features) else "flip"
     features = [f for f in features if f.view == view]
     deepest = max(f.block for f in features)
-    computer = Computer(model, spec, device)
+    computer = Computer(model, spec, device, labels=source.labels)
+    y = computer.class_input(np.zeros(1, np.int64))
     batch = load_batch(source, spec.dataset.image_size, spec.dataset.preprocess, False, 0, 0, np.zeros(1, np.int64))
     x0 = batch_to_model_range(batch.pixels.to(device))
     with torch.inference_mode():
         for t in spec.grid.timesteps:
             noise = noise_for(spec.noise.rule, spec.noise.seed, [0], t, 0, tuple(x0.shape[1:]), device)
             x_t = computer.schedule.q_sample(x0, t, noise)
-            outputs = computer.forward(x_t if view == "center" else x_t.flip(-1), t, list(range(1, deepest + 1)))
+            outputs = computer.forward(x_t if view == "center" else x_t.flip(-1), t, list(range(1, deepest + 1)), y)
             problem = _tap_problem(spec, features, t, outputs)
             if problem:
                 return problem

@@ -103,7 +103,7 @@ def _run_units(
     allow_nonfinite: bool,
 ) -> dict[str, Any]:
     spec, writer, source = prepared.spec, prepared.writer, prepared.source
-    computer = Computer(prepared.model, spec, prepared.device)
+    computer = Computer(prepared.model, spec, prepared.device, labels=source.labels)
     mb = prepared.micro_batch
     batches = plan_batches(writer, wanted, mb)
     load_rows = max(1, int(batch_size or spec.compute.batch_size))

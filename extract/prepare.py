@@ -316,8 +316,8 @@ def calibrate(spec: Spec, source: ImageSource, model: torch.nn.Module, device: t
     batch = load_batch(source, spec.dataset.image_size, spec.dataset.preprocess, False, 0, 0, indices)
     job = UnitJob(0, store_features(spec))
     fp32 = dataclasses.replace(spec, compute=dataclasses.replace(spec.compute, dtype="float32"))
-    reference = Computer(model, fp32, device).compute(batch.pixels, indices, job)
-    reduced = Computer(model, spec, device).compute(batch.pixels, indices, job)
+    reference = Computer(model, fp32, device, labels=source.labels).compute(batch.pixels, indices, job)
+    reduced = Computer(model, spec, device, labels=source.labels).compute(batch.pixels, indices, job)
     errors = {}
     for name, ref in reference.items():
         diff = np.abs(reduced[name].astype(np.float64) - ref)

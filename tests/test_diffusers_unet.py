@@ -290,7 +290,7 @@ def test_spec_problems_are_named(tiny, tmp_path):
         load_spec(tiny_spec(tiny, class_label=1))
 
 
-def test_a_class_conditional_model_needs_a_fixed_class(saved):
+def test_a_class_conditional_model_needs_a_class(saved):
     from extract.spec import SpecError, load_spec
 
     def spec(**model):
@@ -302,6 +302,9 @@ def test_a_class_conditional_model_needs_a_fixed_class(saved):
     with pytest.raises(SpecError, match="model.class_label: 10 is not among the model's 10 classes"):
         load_spec(spec(class_label=10))
     assert load_spec(spec(class_label=3)).model.class_label == 3
+    assert load_spec(spec(class_label="dataset")).model.class_label == "dataset"
+    with pytest.raises(SpecError, match="model.class_label"):
+        load_spec(spec(class_label="labels"))
 
 
 def test_diffbank_extract_writes_a_store_from_a_diffusers_model(tiny, tmp_path):
@@ -418,6 +421,31 @@ def test_a_class_conditional_model_extracts_with_the_spec_class(saved, tmp_path)
         }
     np.testing.assert_allclose(stored, own[4].numpy(), rtol=1e-4, atol=1e-5)
     assert not np.allclose(stored, own[5].numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_class_label_dataset_gives_each_row_its_own_label(saved, tmp_path):
+    from extract.pipeline import extract
+    from extract.spec import load_spec
+    from extract.store import open_store
+
+    def store(class_label, name):
+        spec = tiny_spec(saved["class_cond"][0], class_label=class_label)
+        spec["features"] = {"timesteps": [20], "blocks": ["mid_block"], "pooling": [1]}
+        spec["dataset"] |= {"image_size": 16, "limit": {"train": 6, "test": 2}}
+        extract(spec, tmp_path / name, progress=False)
+        return open_store(tmp_path / name), "t020_b" + f"{load_spec(spec).grid.blocks[0]:02d}" + "_avg1"
+
+    per_row, name = store("dataset", "d.zarr")
+    labels = per_row.labels
+    assert len(set(labels.tolist())) > 1
+    assert per_row.attrs["spec"]["model"]["class_label"] == "dataset"
+    features = per_row.read(name)
+    for label in sorted(set(labels.tolist()))[:2]:
+        fixed, _ = store(int(label), f"c{label}.zarr")
+        rows = np.flatnonzero(labels == label)
+        np.testing.assert_array_equal(features[rows], fixed.read(name, rows))  # same rows, same class: same bytes
+        others = np.flatnonzero(labels != label)
+        assert not np.allclose(features[others], fixed.read(name, others))
 
 
 def test_a_diffusers_store_resumes_and_is_byte_identical(tiny, tmp_path):

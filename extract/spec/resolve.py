@@ -155,7 +155,7 @@ def _diffusers_model(
         problems.append(("model.class_label", "this UNet is class-conditional: set the class it is given"))
     elif not conditional and s.class_label is not None:
         problems.append(("model.class_label", "this UNet is unconditional: it takes no class"))
-    elif s.class_label is not None and classes is not None and s.class_label >= classes:
+    elif isinstance(s.class_label, int) and classes is not None and s.class_label >= classes:
         problems.append(("model.class_label", f"{s.class_label} is not among the model's {classes} classes"))
     try:
         table = tap_table(build_unet(config))

@@ -42,11 +42,12 @@ class ModelSpec:
     noise_schedule: str
     diffusion_steps: int
     # diffusers: `flags` holds the UNet's config.json, `scheduler` its scheduler config (None: the
-    # noise_schedule / diffusion_steps pair), `class_label` the class a class-conditional UNet gets.
+    # noise_schedule / diffusion_steps pair), `class_label` the class a class-conditional UNet gets (or
+    # "dataset": each row's own label).
     family: str = "adm"
     path: str | None = None
     scheduler: Mapping[str, Any] | None = None
-    class_label: int | None = None
+    class_label: int | str | None = None
 
     @property
     def image_size(self) -> int:

@@ -12,7 +12,7 @@ YAML schema (defaults in brackets; `null` where a default is derived)::
     model:
       family: adm | diffusers            # [adm] diffusers: `path` only (+ class_label), schedule from its scheduler
       path: models/ddpm-cifar10-32       # diffusers: a local UNet or pipeline directory (no hub ids)
-      class_label: 3                     # [null] diffusers: the class a class-conditional UNet is given
+      class_label: 3                     # [null] diffusers: the class a class-conditional UNet is given, or dataset
       preset: 256x256_diffusion_uncond   # [null] a released preset, or "embedded:<name>"
       flags: {num_channels: 32, ...}     # [{}] guided-diffusion flag overrides on top of the preset
       checkpoint: path | "embedded:<name>" | null   # [null] null = random weights from init_seed
@@ -209,7 +209,11 @@ class _Section(BaseModel):
 class ModelSection(_Section):
     family: Literal[MODEL_FAMILIES] = Field("adm", title="model family")  # type: ignore[valid-type]
     path: Path_ = Field(None, description="diffusers: a local save_pretrained directory (UNet or pipeline)")
-    class_label: NonNegInt | None = Field(None, description="diffusers: the class fed to a class-conditional UNet")
+    class_label: NonNegInt | Literal["dataset"] | None = Field(
+        None,
+        description="diffusers: the class fed to a class-conditional UNet: a fixed class for every row, or "
+        "'dataset' for each row's own label (which then enters its features: probes of such a store see the label)",
+    )
     preset: str | None = Field(None, min_length=1, max_length=MAX_TEXT)
     flags: dict[Key, Any] | None = Field(
         None, max_length=MAX_FLAGS, description="guided-diffusion flags over the preset's"
