@@ -463,3 +463,20 @@ def test_a_diffusers_store_resumes_and_is_byte_identical(tiny, tmp_path):
     a, b = open_store(tmp_path / "a.zarr"), open_store(tmp_path / "b.zarr")
     for name in a.feature_names():
         assert a.read(name).tobytes() == b.read(name).tobytes(), name
+
+
+def test_two_dask_workers_write_the_bytes_of_one_process(tiny, tmp_path):
+    pytest.importorskip("distributed")
+    from extract.cluster import extract_distributed
+    from extract.pipeline import extract
+    from extract.store import open_store
+
+    spec = tiny_spec(tiny)
+    spec["dataset"]["limit"] = {"train": 8, "test": 8}
+    spec["storage"] |= {"shard_rows": 8}
+    extract(spec, tmp_path / "one.zarr", progress=False)
+    two = extract_distributed(spec, tmp_path / "two.zarr", workers=2, progress=False)
+    assert two["complete"]
+    one_fs, two_fs = open_store(tmp_path / "one.zarr"), open_store(tmp_path / "two.zarr")
+    for name in one_fs.feature_names():
+        assert one_fs.read(name).tobytes() == two_fs.read(name).tobytes(), name
