@@ -28,6 +28,9 @@ from extract.hardware import (
     machine_signature,
     same_kernels,
 )
+from extract.models.config import EMBEDDED_PREFIX
+from extract.models.loading import describe_model, load_model
+from extract.models.registry import resolve_checkpoint
 from extract.overlap import load_batch
 from extract.sources import ImageSource, open_source
 from extract.spec import Spec, extension_problem, load_spec
@@ -131,9 +134,6 @@ def _check_model_supported(spec: Spec) -> None:
 
 def checkpoint_path(spec: Spec) -> Path | None:
     """The checkpoint as a filesystem path (embedded names resolved); None for random weights."""
-    from extract.models.config import EMBEDDED_PREFIX
-    from extract.models.registry import resolve_checkpoint
-
     c = spec.model.checkpoint
     if c is None:
         return None
@@ -144,8 +144,6 @@ def checkpoint_path(spec: Spec) -> Path | None:
 
 
 def build(spec: Spec, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
-    from extract.models.loading import load_model
-
     model, record = load_model(spec.model.section(), spec.dataset.base_dir)
     return model.to(device), record
 
@@ -170,8 +168,6 @@ class Prepared:
 
 def model_record(spec: Spec) -> dict[str, Any]:
     """The model's provenance without building it (the checkpoint is hashed, not loaded)."""
-    from extract.models.loading import describe_model
-
     return describe_model(spec.model.section(), spec.dataset.base_dir)
 
 

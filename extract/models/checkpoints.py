@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from extract.models.adm import ADMUNet
+
 # Containers that training scripts commonly wrap a state dict in.
 _WRAPPER_KEYS = ("ema", "model_ema", "state_dict", "model")
 
@@ -306,8 +308,6 @@ def check_shapes(own: dict[str, tuple[int, ...]], state: dict[str, tuple[int, ..
 
 def expected_shapes(flags: dict[str, object]) -> dict[str, tuple[int, ...]]:
     """Parameter name -> shape of the ADM U-Net these guided-diffusion flags build (on the meta device: no memory)."""
-    from extract.models.adm import ADMUNet
-
     with torch.device("meta"):
         model = ADMUNet.from_flags(**flags)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}

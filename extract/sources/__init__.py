@@ -31,6 +31,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from extract.idx import FASHION_MNIST_FILES, find_idx_file
 from extract.sources.arrays import DigitsSource, HDF5Source, IDXSource
 from extract.sources.base import (
     ImageSource,
@@ -119,8 +120,6 @@ def check_dataset(kind: str, path: Path | None, splits: Sequence[str] | None) ->
             have = tuple(folder_split_dirs(path))
             return [f"{path} has no split {s!r} (it has {', '.join(have)})" for s in splits or () if s not in have]
         if kind == "idx":
-            from extract.idx import FASHION_MNIST_FILES, find_idx_file
-
             problems = []
             for split in splits or FASHION_MNIST_FILES:
                 for stem in FASHION_MNIST_FILES.get(split, ()):

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from extract.idx import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, FASHION_MNIST_FILES, IDXError, find_idx_file, read_idx
 from extract.sources.base import ImageSource, SourceError
 
 # ---------------------------------------------------------------------------------------------
@@ -92,14 +93,6 @@ class IDXSource(ImageSource):
     kind = "idx"
 
     def __init__(self, directory: str | os.PathLike | None = None, splits: Sequence[str] | None = None):
-        from extract.idx import (
-            FASHION_MNIST_CLASSES,
-            FASHION_MNIST_DIR,
-            FASHION_MNIST_FILES,
-            IDXError,
-            find_idx_file,
-            read_idx,
-        )
 
         self.directory = Path(directory) if directory is not None else FASHION_MNIST_DIR
         wanted = tuple(splits) if splits is not None else tuple(FASHION_MNIST_FILES)
@@ -129,8 +122,6 @@ class IDXSource(ImageSource):
     def _images(self, split: str) -> np.ndarray:
         # Decoded once per process; a broken file is remembered so every row reports it cheaply.
         if split not in self._arrays:
-            from extract.idx import read_idx
-
             try:
                 arr = read_idx(self._image_files[split])
                 if arr.ndim != 3 or arr.dtype != np.uint8:
