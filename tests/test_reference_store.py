@@ -6,7 +6,9 @@ for store format 2 (issue 12: every chunk ends in a crc32c checksum), which chan
 but not one decoded value: tests/data/store_v1.zarr keeps the format-1 original, and the decoded arrays
 of a fresh store must equal both. Format 3 (issue 12: each feature's dimensions carry its name, so xarray
 opens the store) changed only the zarr.json files, regenerated deliberately; tests/data/store_v2.zarr keeps
-the format-2 store, whose chunk files are those of today's. A store written from the same spec today must hold the same chunk
+the format-2 store. Format 4 (every chunk stored, fill values included, so an absent chunk is damage) added
+the chunks of fill values, here the error strings of units without failures, and changed no other chunk
+file; regenerated deliberately, tests/data/store_v3.zarr keeps the format-3 store. A store written from the same spec today must hold the same chunk
 files byte for byte (Blosc-LZ4 is deterministic) and the same metadata apart from what records when and
 with which library versions it was written. (Its provenance gained `compute.threads: 1` when the thread
 count became a recorded setting; it was written with one thread.)
@@ -51,7 +53,7 @@ def fresh(tmp_path_factory) -> Path:
     return out
 
 
-OLD_STORES = [REFERENCE.parent / "store_v1.zarr", REFERENCE.parent / "store_v2.zarr"]
+OLD_STORES = [REFERENCE.parent / f"store_v{v}.zarr" for v in (1, 2, 3)]
 
 
 @pytest.mark.parametrize("reference", [REFERENCE / "store.zarr", *OLD_STORES])
@@ -77,8 +79,12 @@ def test_chunk_files_are_byte_identical(fresh):
     assert chunks
     for key in chunks:
         assert ref[key] == new[key], key
-    v2 = _files(REFERENCE.parent / "store_v2.zarr")  # format 3 renamed dimensions and changed no chunk
-    assert {k: v for k, v in v2.items() if not k.endswith("zarr.json")} == {k: ref[k] for k in chunks}
+    # format 3 renamed dimensions and changed no chunk; format 4 stores the chunks of fill values too
+    # (here the error strings of units without failures) and changed no other chunk
+    for old in ("store_v2.zarr", "store_v3.zarr"):
+        kept = {k: v for k, v in _files(REFERENCE.parent / old).items() if not k.endswith("zarr.json")}
+        assert kept == {k: ref[k] for k in kept}, old
+        assert {k.rsplit("/c/", 1)[0] for k in set(chunks) - set(kept)} == {"samples/error"}, old
 
 
 @pytest.mark.parametrize("old", OLD_STORES)
@@ -100,6 +106,8 @@ def test_older_formats_read_the_same_through_diffbank(fresh, old):
     a, b = then.to_xarray(name), now.to_xarray(name)  # the generic dims whatever the stored names
     assert a.dims == b.dims == ("sample", "channel", "y", "x")
     np.testing.assert_array_equal(a.values, b.values)
+    if then.attrs["format_version"] >= 3:
+        return
     # README: before format 3, plain xarray opens one feature at a time (all share channel/y/x names)
     others = [n for n in then.feature_names(None) if n != name]
     one = xr.open_zarr(str(old), group="features", drop_variables=others)[name]
