@@ -9,6 +9,7 @@ split chunk, same damage                           -> `splits` and verify name i
 progress done / stats chunk, same damage           -> reads (done) and verify name it            -> test_damaged_chunk_is_named[done-*|stats-*]
 deleted label or feature shard                     -> export, iter_batches, to_xarray refuse     -> test_every_read_path_refuses_a_deleted_chunk
 `diffbank store verify` without --full             -> exit 1, the chunk named                    -> test_cli_verify_names_a_deleted_label_chunk
+`diffbank probe linear`, deleted label or shard     -> exit 1, one line naming array and chunk     -> test_cli_probe_refuses_a_deleted_chunk
 `diffbank store export`, flipped valid byte        -> exit 1, one line naming array and chunk     -> test_cli_export_of_a_damaged_store_is_one_named_line
 """
 
@@ -101,3 +102,12 @@ def test_cli_export_of_a_damaged_store_is_one_named_line(store, tmp_path):
     result = cli("store", "export", str(store), str(tmp_path / "out.h5"))
     assert result.exit_code == 1 and "samples/valid: chunk c/1 (rows 8-15) fails its checksum" in result.output
     assert "unexpected" not in result.output, result.output
+
+
+@pytest.mark.parametrize("kind", ["feature shard", "label"])
+def test_cli_probe_refuses_a_deleted_chunk(store, tmp_path, kind):
+    key, array, _, _ = KINDS[kind]
+    (store / key).unlink()
+    result = cli("probe", "linear", str(store), "--out", str(tmp_path / "probe"))
+    assert result.exit_code == 1 and result.output.startswith("error: ") and array in result.output, result.output
+    assert "absent" in result.output and "unexpected" not in result.output
