@@ -6,7 +6,8 @@ same data, each measured in this run (best of --repeat after a warm-up, page cac
 
 - np.load of the .npy (float16), and np.load followed by a torch cast to float32;
 - plain zarr `arr[:]` (float16) and `to_dask().compute()`;
-- FeatureStore.read -> float32 with the decode pool (default threads) and with one thread. Once a result
+- FeatureStore.read -> float32 with the decode pool (default threads) and with one thread; in the paired rounds
+  also with the presence check skipped (every shard optional), for the check's cost. Once a result
   is dropped, the next read reuses its memory (as in a loop over features or shards); the arm "into fresh
   memory" passes a new `out=` each time, as a process's first read; what the fresh float32 output alone
   costs (allocate and fill it), and the read into a caller's reused buffer (`out=`);
@@ -121,6 +122,7 @@ def main() -> None:
     import zarr
 
     from extract.store import open_store, save_features
+    from extract.store.presence import RequiredShards
 
     tmp = tempfile.TemporaryDirectory(dir=args.dir)
     root = Path(tmp.name)
@@ -229,9 +231,16 @@ def main() -> None:
 
     # On a shared machine one arm can catch a quiet moment the next one misses: paired rounds time the
     # goal's arms back to back, and the median of the per-round ratios is the figure to quote.
+    # The presence check's cost: the same read with every unit's shard marked optional (the check skipped).
+    unchecked = open_store(root / "c64.zarr")
+    unchecked._cache[("required", NAME)] = RequiredShards(np.zeros(unchecked.num_units, bool), False)
+    t0 = time.perf_counter()
+    open_store(root / "c64.zarr").required_shards(NAME)
+    print(f"  presence rules of a fresh handle (markers read once): {1000 * (time.perf_counter() - t0):.1f} ms")
     paired = {
         "np.load": lambda: np.load(npy),
         "read": lambda: local.read(NAME),
+        "unchecked": lambda: unchecked.read(NAME),
         "fresh": lambda: local.read(NAME, out=np.empty(shape, np.float32)),
         "epoch": full_pass(local, 1),
         "probe": probe_epoch(True),
@@ -259,6 +268,10 @@ def main() -> None:
             f"    {key:<8} {gb / np.median(t):6.2f} GB/s   {np.median(base_t / t) * 100:6.1f} % of np.load"
             f"   cpu {np.median(cpus[key]):6.3f} s"
         )
+
+    check = np.median(np.array(rounds["unchecked"]) / np.array(rounds["read"])) * 100
+    print(f"    read with the presence check runs at {check:.1f} % of the speed without it (median of paired rounds)")
+    record["paired"]["read_vs_unchecked_percent"] = float(check)
 
     rng = np.random.default_rng(1)
     batches = [np.sort(rng.choice(args.rows, 64, replace=False)) for _ in range(200)]

@@ -2,7 +2,9 @@
 
 tests/data/reference/store.zarr was written by `diffbank extract tests/data/reference/spec.yaml` (one torch
 thread); its provenance records the machine signature it was written on (`compute.machine`).
-tests/data/store_v1.zarr and store_v2.zarr keep the same content in store formats 1 and 2.
+tests/data/store_v1.zarr, store_v2.zarr and store_v3.zarr keep the same content in store formats 1 to 3 (format
+4 stores every chunk, fill values included, so that an absent chunk is damage: here the error strings of units
+without failures; no other chunk file changed).
 
 What a fresh extraction of the same spec must give:
 - everywhere: the same layout (every array, chunk file and shape), the same metadata apart from what records
@@ -36,7 +38,7 @@ from extract.pipeline import extract
 from extract.store import open_store
 
 REFERENCE = Path(__file__).resolve().parent / "data" / "reference"
-OLD_STORES = [REFERENCE.parent / "store_v1.zarr", REFERENCE.parent / "store_v2.zarr"]
+OLD_STORES = [REFERENCE.parent / f"store_v{v}.zarr" for v in (1, 2, 3)]
 # What says when, with which installed versions and on which machine a store was written: not its content.
 VOLATILE_ATTRS = {"created", "finalized", "versions", "diffbank_version"}
 FLOAT_GROUPS = ("features",)  # chunk files whose bytes depend on the machine's kernels
@@ -204,6 +206,8 @@ def test_older_formats_hold_the_reference_values(old):
     a, b = then.to_xarray(name), now.to_xarray(name)  # the generic dims whatever the stored names
     assert a.dims == b.dims == ("sample", "channel", "y", "x")
     np.testing.assert_array_equal(a.values, b.values)
+    if then.attrs["format_version"] >= 3:
+        return
     # before format 3, plain xarray opens one feature at a time (all share channel/y/x names)
     others = [n for n in then.feature_names(None) if n != name]
     one = xr.open_zarr(str(old), group="features", drop_variables=others)[name]
@@ -213,12 +217,15 @@ def test_older_formats_hold_the_reference_values(old):
         xr.open_zarr(str(old), group="features")
 
 
-def test_format_2_chunk_files_are_the_reference_chunk_files():
-    """Format 3 renamed dimensions and changed no chunk (committed files: holds everywhere)."""
-    ref, v2 = _files(REFERENCE / "store.zarr"), _files(REFERENCE.parent / "store_v2.zarr")
-    chunks = [k for k in v2 if not k.endswith("zarr.json")]
-    assert chunks
-    assert {k: v2[k] for k in chunks} == {k: ref[k] for k in chunks}
+def test_older_chunk_files_are_the_reference_chunk_files():
+    """Format 3 renamed dimensions and changed no chunk; format 4 added the chunks of fill values (here the
+    error strings of units without failures) and changed no other (committed files: holds everywhere)."""
+    ref = _files(REFERENCE / "store.zarr")
+    chunks = [k for k in ref if not k.endswith("zarr.json") and not k.startswith("_progress/machine/")]
+    for old in ("store_v2.zarr", "store_v3.zarr"):
+        kept = {k: v for k, v in _files(REFERENCE.parent / old).items() if not k.endswith("zarr.json")}
+        assert kept and kept == {k: ref[k] for k in kept}, old
+        assert {k.rsplit("/c/", 1)[0] for k in set(chunks) - set(kept)} == {"samples/error"}, old
 
 
 def test_extending_a_format_2_store_keeps_its_dimension_names(tmp_path):

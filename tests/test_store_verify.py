@@ -18,10 +18,9 @@ NAME = "t090_b24_avg2"
 OLD_STORE = Path(__file__).resolve().parent / "data" / "store_v1.zarr"
 
 
-@pytest.fixture()
-def store(tmp_path) -> Path:
+def write_store(path: Path) -> Path:
+    """Two features in 3 shards of two 4-row chunks, labels and two splits (also the damage battery's store)."""
     rng = np.random.default_rng(0)
-    path = tmp_path / "s.zarr"
     save_features(
         path,
         {NAME: rng.standard_normal((N, 8, 2, 2)).astype(np.float16), "t010_b02_avg1": rng.random((N, 3, 1, 1))},
@@ -31,6 +30,11 @@ def store(tmp_path) -> Path:
         chunk_rows=CHUNK,
     )
     return path
+
+
+@pytest.fixture()
+def store(tmp_path) -> Path:
+    return write_store(tmp_path / "s.zarr")
 
 
 def _shard(path: Path, unit: int, name: str = NAME) -> Path:

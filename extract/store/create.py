@@ -19,6 +19,7 @@ import zarr
 
 from extract.provenance import fingerprint as fingerprint_of
 from extract.provenance import package_versions, to_jsonable, utc_now
+from extract.store.arrays import create_feature_array, create_progress, create_samples, create_splits
 from extract.store.layout import (
     COMPRESSIONS,
     FEATURES,
@@ -34,10 +35,7 @@ from extract.store.layout import (
     StoreError,
     as_str,
     check_array_name,
-    create_feature_array,
-    create_progress,
-    create_samples,
-    create_splits,
+    every_chunk_written,
     existing_root,
     manifest_hash,
     open_group,
@@ -303,12 +301,13 @@ def _extend(url: str, storage_options: dict[str, Any] | None, attrs: dict[str, A
             str(attrs.get("compression", "blosc-lz4")),
             int(attrs.get("format_version", 1)),
         )
-    progress = root_w[PROGRESS]
     columns = old_names + [f.name for f in added]
     units = int(attrs["num_units"])
-    progress["done"].resize((units, len(columns)))
-    progress["stats"].resize((units, len(columns), len(STATS_FIELDS)))
-    progress["done"].attrs.update({"features": columns})
+    with every_chunk_written():
+        done, stats = root_w[PROGRESS]["done"], root_w[PROGRESS]["stats"]
+    done.resize((units, len(columns)))
+    stats.resize((units, len(columns), len(STATS_FIELDS)))
+    done.attrs.update({"features": columns})
     root_w.attrs.update(
         {
             "spec": checked.spec,

@@ -19,6 +19,7 @@ import zarr
 
 from extract.store.layout import is_local
 from extract.store.memory import cast_into, scatter_into
+from extract.store.presence import RequiredShards
 from extract.store.shards import DirectCodecs, direct_codecs, read_shard_rows_into, shard_index
 
 # Stored bytes one task decodes. A task's working set (compressed payload, float16 scratch, float32 output:
@@ -48,11 +49,15 @@ class Decoder:
         self._codecs: dict[str, DirectCodecs | None] = {}
         self._indices: dict[tuple[str, int], np.ndarray | None] = {}
 
-    def read_range(self, arr: zarr.Array, start: int, stop: int, out: np.ndarray, each: BlockStep) -> None:
-        """out[:] = arr[start:stop] as float32, `each` applied to every decoded block."""
+    def read_range(
+        self, arr: zarr.Array, start: int, stop: int, out: np.ndarray, each: BlockStep, required: RequiredShards
+    ) -> None:
+        """out[:] = arr[start:stop] as float32, `each` applied to every decoded block; a shard (or inner
+        chunk) that `required` says must exist and is absent raises MissingChunk."""
         codecs = self._codecs_of(arr)
         if codecs is None:  # a layout the fast path does not decode itself: zarr does, then one cast
             if stop > start:
+                required.check_listed(arr)
                 cast_into(out, np.asarray(arr[start:stop]))
                 each(out)
             return
@@ -64,14 +69,17 @@ class Decoder:
             # tasks end on chunk boundaries and never cross a shard
             shard_end = (lo // shard_rows + 1) * shard_rows
             hi = min(stop, shard_end, (lo // codecs.chunk_rows) * codecs.chunk_rows + step)
-            tasks.append(self._range_task(arr, codecs, lo, hi, out[lo - start : hi - start], each))
+            tasks.append(self._range_task(arr, codecs, lo, hi, out[lo - start : hi - start], each, required))
             lo = hi
         self._run(tasks)
 
-    def read_rows(self, arr: zarr.Array, idx: np.ndarray, out: np.ndarray, each: BlockStep) -> None:
+    def read_rows(
+        self, arr: zarr.Array, idx: np.ndarray, out: np.ndarray, each: BlockStep, required: RequiredShards
+    ) -> None:
         """out[:] = arr[idx] as float32 (idx: non-negative int64 row indices, any order, repeats allowed)."""
         codecs = self._codecs_of(arr)
         if codecs is None:
+            required.check_listed(arr)
             uniq, inverse = np.unique(idx, return_inverse=True)
             cast_into(out, np.asarray(arr.oindex[(uniq,) + (slice(None),) * (arr.ndim - 1)])[inverse])
             each(out)
@@ -87,7 +95,7 @@ class Decoder:
         )
         bounds = np.concatenate([[0], breaks + 1, [len(sorted_idx)]])
         tasks = [
-            self._gather_task(arr, codecs, sorted_idx[a:b], order[a:b], out, each)
+            self._gather_task(arr, codecs, sorted_idx[a:b], order[a:b], out, each, required)
             for a, b in zip(bounds[:-1], bounds[1:])
         ]
         self._run(tasks)
@@ -137,10 +145,19 @@ class Decoder:
         return max(chunk, (TASK_BYTES // max(row_bytes, 1)) // chunk * chunk)
 
     def _range_task(
-        self, arr: zarr.Array, codecs: DirectCodecs, lo: int, hi: int, dst: np.ndarray, each: BlockStep
+        self,
+        arr: zarr.Array,
+        codecs: DirectCodecs,
+        lo: int,
+        hi: int,
+        dst: np.ndarray,
+        each: BlockStep,
+        required: RequiredShards,
     ) -> Callable[[], None]:
         def task() -> None:
-            index = self._index(arr, codecs, lo // int(arr.shards[0]))
+            shard = lo // int(arr.shards[0])
+            index = self._index(arr, codecs, shard)
+            required.check(arr, shard, index, lo, hi, codecs.chunk_rows)
             if arr.dtype == np.float32:
                 read_shard_rows_into(arr, codecs, index, lo, hi, dst)
             else:
@@ -159,11 +176,14 @@ class Decoder:
         positions: np.ndarray,
         out: np.ndarray,
         each: BlockStep,
+        required: RequiredShards,
     ) -> Callable[[], None]:
         def task() -> None:
             lo = int(rows[0]) // codecs.chunk_rows * codecs.chunk_rows
             hi = min(arr.shape[0], (int(rows[-1]) // codecs.chunk_rows + 1) * codecs.chunk_rows)
-            index = self._index(arr, codecs, lo // int(arr.shards[0]))
+            shard = lo // int(arr.shards[0])
+            index = self._index(arr, codecs, shard)
+            required.check(arr, shard, index, lo, hi, codecs.chunk_rows)
             scratch = self._scratch_for("stored", (hi - lo, *arr.shape[1:]), arr.dtype)
             read_shard_rows_into(arr, codecs, index, lo, hi, scratch)
             # A shuffled window reads whole chunk runs: its rows of a run are then a slice, not a gather.

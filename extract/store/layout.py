@@ -32,16 +32,25 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+from zarr.codecs import Crc32cCodec
 
 FORMAT_NAME = "diffbank-feature-store"
 # 2: every array's chunks end in a crc32c checksum (inside each shard, after compression), so a flipped
 # byte fails to decode instead of reading as a wrong number. Version 1 stores (no chunk checksums) still read.
 # 3: a feature's dimensions are named after it (`feature_dims`), so the features group is one valid xarray
 # Dataset over the shared `sample` dimension; version 1 and 2 stores (generic names) still read.
-FORMAT_VERSION = 3
-CHECKSUMS_SINCE = 2
-OWN_DIMS_SINCE = 3
+# 4: every chunk is stored, fill values included, so an absent one is damage (`extract.store.presence`).
+FORMAT_VERSION = 4
+CHECKSUMS_SINCE, OWN_DIMS_SINCE, EVERY_CHUNK_SINCE = 2, 3, 4
+# Array config of every write: chunks equal to the fill value are stored too (zarr's default skips them).
+WRITE_EVERY_CHUNK = {"write_empty_chunks": True}
+
+
+def every_chunk_written() -> Any:
+    """A context in which arrays opened (`group[name]`) take `WRITE_EVERY_CHUNK` as their config."""
+    return zarr.config.set({f"array.{k}": v for k, v in WRITE_EVERY_CHUNK.items()})
+
+
 FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
 # Inner chunk length, measured by benchmarks/bench_reader.py (629 MB float16 feature, 1024 x 2 x 2 per row,
 # 2 shared cores, 2 decode threads, three runs): full reads to float32 ran at the same rate within the
@@ -60,7 +69,6 @@ FEATURES, SAMPLES, SPLITS, PROGRESS = "features", "samples", "splits", "_progres
 MACHINE_RECORD = "machine"  # _progress/machine; stores written before it have none
 FEATURE_DIMS = ("sample", "channel", "y", "x")  # a feature's axes; also its dimension names before format 3
 _ARRAY_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
-_SAMPLE_CHUNK = 1 << 16
 
 
 class StoreError(Exception):
@@ -200,21 +208,6 @@ def plan_layout(
     return Layout(num_samples, shard_rows, chunks)
 
 
-def compressors(compression: str) -> list[Any]:
-    """Bytes-to-bytes codecs of a feature array's inner chunks: the compressor, then the checksum."""
-    if compression == "blosc-lz4":
-        return [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"), Crc32cCodec()]
-    if compression == "zstd":
-        return [ZstdCodec(level=3), Crc32cCodec()]
-    if compression == "none":
-        return [Crc32cCodec()]
-    raise StoreError(f"unknown compression {compression!r}; choose one of {', '.join(COMPRESSIONS)}")
-
-
-# Sample, split and progress arrays: zarr's default compression plus the checksum.
-_SMALL_CODECS = (ZstdCodec(level=0), Crc32cCodec())
-
-
 def has_checksums(arr: zarr.Array) -> bool:
     """Whether an array's chunks (the inner chunks of a sharded one) carry a crc32c checksum."""
     codecs = list(arr.metadata.codecs)
@@ -282,133 +275,3 @@ def is_local(url: str) -> bool:
 
 def local_path(url: str) -> Path:
     return Path(url.removeprefix("file://")).expanduser()
-
-
-# ---------------------------------------------------------------------------------------------
-# Creating the arrays
-# ---------------------------------------------------------------------------------------------
-
-
-def feature_dims(name: str, ndim: int, format_version: int = FORMAT_VERSION) -> tuple[str, ...] | None:
-    """Dimension names of feature `name` with `ndim` axes (sample first): None for shapes without names.
-
-    From format 3 every axis but `sample` carries the feature's name (`t090_b24_avg2_channel`): features
-    differ in channel and spatial sizes, and xarray requires one size per dimension name across a group,
-    while `sample` is shared with the arrays under samples/ and splits/ so they align as coordinates.
-    """
-    axes = {4: FEATURE_DIMS, 2: FEATURE_DIMS[:2]}.get(ndim)
-    if axes is None or format_version < OWN_DIMS_SINCE:
-        return axes
-    return (axes[0], *(f"{name}_{axis}" for axis in axes[1:]))
-
-
-def create_feature_array(
-    group: zarr.Group, info: FeatureInfo, layout: Layout, compression: str, format_version: int = FORMAT_VERSION
-) -> None:
-    """`format_version`: the store's, so a feature added to an older store is named as its others are."""
-    shape = (layout.num_samples, *info.shape)
-    dims = feature_dims(info.name, len(shape), format_version)
-    group.create_array(
-        info.name,
-        shape=shape,
-        dtype=info.dtype,
-        chunks=(layout.chunk_rows[info.name], *info.shape),
-        shards=(layout.shard_rows, *info.shape),
-        compressors=compressors(compression),
-        fill_value=0.0,
-        dimension_names=dims,
-        attributes=info.to_attrs(),
-    )
-
-
-def create_progress(group: zarr.Group, names: Sequence[str], num_units: int) -> None:
-    width = max(1, len(names))
-    group.create_array(
-        "done",
-        shape=(num_units, len(names)),
-        dtype="uint8",
-        chunks=(1, width),
-        compressors=_SMALL_CODECS,
-        fill_value=0,
-        dimension_names=("unit", "feature"),
-        attributes={
-            "features": list(names),
-            "meaning": "1 = this (unit, feature) was fully written; markers come after the data",
-        },
-    )
-    group.create_array(
-        "stats",
-        shape=(num_units, len(names), len(STATS_FIELDS)),
-        dtype="float64",
-        chunks=(1, width, len(STATS_FIELDS)),
-        compressors=_SMALL_CODECS,
-        fill_value=0.0,
-        dimension_names=("unit", "feature", "stat"),
-        attributes={"fields": list(STATS_FIELDS)},
-    )
-    create_machine_record(group, num_units)
-
-
-def create_machine_record(group: zarr.Group, num_units: int) -> None:
-    """Per unit, the machine signatures that wrote its features (stores written across machine kinds)."""
-    group.create_array(
-        MACHINE_RECORD,
-        shape=(num_units,),
-        dtype=str,
-        chunks=(1,),  # one chunk per unit: only the unit's owner writes it, as with its markers
-        compressors=_SMALL_CODECS,
-        fill_value="",
-        dimension_names=("unit",),
-        attributes={"meaning": "JSON list of the machine signatures that wrote this unit (extract.hardware)"},
-    )
-
-
-def create_samples(group: zarr.Group, ids: np.ndarray, labels: np.ndarray, shard_rows: int) -> None:
-    n = int(len(ids))
-    group.create_array(
-        "label",
-        data=labels,
-        chunks=(min(n, _SAMPLE_CHUNK),),
-        compressors=_SMALL_CODECS,
-        dimension_names=("sample",),
-        attributes={"unknown": -1},
-    )
-    ids_arr = group.create_array(
-        "id",
-        shape=(n,),
-        dtype=str,
-        chunks=(min(n, _SAMPLE_CHUNK),),
-        compressors=_SMALL_CODECS,
-        dimension_names=("sample",),
-    )
-    ids_arr[:] = ids
-    group.create_array(
-        "valid",
-        shape=(n,),
-        dtype=bool,
-        chunks=(shard_rows,),
-        compressors=_SMALL_CODECS,
-        fill_value=False,
-        dimension_names=("sample",),
-        attributes={"meaning": "False: the image failed (rows zero) or its unit is not written yet"},
-    )
-    group.create_array(
-        "error",
-        shape=(n,),
-        dtype=str,
-        chunks=(shard_rows,),
-        compressors=_SMALL_CODECS,
-        fill_value="",
-        dimension_names=("sample",),
-    )
-
-
-def create_splits(group: zarr.Group, masks: Mapping[str, np.ndarray]) -> None:
-    for name, mask in masks.items():
-        group.create_array(
-            name,
-            data=mask,
-            chunks=(min(len(mask), _SAMPLE_CHUNK),),
-            compressors=_SMALL_CODECS,
-            dimension_names=("sample",),
-        )

@@ -11,6 +11,7 @@ import zarr
 
 from extract.features import draw_name
 from extract.store.layout import (
+    EVERY_CHUNK_SINCE,
     FEATURES,
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -25,6 +26,7 @@ from extract.store.layout import (
     is_local,
     local_path,
 )
+from extract.store.presence import RequiredShards, check_present, read_checked, required_units
 
 
 class StoreMetadata:
@@ -45,6 +47,8 @@ class StoreMetadata:
             raise StoreError(
                 f"{url} has store format {version}; this diffbank reads up to {FORMAT_VERSION}: upgrade diffbank"
             )
+        # From format 4 every chunk is stored: an absent one is damage, not fill values.
+        self.every_chunk: bool = version >= EVERY_CHUNK_SINCE
         self.spec: dict[str, Any] = dict(self.attrs.get("spec") or {})
         self.fingerprint: str = str(self.attrs.get("fingerprint"))
         self.num_samples: int = int(self.attrs["num_samples"])
@@ -106,9 +110,16 @@ class StoreMetadata:
 
     # -- samples ---------------------------------------------------------------------------
 
+    def _checked_array(self, group: str, key: str) -> np.ndarray:
+        """A whole sample, split or progress array: absent chunks (format 4) and damaged ones are named."""
+        arr = self._root[group][key]
+        if self.every_chunk and (group != PROGRESS or self.attrs.get("complete")):
+            check_present(arr)  # a unit's markers are written when it is marked: absent means "not done" until then
+        return read_checked(arr)
+
     def _sample_array(self, key: str) -> np.ndarray:
         if key not in self._cache:
-            self._cache[key] = np.asarray(self._root[SAMPLES][key][:])
+            self._cache[key] = self._checked_array(SAMPLES, key)
         return self._cache[key]
 
     @property
@@ -131,9 +142,8 @@ class StoreMetadata:
     def split_masks(self) -> dict[str, np.ndarray]:
         """Each split's stored membership mask (invalid rows included), by split name."""
         if "split_masks" not in self._cache:
-            group = self._root[SPLITS]
             self._cache["split_masks"] = {
-                name: np.asarray(group[name][:], dtype=bool) for name in sorted(group.array_keys())
+                name: self._checked_array(SPLITS, name).astype(bool) for name in sorted(self._root[SPLITS].array_keys())
             }
         return dict(self._cache["split_masks"])
 
@@ -156,8 +166,23 @@ class StoreMetadata:
         return Layout(self.num_samples, self.shard_rows, {}).num_units
 
     def _markers(self) -> tuple[list[str], np.ndarray]:
-        done = self._root[PROGRESS]["done"]
-        return list(done.attrs["features"]), np.asarray(done[:])
+        return list(self._root[PROGRESS]["done"].attrs["features"]), self._checked_array(PROGRESS, "done")
+
+    def required_shards(self, name: str) -> RequiredShards:
+        """The units of array `name` whose shards must exist: marked done, and (before format 4) recorded by
+        the writer as holding something other than zeros. Read once per opened store: markers only ever
+        go from 0 to 1, so a unit written since is merely not checked."""
+        key = ("required", name)
+        if key not in self._cache:
+            columns, done = self._markers()
+            if name in columns:
+                col = columns.index(name)
+                stats = self._checked_array(PROGRESS, "stats")[:, col] if not self.every_chunk else None
+                units = required_units(done[:, col], stats, self.every_chunk)
+            else:
+                units = np.zeros(self.num_units, dtype=bool)
+            self._cache[key] = RequiredShards(units, self.every_chunk)
+        return self._cache[key]
 
     def is_complete(self, name: str | None = None) -> bool:
         """Every unit of `name` (None: of every feature) is marked done."""

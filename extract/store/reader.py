@@ -57,10 +57,12 @@ class FeatureStore(StoreMetadata):
         return self._decoder.workers
 
     def to_dask(self, name: str):
-        """A dask array chunked by shard rows (one task per shard, not per inner chunk)."""
+        """A dask array chunked by shard rows (one task per shard, not per inner chunk). Its shards are
+        checked present first (one listing): zarr would read an absent one as zeros."""
         import dask.array as da
 
         arr = self.array(name)
+        self.required_shards(name).check_listed(arr)
         return da.from_zarr(arr, chunks=(self.shard_rows, *arr.shape[1:]))
 
     def to_xarray(self, name: str | None = None) -> Any:
@@ -95,7 +97,7 @@ class FeatureStore(StoreMetadata):
             start, stop, _ = (rows or slice(None)).indices(self.num_samples)
             stop = max(start, stop)
             out = self._output(arr, stop - start, out)
-            self._decoder.read_range(arr, start, stop, out, each)
+            self._decoder.read_range(arr, start, stop, out, each, self.required_shards(name))
             return out
         if isinstance(rows, slice):
             rows = np.arange(*rows.indices(self.num_samples))
@@ -110,7 +112,7 @@ class FeatureStore(StoreMetadata):
         idx = np.where(idx < 0, idx + self.num_samples, idx)
         out = self._output(arr, idx.size, out)
         if idx.size:
-            self._decoder.read_rows(arr, idx, out, each)
+            self._decoder.read_rows(arr, idx, out, each, self.required_shards(name))
         return out
 
     def release_memory(self) -> None:

@@ -54,7 +54,7 @@ def object_bytes(arr: zarr.Array, key: str, byte_range: ByteRequest | None = Non
 EMPTY_CHUNK = np.iinfo(np.uint64).max  # the offset (and length) the index records for an inner chunk never written
 
 
-class ChecksumError(ValueError):
+class ChecksumError(StoreError, ValueError):
     """A stored chunk does not match its crc32c: the bytes changed after they were written."""
 
 
@@ -213,7 +213,11 @@ def shard_index(arr: zarr.Array, codecs: DirectCodecs, shard: int) -> np.ndarray
     raw = object_bytes(arr, shard_key(arr, shard), request)
     if raw is None:
         return None
-    return codecs.index.decode(raw, f"{arr.path}: shard {shard}'s index")
+    rows = int(arr.shards[0])
+    last = min(arr.shape[0], (shard + 1) * rows) - 1
+    return codecs.index.decode(
+        raw, f"{arr.path}: the index of shard {shard_key(arr, shard)} (rows {shard * rows}-{last})"
+    )
 
 
 def read_shard_rows_into(
@@ -243,7 +247,10 @@ def read_shard_rows_into(
         if payload is None:
             payload = object_bytes(arr, key, RangeByteRequest(start, stop))
         if payload is None or len(payload) != stop - start:
-            raise StoreError(f"{arr.path}: shard {shard} is shorter than its index says (truncated)")
+            raise StoreError(
+                f"{arr.path}: shard {shard_key(arr, shard)} (rows {lo}-{hi - 1} read) is shorter than its index "
+                f"says (truncated)"
+            )
     row_bytes = out[0].nbytes if len(out) else 0
     flat = out.reshape(-1).view(np.uint8)
     for i, (offset, length) in enumerate(table.tolist()):
@@ -256,7 +263,7 @@ def read_shard_rows_into(
             continue
         data = payload[offset - start : offset - start + length]
         if codecs.checksum:
-            data = _checked(data, f"{arr.path}: inner chunk {chunk + shard * codecs.chunks_per_shard}")
+            data = _checked(data, f"{arr.path}: inner chunk {chunk} of shard {shard} (rows {c_lo}-{c_hi - 1})")
         whole = r_lo == c_lo and r_hi == c_hi and c_hi - c_lo == codecs.chunk_rows
         if whole:
             _decompress(codecs.compressor, data, flat[(r_lo - lo) * row_bytes : (r_hi - lo) * row_bytes])

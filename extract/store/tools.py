@@ -168,6 +168,8 @@ def export_hdf5(
         for name in names:
             arr = fs.array(name)
             dtype = np.dtype(arr.dtype) if keep_dtype else np.dtype(np.float32)
+            if keep_dtype:  # zarr reads these: an absent shard would be zeros, so check first
+                fs.required_shards(name).check_listed(arr)
             chunk = (max(1, min(64, fs.num_samples)), *arr.shape[1:])
             ds = h5.create_dataset(f"features/{name}", shape=arr.shape, dtype=dtype, chunks=chunk, **filters)
             for key, value in dict(arr.attrs).items():

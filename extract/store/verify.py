@@ -11,7 +11,16 @@ from typing import Any
 import numpy as np
 
 from extract.provenance import fingerprint as fingerprint_of
-from extract.store.layout import CHECKSUMS_SINCE, PROGRESS, SAMPLES, SPLITS, has_checksums
+from extract.store.layout import (
+    CHECKSUMS_SINCE,
+    MACHINE_RECORD,
+    PROGRESS,
+    SAMPLES,
+    SPLITS,
+    StoreError,
+    has_checksums,
+)
+from extract.store.presence import damaged_chunks, missing_chunks
 from extract.store.reader import FeatureStore, open_store
 from extract.store.shards import shard_state
 from extract.store.state import feature_list_problems
@@ -40,11 +49,12 @@ def verify(
 ) -> VerifyReport:
     """Check a store against what it records: markers, shapes, dtypes, the feature list, fingerprint.
 
-    `full_scan` reads every stored shard and chunk: a shard missing under a unit marked done, a
-    truncated shard, a chunk missing from its shard, a chunk that fails its checksum or does not
-    decode, and infs/NaNs the extraction did not record are each named, with their rows. Stores of
-    format 1 carry no chunk checksums, so a flipped byte there can only show as a wrong value; the
-    report says so in its notes. Nothing is written.
+    Every sample, split and progress array is read and checked chunk by chunk (absent chunks from
+    format 4, checksums always), and every feature's shards are listed against its markers. `full_scan`
+    also reads every stored feature shard and chunk: a truncated shard, a chunk missing from its shard, a
+    chunk that fails its checksum or does not decode, and infs/NaNs the extraction did not record are each
+    named, with their rows. Stores of format 1 carry no chunk checksums, so a flipped byte there can only
+    show as a wrong value; the report says so in its notes. Nothing is written.
 
     The store cannot read a spec, so for stores written from one, `fingerprint_of_spec(recorded spec)`
     recomputes the fingerprint (None: the spec no longer loads); without it that check is skipped.
@@ -54,9 +64,35 @@ def verify(
     so = storage_options if storage_options is not None else getattr(store, "storage_options", None)
     # Live metadata: the consolidated copy could hide an array added or lost since it was written.
     fs = open_store(url, so, consolidated=False)
-    problems: list[str] = []
+    problems: list[str] = _scan_records(fs)
     notes: list[str] = []
     checked: dict[str, Any] = {"features": 0, "scanned": full_scan}
+    try:
+        _check_features(fs, full_scan, problems, notes, checked)
+        if fs.class_names is not None and fs.labels.size and fs.labels.max() >= len(fs.class_names):
+            problems.append(f"labels reach {int(fs.labels.max())} but only {len(fs.class_names)} class names")
+    except StoreError as exc:  # a damaged record the feature checks need: named above, or here
+        if not problems:
+            problems.append(str(exc))
+    if fs.spec.get("kind") == SAVED_KIND:
+        expected: str | None = fingerprint_of(fs.spec)
+    elif fingerprint_of_spec is not None:
+        expected = fingerprint_of_spec(fs.spec)
+    else:
+        expected = fs.fingerprint
+        checked["fingerprint_skipped"] = True
+    checked["fingerprint"] = expected == fs.fingerprint
+    if expected is None:
+        problems.append("the stored spec no longer loads, so its fingerprint cannot be recomputed")
+    elif expected != fs.fingerprint:
+        problems.append(f"fingerprint {fs.fingerprint[:12]} does not match the stored spec ({expected[:12]})")
+    return VerifyReport(fs.url, not problems, problems, checked, notes)
+
+
+def _check_features(
+    fs: FeatureStore, full_scan: bool, problems: list[str], notes: list[str], checked: dict[str, Any]
+) -> None:
+    """Markers, shapes, dtypes and stored shards of every feature array (data too with `full_scan`)."""
     status = fs.unit_status()
     problems += feature_list_problems(fs._root)
     version = int(fs.attrs.get("format_version", 0))
@@ -83,7 +119,9 @@ def verify(
             problems.append(f"{name}: no completion markers")
         elif not units.all():
             problems.append(f"{name}: units {np.flatnonzero(~units).tolist()[:20]} not marked done")
-        if full_scan:
+        if not full_scan:
+            problems += missing_chunks(arr, fs.required_shards(name).needs)
+        else:
             marked = np.ones(fs.num_units, bool) if units is None else units
             found, counted = _scan_feature(fs, name, marked, per_unit.get(name), valid)
             problems += found
@@ -95,27 +133,6 @@ def verify(
                 )
             elif n_inf or n_nan:
                 notes.append(f"{name}: {n_inf} infs and {n_nan} NaNs, as recorded at extraction")
-    for key in ("label", "id", "valid", "error"):
-        shape = fs._root[SAMPLES][key].shape
-        if shape != (fs.num_samples,):
-            problems.append(f"samples/{key}: shape {shape} != ({fs.num_samples},)")
-    if full_scan:
-        problems += _scan_small_arrays(fs)
-    if fs.spec.get("kind") == SAVED_KIND:
-        expected: str | None = fingerprint_of(fs.spec)
-    elif fingerprint_of_spec is not None:
-        expected = fingerprint_of_spec(fs.spec)
-    else:
-        expected = fs.fingerprint
-        checked["fingerprint_skipped"] = True
-    checked["fingerprint"] = expected == fs.fingerprint
-    if expected is None:
-        problems.append("the stored spec no longer loads, so its fingerprint cannot be recomputed")
-    elif expected != fs.fingerprint:
-        problems.append(f"fingerprint {fs.fingerprint[:12]} does not match the stored spec ({expected[:12]})")
-    if fs.class_names is not None and fs.labels.size and fs.labels.max() >= len(fs.class_names):
-        problems.append(f"labels reach {int(fs.labels.max())} but only {len(fs.class_names)} class names")
-    return VerifyReport(fs.url, not problems, problems, checked, notes)
 
 
 def _unit_stats(fs: FeatureStore) -> dict[str, np.ndarray]:
@@ -145,19 +162,22 @@ def _scan_feature(
         nonzero = bool(recorded[0] > 0 or recorded[1] or recorded[2])
         state = shard_state(arr, unit)
         if not state.present:
-            if nonzero:
+            if nonzero or fs.every_chunk:
                 problems.append(f"{where}: marked done but its data is absent ({state.key}); it reads as zeros")
             continue
         if state.problem:
             problems.append(f"{where}: shard {state.key} is {state.problem}")
             continue
-        for k in state.empty_chunks:
-            c_lo = lo + k * state.chunk_rows
-            c_hi = min(hi, c_lo + state.chunk_rows)
-            if c_lo < hi and nonzero and valid[c_lo:c_hi].any():
-                problems.append(
-                    f"{where}: chunk {k} (rows {c_lo}-{c_hi - 1}) is missing from shard {state.key}; it reads as zeros"
-                )
+        missing = [
+            f"{where}: chunk {k} (rows {c_lo}-{min(hi, c_lo + state.chunk_rows) - 1}) is missing from shard "
+            f"{state.key}; it reads as zeros"
+            for k in state.empty_chunks
+            for c_lo in [lo + k * state.chunk_rows]
+            if c_lo < hi and (fs.every_chunk or (nonzero and valid[c_lo : c_lo + state.chunk_rows].any()))
+        ]
+        problems += missing
+        if missing:
+            continue
         try:
             block = fs.read(name, slice(lo, hi))
         except Exception:  # name each chunk that fails, not just the first
@@ -180,13 +200,20 @@ def _bad_chunks(arr: Any, where: str, lo: int, hi: int, chunk_rows: int) -> list
     return out or [f"{where}: does not decode"]
 
 
-def _scan_small_arrays(fs: FeatureStore) -> list[str]:
+def _scan_records(fs: FeatureStore) -> list[str]:
+    """Every sample, split and progress array: shape, absent chunks (from format 4) and damaged ones."""
     out = []
     for group in (SAMPLES, SPLITS, PROGRESS):
         for key, arr in fs._root[group].arrays():
+            if group != PROGRESS and tuple(arr.shape) != (fs.num_samples,):
+                out.append(f"{group}/{key}: shape {tuple(arr.shape)} != ({fs.num_samples},)")
+            # The machine record is written only by writers that know their machine (extraction, not
+            # save_features): an absent cell is "unrecorded", never data read as a fill value.
+            optional = group == PROGRESS and key == MACHINE_RECORD
+            if fs.every_chunk and (group != PROGRESS or fs.attrs.get("complete")) and not optional:
+                out += missing_chunks(arr)
             try:
                 arr[...]
-            except Exception as exc:
-                why = "fails its checksum" if "checksum" in str(exc).lower() else f"does not decode ({exc})"
-                out.append(f"{group}/{key}: {why}")
+            except Exception:
+                out += damaged_chunks(arr)
     return out

@@ -27,6 +27,7 @@ from extract.store.layout import (
     FeatureInfo,
     Layout,
     as_str,
+    every_chunk_written,
     open_group,
 )
 from extract.store.lease import Lease
@@ -73,14 +74,15 @@ class StoreWriter:
         self.num_samples = int(attrs["num_samples"])
         self.shard_rows = int(attrs["shard_rows"])
         self.fingerprint = str(attrs["fingerprint"])
-        done = root[PROGRESS]["done"]
-        self.columns: list[str] = list(done.attrs["features"])
-        self._done = done
-        self._stats = root[PROGRESS]["stats"]
-        self._machine = root[PROGRESS][MACHINE_RECORD] if MACHINE_RECORD in root[PROGRESS] else None
-        self._features = {name: root[FEATURES][name] for name in self.columns}
-        self._valid = root[SAMPLES]["valid"]
-        self._error = root[SAMPLES]["error"]
+        with every_chunk_written():  # arrays opened here store chunks of fill values too
+            done = root[PROGRESS]["done"]
+            self.columns: list[str] = list(done.attrs["features"])
+            self._done = done
+            self._stats = root[PROGRESS]["stats"]
+            self._machine = root[PROGRESS][MACHINE_RECORD] if MACHINE_RECORD in root[PROGRESS] else None
+            self._features = {name: root[FEATURES][name] for name in self.columns}
+            self._valid = root[SAMPLES]["valid"]
+            self._error = root[SAMPLES]["error"]
         self.infos = {
             name: FeatureInfo.from_attrs(name, dict(a.attrs), a.shape[1:]) for name, a in self._features.items()
         }
