@@ -21,7 +21,10 @@ from extract.store.layout import (
     FeatureInfo,
     Layout,
     StoreError,
+    array_at,
     as_str,
+    attributes,
+    group_at,
     is_local,
     local_path,
 )
@@ -49,7 +52,7 @@ class StoreMetadata:
         self.fingerprint: str = str(self.attrs.get("fingerprint"))
         self.num_samples: int = int(self.attrs["num_samples"])
         self.shard_rows: int = int(self.attrs["shard_rows"])
-        self._features = root[FEATURES]
+        self._features = group_at(root, FEATURES)
         self._cache: dict[Any, Any] = {}
 
     # -- features --------------------------------------------------------------------------
@@ -95,7 +98,7 @@ class StoreMetadata:
 
     def array(self, name: str) -> zarr.Array:
         self._check_name(name)
-        return self._features[name]
+        return array_at(self._features, name)
 
     def feature_info(self, name: str) -> FeatureInfo:
         key = ("info", name)
@@ -108,7 +111,7 @@ class StoreMetadata:
 
     def _sample_array(self, key: str) -> np.ndarray:
         if key not in self._cache:
-            self._cache[key] = np.asarray(self._root[SAMPLES][key][:])
+            self._cache[key] = np.asarray(array_at(self._root, f"{SAMPLES}/{key}")[:])
         return self._cache[key]
 
     @property
@@ -131,9 +134,9 @@ class StoreMetadata:
     def split_masks(self) -> dict[str, np.ndarray]:
         """Each split's stored membership mask (invalid rows included), by split name."""
         if "split_masks" not in self._cache:
-            group = self._root[SPLITS]
+            group = group_at(self._root, SPLITS)
             self._cache["split_masks"] = {
-                name: np.asarray(group[name][:], dtype=bool) for name in sorted(group.array_keys())
+                name: np.asarray(array_at(group, name)[:], dtype=bool) for name in sorted(group.array_keys())
             }
         return dict(self._cache["split_masks"])
 
@@ -156,8 +159,8 @@ class StoreMetadata:
         return Layout(self.num_samples, self.shard_rows, {}).num_units
 
     def _markers(self) -> tuple[list[str], np.ndarray]:
-        done = self._root[PROGRESS]["done"]
-        return list(done.attrs["features"]), np.asarray(done[:])
+        done = array_at(self._root, f"{PROGRESS}/done")
+        return list(attributes(done)["features"]), np.asarray(done[:])
 
     def is_complete(self, name: str | None = None) -> bool:
         """Every unit of `name` (None: of every feature) is marked done."""
@@ -169,10 +172,11 @@ class StoreMetadata:
 
     def unit_machines(self) -> list[list[dict[str, Any]]] | None:
         """Per unit, the machine signatures that wrote it (None for stores written before the record)."""
-        progress = self._root[PROGRESS]
+        progress = group_at(self._root, PROGRESS)
         if MACHINE_RECORD not in progress:
             return None
-        return [json.loads(str(cell)) if str(cell) else [] for cell in np.asarray(progress[MACHINE_RECORD][:])]
+        cells = np.asarray(array_at(progress, MACHINE_RECORD)[:])
+        return [json.loads(str(cell)) if str(cell) else [] for cell in cells]
 
     def unit_status(self) -> dict[str, np.ndarray]:
         """Per feature, a bool vector over units: done or not."""

@@ -11,7 +11,16 @@ from typing import Any
 import numpy as np
 
 from extract.provenance import fingerprint as fingerprint_of
-from extract.store.layout import CHECKSUMS_SINCE, PROGRESS, SAMPLES, SPLITS, has_checksums
+from extract.store.layout import (
+    CHECKSUMS_SINCE,
+    PROGRESS,
+    SAMPLES,
+    SPLITS,
+    array_at,
+    attributes,
+    group_at,
+    has_checksums,
+)
 from extract.store.reader import FeatureStore, open_store
 from extract.store.shards import shard_state
 from extract.store.state import feature_list_problems
@@ -69,7 +78,6 @@ def verify(
             f"detected, only values that do not decode or are not finite"
         )
     per_unit = _unit_stats(fs) if full_scan else {}
-    valid = fs.valid if full_scan else None
     for name in names:
         checked["features"] += 1
         info = fs.feature_info(name)
@@ -85,7 +93,7 @@ def verify(
             problems.append(f"{name}: units {np.flatnonzero(~units).tolist()[:20]} not marked done")
         if full_scan:
             marked = np.ones(fs.num_units, bool) if units is None else units
-            found, counted = _scan_feature(fs, name, marked, per_unit.get(name), valid)
+            found, counted = _scan_feature(fs, name, marked, per_unit.get(name), fs.valid)
             problems += found
             n_inf, n_nan, rec_inf, rec_nan = counted
             if n_inf != rec_inf or n_nan != rec_nan:
@@ -96,7 +104,7 @@ def verify(
             elif n_inf or n_nan:
                 notes.append(f"{name}: {n_inf} infs and {n_nan} NaNs, as recorded at extraction")
     for key in ("label", "id", "valid", "error"):
-        shape = fs._root[SAMPLES][key].shape
+        shape = array_at(fs._root, f"{SAMPLES}/{key}").shape
         if shape != (fs.num_samples,):
             problems.append(f"samples/{key}: shape {shape} != ({fs.num_samples},)")
     if full_scan:
@@ -120,9 +128,9 @@ def verify(
 
 def _unit_stats(fs: FeatureStore) -> dict[str, np.ndarray]:
     """Per feature, the (units, 4) statistics the writer recorded with each unit's data."""
-    progress = fs._root[PROGRESS]
-    columns = list(progress["done"].attrs["features"])
-    stats = np.asarray(progress["stats"][:])
+    progress = group_at(fs._root, PROGRESS)
+    columns = list(attributes(array_at(progress, "done"))["features"])
+    stats = np.asarray(array_at(progress, "stats")[:])
     return {name: stats[:, i, :] for i, name in enumerate(columns) if i < stats.shape[1]}
 
 
@@ -183,7 +191,7 @@ def _bad_chunks(arr: Any, where: str, lo: int, hi: int, chunk_rows: int) -> list
 def _scan_small_arrays(fs: FeatureStore) -> list[str]:
     out = []
     for group in (SAMPLES, SPLITS, PROGRESS):
-        for key, arr in fs._root[group].arrays():
+        for key, arr in group_at(fs._root, group).arrays():
             try:
                 arr[...]
             except Exception as exc:
