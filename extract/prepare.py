@@ -238,7 +238,7 @@ def _prepare(
         record = {k: built.get(k) for k in ("preset", "flags", "checkpoint", "checkpoint_sha256", "init")}
     else:
         model, record = None, model_record(spec)
-    provenance = {
+    provenance: dict[str, Any] = {
         **record,
         "noise_seed_rule": NOISE_SEED_RULES[spec.noise.rule],
         **({"noise_draws": SEPARATE_DRAWS_RULE.format(k=spec.noise.draws)} if spec.noise.combine == "separate" else {}),

@@ -34,6 +34,8 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
+from extract.features import FeatureKey, pool_label
+
 if TYPE_CHECKING:  # only the type: zarr's metadata classes are internal
     from zarr.core.metadata import ArrayV3Metadata
 
@@ -140,6 +142,13 @@ class FeatureInfo:
     @property
     def row_bytes(self) -> int:
         return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+
+    @property
+    def key(self) -> FeatureKey:
+        """Where a model feature was tapped; StoreError for a feature saved without one (`save_features`)."""
+        if self.t is None or self.block is None or self.pool_kind is None or self.pool_size is None:
+            raise StoreError(f"feature {self.name!r} has no timestep, block and pooling: it was not extracted")
+        return FeatureKey(self.t, self.block, pool_label(self.pool_kind, self.pool_size), self.view, self.draw)
 
 
 @dataclasses.dataclass(frozen=True)
