@@ -226,7 +226,7 @@ def run_demo(
     tok_feature = f"t{best_t:03d}_b{token_block:02d}_tok8"
     log.info(f"[4/5] attention head on {tok_feature}")
     t0 = time.perf_counter()
-    head_opts = {
+    head_opts: dict[str, Any] = {
         "preset": preset,
         "epochs": head_epochs,
         "lrs": HEAD_LRS,

@@ -16,7 +16,7 @@ import contextlib
 import dataclasses
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -72,10 +72,10 @@ class UnitJob:
 
     @property
     def timesteps(self) -> list[int]:
-        return sorted({f.t for f in self.features})
+        return sorted({f.key.t for f in self.features})
 
     def blocks_at(self, t: int) -> list[int]:
-        return sorted({f.block for f in self.features if f.t == t})
+        return sorted({f.key.block for f in self.features if f.t == t})
 
     def views(self) -> list[str]:
         return [v for v in ("center", "flip") if any(f.view == v for f in self.features)]
@@ -105,9 +105,11 @@ class Computer:
         )
         self._memory_format = torch.channels_last if spec.compute.channels_last else torch.contiguous_format
         if spec.compute.channels_last:
-            model.to(memory_format=torch.channels_last)
+            model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stubs omit this documented keyword
         # Compiled once per (blocks, batch shape): the first call of each pays the compile, timed apart.
-        self._features = torch.compile(model.features) if spec.compute.compile else model.features
+        # extract.models' networks: `features(x, t, blocks)` gives the blocks' outputs keyed as requested (here by number)
+        tapped = cast(Callable[..., dict[int, torch.Tensor]], model.features)
+        self._features = torch.compile(tapped) if spec.compute.compile else tapped
         self._compiled: set[tuple[Any, ...]] = set()
         self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
@@ -209,17 +211,17 @@ class Computer:
                     if separate:
                         for f in wanted:
                             if f.draw == draw and f.view == view:
-                                pooled[f.name] = pool(feats[f.block], (f.pool_kind, f.pool_size))
+                                pooled[f.name] = pool(feats[f.key.block], f.key.pool)
                         continue
                     for b, v in feats.items():
                         sums[view][b] = v if i == 0 else sums[view][b] + v
             if separate:
                 continue
             for f in wanted:
-                mean = sums[f.view][f.block]
+                mean = sums[f.view][f.key.block]
                 if len(draws) > 1:
                     mean = mean / len(draws)
-                pooled[f.name] = pool(mean, (f.pool_kind, f.pool_size))
+                pooled[f.name] = pool(mean, f.key.pool)
         return self._collect(pooled)
 
 

@@ -103,6 +103,8 @@ def _run_units(
     allow_nonfinite: bool,
 ) -> dict[str, Any]:
     spec, writer, source = prepared.spec, prepared.writer, prepared.source
+    if prepared.model is None:
+        raise ValueError("the run was prepared without its model (load_model=False); prepare it with the model")
     computer = Computer(prepared.model, spec, prepared.device, labels=source.labels)
     mb = prepared.micro_batch
     batches = plan_batches(writer, wanted, mb)

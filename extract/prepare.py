@@ -236,7 +236,7 @@ def _prepare(
     if model is not None and not allow_nonfinite:
         with compute_threads(n_threads):
             refuse_nonfinite_model(spec, model, source, dev)
-    provenance = {
+    provenance: dict[str, Any] = {
         **record,
         "noise_seed_rule": NOISE_SEED_RULES[spec.noise.rule],
         **({"noise_draws": SEPARATE_DRAWS_RULE.format(k=spec.noise.draws)} if spec.noise.combine == "separate" else {}),

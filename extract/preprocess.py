@@ -48,9 +48,9 @@ def center_crop_arr(image: Any, image_size: int) -> np.ndarray:
         raise ValueError(f"image_size must be positive, got {image_size}")
     pil = _as_pil_rgb(image)
     while min(*pil.size) >= 2 * image_size:
-        pil = pil.resize(tuple(x // 2 for x in pil.size), resample=Image.BOX)
+        pil = pil.resize((pil.width // 2, pil.height // 2), resample=Image.Resampling.BOX)
     scale = image_size / min(*pil.size)
-    pil = pil.resize(tuple(round(x * scale) for x in pil.size), resample=Image.BICUBIC)
+    pil = pil.resize((round(pil.width * scale), round(pil.height * scale)), resample=Image.Resampling.BICUBIC)
     arr = np.asarray(pil)
     crop_y = (arr.shape[0] - image_size) // 2
     crop_x = (arr.shape[1] - image_size) // 2

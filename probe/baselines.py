@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -36,8 +36,8 @@ def flatten_features(xs: Mapping[str, np.ndarray | torch.Tensor], order: Sequenc
     """(N, D) from a dict of (N, ...) arrays or tensors: each flattened channel-major, concatenated in `order`."""
     names = list(order) if order is not None else list(xs)
     parts = [xs[n].reshape(len(xs[n]), -1) for n in names]
-    if isinstance(parts[0], torch.Tensor):
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    if isinstance(parts[0], torch.Tensor):  # then all are: one store's features come as one kind
+        return parts[0] if len(parts) == 1 else torch.cat(cast(list[torch.Tensor], parts), dim=1)
     return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
 
 
@@ -92,7 +92,8 @@ def logistic_sweep(
         raise ValueError("the C grid must be non-empty and positive")
     x_train, x_val, x_test = (np.asarray(a, dtype=np.float32) for a in (x_train, x_val, x_test))
     model = LogisticRegression(C=cs[0], solver="lbfgs", max_iter=max_iter, tol=tol, warm_start=True)
-    sweep, best, best_state = [], None, None
+    sweep: list[dict[str, Any]] = []
+    best, best_state = None, None
     for c in cs:
         model.set_params(C=c)
         model, converged, seconds = _fit_logistic(model, x_train, y_train)
@@ -246,7 +247,8 @@ def knn_sweep(
     )
     sims, labs, _ = knn_neighbours(bank, queries, ks[-1], query_chunk=query_chunk, device=device)
     n_val = len(x_val)
-    per_k, scores_by_k = [], {}
+    per_k: list[dict[str, Any]] = []
+    scores_by_k = {}
     for k in ks:
         scores = knn_vote(sims, labs, k, num_classes, temperature).cpu().numpy()
         scores_by_k[k] = scores

@@ -314,11 +314,11 @@ class ProbeData:
         if self.in_memory:
             arrays = self.memory_arrays()
             return {n: arrays[n][rows] for n in self.features}
-        out: dict[str, np.ndarray] = {}
+        out: dict[str, list[np.ndarray]] = {}
         for w in epoch_order(rows, self.chunk_rows, len(rows), 0, 0, shuffle=False):
             for n, a in self.read_window(w).items():
-                out.setdefault(n, []).append(a)  # type: ignore[arg-type]
-        return {n: np.concatenate(parts) for n, parts in out.items()}  # type: ignore[arg-type]
+                out.setdefault(n, []).append(a)
+        return {n: np.concatenate(parts) for n, parts in out.items()}
 
     def tensors(self, split: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         xs = self.arrays(split)

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from probe.heads import PRESETS, resolve_preset
+from probe.heads import PRESETS, HeadSizes, resolve_preset
 from probe.stream import BatchStream
 
 __all__ = [
@@ -58,7 +58,7 @@ def check_random_state(random_state: Any) -> None:
 
 def transformer_sizes(
     preset: str | None, dim: int | None, heads: int | None, depth: int | None, final_norm: Any
-) -> dict[str, int]:
+) -> HeadSizes:
     """dim/heads/depth of a transformer head: `preset`'s, overridden by the explicit ones."""
     for name, v in (("dim", dim), ("heads", heads), ("depth", depth)):
         if v is not None and (not is_int(v) or v < (0 if name == "depth" else 1)):

@@ -57,7 +57,7 @@ from probe.estimator_checks import (
     transformer_sizes,
 )
 from probe.evaluation import predict_logits
-from probe.heads import AttentionPoolHead, DifFormerHead, LinearHead, seeded_init
+from probe.heads import AttentionPoolHead, DifFormerHead, HeadSizes, LinearHead, seeded_init
 from probe.recipe import Recipe
 from probe.stats import FeatureStats, array_stats
 from probe.stream import ArrayStream, BatchStream
@@ -87,6 +87,8 @@ class _TorchProbe(ClassifierMixin, BaseEstimator):
     verbose: bool
     checkpoint_dir: str | os.PathLike[str] | None
     resume: bool
+    # Fitted: (C, H, W) of the one input feature; DifFormerProbe's is {(t, block): (C, H, W)}.
+    input_shape_: Any
     _head_kind = "linear"  # which of the recipe's heads this estimator trains
 
     def _set_params(self, params: Mapping[str, Any]) -> None:
@@ -347,7 +349,7 @@ class _TransformerProbe(_TorchProbe):
     def _check_own_params(self) -> None:
         self._transformer_sizes()
 
-    def _transformer_sizes(self) -> dict[str, int]:
+    def _transformer_sizes(self) -> HeadSizes:
         return transformer_sizes(self.preset, self.dim, self.heads, self.depth, self.final_norm)
 
 

@@ -15,7 +15,7 @@ evaluated on the heads' logits averaged over the draws; any other stream on the 
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -117,7 +117,10 @@ def evaluate(
         h.eval()
     names = sorted({n for k in heads for n in feature_names(inputs_of[k])})
     groups, single = fusable_groups([(k, h, inputs_of[k]) for k, h in heads.items()]) if fuse else ([], list(heads))
-    banks = [(g, LinearGroup([heads[k] for k in g], inputs_of[g[0]]).frozen()) for g in groups]  # type: ignore[misc]
+    # fusable_groups groups plain LinearHeads that read one feature, named by a string (_fusion_key)
+    banks = [
+        (g, LinearGroup([cast(LinearHead, heads[k]) for k in g], cast(str, inputs_of[g[0]])).frozen()) for g in groups
+    ]
     bank_loss = [torch.zeros(len(g), dtype=torch.float64, device=device) for g, _ in banks]
     bank_correct = [torch.zeros(len(g), dtype=torch.int64, device=device) for g, _ in banks]
     loss_sum = {k: torch.zeros((), dtype=torch.float64, device=device) for k in single}

@@ -21,7 +21,7 @@ from extract.provenance import to_jsonable
 from probe.errors import ProbeDataError
 from probe.evaluation import InputSpec, predict_logits
 from probe.head_results import HeadResult, SweepResult
-from probe.heads import resolve_preset, seeded_init
+from probe.heads import HeadSizes, resolve_preset, seeded_init
 from probe.inputs import StoreLike
 from probe.job import LOGITS_FILE, Job
 from probe.metrics import classification_metrics
@@ -96,7 +96,7 @@ class TrainedRun:
         )
         self.options = options
         self.seed, self.device, self.progress = options.seed, options.device, options.progress
-        self.sizes: dict[str, int] = {}
+        self.sizes: HeadSizes = {}
         settings: dict[str, Any] = {}
         if isinstance(options, LinearOptions):
             settings = {"batchnorm": bool(options.batchnorm)}
@@ -239,7 +239,7 @@ def evaluate_head(job: Job, head: torch.nn.Module, input: InputSpec, device: str
     batch_size = job.recipe.batch_size
     t0 = time.perf_counter()
     out = {}
-    saved: dict[str, np.ndarray] = {}
+    saved: dict[str, Any] = {}  # arrays; Any as numpy types savez's keywords with its allow_pickle flag
     for split in ("val", "test"):
         logits = predict_logits(head, job.stream(split, batch_size, False), input, device=device).numpy()
         out[split] = classification_metrics(

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Hashable, Iterator, Mapping, Sequence
+from typing import Any, TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,7 @@ from torch import nn
 
 __all__ = [
     "PRESETS",
+    "HeadSizes",
     "LinearHead",
     "BlockTokenizer",
     "TransformerBlock",
@@ -40,6 +42,14 @@ __all__ = [
     "resolve_preset",
 ]
 
+class HeadSizes(TypedDict, total=False):
+    """A transformer head's sizes, as keyword arguments of the heads below."""
+
+    dim: int
+    heads: int
+    depth: int
+
+
 # Transformer sizes: "paper" is the published configuration; the others keep CPU runs and tests affordable.
 PRESETS: dict[str, dict[str, int]] = {
     "paper": dict(dim=1024, heads=8, depth=2),
@@ -50,7 +60,7 @@ PRESETS: dict[str, dict[str, int]] = {
 
 def resolve_preset(
     preset: str | None, dim: int | None = None, heads: int | None = None, depth: int | None = None
-) -> dict[str, int]:
+) -> HeadSizes:
     """Merge a named preset with explicit overrides (an explicit value always wins)."""
     if preset is None:
         base: dict[str, int] = {}
@@ -65,7 +75,7 @@ def resolve_preset(
     if missing:
         raise ValueError(f"without a preset, {', '.join(missing)} must be given")
     _check_transformer_sizes(base["dim"], base["heads"], base["depth"])
-    return base
+    return HeadSizes(dim=base["dim"], heads=base["heads"], depth=base["depth"])
 
 
 @contextlib.contextmanager
@@ -93,7 +103,7 @@ def _map_shape(in_shape: int | Sequence[int], name: str = "in_shape") -> tuple[i
         return (shape[0], 1, 1)
     if len(shape) != 3:
         raise ValueError(f"{name} must be (C, H, W) or (C,), got {tuple(shape)}")
-    return shape  # type: ignore[return-value]
+    return shape
 
 
 def _check_positive(name: str, value: int) -> None:
@@ -258,7 +268,7 @@ class DifFormerHead(nn.Module):
 
     def __init__(
         self,
-        block_shapes: Mapping[Hashable, Sequence[int]],
+        block_shapes: Mapping[Any, Sequence[int]],  # keyed by block (number or name)
         timesteps: Sequence[int],
         num_classes: int,
         dim: int = 1024,
@@ -315,8 +325,8 @@ class LinearGroup:
         self.classes = self.heads[0].linear.out_features
         self.in_features = self.heads[0].linear.in_features
         self.in_shape = self.heads[0].in_shape
-        self.weights = [h.linear.weight for h in self.heads]
-        self.biases = [h.linear.bias for h in self.heads]
+        self.weights: list[torch.Tensor] = [h.linear.weight for h in self.heads]
+        self.biases: list[torch.Tensor] = [h.linear.bias for h in self.heads]
         self._fixed: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def frozen(self) -> LinearGroup:

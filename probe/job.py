@@ -167,5 +167,6 @@ class Job:
             "environment": environment(),
         }
         write_results(self.out / RESULTS_FILE, results)
-        np.savez(self.out / "splits.npz", **self.data.split_rows())
+        rows: dict[str, Any] = self.data.split_rows()  # Any: numpy types savez's keywords with allow_pickle
+        np.savez(self.out / "splits.npz", **rows)
         return to_jsonable(results)

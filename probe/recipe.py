@@ -35,7 +35,7 @@ class ProbeConfigError(ValueError):
     """A training setting is out of range or of the wrong type; the message starts with the setting's name."""
 
 
-_OPTIMIZER = {"epochs": 28, "batch_size": 128, "momentum": 0.0, "weight_decay": 0.0, "step_size": 7, "gamma": 0.1}
+_OPTIMIZER: dict[str, Any] = {"epochs": 28, "batch_size": 128, "momentum": 0.0, "weight_decay": 0.0, "step_size": 7, "gamma": 0.1}
 _LINEAR_LR, _TOKEN_LR = 1e-2, 5e-2
 
 RECIPES: dict[str, dict[str, dict[str, Any]]] = {
@@ -65,7 +65,7 @@ def _count(name: str, value: Any) -> int:
     # Integral floats (2.0) are accepted because JSON and YAML round trips produce them.
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value).is_integer() or value < 1:
         raise ProbeConfigError(f"{name} must be an integer >= 1, got {value!r}")
-    return int(value)
+    return int(value)  # type: ignore[call-overload]  # integral (checked above); typeshed's numbers.Real has no __int__
 
 
 def check_lr(name: str, value: Any) -> float:

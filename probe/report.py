@@ -248,8 +248,11 @@ def plot_heatmap(
         word = "best"
         if best is not None and best in values:
             best, word = (ts.index(best[0]), blocks.index(best[1])), "selected"
+        elif finite.size:
+            row, col = np.unravel_index(np.nanargmax(grid), grid.shape)
+            best = (int(row), int(col))
         else:
-            best = tuple(np.unravel_index(np.nanargmax(grid), grid.shape)) if finite.size else None
+            best = None
         mid = (float(finite.min()) + float(finite.max())) / 2 if finite.size else 0.0
         for i in range(len(ts)):
             for j in range(len(blocks)):

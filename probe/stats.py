@@ -127,7 +127,7 @@ def compute_stats(
         s2 = part2 if s2 is None else s2 + part2
     if total != len(rows):
         raise ProbeDataError(f"feature {name!r}: the statistics pass read {total} rows, expected {len(rows)}")
-    if mode == "none" or s1 is None:
+    if mode == "none" or s1 is None or s2 is None:
         shape = (1,) * ((ndim or 2) - 1)
         return FeatureStats(np.zeros(shape, np.float32), np.ones(shape, np.float32), mode, rows_digest(rows), len(rows))
     m1 = s1 / count

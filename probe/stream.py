@@ -258,10 +258,11 @@ class FeatureStream:
                 yield read(w, sources), self._data.all_labels[w.order]
             return
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="probe-prefetch") as pool:
-            pending: Future | None = pool.submit(read, windows[0], sources)
+            pending: Future = pool.submit(read, windows[0], sources)
             for i, w in enumerate(windows):
                 xs = pending.result()
-                pending = pool.submit(read, windows[i + 1], sources) if i + 1 < len(windows) else None
+                if i + 1 < len(windows):
+                    pending = pool.submit(read, windows[i + 1], sources)
                 yield xs, self._data.all_labels[w.order]
 
     def _batches(

@@ -28,7 +28,7 @@ import os
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -107,7 +107,7 @@ def train(
     resume: bool = False,
     progress: bool = True,
     device: str | torch.device = "cpu",
-    on_epoch_end: Callable[[int, Mapping[Hashable, dict[str, float | None]]], None] | None = None,
+    on_epoch_end: Callable[[int, Mapping[str, dict[str, float | None]]], None] | None = None,
     lr: float | None = None,
     epochs: int | None = None,
     momentum: float | None = None,
@@ -245,7 +245,7 @@ def train_many(
                 bar.set_postfix_str(summary, refresh=False)
                 bar.update(1)
             if on_epoch_end is not None:
-                on_epoch_end(epoch, rows)
+                on_epoch_end(epoch, cast(Mapping[K, dict[str, float | None]], rows))  # keyed by the runs' keys
     finally:
         bar.close()
 
@@ -289,7 +289,7 @@ def _train_epoch(
     active = [r for r in runs if not r.diverged]
     bank.train()
     groups, single = fusable_groups([(r, r.head, r.spec) for r in active]) if fuse else ([], active)
-    fused = [(g, LinearGroup([r.head for r in g], g[0].spec)) for g in groups]  # type: ignore[misc]
+    fused = [(g, LinearGroup([r.head for r in g], g[0].spec)) for g in groups]
     loss_sum = {id(r): torch.zeros((), dtype=torch.float64, device=device) for r in single}
     correct = {id(r): torch.zeros((), dtype=torch.int64, device=device) for r in single}
     seen = {id(r): 0 for r in active}
@@ -354,7 +354,11 @@ def _train_epoch(
         if keep == "last" or not val:
             # The head keeps its final weights: a diverged head's are garbage, so nothing is kept.
             r.kept_epoch, r.kept_val = (None, (None, None)) if r.diverged else (epoch, (v_acc, v_loss))
-        elif not r.diverged and (r.kept_epoch is None or v_acc > r.kept_val[0]):
+        elif (
+            not r.diverged
+            and v_acc is not None
+            and (r.kept_epoch is None or r.kept_val[0] is None or v_acc > r.kept_val[0])
+        ):
             # Epochs rank by validation accuracy alone, the earliest on ties (a later epoch must beat it).
             r.kept_epoch, r.kept_val, r.kept_state = epoch, (v_acc, v_loss), _clone_state(r.head)
         row["diverged"] = float(r.diverged)
@@ -371,10 +375,10 @@ def _evaluate_runs(
 
 def _epoch_summary(runs: list[_Head], rows: Mapping[Any, dict[str, float | None]]) -> str:
     parts = [f"{len(runs)} heads"] if len(runs) > 1 else []
-    losses = [row["train_loss"] for row in rows.values() if row.get("train_loss") is not None]
+    losses = [loss for row in rows.values() if (loss := row.get("train_loss")) is not None]
     if losses:
         parts.append(f"train loss {min(losses):.4f}" + (" (best head)" if len(runs) > 1 else ""))
-    vals = [(row["val_accuracy"], k) for k, row in rows.items() if row.get("val_accuracy") is not None]
+    vals = [(acc, k) for k, row in rows.items() if (acc := row.get("val_accuracy")) is not None]
     if vals:
         acc, k = max(vals, key=lambda v: v[0])
         parts.append(f"val acc {acc:.4f}" + (f" ({k!r})" if len(runs) > 1 else ""))

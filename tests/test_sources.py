@@ -326,3 +326,9 @@ def test_load_rgb_keeps_pil_images_with_the_same_pixels(tree: Path):
         if plain.ok:
             assert isinstance(fast.image, Image.Image) and fast.image.mode == "RGB"
             np.testing.assert_array_equal(np.asarray(fast.image), plain.image)
+
+
+@pytest.mark.parametrize("kind", ["folder", "csv", "hdf5"])
+def test_a_file_dataset_without_a_path_is_refused_by_name(kind: str):
+    with pytest.raises(SourceError, match=f"a {kind} dataset needs a path"):
+        open_source({"kind": kind})

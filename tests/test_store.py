@@ -27,6 +27,7 @@ from extract.store import (
     save_features,
     verify,
 )
+from extract.store.layout import array_at, group_at
 
 N = 23
 
@@ -160,6 +161,27 @@ def test_float16_overflow_bookkeeping(tmp_path):
 
 def _infos() -> list[FeatureInfo]:
     return [FeatureInfo("t010_b02_avg1", 10, 2, "input_blocks.1", 4, 8, "avg", 1, (4, 1, 1), "float32")]
+
+
+def test_typed_accessors_name_a_node_of_the_wrong_kind(saved):
+    fs, _, _, _ = saved
+    root = zarr.open_group(fs.url, mode="r")
+    assert array_at(root, "samples/label").shape == (N,)
+    assert "label" in group_at(root, "samples")
+    with pytest.raises(StoreError, match="'samples' in the store is a group"):
+        array_at(root, "samples")
+    with pytest.raises(StoreError, match="'samples/label' in the store is an array"):
+        group_at(root, "samples/label")
+    with pytest.raises(KeyError):
+        array_at(root, "samples/nothing")
+
+
+def test_feature_key_of_a_tapped_feature_and_of_a_saved_one():
+    tapped = _infos()[0]
+    assert tapped.key.name == "t010_b02_avg1"
+    untapped = dataclasses.replace(tapped, name="embedding", t=None, block=None, pool_kind=None, pool_size=None)
+    with pytest.raises(StoreError, match="'embedding' has no timestep"):
+        _ = untapped.key
 
 
 def test_fingerprint_mismatch_refused_and_resume_reopens(tmp_path):

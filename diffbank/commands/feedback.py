@@ -181,7 +181,7 @@ def feedback_command(
     from probe.feedback.images import validation_split
     from probe.feedback.network import DifFeed
     from probe.feedback.training import train_feedback
-    from probe.heads import PRESETS, seeded_init
+    from probe.heads import resolve_preset, seeded_init
 
     try:
         spec = load_spec(spec_path)
@@ -213,7 +213,7 @@ def feedback_command(
         )
         blocks = () if no_feedback else (list(opts["feedback_blocks"]) or None)
         with seeded_init(seed):
-            model = DifFeed(unet, num_classes, blocks, opts["read_block"], opts["tokens"], **PRESETS[opts["preset"]])
+            model = DifFeed(unet, num_classes, blocks, opts["read_block"], opts["tokens"], **resolve_preset(opts["preset"]))
         results = train_feedback(
             model,
             schedule,

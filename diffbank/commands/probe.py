@@ -48,7 +48,7 @@ def _memory(value: str) -> Any:
 
 def _common(func: Callable[..., Any]) -> Callable[..., Any]:
     """Options every probe command takes (applied bottom-up, so listed here in reverse help order)."""
-    options = [
+    options: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
         click.argument("store"),
         click.option(
             "--out",
@@ -106,7 +106,7 @@ def _recipe_value(field: str, head: str = "linear") -> str:
 
 def _training(func: Callable[..., Any]) -> Callable[..., Any]:
     """Options of the trained heads. Settings left out take the recipe's value; given ones override it."""
-    options = [
+    options: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
         click.option(
             "--recipe",
             type=click.Choice(["diffbank", "paper"]),

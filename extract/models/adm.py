@@ -102,6 +102,8 @@ class ResBlock(nn.Module):
             normalization(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
         )
         self.updown = up or down
+        self.h_upd: nn.Module
+        self.x_upd: nn.Module
         if up:
             self.h_upd, self.x_upd = Upsample(channels, False), Upsample(channels, False)
         elif down:
@@ -404,12 +406,12 @@ class ADMUNet(nn.Module):
         macs = 0
         hooks = []
 
-        def conv_hook(mod: nn.Module, inp: Any, out: torch.Tensor) -> None:
+        def conv_hook(mod: nn.Conv2d, inp: Any, out: torch.Tensor) -> None:
             nonlocal macs
             w = mod.weight
             macs += out[0].numel() * w[0].numel()
 
-        def linear_hook(mod: nn.Module, inp: Any, out: torch.Tensor) -> None:
+        def linear_hook(mod: nn.Linear, inp: Any, out: torch.Tensor) -> None:
             nonlocal macs
             macs += out[0].numel() * mod.in_features
 

@@ -124,7 +124,7 @@ class _Call:
 
 
 class _SymbolicUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> _Global:  # type: ignore[override]
+    def find_class(self, module: str, name: str) -> _Global:
         return _Global(module, name)
 
     def persistent_load(self, pid: object) -> object:

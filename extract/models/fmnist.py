@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,7 +14,7 @@ from extract.preprocess import reference
 
 NAME = "fmnist32"
 # A CPU-sized unconditional ADM: the same code as the released models, 32x32 input, ~1.9M parameters.
-FLAGS = {
+FLAGS: dict[str, Any] = {
     "image_size": 32,
     "num_channels": 32,
     "num_res_blocks": 2,

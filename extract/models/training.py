@@ -77,21 +77,24 @@ def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if cpu_has_native("bfloat16") else None
 
 
-def ema_average(decay: float) -> Callable[..., None]:
+_Tensors = tuple[torch.Tensor, ...] | list[torch.Tensor]
+
+
+class EMAUpdate:
     """swa_utils' multi-tensor EMA update, with the usual warm-up of the decay over the first steps.
 
     The warm-up needs the update count on the host; reading AveragedModel's n_averaged (a device
-    tensor) would synchronise the GPU on every step, so the closure keeps its own count.
+    tensor) would synchronise the GPU on every step, so the update keeps its own `count`.
     """
-    count = {"n": 0}
 
-    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], _num_averaged: Any) -> None:
-        d = min(decay, (1 + count["n"]) / (10 + count["n"]))
+    def __init__(self, decay: float):
+        self.decay = decay
+        self.count = 0
+
+    def __call__(self, averaged: _Tensors, current: _Tensors, _num_averaged: torch.Tensor | int) -> None:
+        d = min(self.decay, (1 + self.count) / (10 + self.count))
         torch._foreach_lerp_(averaged, current, 1 - d)
-        count["n"] += 1
-
-    update.count = count  # type: ignore[attr-defined]
-    return update
+        self.count += 1
 
 
 def _step_rng(seed: int, step: int, device: torch.device) -> torch.Generator:
@@ -176,7 +179,7 @@ def train(
     torch.manual_seed(cfg.seed)
     model = ADMUNet.from_flags(**cfg.flags).to(device).train()
     layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = model.to(memory_format=layout)
+    model = model.to(memory_format=layout)  # type: ignore[call-overload]  # torch's stubs omit this documented keyword
     if images.shape[1:] != (3, model.config.image_size, model.config.image_size):
         raise ValueError(
             f"images must be (N, 3, {model.config.image_size}, {model.config.image_size}), got {tuple(images.shape)}"
@@ -188,7 +191,7 @@ def train(
     weight_of_t = snr.clamp(max=cfg.snr_gamma) / snr if cfg.weighting == "min-snr" else torch.ones_like(snr)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(cfg))
-    ema_fn = ema_average(cfg.ema_decay)
+    ema_fn = EMAUpdate(cfg.ema_decay)
     ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_fn)
     forward = torch.compile(model) if cfg.compile else model
     record: dict[str, Any] = {
@@ -211,7 +214,7 @@ def train(
         model.load_state_dict(_weights(tensors, "online."))
         ema.module.load_state_dict(_weights(tensors, "ema."))
         ema.n_averaged.fill_(prev["step"])
-        ema_fn.count["n"] = max(0, prev["step"] - 1)  # the first update copies; later ones average
+        ema_fn.count = max(0, prev["step"] - 1)  # the first update copies; later ones average
         # load_state_dict moves the moments to each parameter's device (Adam's step count stays on the CPU)
         opt.load_state_dict(join_optimizer_state(tensors, prev.pop("optimizer")))
         sched.load_state_dict(prev["scheduler"])

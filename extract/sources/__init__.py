@@ -77,11 +77,11 @@ def open_source(dataset: Any, base_dir: str | os.PathLike | None = None) -> Imag
         full_path = dataset.resolved_path() if base_dir is None else _full_path(path, base_dir)
     source: ImageSource
     if kind == "folder":
-        source = FolderSource(full_path)
+        source = FolderSource(_required(full_path, kind))
     elif kind == "csv":
-        source = CSVSource(full_path)
+        source = CSVSource(_required(full_path, kind))
     elif kind == "hdf5":
-        source = HDF5Source(full_path)
+        source = HDF5Source(_required(full_path, kind))
     elif kind == "idx":
         source = IDXSource(full_path, splits)
     elif kind == "digits":
@@ -96,6 +96,12 @@ def _full_path(path: str | None, base_dir: str | os.PathLike | None) -> Path | N
         return None
     p = Path(path).expanduser()
     return p if p.is_absolute() or base_dir is None else Path(base_dir) / p
+
+
+def _required(path: Path | None, kind: str) -> Path:
+    if path is None:
+        raise SourceError(f"a {kind} dataset needs a path")
+    return path
 
 
 def check_dataset(kind: str, path: Path | None, splits: Sequence[str] | None) -> list[str]:

@@ -101,7 +101,9 @@ class IDXSource(ImageSource):
             raise SourceError(f"IDX dataset has splits {', '.join(FASHION_MNIST_FILES)}, not {', '.join(unknown)}")
         self._image_files: dict[str, Path] = {}
         self._arrays: dict[str, Any] = {}
-        ids, labels, row_splits = [], [], []
+        ids: list[str] = []
+        labels: list[int] = []
+        row_splits: list[str] = []
         self._offset: dict[str, int] = {}
         for split in wanted:
             img_stem, lbl_stem = FASHION_MNIST_FILES[split]

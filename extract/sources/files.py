@@ -35,7 +35,7 @@ def folder_split_dirs(root: str | os.PathLike) -> dict[str, Path]:
 
 def _walk_images(folder: Path) -> list[str]:
     """Image files under `folder`, as sorted relative posix paths (deterministic across machines)."""
-    found = []
+    found: list[str] = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         rel = Path(dirpath).relative_to(folder)

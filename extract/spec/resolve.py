@@ -74,14 +74,20 @@ def resolve(
     grid = None
     if sections.get("features") is not None:
         grid = _features(sections["features"], problems, table, model)
-    parts = (model, dataset, grid, *(_plain(sections.get(k)) for k in ("noise", "views", "storage", "compute")))
-    if problems or any(p is None for p in parts) or table is None:
+    plain = [_plain(sections.get(k)) for k in ("noise", "views", "storage", "compute")]
+    if problems or model is None or dataset is None or grid is None or any(p is None for p in plain) or table is None:
         return None
-    return Spec(name, *parts, block_table=table)  # type: ignore[arg-type]
+    noise, views, storage, compute = plain
+    return Spec(name, model, dataset, grid, noise, views, storage, compute, block_table=table)
 
 
 def _plain(section: Any) -> Any:
-    kinds = {NoiseSection: NoiseSpec, ViewsSection: ViewSpec, StorageSection: StorageSpec, ComputeSection: ComputeSpec}
+    kinds: dict[type, type] = {
+        NoiseSection: NoiseSpec,
+        ViewsSection: ViewSpec,
+        StorageSection: StorageSpec,
+        ComputeSection: ComputeSpec,
+    }
     return None if section is None else kinds[type(section)](**section.model_dump())
 
 
@@ -380,6 +386,8 @@ class _Blocks:
         return number
 
     def info(self, number: int) -> Any:
+        if self.table is None:
+            raise ValueError("a block's info needs the model's block table")
         return self.table[number - 1]
 
 

@@ -49,7 +49,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from typing import Annotated, Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
 from pydantic import (
     BaseModel,
@@ -177,15 +177,18 @@ def _tokens(value: Any) -> Any:
     return None if value == 0 and not isinstance(value, bool) else value  # 0 spells "no tokens", as null
 
 
-def _by_shape(one: Any, many: Any, mapping: Any) -> Any:
-    """A value spelled as a scalar, a list or a {block/split: value} mapping, validated by its shape."""
-    return Annotated[
-        Annotated[one, Tag(_ONE)]
-        | Annotated[many, Tag(_LIST)]
-        | Annotated[mapping, Tag(_MAP)]
-        | Annotated[None, Tag(_NONE)],
-        Discriminator(_shape),
-    ]
+_One = TypeVar("_One")
+_Many = TypeVar("_Many")
+_Mapping = TypeVar("_Mapping")
+# A value spelled as a scalar, a list or a {block/split: value} mapping, validated by its shape; a generic
+# alias (not a function building the type) so that type checkers see the field types too.
+_ByShape = Annotated[
+    Annotated[_One, Tag(_ONE)]
+    | Annotated[_Many, Tag(_LIST)]
+    | Annotated[_Mapping, Tag(_MAP)]
+    | Annotated[None, Tag(_NONE)],
+    Discriminator(_shape),
+]
 
 
 PosInt = Annotated[int, Field(ge=1)]
@@ -196,9 +199,9 @@ BlockRef = Annotated[int | Key, BeforeValidator(_block_ref)]
 BlockKey = int | Key  # a block number, a digit string or a module name, or "default"
 Pools = Annotated[list[PosInt], BeforeValidator(_listify), Field(max_length=MAX_SMALL_LIST)]
 TokenSize = Annotated[PosInt | None, BeforeValidator(_tokens)]
-PoolingField = _by_shape(Pools, Pools, dict[BlockKey, Pools])
-TokensField = _by_shape(TokenSize, TokenSize, dict[BlockKey, TokenSize])
-LimitField = _by_shape(PosInt, PosInt, dict[Key, PosInt])
+PoolingField = _ByShape[Pools, Pools, dict[BlockKey, Pools]]
+TokensField = _ByShape[TokenSize, TokenSize, dict[BlockKey, TokenSize]]
+LimitField = _ByShape[PosInt, PosInt, dict[Key, PosInt]]
 
 
 class _Section(BaseModel):

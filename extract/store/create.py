@@ -33,10 +33,13 @@ from extract.store.layout import (
     FeatureInfo,
     FingerprintMismatch,
     StoreError,
+    array_at,
     as_str,
+    attributes,
     check_array_name,
     every_chunk_written,
     existing_root,
+    group_at,
     manifest_hash,
     open_group,
     plan_layout,
@@ -242,7 +245,7 @@ def _reopen(
     checked: _Checked,
     can_extend: ExtensionCheck | None,
 ) -> StoreWriter:
-    attrs = dict(root.attrs)
+    attrs = attributes(root)
     check_format(attrs, url)
     if attrs.get("format") != FORMAT_NAME:
         raise StoreError(
@@ -252,8 +255,9 @@ def _reopen(
     ids, labs, fingerprint = checked.ids, checked.labels, checked.fingerprint
     if int(attrs["num_samples"]) != len(ids):
         raise FingerprintMismatch(f"{url} holds {attrs['num_samples']} samples; this spec yields {len(ids)}")
-    stored_ids = as_str(root[SAMPLES]["id"][:])
-    if not np.array_equal(stored_ids, ids) or not np.array_equal(np.asarray(root[SAMPLES]["label"][:]), labs):
+    stored_ids = as_str(array_at(root, f"{SAMPLES}/id")[:])
+    stored_labels = np.asarray(array_at(root, f"{SAMPLES}/label")[:])
+    if not np.array_equal(stored_ids, ids) or not np.array_equal(stored_labels, labs):
         raise FingerprintMismatch(
             f"{url} was made from a different dataset (sample ids or labels differ); use another --store path"
         )
@@ -284,7 +288,8 @@ def _extend(url: str, storage_options: dict[str, Any] | None, attrs: dict[str, A
         raise FingerprintMismatch(f"{url}: the new spec drops features {missing}; extending may only add")
     root_w = open_group(url, "r+", storage_options, use_consolidated=False)
     for name in old_names:  # the old arrays must be what the new spec would write
-        old = FeatureInfo.from_attrs(name, dict(root_w[FEATURES][name].attrs), root_w[FEATURES][name].shape[1:])
+        arr = array_at(root_w, f"{FEATURES}/{name}")
+        old = FeatureInfo.from_attrs(name, attributes(arr), arr.shape[1:])
         if (old.shape, old.dtype) != (by_name[name].shape, by_name[name].dtype):
             raise FingerprintMismatch(
                 f"{url}: feature {name} is stored as {old.shape} {old.dtype}; the new spec "
@@ -295,7 +300,7 @@ def _extend(url: str, storage_options: dict[str, Any] | None, attrs: dict[str, A
     root_w.attrs.update({"consolidated": False})  # drop stale consolidated metadata before adding arrays
     for info in added:
         create_feature_array(
-            root_w[FEATURES],
+            group_at(root_w, FEATURES),
             info,
             layout,
             str(attrs.get("compression", "blosc-lz4")),
@@ -304,7 +309,8 @@ def _extend(url: str, storage_options: dict[str, Any] | None, attrs: dict[str, A
     columns = old_names + [f.name for f in added]
     units = int(attrs["num_units"])
     with every_chunk_written():
-        done, stats = root_w[PROGRESS]["done"], root_w[PROGRESS]["stats"]
+        progress = group_at(root_w, PROGRESS)
+        done, stats = array_at(progress, "done"), array_at(progress, "stats")
     done.resize((units, len(columns)))
     stats.resize((units, len(columns), len(STATS_FIELDS)))
     done.attrs.update({"features": columns})

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from extract.store.layout import is_local
+from extract.store.layout import is_local, shard_shape
 from extract.store.memory import cast_into, scatter_into
 from extract.store.presence import RequiredShards
 from extract.store.shards import DirectCodecs, direct_codecs, read_shard_rows_into, shard_index
@@ -62,7 +62,7 @@ class Decoder:
                 each(out)
             return
         step = self._task_rows(arr, codecs)
-        shard_rows = int(arr.shards[0])
+        shard_rows = int(shard_shape(arr)[0])
         tasks = []
         lo = start
         while lo < stop:
@@ -88,7 +88,7 @@ class Decoder:
         order = np.argsort(idx, kind="stable")
         sorted_idx = idx[order]
         chunk_of = sorted_idx // codecs.chunk_rows
-        shard_chunks = int(arr.shards[0]) // codecs.chunk_rows
+        shard_chunks = int(shard_shape(arr)[0]) // codecs.chunk_rows
         task_chunks = max(1, self._task_rows(arr, codecs) // codecs.chunk_rows)
         breaks = np.flatnonzero(
             (np.diff(chunk_of) > 1) | (np.diff(chunk_of // shard_chunks) != 0) | (np.diff(chunk_of // task_chunks) != 0)
@@ -155,7 +155,7 @@ class Decoder:
         required: RequiredShards,
     ) -> Callable[[], None]:
         def task() -> None:
-            shard = lo // int(arr.shards[0])
+            shard = lo // int(shard_shape(arr)[0])
             index = self._index(arr, codecs, shard)
             required.check(arr, shard, index, lo, hi, codecs.chunk_rows)
             if arr.dtype == np.float32:
@@ -181,7 +181,7 @@ class Decoder:
         def task() -> None:
             lo = int(rows[0]) // codecs.chunk_rows * codecs.chunk_rows
             hi = min(arr.shape[0], (int(rows[-1]) // codecs.chunk_rows + 1) * codecs.chunk_rows)
-            shard = lo // int(arr.shards[0])
+            shard = lo // int(shard_shape(arr)[0])
             index = self._index(arr, codecs, shard)
             required.check(arr, shard, index, lo, hi, codecs.chunk_rows)
             scratch = self._scratch_for("stored", (hi - lo, *arr.shape[1:]), arr.dtype)

@@ -28,11 +28,16 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
+
+from extract.features import FeatureKey, pool_label
+
+if TYPE_CHECKING:  # only the type: zarr's metadata classes are internal
+    from zarr.core.metadata import ArrayV3Metadata
 
 FORMAT_NAME = "diffbank-feature-store"
 # 2: every array's chunks end in a crc32c checksum (inside each shard, after compression), so a flipped
@@ -146,6 +151,13 @@ class FeatureInfo:
     def row_bytes(self) -> int:
         return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
 
+    @property
+    def key(self) -> FeatureKey:
+        """Where a model feature was tapped; StoreError for a feature saved without one (`save_features`)."""
+        if self.t is None or self.block is None or self.pool_kind is None or self.pool_size is None:
+            raise StoreError(f"feature {self.name!r} has no timestep, block and pooling: it was not extracted")
+        return FeatureKey(self.t, self.block, pool_label(self.pool_kind, self.pool_size), self.view, self.draw)
+
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
@@ -210,7 +222,7 @@ def plan_layout(
 
 def has_checksums(arr: zarr.Array) -> bool:
     """Whether an array's chunks (the inner chunks of a sharded one) carry a crc32c checksum."""
-    codecs = list(arr.metadata.codecs)
+    codecs = list(v3_metadata(arr).codecs)
     sharding = sharding_codec(arr)
     if sharding is not None:
         codecs = list(sharding.codecs)
@@ -220,8 +232,14 @@ def has_checksums(arr: zarr.Array) -> bool:
 def sharding_codec(arr: zarr.Array) -> Any:
     from zarr.codecs import ShardingCodec
 
-    codecs = list(arr.metadata.codecs)
+    codecs = list(v3_metadata(arr).codecs)
     return codecs[0] if codecs and isinstance(codecs[0], ShardingCodec) else None
+
+
+def shard_shape(arr: zarr.Array) -> tuple[int, ...]:
+    if arr.shards is None:
+        raise StoreError(f"{arr.path}: not a sharded array")
+    return arr.shards
 
 
 def check_array_name(name: str, what: str) -> None:
@@ -240,6 +258,37 @@ def manifest_hash(sample_ids: Sequence[str], labels: np.ndarray) -> str:
 def as_str(values: Any) -> np.ndarray:
     """A fixed-width unicode copy of zarr's variable-length strings (numpy's StringDType)."""
     return np.array(np.asarray(values).tolist(), dtype=str).reshape(np.shape(values))
+
+
+# zarr types a group's member as array or group (and an array's attributes as any JSON value); the layout
+# above says which each path is, so these check it once and give the rest of the code the precise type.
+def array_at(group: zarr.Group, path: str) -> zarr.Array:
+    """The array at `path` (e.g. "samples/label") below `group`; KeyError if absent."""
+    node = group[path]
+    if not isinstance(node, zarr.Array):
+        raise StoreError(f"{path!r} in the store is a group where the layout has an array")
+    return node
+
+
+def group_at(group: zarr.Group, path: str) -> zarr.Group:
+    """The group at `path` (e.g. "features") below `group`; KeyError if absent."""
+    node = group[path]
+    if not isinstance(node, zarr.Group):
+        raise StoreError(f"{path!r} in the store is an array where the layout has a group")
+    return node
+
+
+def attributes(node: zarr.Array | zarr.Group) -> dict[str, Any]:
+    """A copy of a node's attributes, whose shapes the layout defines."""
+    return dict(node.attrs)
+
+
+def v3_metadata(arr: zarr.Array) -> ArrayV3Metadata:
+    """An array's Zarr v3 metadata: stores are written in format 3 only."""
+    meta = arr.metadata
+    if meta.zarr_format != 3:
+        raise StoreError(f"array {arr.path!r} is not a Zarr v3 array; feature stores are Zarr format 3")
+    return meta
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from typing import cast
 
 import numpy as np
 
@@ -74,7 +75,7 @@ class ReusedMemory:
                 buf = np.empty(max(n, reserve), dtype=np.float32)
                 if len(self._owned) >= self.keep:
                     self._owned.pop(0)
-            handle = np.frombuffer(memoryview(buf), dtype=np.float32, count=n)
+            handle = np.frombuffer(buf.data, dtype=np.float32, count=n)
             self._owned.append((buf, weakref.ref(handle)))
         return handle.reshape(shape)
 
@@ -90,4 +91,7 @@ class ReusedMemory:
 def allocation(result: np.ndarray) -> np.ndarray:
     """The pool allocation that a result of `ReusedMemory.take` (or any view of it) lives in."""
     handle = result if isinstance(result.base, memoryview) else result.base
-    return handle.base.obj
+    view = None if handle is None else handle.base
+    if not isinstance(view, memoryview):
+        raise ValueError("the array is not a result of ReusedMemory.take nor a view of one")
+    return cast(np.ndarray, view.obj)  # take() builds each result on a memoryview of a pool array

@@ -22,7 +22,9 @@ from extract.store.layout import (
     FeatureInfo,
     Layout,
     StoreError,
+    array_at,
     as_str,
+    group_at,
     is_local,
     local_path,
 )
@@ -53,7 +55,7 @@ class StoreMetadata:
         self.fingerprint: str = str(self.attrs.get("fingerprint"))
         self.num_samples: int = int(self.attrs["num_samples"])
         self.shard_rows: int = int(self.attrs["shard_rows"])
-        self._features = root[FEATURES]
+        self._features = group_at(root, FEATURES)
         self._cache: dict[Any, Any] = {}
 
     # -- features --------------------------------------------------------------------------
@@ -99,7 +101,7 @@ class StoreMetadata:
 
     def array(self, name: str) -> zarr.Array:
         self._check_name(name)
-        return self._features[name]
+        return array_at(self._features, name)
 
     def feature_info(self, name: str) -> FeatureInfo:
         key = ("info", name)
@@ -194,10 +196,11 @@ class StoreMetadata:
 
     def unit_machines(self) -> list[list[dict[str, Any]]] | None:
         """Per unit, the machine signatures that wrote it (None for stores written before the record)."""
-        progress = self._root[PROGRESS]
+        progress = group_at(self._root, PROGRESS)
         if MACHINE_RECORD not in progress:
             return None
-        return [json.loads(str(cell)) if str(cell) else [] for cell in np.asarray(progress[MACHINE_RECORD][:])]
+        cells = np.asarray(array_at(progress, MACHINE_RECORD)[:])
+        return [json.loads(str(cell)) if str(cell) else [] for cell in cells]
 
     def unit_status(self) -> dict[str, np.ndarray]:
         """Per feature, a bool vector over units: done or not."""

@@ -24,7 +24,7 @@ class RootObjects:
         self.local = is_local(url)
         if self.local:
             self.root = local_path(url)
-            self.fs = None
+            self.fs: Any = None  # an fsspec filesystem (untyped) for remote stores
         else:
             from fsspec.core import url_to_fs
 

@@ -23,7 +23,7 @@ from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ZstdCodec
 # Checked on zarr 3.1.0 and 3.1.6 (tests/test_store_verify.py::test_the_one_zarr_internal_the_store_uses).
 from zarr.core.sync import sync
 
-from extract.store.layout import StoreError, sharding_codec
+from extract.store.layout import StoreError, shard_shape, sharding_codec
 
 # ---------------------------------------------------------------------------------------------
 # Stored objects, through the array's zarr store
@@ -93,7 +93,7 @@ def shard_index_format(arr: zarr.Array) -> ShardIndexFormat:
     if not chain or not isinstance(chain[0], BytesCodec) or len(chain) > 1 + checksum:
         raise StoreError(f"{arr.path}: shard index codecs {chain} are not read here (bytes, then optionally crc32c)")
     endian = str(getattr(chain[0].endian, "value", chain[0].endian))
-    chunks = int(np.prod([s // c for s, c in zip(arr.shards, codec.chunk_shape)], dtype=np.int64))
+    chunks = int(np.prod([s // c for s, c in zip(shard_shape(arr), codec.chunk_shape)], dtype=np.int64))
     at_start = str(getattr(codec.index_location, "value", codec.index_location)) == "start"
     return ShardIndexFormat(chunks, "<" if endian == "little" else ">", checksum, at_start)
 
@@ -228,7 +228,7 @@ def read_shard_rows_into(
     One ranged request fetches every inner chunk the rows touch; each chunk is checked and decompressed
     in place into `out`, or into a chunk-sized scratch only where the range starts or ends mid-chunk.
     """
-    shard_rows = int(arr.shards[0])
+    shard_rows = int(shard_shape(arr)[0])
     shard = lo // shard_rows
     base = shard * shard_rows
     c_first = (lo - base) // codecs.chunk_rows
@@ -238,19 +238,20 @@ def read_shard_rows_into(
         return
     table = index[c_first : c_last + 1]
     empty = table[:, 0] == EMPTY_CHUNK
-    payload = None
+    payload = np.empty(0, dtype=np.uint8)  # stays empty when every chunk the rows touch is empty
     if not empty.all():
         start = int(table[~empty, 0].min())
         stop = int((table[~empty, 0] + table[~empty, 1]).max())
         key = shard_key(arr, shard)
-        payload = _read_local(arr.store_path.store, key, start, stop)
-        if payload is None:
-            payload = object_bytes(arr, key, RangeByteRequest(start, stop))
-        if payload is None or len(payload) != stop - start:
+        fetched = _read_local(arr.store_path.store, key, start, stop)
+        if fetched is None:
+            fetched = object_bytes(arr, key, RangeByteRequest(start, stop))
+        if fetched is None or len(fetched) != stop - start:
             raise StoreError(
                 f"{arr.path}: shard {shard_key(arr, shard)} (rows {lo}-{hi - 1} read) is shorter than its index "
                 f"says (truncated)"
             )
+        payload = fetched
     row_bytes = out[0].nbytes if len(out) else 0
     flat = out.reshape(-1).view(np.uint8)
     for i, (offset, length) in enumerate(table.tolist()):
@@ -292,7 +293,7 @@ def _read_local(store: Any, key: str, start: int, stop: int) -> np.ndarray | Non
     except FileNotFoundError:
         return buf[:0]
     try:
-        got = os.preadv(fd, [buf[: stop - start]], start)
+        got = os.preadv(fd, [buf[: stop - start].data], start)
     finally:
         os.close(fd)
     return buf[:got]

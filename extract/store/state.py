@@ -16,7 +16,10 @@ from extract.store.layout import (
     FORMAT_VERSION,
     PROGRESS,
     StoreError,
+    array_at,
+    attributes,
     existing_root,
+    group_at,
     is_local,
     local_path,
 )
@@ -76,11 +79,11 @@ def store_state(url: str | os.PathLike, storage_options: dict[str, Any] | None =
     if root is None:
         check_not_foreign(url, objects)
         return StoreState(url, False, {}, None)
-    attrs = dict(root.attrs)
+    attrs = attributes(root)
     check_format(attrs, url)
     if attrs.get("format") != FORMAT_NAME or PROGRESS not in root:
         raise StoreError(f"{url} holds a Zarr hierarchy that is not a diffbank store; choose another --store path")
-    done = np.asarray(root[PROGRESS]["done"][:]).astype(bool)
+    done = np.asarray(array_at(root, f"{PROGRESS}/done")[:]).astype(bool)
     return StoreState(url, True, attrs, int((~done.all(axis=1)).sum()) if done.size else 0)
 
 
@@ -90,9 +93,9 @@ def feature_list_problems(root: zarr.Group) -> list[str]:
     A store whose metadata was overwritten from a stale copy lists fewer features than it holds; the
     extra arrays are invisible to readers. `extract.store.verify.verify` reports these.
     """
-    recorded = list(root.attrs.get("features") or [])
-    columns = list(root[PROGRESS]["done"].attrs.get("features") or []) if PROGRESS in root else []
-    on_disk = sorted(name for name, _ in root[FEATURES].arrays()) if FEATURES in root else []
+    recorded = list(attributes(root).get("features") or [])
+    columns = list(attributes(array_at(root, f"{PROGRESS}/done")).get("features") or []) if PROGRESS in root else []
+    on_disk = sorted(name for name, _ in group_at(root, FEATURES).arrays()) if FEATURES in root else []
     problems = []
     if recorded and sorted(recorded) != on_disk:
         lost = sorted(set(recorded) - set(on_disk))

@@ -22,6 +22,7 @@ from extract.store.layout import (
     StoreError,
     as_str,
     has_checksums,
+    v3_metadata,
 )
 from extract.store.reader import FeatureStore, open_store
 
@@ -70,7 +71,7 @@ def save_features(
         extra = dict((info or {}).get(name, {}))
         key = _key_of(name)
         dtype = extra.pop("dtype", "float16" if data.dtype == np.float16 else "float32")
-        fields = {
+        fields: dict[str, Any] = {
             "t": None,
             "block": None,
             "module": None,
@@ -174,7 +175,7 @@ def export_hdf5(
             ds = h5.create_dataset(f"features/{name}", shape=arr.shape, dtype=dtype, chunks=chunk, **filters)
             for key, value in dict(arr.attrs).items():
                 ds.attrs[key] = json.dumps(to_jsonable(value))
-            ds.attrs["dimension_names"] = json.dumps(list(arr.metadata.dimension_names or ()))
+            ds.attrs["dimension_names"] = json.dumps(list(v3_metadata(arr).dimension_names or ()))
             for lo in range(0, fs.num_samples, fs.shard_rows):
                 hi = min(fs.num_samples, lo + fs.shard_rows)
                 ds[lo:hi] = np.asarray(arr[lo:hi]) if keep_dtype else fs.read(name, slice(lo, hi))
@@ -232,7 +233,7 @@ def info(fs: FeatureStore) -> dict[str, Any]:
             {
                 "name": name,
                 "shape": list(arr.shape),
-                "dims": list(arr.metadata.dimension_names or ()),
+                "dims": list(v3_metadata(arr).dimension_names or ()),
                 "dtype": feature.dtype,
                 "t": feature.t,
                 "block": feature.block,

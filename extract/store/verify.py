@@ -18,6 +18,9 @@ from extract.store.layout import (
     SAMPLES,
     SPLITS,
     StoreError,
+    array_at,
+    attributes,
+    group_at,
     has_checksums,
 )
 from extract.store.presence import damaged_chunks, missing_chunks
@@ -105,7 +108,6 @@ def _check_features(
             f"detected, only values that do not decode or are not finite"
         )
     per_unit = _unit_stats(fs) if full_scan else {}
-    valid = fs.valid if full_scan else None
     for name in names:
         checked["features"] += 1
         info = fs.feature_info(name)
@@ -123,7 +125,7 @@ def _check_features(
             problems += missing_chunks(arr, fs.required_shards(name).needs)
         else:
             marked = np.ones(fs.num_units, bool) if units is None else units
-            found, counted = _scan_feature(fs, name, marked, per_unit.get(name), valid)
+            found, counted = _scan_feature(fs, name, marked, per_unit.get(name), fs.valid)
             problems += found
             n_inf, n_nan, rec_inf, rec_nan = counted
             if n_inf != rec_inf or n_nan != rec_nan:
@@ -137,9 +139,9 @@ def _check_features(
 
 def _unit_stats(fs: FeatureStore) -> dict[str, np.ndarray]:
     """Per feature, the (units, 4) statistics the writer recorded with each unit's data."""
-    progress = fs._root[PROGRESS]
-    columns = list(progress["done"].attrs["features"])
-    stats = np.asarray(progress["stats"][:])
+    progress = group_at(fs._root, PROGRESS)
+    columns = list(attributes(array_at(progress, "done"))["features"])
+    stats = np.asarray(array_at(progress, "stats")[:])
     return {name: stats[:, i, :] for i, name in enumerate(columns) if i < stats.shape[1]}
 
 
@@ -204,7 +206,7 @@ def _scan_records(fs: FeatureStore) -> list[str]:
     """Every sample, split and progress array: shape, absent chunks (from format 4) and damaged ones."""
     out = []
     for group in (SAMPLES, SPLITS, PROGRESS):
-        for key, arr in fs._root[group].arrays():
+        for key, arr in group_at(fs._root, group).arrays():
             if group != PROGRESS and tuple(arr.shape) != (fs.num_samples,):
                 out.append(f"{group}/{key}: shape {tuple(arr.shape)} != ({fs.num_samples},)")
             # The machine record is written only by writers that know their machine (extraction, not

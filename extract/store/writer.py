@@ -26,8 +26,11 @@ from extract.store.layout import (
     SAMPLES,
     FeatureInfo,
     Layout,
+    array_at,
     as_str,
+    attributes,
     every_chunk_written,
+    group_at,
     open_group,
 )
 from extract.store.lease import Lease
@@ -49,7 +52,7 @@ def cast_with_stats(data: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarra
     if dtype == "float16":
         overflow = int((finite & (absx > FLOAT16_MAX)).sum()) if max_abs > FLOAT16_MAX else 0
         with np.errstate(over="ignore"):
-            out = x.astype(np.float16)
+            out: np.ndarray = x.astype(np.float16)
     else:
         out = x
     return out, np.array([max_abs, pre_inf + overflow, n_nan, overflow], dtype=np.float64)
@@ -69,20 +72,21 @@ class StoreWriter:
         self.url = url
         self.storage_options = storage_options
         self.lease = lease  # held by the process that writes metadata; None in a cluster's workers
-        attrs = dict(root.attrs)
+        attrs = attributes(root)
         self.attrs = attrs
         self.num_samples = int(attrs["num_samples"])
         self.shard_rows = int(attrs["shard_rows"])
         self.fingerprint = str(attrs["fingerprint"])
         with every_chunk_written():  # arrays opened here store chunks of fill values too
-            done = root[PROGRESS]["done"]
-            self.columns: list[str] = list(done.attrs["features"])
+            progress = group_at(root, PROGRESS)
+            done = array_at(progress, "done")
+            self.columns: list[str] = list(attributes(done)["features"])
             self._done = done
-            self._stats = root[PROGRESS]["stats"]
-            self._machine = root[PROGRESS][MACHINE_RECORD] if MACHINE_RECORD in root[PROGRESS] else None
-            self._features = {name: root[FEATURES][name] for name in self.columns}
-            self._valid = root[SAMPLES]["valid"]
-            self._error = root[SAMPLES]["error"]
+            self._stats = array_at(progress, "stats")
+            self._machine = array_at(progress, MACHINE_RECORD) if MACHINE_RECORD in progress else None
+            self._features = {name: array_at(root, f"{FEATURES}/{name}") for name in self.columns}
+            self._valid = array_at(root, f"{SAMPLES}/valid")
+            self._error = array_at(root, f"{SAMPLES}/error")
         self.infos = {
             name: FeatureInfo.from_attrs(name, dict(a.attrs), a.shape[1:]) for name, a in self._features.items()
         }
@@ -185,10 +189,10 @@ class StoreWriter:
         if self.lease is not None:
             self.lease.check()
         root = open_group(self.url, "r+", self.storage_options, use_consolidated=False)
-        done_arr = root[PROGRESS]["done"]
-        columns = list(done_arr.attrs["features"])
+        done_arr = array_at(root, f"{PROGRESS}/done")
+        columns = list(attributes(done_arr)["features"])
         done = np.asarray(done_arr[:]).astype(bool)
-        stats = np.asarray(root[PROGRESS]["stats"][:])
+        stats = np.asarray(array_at(root, f"{PROGRESS}/stats")[:])
         for i, name in enumerate(columns):
             marked = done[:, i]
             per_unit = stats[marked, i, :]
@@ -201,8 +205,8 @@ class StoreWriter:
                 "n_nan": int(per_unit[:, 2].sum()),
                 "n_overflow": int(per_unit[:, 3].sum()),
             }
-            root[FEATURES][name].attrs.update({"stats": summary})
-        errors = as_str(root[SAMPLES]["error"][:])
+            array_at(root, f"{FEATURES}/{name}").attrs.update({"stats": summary})
+        errors = as_str(array_at(root, f"{SAMPLES}/error")[:])
         root.attrs.update(
             {
                 "complete": bool(done.all()),

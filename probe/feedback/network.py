@@ -4,14 +4,14 @@ the frozen U-Net twice with the feedback layers' outputs added in pass 2."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from extract.models.adm import ADMUNet
-from probe.heads import AttentionPoolHead
+from probe.heads import AttentionPoolHead, TransformerBlock
 
 
 def _encoder_size(unet: ADMUNet) -> int:
@@ -64,6 +64,8 @@ class DifFeed(nn.Module):
     attention head on the read block (one pass, no feedback).
     """
 
+    unet: ADMUNet  # set with object.__setattr__: held, not registered
+
     def __init__(
         self,
         unet: ADMUNet,
@@ -115,7 +117,7 @@ class DifFeed(nn.Module):
         self.unet.eval()  # dropout (LSUN models) stays off whatever the head's mode
         return self
 
-    def additions(self, x_t: torch.Tensor, t: torch.Tensor) -> dict[int, torch.Tensor]:
+    def additions(self, x_t: torch.Tensor, t: torch.Tensor) -> dict[int | str, torch.Tensor]:
         """Pass 1 (no gradient) and the feedback layers: {encoder block: tensor to add in pass 2}."""
         if not self.feedback_blocks:
             return {}
@@ -123,7 +125,9 @@ class DifFeed(nn.Module):
             decoded = self.unet.features(x_t, t, self.feedback_blocks)
         return {self.partners[b]: self.feedback[str(b)](decoded[b]) for b in self.feedback_blocks}
 
-    def read(self, x_t: torch.Tensor, t: torch.Tensor, additions: Mapping[int, torch.Tensor] | None) -> torch.Tensor:
+    def read(
+        self, x_t: torch.Tensor, t: torch.Tensor, additions: Mapping[int | str, torch.Tensor] | None
+    ) -> torch.Tensor:
         """Pass 2's read-block map, average-pooled to at most tokens x tokens."""
         if additions:
             h = self.unet.features(x_t, t, [self.read_block], additions=additions)[self.read_block]
@@ -185,4 +189,4 @@ def activation_bytes_per_sample(model: DifFeed, t: int = 150) -> int:
 
 def _heads_of(model: DifFeed) -> int:
     blocks = model.head.encoder.blocks
-    return blocks[0].attn.heads if len(blocks) else 1
+    return cast(TransformerBlock, blocks[0]).attn.heads if len(blocks) else 1
