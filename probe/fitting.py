@@ -23,7 +23,7 @@ from probe.evaluation import InputSpec, predict_logits
 from probe.head_results import HeadResult, SweepResult
 from probe.heads import resolve_preset, seeded_init
 from probe.inputs import StoreLike
-from probe.job import LOGITS_FILE, Job
+from probe.job import Job
 from probe.metrics import classification_metrics
 from probe.options import AttentionOptions, LinearOptions, SweepOptions, TrainingOptions
 from probe.recipe import ProbeConfigError, Recipe
@@ -245,8 +245,8 @@ def evaluate_head(job: Job, head: torch.nn.Module, input: InputSpec, device: str
         out[split] = classification_metrics(
             job.data.labels(split), logits, num_classes=job.data.num_classes, class_names=job.data.class_names
         )
-        saved[f"{split}_logits"], saved[f"{split}_rows"] = logits, job.data.rows(split)
-    np.savez(job.out / LOGITS_FILE, **saved)
+        saved[split] = logits
+    job.save_logits(saved)
     job.timings["eval_s"] = time.perf_counter() - t0
     return out
 

@@ -20,6 +20,8 @@ __all__ = [
     "SweepOptions",
     "LogisticOptions",
     "KnnOptions",
+    "LOGISTIC_SOLVERS",
+    "REFIT_CHOICES",
     "KNN_KS",
     "KNN_TEMPERATURE",
 ]
@@ -92,14 +94,24 @@ class SweepOptions(TrainingOptions):
     lrs: Sequence[float] | None = None
 
 
+LOGISTIC_SOLVERS: tuple[str, ...] = ("torch", "sklearn")
+REFIT_CHOICES: tuple[str, ...] = ("train+val", "train")
+
+
 @dataclass(frozen=True, kw_only=True)
 class LogisticOptions(DataOptions):
-    """`run_logistic`: the C grid (None: DINOv2's 45 values), lbfgs iterations, what the selected C is refit on."""
+    """`run_logistic`: the solver ('torch': exact full-batch L-BFGS on `device`, default grid the L2 strengths
+    1e-2..1e-5; 'sklearn': scikit-learn's lbfgs on the CPU, default grid DINOv2's 45 C values), the grid as L2
+    strengths (`l2s`) or as C values (`cs`; C = 1 / (l2 * n_train)), lbfgs iterations (None: the solver's
+    default, 300 for torch, 1000 for sklearn) and what the selected model is refit on ('train+val' or 'train')."""
 
     standardize: str = "dim"
+    solver: str = "torch"
+    l2s: Sequence[float] | None = None
     cs: Sequence[float] | None = None
-    max_iter: int = 1000
+    max_iter: int | None = None
     refit: str = "train+val"
+    device: str = "cpu"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -19,6 +19,8 @@ from diffbank.commands.remote import open_read_only, storage_option_flag
 # Declarations only (no torch): the options, defaults and errors shown in --help come from here.
 from probe.errors import ProbeDataError, RunConflictError, UnknownFeatureError
 from probe.options import (
+    LOGISTIC_SOLVERS,
+    REFIT_CHOICES,
     AttentionOptions,
     DataOptions,
     FusionOptions,
@@ -292,12 +294,35 @@ def fusion(**kwargs: Any) -> None:
 @probe_command.command("logistic")
 @_common
 @click.option(
-    "--c", "cs", multiple=True, type=float, help="C values (repeatable; default DINOv2's 45 from 1e-6 to 1e5)"
+    "--solver",
+    type=click.Choice(LOGISTIC_SOLVERS),
+    default=LogisticOptions.solver,
+    show_default=True,
+    help="torch: exact full-batch L-BFGS (CPU or --device cuda); sklearn: scikit-learn's lbfgs on the CPU",
 )
-@click.option("--max-iter", default=LogisticOptions.max_iter, show_default=True, type=int)
+@click.option(
+    "--l2", "l2s", multiple=True, type=float, help="L2 strengths (repeatable; torch default 1e-2, 1e-3, 1e-4, 1e-5)"
+)
+@click.option(
+    "--c",
+    "cs",
+    multiple=True,
+    type=float,
+    help="C values instead of --l2, C = 1/(l2 n_train) (repeatable; sklearn default DINOv2's 45 from 1e-6 to 1e5)",
+)
+@click.option("--max-iter", default=None, type=int, help="lbfgs iterations per fit (default torch 300, sklearn 1000)")
+@click.option(
+    "--refit",
+    type=click.Choice(REFIT_CHOICES),
+    default=LogisticOptions.refit,
+    show_default=True,
+    help="what the selected L2 is refit on (train: score the selected fit itself)",
+)
+@click.option("--device", default=LogisticOptions.device, show_default=True, callback=torch_device)
 def logistic(**kwargs: Any) -> None:
-    """Logistic regression (lbfgs) with C selected on validation, refit on train+val."""
+    """Multinomial logistic regression, L2 selected on validation, refit on train+val; logits to logits.npz."""
     kwargs["cs"] = list(kwargs["cs"]) or None
+    kwargs["l2s"] = list(kwargs["l2s"]) or None
     _run("logistic", **kwargs)
 
 
