@@ -19,16 +19,15 @@ from probe.data import ProbeData
 from probe.defaults import default_features
 from probe.errors import RunConflictError
 from probe.inputs import StoreLike, as_store
-from probe.logits import LOGITS_FILE, SplitScores, write_logits
+from probe.logits import LOGITS_FILE, RESULTS_FILE, SplitScores, write_logits
 from probe.options import DataOptions
 from probe.recipe import Recipe
 from probe.report import environment, write_results
 from probe.splits import optional_attr
 from probe.stream import FeatureStream
 
-__all__ = ["Job", "RESULTS_FILE", "RUN_FILE"]
+__all__ = ["Job", "RUN_FILE"]
 
-RESULTS_FILE = "results.json"
 RUN_FILE = "run.json"
 _RECIPE_KEYS = ("momentum", "weight_decay", "step_size", "gamma")
 # Settings older runs did not record: at these values a run is one of theirs, so its out_dir still resumes.

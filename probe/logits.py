@@ -16,9 +16,10 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["LOGITS_FILE", "SplitScores", "write_logits", "read_logits", "ids_digest"]
+__all__ = ["LOGITS_FILE", "RESULTS_FILE", "SplitScores", "write_logits", "read_logits", "ids_digest"]
 
 LOGITS_FILE = "logits.npz"
+RESULTS_FILE = "results.json"  # the run's report, next to its scores
 
 
 @dataclass(frozen=True)

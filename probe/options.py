@@ -20,6 +20,7 @@ __all__ = [
     "SweepOptions",
     "LogisticOptions",
     "KnnOptions",
+    "COMPARE_SPLITS",
     "LOGISTIC_SOLVERS",
     "REFIT_CHOICES",
     "KNN_KS",
@@ -94,6 +95,7 @@ class SweepOptions(TrainingOptions):
     lrs: Sequence[float] | None = None
 
 
+COMPARE_SPLITS: tuple[str, ...] = ("val", "test")  # the splits a run saves per-image scores for
 LOGISTIC_SOLVERS: tuple[str, ...] = ("torch", "sklearn")
 REFIT_CHOICES: tuple[str, ...] = ("train+val", "train")
 
