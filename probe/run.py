@@ -111,7 +111,7 @@ def run_logistic(store: StoreLike, out_dir: str | Path, options: LogisticOptions
     grid = {"l2s": None if options.l2s is None else sorted(float(v) for v in options.l2s)}
     grid["cs"] = None if options.cs is None else sorted(float(c) for c in options.cs)
     if grid["l2s"] is None and grid["cs"] is None:
-        grid["cs" if sklearn else "l2s"] = list(DINOV2_C_GRID if sklearn else L2_GRID)
+        grid["cs" if sklearn else "l2s"] = sorted(DINOV2_C_GRID if sklearn else L2_GRID)
     job = Job(
         "logistic",
         store,
