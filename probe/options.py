@@ -75,12 +75,14 @@ class LinearOptions(TrainingOptions):
 
 @dataclass(frozen=True, kw_only=True)
 class AttentionOptions(TrainingOptions):
-    """`run_attention`: a size `preset` (tiny | small | paper) and one `lr`, or several `lrs` trained in one pass
-    from the same initial weights, the one best on validation reported."""
+    """`run_attention`: a size `preset` (tiny | small | paper) and one `lr`, or several `lrs`; with
+    `weight_decays` (instead of `weight_decay`) every lr x weight decay. Several heads train in one pass from the
+    same initial weights (each its own parameter group, one summed loss), the one best on validation reported."""
 
     preset: str = "small"
     lr: float | None = None
     lrs: Sequence[float] | None = None
+    weight_decays: Sequence[float] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -135,9 +135,11 @@ def _training(func: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option(
             "--weight-decay",
-            default=None,
+            "weight_decay",
+            multiple=True,
             type=click.FloatRange(min=0),
-            help="SGD weight decay " + _recipe_value("weight_decay"),
+            help="SGD weight decay " + _recipe_value("weight_decay") + "; attention and fusion: repeat it (with "
+            "--lr) to train every lr x weight decay in one pass and keep the head best on validation",
         ),
         click.option(
             "--step-size",
@@ -187,12 +189,25 @@ def _transformer(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _lr_values(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """--lr given 0 times: the API default; once: lr; several times: lrs (one head per lr)."""
-    values = list(dict.fromkeys(kwargs.pop("lr")))
-    if len(values) == 1:
-        kwargs["lr"] = values[0]
-    elif values:
-        kwargs["lrs"] = values
+    """--lr given 0 times: the API default; once: lr; several times: lrs (one head per lr). Likewise
+    --weight-decay: weight_decay or weight_decays (every lr x weight decay)."""
+    for one, many in (("lr", "lrs"), ("weight_decay", "weight_decays")):
+        values = list(dict.fromkeys(kwargs.pop(one)))
+        if len(values) == 1:
+            kwargs[one] = values[0]
+        elif values:
+            kwargs[many] = values
+    return kwargs
+
+
+def _one_weight_decay(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The linear commands train one weight decay: --weight-decay given at most once."""
+    values = list(dict.fromkeys(kwargs.pop("weight_decay")))
+    if len(values) > 1:
+        raise click.BadParameter(
+            "give one value (a weight-decay grid is for attention and fusion)", param_hint="'--weight-decay'"
+        )
+    kwargs["weight_decay"] = values[0] if values else None
     return kwargs
 
 
@@ -243,6 +258,7 @@ def _run(name: str, **kwargs: Any) -> None:
         rows = [
             {
                 "lr": r["lr"],
+                **({"weight decay": r["weight_decay"]} if results.get("grid") else {}),
                 "best epoch": r["best_epoch"],
                 "val top1": r["val_accuracy"],
                 "test top1": r["test_accuracy"],
@@ -250,7 +266,8 @@ def _run(name: str, **kwargs: Any) -> None:
             }
             for r in results["lr_sweep"]
         ]
-        click.echo("\n" + format_table(rows, title=f"{name}: lr on validation", percent=("val top1", "test top1")))
+        title = f"{name}: {'lr x weight decay' if results.get('grid') else 'lr'} on validation"
+        click.echo("\n" + format_table(rows, title=title, percent=("val top1", "test top1")))
     click.echo(f"\nresults: {out_dir}/results.json")
 
 
@@ -272,7 +289,7 @@ def probe_command() -> None:
 @click.option("--batchnorm", is_flag=True, help="parameter-free BatchNorm before the linear layer (MAE-style)")
 def linear(**kwargs: Any) -> None:
     """The paper's linear head on one feature (default t090_b24_avg2)."""
-    _run("linear", **kwargs)
+    _run("linear", **_one_weight_decay(kwargs))
 
 
 @probe_command.command("attention")
@@ -357,7 +374,7 @@ def sweep(**kwargs: Any) -> None:
         kwargs.pop("lrs")
     else:
         kwargs["lrs"] = list(kwargs["lrs"])
-    _run("sweep", **kwargs)
+    _run("sweep", **_one_weight_decay(kwargs))
 
 
 @probe_command.command("compare")
