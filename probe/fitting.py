@@ -8,6 +8,7 @@ it on validation and test (logits to out_dir/logits.npz), save its weights as sa
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -42,6 +43,7 @@ __all__ = [
 
 
 GRID_FIGURE = "grid_val.png"
+log = logging.getLogger(__name__)
 
 
 def _recipe(name: str, head: str, **settings: Any) -> Recipe:
@@ -177,6 +179,14 @@ def _finish_transformer(
             with seeded_init(seed):  # same start for every head: each equals the single run's head
                 heads[key] = make_head()
             lr_of[key], wd_of[key] = value, wd
+    footprint = _grid_footprint(heads, rec)
+    log.info(
+        "training %d heads in one pass: %d parameters each, %.1f MiB of weights, gradients, optimiser state and "
+        "kept best-epoch weights, next to the data",
+        len(heads),
+        footprint["parameters_per_head"],
+        footprint["state_bytes"] / 2**20,
+    )
     result = train_heads(
         job,
         heads,
@@ -226,7 +236,7 @@ def _finish_transformer(
             ylabel="lr",
             best=(chosen.lr, wd_of[best]),
         )
-        grid = {"grid": {"lrs": list(rec.learning_rates), "weight_decays": list(weight_decays)}}
+        grid = {"grid": {"lrs": list(rec.learning_rates), "weight_decays": list(weight_decays), **footprint}}
         grid["figures"] = {"grid_val": GRID_FIGURE}
     return job.finish(
         {
@@ -244,6 +254,19 @@ def _finish_transformer(
             "all_weights": "heads.safetensors",
         }
     )
+
+
+def _grid_footprint(heads: Mapping[str, torch.nn.Module], recipe: Recipe) -> dict[str, int]:
+    """What the heads of one pass hold: float32 weights, gradients, the kept best-epoch copy and, with momentum,
+    SGD's buffer, per head."""
+    head = next(iter(heads.values()))
+    params = sum(p.numel() for p in head.parameters())
+    copies = 3 + (1 if recipe.momentum else 0)
+    return {
+        "heads": len(heads),
+        "parameters_per_head": int(params),
+        "state_bytes": int(len(heads) * params * 4 * copies),
+    }
 
 
 def finish_single(

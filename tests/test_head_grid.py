@@ -26,7 +26,11 @@ def test_every_lr_x_weight_decay_trains_in_one_pass_and_is_selected_on_validatio
     doc = run_attention(store, tmp_path / "grid", AttentionOptions(lrs=LRS, weight_decays=WDS, **COMMON))
     table = doc["lr_sweep"]
     assert sorted((r["lr"], r["weight_decay"]) for r in table) == sorted((lr, wd) for lr in LRS for wd in WDS)
-    assert doc["grid"] == {"lrs": LRS, "weight_decays": WDS} and doc["config"]["weight_decays"] == WDS
+    grid = doc["grid"]
+    assert (grid["lrs"], grid["weight_decays"], grid["heads"]) == (LRS, WDS, 4) and doc["config"][
+        "weight_decays"
+    ] == WDS
+    assert grid["state_bytes"] == 4 * grid["parameters_per_head"] * 4 * 3  # weights, gradients, kept copy
     for row in table:  # every head's per-epoch history
         assert [h["epoch"] for h in row["history"]] == [0, 1, 2]
         assert all({"train_loss", "train_accuracy", "val_accuracy"} <= set(h) for h in row["history"])
