@@ -160,7 +160,7 @@ def exact_logistic_sweep(
         fit = fit_logistic(xs["train"], ys["train"], num_classes, l2, max_iter=max_iter, tol=tol, init=fit)
         seconds = time.perf_counter() - t0
         with torch.no_grad():
-            val_top1 = float((fit.logits(xs["val"]).argmax(1) == ys["val"]).float().mean())
+            val_top1 = float((fit.logits(xs["val"]).argmax(1) == ys["val"]).double().mean())
         sweep.append(_fit_row(fit, n, max_iter, seconds) | {"val_top1": val_top1})
         if best is None or val_top1 > best[0]:
             best = (val_top1, fit)
