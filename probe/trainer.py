@@ -1,10 +1,10 @@
 """One training loop for probe heads: many heads per pass over the data (DINOv2's linear evaluation).
 
-The heads live in one `nn.ModuleDict` and train with ONE `torch.optim.SGD` holding a parameter group per head
-(each with its own lr) and ONE `StepLR`; every batch is read once, each feature moved to the device once, and
-the heads' losses are summed into one backward. Heads do not share parameters, so each head gets exactly the
-gradient it gets alone, and SGD updates every group as it would a single head's optimizer: a head trained
-with others ends exactly as it does trained alone.
+The heads live in one `nn.ModuleDict` and train with ONE optimizer (the recipe's SGD or AdamW) holding a
+parameter group per head (each with its own lr and weight decay) and ONE schedule; every batch is read once, each
+feature moved to the device once, and the heads' losses are summed into one backward. Heads do not share
+parameters, so each head gets exactly the gradient it gets alone, and the optimizer updates every group as it
+would a single head's: a head trained with others ends exactly as it does trained alone.
 
 One shortcut, on by default (`fuse=True`): linear heads on one feature share one matmul
 (`probe.heads.LinearGroup`); each still gets its own gradient, so only float rounding can differ.
@@ -56,14 +56,21 @@ def _has_batchnorm(module: nn.Module) -> bool:
 
 def build_optimizer(
     heads: Sequence[nn.Module], lrs: Sequence[float], recipe: Recipe, weight_decays: Sequence[float] | None = None
-) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.StepLR]:
-    """The optimizer and schedule of a run: SGD with one parameter group per head (its lr, and its weight
-    decay where `weight_decays` gives one per head; else the recipe's), one StepLR over all."""
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """The optimizer and schedule of a run: the recipe's SGD or AdamW with one parameter group per head (its
+    lr, and its weight decay where `weight_decays` gives one per head; else the recipe's), one schedule over
+    all (StepLR, or warm-up and cosine), stepped once per epoch."""
     groups: list[dict[str, Any]] = [{"params": list(h.parameters()), "lr": float(lr)} for h, lr in zip(heads, lrs)]
     if weight_decays is not None:
         for group, wd in zip(groups, weight_decays, strict=True):
             group["weight_decay"] = float(wd)
-    optimizer = torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    optimizer: torch.optim.Optimizer
+    if recipe.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(groups, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    if recipe.schedule == "cosine":
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, recipe.lr_factor)
     return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=recipe.step_size, gamma=recipe.gamma)
 
 
@@ -233,6 +240,12 @@ def train_many(
         "weight_decay": recipe.weight_decay,
         "keep": recipe.keep,
         **({"weight_decays": wd_list} if wd_list is not None else {}),
+        # Runs of the SGD + StepLR recipes recorded neither key, and still resume.
+        **(
+            {"optimizer": recipe.optimizer_label(), "schedule": recipe.schedule_label()}
+            if (recipe.optimizer, recipe.schedule) != ("sgd", "step")
+            else {}
+        ),
     }
 
     start_epoch = 0

@@ -113,13 +113,14 @@ def _training(func: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option(
             "--recipe",
-            type=click.Choice(["diffbank", "paper"]),
+            type=click.Choice(list(RECIPES)),
             default=TrainingOptions.recipe,
             show_default=True,
             help="named training recipe (probe/recipe.py): paper = the public code's protocol (raw "
             "features, last epoch kept); diffbank = the same optimiser on standardised features, "
-            "best validation epoch kept. Options below override single settings; the full recipe "
-            "and the overrides are recorded in results.json",
+            "best validation epoch kept; attentive = AdamW, warm-up and cosine (V-JEPA's attentive probe). "
+            "Options below override single settings; the full recipe and the overrides are recorded in "
+            "results.json",
         ),
         click.option("--epochs", default=None, type=click.IntRange(min=1), help=_recipe_value("epochs")),
         click.option("--batch-size", default=None, type=click.IntRange(min=1), help=_recipe_value("batch_size")),
