@@ -79,6 +79,7 @@ def _aligned(a: RunScores, b: RunScores, split: str) -> tuple[np.ndarray, np.nda
     share a fingerprint while holding their rows in another order); without them, one store's rows do.
     """
     sa, sb = a.scores, b.scores
+    assert sa.labels is not None and sb.labels is not None  # load_run refuses scores without labels
     same_rows = a.fingerprint is not None and a.fingerprint == b.fingerprint and np.array_equal(sa.rows, sb.rows)
     if sa.ids is None or sb.ids is None:
         if not same_rows:

@@ -214,7 +214,7 @@ def _finish_transformer(
         {
             "head": k,
             "lr": r.lr,
-            "weight_decay": wd_of[k],
+            "weight_decay": wd_of[str(k)],
             "best_epoch": r.best_epoch,
             "epochs_trained": r.epochs_trained,
             "val_accuracy": r.val_accuracy,
@@ -227,14 +227,16 @@ def _finish_transformer(
     ]
     grid: dict[str, Any] = {}
     if weight_decays is not None:
-        val = {(lr_of[k], wd_of[k]): r.val_accuracy for k, r in result.heads.items()}
+        # plot_heatmap takes any sortable (row, column) keys; here (lr, weight decay)
+        val: dict[Any, Any] = {(lr_of[str(k)], wd_of[str(k)]): r.val_accuracy for k, r in result.heads.items()}
+        corner: Any = (chosen.lr, wd_of[best])
         plot_heatmap(
             val,
             job.out / GRID_FIGURE,
             title="val top-1 over lr x weight decay (selected outlined)",
             xlabel="weight decay",
             ylabel="lr",
-            best=(chosen.lr, wd_of[best]),
+            best=corner,
         )
         grid = {"grid": {"lrs": list(rec.learning_rates), "weight_decays": list(weight_decays), **footprint}}
         grid["figures"] = {"grid_val": GRID_FIGURE}

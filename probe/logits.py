@@ -62,7 +62,7 @@ def write_logits(path: Path, scores: Mapping[str, SplitScores], store_fingerprin
             "n": int(len(s.rows)),
             "ids_sha256_16": None if s.ids is None else ids_digest(s.ids),
         }
-    np.savez(path, **saved)
+    np.savez(path, **saved)  # type: ignore[arg-type]  # numpy's stub types **kwds as its allow_pickle flag
     return record
 
 

@@ -126,23 +126,28 @@ def run_logistic(store: StoreLike, out_dir: str | Path, options: LogisticOptions
     y = {s: job.data.labels(s) for s in ("train", "val", "test")}
     job.timings["data_s"] += time.perf_counter() - t0
     n = len(y["train"])  # C = 1 / (l2 * n): the two solvers' grids are one grid
-    common = {"num_classes": job.data.num_classes, "max_iter": max_iter, "refit": options.refit}
+    data = (x["train"], y["train"], x["val"], y["val"], x["test"], y["test"])
+    classes, names = job.data.num_classes, job.data.class_names
     t0 = time.perf_counter()
     if sklearn:
         cs = grid["cs"] if grid["cs"] is not None else [1.0 / (v * n) for v in grid["l2s"] or ()]
-        out, scores = logistic_sweep(*_splits(x, y), cs=cs, class_names=job.data.class_names, **common)
+        out, scores = logistic_sweep(
+            *data, num_classes=classes, cs=cs, max_iter=max_iter, refit=options.refit, class_names=names
+        )
     else:
         l2s = grid["l2s"] if grid["l2s"] is not None else [1.0 / (c * n) for c in grid["cs"] or ()]
         out, scores = exact_logistic_sweep(
-            *_splits(x, y), l2s=l2s, device=options.device, class_names=job.data.class_names, **common
+            *data,
+            num_classes=classes,
+            l2s=l2s,
+            max_iter=max_iter,
+            refit=options.refit,
+            device=options.device,
+            class_names=names,
         )
     job.timings["train_s"] = time.perf_counter() - t0
     job.save_logits(scores)
     return job.finish(out)
-
-
-def _splits(x: Mapping[str, Any], y: Mapping[str, Any]) -> list[Any]:
-    return [a for s in ("train", "val", "test") for a in (x[s], y[s])]
 
 
 def _check_logistic(options: LogisticOptions) -> None:
