@@ -51,7 +51,7 @@ from extract.pooling import pool
 from extract.preprocess import reference
 from extract.store import open_store
 from probe.evaluation import predict_logits
-from probe.exact_logistic import logistic_path
+from probe.exact_logistic import L2_GRID, logistic_path
 from probe.heads import AttentionPoolHead, DifFormerHead, seeded_init
 from probe.significance import mcnemar
 from probe.splits import carve_validation
@@ -61,7 +61,6 @@ from probe.trainer import train
 
 NOISE_SEED = 0
 WEIGHTS = Path(__file__).resolve().parents[1] / "extract" / "models" / "weights"
-L2_GRID = (1e-2, 1e-3, 1e-4, 1e-5)
 HEAD_SIZES = {"dim": 256, "heads": 4, "depth": 2}  # ~4x the 64-wide tiny preset; paper: 1024/8/2 on ImageNet
 STAGES = ("pixels", "progress", "curve", "heads", "tests")
 

@@ -11,7 +11,9 @@ hyperparameter (C, k) is selected on a validation split and the test split is on
   queries are processed in chunks, keeping only a running top-k: the memory is O(queries x k), never N x N.
   All k values come from one pass (the top-k list is sorted, so every smaller k is a prefix).
 
-Inputs are 2-D float arrays (N, D) (flatten and concatenate features first: `flatten_features`).
+Inputs are 2-D float arrays (N, D) (flatten and concatenate features first: `flatten_features`). Both return
+(record, {"val": scores, "test": scores}): the JSON-able record and the selected model's per-image class
+scores, which a run saves to logits.npz.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch.nn.functional as F
 
 from probe.errors import ProbeDataError
 from probe.metrics import classification_metrics
-from probe.options import KNN_KS, KNN_TEMPERATURE
+from probe.options import KNN_KS, KNN_TEMPERATURE, REFIT_CHOICES
 
 DINOV2_C_GRID: tuple[float, ...] = tuple(float(c) for c in np.logspace(-6, 5, 45))
 
@@ -74,8 +76,8 @@ def logistic_sweep(
     tol: float = 1e-4,
     refit: str = "train+val",
     class_names: Sequence[str] | None = None,
-) -> dict[str, Any]:
-    """Sweep C on validation, refit the best, report on test. Returns a metric dict (JSON-able).
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Sweep C on validation, refit the best, report on test. Returns (record, {split: class scores}).
 
     `refit="train+val"` refits the selected C on train and validation together (DINOv2); `"train"` keeps the
     model that was selected. Candidates run in ascending C with warm starts (deterministic: lbfgs has no
@@ -85,8 +87,8 @@ def logistic_sweep(
     # measured 6.4 s cold on 2 busy cores.
     from sklearn.linear_model import LogisticRegression
 
-    if refit not in ("train+val", "train"):
-        raise ValueError(f"refit must be 'train+val' or 'train', got {refit!r}")
+    if refit not in REFIT_CHOICES:
+        raise ValueError(f"refit must be one of {', '.join(REFIT_CHOICES)}, got {refit!r}")
     cs = sorted(float(c) for c in (cs if cs is not None else DINOV2_C_GRID))
     if not cs or cs[0] <= 0:
         raise ValueError("the C grid must be non-empty and positive")
@@ -113,7 +115,7 @@ def logistic_sweep(
     assert best is not None and best_state is not None
     selected = LogisticRegression(C=best["C"], solver="lbfgs", max_iter=max_iter, tol=tol)
     selected.coef_, selected.intercept_, selected.classes_ = best_state
-    val_metrics = _logistic_metrics(selected, x_val, y_val, num_classes, class_names)
+    scores = {"val": _logistic_scores(selected, x_val, num_classes)}
     refit_seconds = 0.0
     if refit == "train+val":
         # Warm start from the selected solution: the same optimum, found in fewer iterations.
@@ -124,7 +126,12 @@ def logistic_sweep(
         )
     else:
         final, converged = selected, best["converged"]
-    return {
+    scores["test"] = _logistic_scores(final, x_test, num_classes)
+    metrics = {
+        split: classification_metrics(y, scores[split], num_classes=num_classes, class_names=class_names)
+        for split, y in (("val", y_val), ("test", y_test))
+    }
+    record = {
         "method": "logistic",
         "solver": "lbfgs",
         "max_iter": max_iter,
@@ -135,20 +142,19 @@ def logistic_sweep(
         "refit_on": refit,
         "refit_converged": converged,
         "refit_seconds": round(refit_seconds, 4),
-        "metrics": {"val": val_metrics, "test": _logistic_metrics(final, x_test, y_test, num_classes, class_names)},
+        "metrics": metrics,
     }
+    return record, scores
 
 
-def _logistic_metrics(
-    model: Any, x: np.ndarray, y: np.ndarray, num_classes: int, class_names: Sequence[str] | None
-) -> dict[str, Any]:
+def _logistic_scores(model: Any, x: np.ndarray, num_classes: int) -> np.ndarray:
     # Classes absent from train have no column: scatter the scores into the full class range.
     raw = model.decision_function(x)
     if raw.ndim == 1:  # binary problems give one margin
         raw = np.stack([-raw, raw], axis=1)
     scores = np.full((len(x), num_classes), -np.inf, dtype=np.float64)
     scores[:, np.asarray(model.classes_, dtype=np.int64)] = raw
-    return classification_metrics(y, scores, num_classes=num_classes, class_names=class_names)
+    return scores
 
 
 # -------------------------------------------------------------------------------------------------- kNN
@@ -229,7 +235,7 @@ def knn_sweep(
     query_chunk: int = 1024,
     device: str | torch.device = "cpu",
     class_names: Sequence[str] | None = None,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Weighted cosine kNN for every k in `ks` in one pass over the bank; k selected on validation.
 
     Validation and test queries share the pass (they are concatenated), so the bank is read once.
@@ -261,7 +267,7 @@ def knn_sweep(
         )
     best = max(per_k, key=lambda r: (r["val_top1"], -r["k"]))
     scores = scores_by_k[best["k"]]
-    return {
+    record = {
         "method": "knn",
         "similarity": "cosine",
         "temperature": temperature,
@@ -274,6 +280,7 @@ def knn_sweep(
             "test": classification_metrics(y_test, scores[n_val:], num_classes=num_classes, class_names=class_names),
         },
     }
+    return record, {"val": scores[:n_val], "test": scores[n_val:]}
 
 
 def check_min_samples(n_available: int, k: int, what: str) -> None:

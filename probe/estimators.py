@@ -6,7 +6,7 @@ them sorted, as `np.unique` orders them); `predict`/`predict_proba`/`decision_fu
 `NotFittedError`. Training is `probe.trainer.train`; parameter and input checks are
 `probe.estimator_checks`.
 
-Training settings: `recipe` names a `probe.recipe.Recipe` ("diffbank", the default, or "paper"); `lr`,
+Training settings: `recipe` names a `probe.recipe.Recipe` ("diffbank", the default, "paper" or "attentive"); `lr`,
 `epochs`, `batch_size`, `step_size`, `gamma`, `momentum`, `weight_decay` left at None take the recipe's value,
 set ones override it. They are validated in `fit` by the Recipe; the resolved recipe is `recipe_`.
 Standardisation is this estimator's own `standardize` flag (default off), whatever the recipe says.

@@ -8,8 +8,9 @@ it on validation and test (logits to out_dir/logits.npz), save its weights as sa
 from __future__ import annotations
 
 import json
+import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +24,11 @@ from probe.evaluation import InputSpec, predict_logits
 from probe.head_results import HeadResult, SweepResult
 from probe.heads import HeadSizes, resolve_preset, seeded_init
 from probe.inputs import StoreLike
-from probe.job import LOGITS_FILE, Job
+from probe.job import Job
 from probe.metrics import classification_metrics
 from probe.options import AttentionOptions, LinearOptions, SweepOptions, TrainingOptions
 from probe.recipe import ProbeConfigError, Recipe
+from probe.report import plot_heatmap
 from probe.trainer import train_many
 
 __all__ = [
@@ -38,6 +40,10 @@ __all__ = [
     "head_record",
     "single_feature",
 ]
+
+
+GRID_FIGURE = "grid_val.png"
+log = logging.getLogger(__name__)
 
 
 def _recipe(name: str, head: str, **settings: Any) -> Recipe:
@@ -69,9 +75,25 @@ def _config(recipe: Recipe, lr_keys: bool = True, **settings: Any) -> dict[str, 
     }
 
 
+def _number(value: float) -> str:
+    value = float(value)
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
 def _lr_key(lr: float) -> str:
-    value = float(lr)
-    return f"lr={int(value) if value.is_integer() else repr(value)}"
+    return f"lr={_number(lr)}"
+
+
+def _weight_decays(values: Any) -> tuple[float, ...]:
+    """A weight-decay grid: sorted, distinct, each >= 0 (checked before any data is read)."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
+        raise ProbeConfigError(f"weight_decays must be a non-empty sequence of numbers, got {values!r}")
+    grid = set()
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not float(v) >= 0.0:
+            raise ProbeConfigError(f"weight_decays must hold numbers >= 0, got {v!r}")
+        grid.add(float(v))
+    return tuple(sorted(grid))
 
 
 class TrainedRun:
@@ -97,13 +119,20 @@ class TrainedRun:
         self.options = options
         self.seed, self.device, self.progress = options.seed, options.device, options.progress
         self.sizes: HeadSizes = {}
+        self.weight_decays: tuple[float, ...] | None = None
         settings: dict[str, Any] = {}
         if isinstance(options, LinearOptions):
             settings = {"batchnorm": bool(options.batchnorm)}
         elif isinstance(options, AttentionOptions):
+            if options.weight_decays is not None:
+                if options.weight_decay is not None:
+                    raise ProbeConfigError("give either weight_decay or weight_decays, not both")
+                self.weight_decays = _weight_decays(options.weight_decays)
             preset = options.preset or "small"
             self.sizes = resolve_preset(preset)
             settings = {"preset": preset, **self.sizes}
+            if self.weight_decays is not None:
+                settings["weight_decays"] = list(self.weight_decays)
         draws, eval_draws = options.draws, options.eval_draws
         self.job = Job(
             command,
@@ -119,27 +148,54 @@ class TrainedRun:
         )
 
     def finish(self, make_head: Callable[[], torch.nn.Module], input: InputSpec) -> dict[str, Any]:
-        """Train the head `make_head` builds (one per lr of the recipe's `lrs`), evaluate, save, report."""
-        return _finish_transformer(self.job, make_head, input, self.seed, self.device, self.progress)
+        """Train the head `make_head` builds (one per lr of the recipe's `lrs` x `weight_decays`), evaluate,
+        save, report."""
+        return _finish_transformer(
+            self.job, make_head, input, self.seed, self.device, self.progress, self.weight_decays
+        )
 
 
 def _finish_transformer(
-    job: Job, make_head: Callable[[], torch.nn.Module], input: InputSpec, seed: int, device: str, progress: bool
+    job: Job,
+    make_head: Callable[[], torch.nn.Module],
+    input: InputSpec,
+    seed: int,
+    device: str,
+    progress: bool,
+    weight_decays: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     rec = job.recipe
     assert rec is not None
-    if rec.lrs is None:
+    if rec.lrs is None and weight_decays is None:
         with seeded_init(seed):
             head = make_head()
         return finish_single(job, head, input, rec.lr, device, progress)
     heads: dict[str, torch.nn.Module] = {}
     lr_of: dict[str, float] = {}
-    for value in rec.lrs:
-        key = _lr_key(value)
-        with seeded_init(seed):  # same start for every lr: each head equals the single-lr run's head
-            heads[key] = make_head()
-        lr_of[key] = value
-    result = train_heads(job, heads, {k: input for k in heads}, lr_of, device=device, progress=progress)
+    wd_of: dict[str, float] = {}
+    for value in rec.learning_rates:
+        for wd in weight_decays if weight_decays is not None else (rec.weight_decay,):
+            key = _lr_key(value) if weight_decays is None else f"{_lr_key(value)},wd={_number(wd)}"
+            with seeded_init(seed):  # same start for every head: each equals the single run's head
+                heads[key] = make_head()
+            lr_of[key], wd_of[key] = value, wd
+    footprint = _grid_footprint(heads, rec)
+    log.info(
+        "training %d heads in one pass: %d parameters each, %.1f MiB of weights, gradients, optimiser state and "
+        "kept best-epoch weights, next to the data",
+        len(heads),
+        footprint["parameters_per_head"],
+        footprint["state_bytes"] / 2**20,
+    )
+    result = train_heads(
+        job,
+        heads,
+        {k: input for k in heads},
+        lr_of,
+        device=device,
+        progress=progress,
+        weight_decays=wd_of if weight_decays is not None else None,
+    )
     assert result.best is not None  # a validation split always exists
     best = str(result.best)
     chosen = result.heads[best]
@@ -158,6 +214,7 @@ def _finish_transformer(
         {
             "head": k,
             "lr": r.lr,
+            "weight_decay": wd_of[str(k)],
             "best_epoch": r.best_epoch,
             "epochs_trained": r.epochs_trained,
             "val_accuracy": r.val_accuracy,
@@ -168,16 +225,50 @@ def _finish_transformer(
         }
         for k, r in result.heads.items()
     ]
+    grid: dict[str, Any] = {}
+    if weight_decays is not None:
+        # plot_heatmap takes any sortable (row, column) keys; here (lr, weight decay)
+        val: dict[Any, Any] = {(lr_of[str(k)], wd_of[str(k)]): r.val_accuracy for k, r in result.heads.items()}
+        corner: Any = (chosen.lr, wd_of[best])
+        plot_heatmap(
+            val,
+            job.out / GRID_FIGURE,
+            title="val top-1 over lr x weight decay (selected outlined)",
+            xlabel="weight decay",
+            ylabel="lr",
+            best=corner,
+        )
+        grid = {"grid": {"lrs": list(rec.learning_rates), "weight_decays": list(weight_decays), **footprint}}
+        grid["figures"] = {"grid_val": GRID_FIGURE}
     return job.finish(
         {
             "metrics": metrics,
-            "selected": {"lr": chosen.lr, "epoch": chosen.best_epoch, "val_accuracy": chosen.val_accuracy},
+            "selected": {
+                "lr": chosen.lr,
+                "weight_decay": wd_of[best],
+                "epoch": chosen.best_epoch,
+                "val_accuracy": chosen.val_accuracy,
+            },
             "training": head_record(chosen),
             "lr_sweep": table,
+            **grid,
             "weights": "head.safetensors",
             "all_weights": "heads.safetensors",
         }
     )
+
+
+def _grid_footprint(heads: Mapping[str, torch.nn.Module], recipe: Recipe) -> dict[str, int]:
+    """What the heads of one pass hold: float32 weights, gradients, the kept best-epoch copy and, with momentum,
+    SGD's buffer, per head."""
+    head = next(iter(heads.values()))
+    params = sum(p.numel() for p in head.parameters())
+    copies = 3 + (1 if recipe.momentum else 0)
+    return {
+        "heads": len(heads),
+        "parameters_per_head": int(params),
+        "state_bytes": int(len(heads) * params * 4 * copies),
+    }
 
 
 def finish_single(
@@ -210,6 +301,7 @@ def train_heads(
     *,
     device: str,
     progress: bool,
+    weight_decays: Mapping[str, float] | None = None,
 ) -> SweepResult:
     """Train `heads` with the run's recipe on its train split, validating every epoch; checkpoints resume."""
     assert job.recipe is not None
@@ -222,6 +314,7 @@ def train_heads(
         job.stream("val", batch_size, False),
         job.stream("test", batch_size, False),
         lrs=dict(lrs),
+        weight_decays=None if weight_decays is None else dict(weight_decays),
         recipe=job.recipe,
         checkpoint_dir=job.out / "checkpoint",
         resume=True,
@@ -245,8 +338,8 @@ def evaluate_head(job: Job, head: torch.nn.Module, input: InputSpec, device: str
         out[split] = classification_metrics(
             job.data.labels(split), logits, num_classes=job.data.num_classes, class_names=job.data.class_names
         )
-        saved[f"{split}_logits"], saved[f"{split}_rows"] = logits, job.data.rows(split)
-    np.savez(job.out / LOGITS_FILE, **saved)
+        saved[split] = logits
+    job.save_logits(saved)
     job.timings["eval_s"] = time.perf_counter() - t0
     return out
 

@@ -2,7 +2,7 @@
 
 A `Job` resolves the features (`probe.defaults` when none are named), reads the data (timed), refuses to mix
 two runs in one `out_dir` (`run.json` holds the identity of the run a checkpoint belongs to) and writes
-results.json and splits.npz.
+results.json, splits.npz and the selected model's scores (`probe.logits`, logits.npz).
 """
 
 from __future__ import annotations
@@ -19,16 +19,16 @@ from probe.data import ProbeData
 from probe.defaults import default_features
 from probe.errors import RunConflictError
 from probe.inputs import StoreLike, as_store
+from probe.logits import LOGITS_FILE, RESULTS_FILE, SplitScores, write_logits
 from probe.options import DataOptions
 from probe.recipe import Recipe
 from probe.report import environment, write_results
+from probe.splits import optional_attr
 from probe.stream import FeatureStream
 
-__all__ = ["Job", "RESULTS_FILE", "RUN_FILE", "LOGITS_FILE"]
+__all__ = ["Job", "RUN_FILE"]
 
-RESULTS_FILE = "results.json"
 RUN_FILE = "run.json"
-LOGITS_FILE = "logits.npz"
 _RECIPE_KEYS = ("momentum", "weight_decay", "step_size", "gamma")
 # Settings older runs did not record: at these values a run is one of theirs, so its out_dir still resumes.
 _IMPLICIT = {"recipe": "diffbank", "keep": "best", "draws": None, "eval_draws": "first"}
@@ -91,6 +91,7 @@ class Job:
             for name in self.features:
                 self.data.stats(name)
         self.timings: dict[str, float] = {"data_s": time.perf_counter() - t0}
+        self.logits_record: dict[str, Any] | None = None
         self._guard(resume, guard)
 
     def _identity(self) -> dict[str, Any]:
@@ -135,6 +136,21 @@ class Job:
     def stream(self, split: str, batch_size: int, shuffle: bool) -> FeatureStream:
         return FeatureStream(self.data, split, batch_size, shuffle=shuffle)
 
+    def save_logits(self, logits: dict[str, np.ndarray]) -> None:
+        """The selected model's scores ({split: (N, classes)}, rows in the split's store order) to logits.npz,
+        with the rows, labels and sample ids they belong to; results.json records the file under "logits"."""
+        ids = optional_attr(self.store, "sample_ids")
+        scores = {
+            split: SplitScores(
+                logits=np.asarray(x),
+                rows=self.data.rows(split),
+                labels=self.data.labels(split),
+                ids=None if ids is None else np.asarray(ids)[self.data.rows(split)],
+            )
+            for split, x in logits.items()
+        }
+        self.logits_record = write_logits(self.out / LOGITS_FILE, scores, self.store.fingerprint)
+
     def finish(self, body: dict[str, Any]) -> dict[str, Any]:
         self.timings["total_s"] = time.perf_counter() - self.started
         store = self.store
@@ -161,6 +177,7 @@ class Job:
             "noise_draws": self.data.draw_definition(self.recipe.epochs if self.recipe is not None else None),
             **({"recipe": self.recipe.to_record()} if self.recipe is not None else {}),
             **body,
+            **({"logits": self.logits_record} if self.logits_record is not None else {}),
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
             "started_at": self.started_at,
             "finished_at": utc_now(),

@@ -20,6 +20,9 @@ __all__ = [
     "SweepOptions",
     "LogisticOptions",
     "KnnOptions",
+    "COMPARE_SPLITS",
+    "LOGISTIC_SOLVERS",
+    "REFIT_CHOICES",
     "KNN_KS",
     "KNN_TEMPERATURE",
 ]
@@ -72,12 +75,14 @@ class LinearOptions(TrainingOptions):
 
 @dataclass(frozen=True, kw_only=True)
 class AttentionOptions(TrainingOptions):
-    """`run_attention`: a size `preset` (tiny | small | paper) and one `lr`, or several `lrs` trained in one pass
-    from the same initial weights, the one best on validation reported."""
+    """`run_attention`: a size `preset` (tiny | small | paper) and one `lr`, or several `lrs`; with
+    `weight_decays` (instead of `weight_decay`) every lr x weight decay. Several heads train in one pass from the
+    same initial weights (each its own parameter group, one summed loss), the one best on validation reported."""
 
     preset: str = "small"
     lr: float | None = None
     lrs: Sequence[float] | None = None
+    weight_decays: Sequence[float] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,14 +97,25 @@ class SweepOptions(TrainingOptions):
     lrs: Sequence[float] | None = None
 
 
+COMPARE_SPLITS: tuple[str, ...] = ("val", "test")  # the splits a run saves per-image scores for
+LOGISTIC_SOLVERS: tuple[str, ...] = ("torch", "sklearn")
+REFIT_CHOICES: tuple[str, ...] = ("train+val", "train")
+
+
 @dataclass(frozen=True, kw_only=True)
 class LogisticOptions(DataOptions):
-    """`run_logistic`: the C grid (None: DINOv2's 45 values), lbfgs iterations, what the selected C is refit on."""
+    """`run_logistic`: the solver ('torch': exact full-batch L-BFGS on `device`, default grid the L2 strengths
+    1e-2..1e-5; 'sklearn': scikit-learn's lbfgs on the CPU, default grid DINOv2's 45 C values), the grid as L2
+    strengths (`l2s`) or as C values (`cs`; C = 1 / (l2 * n_train)), lbfgs iterations (None: the solver's
+    default, 300 for torch, 1000 for sklearn) and what the selected model is refit on ('train+val' or 'train')."""
 
     standardize: str = "dim"
+    solver: str = "torch"
+    l2s: Sequence[float] | None = None
     cs: Sequence[float] | None = None
-    max_iter: int = 1000
+    max_iter: int | None = None
     refit: str = "train+val"
+    device: str = "cpu"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -9,6 +9,10 @@ estimators, the CLI) can trust it without checking again. Recipes have names:
 - `diffbank`: the same optimiser and schedule, but features standardised with train statistics (per
   dimension for linear heads, per channel for token heads, which keeps the spatial structure they read) and
   the best validation epoch kept. A linear sweep tries three lrs.
+- `attentive`: the attentive probes' optimiser: AdamW (lr 1e-3, decoupled weight decay 1e-3) with a cosine
+  schedule to 0 over 20 epochs, as V-JEPA's released ImageNet attentive-probe configuration
+  (facebookresearch/jepa, configs/evals/vitl16_in1k.yaml; Bardes et al. 2024), after a one-epoch linear
+  warm-up (diffbank's addition); standardised features and the best validation epoch kept, as `diffbank`.
 
 `Recipe.named(name, head, **overrides)` builds one; overrides set to None are "not given", so the CLI and the
 API can pass their options straight through. The full settings and the overridden field names go into
@@ -23,12 +27,25 @@ import numbers
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-__all__ = ["Recipe", "ProbeConfigError", "RECIPES", "HEADS", "STANDARDIZE_MODES", "KEEP", "check_lr"]
+__all__ = [
+    "Recipe",
+    "ProbeConfigError",
+    "RECIPES",
+    "HEADS",
+    "STANDARDIZE_MODES",
+    "KEEP",
+    "OPTIMIZERS",
+    "SCHEDULES",
+    "check_lr",
+]
 
 HEADS: tuple[str, ...] = ("linear", "attention", "fusion", "sweep")
 STANDARDIZE_MODES: tuple[str, ...] = ("dim", "channel", "none")
 # "best": the weights of the best validation epoch (earliest on ties); "last": the final epoch's weights.
 KEEP: tuple[str, ...] = ("best", "last")
+OPTIMIZERS: tuple[str, ...] = ("sgd", "adamw")
+# "step": StepLR(step_size, gamma); "cosine": linear warm-up over warmup_epochs, then cosine to 0 at the end.
+SCHEDULES: tuple[str, ...] = ("step", "cosine")
 
 
 class ProbeConfigError(ValueError):
@@ -37,6 +54,16 @@ class ProbeConfigError(ValueError):
 
 _OPTIMIZER: dict[str, Any] = {"epochs": 28, "batch_size": 128, "momentum": 0.0, "weight_decay": 0.0, "step_size": 7, "gamma": 0.1}
 _LINEAR_LR, _TOKEN_LR = 1e-2, 5e-2
+_ATTENTIVE = {
+    **_OPTIMIZER,
+    "epochs": 20,
+    "lr": 1e-3,
+    "weight_decay": 1e-3,
+    "optimizer": "adamw",
+    "schedule": "cosine",
+    "warmup_epochs": 1,
+    "keep": "best",
+}
 
 RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     "paper": {
@@ -51,6 +78,12 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
         "sweep": {**_OPTIMIZER, "lr": _LINEAR_LR, "lrs": (1e-3, 1e-2, 1e-1), "standardize": "dim", "keep": "best"},
         "attention": {**_OPTIMIZER, "lr": _TOKEN_LR, "standardize": "channel", "keep": "best"},
         "fusion": {**_OPTIMIZER, "lr": _TOKEN_LR, "standardize": "channel", "keep": "best"},
+    },
+    "attentive": {
+        "linear": {**_ATTENTIVE, "standardize": "dim"},
+        "sweep": {**_ATTENTIVE, "lrs": (1e-4, 1e-3, 1e-2), "standardize": "dim"},
+        "attention": {**_ATTENTIVE, "standardize": "channel"},
+        "fusion": {**_ATTENTIVE, "standardize": "channel"},
     },
 }
 
@@ -101,6 +134,9 @@ class Recipe:
     gamma: float = _OPTIMIZER["gamma"]
     standardize: str = "dim"
     keep: str = "best"
+    optimizer: str = "sgd"
+    schedule: str = "step"
+    warmup_epochs: int = 0
     overrides: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -129,6 +165,17 @@ class Recipe:
         set_("gamma", gamma)
         _choice("standardize", self.standardize, STANDARDIZE_MODES)
         _choice("keep", self.keep, KEEP)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("schedule", self.schedule, SCHEDULES)
+        if self.optimizer == "adamw" and momentum != 0.0:
+            raise ProbeConfigError(f"momentum is SGD's; AdamW takes none, got {self.momentum!r}")
+        if isinstance(self.warmup_epochs, bool) or not isinstance(self.warmup_epochs, numbers.Integral):
+            raise ProbeConfigError(f"warmup_epochs must be an integer, got {self.warmup_epochs!r}")
+        if not 0 <= int(self.warmup_epochs) < self.epochs:
+            raise ProbeConfigError(f"warmup_epochs must be in [0, epochs={self.epochs}), got {self.warmup_epochs!r}")
+        if self.warmup_epochs and self.schedule != "cosine":
+            raise ProbeConfigError("warmup_epochs needs schedule='cosine'")
+        set_("warmup_epochs", int(self.warmup_epochs))
         set_("overrides", tuple(sorted(set(self.overrides))))
 
     @classmethod
@@ -154,10 +201,22 @@ class Recipe:
 
     def optimizer_label(self) -> str:
         """The optimiser as results.json has always spelled it, e.g. 'SGD(momentum=0, weight_decay=0)'."""
+        if self.optimizer == "adamw":
+            return f"AdamW(weight_decay={_fmt(self.weight_decay)})"
         return f"SGD(momentum={_fmt(self.momentum)}, weight_decay={_fmt(self.weight_decay)})"
 
     def schedule_label(self) -> str:
+        if self.schedule == "cosine":
+            return f"cosine(warmup_epochs={self.warmup_epochs}, epochs={self.epochs})"
         return f"StepLR(step_size={self.step_size}, gamma={_fmt(self.gamma)})"
+
+    def lr_factor(self, epoch: int) -> float:
+        """The cosine schedule's lr factor for (0-based) `epoch`: a linear warm-up to 1 over `warmup_epochs`,
+        then half a cosine, reaching 0 at `epochs` (the last epoch still trains with a small lr)."""
+        if epoch < self.warmup_epochs:
+            return (epoch + 1) / (self.warmup_epochs + 1)
+        span = self.epochs - self.warmup_epochs
+        return 0.5 * (1.0 + math.cos(math.pi * (epoch - self.warmup_epochs) / span))
 
     def to_record(self) -> dict[str, Any]:
         """Every setting (JSON-able): enough to train the same way again (`from_record`)."""

@@ -11,7 +11,7 @@ and returns the same dict. Trained heads are saved as safetensors in `out_dir`; 
 | `run_linear` | the paper's linear head (SGD, StepLR) on one feature |
 | `run_attention` | the attention-pool head on one block map (one lr, or several `lrs` selected on validation) |
 | `run_fusion` | DifFormer: blocks x timesteps through one shared transformer (one lr or several `lrs`) |
-| `run_logistic` | scikit-learn logistic regression, C swept on validation |
+| `run_logistic` | exact multinomial logistic regression (torch L-BFGS; or scikit-learn), L2 selected on validation |
 | `run_knn` | cosine kNN, temperature-weighted votes, k swept on validation |
 | `run_sweep` | linear heads for every (t, block, pooling) x lr in one pass; heat map over t x block |
 
@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from probe.baselines import DINOV2_C_GRID, flatten_features, knn_sweep, logistic_sweep
+from probe.exact_logistic import L2_GRID, MAX_ITER, exact_logistic_sweep
 from probe.fitting import TrainedRun, evaluate_head, finish_single, head_record, save_heads, single_feature, train_heads
 from probe.head_results import SweepResult
 from probe.heads import AttentionPoolHead, DifFormerHead, LinearHead, seeded_init
@@ -42,6 +43,8 @@ from probe.inputs import StoreLike, fusion_inputs
 from probe.job import Job
 from probe.metrics import select_best, selection_rank
 from probe.options import (
+    LOGISTIC_SOLVERS,
+    REFIT_CHOICES,
     AttentionOptions,
     FusionOptions,
     KnnOptions,
@@ -49,6 +52,7 @@ from probe.options import (
     LogisticOptions,
     SweepOptions,
 )
+from probe.recipe import ProbeConfigError
 from probe.report import plot_accuracy_vs_t, plot_heatmap
 
 __all__ = ["run_linear", "run_attention", "run_fusion", "run_logistic", "run_knn", "run_sweep"]
@@ -94,38 +98,74 @@ def run_fusion(store: StoreLike, out_dir: str | Path, options: FusionOptions | N
 
 
 def run_logistic(store: StoreLike, out_dir: str | Path, options: LogisticOptions | None = None) -> dict[str, Any]:
-    """Logistic regression (lbfgs) over a C grid (default DINOv2's 45 values), features concatenated."""
+    """Multinomial logistic regression, features concatenated: the L2 (or C) grid selected on validation, the
+    selected model refit on train+val (`refit`), test scored once; the selected scores go to logits.npz.
+
+    `solver="torch"` (default) is the exact full-batch L-BFGS probe (`probe.exact_logistic`, CPU or CUDA; each
+    fit's iterations and final loss in results.json); `"sklearn"` is scikit-learn's lbfgs (`logistic_sweep`).
+    """
     options = options or LogisticOptions()
-    max_iter, refit = options.max_iter, options.refit
-    grid = sorted(float(c) for c in (options.cs if options.cs is not None else DINOV2_C_GRID))
+    _check_logistic(options)
+    sklearn = options.solver == "sklearn"
+    max_iter = options.max_iter if options.max_iter is not None else (1000 if sklearn else MAX_ITER)
+    grid = {"l2s": None if options.l2s is None else sorted(float(v) for v in options.l2s)}
+    grid["cs"] = None if options.cs is None else sorted(float(c) for c in options.cs)
+    if grid["l2s"] is None and grid["cs"] is None:
+        grid["cs" if sklearn else "l2s"] = sorted(DINOV2_C_GRID if sklearn else L2_GRID)
     job = Job(
         "logistic",
         store,
         out_dir,
         options,
-        {"cs": grid, "max_iter": max_iter, "refit": refit},
+        {"solver": options.solver, **grid, "max_iter": max_iter, "refit": options.refit, "device": options.device},
         standardize=options.standardize,
         guard=False,
     )
     t0 = time.perf_counter()
     x = {s: flatten_features(job.data.arrays(s), job.features) for s in ("train", "val", "test")}
+    y = {s: job.data.labels(s) for s in ("train", "val", "test")}
     job.timings["data_s"] += time.perf_counter() - t0
+    n = len(y["train"])  # C = 1 / (l2 * n): the two solvers' grids are one grid
+    data = (x["train"], y["train"], x["val"], y["val"], x["test"], y["test"])
+    classes, names = job.data.num_classes, job.data.class_names
     t0 = time.perf_counter()
-    out = logistic_sweep(
-        x["train"],
-        job.data.labels("train"),
-        x["val"],
-        job.data.labels("val"),
-        x["test"],
-        job.data.labels("test"),
-        num_classes=job.data.num_classes,
-        cs=grid,
-        max_iter=max_iter,
-        refit=refit,
-        class_names=job.data.class_names,
-    )
+    if sklearn:
+        cs = grid["cs"] if grid["cs"] is not None else [1.0 / (v * n) for v in grid["l2s"] or ()]
+        out, scores = logistic_sweep(
+            *data, num_classes=classes, cs=cs, max_iter=max_iter, refit=options.refit, class_names=names
+        )
+    else:
+        l2s = grid["l2s"] if grid["l2s"] is not None else [1.0 / (c * n) for c in grid["cs"] or ()]
+        out, scores = exact_logistic_sweep(
+            *data,
+            num_classes=classes,
+            l2s=l2s,
+            max_iter=max_iter,
+            refit=options.refit,
+            device=options.device,
+            class_names=names,
+        )
     job.timings["train_s"] = time.perf_counter() - t0
+    job.save_logits(scores)
     return job.finish(out)
+
+
+def _check_logistic(options: LogisticOptions) -> None:
+    """Bad logistic options, named, before any data is read."""
+    if options.solver not in LOGISTIC_SOLVERS:
+        raise ProbeConfigError(f"solver must be one of {', '.join(LOGISTIC_SOLVERS)}, got {options.solver!r}")
+    if options.cs is not None and options.l2s is not None:
+        raise ProbeConfigError("give the grid as cs or as l2s, not both")
+    for name in ("cs", "l2s"):
+        values = getattr(options, name)
+        if values is not None and (not list(values) or min(float(v) for v in values) <= 0):
+            raise ProbeConfigError(f"{name} must be a non-empty list of positive values, got {list(values)}")
+    if options.max_iter is not None and options.max_iter < 1:
+        raise ProbeConfigError(f"max_iter must be >= 1, got {options.max_iter}")
+    if options.refit not in REFIT_CHOICES:
+        raise ProbeConfigError(f"refit must be one of {', '.join(REFIT_CHOICES)}, got {options.refit!r}")
+    if options.solver == "sklearn" and options.device != "cpu":
+        raise ProbeConfigError(f"device {options.device!r}: the sklearn solver runs on the CPU; use solver='torch'")
 
 
 def run_knn(store: StoreLike, out_dir: str | Path, options: KnnOptions | None = None) -> dict[str, Any]:
@@ -150,7 +190,7 @@ def run_knn(store: StoreLike, out_dir: str | Path, options: KnnOptions | None = 
             yield flatten_features(xs, job.features), y
 
     t0 = time.perf_counter()
-    out = knn_sweep(
+    out, scores = knn_sweep(
         bank(),
         len(job.data.rows("train")),
         queries["val"],
@@ -164,6 +204,7 @@ def run_knn(store: StoreLike, out_dir: str | Path, options: KnnOptions | None = 
         class_names=job.data.class_names,
     )
     job.timings["train_s"] = time.perf_counter() - t0
+    job.save_logits(scores)
     return job.finish(out)
 
 

@@ -1,10 +1,10 @@
 """One training loop for probe heads: many heads per pass over the data (DINOv2's linear evaluation).
 
-The heads live in one `nn.ModuleDict` and train with ONE `torch.optim.SGD` holding a parameter group per head
-(each with its own lr) and ONE `StepLR`; every batch is read once, each feature moved to the device once, and
-the heads' losses are summed into one backward. Heads do not share parameters, so each head gets exactly the
-gradient it gets alone, and SGD updates every group as it would a single head's optimizer: a head trained
-with others ends exactly as it does trained alone.
+The heads live in one `nn.ModuleDict` and train with ONE optimizer (the recipe's SGD or AdamW) holding a
+parameter group per head (each with its own lr and weight decay) and ONE schedule; every batch is read once, each
+feature moved to the device once, and the heads' losses are summed into one backward. Heads do not share
+parameters, so each head gets exactly the gradient it gets alone, and the optimizer updates every group as it
+would a single head's: a head trained with others ends exactly as it does trained alone.
 
 One shortcut, on by default (`fuse=True`): linear heads on one feature share one matmul
 (`probe.heads.LinearGroup`); each still gets its own gradient, so only float rounding can differ.
@@ -55,11 +55,22 @@ def _has_batchnorm(module: nn.Module) -> bool:
 
 
 def build_optimizer(
-    heads: Sequence[nn.Module], lrs: Sequence[float], recipe: Recipe
-) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.StepLR]:
-    """The optimizer and schedule of a run: SGD with one parameter group per head, one StepLR over all."""
-    groups = [{"params": list(h.parameters()), "lr": float(lr)} for h, lr in zip(heads, lrs)]
-    optimizer = torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    heads: Sequence[nn.Module], lrs: Sequence[float], recipe: Recipe, weight_decays: Sequence[float] | None = None
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """The optimizer and schedule of a run: the recipe's SGD or AdamW with one parameter group per head (its
+    lr, and its weight decay where `weight_decays` gives one per head; else the recipe's), one schedule over
+    all (StepLR, or warm-up and cosine), stepped once per epoch."""
+    groups: list[dict[str, Any]] = [{"params": list(h.parameters()), "lr": float(lr)} for h, lr in zip(heads, lrs)]
+    if weight_decays is not None:
+        for group, wd in zip(groups, weight_decays, strict=True):
+            group["weight_decay"] = float(wd)
+    optimizer: torch.optim.Optimizer
+    if recipe.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(groups, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    if recipe.schedule == "cosine":
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, recipe.lr_factor)
     return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=recipe.step_size, gamma=recipe.gamma)
 
 
@@ -150,6 +161,7 @@ def train_many(
     test_stream: BatchStream | None = None,
     *,
     lrs: float | Mapping[K, float] | None = None,
+    weight_decays: Mapping[K, float] | None = None,
     recipe: Recipe | None = None,
     checkpoint_dir: str | os.PathLike[str] | None = None,
     resume: bool = False,
@@ -168,7 +180,8 @@ def train_many(
     """Train several heads in one pass over the data.
 
     Each epoch reads every batch of `train_stream` once and takes one SGD step for all heads (lr per head
-    from `lrs`: one float for all, {key: lr}, or None for `recipe.lr`). After each epoch every head is
+    from `lrs`: one float for all, {key: lr}, or None for `recipe.lr`; weight decay per head from
+    `weight_decays` {key: value}, else `recipe.weight_decay`). After each epoch every head is
     evaluated on `val_stream`; what a head keeps is `recipe.keep`'s rule. `test_stream` is evaluated once, at
     the end, with the kept weights. The heads are trained in place (and moved to `device`).
 
@@ -201,13 +214,21 @@ def train_many(
         lr_of = {k: check_lr(f"lr of head {k!r}", lrs[k]) for k in heads}
     else:
         lr_of = {k: check_lr("lr", recipe.lr if lrs is None else lrs) for k in heads}
+    if weight_decays is not None:
+        absent = [k for k in heads if k not in weight_decays]
+        if absent:
+            raise ProbeConfigError(f"weight_decays has no value for heads {absent!r}")
+        bad = {k: v for k, v in weight_decays.items() if not float(v) >= 0.0}
+        if bad:
+            raise ProbeConfigError(f"weight_decays must be >= 0, got {bad!r}")
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs a checkpoint_dir")
     device = torch.device(device)
 
     bank = nn.ModuleDict({str(i): h for i, h in enumerate(heads.values())}).to(device)
     runs = [_Head(k, h, inputs_of[k], lr_of[k], i) for i, (k, h) in enumerate(heads.items())]
-    optimizer, scheduler = build_optimizer(list(bank.values()), [r.lr for r in runs], recipe)
+    wd_list = None if weight_decays is None else [float(weight_decays[r.key]) for r in runs]  # type: ignore[index]
+    optimizer, scheduler = build_optimizer(list(bank.values()), [r.lr for r in runs], recipe, wd_list)
     names = sorted({n for r in runs for n in feature_names(r.spec)})
     config = {
         "heads": [repr(r.key) for r in runs],
@@ -218,6 +239,13 @@ def train_many(
         "momentum": recipe.momentum,
         "weight_decay": recipe.weight_decay,
         "keep": recipe.keep,
+        **({"weight_decays": wd_list} if wd_list is not None else {}),
+        # Runs of the SGD + StepLR recipes recorded neither key, and still resume.
+        **(
+            {"optimizer": recipe.optimizer_label(), "schedule": recipe.schedule_label()}
+            if (recipe.optimizer, recipe.schedule) != ("sgd", "step")
+            else {}
+        ),
     }
 
     start_epoch = 0

@@ -21,7 +21,10 @@ def _gaussians(seed, n_per_class=60, k=5, d=12, spread=1.0):
 def test_logistic_sweep_learns_and_selects_on_validation():
     x, y = _gaussians(0, n_per_class=80)
     tr, va, te = slice(0, 240), slice(240, 320), slice(320, 400)
-    out = logistic_sweep(x[tr], y[tr], x[va], y[va], x[te], y[te], num_classes=5, cs=[1e-6, 1e-2, 1.0, 100.0])
+    out, scores = logistic_sweep(x[tr], y[tr], x[va], y[va], x[te], y[te], num_classes=5, cs=[1e-6, 1e-2, 1.0, 100.0])
+    assert (
+        scores["test"].shape == (80, 5) and np.mean(scores["test"].argmax(1) == y[te]) == out["metrics"]["test"]["top1"]
+    )
     assert out["metrics"]["test"]["top1"] > 0.9  # chance is 0.2
     by_c = {r["C"]: r["val_top1"] for r in out["sweep"]}
     assert by_c[1e-6] < 0.5 < by_c[1.0]  # near-zero weights cannot separate the classes
@@ -33,7 +36,7 @@ def test_logistic_sweep_learns_and_selects_on_validation():
 def test_knn_learns_and_selects_k_on_validation():
     x, y = _gaussians(2, n_per_class=80)
     bank = [(torch.from_numpy(x[i : i + 50]), torch.from_numpy(y[i : i + 50])) for i in range(0, 240, 50)]
-    out = knn_sweep(
+    out, scores = knn_sweep(
         iter(bank),
         240,
         torch.from_numpy(x[240:320]),
@@ -44,6 +47,7 @@ def test_knn_learns_and_selects_k_on_validation():
         ks=[1, 10, 20],
     )
     assert out["metrics"]["test"]["top1"] > 0.9
+    assert np.mean(scores["val"].argmax(1) == y[240:320]) == out["selected"]["val_top1"]
     best = max(out["sweep"], key=lambda r: (r["val_top1"], -r["k"]))
     assert out["selected"]["k"] == best["k"]
     with pytest.raises(ProbeDataError, match=r"k=300 .*needs at least 300 samples but only 240"):

@@ -6,6 +6,7 @@ and makes one call into `probe.run`.
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,9 @@ from diffbank.commands.remote import open_read_only, storage_option_flag
 # Declarations only (no torch): the options, defaults and errors shown in --help come from here.
 from probe.errors import ProbeDataError, RunConflictError, UnknownFeatureError
 from probe.options import (
+    COMPARE_SPLITS,
+    LOGISTIC_SOLVERS,
+    REFIT_CHOICES,
     AttentionOptions,
     DataOptions,
     FusionOptions,
@@ -109,13 +113,14 @@ def _training(func: Callable[..., Any]) -> Callable[..., Any]:
     options: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
         click.option(
             "--recipe",
-            type=click.Choice(["diffbank", "paper"]),
+            type=click.Choice(list(RECIPES)),
             default=TrainingOptions.recipe,
             show_default=True,
             help="named training recipe (probe/recipe.py): paper = the public code's protocol (raw "
             "features, last epoch kept); diffbank = the same optimiser on standardised features, "
-            "best validation epoch kept. Options below override single settings; the full recipe "
-            "and the overrides are recorded in results.json",
+            "best validation epoch kept; attentive = AdamW, warm-up and cosine (V-JEPA's attentive probe). "
+            "Options below override single settings; the full recipe and the overrides are recorded in "
+            "results.json",
         ),
         click.option("--epochs", default=None, type=click.IntRange(min=1), help=_recipe_value("epochs")),
         click.option("--batch-size", default=None, type=click.IntRange(min=1), help=_recipe_value("batch_size")),
@@ -131,9 +136,11 @@ def _training(func: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option(
             "--weight-decay",
-            default=None,
+            "weight_decay",
+            multiple=True,
             type=click.FloatRange(min=0),
-            help="SGD weight decay " + _recipe_value("weight_decay"),
+            help="SGD weight decay " + _recipe_value("weight_decay") + "; attention and fusion: repeat it (with "
+            "--lr) to train every lr x weight decay in one pass and keep the head best on validation",
         ),
         click.option(
             "--step-size",
@@ -183,12 +190,25 @@ def _transformer(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _lr_values(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """--lr given 0 times: the API default; once: lr; several times: lrs (one head per lr)."""
-    values = list(dict.fromkeys(kwargs.pop("lr")))
-    if len(values) == 1:
-        kwargs["lr"] = values[0]
-    elif values:
-        kwargs["lrs"] = values
+    """--lr given 0 times: the API default; once: lr; several times: lrs (one head per lr). Likewise
+    --weight-decay: weight_decay or weight_decays (every lr x weight decay)."""
+    for one, many in (("lr", "lrs"), ("weight_decay", "weight_decays")):
+        values = list(dict.fromkeys(kwargs.pop(one)))
+        if len(values) == 1:
+            kwargs[one] = values[0]
+        elif values:
+            kwargs[many] = values
+    return kwargs
+
+
+def _one_weight_decay(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The linear commands train one weight decay: --weight-decay given at most once."""
+    values = list(dict.fromkeys(kwargs.pop("weight_decay")))
+    if len(values) > 1:
+        raise click.BadParameter(
+            "give one value (a weight-decay grid is for attention and fusion)", param_hint="'--weight-decay'"
+        )
+    kwargs["weight_decay"] = values[0] if values else None
     return kwargs
 
 
@@ -239,6 +259,7 @@ def _run(name: str, **kwargs: Any) -> None:
         rows = [
             {
                 "lr": r["lr"],
+                **({"weight decay": r["weight_decay"]} if results.get("grid") else {}),
                 "best epoch": r["best_epoch"],
                 "val top1": r["val_accuracy"],
                 "test top1": r["test_accuracy"],
@@ -246,7 +267,8 @@ def _run(name: str, **kwargs: Any) -> None:
             }
             for r in results["lr_sweep"]
         ]
-        click.echo("\n" + format_table(rows, title=f"{name}: lr on validation", percent=("val top1", "test top1")))
+        title = f"{name}: {'lr x weight decay' if results.get('grid') else 'lr'} on validation"
+        click.echo("\n" + format_table(rows, title=title, percent=("val top1", "test top1")))
     click.echo(f"\nresults: {out_dir}/results.json")
 
 
@@ -268,7 +290,7 @@ def probe_command() -> None:
 @click.option("--batchnorm", is_flag=True, help="parameter-free BatchNorm before the linear layer (MAE-style)")
 def linear(**kwargs: Any) -> None:
     """The paper's linear head on one feature (default t090_b24_avg2)."""
-    _run("linear", **kwargs)
+    _run("linear", **_one_weight_decay(kwargs))
 
 
 @probe_command.command("attention")
@@ -292,12 +314,35 @@ def fusion(**kwargs: Any) -> None:
 @probe_command.command("logistic")
 @_common
 @click.option(
-    "--c", "cs", multiple=True, type=float, help="C values (repeatable; default DINOv2's 45 from 1e-6 to 1e5)"
+    "--solver",
+    type=click.Choice(LOGISTIC_SOLVERS),
+    default=LogisticOptions.solver,
+    show_default=True,
+    help="torch: exact full-batch L-BFGS (CPU or --device cuda); sklearn: scikit-learn's lbfgs on the CPU",
 )
-@click.option("--max-iter", default=LogisticOptions.max_iter, show_default=True, type=int)
+@click.option(
+    "--l2", "l2s", multiple=True, type=float, help="L2 strengths (repeatable; torch default 1e-2, 1e-3, 1e-4, 1e-5)"
+)
+@click.option(
+    "--c",
+    "cs",
+    multiple=True,
+    type=float,
+    help="C values instead of --l2, C = 1/(l2 n_train) (repeatable; sklearn default DINOv2's 45 from 1e-6 to 1e5)",
+)
+@click.option("--max-iter", default=None, type=int, help="lbfgs iterations per fit (default torch 300, sklearn 1000)")
+@click.option(
+    "--refit",
+    type=click.Choice(REFIT_CHOICES),
+    default=LogisticOptions.refit,
+    show_default=True,
+    help="what the selected L2 is refit on (train: score the selected fit itself)",
+)
+@click.option("--device", default=LogisticOptions.device, show_default=True, callback=torch_device)
 def logistic(**kwargs: Any) -> None:
-    """Logistic regression (lbfgs) with C selected on validation, refit on train+val."""
+    """Multinomial logistic regression, L2 selected on validation, refit on train+val; logits to logits.npz."""
     kwargs["cs"] = list(kwargs["cs"]) or None
+    kwargs["l2s"] = list(kwargs["l2s"]) or None
     _run("logistic", **kwargs)
 
 
@@ -330,7 +375,49 @@ def sweep(**kwargs: Any) -> None:
         kwargs.pop("lrs")
     else:
         kwargs["lrs"] = list(kwargs["lrs"])
-    _run("sweep", **kwargs)
+    _run("sweep", **_one_weight_decay(kwargs))
+
+
+@probe_command.command("compare")
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--split", type=click.Choice(COMPARE_SPLITS), default="test", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print the JSON report instead of the table")
+@click.option("--out", "out_file", type=click.Path(dir_okay=False), help="also write the JSON report to this file")
+def compare(runs: tuple[str, ...], split: str, as_json: bool, out_file: str | None) -> None:
+    """Paired comparison of probe runs (RUN_A RUN_B [RUN_C ...]): accuracies, the difference with a 95%
+    interval, discordant counts and the exact McNemar p for every pair (Holm-adjusted p when several)."""
+    from probe.compare import CompareError, compare_runs
+
+    try:
+        report = compare_runs(list(runs), split)
+    except CompareError as exc:
+        raise click.ClickException(str(exc)) from exc
+    text = json.dumps(report, indent=1)
+    if out_file:
+        Path(out_file).write_text(text + "\n")
+    if as_json:
+        click.echo(text)
+        return
+    rows = [
+        {
+            "A": p["a"],
+            "B": p["b"],
+            "n": p["n"],
+            "A top1": p["accuracy_a"],
+            "B top1": p["accuracy_b"],
+            "A-B": p["difference"],
+            "95% CI": f"[{100 * p['ci95'][0]:+.2f}, {100 * p['ci95'][1]:+.2f}]",
+            "only A": p["only_a"],
+            "only B": p["only_b"],
+            "McNemar p": f"{p['mcnemar_p']:.3g}",
+            **({"Holm p": f"{p['holm_p']:.3g}"} if len(report["pairs"]) > 1 else {}),
+        }
+        for p in report["pairs"]
+    ]
+    click.echo(format_table(rows, title=f"paired on {split}", percent=("A top1", "B top1", "A-B")))
+    click.echo(f"\n95% CI: {report['interval']}; p: {report['test']}")
+    if "multiple_comparisons" in report:
+        click.echo(report["multiple_comparisons"])
 
 
 def _add_feedback() -> None:
