@@ -19,7 +19,7 @@ from extract.features import FeatureKey, pool_label
 from extract.idx import FASHION_MNIST_DIR
 from extract.provenance import fingerprint
 from extract.spec.schema import COMPUTE_OPTION_DEFAULTS, DEFAULT_NOISE_RULE, SPEC_VERSION
-from extract.store.layout import itemsize
+from extract.storage import itemsize
 
 # Settings that change how fast a store is written, never what is in it.
 RUN_ONLY_SETTINGS = (("compute", "batch_size"), ("compute", "device"), ("compute", "num_workers"))

@@ -64,7 +64,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from extract.store.layout import COMPRESSIONS, STORAGE_DTYPES
+from extract.storage import COMPRESSIONS, STORAGE_DTYPES
 
 SPEC_VERSION = 1
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")

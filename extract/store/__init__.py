@@ -7,16 +7,13 @@ extend this store? what is the recorded spec's fingerprint?) arrive as functions
 
 from extract.store.create import ExtensionCheck, NewStore, create_store
 from extract.store.layout import (
-    COMPRESSIONS,
     FEATURE_DIMS,
     FLOAT16_MAX,
     FORMAT_VERSION,
-    STORAGE_DTYPES,
     FeatureInfo,
     FingerprintMismatch,
     Layout,
     StoreError,
-    itemsize,
     plan_layout,
 )
 from extract.store.reader import FeatureStore, open_store
@@ -25,11 +22,9 @@ from extract.store.verify import VerifyReport, verify
 from extract.store.writer import StoreWriter, cast_with_stats
 
 __all__ = [
-    "COMPRESSIONS",
     "FEATURE_DIMS",
     "FLOAT16_MAX",
     "FORMAT_VERSION",
-    "STORAGE_DTYPES",
     "ExtensionCheck",
     "FeatureInfo",
     "FeatureStore",
@@ -43,7 +38,6 @@ __all__ = [
     "create_store",
     "export_hdf5",
     "info",
-    "itemsize",
     "open_store",
     "plan_layout",
     "save_features",

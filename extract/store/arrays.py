@@ -13,8 +13,8 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
+from extract.storage import COMPRESSIONS
 from extract.store.layout import (
-    COMPRESSIONS,
     FEATURE_DIMS,
     FORMAT_VERSION,
     MACHINE_RECORD,

@@ -19,9 +19,9 @@ import zarr
 
 from extract.provenance import fingerprint as fingerprint_of
 from extract.provenance import package_versions, to_jsonable, utc_now
+from extract.storage import COMPRESSIONS, STORAGE_DTYPES
 from extract.store.arrays import create_feature_array, create_progress, create_samples, create_splits
 from extract.store.layout import (
-    COMPRESSIONS,
     FEATURES,
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -29,7 +29,6 @@ from extract.store.layout import (
     SAMPLES,
     SPLITS,
     STATS_FIELDS,
-    STORAGE_DTYPES,
     FeatureInfo,
     FingerprintMismatch,
     StoreError,

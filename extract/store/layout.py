@@ -65,9 +65,7 @@ DEFAULT_CHUNK_ROWS = 64
 MAX_CHUNK_BYTES = 4 << 20  # inner chunks of ~1-4 MiB read fast in random 64-row batches
 TARGET_SHARD_BYTES = 256 << 20  # few, large objects for object stores
 MIN_UNITS = 8  # resume granularity: small stores still get several units
-COMPRESSIONS = ("blosc-lz4", "zstd", "none")
 # bfloat16 is not a core zarr dtype, so it can be a compute dtype but never a storage one.
-STORAGE_DTYPES = ("float16", "float32")
 STATS_FIELDS = ("max_abs", "n_inf", "n_nan", "n_overflow")
 
 FEATURES, SAMPLES, SPLITS, PROGRESS = "features", "samples", "splits", "_progress"
@@ -83,12 +81,6 @@ class StoreError(Exception):
 class FingerprintMismatch(StoreError):
     """An existing store was made from a different spec."""
 
-
-def itemsize(dtype: str) -> int:
-    """Bytes per stored value of a storage dtype."""
-    if dtype not in STORAGE_DTYPES:
-        raise StoreError(f"storage dtype {dtype!r} not supported; use one of {STORAGE_DTYPES}")
-    return np.dtype(dtype).itemsize
 
 
 @dataclasses.dataclass(frozen=True)
