@@ -111,7 +111,7 @@ def test_copy_killed_midway_is_no_store_and_resumes_byte_identical(s3_bucket, tm
     env = {**os.environ, COPY_DELAY_ENV: "0.3", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([*cmd, "--workers", "1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     fs, root = fsspec.core.url_to_fs(dst)
-    deadline = time.time() + 60
+    deadline = time.time() + 120  # start-up on a loaded machine
     while proc.poll() is None and time.time() < deadline and len(fs.find(root)) < 5:
         time.sleep(0.05)
         fs.invalidate_cache()
