@@ -114,7 +114,7 @@ class MinibatchCKA:
 
     @property
     def cka_(self) -> np.ndarray:
-        if self.cross_ is None:
+        if self.cross_ is None or self.self_rows_ is None or self.self_cols_ is None:  # all set by one update
             raise ValueError("no minibatch seen yet: call update first")
         # The 1/batches of the averages cancels in the ratio.
         denom = np.sqrt(np.outer(self.self_rows_, self.self_cols_))

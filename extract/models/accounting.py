@@ -9,13 +9,17 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from extract.models.loading import meta_network
+
+if TYPE_CHECKING:  # the network types only; `meta_network` builds them
+    from extract.models.adm import ADMUNet
+    from extract.models.diffusers_unet import DiffusersUNet
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +48,7 @@ def _class_conditional(network: nn.Module) -> bool:
     return bool(own) if own is not None else getattr(network.config, "num_classes", None) is not None
 
 
-def tap_costs(network: nn.Module, image_size: int) -> list[TapCost]:
+def tap_costs(network: ADMUNet | DiffusersUNet, image_size: int) -> list[TapCost]:
     """Every tap of `network` (a meta-device or real network with `.blocks` and `features`) with the FLOPs
     of one image's pass up to it, at `image_size`."""
     device = next(network.parameters()).device

@@ -23,13 +23,16 @@ import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
 from extract.models.checkpoints import CheckpointError, read_state_dict, sha256_file
 from extract.models.config import BlockInfo
+
+if TYPE_CHECKING:  # diffusers is an optional dependency, imported when a model is built (`_import_diffusers`)
+    from diffusers.models.unets.unet_2d import UNet2DModel
 
 FAMILY = "diffusers"
 UNET_CLASS = "UNet2DModel"
@@ -153,14 +156,16 @@ def describe(path: str | os.PathLike, base_dir: str | os.PathLike | None = None)
     }
 
 
-def build_unet(config: Mapping[str, Any], device: str | torch.device = "meta") -> nn.Module:
+def build_unet(config: Mapping[str, Any], device: str | torch.device = "meta") -> UNet2DModel:
     """A UNet2DModel of `config` (on the meta device by default: shapes only, no memory)."""
     diffusers = _import_diffusers()
     with torch.device(device):
         return diffusers.UNet2DModel.from_config(dict(config))
 
 
-def load_unet(path: str | os.PathLike, base_dir: str | os.PathLike | None = None) -> tuple[nn.Module, dict[str, Any]]:
+def load_unet(
+    path: str | os.PathLike, base_dir: str | os.PathLike | None = None
+) -> tuple[UNet2DModel, dict[str, Any]]:
     """The UNet of a local diffusers directory in eval mode, float32, and its provenance."""
     record = describe(path, base_dir)
     unet_dir, _ = locate(path, base_dir)
@@ -189,7 +194,7 @@ def _first(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-def tap_modules(unet: nn.Module) -> dict[str, nn.Module]:
+def tap_modules(unet: UNet2DModel) -> dict[str, nn.Module]:
     """Every tap's module by path, in definition order (not yet forward order)."""
     out: dict[str, nn.Module] = {"conv_in": unet.conv_in}
     groups = [(f"down_blocks.{i}", b) for i, b in enumerate(unet.down_blocks)]
@@ -205,11 +210,11 @@ def tap_modules(unet: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
-def tap_table(unet: nn.Module, image_size: int | None = None) -> tuple[BlockInfo, ...]:
+def tap_table(unet: UNet2DModel, image_size: int | None = None) -> tuple[BlockInfo, ...]:
     """Every tap numbered in forward order, with its channels and map side at `image_size` (default:
     the model's sample_size), from one pass on the meta device."""
     config = unet.config
-    size = int(image_size or config.sample_size)
+    size = int(image_size or config["sample_size"])
     twin = build_unet(config)
     modules = tap_modules(twin)
     done: list[tuple[str, tuple[int, ...]]] = []
@@ -218,7 +223,7 @@ def tap_table(unet: nn.Module, image_size: int | None = None) -> tuple[BlockInfo
         for path, m in modules.items()
     ]
     try:
-        x = torch.zeros(1, config.in_channels, size, size, device="meta")
+        x = torch.zeros(1, config["in_channels"], size, size, device="meta")
         y = torch.zeros(1, dtype=torch.long, device="meta") if twin.class_embedding is not None else None
         with torch.no_grad():
             twin(x, torch.zeros(1, dtype=torch.long, device="meta"), class_labels=y)
@@ -237,7 +242,7 @@ class DiffusersUNet(nn.Module):
 
     family = FAMILY
 
-    def __init__(self, unet: nn.Module):
+    def __init__(self, unet: UNet2DModel):
         super().__init__()
         self.unet = unet
         self.blocks: tuple[BlockInfo, ...] = tap_table(unet)
@@ -299,7 +304,7 @@ class DiffusersUNet(nn.Module):
         if unet.class_embedding is not None:
             if y is None:
                 raise ValueError("this model is class-conditional (num_class_embeds): pass y (class labels)")
-            labels = unet.time_proj(y) if unet.config.class_embed_type == "timestep" else y
+            labels = unet.time_proj(y) if unet.config["class_embed_type"] == "timestep" else y
             emb = emb + unet.class_embedding(labels).to(dtype=unet.dtype)
         elif y is not None:
             raise ValueError("this model is unconditional: y must be None")
@@ -311,7 +316,7 @@ class DiffusersUNet(nn.Module):
         unet = self.unet
         kept: dict[int, torch.Tensor] = {}
         number = {info.module: info.number for info in self.blocks}
-        if unet.config.center_input_sample:
+        if unet.config["center_input_sample"]:
             x = 2 * x - 1.0
         emb = self.embed(x, t, y)
 
@@ -320,7 +325,7 @@ class DiffusersUNet(nn.Module):
                 kept[number[path]] = h
             return number[path] == last
 
-        skip_sample = x
+        skip_sample: torch.Tensor | None = x
         sample = unet.conv_in(x)
         if done("conv_in", sample):
             return kept
@@ -341,8 +346,9 @@ class DiffusersUNet(nn.Module):
                 return kept
         skip_sample = None
         for i, block in enumerate(unet.up_blocks):
-            res = res_samples[-len(block.resnets) :]
-            res_samples = res_samples[: -len(block.resnets)]
+            width = len(cast(nn.ModuleList, block.resnets))  # a ModuleList in every diffusers up block
+            res = res_samples[-width:]
+            res_samples = res_samples[:-width]
             with self._inner_taps(f"up_blocks.{i}", last, keep, kept):
                 if hasattr(block, "skip_conv"):
                     sample, skip_sample = block(sample, res, emb, skip_sample)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -17,6 +17,9 @@ from torch import nn
 from extract.models.adm import ADMUNet
 from extract.models.checkpoints import sha256_file
 from extract.models.registry import EMBEDDED_PREFIX, build_model, resolve_checkpoint, resolve_flags
+
+if TYPE_CHECKING:  # the module is imported where a diffusers model is built (below)
+    from extract.models.diffusers_unet import DiffusersUNet
 
 FAMILIES = ("adm", "diffusers")
 
@@ -76,7 +79,9 @@ def describe_model(section: Mapping[str, Any], base_dir: str | os.PathLike | Non
     }
 
 
-def meta_network(section: Mapping[str, Any], base_dir: str | os.PathLike | None = None) -> tuple[nn.Module, int]:
+def meta_network(
+    section: Mapping[str, Any], base_dir: str | os.PathLike | None = None
+) -> tuple[ADMUNet | DiffusersUNet, int]:
     """The section's network on the meta device (shapes only: no weights read, no memory) and its native
     image size."""
     if _family(section) == "diffusers":

@@ -130,7 +130,7 @@ def _diffusers_model(
         weights_file,
     )
 
-    adm_only = [k for k in ("preset", "flags", "checkpoint", "init_seed") if k in s.model_fields_set]
+    adm_only: list[str] = [k for k in ("preset", "flags", "checkpoint", "init_seed") if k in s.model_fields_set]
     for key in adm_only:
         problems.append((f"model.{key}", "is for model.family: adm; a diffusers model is its directory (model.path)"))
     if s.path is None:

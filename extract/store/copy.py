@@ -48,6 +48,16 @@ class CopySummary:
     seconds: float
 
 
+@dataclasses.dataclass
+class _CopyProgress:
+    """A copy's running counts, changed under its lock; `logged` is when progress was last logged."""
+
+    objects: int = 0
+    copied: int = 0
+    bytes: int = 0
+    logged: float = dataclasses.field(default_factory=time.perf_counter)
+
+
 def copy_order(keys: Sequence[str]) -> list[list[str]]:
     """The keys in three phases: data objects, progress markers, metadata (deepest first, root last)."""
     data, markers, metadata = [], [], []
@@ -93,7 +103,7 @@ def copy_store(
         del present[METADATA_KEY]
 
     total = sum(sizes.values())
-    done = {"objects": 0, "copied": 0, "bytes": 0, "logged": time.perf_counter()}
+    done = _CopyProgress()
     delay = float(os.environ.get(COPY_DELAY_ENV, "0") or 0)
     lock = threading.Lock()
     local_dst = "file" in _protocols(dst_fs)
@@ -115,12 +125,12 @@ def copy_store(
             if len(back) != len(data) or hashlib.sha256(back).hexdigest() != digest:
                 raise StoreError(f"{dst}/{key}: read back {len(back)} bytes that differ from the source's {len(data)}")
             with lock:
-                done["copied"] += 1
-                done["bytes"] += len(data)
+                done.copied += 1
+                done.bytes += len(data)
             if delay:
                 time.sleep(delay)
         with lock:
-            done["objects"] += 1
+            done.objects += 1
             _report(done, len(sizes))
 
     for phase, keys in zip(("data", "markers", "metadata"), copy_order(list(sizes))):
@@ -134,9 +144,9 @@ def copy_store(
         src=src,
         dst=dst,
         objects=len(sizes),
-        copied=done["copied"],
-        skipped=len(sizes) - done["copied"],
-        bytes_copied=done["bytes"],
+        copied=done.copied,
+        skipped=len(sizes) - done.copied,
+        bytes_copied=done.bytes,
         bytes_total=total,
         seconds=time.perf_counter() - start,
     )
@@ -177,11 +187,11 @@ def _each(fn: Callable[[str], None], keys: list[str], workers: int) -> None:
             future.result()
 
 
-def _report(done: dict[str, Any], total: int) -> None:
+def _report(done: _CopyProgress, total: int) -> None:
     now = time.perf_counter()
-    if now - done["logged"] >= PROGRESS_EVERY_S or done["objects"] == total:
-        done["logged"] = now
-        log.info(f"  {done['objects']}/{total} objects, {_mb(done['bytes'])} written")
+    if now - done.logged >= PROGRESS_EVERY_S or done.objects == total:
+        done.logged = now
+        log.info(f"  {done.objects}/{total} objects, {_mb(done.bytes)} written")
 
 
 def _mb(n: int) -> str:

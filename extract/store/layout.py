@@ -36,7 +36,8 @@ from zarr.codecs import Crc32cCodec
 
 from extract.features import FeatureKey, pool_label
 
-if TYPE_CHECKING:  # only the type: zarr's metadata classes are internal
+if TYPE_CHECKING:  # only the types: zarr's metadata and array config classes are internal
+    from zarr.core.array_spec import ArrayConfigParams
     from zarr.core.metadata import ArrayV3Metadata
 
 FORMAT_NAME = "diffbank-feature-store"
@@ -48,7 +49,7 @@ FORMAT_NAME = "diffbank-feature-store"
 FORMAT_VERSION = 4
 CHECKSUMS_SINCE, OWN_DIMS_SINCE, EVERY_CHUNK_SINCE = 2, 3, 4
 # Array config of every write: chunks equal to the fill value are stored too (zarr's default skips them).
-WRITE_EVERY_CHUNK = {"write_empty_chunks": True}
+WRITE_EVERY_CHUNK: ArrayConfigParams = {"write_empty_chunks": True}
 
 
 def every_chunk_written() -> Any:

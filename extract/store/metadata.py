@@ -24,6 +24,7 @@ from extract.store.layout import (
     StoreError,
     array_at,
     as_str,
+    attributes,
     group_at,
     is_local,
     local_path,
@@ -114,7 +115,7 @@ class StoreMetadata:
 
     def _checked_array(self, group: str, key: str) -> np.ndarray:
         """A whole sample, split or progress array: absent chunks (format 4) and damaged ones are named."""
-        arr = self._root[group][key]
+        arr = array_at(self._root, f"{group}/{key}")
         if self.every_chunk and (group != PROGRESS or self.attrs.get("complete")):
             check_present(arr)  # a unit's markers are written when it is marked: absent means "not done" until then
         return read_checked(arr)
@@ -144,9 +145,8 @@ class StoreMetadata:
     def split_masks(self) -> dict[str, np.ndarray]:
         """Each split's stored membership mask (invalid rows included), by split name."""
         if "split_masks" not in self._cache:
-            self._cache["split_masks"] = {
-                name: self._checked_array(SPLITS, name).astype(bool) for name in sorted(self._root[SPLITS].array_keys())
-            }
+            names = sorted(group_at(self._root, SPLITS).array_keys())
+            self._cache["split_masks"] = {name: self._checked_array(SPLITS, name).astype(bool) for name in names}
         return dict(self._cache["split_masks"])
 
     @property
@@ -168,7 +168,8 @@ class StoreMetadata:
         return Layout(self.num_samples, self.shard_rows, {}).num_units
 
     def _markers(self) -> tuple[list[str], np.ndarray]:
-        return list(self._root[PROGRESS]["done"].attrs["features"]), self._checked_array(PROGRESS, "done")
+        columns = attributes(array_at(self._root, f"{PROGRESS}/done"))["features"]
+        return list(columns), self._checked_array(PROGRESS, "done")
 
     def required_shards(self, name: str) -> RequiredShards:
         """The units of array `name` whose shards must exist: marked done, and (before format 4) recorded by

@@ -19,7 +19,7 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync
 
-from extract.store.layout import StoreError
+from extract.store.layout import StoreError, shard_shape, v3_metadata
 from extract.store.shards import EMPTY_CHUNK
 
 
@@ -41,7 +41,7 @@ def describe_chunk(arr: zarr.Array, coords: tuple[int, ...]) -> str:
     """'<array>: chunk <key> (<axis> lo-hi)': the rows (units, for progress arrays) a stored object holds."""
     step = int((arr.shards or arr.chunks)[0])
     lo, hi = coords[0] * step, min(arr.shape[0], (coords[0] + 1) * step)
-    axis = (arr.metadata.dimension_names or ("rows",))[0] or "rows"
+    axis = (v3_metadata(arr).dimension_names or ("rows",))[0] or "rows"
     axis = {"sample": "rows", "unit": "units"}.get(axis, axis)
     return f"{arr.path}: chunk {arr.metadata.encode_chunk_key(coords)} ({axis} {lo}-{hi - 1})"
 
@@ -128,7 +128,7 @@ class RequiredShards:
             )
         if not self.every_chunk:
             return
-        base = shard * int(arr.shards[0])
+        base = shard * int(shard_shape(arr)[0])
         first, last = (lo - base) // chunk_rows, (hi - 1 - base) // chunk_rows
         empty = np.flatnonzero(index[first : last + 1, 0] == EMPTY_CHUNK)
         if empty.size:

@@ -213,7 +213,7 @@ def shard_index(arr: zarr.Array, codecs: DirectCodecs, shard: int) -> np.ndarray
     raw = object_bytes(arr, shard_key(arr, shard), request)
     if raw is None:
         return None
-    rows = int(arr.shards[0])
+    rows = int(shard_shape(arr)[0])
     last = min(arr.shape[0], (shard + 1) * rows) - 1
     return codecs.index.decode(
         raw, f"{arr.path}: the index of shard {shard_key(arr, shard)} (rows {shard * rows}-{last})"

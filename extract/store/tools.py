@@ -20,7 +20,9 @@ from extract.store.layout import (
     SPLITS,
     FeatureInfo,
     StoreError,
+    array_at,
     as_str,
+    group_at,
     has_checksums,
     v3_metadata,
 )
@@ -187,8 +189,9 @@ def export_hdf5(
         # Membership masks as the store holds them (not `fs.splits`' row indices), so both read alike.
         splits = h5.create_group("splits")
         splits.attrs["meaning"] = SPLIT_MASKS_NOTE
-        for split in sorted(fs._root[SPLITS].array_keys()):
-            splits.create_dataset(split, data=np.asarray(fs._root[SPLITS][split][:], dtype=bool))
+        split_group = group_at(fs._root, SPLITS)
+        for split in sorted(split_group.array_keys()):
+            splits.create_dataset(split, data=np.asarray(array_at(split_group, split)[:], dtype=bool))
     return out
 
 
