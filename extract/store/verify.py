@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
+from dask.utils import format_bytes
 
 from extract.provenance import fingerprint as fingerprint_of
 from extract.store.layout import CHECKSUMS_SINCE, PROGRESS, SAMPLES, SPLITS, has_checksums
@@ -28,7 +29,48 @@ class VerifyReport:
 
     def __str__(self) -> str:
         head = f"{self.url}: {'OK' if self.ok else 'PROBLEMS'}"
-        return "\n".join([head, *(f"  - {p}" for p in self.problems), *(f"  note: {n}" for n in self.notes)])
+        return "\n".join(
+            [
+                head,
+                *(f"  - {p}" for p in self.problems),
+                *summary_lines(self.checked),
+                *(f"  note: {n}" for n in self.notes),
+            ]
+        )
+
+
+def summary_lines(checked: Mapping[str, Any]) -> list[str]:
+    """What a verification covered, as a reader counts it, and what a full scan would add."""
+    if "arrays" not in checked:
+        return []
+    size = format_bytes(checked["bytes"])
+    lines = [
+        f"  checked: {checked['features']} feature arrays and {checked['arrays'] - checked['features']} sample "
+        f"arrays; {checked['units']} units of {checked['rows']} rows; shapes, dtypes, completion markers"
+        + (", fingerprint" if not checked.get("fingerprint_skipped") else "")
+    ]
+    if checked.get("scanned"):
+        lines.append(
+            f"  read: {size} of feature values: every shard and chunk"
+            + (", chunk checksums" if checked.get("checksums") else "")
+            + ", NaN/inf counts against the records"
+        )
+    else:
+        lines.append(
+            f"  --full would also read {size} of feature values: missing or truncated shards and chunks, chunk "
+            "checksums, NaN/inf counts against the records"
+        )
+    return lines
+
+
+def _coverage(fs: FeatureStore, names: list[str]) -> dict[str, int]:
+    """The counts a summary reports: arrays checked, units, rows and the feature values' bytes."""
+    return {
+        "arrays": len(names) + len(list(fs._root[SAMPLES].array_keys())),
+        "units": fs.num_units,
+        "rows": fs.num_samples,
+        "bytes": sum(int(fs.array(n).nbytes) for n in names),
+    }
 
 
 def verify(
@@ -115,6 +157,7 @@ def verify(
         problems.append(f"fingerprint {fs.fingerprint[:12]} does not match the stored spec ({expected[:12]})")
     if fs.class_names is not None and fs.labels.size and fs.labels.max() >= len(fs.class_names):
         problems.append(f"labels reach {int(fs.labels.max())} but only {len(fs.class_names)} class names")
+    checked.update(_coverage(fs, names))
     return VerifyReport(fs.url, not problems, problems, checked, notes)
 
 
