@@ -18,6 +18,7 @@ from extract.provenance import to_jsonable, utc_now
 from probe.data import ProbeData
 from probe.defaults import default_features
 from probe.errors import RunConflictError
+from probe.head_results import EPOCHS_COUNTED_FROM
 from probe.inputs import StoreLike, as_store
 from probe.options import DataOptions
 from probe.recipe import Recipe
@@ -160,6 +161,7 @@ class Job:
             "data_mode": "in_memory" if self.data.in_memory else "streamed",
             "noise_draws": self.data.draw_definition(self.recipe.epochs if self.recipe is not None else None),
             **({"recipe": self.recipe.to_record()} if self.recipe is not None else {}),
+            **({"epochs_counted_from": EPOCHS_COUNTED_FROM} if self.recipe is not None else {}),
             **body,
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
             "started_at": self.started_at,
