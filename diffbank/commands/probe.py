@@ -231,7 +231,9 @@ def _run(name: str, **kwargs: Any) -> None:
             shutil.rmtree(out, ignore_errors=True)
         if isinstance(exc, UnknownFeatureError):
             raise click.BadParameter(str(exc), param_hint="'--feature'") from exc
-        if isinstance(exc, (ProbeDataError, RunConflictError, ProbeConfigError, FileNotFoundError)):
+        if isinstance(exc, RunConflictError):
+            raise click.BadParameter(str(exc), param_hint="'--out'") from exc
+        if isinstance(exc, (ProbeDataError, ProbeConfigError, FileNotFoundError)):
             raise click.ClickException(str(exc)) from exc
         raise
     click.echo(render(results))
