@@ -68,6 +68,18 @@ def test_help_lists_the_common_options_the_command_uses(path):
         assert f"  {FLAGS[name]} " not in result.output, f"{' '.join(path)} lists {FLAGS[name]}"
 
 
+def test_every_command_that_reads_a_store_takes_storage_options():
+    """Derived from the arguments, so a new command that reads a store is held to it without being listed."""
+    readers = [
+        path
+        for path, command in ALL.items()
+        if any(isinstance(p, click.Argument) and p.name in ("store", "stores", "src", "dst") for p in command.params)
+    ]
+    assert ("store", "verify") in readers and ("probe", "knn") in readers and ("analyze", "cka") in readers
+    for path in readers:
+        assert "storage_option" in {p.name for p in ALL[path].params}, " ".join(path)
+
+
 @pytest.mark.parametrize("path", sorted(ALL), ids=lambda p: " ".join(p) or "diffbank")
 def test_common_options_come_from_one_definition(path):
     """Each common option is made by its factory in diffbank.commands.options: same flags, same callback."""

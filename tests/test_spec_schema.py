@@ -99,7 +99,9 @@ def test_markdown_has_a_table_per_section_and_the_docs_are_current():
     result = CliRunner().invoke(spec_command_group(), ["schema", "--markdown"])
     assert result.exit_code == 0 and result.output == text
     doc = Path(__file__).resolve().parents[1] / "docs" / "spec-schema.md"
-    assert doc.read_text() == text, "docs/spec-schema.md is stale: diffbank spec schema --markdown > docs/spec-schema.md"
+    assert doc.read_text() == text, (
+        "docs/spec-schema.md is stale: diffbank spec schema --markdown > docs/spec-schema.md"
+    )
 
 
 def spec_command_group():
