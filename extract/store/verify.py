@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
+import zarr
 from dask.utils import format_bytes
 
 from extract.provenance import fingerprint as fingerprint_of
@@ -65,8 +66,9 @@ def summary_lines(checked: Mapping[str, Any]) -> list[str]:
 
 def _coverage(fs: FeatureStore, names: list[str]) -> dict[str, int]:
     """The counts a summary reports: arrays checked, units, rows and the feature values' bytes."""
+    samples = fs._root[SAMPLES]
     return {
-        "arrays": len(names) + len(list(fs._root[SAMPLES].array_keys())),
+        "arrays": len(names) + (len(list(samples.array_keys())) if isinstance(samples, zarr.Group) else 0),
         "units": fs.num_units,
         "rows": fs.num_samples,
         "bytes": sum(int(fs.array(n).nbytes) for n in names),
