@@ -46,8 +46,8 @@ def summary_lines(checked: Mapping[str, Any]) -> list[str]:
         return []
     size = format_bytes(checked["bytes"])
     lines = [
-        f"  checked: {checked['features']} feature arrays and {checked['arrays'] - checked['features']} sample "
-        f"arrays; {checked['units']} units of {checked['rows']} rows; shapes, dtypes, completion markers"
+        f"  checked: {_count(checked['features'], 'feature array')} and "
+        f"{_count(checked['arrays'] - checked['features'], 'sample array')}; {checked['units']} units of {checked['rows']} rows; shapes, dtypes, completion markers"
         + (", fingerprint" if not checked.get("fingerprint_skipped") else "")
     ]
     if checked.get("scanned"):
@@ -62,6 +62,10 @@ def summary_lines(checked: Mapping[str, Any]) -> list[str]:
             "checksums, NaN/inf counts against the records"
         )
     return lines
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
 
 
 def _coverage(fs: FeatureStore, names: list[str]) -> dict[str, int]:
