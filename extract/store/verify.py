@@ -47,7 +47,8 @@ def summary_lines(checked: Mapping[str, Any]) -> list[str]:
     size = format_bytes(checked["bytes"])
     lines = [
         f"  checked: {_count(checked['features'], 'feature array')} and "
-        f"{_count(checked['arrays'] - checked['features'], 'sample array')}; {checked['units']} units of {checked['rows']} rows; shapes, dtypes, completion markers"
+        f"{_count(checked['arrays'] - checked['features'], 'sample array')}; "
+        f"{checked['units']} units of {checked['rows']} rows; shapes, dtypes, completion markers"
         + (", fingerprint" if not checked.get("fingerprint_skipped") else "")
     ]
     if checked.get("scanned"):
