@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 
@@ -13,35 +12,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import click  # noqa: E402
 
 from diffbank import __version__  # noqa: E402
+from diffbank.commands.options import add_verbosity_options  # noqa: E402
 from diffbank.teardown import silence_abandoned_requests  # noqa: E402
-from extract.progress import force_bars, write_clear_of_bars  # noqa: E402
-
-# Status messages go through logging (and tqdm for bars) under these loggers; -v / -q set their level.
-STATUS_LOGGERS = ("diffbank", "extract", "probe")
-
-
-class _StatusHandler(logging.Handler):
-    """Status lines on the stderr of the moment (click's test runner swaps it per invocation)."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            line = self.format(record)
-            write_clear_of_bars(lambda: click.echo(line, err=True))
-        except Exception:  # logging must never take a run down
-            self.handleError(record)
-
-
-def configure_logging(verbosity: int) -> None:
-    """verbosity 0: info; > 0: debug; < 0: warnings and errors only."""
-    level = logging.DEBUG if verbosity > 0 else logging.INFO if verbosity == 0 else logging.WARNING
-    for name in STATUS_LOGGERS:
-        logger = logging.getLogger(name)
-        logger.setLevel(level)
-        if not any(isinstance(h, _StatusHandler) for h in logger.handlers):
-            handler = _StatusHandler()
-            handler.setFormatter(logging.Formatter("%(message)s"))
-            logger.addHandler(handler)
-
+from extract.progress import force_bars  # noqa: E402
 
 # Exit statuses: 1 for a run that failed, 2 for a command given wrongly (click's own usage errors too).
 EXIT_FAILURE, EXIT_USAGE = 1, 2
@@ -96,11 +69,9 @@ class CleanErrors(click.Group):
 
 @click.group(cls=CleanErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="diffbank")
-@click.option("-v", "--verbose", count=True, help="More status messages (debug details); repeatable.")
-@click.option("-q", "--quiet", count=True, help="Fewer status messages: warnings and errors only.")
 @click.option("--debug", is_flag=True, help="Show the traceback of a failure instead of a one-line error.")
 @click.option("--progress", is_flag=True, help="Draw progress bars even when stderr is not a terminal.")
-def main(verbose: int, quiet: int, debug: bool, progress: bool) -> None:
+def main(debug: bool, progress: bool) -> None:
     """Feature banks from text-free diffusion U-Nets, and the probes that read them.
 
     \b
@@ -109,7 +80,6 @@ def main(verbose: int, quiet: int, debug: bool, progress: bool) -> None:
       diffbank extract cache_specs/cpu_small.yaml --store runs/small.zarr
       diffbank probe sweep runs/small.zarr --out runs/small-probe
     """
-    configure_logging(verbose - quiet)
     if progress:
         force_bars()
     if not debug:
@@ -141,6 +111,8 @@ def _register() -> None:
 
 
 _register()
+# -v and -q are taken by every command, after it as on the groups above it (`diffbank.commands.options`).
+add_verbosity_options(main)
 
 
 if __name__ == "__main__":

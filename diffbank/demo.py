@@ -23,6 +23,7 @@ from typing import Any
 
 import click
 
+from diffbank.commands.options import quiet
 from extract.idx import FASHION_MNIST_DIR, FASHION_MNIST_FILES, find_idx_file
 from extract.provenance import to_jsonable
 
@@ -314,7 +315,6 @@ def _ints(text: str) -> tuple[int, ...]:
     help="Size of the attention and fusion heads.",
 )
 @click.option("--no-install", is_flag=True, help="Never try to install Debian's dataset package.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option(
     "--threads",
     type=click.IntRange(min=1),
@@ -322,7 +322,7 @@ def _ints(text: str) -> tuple[int, ...]:
     help="torch threads for the extraction (default: one per core).",
 )
 def demo_command(
-    out, data_dir, train_n, test_n, timesteps, blocks, epochs, head_epochs, preset, no_install, quiet, threads
+    out, data_dir, train_n, test_n, timesteps, blocks, epochs, head_epochs, preset, no_install, threads
 ):
     """Real images end to end: embedded Fashion-MNIST diffusion model -> feature store -> probes."""
     try:
@@ -337,7 +337,7 @@ def demo_command(
             head_epochs=head_epochs,
             preset=preset,
             install=not no_install,
-            progress=not quiet,
+            progress=not quiet(),
             threads=threads,
         )
     except KeyboardInterrupt:

@@ -224,7 +224,7 @@ class ProbeData:
         out: dict[str, Any] = {
             "store_draws": self.store_draws,
             "train_draws": self.draws,
-            "train": "draw 0 only" if self.draws == 1 else f"draw e mod {self.draws} in epoch e",
+            "train": "draw 0 only" if self.draws == 1 else f"draw (e - 1) mod {self.draws} in epoch e (epochs counted from 1)",
             "eval": "draw 0"
             if self.eval_draws == "first" or self.draws == 1
             else f"logits averaged over draws 0..{self.draws - 1}",

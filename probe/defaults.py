@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from extract.store import FeatureInfo, FeatureStore
 from probe.errors import ProbeDataError
 
-__all__ = ["default_features", "PAPER_LINEAR_FEATURE", "PAPER_ATTENTION_FEATURE"]
+__all__ = ["default_features", "why_default", "PAPER_LINEAR_FEATURE", "PAPER_ATTENTION_FEATURE"]
 
 PAPER_LINEAR_FEATURE = "t090_b24_avg2"
 PAPER_ATTENTION_FEATURE = "t090_b24_tok16"
@@ -55,6 +55,24 @@ def default_features(store: FeatureStore, command: str) -> list[str]:
         return [paper]
     prefer = "tok" if command == "attention" else "avg"
     return [min(infos, key=lambda i: (_pool_rank(i, prefer), _distance(i), i.name)).name]
+
+
+def why_default(store: FeatureStore, command: str, chosen: Sequence[str]) -> str:
+    """Why `default_features(store, command)` chose `chosen`, as one line for the log: the paper's feature, or
+    that the store lacks it and which nearest one stands in."""
+    names = list(chosen)
+    if command == "sweep":
+        return f"every centre-view feature with a timestep and a block ({len(names)})"
+    if command == "fusion":
+        grid = f"blocks {', '.join(map(str, PAPER_FUSION_BLOCKS))} x t {', '.join(map(str, PAPER_FUSION_TIMESTEPS))}"
+        infos = [store.feature_info(n) for n in names]
+        if {i.t for i in infos} == set(PAPER_FUSION_TIMESTEPS) and {i.block for i in infos} == set(PAPER_FUSION_BLOCKS):
+            return f"{', '.join(names)} (the paper's {grid})"
+        return f"the paper's {grid} is not all in the store; nearest complete grid: {', '.join(names)}"
+    paper_name = PAPER_ATTENTION_FEATURE if command == "attention" else PAPER_LINEAR_FEATURE
+    if names == [paper_name]:
+        return f"{paper_name} (the paper's choice)"
+    return f"{paper_name} not in store; nearest: {', '.join(names)}"
 
 
 def _default_fusion(infos: Sequence[FeatureInfo]) -> list[str]:

@@ -9,12 +9,22 @@ from typing import Any
 from probe.evaluation import InputSpec, input_label
 from probe.metrics import select_best, selection_rank
 
-__all__ = ["HeadResult", "SweepResult", "select_heads"]
+__all__ = ["EPOCHS_COUNTED_FROM", "HeadResult", "SweepResult", "select_heads", "shown_epoch"]
+
+# Epochs as logs, tables, results.json and estimators show them: the first epoch is epoch 1. Training loops and
+# checkpoints count from 0 internally; `shown_epoch` is the one place that converts.
+EPOCHS_COUNTED_FROM = 1
+
+
+def shown_epoch(index: int | None) -> int | None:
+    """The number a reader sees for the 0-based training-loop epoch `index` (None stays None)."""
+    return None if index is None else int(index) + EPOCHS_COUNTED_FROM
 
 
 @dataclasses.dataclass
 class HeadResult:
-    """The outcome for one head. Epochs are 0-based; `best_epoch` is the epoch whose weights the head holds."""
+    """The outcome for one head. Epochs are counted from 1 (`shown_epoch`), in `best_epoch` (the epoch whose
+    weights the head holds) and in each history row's "epoch"."""
 
     key: Hashable
     input: InputSpec

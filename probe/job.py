@@ -8,6 +8,7 @@ results.json, splits.npz and the selected model's scores (`probe.logits`, logits
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -16,13 +17,14 @@ import numpy as np
 
 from extract.provenance import to_jsonable, utc_now
 from probe.data import ProbeData
-from probe.defaults import default_features
+from probe.defaults import default_features, why_default
 from probe.errors import RunConflictError
+from probe.head_results import EPOCHS_COUNTED_FROM
 from probe.inputs import StoreLike, as_store
 from probe.logits import LOGITS_FILE, RESULTS_FILE, SplitScores, write_logits
 from probe.options import DataOptions
 from probe.recipe import Recipe
-from probe.report import environment, write_results
+from probe.report import environment, number_text, write_results
 from probe.splits import optional_attr
 from probe.stream import FeatureStream
 
@@ -32,6 +34,8 @@ RUN_FILE = "run.json"
 _RECIPE_KEYS = ("momentum", "weight_decay", "step_size", "gamma")
 # Settings older runs did not record: at these values a run is one of theirs, so its out_dir still resumes.
 _IMPLICIT = {"recipe": "diffbank", "keep": "best", "draws": None, "eval_draws": "first"}
+
+log = logging.getLogger(__name__)
 
 
 class Job:
@@ -62,6 +66,12 @@ class Job:
         features, seed, subset, val_fraction = options.features, options.seed, options.subset, options.val_fraction
         chosen = [features] if isinstance(features, str) else list(features or [])
         self.features = chosen or default_features(self.store, command)
+        if not chosen:
+            log.info("feature: %s", why_default(self.store, command, self.features))
+        if recipe is not None:
+            log.info("recipe: %s", recipe_line(recipe, standardize))
+        else:
+            log.info("standardize: %s", standardize)
         self.config = {
             "command": command,
             "features": self.features,
@@ -83,6 +93,9 @@ class Job:
             draws=draws,
             eval_draws=eval_draws,
         )
+        for split, source in self.data.split_definition()["source"].items():
+            if source.startswith("carved"):
+                log.info("%s split: %s, %d rows", split, source, len(self.data.rows(split)))
         # Reading (in memory) or the statistics pass (streamed), with their NaN checks, count as data time;
         # in memory the statistics come from the loaded copy, so the store is read once.
         if self.data.in_memory:
@@ -118,7 +131,7 @@ class Job:
         if guard and path.exists():
             old = json.loads(path.read_text())
             if not resume and (self.out / "checkpoint").exists():
-                raise RunConflictError(f"{self.out} holds a checkpoint; resume it or choose another out_dir")
+                raise RunConflictError(f"{self.out} holds a checkpoint; resume it or choose another output directory")
             if old != ident:
                 diff = sorted(
                     k
@@ -129,7 +142,7 @@ class Job:
                     diff.append("store/splits")
                 raise RunConflictError(
                     f"{self.out} holds a {old.get('config', {}).get('command')} run with other "
-                    f"settings ({', '.join(diff)}); choose another out_dir"
+                    f"settings ({', '.join(diff)}); choose another output directory"
                 )
         path.write_text(json.dumps(ident, indent=1))
 
@@ -176,6 +189,7 @@ class Job:
             "data_mode": "in_memory" if self.data.in_memory else "streamed",
             "noise_draws": self.data.draw_definition(self.recipe.epochs if self.recipe is not None else None),
             **({"recipe": self.recipe.to_record()} if self.recipe is not None else {}),
+            **({"epochs_counted_from": EPOCHS_COUNTED_FROM} if self.recipe is not None else {}),
             **body,
             **({"logits": self.logits_record} if self.logits_record is not None else {}),
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
@@ -187,3 +201,14 @@ class Job:
         rows: dict[str, Any] = self.data.split_rows()  # Any: numpy types savez's keywords with allow_pickle
         np.savez(self.out / "splits.npz", **rows)
         return to_jsonable(results)
+
+
+def recipe_line(recipe: Recipe, standardize: str) -> str:
+    """The training settings a run will use, as one line for the log (they change its result)."""
+    lrs = ", ".join(number_text("lr", v) for v in recipe.learning_rates)
+    given = f"; given: {', '.join(recipe.overrides)}" if recipe.overrides else ""
+    kept = "the best validation epoch" if recipe.keep == "best" else "the last epoch"
+    return (
+        f"{recipe.name}: lr {lrs}, {recipe.epochs} epochs, batch {recipe.batch_size}, "
+        f"{recipe.optimizer_label()}, {recipe.schedule_label()}, standardize {standardize}, keeps {kept}{given}"
+    )

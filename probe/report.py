@@ -4,7 +4,8 @@
 
 - `write_results` / `read_results`: a JSON file written atomically, NaN as null, numpy values as plain JSON,
   with the library versions of the run (`environment()`).
-- `format_table`: a plain-text table with aligned columns.
+- `format_table`: a plain-text table with aligned columns; C and lr in scientific notation (`number_text`).
+- `render`: what a probe command prints: candidates (a compact grid when there are many), summary, selection.
 - `plot_heatmap` / `plot_accuracy_vs_t`: the paper's (timestep x block) ablation figure drawn from the cache,
   and accuracy-over-t curves per block. Matplotlib's Agg backend: no display needed.
 """
@@ -68,11 +69,34 @@ def read_results(path: str | os.PathLike) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------- tables
 
 
-def _cell(value: Any, precision: int) -> str:
+# Columns and settings that span decades (C from 1e-6 to 1e5, lr from 1e-3 to 1e-1): scientific notation, so
+# that 0.0017782794100389228 reads 1.8e-03 and small values do not round to 0.0000.
+SCIENTIFIC = ("C", "lr")
+# Above this many candidates (logistic's 45 C values), `render` prints a compact grid instead of one row each.
+COMPACT_ABOVE = 12
+
+
+def scientific(value: float) -> str:
+    """`value` with two significant digits in scientific notation: 0.0017782794 -> 1.8e-03."""
+    return f"{float(value):.1e}"
+
+
+def number_text(key: str, value: Any) -> str:
+    """A setting as people read it: C and lr scientific, other floats with 4 significant digits."""
+    if key in SCIENTIFIC and _is_number(value):
+        return scientific(value)
+    if isinstance(value, (float, np.floating)):
+        return f"{float(value):.4g}"
+    return str(value)
+
+
+def _cell(value: Any, precision: int, column: str = "") -> str:
     if value is None:
         return "-"
     if isinstance(value, (bool, np.bool_)):
         return str(bool(value))
+    if column in SCIENTIFIC and _is_number(value):
+        return scientific(value)
     if isinstance(value, (float, np.floating)):
         return "nan" if not math.isfinite(float(value)) else f"{float(value):.{precision}f}"
     return str(value)
@@ -89,7 +113,8 @@ def format_table(
 ) -> str:
     """A plain-text table: text left-aligned, numbers right-aligned, a rule under the header.
 
-    `percent` names columns holding fractions to show as percentages (0.6491 -> 64.91).
+    `percent` names columns holding fractions to show as percentages (0.6491 -> 64.91); the columns in
+    `SCIENTIFIC` (C, lr) show in scientific notation (1.8e-03).
     """
     columns = list(columns) if columns is not None else list(dict.fromkeys(k for r in rows for k in r))
     headers = dict(headers or {})
@@ -101,7 +126,7 @@ def format_table(
             if c in percent and isinstance(v, (int, float, np.number)) and v is not None:
                 cells.append(f"{100 * float(v):.2f}")
             else:
-                cells.append(_cell(v, precision))
+                cells.append(_cell(v, precision, c))
         text_rows.append(cells)
     numeric = [all(_is_number(r.get(c)) for r in rows if r.get(c) is not None) for c in columns]
     names = [headers.get(c, c) for c in columns]
@@ -157,7 +182,8 @@ def sweep_table(results: Mapping[str, Any]) -> str:
     sel = results.get("selected", {})
     return format_table(
         rows,
-        title=f"sweep: {len(results.get('sweep', []))} heads; selected on val: {sel.get('feature')} lr={sel.get('lr')}",
+        title=f"sweep: {len(results.get('sweep', []))} heads; selected on val: {sel.get('feature')} "
+        f"lr={number_text('lr', sel.get('lr'))}",
         percent=("val top1", "test top1"),
     )
 
@@ -168,17 +194,41 @@ def render(results: Mapping[str, Any]) -> str:
     if results.get("command") == "sweep":
         parts.append(sweep_table(results))
     elif results.get("sweep"):
-        key = "C" if results.get("command") == "logistic" else "k"
-        rows = [{key: r[key], "val top1": r["val_top1"]} for r in results["sweep"]]
-        parts.append(format_table(rows, title=f"{results.get('command')}: {key} on validation", percent=("val top1",)))
+        parts.append(candidates_table(results))
     parts.append(summary_table(results))
     sel = {k: v for k, v in (results.get("selected") or {}).items()}
     if sel:
-        parts.append("selected on val: " + ", ".join(f"{k}={v}" for k, v in sel.items()))
+        parts.append("selected on val: " + ", ".join(f"{k}={number_text(k, v)}" for k, v in sel.items()))
     draws = results.get("noise_draws") or {}
     if draws.get("store_draws", 1) > 1:
         parts.append(f"noise draws: trained on {draws['train']}; evaluated on {draws['eval']}")
     return "\n\n".join(parts)
+
+
+def candidates_table(results: Mapping[str, Any], per_line: int = 5) -> str:
+    """Logistic's C values or kNN's k values on validation, the selected one marked `*`.
+
+    Up to `COMPACT_ABOVE` candidates: one row each. More (logistic's default 45): the selected row, then a
+    compact grid of `per_line` (value, val top1) pairs a line.
+    """
+    key = "C" if results.get("command") == "logistic" else "k"
+    chosen = (results.get("selected") or {}).get(key)
+    rows = [
+        {key: r[key], "val top1": r["val_top1"], "selected": "*" if r[key] == chosen else ""} for r in results["sweep"]
+    ]
+    title = f"{results.get('command')}: {key} on validation"
+    if len(rows) <= COMPACT_ABOVE:
+        return format_table(rows, title=title, percent=("val top1",))
+    picked = [r for r in rows if r["selected"]]
+    head = format_table(picked, [key, "val top1"], title=f"{title}: {len(rows)} values, selected", percent=("val top1",))
+    pairs = [(_cell(r[key], 4, key), f"{100 * float(r['val top1']):.2f}{r['selected'] or ' '}") for r in rows]
+    width_key = max(len(k) for k, _ in pairs)
+    width_val = max(len(v) for _, v in pairs)
+    lines = [
+        "   ".join(f"{k.rjust(width_key)} {v.rjust(width_val)}" for k, v in pairs[i : i + per_line]).rstrip()
+        for i in range(0, len(pairs), per_line)
+    ]
+    return "\n".join([head, "", f"all {len(rows)} ({key}, val top1), * selected:", *lines])
 
 
 def per_class_table(metrics: Mapping[str, Any], class_names: Sequence[str] | None = None) -> str:

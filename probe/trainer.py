@@ -38,7 +38,7 @@ from extract.progress import progress_bar
 from extract.statedir import has_state
 from probe.checkpoint import load_checkpoint, save_checkpoint
 from probe.evaluation import InputSpec, evaluate, feature_names, fusable_groups, gather
-from probe.head_results import HeadResult, SweepResult, select_heads
+from probe.head_results import HeadResult, SweepResult, select_heads, shown_epoch
 from probe.heads import LinearGroup
 from probe.recipe import ProbeConfigError, Recipe, check_lr
 from probe.stream import BatchStream
@@ -269,7 +269,7 @@ def train_many(
                 save_checkpoint(ckpt, runs, optimizer, scheduler, config, epoch + 1)
             if progress:
                 summary = _epoch_summary(runs, rows)
-                log.info("epoch %d/%d | %s | %.1fs", epoch + 1, epochs, summary, time.perf_counter() - t0)
+                log.info("epoch %d/%d | %s | %.1fs", shown_epoch(epoch), epochs, summary, time.perf_counter() - t0)
                 bar.set_postfix_str(summary, refresh=False)
                 bar.update(1)
             if on_epoch_end is not None:
@@ -289,13 +289,13 @@ def train_many(
             input=r.spec,
             lr=r.lr,
             epochs_trained=len(r.history),
-            best_epoch=r.kept_epoch,
+            best_epoch=shown_epoch(r.kept_epoch),
             val_accuracy=val_acc,
             val_loss=val_loss,
             test_accuracy=test[id(r)][1] if test else None,
             test_loss=test[id(r)][0] if test else None,
             diverged=r.diverged,
-            history=r.history,
+            history=[{**row, "epoch": shown_epoch(int(row["epoch"] or 0))} for row in r.history],
         )
     return select_heads(results, selected=val_stream is not None, wall_time_s=time.perf_counter() - started)
 

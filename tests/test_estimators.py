@@ -79,7 +79,7 @@ def test_random_state_reproducible_and_validation_selects_best_epoch() -> None:
     b = LinearProbe(**FAST).fit(x, y, xv, yv)
     assert np.array_equal(a.predict_proba(x), b.predict_proba(x))
     assert a.best_val_accuracy_ == max(r["val_accuracy"] for r in a.history_)
-    assert a.history_[a.best_epoch_]["val_accuracy"] == a.best_val_accuracy_
+    assert a.history_[a.best_epoch_ - 1]["val_accuracy"] == a.best_val_accuracy_  # epochs count from 1
     c = LinearProbe(**(FAST | {"random_state": 1})).fit(x, y)
     assert not np.array_equal(a.predict_proba(x), c.predict_proba(x))
 

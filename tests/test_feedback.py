@@ -259,7 +259,7 @@ def test_step_memory_on_cpu_is_reported(capsys):
 
 
 def test_cli_trains_from_a_spec_and_resumes(tmp_path):
-    from diffbank.commands.feedback import feedback_command
+    from diffbank.cli import main  # the command as users reach it: -q and -v come with the CLI
 
     spec = {
         "name": "tiny_feedback",
@@ -290,19 +290,19 @@ def test_cli_trains_from_a_spec_and_resumes(tmp_path):
         "--val-fraction",
         "0.2",
     ]
-    result = CliRunner().invoke(feedback_command, args)
+    result = CliRunner().invoke(main, ["probe", "feedback", *args])
     assert result.exit_code == 0, result.output
     results = json.loads((out / "results.json").read_text())
     assert results["model"]["feedback_blocks"] == [6, 8] and results["num_test"] == 9
     assert results["train_split"] == "train" and results["test_split"] == "test"
     assert 0 <= results["test_accuracy"] <= 1 and (out / "weights.safetensors").is_file()
-    again = CliRunner().invoke(feedback_command, [*args[:4], "2", *args[5:]])
+    again = CliRunner().invoke(main, ["probe", "feedback", *args[:4], "2", *args[5:]])
     assert again.exit_code == 0, again.output
     assert [r["epoch"] for r in json.loads((out / "results.json").read_text())["history"]] == [1, 2]
-    bad = CliRunner().invoke(feedback_command, [*args, "--t", "5000"])
+    bad = CliRunner().invoke(main, ["probe", "feedback", *args, "--t", "5000"])
     assert bad.exit_code != 0 and "outside" in bad.output
     if not torch.cuda.is_available():
-        no_gpu = CliRunner().invoke(feedback_command, [*args, "--device", "cuda"])
+        no_gpu = CliRunner().invoke(main, ["probe", "feedback", *args, "--device", "cuda"])
         assert no_gpu.exit_code != 0 and "CUDA" in no_gpu.output
 
 

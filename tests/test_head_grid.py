@@ -32,7 +32,7 @@ def test_every_lr_x_weight_decay_trains_in_one_pass_and_is_selected_on_validatio
     ] == WDS
     assert grid["state_bytes"] == 4 * grid["parameters_per_head"] * 4 * 3  # weights, gradients, kept copy
     for row in table:  # every head's per-epoch history
-        assert [h["epoch"] for h in row["history"]] == [0, 1, 2]
+        assert [h["epoch"] for h in row["history"]] == [1, 2, 3]  # counted from 1
         assert all({"train_loss", "train_accuracy", "val_accuracy"} <= set(h) for h in row["history"])
     histories = {(r["lr"], r["weight_decay"]): r["history"] for r in table}
     # weight decay reaches its own head only: the two decays of one lr train apart

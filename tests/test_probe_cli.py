@@ -84,7 +84,7 @@ def test_sweep_draws_the_heatmap_and_resumes(store, tmp_path):
     assert result.exit_code == 0, result.output
     doc = _results(out)
     histories = [h["history"] for h in doc["training"].values()]
-    assert all(len(h) == 3 for h in histories) and all(h[0]["epoch"] == 0 for h in histories)
+    assert all(len(h) == 3 for h in histories) and all([r["epoch"] for r in h] == [1, 2, 3] for h in histories)
     # another setting in the same directory is refused rather than mixed into the checkpoint
     result = _invoke(*args[:-1], "--seed", "1", "--quiet")
     assert result.exit_code != 0 and "other settings" in result.output
@@ -177,7 +177,7 @@ def test_draw_options_reach_the_run_and_bad_ones_are_clean_errors(tmp_path):
     args = ("attention", store, "--out", str(out), "--feature", FEAT, "--preset", "tiny", "--epochs", "2", "--quiet")
     result = _invoke(*args, "--draws", "2", "--eval-draws", "mean")
     assert result.exit_code == 0, result.output
-    assert "noise draws: trained on draw e mod 2 in epoch e; evaluated on logits averaged over draws 0..1" in (
+    assert "noise draws: trained on draw (e - 1) mod 2 in epoch e (epochs counted from 1); evaluated on logits averaged over draws 0..1" in (
         result.output
     )
     doc = json.loads((out / "results.json").read_text())

@@ -119,7 +119,7 @@ def test_recipe_paper_trains_with_the_papers_settings(store, tmp_path, built, co
     doc = json.loads((out / "results.json").read_text())
     assert doc["recipe"] == Recipe.named("paper", command).to_record() and doc["recipe"]["overrides"] == []
     assert doc["config"]["standardize"] == "none" and doc["split_definition"]["standardize"] == "none"
-    assert doc["selected"]["epoch"] == 27  # the last epoch is kept, not the best validation one
+    assert doc["selected"]["epoch"] == 28  # the last epoch (counted from 1) is kept, not the best validation one
     history = (doc["training"] if command != "sweep" else next(iter(doc["training"].values())))["history"]
     assert len(history) == 28
 
@@ -165,4 +165,6 @@ def test_diffbank_recipe_is_the_default(store, tmp_path, built):
         doc["recipe"]["name"] == "diffbank"
         and doc["config"]["standardize"] == RECIPES["diffbank"]["linear"]["standardize"] == "dim"
     )
-    assert doc["selected"]["epoch"] == max(range(2), key=lambda e: (doc["training"]["history"][e]["val_accuracy"], -e))
+    history = doc["training"]["history"]
+    assert doc["selected"]["epoch"] == max((r["epoch"] for r in history), key=lambda e: (history[e - 1]["val_accuracy"], -e))
+    assert doc["epochs_counted_from"] == 1 and [r["epoch"] for r in history] == [1, 2]

@@ -58,3 +58,43 @@ def test_results_are_created_with_the_users_umask(tmp_path):
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o644  # readable by teammates, as any file the user creates
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_c_and_lr_read_in_scientific_notation():
+    text = format_table([{"C": 1e-6, "lr": 0.05, "top1": 0.5}, {"C": 0.0017782794100389228, "lr": 0.001, "top1": 0.25}])
+    assert "1.0e-06" in text and "1.8e-03" in text and "5.0e-02" in text and "1.0e-03" in text
+    assert "0.0000" not in text and "0.0018" not in text
+    assert "0.5000" in text  # other floats keep their fixed precision
+
+
+def _logistic_results(n: int) -> dict:
+    from probe.baselines import c_grid
+
+    cs = c_grid(n)
+    best = n // 3
+    return {
+        "command": "logistic",
+        "features": ["f"],
+        "sweep": [{"C": c, "val_top1": 0.9 if i == best else 0.5} for i, c in enumerate(cs)],
+        "selected": {"C": cs[best], "val_top1": 0.9},
+        "metrics": {"test": {"n": 4, "top1": 0.5, "top5": 1.0, "mean_per_class_accuracy": 0.5}},
+    }
+
+
+def test_logistic_table_shows_the_selected_row_and_a_compact_grid():
+    results = _logistic_results(45)
+    chosen = f"{results['selected']['C']:.1e}"
+    text = render(results)
+    table = text.split("\n\n")
+    assert len(text.splitlines()) < 30  # not a line per C value (45)
+    assert chosen in table[0] and "90.00" in table[0]  # the selected row comes first
+    grid = table[1].splitlines()[1:]
+    assert len(grid) == 9 and sum(line.count("*") for line in grid) == 1 and f"{chosen} 90.00*" in table[1]
+    assert "1.0e-06" in grid[0] and "1.0e+05" in grid[-1]
+    assert f"selected on val: C={chosen}, val_top1=0.9" in text
+    assert str(results["selected"]["C"]) not in text  # no 17-digit floats
+
+
+def test_few_candidates_keep_one_row_each():
+    text = render(_logistic_results(4))
+    assert "all 4" not in text and text.count("*") == 1

@@ -71,3 +71,40 @@ def test_spec_schema_command():
 
     result = CliRunner().invoke(spec_command, ["schema"])
     assert result.exit_code == 0 and json.loads(result.output) == json_schema()
+
+
+def test_every_field_has_a_description():
+    from extract.spec.schema import SECTION_MODELS
+
+    schema = json_schema()
+    sections = [schema, *(schema["$defs"][m.__name__] for m in SECTION_MODELS.values())]
+    missing = [key for part in sections for key, prop in part["properties"].items() if not prop.get("description")]
+    assert not missing, missing
+    assert all(part.get("description") for part in sections[1:])  # each section says what it holds
+    assert schema["$defs"]["FeaturesSection"]["properties"]["timesteps"]["examples"]
+
+
+def test_markdown_has_a_table_per_section_and_the_docs_are_current():
+    from pathlib import Path
+
+    from extract.spec.schema import SECTION_MODELS
+    from extract.spec.schema_markdown import markdown
+
+    text = markdown()
+    for section, model in SECTION_MODELS.items():
+        assert f"## `{section}`" in text
+        for key in model.model_fields:
+            assert f"| `{key}` |" in text, key
+    assert "| `pooling` | list of integer >= 1 \\| mapping to list of integer >= 1 \\| null | `null` |" in text
+    result = CliRunner().invoke(spec_command_group(), ["schema", "--markdown"])
+    assert result.exit_code == 0 and result.output == text
+    doc = Path(__file__).resolve().parents[1] / "docs" / "spec-schema.md"
+    assert doc.read_text() == text, (
+        "docs/spec-schema.md is stale: diffbank spec schema --markdown > docs/spec-schema.md"
+    )
+
+
+def spec_command_group():
+    from diffbank.commands.spec import spec_command
+
+    return spec_command

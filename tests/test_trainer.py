@@ -110,7 +110,8 @@ def test_linear_head_learns_a_buried_subspace_and_shuffled_labels_do_not(data) -
     result = train(head, train_s, val_s, test_s, lr=0.05, momentum=0.9, epochs=8, step_size=6, progress=False)
     assert result.test_accuracy >= 0.85
     assert result.val_accuracy == max(row["val_accuracy"] for row in result.history)
-    assert result.history[result.best_epoch]["val_accuracy"] == result.val_accuracy
+    assert result.history[result.best_epoch - 1]["val_accuracy"] == result.val_accuracy  # epochs count from 1
+    assert [row["epoch"] for row in result.history] == list(range(1, 9))
 
     x, y, *_ = data
     shuffled = ArrayStream({"f": x}, np.random.default_rng(0).permutation(y), batch_size=64, seed=0)
@@ -137,7 +138,7 @@ def test_learning_rate_steps_down_by_gamma(data) -> None:
     train_s, _, _ = streams(data)
     result = train(linear(), train_s, lr=0.1, epochs=5, step_size=2, gamma=0.1, progress=False)
     assert [round(r["lr"], 12) for r in result.history] == [0.1, 0.01, 0.01, 0.001, 0.001]
-    assert result.best_epoch == 4 and result.val_accuracy is None
+    assert result.best_epoch == 5 and result.val_accuracy is None  # the last of 5, counted from 1
 
 
 def test_same_seed_same_weights_and_different_seed_different(data) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from diffbank.commands.remote import open_read_only, storage_option_flag
+from diffbank.commands.options import memory_budget_option, seed_option, storage_option_option
+from diffbank.commands.remote import open_read_only
 
 
 @click.group("analyze")
@@ -30,15 +31,9 @@ def analyze_command():
 )
 @click.option("--vs-feature", "other_features", multiple=True, help="Feature of OTHER_STORE (repeatable).")
 @click.option("--batch-size", type=click.IntRange(min=4), default=512, show_default=True, help="Rows per minibatch.")
-@click.option(
-    "--memory-budget",
-    default=None,
-    help="Bytes, 2GiB, 25% (default 25% of RAM); bounds the minibatch and the read window.",
-)
-@click.option(
-    "--seed", type=int, default=0, show_default=True, help="Seed of the row shuffle that makes the minibatches."
-)
-@storage_option_flag()
+@memory_budget_option("Bytes, 2GiB, 25% (default 25% of RAM); bounds the minibatch and the read window.")
+@seed_option(0, "Seed of the row shuffle that makes the minibatches.")
+@storage_option_option()
 def cka_command(
     store, other, out_dir, split, features, other_features, batch_size, memory_budget, seed, storage_option
 ):

@@ -9,8 +9,8 @@ from typing import Any
 
 import click
 
-from diffbank.commands.options import spec_device
-from diffbank.commands.remote import open_read_only, storage_option_flag
+from diffbank.commands.options import device_option, quiet, spec_device, storage_option_option
+from diffbank.commands.remote import open_read_only
 from extract.hardware import describe_signature
 from extract.provenance import to_jsonable
 
@@ -38,9 +38,7 @@ log = logging.getLogger(__name__)
     default=None,
     help="Images loaded per batch (run-only: the stored bytes do not depend on it).",
 )
-@click.option(
-    "--device", default=None, callback=spec_device, help="auto (default: the spec's), cpu, cuda, cuda:N or mps."
-)
+@device_option(None, spec_device, "auto (default: the spec's), cpu, cuda, cuda:N or mps.")
 @click.option(
     "--micro-batch",
     type=click.IntRange(min=1),
@@ -54,7 +52,7 @@ log = logging.getLogger(__name__)
     help="torch threads per process (default 1); fixed for a store's lifetime (it decides the last bits). "
     "For more cores, prefer --workers.",
 )
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--no-progress", is_flag=True, help="No progress bar (-q also hides it).")
 @click.option(
     "--allow-nonfinite",
     is_flag=True,
@@ -67,7 +65,7 @@ log = logging.getLogger(__name__)
     help="Take over the store from a writer whose lease is stale (no heartbeat for 10 minutes): "
     "only when that run is gone.",
 )
-@storage_option_flag("--store")
+@storage_option_option("--store")
 def extract_command(
     spec_path: str,
     store_url: str | None,
@@ -125,7 +123,7 @@ def extract_command(
                     workers=workers or 1,
                     scheduler=scheduler,
                     strict=strict,
-                    progress=not no_progress,
+                    progress=not (no_progress or quiet()),
                     batch_size=batch_size,
                     device=device,
                     micro_batch=micro_batch,
@@ -140,7 +138,7 @@ def extract_command(
                 spec,
                 url,
                 strict=strict,
-                progress=not no_progress,
+                progress=not (no_progress or quiet()),
                 batch_size=batch_size,
                 device=device,
                 micro_batch=micro_batch,
@@ -186,27 +184,26 @@ def _report_run(summary: dict[str, Any], as_json: bool) -> None:
 
 
 @click.group("store")
-@storage_option_flag()
-@click.pass_context
-def store_command(ctx: click.Context, storage_option: tuple[str, ...]) -> None:
-    """Inspect, verify, export and copy feature stores (nothing under STORE or SRC is written)."""
-    ctx.meta["diffbank.storage_option"] = storage_option
+@storage_option_option()
+def store_command(storage_option: tuple[str, ...]) -> None:
+    """Inspect, verify, export and copy feature stores (nothing under STORE or SRC is written).
 
-
-def _open(url: str) -> Any:
-    return open_read_only(url, click.get_current_context().meta.get("diffbank.storage_option", ()))
+    --storage-option goes after the subcommand (`store verify URL --storage-option K=V`); given here, before
+    it, it applies to the subcommand too.
+    """
 
 
 @store_command.command("info")
 @click.argument("store", metavar="STORE")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def info_command(store: str, as_json: bool) -> None:
+@storage_option_option()
+def info_command(store: str, as_json: bool, storage_option: tuple[str, ...]) -> None:
     """Features (dims, pooling, chunks, completeness), samples, splits and provenance of STORE."""
     from dask.utils import format_bytes
 
     from extract.store import info
 
-    s = info(_open(store))
+    s = info(open_read_only(store, storage_option))
     if as_json:
         click.echo(json.dumps(to_jsonable(s), indent=2))
         return
@@ -243,12 +240,13 @@ def info_command(store: str, as_json: bool) -> None:
 @store_command.command("verify")
 @click.argument("store", metavar="STORE")
 @click.option("--full", is_flag=True, help="Also read every value and compare NaN/inf counts with the records.")
-def verify_command(store: str, full: bool) -> None:
+@storage_option_option()
+def verify_command(store: str, full: bool, storage_option: tuple[str, ...]) -> None:
     """Check markers, shapes, dtypes and the fingerprint of STORE; exit 1 on any problem."""
     from extract.spec import fingerprint_of_resolved
     from extract.store import verify
 
-    report = verify(_open(store), full_scan=full, fingerprint_of_spec=fingerprint_of_resolved)
+    report = verify(open_read_only(store, storage_option), full_scan=full, fingerprint_of_spec=fingerprint_of_resolved)
     click.echo(str(report))
     if not report.ok:
         sys.exit(1)
@@ -266,11 +264,14 @@ def verify_command(store: str, full: bool) -> None:
 )
 @click.option("--feature", "features", multiple=True, help="Export only these features (repeatable).")
 @click.option("--keep-dtype", is_flag=True, help="Keep the stored dtype (float16) instead of float32.")
-def export_command(store: str, out: str, compression: str, features: tuple[str, ...], keep_dtype: bool) -> None:
+@storage_option_option()
+def export_command(
+    store: str, out: str, compression: str, features: tuple[str, ...], keep_dtype: bool, storage_option: tuple[str, ...]
+) -> None:
     """Copy STORE into one HDF5 file (float32, attributes as JSON), shard by shard."""
     from extract.store import export_hdf5
 
-    fs = _open(store)
+    fs = open_read_only(store, storage_option)
     try:
         path = export_hdf5(
             fs,
@@ -304,7 +305,7 @@ def export_command(store: str, out: str, compression: str, features: tuple[str, 
 )
 @click.option("--workers", type=click.IntRange(min=1), default=4, show_default=True, help="Objects copied at once.")
 @click.option("--full", is_flag=True, help="Then verify DST reading every value (`store verify --full`).")
-@storage_option_flag("SRC and DST")
+@storage_option_option("SRC and DST")
 def copy_command(
     src: str,
     dst: str,
@@ -328,11 +329,10 @@ def copy_command(
     from extract.store.remote import parse_storage_options
     from extract.store.s3check import check_s3
 
-    common = (*click.get_current_context().meta.get("diffbank.storage_option", ()), *storage_option)
     try:
-        # Options are for remote ends: a local path takes none.
-        src_options = None if is_local(src) else parse_storage_options((*common, *src_option))
-        dst_options = None if is_local(dst) else parse_storage_options((*common, *dst_option))
+        # Options are for remote ends: a local path takes none. storage_option holds those given on `store` too.
+        src_options = None if is_local(src) else parse_storage_options((*storage_option, *src_option))
+        dst_options = None if is_local(dst) else parse_storage_options((*storage_option, *dst_option))
     except StoreError as exc:
         raise click.UsageError(str(exc)) from None
     try:

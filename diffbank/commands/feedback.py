@@ -13,7 +13,7 @@ from typing import Any
 import click
 import numpy as np
 
-from diffbank.commands.options import spec_device
+from diffbank.commands.options import device_option, quiet, seed_option, spec_device
 from probe.recipe import FeedbackRecipe  # declarations only (no torch): the defaults shown in --help
 
 PAPER = FeedbackRecipe()
@@ -107,15 +107,8 @@ def _image_sets(spec: Any, train_split: str | None, test_split: str | None) -> t
     type=click.IntRange(min=0),
     help="the noise step of both passes (the paper's)",
 )
-@click.option(
-    "--seed", default=None, type=int, help="seed of val split, order, noise and init (default: the spec's noise seed)"
-)
-@click.option(
-    "--device",
-    default=None,
-    callback=spec_device,
-    help="torch device (default: the spec's compute.device; auto picks CUDA)",
-)
+@seed_option(None, "seed of val split, order, noise and init (default: the spec's noise seed)")
+@device_option(None, spec_device, "torch device (default: the spec's compute.device; auto picks CUDA)")
 @click.option(
     "--preset",
     type=click.Choice(["tiny", "small", "paper"]),
@@ -151,7 +144,6 @@ def _image_sets(spec: Any, train_split: str | None, test_split: str | None) -> t
 @click.option("--train-split", default=None, help="dataset split to train on (default: train)")
 @click.option("--test-split", default=None, help="dataset split to report (default: test, else val)")
 @click.option("--restart", is_flag=True, help="discard OUT/checkpoint instead of resuming from it")
-@click.option("--quiet", is_flag=True, help="no progress bar")
 def feedback_command(
     spec_path: str,
     out_dir: str,
@@ -160,7 +152,6 @@ def feedback_command(
     device: str | None,
     no_feedback: bool,
     restart: bool,
-    quiet: bool,
     **opts: Any,
 ) -> None:
     """DifFeed on SPEC's model and dataset: train feedback layers + attention head, the U-Net frozen in the loop.
@@ -225,7 +216,7 @@ def feedback_command(
             device=dev,
             micro_batch=opts["micro_batch"],
             resume=not restart,
-            progress=not quiet,
+            progress=not quiet(),
         )
     except (ValueError, FileNotFoundError, ExtractionError, torch.cuda.OutOfMemoryError) as exc:
         raise click.ClickException(str(exc)) from exc

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from diffbank.commands.options import torch_device
+from diffbank.commands.options import device_option, seed_option
 from extract.idx import FASHION_MNIST_DIR
 
 
@@ -31,7 +31,7 @@ from extract.idx import FASHION_MNIST_DIR
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--lr", type=float, default=6e-4, show_default=True)
 @click.option("--ema-decay", type=float, default=0.995, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@seed_option(0, "Seed of initialisation, batches and noise.")
 @click.option(
     "--autocast",
     type=click.Choice(["auto", "bfloat16", "none"]),
@@ -62,7 +62,7 @@ from extract.idx import FASHION_MNIST_DIR
     help="min-snr: epsilon-MSE weighted by min(SNR, gamma)/SNR (Hang et al., ICCV 2023).",
 )
 @click.option("--snr-gamma", type=float, default=5.0, show_default=True)
-@click.option("--device", default="cpu", show_default=True, callback=torch_device, help="cpu, cuda, cuda:1, ...")
+@device_option("cpu", help="cpu, cuda, cuda:1, ...")
 @click.option("--channels-last/--no-channels-last", default=False, show_default=True)
 @click.option(
     "--compile/--no-compile",
@@ -180,7 +180,7 @@ def _reproduce_command(cfg, data_dir, step: int) -> str:
 @click.option("-n", "--num", type=int, default=64, show_default=True)
 @click.option("--steps", type=int, default=100, show_default=True, help="DDIM steps.")
 @click.option("--eta", type=float, default=0.0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@seed_option(0, "Seed of the starting noise.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), default="samples.png", show_default=True)
 def sample_command(model_name, flags_json, num, steps, eta, seed, out_path):
     """Generate a grid of images (PNG) from a diffusion model, by default the embedded one."""

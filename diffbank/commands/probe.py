@@ -6,6 +6,7 @@ and makes one call into `probe.run`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from collections.abc import Callable
@@ -14,8 +15,15 @@ from typing import Any
 
 import click
 
-from diffbank.commands.options import checked, torch_device
-from diffbank.commands.remote import open_read_only, storage_option_flag
+from diffbank.commands.options import (
+    checked,
+    device_option,
+    memory_budget_option,
+    quiet,
+    seed_option,
+    storage_option_option,
+)
+from diffbank.commands.remote import open_read_only
 
 # Declarations only (no torch): the options, defaults and errors shown in --help come from here.
 from probe.errors import ProbeDataError, RunConflictError, UnknownFeatureError
@@ -44,12 +52,6 @@ def _subset(value: str) -> Any:
     return Subset.parse(value)
 
 
-def _memory(value: str) -> Any:
-    from probe.budget import parse_memory
-
-    return parse_memory(value)
-
-
 def _common(func: Callable[..., Any]) -> Callable[..., Any]:
     """Options every probe command takes (applied bottom-up, so listed here in reverse help order)."""
     options: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
@@ -67,9 +69,7 @@ def _common(func: Callable[..., Any]) -> Callable[..., Any]:
             multiple=True,
             help="feature name (repeatable); default: the paper's choice or the nearest available",
         ),
-        click.option(
-            "--seed", default=DataOptions.seed, show_default=True, type=int, help="seed of splits, subsets, order, init"
-        ),
+        seed_option(DataOptions.seed, "seed of splits, subsets, order, init"),
         click.option("--subset", default=None, callback=checked(_subset), help=SUBSET_HELP),
         click.option(
             "--val-fraction",
@@ -85,14 +85,10 @@ def _common(func: Callable[..., Any]) -> Callable[..., Any]:
             help="train-split standardisation (default: the recipe's for trained heads: diffbank = dim "
             "for linear heads, channel for attention/fusion, paper = none; dim for logistic/knn)",
         ),
-        click.option(
-            "--memory-budget",
-            default=None,
-            callback=checked(_memory),
-            help="features up to this size are loaded into memory, larger ones streamed "
-            "(bytes, 2GiB, 25%; default 25% of RAM)",
+        memory_budget_option(
+            "features up to this size are loaded into memory, larger ones streamed (bytes, 2GiB, 25%; default 25% of RAM)"
         ),
-        storage_option_flag(),
+        storage_option_option(),
     ]
     for option in reversed(options):
         func = option(func)
@@ -124,10 +120,7 @@ def _training(func: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option("--epochs", default=None, type=click.IntRange(min=1), help=_recipe_value("epochs")),
         click.option("--batch-size", default=None, type=click.IntRange(min=1), help=_recipe_value("batch_size")),
-        click.option(
-            "--device", default=TrainingOptions.device, show_default=True, callback=torch_device, help="torch device, e.g. cuda:0"
-        ),
-        click.option("--quiet", is_flag=True, help="no per-epoch progress"),
+        device_option(TrainingOptions.device, help="torch device, e.g. cuda:0"),
         click.option(
             "--momentum",
             default=None,
@@ -238,8 +231,8 @@ def _run(name: str, **kwargs: Any) -> None:
     kwargs["features"] = list(kwargs.get("features") or []) or None
     if kwargs.get("standardize") is None:
         kwargs.pop("standardize", None)
-    if "quiet" in kwargs:
-        kwargs["progress"] = not kwargs.pop("quiet")
+    if "progress" in {f.name for f in dataclasses.fields(_OPTIONS[name])}:
+        kwargs["progress"] = not quiet()
     out = Path(out_dir)
     fresh = not out.exists()
     try:
@@ -251,7 +244,9 @@ def _run(name: str, **kwargs: Any) -> None:
             shutil.rmtree(out, ignore_errors=True)
         if isinstance(exc, UnknownFeatureError):
             raise click.BadParameter(str(exc), param_hint="'--feature'") from exc
-        if isinstance(exc, (ProbeDataError, RunConflictError, ProbeConfigError, FileNotFoundError)):
+        if isinstance(exc, RunConflictError):
+            raise click.BadParameter(str(exc), param_hint="'--out'") from exc
+        if isinstance(exc, (ProbeDataError, ProbeConfigError, FileNotFoundError)):
             raise click.ClickException(str(exc)) from exc
         raise
     click.echo(render(results))
@@ -273,7 +268,8 @@ def _run(name: str, **kwargs: Any) -> None:
 
 
 @click.group("probe")
-def probe_command() -> None:
+@storage_option_option()
+def probe_command(storage_option: tuple[str, ...]) -> None:
     """Train and evaluate probes on a feature store (no U-Net needed).
 
     \b
@@ -338,7 +334,7 @@ def fusion(**kwargs: Any) -> None:
     show_default=True,
     help="what the selected L2 is refit on (train: score the selected fit itself)",
 )
-@click.option("--device", default=LogisticOptions.device, show_default=True, callback=torch_device)
+@device_option(LogisticOptions.device, help="torch device of the L-BFGS solver (torch solver), e.g. cuda:0")
 def logistic(**kwargs: Any) -> None:
     """Multinomial logistic regression, L2 selected on validation, refit on train+val; logits to logits.npz."""
     kwargs["cs"] = list(kwargs["cs"]) or None
@@ -353,7 +349,7 @@ def logistic(**kwargs: Any) -> None:
 @click.option(
     "--batch-size", default=KnnOptions.batch_size, show_default=True, type=int, help="bank rows per similarity chunk"
 )
-@click.option("--device", default=KnnOptions.device, show_default=True, callback=torch_device)
+@device_option(KnnOptions.device, help="torch device of the similarity search, e.g. cuda:0")
 def knn(**kwargs: Any) -> None:
     """Cosine kNN with exp(sim/T)-weighted votes, k selected on validation."""
     if not kwargs["ks"]:

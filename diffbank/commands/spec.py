@@ -22,8 +22,17 @@ def echo_problems(spec_path: str, problems: list[str]) -> None:
 
 
 @spec_command.command("schema")
-def schema_command() -> None:
-    """Print the JSON Schema of a spec file (for editors' completion and validation)."""
+@click.option(
+    "--markdown", "as_markdown", is_flag=True, help="A markdown table per section instead (docs/spec-schema.md)."
+)
+def schema_command(as_markdown: bool) -> None:
+    """Print the JSON Schema of a spec file (for editors' completion and validation): every field's type,
+    default, description and examples."""
+    if as_markdown:
+        from extract.spec.schema_markdown import markdown
+
+        click.echo(markdown(), nl=False)
+        return
     from extract.spec import json_schema
 
     click.echo(json.dumps(json_schema(), indent=2))

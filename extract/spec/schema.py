@@ -210,45 +210,132 @@ class _Section(BaseModel):
 
 
 class ModelSection(_Section):
-    family: Literal[MODEL_FAMILIES] = Field("adm", title="model family")  # type: ignore[valid-type]
-    path: Path_ = Field(None, description="diffusers: a local save_pretrained directory (UNet or pipeline)")
+    """The diffusion U-Net: which network, which weights, which noise schedule."""
+
+    family: Literal[MODEL_FAMILIES] = Field(  # type: ignore[valid-type]
+        "adm",
+        title="model family",
+        description="adm: a guided-diffusion U-Net (preset, flags, checkpoint); diffusers: a UNet2DModel "
+        "directory given by `path`, its schedule read from the directory's scheduler",
+    )
+    path: Path_ = Field(
+        None,
+        description="diffusers: a local save_pretrained directory (UNet or pipeline); no hub ids",
+        examples=["models/ddpm-cifar10-32"],
+    )
     class_label: NonNegInt | Literal["dataset"] | None = Field(
         None,
         description="diffusers: the class fed to a class-conditional UNet: a fixed class for every row, or "
         "'dataset' for each row's own label (which then enters its features: probes of such a store see the label)",
+        examples=[3, "dataset"],
     )
-    preset: str | None = Field(None, min_length=1, max_length=MAX_TEXT)
+    preset: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_TEXT,
+        description="a released guided-diffusion configuration, or 'embedded:<name>' for a model shipped with diffbank",
+        examples=["256x256_diffusion_uncond", "embedded:fmnist32"],
+    )
     flags: dict[Key, Any] | None = Field(
-        None, max_length=MAX_FLAGS, description="guided-diffusion flags over the preset's"
+        None,
+        max_length=MAX_FLAGS,
+        description="guided-diffusion flags over the preset's",
+        examples=[{"num_channels": 32, "num_res_blocks": 1}],
     )
-    checkpoint: Path_ = Field(None, description="a path, 'embedded:<name>', or null for random weights")
-    init_seed: NonNegInt = 0
-    noise_schedule: Literal[SCHEDULES] | None = Field(None, title="noise schedule")  # type: ignore[valid-type]
-    diffusion_steps: PosInt | None = None
+    checkpoint: Path_ = Field(
+        None,
+        description="a weights file, 'embedded:<name>', or null for random weights from init_seed",
+        examples=["models/256x256_diffusion_uncond.pt"],
+    )
+    init_seed: NonNegInt = Field(0, description="seed of the random weights when checkpoint is null")
+    noise_schedule: Literal[SCHEDULES] | None = Field(  # type: ignore[valid-type]
+        None, title="noise schedule", description="beta schedule; null: the preset's, else linear"
+    )
+    diffusion_steps: PosInt | None = Field(
+        None, description="steps of the diffusion process; null: the preset's, else 1000", examples=[1000]
+    )
 
 
 class DatasetSection(_Section):
-    kind: Literal[DATASET_KINDS] = Field(title="dataset kind")  # type: ignore[valid-type]
-    path: Path_ = None
-    splits: Annotated[list[Key] | None, BeforeValidator(_listify)] = Field(
-        None, min_length=1, max_length=MAX_SMALL_LIST
+    """The images: where they are, which splits, how many, at which size."""
+
+    kind: Literal[DATASET_KINDS] = Field(  # type: ignore[valid-type]
+        title="dataset kind",
+        description="folder: an ImageFolder tree (split/class/image); csv: rows of path, label, split; hdf5: "
+        "image arrays; idx: Fashion-MNIST/MNIST IDX files; digits: scikit-learn's bundled 8x8 digits",
+        examples=["folder"],
     )
-    limit: LimitField = None
-    image_size: PosInt | None = None
-    preprocess: Literal[PREPROCESSING] = Field("reference", title="preprocessing")  # type: ignore[valid-type]
+    path: Path_ = Field(
+        None,
+        description="required for folder, csv and hdf5; idx: the folder of the IDX files (default: Debian's "
+        "Fashion-MNIST); digits: must be null",
+        examples=["data/imagenet"],
+    )
+    splits: Annotated[list[Key] | None, BeforeValidator(_listify)] = Field(
+        None,
+        min_length=1,
+        max_length=MAX_SMALL_LIST,
+        description="splits to extract; null: every split the source has",
+        examples=[["train", "test"]],
+    )
+    limit: LimitField = Field(
+        None,
+        description="keep the first n rows of each split (or per split), in source order; null: all",
+        examples=[1000, {"train": 1000, "test": 200}],
+    )
+    image_size: PosInt | None = Field(
+        None,
+        description="side of the square input; null: the model's; must be divisible by the U-Net's total downsampling",
+        examples=[256],
+    )
+    preprocess: Literal[PREPROCESSING] = Field(  # type: ignore[valid-type]
+        "reference",
+        title="preprocessing",
+        description="reference: guided-diffusion's center_crop_arr (resize, centre crop, scale to [-1, 1])",
+    )
 
 
 class FeaturesSection(_Section):
-    timesteps: Annotated[list[int], BeforeValidator(_listify)] = Field(min_length=1, max_length=MAX_TIMESTEPS)
-    blocks: Annotated[list[BlockRef], BeforeValidator(_listify)] = Field(min_length=1, max_length=MAX_BLOCKS)
-    pooling: PoolingField = None
-    tokens: TokensField = None
+    """Which activations are stored: timesteps x blocks, each pooled."""
+
+    timesteps: Annotated[list[int], BeforeValidator(_listify)] = Field(
+        min_length=1,
+        max_length=MAX_TIMESTEPS,
+        description="0-based indices t of the diffusion_steps-step process at which x_t is fed to the U-Net",
+        examples=[[90, 150], 90],
+    )
+    blocks: Annotated[list[BlockRef], BeforeValidator(_listify)] = Field(
+        min_length=1,
+        max_length=MAX_BLOCKS,
+        description="U-Net blocks to read: the paper's 1-based numbering or module names "
+        "(`diffbank model blocks` lists them)",
+        examples=[[19, 24, "output_blocks.8"]],
+    )
+    pooling: PoolingField = Field(
+        None,
+        description="average-pool sizes p (each stores a p x p map), for all blocks or per block under "
+        "'default' and block keys; [] = none; null: {default: [2]}",
+        examples=[[2], {"default": [2], "24": [2, 4]}],
+    )
+    tokens: TokensField = Field(
+        None,
+        description="token mode: also store the map average-pooled to at most s x s (for attention heads), "
+        "for all blocks or per block; null or 0: none",
+        examples=[16, {"default": 16, "19": 8}],
+    )
 
 
 class NoiseSection(_Section):
-    seed: NonNegInt = 0
-    draws: PosInt = 1
-    combine: Literal[NOISE_COMBINE] = Field("mean", title="noise combine")  # type: ignore[valid-type]
+    """The noise that makes x_t from an image: seeded, so a store can be extracted again to the bit."""
+
+    seed: NonNegInt = Field(0, description="seed of the noise; each sample's noise depends on (seed, sample, t)")
+    draws: PosInt = Field(1, description="K noise draws: K U-Net forwards per image and timestep", examples=[1, 4])
+    combine: Literal[NOISE_COMBINE] = Field(  # type: ignore[valid-type]
+        "mean",
+        title="noise combine",
+        description="mean: one array, the draws' features averaged; separate: one array per draw (draw d >= 1 "
+        "named <feature>_d<d>), which probes use as augmentation",
+    )
     rule: Literal[NOISE_RULES] = Field(  # type: ignore[valid-type]
         DEFAULT_NOISE_RULE,
         description="generator: a seeded torch CPU generator per sample (the default); counter: a "
@@ -257,8 +344,10 @@ class NoiseSection(_Section):
 
 
 class ViewsSection(_Section):
-    center: bool = True
-    hflip: bool = False
+    """Which views of each image pass through the U-Net."""
+
+    center: bool = Field(True, description="the image as preprocessed")
+    hflip: bool = Field(False, description="also its horizontal mirror, stored as '<feature>_flip' features")
 
     @model_validator(mode="after")
     def _one_view(self) -> ViewsSection:
@@ -268,10 +357,21 @@ class ViewsSection(_Section):
 
 
 class StorageSection(_Section):
-    dtype: Literal[STORAGE_DTYPES] = Field("float16", title="storage dtype")  # type: ignore[valid-type]
-    compressor: Literal[COMPRESSIONS] = Field("blosc-lz4", title="compressor")  # type: ignore[valid-type]
-    chunk_rows: PosInt = 64
-    shard_rows: PosInt | None = None
+    """How the Zarr store keeps the features on disk."""
+
+    dtype: Literal[STORAGE_DTYPES] = Field(  # type: ignore[valid-type]
+        "float16", title="storage dtype", description="dtype of the stored features (bfloat16 only as compute.dtype)"
+    )
+    compressor: Literal[COMPRESSIONS] = Field(  # type: ignore[valid-type]
+        "blosc-lz4", title="compressor", description="blosc-lz4: fast; zstd: smaller; none: raw bytes"
+    )
+    chunk_rows: PosInt = Field(64, description="samples per chunk, the unit a reader decompresses", examples=[64])
+    shard_rows: PosInt | None = Field(
+        None,
+        description="samples per shard (one object, one unit of resumable work); a multiple of chunk_rows; "
+        "null: chosen by the store",
+        examples=[1024],
+    )
 
     @field_validator("shard_rows")
     @classmethod
@@ -285,9 +385,13 @@ class StorageSection(_Section):
 
 
 class ComputeSection(_Section):
-    dtype: Literal[COMPUTE_DTYPES] = Field("float32", title="compute dtype")  # type: ignore[valid-type]
-    batch_size: PosInt = 32
-    device: str = Field("auto", description="auto, cpu, cuda, cuda:<index> or mps")
+    """How the U-Net runs: precision, batch, device; non-default kernels are part of the fingerprint."""
+
+    dtype: Literal[COMPUTE_DTYPES] = Field(  # type: ignore[valid-type]
+        "float32", title="compute dtype", description="precision of the U-Net's forward pass"
+    )
+    batch_size: PosInt = Field(32, description="images loaded per batch (does not change the stored bytes)")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:<index> or mps", examples=["cuda:0"])
     num_workers: NonNegInt = Field(0, description="image-loading processes; 0: two threads in the extracting process")
     channels_last: bool = Field(COMPUTE_OPTION_DEFAULTS["channels_last"], description="NHWC layout for the U-Net")
     compile: bool = Field(COMPUTE_OPTION_DEFAULTS["compile"], description="torch.compile the U-Net's feature pass")
@@ -307,15 +411,21 @@ class ComputeSection(_Section):
 class SpecDocument(_Section):
     """A whole spec file."""
 
-    version: int = SPEC_VERSION
-    name: str | None = Field(None, min_length=1, description="a plain file name (stores/<name>.zarr)")
-    model: ModelSection
-    dataset: DatasetSection
-    features: FeaturesSection
-    noise: NoiseSection = NoiseSection()
-    views: ViewsSection = ViewsSection()
-    storage: StorageSection = StorageSection()
-    compute: ComputeSection = ComputeSection()
+    version: int = Field(SPEC_VERSION, description="version of the spec format")
+    name: str | None = Field(
+        None,
+        min_length=1,
+        description="a label and plain file name (stores/<name>.zarr); not part of the fingerprint; null: "
+        "the file's stem",
+        examples=["cpu_small"],
+    )
+    model: ModelSection = Field(description="the diffusion U-Net")
+    dataset: DatasetSection = Field(description="the images")
+    features: FeaturesSection = Field(description="timesteps x blocks x pooling")
+    noise: NoiseSection = Field(NoiseSection(), description="the noise that makes x_t")
+    views: ViewsSection = Field(ViewsSection(), description="which views of each image")
+    storage: StorageSection = Field(StorageSection(), description="how the store keeps the features")
+    compute: ComputeSection = Field(ComputeSection(), description="how the U-Net runs")
 
     @model_validator(mode="before")
     @classmethod

@@ -9,6 +9,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
+import zarr
+from dask.utils import format_bytes
 
 from extract.provenance import fingerprint as fingerprint_of
 from extract.store.layout import (
@@ -40,7 +42,54 @@ class VerifyReport:
 
     def __str__(self) -> str:
         head = f"{self.url}: {'OK' if self.ok else 'PROBLEMS'}"
-        return "\n".join([head, *(f"  - {p}" for p in self.problems), *(f"  note: {n}" for n in self.notes)])
+        return "\n".join(
+            [
+                head,
+                *(f"  - {p}" for p in self.problems),
+                *summary_lines(self.checked),
+                *(f"  note: {n}" for n in self.notes),
+            ]
+        )
+
+
+def summary_lines(checked: Mapping[str, Any]) -> list[str]:
+    """What a verification covered, as a reader counts it, and what a full scan would add."""
+    if "arrays" not in checked:
+        return []
+    size = format_bytes(checked["bytes"])
+    lines = [
+        f"  checked: {_count(checked['features'], 'feature array')} and "
+        f"{_count(checked['arrays'] - checked['features'], 'sample array')}; "
+        f"{checked['units']} units of {checked['rows']} rows; shapes, dtypes, completion markers"
+        + (", fingerprint" if not checked.get("fingerprint_skipped") else "")
+    ]
+    if checked.get("scanned"):
+        lines.append(
+            f"  read: {size} of feature values: every shard and chunk"
+            + (", chunk checksums" if checked.get("checksums") else "")
+            + ", NaN/inf counts against the records"
+        )
+    else:
+        lines.append(
+            f"  --full would also read {size} of feature values: missing or truncated shards and chunks, chunk "
+            "checksums, NaN/inf counts against the records"
+        )
+    return lines
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
+
+
+def _coverage(fs: FeatureStore, names: list[str]) -> dict[str, int]:
+    """The counts a summary reports: arrays checked, units, rows and the feature values' bytes."""
+    samples = fs._root[SAMPLES]
+    return {
+        "arrays": len(names) + (len(list(samples.array_keys())) if isinstance(samples, zarr.Group) else 0),
+        "units": fs.num_units,
+        "rows": fs.num_samples,
+        "bytes": sum(int(fs.array(n).nbytes) for n in names),
+    }
 
 
 def verify(
@@ -89,6 +138,8 @@ def verify(
         problems.append("the stored spec no longer loads, so its fingerprint cannot be recomputed")
     elif expected != fs.fingerprint:
         problems.append(f"fingerprint {fs.fingerprint[:12]} does not match the stored spec ({expected[:12]})")
+    on_disk = set(fs.arrays_on_disk())
+    checked.update(_coverage(fs, [n for n in fs.array_names() if n in on_disk]))
     return VerifyReport(fs.url, not problems, problems, checked, notes)
 
 

@@ -24,6 +24,7 @@ from extract.progress import progress_bar
 from probe.budget import default_memory_budget
 from probe.feedback.images import ImageSet
 from probe.feedback.network import DifFeed, activation_bytes_per_sample
+from probe.head_results import EPOCHS_COUNTED_FROM
 from probe.recipe import FeedbackRecipe
 
 CHECKPOINT_FORMAT = "diffbank-difffeed-checkpoint/1"
@@ -346,12 +347,13 @@ def train_feedback(
         **config,
         "device": str(dev),
         "selection": "epoch with the best validation top-1 (ties: lower validation loss)",
-        "noise": f"training epoch e uses draw e, evaluation draw {EVAL_DRAW}; seeded per (seed, sample, t, draw)",
+        "noise": f"training epoch e uses draw e - 1, evaluation draw {EVAL_DRAW}; seeded per (seed, sample, t, draw)",
         "num_train": len(train),
         "num_val": len(val),
         "num_test": len(test) if test is not None else 0,
         "history": history,
         "best_epoch": best_epoch,
+        "epochs_counted_from": EPOCHS_COUNTED_FROM,
         "val_accuracy": best_acc,
         "train_seconds": time.perf_counter() - started,
     }
