@@ -109,5 +109,6 @@ def test_cli_probe_refuses_a_deleted_chunk(store, tmp_path, kind):
     key, array, _, _ = KINDS[kind]
     (store / key).unlink()
     result = cli("probe", "linear", str(store), "--out", str(tmp_path / "probe"))
-    assert result.exit_code == 1 and result.output.startswith("error: ") and array in result.output, result.output
-    assert "absent" in result.output and "unexpected" not in result.output
+    last = result.output.splitlines()[-1]  # after the announced defaults (feature, recipe, split carve)
+    assert result.exit_code == 1 and last.startswith("error: ") and array in last, result.output
+    assert "absent" in last and "unexpected" not in result.output
