@@ -1,4 +1,4 @@
-"""extract/spec/schema.py: the YAML as pydantic models, its messages and its JSON Schema."""
+"""extract/spec/schema.py and schema_errors.py: the YAML as pydantic models, its messages and its JSON Schema."""
 
 from __future__ import annotations
 
