@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn.utils.multiclass import check_classification_targets
 
 from probe.heads import PRESETS, HeadSizes, resolve_preset
 from probe.stream import BatchStream
@@ -21,6 +22,9 @@ __all__ = [
     "check_device",
     "check_random_state",
     "transformer_sizes",
+    "encode_labels",
+    "encode_val_labels",
+    "check_classes",
     "single_array",
     "grid_key",
     "grid_arrays",
@@ -72,6 +76,39 @@ def transformer_sizes(
         None if heads is None else int(heads),
         None if depth is None else int(depth),
     )
+
+
+def encode_labels(y: Any, n_samples: int) -> tuple[np.ndarray, np.ndarray]:
+    """`y` checked against X's `n_samples`: (classes_, each label's index in classes_)."""
+    y = np.asarray(y)
+    if y.ndim != 1:
+        raise ValueError(f"y must be 1-d, got shape {y.shape}")
+    if y.shape[0] != n_samples:
+        raise ValueError(f"X has {n_samples} samples but y has {y.shape[0]}")
+    check_classification_targets(y)
+    classes, y_idx = np.unique(y, return_inverse=True)
+    if classes.size < 2:
+        raise ValueError(f"y must contain at least 2 classes, got {classes.size}")
+    return classes, y_idx
+
+
+def encode_val_labels(y_val: Any, n_samples: int, classes: np.ndarray) -> np.ndarray:
+    """`y_val` checked against X_val's `n_samples` and the classes seen in y: each label's index in classes."""
+    y_val = np.asarray(y_val)
+    if y_val.ndim != 1 or y_val.shape[0] != n_samples:
+        raise ValueError(f"y_val must be 1-d with one label per X_val sample, got shape {y_val.shape}")
+    unknown = np.setdiff1d(y_val, classes)
+    if unknown.size:
+        raise ValueError(f"y_val holds labels absent from y: {unknown[:10].tolist()}")
+    return np.searchsorted(classes, y_val)
+
+
+def check_classes(classes: Any) -> np.ndarray:
+    """The label values a stream's label indices point into, as a 1-d array of at least 2 distinct values."""
+    classes = np.asarray(classes)
+    if classes.ndim != 1 or classes.size < 2 or np.unique(classes).size != classes.size:
+        raise ValueError("classes must be a 1-d sequence of at least 2 distinct label values")
+    return classes
 
 
 def single_array(X: Any, fitted_shape: tuple[int, ...] | None) -> np.ndarray:

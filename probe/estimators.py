@@ -39,15 +39,17 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils import check_random_state as sklearn_random_state
-from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from probe.estimator_checks import (
     batch_shapes,
+    check_classes,
     check_device,
     check_flag,
     check_random_state,
+    encode_labels,
+    encode_val_labels,
     first_batch,
     grid_arrays,
     grid_key,
@@ -155,16 +157,7 @@ class _TorchProbe(ClassifierMixin, BaseEstimator):
         if (X_val is None) != (y_val is None):
             raise ValueError("pass both X_val and y_val, or neither")
         arrays = self._arrays(X, fitting=True)
-        y = np.asarray(y)
-        if y.ndim != 1:
-            raise ValueError(f"y must be 1-d, got shape {y.shape}")
-        n = self._n_samples(arrays)
-        if y.shape[0] != n:
-            raise ValueError(f"X has {n} samples but y has {y.shape[0]}")
-        check_classification_targets(y)
-        classes, y_idx = np.unique(y, return_inverse=True)
-        if classes.size < 2:
-            raise ValueError(f"y must contain at least 2 classes, got {classes.size}")
+        classes, y_idx = encode_labels(y, self._n_samples(arrays))
         self.classes_ = classes
         self._set_input_attrs(arrays)
         self.standardize_fitted_ = False
@@ -178,15 +171,8 @@ class _TorchProbe(ClassifierMixin, BaseEstimator):
         val_stream = None
         if X_val is not None:
             val_arrays = self._standardized(self._arrays(X_val, fitting=False))
-            y_val = np.asarray(y_val)
-            if y_val.ndim != 1 or y_val.shape[0] != self._n_samples(val_arrays):
-                raise ValueError(f"y_val must be 1-d with one label per X_val sample, got shape {y_val.shape}")
-            unknown = np.setdiff1d(y_val, classes)
-            if unknown.size:
-                raise ValueError(f"y_val holds labels absent from y: {unknown[:10].tolist()}")
-            val_stream = ArrayStream(
-                val_arrays, np.searchsorted(classes, y_val), batch_size=max(batch_size, 256), shuffle=False
-            )
+            y_val_idx = encode_val_labels(y_val, self._n_samples(val_arrays), classes)
+            val_stream = ArrayStream(val_arrays, y_val_idx, batch_size=max(batch_size, 256), shuffle=False)
         return self._fit_streams(train_stream, val_stream, self._shapes(arrays), init_seed, self._input_spec())
 
     def fit_stream(
@@ -205,9 +191,7 @@ class _TorchProbe(ClassifierMixin, BaseEstimator):
         self._validate_params()
         if self.standardize:
             raise ValueError("standardize=True is not supported by fit_stream: let the stream standardise its batches")
-        classes = np.asarray(classes)
-        if classes.ndim != 1 or classes.size < 2 or np.unique(classes).size != classes.size:
-            raise ValueError("classes must be a 1-d sequence of at least 2 distinct label values")
+        classes = check_classes(classes)
         input = self._stream_input(train_stream, input)
         first = first_batch(train_stream)
         shapes = self._shapes_from_batch(first, input)

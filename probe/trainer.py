@@ -26,7 +26,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -40,10 +40,11 @@ from probe.checkpoint import load_checkpoint, save_checkpoint
 from probe.evaluation import InputSpec, evaluate, feature_names, fusable_groups, gather
 from probe.head_results import HeadResult, SweepResult, select_heads, shown_epoch
 from probe.heads import LinearGroup
+from probe.optimizer import build_optimizer
 from probe.recipe import ProbeConfigError, Recipe, check_lr
 from probe.stream import BatchStream
 
-__all__ = ["train", "train_many", "build_optimizer"]
+__all__ = ["train", "train_many"]
 
 log = logging.getLogger(__name__)
 
@@ -52,26 +53,6 @@ K = TypeVar("K", bound=Hashable)
 
 def _has_batchnorm(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
-
-
-def build_optimizer(
-    heads: Sequence[nn.Module], lrs: Sequence[float], recipe: Recipe, weight_decays: Sequence[float] | None = None
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """The optimizer and schedule of a run: the recipe's SGD or AdamW with one parameter group per head (its
-    lr, and its weight decay where `weight_decays` gives one per head; else the recipe's), one schedule over
-    all (StepLR, or warm-up and cosine), stepped once per epoch."""
-    groups: list[dict[str, Any]] = [{"params": list(h.parameters()), "lr": float(lr)} for h, lr in zip(heads, lrs)]
-    if weight_decays is not None:
-        for group, wd in zip(groups, weight_decays, strict=True):
-            group["weight_decay"] = float(wd)
-    optimizer: torch.optim.Optimizer
-    if recipe.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(groups, lr=recipe.lr, weight_decay=recipe.weight_decay)
-    else:
-        optimizer = torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
-    if recipe.schedule == "cosine":
-        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, recipe.lr_factor)
-    return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=recipe.step_size, gamma=recipe.gamma)
 
 
 class _Head:

@@ -8,10 +8,10 @@ import torch
 from click.testing import CliRunner
 
 from diffbank.cli import main
+from probe.optimizer import build_optimizer
 from probe.options import AttentionOptions
 from probe.recipe import ProbeConfigError, Recipe
 from probe.run import run_attention
-from probe.trainer import build_optimizer
 
 FEATURE = "t090_b24_tok2"
 

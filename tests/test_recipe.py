@@ -10,6 +10,7 @@ import torch
 from click.testing import CliRunner
 
 import probe.fitting
+import probe.optimizer
 import probe.trainer
 from diffbank.cli import main
 from probe.recipe import RECIPES, ProbeConfigError, Recipe
@@ -74,7 +75,7 @@ def store(synthetic_store):
 def built(monkeypatch):
     """The optimizer, scheduler and train stream of every training run, as the trainer built them."""
     seen: dict[str, list] = {"optim": [], "train_stream": []}
-    real_build, real_train_many = probe.trainer.build_optimizer, probe.fitting.train_many
+    real_build, real_train_many = probe.optimizer.build_optimizer, probe.fitting.train_many
 
     def build(*args, **kwargs):
         pair = real_build(*args, **kwargs)

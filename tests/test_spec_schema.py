@@ -1,4 +1,4 @@
-"""extract/spec/schema.py: the YAML as pydantic models, its messages and its JSON Schema."""
+"""extract/spec/schema.py and schema_errors.py: the YAML as pydantic models, its messages and its JSON Schema."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import pytest
 from click.testing import CliRunner
 from pydantic import ValidationError
 
-from extract.spec.schema import SpecDocument, json_schema, problems
+from extract.spec.schema import SpecDocument, json_schema
+from extract.spec.schema_errors import problems
 
 
 def _problems(raw: dict) -> list[tuple[str, str]]:

@@ -12,9 +12,10 @@ from probe_data_fixtures import FEAT, draw_of, write_draws_store
 from probe.data import ProbeData
 from probe.evaluation import evaluate, predict_logits
 from probe.heads import DifFormerHead, LinearHead, seeded_init
+from probe.optimizer import build_optimizer
 from probe.recipe import Recipe
 from probe.stream import ArrayStream, BatchStream, FeatureStream
-from probe.trainer import build_optimizer, train, train_many
+from probe.trainer import train, train_many
 
 
 def subspace_classes(n: int, seed: int, dim: int = 64, informative: int = 3, num_classes: int = 3):

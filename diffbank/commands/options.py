@@ -44,7 +44,7 @@ def checked(parse: Callable[[str], Any]) -> Callback:
 
 
 def _spec_device(value: str) -> None:
-    from extract.spec.schema import device_problem
+    from extract.spec.fields import device_problem
 
     problem = device_problem(value)
     if problem:

@@ -10,18 +10,11 @@ from typing import Any
 from pydantic import ValidationError
 
 from extract.spec.document import SpecFileError, read_document
-from extract.spec.resolve import Problems, resolve
+from extract.spec.fields import Problems, name_problem, type_name
+from extract.spec.resolve import resolve
 from extract.spec.resolved import Feature, Spec
-from extract.spec.schema import (
-    REQUIRED_SECTIONS,
-    SECTION_MODELS,
-    SECTIONS,
-    TOP_KEYS,
-    SpecDocument,
-    name_problem,
-    problems,
-    type_name,
-)
+from extract.spec.schema import REQUIRED_SECTIONS, SECTION_MODELS, SECTIONS, TOP_KEYS, SpecDocument
+from extract.spec.schema_errors import problems
 
 MAX_PROBLEMS = 50  # listed one per line; a document with thousands of bad keys still gives a readable answer
 

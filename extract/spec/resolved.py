@@ -29,6 +29,12 @@ KNOWN_SPLIT_SIZES: dict[str, dict[str, int]] = {
 }
 
 
+def resolve_path(path: str, base_dir: str) -> Path:
+    """`path` as written in a spec: `~` expanded, relative paths taken from the spec's folder."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else Path(base_dir) / p
+
+
 def is_default_fmnist(path: str | None) -> bool:
     return path is not None and os.path.normpath(path) == os.path.normpath(FASHION_MNIST_DIR)
 
@@ -79,10 +85,7 @@ class DatasetSpec:
     base_dir: str = dataclasses.field(default=".", compare=False, repr=False)
 
     def resolved_path(self) -> Path | None:
-        if self.path is None:
-            return None
-        p = Path(self.path).expanduser()
-        return p if p.is_absolute() else Path(self.base_dir) / p
+        return None if self.path is None else resolve_path(self.path, self.base_dir)
 
     def limit_for(self, split: str) -> int | None:
         if self.limit is None or isinstance(self.limit, int):

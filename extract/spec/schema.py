@@ -2,9 +2,9 @@
 
 Only what can be checked from the document alone lives here (no torch, no file I/O): whether a block
 exists, a timestep fits the schedule or a pool fits a map depends on the model and is checked in
-`extract.spec.resolve`. Unknown keys are refused everywhere. `problems(error)` turns pydantic's errors
-into the project's messages, each prefixed by its field path (`storage.dtype: unknown storage dtype
-'float61' (did you mean 'float16'?); choose one of float16, float32`).
+`extract.spec.resolve`. Unknown keys are refused everywhere. The bounded field types and the message
+helpers are in `extract.spec.fields`; `extract.spec.schema_errors` turns pydantic's errors into the
+project's messages.
 
 YAML schema (defaults in brackets; `null` where a default is derived)::
 
@@ -46,24 +46,31 @@ YAML schema (defaults in brackets; `null` where a default is derived)::
 
 from __future__ import annotations
 
-import difflib
-import os
-import re
-from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
+from typing import Any, Literal
 
-from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Discriminator,
-    Field,
-    Tag,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from extract.spec.fields import (
+    MAX_BLOCKS,
+    MAX_FLAGS,
+    MAX_SMALL_LIST,
+    MAX_TEXT,
+    MAX_TIMESTEPS,
+    BlockRefList,
+    IntList,
+    Key,
+    KeyList,
+    LimitField,
+    NonNegInt,
+    Path_,
+    PoolingField,
+    PosInt,
+    TokensField,
+    device_problem,
+    name_problem,
+    short_repr,
+)
 from extract.storage import COMPRESSIONS, STORAGE_DTYPES
 
 SPEC_VERSION = 1
@@ -83,125 +90,6 @@ DEFAULT_POOLING = (2,)
 SECTIONS = ("model", "dataset", "features", "noise", "views", "storage", "compute")
 REQUIRED_SECTIONS = ("model", "dataset", "features")
 TOP_KEYS = ("version", "name", *SECTIONS)
-
-_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-# Bounds on what a document may ask for, so a hostile spec is refused quickly instead of expanding: a
-# U-Net has a few dozen blocks and a schedule at most a few thousand steps; the resolver checks the
-# exact bounds (timesteps within the schedule, blocks within the model) under these.
-MAX_NAME_LENGTH = 128
-MAX_TIMESTEPS = 4096
-MAX_BLOCKS = 256
-MAX_SMALL_LIST = 64  # pooling sizes, splits
-MAX_FLAGS = 256
-MAX_TEXT = 4096  # paths, presets
-MAX_KEY = 128  # block names, split names, flag names
-REPR_LIMIT = 60  # characters of a value quoted in a message
-HINTED = 100  # errors that get a "did you mean" suggestion
-# Union branches are chosen by the input's shape; their tags are dropped again from error paths.
-_ONE, _LIST, _MAP, _NONE = "one", "list", "map", "none"
-_TAGS = {_ONE, _LIST, _MAP, _NONE}
-
-
-def type_name(value: Any) -> str:
-    return "null" if value is None else type(value).__name__
-
-
-def short_repr(value: Any, limit: int = REPR_LIMIT) -> str:
-    """repr(value) cut to about `limit` characters: a message never carries a huge value.
-
-    Long strings and containers are cut before repr is taken, so a megabyte value costs no more than a
-    short one.
-    """
-    if isinstance(value, str) and len(value) > limit:
-        return repr(value[:limit]) + f"... ({len(value)} characters)"
-    if isinstance(value, (list, tuple, dict)) and len(value) > 8:
-        return f"<{type_name(value)} of {len(value)} items>"
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def suggest(word: Any, choices: Any) -> str:
-    """' (did you mean 'x'?)' when a choice is close to `word`, else ''."""
-    if len(str(word)) > REPR_LIMIT:  # no near miss is that long; difflib's cost grows with the length
-        return ""
-    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def name_problem(name: str) -> str:
-    """Why `name` cannot be a file name (a store's default path is stores/<name>.zarr), or ""."""
-    if len(name) > MAX_NAME_LENGTH:
-        return f"is {len(name)} characters long; at most {MAX_NAME_LENGTH}"
-    if any(ord(c) < 32 or ord(c) == 127 for c in name):
-        return f"{short_repr(name)} holds a control character (NUL, newline, ...); use a plain file name"
-    if "/" in name or "\\" in name or ".." in name:
-        return f"{short_repr(name)} is not a plain file name: no '/', '\\' or '..' (it names stores/<name>.zarr)"
-    return ""
-
-
-def device_problem(value: Any) -> str:
-    """Why `value` names no compute device, or ""."""
-    if isinstance(value, str) and _DEVICE_RE.match(value):
-        return ""
-    return f"unknown device {short_repr(value)}; use auto, cpu, cuda, cuda:<index> or mps"
-
-
-def _fspath(value: Any) -> Any:
-    value = os.fspath(value) if isinstance(value, os.PathLike) else value
-    if isinstance(value, str) and "\0" in value:
-        raise PydanticCustomError("nul", "{value} holds a NUL byte, which no path can", {"value": short_repr(value)})
-    return value
-
-
-def _listify(value: Any) -> Any:
-    return [value] if isinstance(value, (int, str)) and not isinstance(value, bool) else value
-
-
-def _shape(value: Any) -> str:
-    if value is None:
-        return _NONE
-    return _MAP if isinstance(value, dict) else _LIST if isinstance(value, list) else _ONE
-
-
-def _block_ref(value: Any) -> Any:
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise PydanticCustomError(
-            "block_ref",
-            "expected a block number or module name, got {kind} {value}",
-            {"kind": type_name(value), "value": short_repr(value)},
-        )
-    return value
-
-
-def _tokens(value: Any) -> Any:
-    return None if value == 0 and not isinstance(value, bool) else value  # 0 spells "no tokens", as null
-
-
-_One = TypeVar("_One")
-_Many = TypeVar("_Many")
-_Mapping = TypeVar("_Mapping")
-# A value spelled as a scalar, a list or a {block/split: value} mapping, validated by its shape; a generic
-# alias (not a function building the type) so that type checkers see the field types too.
-_ByShape = Annotated[
-    Annotated[_One, Tag(_ONE)]
-    | Annotated[_Many, Tag(_LIST)]
-    | Annotated[_Mapping, Tag(_MAP)]
-    | Annotated[None, Tag(_NONE)],
-    Discriminator(_shape),
-]
-
-
-PosInt = Annotated[int, Field(ge=1)]
-Key = Annotated[str, Field(min_length=1, max_length=MAX_KEY)]
-NonNegInt = Annotated[int, Field(ge=0)]
-Path_ = Annotated[Annotated[str, Field(max_length=MAX_TEXT)] | None, BeforeValidator(_fspath)]
-BlockRef = Annotated[int | Key, BeforeValidator(_block_ref)]
-BlockKey = int | Key  # a block number, a digit string or a module name, or "default"
-Pools = Annotated[list[PosInt], BeforeValidator(_listify), Field(max_length=MAX_SMALL_LIST)]
-TokenSize = Annotated[PosInt | None, BeforeValidator(_tokens)]
-PoolingField = _ByShape[Pools, Pools, dict[BlockKey, Pools]]
-TokensField = _ByShape[TokenSize, TokenSize, dict[BlockKey, TokenSize]]
-LimitField = _ByShape[PosInt, PosInt, dict[Key, PosInt]]
 
 
 class _Section(BaseModel):
@@ -271,7 +159,7 @@ class DatasetSection(_Section):
         "Fashion-MNIST); digits: must be null",
         examples=["data/imagenet"],
     )
-    splits: Annotated[list[Key] | None, BeforeValidator(_listify)] = Field(
+    splits: KeyList = Field(
         None,
         min_length=1,
         max_length=MAX_SMALL_LIST,
@@ -298,13 +186,13 @@ class DatasetSection(_Section):
 class FeaturesSection(_Section):
     """Which activations are stored: timesteps x blocks, each pooled."""
 
-    timesteps: Annotated[list[int], BeforeValidator(_listify)] = Field(
+    timesteps: IntList = Field(
         min_length=1,
         max_length=MAX_TIMESTEPS,
         description="0-based indices t of the diffusion_steps-step process at which x_t is fed to the U-Net",
         examples=[[90, 150], 90],
     )
-    blocks: Annotated[list[BlockRef], BeforeValidator(_listify)] = Field(
+    blocks: BlockRefList = Field(
         min_length=1,
         max_length=MAX_BLOCKS,
         description="U-Net blocks to read: the paper's 1-based numbering or module names "
@@ -469,90 +357,3 @@ SECTION_MODELS: dict[str, type[_Section]] = {
 def json_schema() -> dict[str, Any]:
     """The JSON Schema of a spec file (for editors and `diffbank spec schema`)."""
     return SpecDocument.model_json_schema()
-
-
-# ---------------------------------------------------------------------------------------------
-# Errors -> messages
-# ---------------------------------------------------------------------------------------------
-
-
-def _path(loc: tuple[Any, ...]) -> str:
-    out = ""
-    after_map = False
-    for part in loc:
-        if part in _TAGS:
-            after_map = part == _MAP
-            continue
-        if isinstance(part, int) and not after_map:
-            out += f"[{part}]"
-        else:
-            text = str(part) if len(str(part)) <= REPR_LIMIT else short_repr(part)  # an unknown key may be huge
-            out += f".{text}" if out else text
-        after_map = False
-    return out
-
-
-def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The model whose field `loc` names (None below a plain mapping or list)."""
-    model: type[BaseModel] = SpecDocument
-    for part in loc[:-1]:
-        field = model.model_fields.get(part) if isinstance(part, str) else None
-        annotation = field.annotation if field is not None else None
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return None
-        model = annotation
-    return model
-
-
-def _literals(annotation: Any) -> list[str]:
-    if get_origin(annotation) is Literal:
-        return [str(a) for a in get_args(annotation)]
-    return [c for arg in get_args(annotation) for c in _literals(arg)]
-
-
-def _message(err: Any, suggestions: bool = True) -> str:
-    kind, value, loc = err["type"], err.get("input"), tuple(err["loc"])
-    got = f"got {type_name(value)} {short_repr(value)}"
-    if kind == "extra_forbidden":
-        model = _model_at(loc)
-        allowed = list(model.model_fields) if model is not None else []
-        return f"unknown key{suggest(loc[-1], allowed) if suggestions else ''}; allowed: {', '.join(allowed)}"
-    if kind == "missing":
-        return "section is required" if len(loc) == 1 else "is required"
-    if kind == "literal_error":
-        model = _model_at(loc)
-        field = model.model_fields[loc[-1]] if model is not None else None
-        choices = _literals(field.annotation) if field is not None else []
-        what = field.title if field is not None and field.title else "value"
-        hint = (
-            " (bfloat16 is not a core zarr dtype; use it as compute.dtype)"
-            if loc == ("storage", "dtype") and value == "bfloat16"
-            else ""
-        )
-        value_text = short_repr(value)
-        close = suggest(value, choices) if suggestions else ""
-        return f"unknown {what} {value_text}{close}; choose one of {', '.join(choices)}{hint}"
-    if kind in ("int_type", "int_parsing", "int_from_float"):
-        return f"expected an integer, {got}"
-    if kind == "bool_type":
-        return f"expected true or false, {got}"
-    if kind in ("string_type", "string_too_short"):
-        return f"expected a non-empty string, {got}"
-    if kind in ("dict_type", "model_type", "model_attributes_type"):
-        return f"expected a mapping, {got}"
-    if kind == "list_type":
-        return f"expected a list, {got}"
-    if kind == "too_short":
-        return "must not be empty"
-    if kind in ("too_long", "string_too_long"):
-        what = "characters" if isinstance(value, str) else "items"
-        return f"has {len(value)} {what}; at most {err['ctx']['max_length']}"
-    if kind == "greater_than_equal":
-        return f"must be >= {err['ctx']['ge']}, got {short_repr(value)}"
-    return err["msg"]
-
-
-def problems(error: ValidationError) -> list[tuple[str, str]]:
-    """(field path, message) of every error, in document order; "did you mean" for the first HINTED only
-    (a document with thousands of bad keys would otherwise spend seconds in difflib)."""
-    return [(_path(tuple(e["loc"])), _message(e, suggestions=i < HINTED)) for i, e in enumerate(error.errors())]
