@@ -12,7 +12,7 @@ same data, each measured in this run (best of --repeat after a warm-up, page cac
   memory" passes a new `out=` each time, as a process's first read; what the fresh float32 output alone
   costs (allocate and fill it), and the read into a caller's reused buffer (`out=`);
 - a full pass of FeatureStore.iter_batches (batch 256) with read-ahead, and without it on one thread;
-- a probe's epoch of data (`ProbeData.stream`, batch 256, streamed under `--budget`): shuffled windows read,
+- a probe's epoch of data (`FeatureStream` over `ProbeData`, batch 256, streamed under `--budget`): shuffled windows read,
   checked for NaN/inf and standardised, in order and shuffled (GB/s counts the float16 bytes of the split it
   reads, so it compares with np.load of the same bytes); and, as when the feature fits the budget, the one-time
   load into memory and an epoch gathered from it;
@@ -188,6 +188,7 @@ def main() -> None:
     arm("iter_batches full pass, 1 thread, no read-ahead", full_pass(single, 0))
 
     from probe.data import ProbeData
+    from probe.stream import FeatureStream
 
     # its own store handle, as `diffbank probe` has: windows reuse their memory, not the read arm's
     data = ProbeData.from_store(open_store(root / "c64.zarr"), NAME, in_memory=False, memory_budget=args.budget)
@@ -196,7 +197,7 @@ def main() -> None:
 
     def probe_epoch(shuffle):
         def run():
-            for _ in data.stream("train", 256, shuffle=shuffle):
+            for _ in FeatureStream(data, "train", 256, shuffle=shuffle):
                 pass
 
         return run
@@ -208,7 +209,7 @@ def main() -> None:
         print(f"  {label:<62} {seconds:7.3f} s  {split_gb / seconds:6.2f} GB/s  cpu {cpu:6.3f} s", flush=True)
 
     for shuffle in (False, True):
-        split_arm(f"probe epoch (ProbeData.stream, {'shuffled' if shuffle else 'in order'})", probe_epoch(shuffle))
+        split_arm(f"probe epoch (FeatureStream over ProbeData, {'shuffled' if shuffle else 'in order'})", probe_epoch(shuffle))
     # What a probe does when the feature fits its budget (the default 25% of RAM here): load once, then gather.
     resident = ProbeData.from_store(open_store(root / "c64.zarr"), NAME, in_memory=True)
     c0, t0 = cpu_seconds(), time.perf_counter()
@@ -223,7 +224,7 @@ def main() -> None:
     for shuffle in (False, True):
 
         def resident_epoch(shuffle=shuffle, data=resident):
-            for _ in data.stream("train", 256, shuffle=shuffle):
+            for _ in FeatureStream(data, "train", 256, shuffle=shuffle):
                 pass
 
         split_arm(f"probe epoch in memory ({'shuffled' if shuffle else 'in order'})", resident_epoch)

@@ -37,6 +37,7 @@ from probe.heads import AttentionPoolHead, resolve_preset
 from probe.options import AttentionOptions
 from probe.run import run_attention
 from probe.significance import mcnemar
+from probe.stream import FeatureStream
 
 FEATURE = "t150_b15_tok8"
 
@@ -103,7 +104,7 @@ def mean_logits(run_dir: Path, store: Path, draws: int, preset: str, seed: int) 
     head.load_state_dict(load_file(str(run_dir / "head.safetensors")))
     saved = np.load(run_dir / "logits.npz")
     assert np.array_equal(saved["test_rows"], data.rows("test"))  # the same images in the same order
-    return predict_logits(head, data.stream("test", 512, False), FEATURE).numpy()
+    return predict_logits(head, FeatureStream(data, "test", 512, shuffle=False), FEATURE).numpy()
 
 
 def probe_stage(args: argparse.Namespace, out: Path, store: Path, extraction: dict) -> dict:
