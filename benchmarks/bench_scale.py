@@ -232,24 +232,25 @@ def op_probe(url: str, case: dict[str, Any]) -> dict[str, Any]:
     import probe.run  # noqa: F401  (imported before the clock starts, as torch is for the reads)
     from diffbank.cli import main
 
-    out = tempfile.mkdtemp(prefix="bench_scale_probe_")
+    # Beside the store: the driver removes that folder even when it kills this process at --timeout.
+    out = tempfile.mkdtemp(prefix="probe_", dir=None if "://" in url else os.path.dirname(url))
     name = case["features"][0][0]
     args = ["probe", "linear", url, "--out", out, "--feature", name, "--epochs", "1", "--memory-budget", "1GB"]
-    t0 = time.perf_counter()
-    result = CliRunner().invoke(main, [*args, "--quiet"], catch_exceptions=False)
-    seconds = time.perf_counter() - t0
-    if result.exit_code:
-        raise SystemExit(f"probe linear failed ({result.exit_code}): {result.output[-2000:]}")
-    recorded = json.loads((Path(out) / "results.json").read_text())
-    shutil.rmtree(out, ignore_errors=True)
-    return {"seconds": seconds, "streamed": _streamed(recorded), "budget_bytes": 10**9}
-
-
-def _streamed(recorded: dict[str, Any]) -> Any:
-    for key in ("data", "timing", "memory"):
-        if isinstance(recorded.get(key), dict) and "streamed" in recorded[key]:
-            return recorded[key]["streamed"]
-    return None
+    try:
+        t0 = time.perf_counter()
+        result = CliRunner().invoke(main, [*args, "--quiet"], catch_exceptions=False)
+        seconds = time.perf_counter() - t0
+        if result.exit_code:
+            raise SystemExit(f"probe linear failed ({result.exit_code}): {result.output[-2000:]}")
+        recorded = json.loads((Path(out) / "results.json").read_text())
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    return {
+        "seconds": seconds,
+        "data_mode": recorded.get("data_mode"),
+        "timings": recorded.get("timings"),
+        "budget_bytes": 10**9,
+    }
 
 
 def requests_served(endpoint: str | None) -> int | None:
