@@ -17,6 +17,8 @@ from extract.store.shards import shard_state
 from extract.store.state import feature_list_problems
 from extract.store.tools import SAVED_KIND
 
+SCAN_WINDOW_BYTES = 64 << 20  # float32 rows a full scan holds at once
+
 
 @dataclasses.dataclass
 class VerifyReport:
@@ -160,13 +162,27 @@ def _scan_feature(
                     f"{where}: chunk {k} (rows {c_lo}-{c_hi - 1}) is missing from shard {state.key}; it reads as zeros"
                 )
         try:
-            block = fs.read(name, slice(lo, hi))
+            counts = _count_nonfinite(fs, name, lo, hi)
         except Exception:  # name each chunk that fails, not just the first
             problems += _bad_chunks(arr, where, lo, hi, state.chunk_rows or (hi - lo))
             continue
+        n_inf += counts[0]
+        n_nan += counts[1]
+    return problems, (n_inf, n_nan, rec_inf, rec_nan)
+
+
+def _count_nonfinite(fs: FeatureStore, name: str, lo: int, hi: int) -> tuple[int, int]:
+    """(infs, NaNs) in rows lo..hi, read a window at a time: a whole 256 MiB float16 shard as float32 would
+    make the scan's memory grow with the shard, and so with the store's rows."""
+    shape = fs.array(name).shape[1:]
+    step = max(1, SCAN_WINDOW_BYTES // (4 * int(np.prod(shape, dtype=np.int64))))
+    n_inf = n_nan = 0
+    for start in range(lo, hi, step):
+        block = fs.read(name, slice(start, min(hi, start + step)))
         n_inf += int(np.isinf(block).sum())
         n_nan += int(np.isnan(block).sum())
-    return problems, (n_inf, n_nan, rec_inf, rec_nan)
+        del block  # its memory goes back to the reader for the next window
+    return n_inf, n_nan
 
 
 def _bad_chunks(arr: Any, where: str, lo: int, hi: int, chunk_rows: int) -> list[str]:
