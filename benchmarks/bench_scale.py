@@ -116,6 +116,7 @@ def op_write(url: str, case: dict[str, Any]) -> dict[str, Any]:
         labels=labels,
         splits=splits,
         class_names=[f"c{i}" for i in range(case["classes"])],
+        shard_rows=case.get("shard_rows"),  # None: the store's own plan
     )
     writer = create_store(url, new)
     created = time.perf_counter() - t0
