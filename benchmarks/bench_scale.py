@@ -412,7 +412,8 @@ TABLE_OPS = ["upload", "write", "info", "verify", "verify_full", "read", "iter",
 
 
 def table(results: dict[str, Any]) -> str:
-    """Per operation: microseconds per row (rows/tok cases; the width store: milliseconds per feature) and peak RSS."""
+    """Per operation: microseconds per row (rows/tok cases; width stores: milliseconds per feature, the probe of
+    their one feature in seconds), peak RSS and, on S3, requests."""
     sizes = list(results["sizes"])
     head = f"{'operation':<12}" + "".join(f"{s:>28}" for s in sizes)
     lines = [head, f"{'':<12}" + "".join(f"{'per row|feature, RSS':>28}" for _ in sizes)]
@@ -430,12 +431,15 @@ def table(results: dict[str, Any]) -> str:
                     cells.append(f"{'error':>28}")
                     continue
                 entry = results["sizes"][s]
-                if s.startswith("width"):
+                if s.startswith("width") and op == "probe":  # one feature's probe, whatever the store's width
+                    per = f"{r['seconds']:.1f} s"
+                elif s.startswith("width"):
                     per = f"{1e3 * r['seconds'] / entry['features']:.2f} ms/f"
                 else:
                     per = f"{1e6 * r['seconds'] / entry['rows']:.2f} us/row"
                 req = f" {r['requests']}req" if "requests" in r else ""
-                cells.append(f"{per + ' ' + format(r['peak_rss_mb'], '.0f') + 'MB' + req:>28}")
+                rss = f" {r['peak_rss_mb']:.0f}MB" if r.get("peak_rss_mb") else ""  # the upload runs in the driver
+                cells.append(f"{per + rss + req:>28}")
             if present:
                 lines.append(f"{(op if where == 'local' else op + ' s3'):<12}" + "".join(cells))
     return "\n".join(lines)
