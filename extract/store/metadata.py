@@ -4,6 +4,7 @@ arrays (labels, ids, valid, errors, splits) and the progress markers. Read lazil
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import numpy as np
@@ -101,8 +102,16 @@ class StoreMetadata:
         return sorted(self._features.array_keys())
 
     def array(self, name: str) -> zarr.Array:
-        self._check_name(name)
-        return array_at(self._features, name)
+        arrays = self._cache.setdefault("arrays", {})
+        if name not in arrays:
+            self._check_name(name)
+            if self._root.metadata.consolidated_metadata is not None and not arrays:
+                # From consolidated metadata every array comes in one call; one lookup each costs a round
+                # trip through zarr's event loop (0.5 s for 1,110 features). Live metadata is read per array.
+                arrays.update(self._features.arrays())
+            if name not in arrays:
+                arrays[name] = array_at(self._features, name)
+        return arrays[name]
 
     def feature_info(self, name: str) -> FeatureInfo:
         key = ("info", name)
@@ -157,9 +166,14 @@ class StoreMetadata:
 
     @property
     def failures(self) -> list[dict[str, Any]]:
-        errors = as_str(self._sample_array("error"))
-        ids = self.sample_ids
-        return [{"index": int(i), "id": str(ids[i]), "reason": str(errors[i])} for i in np.flatnonzero(errors != "")]
+        # Only the failed rows' strings are converted: the ids of a 1.28M-row store take seconds to read whole.
+        errors = self._sample_array("error")
+        failed = np.flatnonzero(np.asarray(errors) != "")
+        if not failed.size:
+            return []
+        ids = as_str(self._sample_array("id")[failed])
+        reasons = as_str(errors[failed])
+        return [{"index": int(i), "id": str(d), "reason": str(r)} for i, d, r in zip(failed, ids, reasons)]
 
     # -- progress --------------------------------------------------------------------------
 
@@ -212,5 +226,17 @@ class StoreMetadata:
         """Bytes on disk (local stores only; None elsewhere)."""
         if not is_local(self.url):
             return None
-        root = local_path(self.url)
-        return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+        return _tree_bytes(os.fspath(local_path(self.url)))
+
+
+def _tree_bytes(folder: str) -> int:
+    """Bytes of the files under `folder`, by scandir: Path.rglob + stat took 4x as long (10 s for the
+    39,000 entries of a 1,110-feature store)."""
+    total = 0
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                total += _tree_bytes(entry.path)
+            elif entry.is_file(follow_symlinks=False):
+                total += entry.stat(follow_symlinks=False).st_size
+    return total

@@ -31,6 +31,8 @@ from extract.store.shards import shard_state
 from extract.store.state import feature_list_problems
 from extract.store.tools import SAVED_KIND
 
+SCAN_WINDOW_BYTES = 64 << 20  # float32 rows a full scan holds at once
+
 
 @dataclasses.dataclass
 class VerifyReport:
@@ -150,7 +152,8 @@ def _check_features(
     status = fs.unit_status()
     problems += feature_list_problems(fs._root)
     version = int(fs.attrs.get("format_version", 0))
-    names = [n for n in fs.array_names() if n in fs.arrays_on_disk()]
+    on_disk = set(fs.arrays_on_disk())  # one listing: each call lists every array
+    names = [n for n in fs.array_names() if n in on_disk]
     unchecked = [n for n in names if not has_checksums(fs.array(n))]
     checked["checksums"] = not unchecked
     if version < CHECKSUMS_SINCE or unchecked:
@@ -232,13 +235,27 @@ def _scan_feature(
         if missing:
             continue
         try:
-            block = fs.read(name, slice(lo, hi))
+            counts = _count_nonfinite(fs, name, lo, hi)
         except Exception:  # name each chunk that fails, not just the first
             problems += _bad_chunks(arr, where, lo, hi, state.chunk_rows or (hi - lo))
             continue
+        n_inf += counts[0]
+        n_nan += counts[1]
+    return problems, (n_inf, n_nan, rec_inf, rec_nan)
+
+
+def _count_nonfinite(fs: FeatureStore, name: str, lo: int, hi: int) -> tuple[int, int]:
+    """(infs, NaNs) in rows lo..hi, read a window at a time: a whole 256 MiB float16 shard as float32 would
+    make the scan's memory grow with the shard, and so with the store's rows."""
+    shape = fs.array(name).shape[1:]
+    step = max(1, SCAN_WINDOW_BYTES // (4 * int(np.prod(shape, dtype=np.int64))))
+    n_inf = n_nan = 0
+    for start in range(lo, hi, step):
+        block = fs.read(name, slice(start, min(hi, start + step)))
         n_inf += int(np.isinf(block).sum())
         n_nan += int(np.isnan(block).sum())
-    return problems, (n_inf, n_nan, rec_inf, rec_nan)
+        del block  # its memory goes back to the reader for the next window
+    return n_inf, n_nan
 
 
 def _bad_chunks(arr: Any, where: str, lo: int, hi: int, chunk_rows: int) -> list[str]:

@@ -24,6 +24,7 @@ from extract.store.layout import (
     MACHINE_RECORD,
     PROGRESS,
     SAMPLES,
+    STATS_FIELDS,
     FeatureInfo,
     Layout,
     array_at,
@@ -35,12 +36,33 @@ from extract.store.layout import (
 )
 from extract.store.lease import Lease
 
+CAST_BLOCK_BYTES = 16 << 20  # float32 rows cast_with_stats converts at once
+
 
 def cast_with_stats(data: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
     """Cast float32 features to the storage dtype and the statistics of the cast.
 
     Returns (cast array, [max |x| over finite float32 values, infs after the cast, NaNs, overflows]).
+    Rows go a block at a time: float32 temporaries of a whole 256 MiB float16 shard would take ~1.5 GB.
     """
+    x = np.asarray(data)
+    out = np.empty(x.shape, np.float16) if dtype == "float16" else np.asarray(x, dtype=np.float32)
+    if x.ndim == 0 or len(x) == 0:
+        cast, stats = _cast_block(x, dtype)
+        return (cast if dtype == "float16" else out), stats
+    row_bytes = 4 * max(1, int(np.prod(x.shape[1:], dtype=np.int64)))
+    step = max(1, CAST_BLOCK_BYTES // row_bytes)
+    stats = np.zeros(len(STATS_FIELDS), dtype=np.float64)
+    for lo in range(0, len(x), step):
+        cast, part = _cast_block(x[lo : lo + step], dtype)
+        if dtype == "float16":
+            out[lo : lo + step] = cast
+        stats[0] = max(stats[0], part[0])
+        stats[1:] += part[1:]
+    return out, stats
+
+
+def _cast_block(data: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
     x = np.asarray(data, dtype=np.float32)
     finite = np.isfinite(x)
     all_finite = bool(finite.all())
