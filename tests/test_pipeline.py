@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +13,11 @@ import pytest
 import torch
 import yaml
 import zarr
-from faults.conftest import arrays, assert_same_arrays  # one definition of "the same store bytes"
+from faults.conftest import (  # one definition of "the same store bytes"
+    arrays,
+    assert_same_arrays,
+    kill_after_first_unit,
+)
 from PIL import Image
 
 from extract.diffusion import seeded_noise
@@ -239,14 +241,7 @@ def test_resume_after_sigkill(images, tmp_path):
         ["extract", str(spec_path), "--store", str(killed), "--no-progress", "--json"],
         env={"DIFFBANK_DEBUG_UNIT_DELAY": "0.8"},
     )
-    marker = killed / "_progress" / "done" / "c" / "0" / "0"  # unit 0's marker chunk
-    deadline = time.time() + 120  # start-up on a loaded machine; the loop ends at the marker
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    assert marker.exists(), proc.communicate()[1] if proc.poll() is not None else "no marker in time"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    kill_after_first_unit(proc, killed)
     done = np.asarray(zarr.open_group(str(killed), mode="r", use_consolidated=False)["_progress/done"][:]).all(axis=1)
     assert done[0] and not done.all()
     resumed = _cli(["extract", str(spec_path), "--store", str(killed), "--no-progress", "--json"])

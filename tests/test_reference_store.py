@@ -21,10 +21,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +28,7 @@ import pytest
 import yaml
 import zarr
 from click.testing import CliRunner
+from faults.conftest import cli_process, done_units, files, kill_after_first_unit
 
 from extract.hardware import describe_signature, machine_signature, same_kernels
 from extract.pipeline import extract
@@ -46,9 +43,6 @@ MACHINE_ARRAYS = ("_progress/machine", "_progress/stats")  # per-unit records of
 ULP_BOUND = 1  # float16 features across instruction sets (see the module docstring)
 STATS_RTOL = 1e-6
 
-
-def _files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def _provenance_signature(store: Path) -> dict | None:
@@ -101,7 +95,7 @@ def test_every_unit_records_the_machine_that_wrote_it(fresh):
 
 
 def test_layout_and_metadata_are_identical_everywhere(fresh):
-    ref, new = _files(REFERENCE / "store.zarr"), _files(fresh)
+    ref, new = files(REFERENCE / "store.zarr"), files(fresh)
     assert sorted(ref) == sorted(new)
     for key in (k for k in ref if k.endswith("zarr.json")):
         (a, a_floats), (b, b_floats) = _split_metadata(json.loads(ref[key])), _split_metadata(json.loads(new[key]))
@@ -112,7 +106,7 @@ def test_layout_and_metadata_are_identical_everywhere(fresh):
 
 
 def test_samples_splits_and_markers_are_byte_identical_everywhere(fresh):
-    ref, new = _files(REFERENCE / "store.zarr"), _files(fresh)
+    ref, new = files(REFERENCE / "store.zarr"), files(fresh)
     exact = [
         k
         for k in ref
@@ -146,18 +140,10 @@ def test_float_features_bit_for_bit_on_the_same_machine_kind_else_within_one_ulp
         assert apart.max() <= ULP_BOUND, (name, float(apart.max()))
         assert (a != b).mean() < 0.01, (name, float((a != b).mean()))  # rare last-bit differences, not drift
     if same_machine_kind:  # then the chunk files themselves (Blosc-LZ4 is deterministic)
-        ref_files, new_files = _files(REFERENCE / "store.zarr"), _files(fresh)
+        ref_files, new_files = files(REFERENCE / "store.zarr"), files(fresh)
         for key in (k for k in ref_files if k.startswith("features/") and not k.endswith("zarr.json")):
             assert ref_files[key] == new_files[key], key
 
-
-def _cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
-    import os
-
-    cmd = [sys.executable, "-c", "from diffbank.cli import main; main()", *args]
-    return subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}
-    )
 
 
 @pytest.mark.slow
@@ -169,20 +155,13 @@ def test_another_batch_size_killed_and_resumed_gives_the_same_bytes_on_any_machi
     spec_path.write_text(yaml.safe_dump(spec))
     killed = tmp_path / "killed.zarr"
     args = ["extract", str(spec_path), "--store", str(killed), "--no-progress"]
-    proc = _cli(args, env={"DIFFBANK_DEBUG_UNIT_DELAY": "1.0"})
-    marker = killed / "_progress" / "done" / "c" / "0" / "0"  # unit 0's marker chunk
-    deadline = time.time() + 120  # start-up on a loaded machine; the loop ends at the marker
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    assert marker.exists(), proc.communicate()[1] if proc.poll() is not None else "no marker in time"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = np.asarray(zarr.open_array(str(killed / "_progress" / "done"), mode="r")[:]).all(axis=1)
+    kill_after_first_unit(cli_process(args, env={"DIFFBANK_DEBUG_UNIT_DELAY": "1.0"}), killed)
+    done = done_units(killed)
     assert done[0] and not done.all()
-    resumed = _cli(args)
+    resumed = cli_process(args)
     _, err = resumed.communicate(timeout=120)
     assert resumed.returncode == 0, err
-    a, b = _files(fresh), _files(killed)
+    a, b = files(fresh), files(killed)
     assert sorted(a) == sorted(b)
     for key in (k for k in a if not k.endswith("zarr.json")):
         assert a[key] == b[key], key
@@ -217,13 +196,13 @@ def test_older_formats_hold_the_reference_values(old):
         xr.open_zarr(str(old), group="features")
 
 
-def test_older_chunk_files_are_the_reference_chunk_files():
+def test_older_chunk_files_are_the_reference_chunkfiles():
     """Format 3 renamed dimensions and changed no chunk; format 4 added the chunks of fill values (here the
     error strings of units without failures) and changed no other (committed files: holds everywhere)."""
-    ref = _files(REFERENCE / "store.zarr")
+    ref = files(REFERENCE / "store.zarr")
     chunks = [k for k in ref if not k.endswith("zarr.json") and not k.startswith("_progress/machine/")]
     for old in ("store_v2.zarr", "store_v3.zarr"):
-        kept = {k: v for k, v in _files(REFERENCE.parent / old).items() if not k.endswith("zarr.json")}
+        kept = {k: v for k, v in files(REFERENCE.parent / old).items() if not k.endswith("zarr.json")}
         assert kept and kept == {k: ref[k] for k in kept}, old
         assert {k.rsplit("/c/", 1)[0] for k in set(chunks) - set(kept)} == {"samples/error"}, old
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import errno
 import io
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +108,18 @@ def assert_identical_to(reference: Path, store: Path) -> None:
 def done_units(store: Path) -> np.ndarray:
     g = zarr.open_group(str(store), mode="r", use_consolidated=False)
     return np.asarray(g["_progress/done"][:]).all(axis=1)
+
+
+def kill_after_first_unit(proc: subprocess.Popen, store: Path, timeout: float = 120) -> None:
+    """SIGKILL an extraction once unit 0's marker is on disk (`timeout` covers start-up on a loaded machine)."""
+    marker = store / "_progress" / "done" / "c" / "0" / "0"
+    deadline = time.time() + timeout
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert marker.exists(), proc.communicate()[1] if proc.poll() is not None else "no marker in time"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
 
 
 def unit_files(store: Path, unit: int) -> dict[str, bytes]:
