@@ -18,12 +18,12 @@ from typing import Any
 import torch
 
 from extract.compute import ExtractionError
+from extract.dask_client import check_shared_url, cluster_label, dask_client, require_distributed
 from extract.pipeline import run_units_worker, spec_base_dir
 from extract.prepare import prepare
 from extract.progress import progress_bar
 
 log = logging.getLogger(__name__)
-MISSING_DISTRIBUTED = "running on a dask cluster needs dask.distributed: pip install 'diffbank[cluster]'"
 
 
 def plan_ranges(units: Sequence[int], n_workers: int, tasks_per_worker: int = 4) -> list[list[int]]:
@@ -74,17 +74,8 @@ def extract_distributed(
 
     The client builds no model, so the one-image check of extract.finite is left to the workers' units.
     """
-    try:
-        from dask.distributed import Client, LocalCluster, as_completed
-    except ImportError as exc:  # distributed is the optional extra `cluster`
-        raise ExtractionError(MISSING_DISTRIBUTED) from exc
-
-    url = os.fspath(store_url)
-    if url.startswith("memory://"):
-        raise ExtractionError(
-            "a memory:// store lives in one process; worker processes cannot write it. "
-            "Use a local path or an object store URL"
-        )
+    require_distributed(ExtractionError)
+    url = check_shared_url(store_url, ExtractionError)
     if scheduler is None and workers < 1:
         raise ExtractionError(f"--workers must be at least 1, got {workers}")
     t0 = time.perf_counter()
@@ -100,53 +91,48 @@ def extract_distributed(
     writer, resolved = prepared.writer, prepared.spec
     pending = writer.pending()
     done_before = sorted(set(range(writer.num_units)) - set(pending))
-    cluster = None
     if scheduler is None:
         gpus = torch.cuda.device_count() if prepared.device.type == "cuda" else 0
         if gpus and workers > gpus:
             log.warning(f"{workers} workers share {gpus} GPU(s): worker k runs on GPU k mod {gpus}")
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
-        client = Client(cluster)
-        n_workers = workers
-    else:
-        client = Client(scheduler)
-        n_workers = max(1, len(client.scheduler_info().get("workers", {})))
-    ranges = plan_ranges(sorted(pending), n_workers)
-    where = scheduler or f"a local cluster of {workers} process(es)"
-    log.info(f"{url}: {len(pending)} of {writer.num_units} unit(s) in {len(ranges)} task(s) on {where}")
-    bar = progress_bar(
-        total=sum(writer.unit_rows(u)[1] - writer.unit_rows(u)[0] for u in pending),
-        unit="img",
-        desc="extract",
-        enabled=progress,
-    )
     summaries = []
-    try:
-        futures = [
-            client.submit(
-                run_units_worker,
-                resolved.to_dict(),
-                spec_base_dir(resolved),
-                url,
-                rng,
-                device=device,
-                batch_size=batch_size,
-                strict=strict,
-                storage_options=storage_options,
-                allow_nonfinite=allow_nonfinite,
-                pure=False,
-            )
-            for rng in ranges
-        ]
-        for fut in as_completed(futures):
-            result = fut.result()  # a task's failure (strict mode, a bad store) stops the run here
-            summaries.append(result)
-            bar.update(result["images"])
-    finally:
-        bar.close()
-        client.close()
-        if cluster is not None:
-            cluster.close()
+    with dask_client(None if scheduler else workers, scheduler, ExtractionError) as (client, n_workers):
+        from dask.distributed import as_completed
+
+        ranges = plan_ranges(sorted(pending), n_workers)
+        log.info(
+            f"{url}: {len(pending)} of {writer.num_units} unit(s) in {len(ranges)} task(s) on "
+            f"{cluster_label(workers, scheduler)}"
+        )
+        bar = progress_bar(
+            total=sum(writer.unit_rows(u)[1] - writer.unit_rows(u)[0] for u in pending),
+            unit="img",
+            desc="extract",
+            enabled=progress,
+        )
+        try:
+            futures = [
+                client.submit(
+                    run_units_worker,
+                    resolved.to_dict(),
+                    spec_base_dir(resolved),
+                    url,
+                    rng,
+                    device=device,
+                    batch_size=batch_size,
+                    strict=strict,
+                    storage_options=storage_options,
+                    allow_nonfinite=allow_nonfinite,
+                    pure=False,
+                )
+                for rng in ranges
+            ]
+            for fut in as_completed(futures):
+                result = fut.result()  # a task's failure (strict mode, a bad store) stops the run here
+                summaries.append(result)
+                bar.update(result["images"])
+        finally:
+            bar.close()
     writer.finalize()  # the client alone writes metadata
     summary = _merge(summaries)
     wall = time.perf_counter() - t0

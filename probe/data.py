@@ -35,7 +35,7 @@ from probe.budget import parse_memory
 from probe.errors import ProbeDataError
 from probe.finite import check_chunk_finite
 from probe.inputs import StoreLike, as_store, check_features, draw_arrays, store_draws
-from probe.order import Window, epoch_order
+from probe.order import OrderUnits, Window, epoch_order
 from probe.reading import read_rows, read_whole
 from probe.recipe import STANDARDIZE_MODES
 from probe.splits import (
@@ -80,6 +80,7 @@ class ProbeData:
         shuffle_buffer: int,
         draws: int | None = None,
         eval_draws: str = "first",
+        order_units: OrderUnits | None = None,
     ) -> None:
         self.store = store
         self.features = list(features)
@@ -104,11 +105,15 @@ class ProbeData:
         self.feature_shapes: dict[str, tuple[int, ...]] = {
             n: tuple(int(s) for s in store.feature_info(n).shape) for n in self.features
         }
-        self.chunk_rows = (
-            sizing.chunk_rows(store, self.features[0], self.row_bytes(), self.memory_budget, self.window_bytes())
-            if self.features
-            else 1
-        )
+        self._order_units = order_units
+        if order_units is not None:
+            self.chunk_rows = int(order_units.chunk_rows)
+        elif self.features:
+            self.chunk_rows = sizing.chunk_rows(
+                store, self.features[0], self.row_bytes(), self.memory_budget, self.window_bytes()
+            )
+        else:
+            self.chunk_rows = 1
         self.in_memory = self.memory_bytes() <= self.memory_budget if in_memory is None else bool(in_memory)
         self._memory: dict[str, np.ndarray] | None = None
         self._stats: dict[str, FeatureStats] = {}
@@ -132,6 +137,7 @@ class ProbeData:
         shuffle_buffer: int | str = "1GiB",
         draws: int | None = None,
         eval_draws: str = "first",
+        order_units: OrderUnits | None = None,
     ) -> ProbeData:
         """Resolve features, labels and splits of `store` (a `FeatureStore` or a URL/path).
 
@@ -139,6 +145,7 @@ class ProbeData:
         of train; `in_memory=None` decides by `memory_budget` (bytes, '2GiB', '25%'; default 25% of RAM).
         `shuffle_buffer` (bytes) sizes the shuffle windows of its `FeatureStream`s in both modes (see `epoch_order`).
         `draws` (default: all the store keeps) and `eval_draws` ("first" | "mean"): see the module docstring.
+        `order_units` fixes the unit and window of the epoch order (default: sized from these features).
         """
         store = as_store(store)
         features = [features] if isinstance(features, str) else list(features)
@@ -178,7 +185,17 @@ class ProbeData:
             shuffle_buffer=parse_memory(shuffle_buffer),
             draws=draws,
             eval_draws=eval_draws,
+            order_units=order_units,
         )
+
+    def load(self) -> None:
+        """Read what training needs before its first epoch: the in-memory copy, or the statistics of every
+        feature (streamed); both check every value read for NaN/inf."""
+        if self.in_memory:
+            self.memory_arrays()
+        else:
+            for name in self.features:
+                self.stats(name)
 
     # ---- descriptive
 
@@ -241,7 +258,13 @@ class ProbeData:
 
     def default_buffer_rows(self) -> int:
         """Shuffle window in rows (`probe.sizing.buffer_rows`): the same in memory and streamed."""
+        if self._order_units is not None:
+            return int(self._order_units.buffer_rows)
         return sizing.buffer_rows(self.chunk_rows, self.window_bytes(), self.row_bytes())
+
+    def order_units(self) -> OrderUnits:
+        """The unit and window of this data's epoch order (to give a part of the features the same order)."""
+        return OrderUnits(self.chunk_rows, self.default_buffer_rows())
 
     def split_definition(self) -> dict[str, Any]:
         """JSON-able description of the splits (sources, seeds, counts per class, row digests)."""

@@ -32,6 +32,7 @@ __all__ = [
     "fusable_groups",
     "evaluate",
     "predict_logits",
+    "predict_many",
     "draw_views",
 ]
 
@@ -149,29 +150,42 @@ def evaluate(
     return {k: (float(loss_sum[k]) / count, int(correct[k]) / count) for k in heads}
 
 
-@torch.no_grad()
 def predict_logits(
     head: nn.Module, stream: BatchStream, input: InputSpec, device: str | torch.device = "cpu"
 ) -> torch.Tensor:
     """Logits of `head` over one pass of `stream` (in stream order), as a CPU float32 tensor."""
+    return predict_many({"": (head, input)}, stream, device)[""]
+
+
+@torch.no_grad()
+def predict_many(
+    heads: Mapping[K, tuple[nn.Module, InputSpec]], stream: BatchStream, device: str | torch.device = "cpu"
+) -> dict[K, torch.Tensor]:
+    """Logits of every head {key: (head, input)} over ONE pass of `stream` (in stream order), as CPU float32
+    tensors: each head's are those `predict_logits` gives it alone (same batches, same arithmetic)."""
     device = torch.device(device)
-    was_training = head.training
-    head.eval()
+    was_training = {k: head.training for k, (head, _) in heads.items()}
+    for head, _ in heads.values():
+        head.eval()
     stream.set_epoch(0)
     # Filled in place: a list of batches joined at the end held the logits twice (2 GB for 243,000 rows x
     # 1,000 classes).
-    out: torch.Tensor | None = None
+    out: dict[K, torch.Tensor] = {}
     filled = 0
     for xs, _ in stream:
-        views = draw_views(xs, feature_names(input), stream, device)
-        logits = _mean_logits([head(gather(input, feats)) for feats in views]).float().cpu()
-        if out is None:
-            out = torch.empty((stream.num_samples, *logits.shape[1:]), dtype=torch.float32)
-        if filled + len(logits) > len(out):
-            raise ValueError(f"stream yielded more than its {stream.num_samples} samples")
-        out[filled : filled + len(logits)] = logits
-        filled += len(logits)
-    head.train(was_training)
-    if out is None or not filled:
+        size = 0
+        for key, (head, input) in heads.items():
+            views = draw_views(xs, feature_names(input), stream, device)
+            logits = _mean_logits([head(gather(input, feats)) for feats in views]).float().cpu()
+            if key not in out:
+                out[key] = torch.empty((stream.num_samples, *logits.shape[1:]), dtype=torch.float32)
+            if filled + len(logits) > len(out[key]):
+                raise ValueError(f"stream yielded more than its {stream.num_samples} samples")
+            out[key][filled : filled + len(logits)] = logits
+            size = len(logits)
+        filled += size
+    for key, (head, _) in heads.items():
+        head.train(was_training[key])
+    if not out or not filled:
         raise ValueError("stream yielded no samples")
-    return out[:filled]
+    return {k: v[:filled] for k, v in out.items()}

@@ -10,16 +10,18 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
 from extract.provenance import to_jsonable
+from probe.data import ProbeData
 from probe.errors import ProbeDataError
-from probe.evaluation import InputSpec, predict_logits
+from probe.evaluation import InputSpec, predict_many
 from probe.head_results import HeadResult, SweepResult
 from probe.heads import HeadSizes, resolve_preset, seeded_init
 from probe.inputs import StoreLike
@@ -28,6 +30,7 @@ from probe.metrics import classification_metrics
 from probe.options import AttentionOptions, LinearOptions, SweepOptions, TrainingOptions
 from probe.recipe import ProbeConfigError, Recipe
 from probe.report import plot_heatmap
+from probe.stream import FeatureStream
 from probe.trainer import train_many
 
 __all__ = [
@@ -35,6 +38,8 @@ __all__ = [
     "finish_single",
     "train_heads",
     "evaluate_head",
+    "split_logits",
+    "report_logits",
     "save_heads",
     "head_record",
     "single_feature",
@@ -43,6 +48,7 @@ __all__ = [
 
 GRID_FIGURE = "grid_val.png"
 log = logging.getLogger(__name__)
+K = TypeVar("K", bound=Hashable)
 
 
 def _recipe(name: str, head: str, **settings: Any) -> Recipe:
@@ -99,7 +105,9 @@ class TrainedRun:
     """What the trained commands (linear, attention, fusion, sweep) share: the recipe their options make, checked
     before any data is read, and one config layout (so all record and resume alike)."""
 
-    def __init__(self, command: str, store: StoreLike, out_dir: str | Path, options: TrainingOptions) -> None:
+    def __init__(
+        self, command: str, store: StoreLike, out_dir: str | Path, options: TrainingOptions, read_data: bool = True
+    ) -> None:
         lr = options.lr if isinstance(options, (LinearOptions, AttentionOptions)) else None
         lrs = options.lrs if isinstance(options, (AttentionOptions, SweepOptions)) else None
         self.recipe = _recipe(
@@ -144,6 +152,7 @@ class TrainedRun:
             recipe=self.recipe,
             draws=draws,
             eval_draws=eval_draws,
+            read_data=read_data,
         )
 
     def finish(self, make_head: Callable[[], torch.nn.Module], input: InputSpec) -> dict[str, Any]:
@@ -325,21 +334,37 @@ def train_heads(
 
 
 def evaluate_head(job: Job, head: torch.nn.Module, input: InputSpec, device: str) -> dict[str, Any]:
-    """Metrics of one head on the validation and test splits; its logits (and the store rows they belong to)
-    go to out_dir/logits.npz, so two runs can be compared image by image (e.g. McNemar)."""
-    assert job.recipe is not None
-    batch_size = job.recipe.batch_size
+    """Metrics of one head on the validation and test splits (`report_logits`)."""
     t0 = time.perf_counter()
-    out = {}
-    saved: dict[str, Any] = {}  # arrays; Any as numpy types savez's keywords with its allow_pickle flag
-    for split in ("val", "test"):
-        logits = predict_logits(head, job.stream(split, batch_size, False), input, device=device).numpy()
-        out[split] = classification_metrics(
-            job.data.labels(split), logits, num_classes=job.data.num_classes, class_names=job.data.class_names
-        )
-        saved[split] = logits
-    job.save_logits(saved)
+    logits = split_logits(job.data, {"": (head, input)}, job.recipe, device)[""]
+    metrics = report_logits(job, logits)
     job.timings["eval_s"] = time.perf_counter() - t0
+    return metrics
+
+
+def split_logits(
+    data: ProbeData, heads: Mapping[K, tuple[torch.nn.Module, InputSpec]], recipe: Recipe | None, device: str
+) -> dict[K, dict[str, np.ndarray]]:
+    """Every head's logits on the validation and test splits ({key: {split: (N, classes)}}), one pass per split."""
+    assert recipe is not None
+    out: dict[K, dict[str, np.ndarray]] = {k: {} for k in heads}
+    for split in ("val", "test"):
+        logits = predict_many(heads, FeatureStream(data, split, recipe.batch_size, shuffle=False), device)
+        for k, v in logits.items():
+            out[k][split] = v.numpy()
+    return out
+
+
+def report_logits(job: Job, logits: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """Metrics of the selected head's {split: logits} on validation and test; the logits (and the store rows they
+    belong to) go to out_dir/logits.npz, so two runs can be compared image by image (e.g. McNemar)."""
+    out = {
+        split: classification_metrics(
+            job.data.labels(split), logits[split], num_classes=job.data.num_classes, class_names=job.data.class_names
+        )
+        for split in ("val", "test")
+    }
+    job.save_logits(dict(logits))
     return out
 
 

@@ -23,12 +23,13 @@ from probe.head_results import EPOCHS_COUNTED_FROM
 from probe.inputs import StoreLike, as_store
 from probe.logits import LOGITS_FILE, RESULTS_FILE, SplitScores, write_logits
 from probe.options import DataOptions
+from probe.order import OrderUnits
 from probe.recipe import Recipe
 from probe.report import environment, number_text, write_results
 from probe.splits import optional_attr
 from probe.stream import FeatureStream
 
-__all__ = ["Job", "RUN_FILE"]
+__all__ = ["Job", "RUN_FILE", "probe_data"]
 
 RUN_FILE = "run.json"
 _RECIPE_KEYS = ("momentum", "weight_decay", "step_size", "gamma")
@@ -55,6 +56,7 @@ class Job:
         recipe: Recipe | None = None,
         draws: int | None = 1,
         eval_draws: str = "first",
+        read_data: bool = True,
     ) -> None:
         self.started = time.perf_counter()
         self.started_at = utc_now()
@@ -82,27 +84,15 @@ class Job:
             **config,
         }
         t0 = time.perf_counter()
-        self.data = ProbeData.from_store(
-            self.store,
-            self.features,
-            val_fraction=val_fraction,
-            seed=seed,
-            subset=subset,
-            standardize=standardize,
-            memory_budget=options.memory_budget,
-            draws=draws,
-            eval_draws=eval_draws,
-        )
+        self.data = probe_data(self.store, self.features, options, standardize, draws, eval_draws)
         for split, source in self.data.split_definition()["source"].items():
             if source.startswith("carved"):
                 log.info("%s split: %s, %d rows", split, source, len(self.data.rows(split)))
         # Reading (in memory) or the statistics pass (streamed), with their NaN checks, count as data time;
-        # in memory the statistics come from the loaded copy, so the store is read once.
-        if self.data.in_memory:
-            self.data.memory_arrays()
-        else:
-            for name in self.features:
-                self.data.stats(name)
+        # in memory the statistics come from the loaded copy, so the store is read once. A job whose heads
+        # train elsewhere (`read_data=False`: a sweep on dask workers) reads nothing here.
+        if read_data:
+            self.data.load()
         self.timings: dict[str, float] = {"data_s": time.perf_counter() - t0}
         self.logits_record: dict[str, Any] | None = None
         self._guard(resume, guard)
@@ -201,6 +191,33 @@ class Job:
         rows: dict[str, Any] = self.data.split_rows()  # Any: numpy types savez's keywords with allow_pickle
         np.savez(self.out / "splits.npz", **rows)
         return to_jsonable(results)
+
+
+def probe_data(
+    store: StoreLike,
+    features: list[str],
+    options: DataOptions,
+    standardize: str,
+    draws: int | None,
+    eval_draws: str,
+    *,
+    memory_budget: int | str | None = None,
+    order_units: OrderUnits | None = None,
+) -> ProbeData:
+    """The data of a command's `features` as its options define them (splits, subset, seed, draws); nothing is
+    read yet. `memory_budget` overrides the options' (a worker's share); `order_units` fixes the epoch order."""
+    return ProbeData.from_store(
+        store,
+        features,
+        val_fraction=options.val_fraction,
+        seed=options.seed,
+        subset=options.subset,
+        standardize=standardize,
+        memory_budget=options.memory_budget if memory_budget is None else memory_budget,
+        draws=draws,
+        eval_draws=eval_draws,
+        order_units=order_units,
+    )
 
 
 def recipe_line(recipe: Recipe, standardize: str) -> str:

@@ -92,9 +92,13 @@ class FusionOptions(AttentionOptions):
 
 @dataclass(frozen=True, kw_only=True)
 class SweepOptions(TrainingOptions):
-    """`run_sweep`: the lrs every feature is trained with (None: the recipe's)."""
+    """`run_sweep`: the lrs every feature is trained with (None: the recipe's); `workers` (a local dask cluster
+    of N processes) or `scheduler` (an existing dask scheduler's address) trains the features on dask workers
+    (`probe.sweep_workers`), with the results of one process."""
 
     lrs: Sequence[float] | None = None
+    workers: int | None = None
+    scheduler: str | None = None
 
 
 COMPARE_SPLITS: tuple[str, ...] = ("val", "test")  # the splits a run saves per-image scores for

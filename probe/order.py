@@ -14,7 +14,7 @@ import numpy as np
 
 from probe.splits import KEY_ORDER, seeded_rng
 
-__all__ = ["Window", "epoch_order"]
+__all__ = ["Window", "OrderUnits", "epoch_order"]
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,16 @@ class Window:
 
     chunks: tuple[int, ...]
     order: np.ndarray
+
+
+@dataclass(frozen=True)
+class OrderUnits:
+    """What sizes an epoch's order besides the rows and seeds: the unit (`chunk_rows`) and the window
+    (`buffer_rows`). Both come from the bytes of a row of every feature read together, so a part of a sweep
+    trained on its own (`probe.sweep_worker`) is given the whole sweep's units to see the whole sweep's batches."""
+
+    chunk_rows: int
+    buffer_rows: int
 
 
 def epoch_order(

@@ -34,9 +34,19 @@ from typing import Any
 
 import torch
 
+from extract.dask_client import require_distributed
 from probe.baselines import DINOV2_C_GRID, flatten_features, knn_sweep, logistic_sweep
 from probe.exact_logistic import L2_GRID, MAX_ITER, exact_logistic_sweep
-from probe.fitting import TrainedRun, evaluate_head, finish_single, head_record, save_heads, single_feature, train_heads
+from probe.fitting import (
+    TrainedRun,
+    evaluate_head,
+    finish_single,
+    head_record,
+    report_logits,
+    save_heads,
+    single_feature,
+    train_heads,
+)
 from probe.head_results import SweepResult
 from probe.heads import AttentionPoolHead, DifFormerHead, LinearHead, seeded_init
 from probe.inputs import StoreLike, fusion_inputs
@@ -54,6 +64,7 @@ from probe.options import (
 )
 from probe.recipe import ProbeConfigError
 from probe.report import plot_accuracy_vs_t, plot_heatmap
+from probe.sweep_workers import sweep_heads, train_on_workers
 
 __all__ = ["run_linear", "run_attention", "run_fusion", "run_logistic", "run_knn", "run_sweep"]
 
@@ -213,23 +224,26 @@ def run_sweep(store: StoreLike, out_dir: str | Path, options: SweepOptions | Non
 
     Options: `probe.options.SweepOptions` (`lrs` default: the recipe's; diffbank 1e-3, 1e-2, 1e-1; paper 1e-2). Writes heatmap.png (test top-1 of the validation-selected (pooling, lr)
     per (t, block) cell, the validation-selected cell outlined) and accuracy_vs_t.png, and all heads to
-    heads.safetensors.
+    heads.safetensors. With `workers` or `scheduler` the features train on dask workers (`probe.sweep_workers`)
+    and the client writes the same results (no checkpoint: an interrupted run starts again).
     """
-    trained = TrainedRun("sweep", store, out_dir, options or SweepOptions())
+    options = options or SweepOptions()
+    distributed = _check_cluster(options)
+    trained = TrainedRun("sweep", store, out_dir, options, read_data=not distributed)
     job, rec, seed, device, progress = trained.job, trained.recipe, trained.seed, trained.device, trained.progress
-    heads: dict[str, torch.nn.Module] = {}
-    inputs: dict[str, str] = {}
-    lr_of: dict[str, float] = {}
-    for name in job.features:
-        for lr in rec.learning_rates:
-            key = f"{name}@lr={lr:g}"
-            with seeded_init(seed):  # same start for every lr: the sweep's head equals `run_linear`'s
-                heads[key] = LinearHead(job.data.feature_shapes[name], job.data.num_classes)
-            inputs[key], lr_of[key] = name, lr
-    result = train_heads(job, heads, inputs, lr_of, device=device, progress=progress)
+    heads, inputs, lr_of = sweep_heads(job.data, job.features, rec.learning_rates, seed)
+    extra: dict[str, Any] = {}
+    if distributed:
+        t0 = time.perf_counter()
+        result, logits, extra["cluster"] = train_on_workers(job, rec, options, heads, progress)
+        job.timings["train_s"] = time.perf_counter() - t0
+        metrics = report_logits(job, logits)
+    else:
+        result = train_heads(job, heads, inputs, lr_of, device=device, progress=progress)
     assert result.best is not None  # a validation split always exists
     best_key = str(result.best)
-    metrics = evaluate_head(job, heads[best_key], inputs[best_key], device)
+    if not distributed:
+        metrics = evaluate_head(job, heads[best_key], inputs[best_key], device)
     table = _sweep_table(job, result)
     cells = _best_per_cell(table, result)
     figures = _sweep_figures(job, cells, table, best_key)
@@ -249,8 +263,21 @@ def run_sweep(store: StoreLike, out_dir: str | Path, options: SweepOptions | Non
             "figures": figures,
             "weights": "heads.safetensors",
             "training": {k: head_record(r) for k, r in result.heads.items()},
+            **extra,
         }
     )
+
+
+def _check_cluster(options: SweepOptions) -> bool:
+    """Whether the sweep runs on dask workers; bad cluster options, named, before any data is read."""
+    if options.workers is not None and options.scheduler is not None:
+        raise ProbeConfigError("give workers or scheduler, not both")
+    if options.workers is not None and (isinstance(options.workers, bool) or options.workers < 1):
+        raise ProbeConfigError(f"workers must be at least 1, got {options.workers!r}")
+    if options.workers is None and options.scheduler is None:
+        return False
+    require_distributed(ProbeConfigError)
+    return True
 
 
 def _sweep_table(job: Job, result: SweepResult) -> list[dict[str, Any]]:

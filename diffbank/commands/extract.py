@@ -9,7 +9,14 @@ from typing import Any
 
 import click
 
-from diffbank.commands.options import device_option, quiet, spec_device, storage_option_option
+from diffbank.commands.options import (
+    cluster_options,
+    device_option,
+    one_cluster,
+    quiet,
+    spec_device,
+    storage_option_option,
+)
 from diffbank.commands.remote import open_read_only
 from extract.hardware import describe_signature
 from extract.provenance import to_jsonable
@@ -28,10 +35,7 @@ log = logging.getLogger(__name__)
     f"default {DEFAULT_STORE_DIR}/<spec name>.zarr.",
 )
 @click.option("--strict", is_flag=True, help="Stop at the first unreadable image instead of recording it.")
-@click.option(
-    "--workers", type=click.IntRange(min=1), default=None, help="Run on a local dask cluster of N worker processes."
-)
-@click.option("--scheduler", metavar="ADDR", default=None, help="Run on an existing dask scheduler (tcp://host:8786).")
+@cluster_options
 @click.option(
     "--batch-size",
     type=click.IntRange(min=1),
@@ -96,8 +100,7 @@ def extract_command(
     except StoreError as exc:
         raise click.UsageError(str(exc)) from None
 
-    if workers is not None and scheduler is not None:
-        raise click.UsageError("give --workers or --scheduler, not both")
+    one_cluster(workers, scheduler)
     try:
         spec = load_spec(spec_path)  # every problem reported before anything is created
     except SpecError as exc:
@@ -303,7 +306,14 @@ def export_command(
     metavar="KEY=VALUE",
     help="fsspec option for DST only (repeatable), after --storage-option.",
 )
-@click.option("--workers", type=click.IntRange(min=1), default=4, show_default=True, help="Objects copied at once.")
+@click.option(
+    "--workers",
+    "copy_workers",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    help="Objects copied at once.",
+)
 @click.option("--full", is_flag=True, help="Then verify DST reading every value (`store verify --full`).")
 @storage_option_option("SRC and DST")
 def copy_command(
@@ -312,7 +322,7 @@ def copy_command(
     resume: bool,
     src_option: tuple[str, ...],
     dst_option: tuple[str, ...],
-    workers: int,
+    copy_workers: int,
     full: bool,
     storage_option: tuple[str, ...],
 ) -> None:
@@ -338,7 +348,9 @@ def copy_command(
     try:
         check_s3(src, src_options)
         check_s3(dst, dst_options, store_must_exist=False)
-        summary = copy_store(src, dst, src_options=src_options, dst_options=dst_options, resume=resume, workers=workers)
+        summary = copy_store(
+            src, dst, src_options=src_options, dst_options=dst_options, resume=resume, workers=copy_workers
+        )
     except (StoreError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None
     report = verify(dst, full_scan=full, fingerprint_of_spec=fingerprint_of_resolved, storage_options=dst_options)

@@ -1,7 +1,7 @@
 """The options commands share, each defined once, and the callbacks that check option values.
 
 One grammar: a common option (`--storage-option`, `-q/--quiet`, `-v/--verbose`, `--device`, `--memory-budget`,
-`--seed`) is written after the subcommand, by every command that uses it. A group that took it before keeps
+`--seed`, `--workers`/`--scheduler`) is written after the subcommand, by every command that uses it. A group that took it before keeps
 taking it (`diffbank -q ...`, `diffbank store --storage-option K=V verify ...`): a value given on a group
 reaches its commands, where a repeatable option adds to it and a single-valued one given again overrides it.
 
@@ -23,7 +23,7 @@ Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 Callback = Callable[[click.Context, click.Parameter, Any], Any]
 
 # The names of the common options, as click stores them (the test of the grammar walks commands for these).
-COMMON_OPTIONS = ("storage_option", "quiet", "verbose", "device", "memory_budget", "seed")
+COMMON_OPTIONS = ("storage_option", "quiet", "verbose", "device", "memory_budget", "seed", "workers", "scheduler")
 _GIVEN_ON_GROUPS = "diffbank.common_options"
 
 
@@ -129,6 +129,31 @@ def memory_budget_option(
     help: str = "Bytes, 2GiB or 25% of RAM (default 25%): features up to it are held in memory.",
 ) -> Decorator:
     return click.option("--memory-budget", default=None, callback=_shared(checked(_memory)), help=help)
+
+
+def cluster_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """`--workers N` (a local dask cluster of N worker processes) and `--scheduler ADDR` (an existing dask
+    scheduler), for the commands that spread their work over dask workers (extra `cluster`)."""
+    func = click.option(
+        "--scheduler",
+        metavar="ADDR",
+        default=None,
+        callback=_shared(),
+        help="Run on an existing dask scheduler (tcp://host:8786).",
+    )(func)
+    return click.option(
+        "--workers",
+        type=click.IntRange(min=1),
+        default=None,
+        callback=_shared(),
+        help="Run on a local dask cluster of N worker processes.",
+    )(func)
+
+
+def one_cluster(workers: int | None, scheduler: str | None) -> None:
+    """--workers and --scheduler exclude each other: a usage error before any work."""
+    if workers is not None and scheduler is not None:
+        raise click.UsageError("give --workers or --scheduler, not both")
 
 
 # --------------------------------------------------------------------------------------------- verbosity

@@ -16,8 +16,10 @@ import click
 
 from diffbank.commands.options import (
     checked,
+    cluster_options,
     device_option,
     memory_budget_option,
+    one_cluster,
     quiet,
     seed_option,
     storage_option_option,
@@ -363,8 +365,15 @@ def knn(**kwargs: Any) -> None:
 @click.option(
     "--lr", "lrs", multiple=True, type=float, help="learning rates (repeatable) " + _recipe_value("lrs", "sweep")
 )
+@cluster_options
 def sweep(**kwargs: Any) -> None:
-    """Linear heads for every (t, block, pooling) x lr in one pass; heat map over t x block."""
+    """Linear heads for every (t, block, pooling) x lr in one pass; heat map over t x block.
+
+    \b
+    --workers N / --scheduler ADDR: the features are split across dask workers (extra
+    `cluster`), each reading the store itself; the results are those of one process.
+    """
+    one_cluster(kwargs["workers"], kwargs["scheduler"])
     if not kwargs["lrs"]:
         kwargs.pop("lrs")
     else:

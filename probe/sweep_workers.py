@@ -1,0 +1,221 @@
+"""A linear sweep's heads trained on dask.distributed workers (`diffbank probe sweep --workers/--scheduler`).
+
+The client splits the sweep's features into parts, one per worker; each task opens the store itself (a local
+path or an fsspec URL with the run's storage options), reads its features and trains every lr of each in one
+pass (`train_part`). It returns its heads' results, weights and, per feature, the validation and test logits
+of the head selected for that feature. The client merges them in the one-process order, so selection, tables,
+figures, weights and logits.npz are those of `probe.run.run_sweep` in one process:
+
+- a head's initial weights come from `seeded_init(seed)` alone (`sweep_heads`);
+- its batches come from the seed and the epoch order's unit and window (`probe.order.OrderUnits`), which are
+  sized from a row of every feature read together; the client gives each part the whole sweep's units, so a
+  part sees the batches of the one-process pass whatever features it holds;
+- heads share no parameters and a feature's lrs stay in one part (one fused matmul, as in one process).
+
+Weights are then bit-identical when each process runs torch on one thread (a LocalCluster's workers do).
+A worker that dies mid-task is replaced and its task rerun (the scheduler reschedules the tasks of a lost
+worker; `retries` reruns a task that raised), so no feature is lost. Parts keep no checkpoint: an interrupted
+distributed sweep restarts from its first epoch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from extract.dask_client import check_shared_url, cluster_label, dask_client
+from extract.progress import progress_bar
+from extract.store import open_store
+from extract.store.layout import is_local, local_path
+from probe.budget import parse_memory
+from probe.data import ProbeData
+from probe.fitting import split_logits
+from probe.head_results import HeadResult, SweepResult, select_heads
+from probe.heads import LinearHead, seeded_init
+from probe.job import Job, probe_data
+from probe.options import SweepOptions
+from probe.order import OrderUnits
+from probe.recipe import ProbeConfigError, Recipe
+from probe.stream import FeatureStream
+from probe.trainer import train_many
+
+__all__ = ["sweep_heads", "plan_parts", "train_part", "train_on_workers", "PartResult", "RETRIES"]
+
+log = logging.getLogger(__name__)
+# Reruns of a task that raised (a lost worker's tasks are rescheduled by the scheduler on its own).
+RETRIES = 2
+
+
+def sweep_heads(
+    data: ProbeData, features: Sequence[str], lrs: Sequence[float], seed: int
+) -> tuple[dict[str, nn.Module], dict[str, str], dict[str, float]]:
+    """One linear head per feature x lr (keys "feature@lr=0.01"), each from `seeded_init(seed)`: every lr of a
+    feature starts from the same weights, which are `run_linear`'s, whatever else is trained with it."""
+    heads: dict[str, nn.Module] = {}
+    inputs: dict[str, str] = {}
+    lr_of: dict[str, float] = {}
+    for name in features:
+        for lr in lrs:
+            key = f"{name}@lr={lr:g}"
+            with seeded_init(seed):
+                heads[key] = LinearHead(data.feature_shapes[name], data.num_classes)
+            inputs[key], lr_of[key] = name, lr
+    return heads, inputs, lr_of
+
+
+def plan_parts(sizes: dict[str, int], n_parts: int) -> list[list[str]]:
+    """Features split into at most `n_parts` parts of about equal bytes (largest first onto the lightest part),
+    each part in the sweep's feature order; empty parts are dropped."""
+    parts: list[list[str]] = [[] for _ in range(max(1, min(n_parts, len(sizes))))]
+    load = [0] * len(parts)
+    for name in sorted(sizes, key=lambda n: (-sizes[n], list(sizes).index(n))):
+        i = load.index(min(load))
+        parts[i].append(name)
+        load[i] += sizes[name]
+    order = {n: i for i, n in enumerate(sizes)}
+    return [sorted(p, key=order.__getitem__) for p in parts if p]
+
+
+@dataclasses.dataclass
+class PartResult:
+    """What one task returns: per head its result and weights; per feature the {split: logits} of its selected
+    head; where and how long it ran."""
+
+    results: dict[str, HeadResult]
+    states: dict[str, dict[str, torch.Tensor]]
+    logits: dict[str, dict[str, np.ndarray]]
+    worker: str
+    seconds: dict[str, float]
+
+
+def train_part(
+    url: str,
+    storage_options: dict[str, Any] | None,
+    features: list[str],
+    options: SweepOptions,
+    recipe: Recipe,
+    order: OrderUnits,
+    memory_budget: int | None,
+) -> PartResult:
+    """A dask task: train every lr of `features` in one pass, as the one-process sweep trains them."""
+    t0 = time.perf_counter()
+    store = open_store(url, storage_options)
+    data = probe_data(
+        store,
+        features,
+        options,
+        recipe.standardize,
+        options.draws,
+        options.eval_draws,
+        memory_budget=memory_budget,
+        order_units=order,
+    )
+    data.load()
+    t1 = time.perf_counter()
+    heads, inputs, lr_of = sweep_heads(data, features, recipe.learning_rates, options.seed)
+    batch = recipe.batch_size
+    result = train_many(
+        heads,
+        inputs,
+        FeatureStream(data, "train", batch, shuffle=True),
+        FeatureStream(data, "val", batch, shuffle=False),
+        FeatureStream(data, "test", batch, shuffle=False),
+        lrs=lr_of,
+        recipe=recipe,
+        progress=False,
+        device=options.device,
+    )
+    t2 = time.perf_counter()
+    chosen = {name: (heads[str(result.best_per_input[name])], name) for name in features}
+    logits = split_logits(data, chosen, recipe, options.device)
+    states = {k: {n: t.detach().cpu().clone() for n, t in h.state_dict().items()} for k, h in heads.items()}
+    return PartResult(
+        results={str(k): r for k, r in result.heads.items()},
+        states=states,
+        logits=logits,
+        worker=f"{socket.gethostname()}:{os.getpid()}",
+        seconds={"data_s": t1 - t0, "train_s": t2 - t1, "eval_s": time.perf_counter() - t2},
+    )
+
+
+def _worker_url(url: str) -> str:
+    """A local store as an absolute path, so workers started elsewhere (another cwd) open the same store."""
+    return str(local_path(url).resolve()) if is_local(url) else url
+
+
+def train_on_workers(
+    job: Job, recipe: Recipe, options: SweepOptions, heads: dict[str, nn.Module], progress: bool
+) -> tuple[SweepResult, dict[str, np.ndarray], dict[str, Any]]:
+    """Train `heads` (the sweep's, from `sweep_heads`) on dask workers; their weights are loaded in place.
+
+    Returns the merged result (selection as in one process), the selected head's {split: logits} and a record
+    of the parts (features, worker, seconds)."""
+    store = job.store
+    url = _worker_url(check_shared_url(store.url, ProbeConfigError))
+    local = options.scheduler is None
+    started = time.perf_counter()
+    with dask_client(options.workers if local else None, options.scheduler, ProbeConfigError) as (client, n):
+        sizes = {name: int(np.prod(job.data.feature_shapes[name])) for name in job.features}
+        parts = plan_parts(sizes, n)
+        # Local workers share this machine's memory: each gets its share of the budget.
+        budget = parse_memory(options.memory_budget) // n if local else None
+        log.info(
+            "%d feature(s) in %d part(s) on %s", len(job.features), len(parts), cluster_label(n, options.scheduler)
+        )
+        order = job.data.order_units()
+        futures = {
+            client.submit(
+                train_part,
+                url,
+                store.storage_options,
+                part,
+                options,
+                recipe,
+                order,
+                budget,
+                retries=RETRIES,
+                pure=False,
+            ): i
+            for i, part in enumerate(parts)
+        }
+        from dask.distributed import as_completed
+
+        done: dict[int, PartResult] = {}
+        bar = progress_bar(total=len(job.features), desc="sweep", unit="feature", enabled=progress)
+        try:
+            for fut in as_completed(futures):
+                part_result = fut.result()
+                done[futures[fut]] = part_result
+                bar.update(len(parts[futures[fut]]))
+        finally:
+            bar.close()
+    results: dict[str, HeadResult] = {}
+    by_key = {k: r for p in done.values() for k, r in p.results.items()}
+    states = {k: s for p in done.values() for k, s in p.states.items()}
+    for key, head in heads.items():  # the one-process order, which decides ties
+        results[key] = by_key[key]
+        head.load_state_dict(states[key])
+    merged = select_heads(results, selected=True, wall_time_s=time.perf_counter() - started)
+    best = str(merged.best)
+    feature = str(results[best].input)
+    # A feature's selected head is chosen among its own heads by the same rule, so the overall best is one of them.
+    assert str(merged.best_per_input[feature]) == best
+    logits = next(p.logits[feature] for p in done.values() if feature in p.logits)
+    record = {
+        "workers": n,
+        "scheduler": options.scheduler,
+        "parts": [
+            {"features": parts[i], "worker": done[i].worker, **{k: round(v, 4) for k, v in done[i].seconds.items()}}
+            for i in sorted(done)
+        ],
+    }
+    return merged, logits, record
