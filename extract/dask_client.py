@@ -53,25 +53,18 @@ def dask_client(
     require_distributed(error)
     from dask.distributed import Client, LocalCluster
 
-    import dask
-
-    # dask's nannies start workers with MALLOC_TRIM_THRESHOLD_=64KiB, which turns glibc's adaptive thresholds
-    # off: every batch-sized allocation then takes fresh pages (a probe epoch measured 1.5x slower). Workers
-    # started here keep glibc's defaults, as a process started from the shell does; the setting holds while the
-    # client runs, so a worker the nanny restarts gets it too.
-    with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
-        cluster = None
-        if scheduler is None:
-            assert workers is not None
-            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
-            client = Client(cluster)
-            n_workers = workers
-        else:
-            client = Client(scheduler)
-            n_workers = max(1, len(client.scheduler_info().get("workers", {})))
-        try:
-            yield client, n_workers
-        finally:
-            client.close()
-            if cluster is not None:
-                cluster.close()
+    cluster = None
+    if scheduler is None:
+        assert workers is not None
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+        client = Client(cluster)
+        n_workers = workers
+    else:
+        client = Client(scheduler)
+        n_workers = max(1, len(client.scheduler_info().get("workers", {})))
+    try:
+        yield client, n_workers
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
