@@ -25,7 +25,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 import numpy as np
@@ -198,7 +198,7 @@ def train_on_workers(
                 bar.update(len(parts[futures[fut]]))
         finally:
             bar.close()
-    results: dict[str, HeadResult] = {}
+    results: dict[Hashable, HeadResult] = {}
     by_key = {k: r for p in done.values() for k, r in p.results.items()}
     states = {k: s for p in done.values() for k, s in p.states.items()}
     for key, head in heads.items():  # the one-process order, which decides ties
