@@ -100,8 +100,33 @@ def test_two_workers_write_the_one_process_results(store, one_process, tmp_path)
     assert len({p["worker"] for p in parts}) == 2  # each part ran in its own process
 
 
-def test_a_worker_killed_mid_task_is_replaced_and_no_feature_is_lost(store, one_process, tmp_path):
-    from dask.distributed import Client, LocalCluster
+@pytest.fixture(scope="module")
+def cluster():
+    from dask.distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as running:
+        yield running
+
+
+def test_workers_read_an_s3_store_with_the_storage_options(
+    store, one_process, cluster, s3_bucket, s3_endpoint, tmp_path
+):
+    from extract.store.copy import copy_store
+
+    url = f"{s3_bucket}/s.zarr"
+    copy_store(store, url)
+    out = tmp_path / "s3"
+    args = ["probe", "sweep", url, "--out", str(out), *SWEEP, "--scheduler", cluster.scheduler_address]
+    result = CliRunner().invoke(
+        main, [*args, "--storage-option", f"endpoint_url={s3_endpoint}"], catch_exceptions=False
+    )
+    assert result.exit_code == 0, result.output
+    doc = _assert_same_run(one_process, out)
+    assert doc["store"]["url"] == url and doc["cluster"]["scheduler"] == cluster.scheduler_address
+
+
+def test_a_worker_killed_mid_task_is_replaced_and_no_feature_is_lost(store, one_process, cluster, tmp_path):
+    from dask.distributed import Client
 
     killed: dict[str, int] = {}
 
@@ -117,16 +142,15 @@ def test_a_worker_killed_mid_task_is_replaced_and_no_feature_is_lost(store, one_
                     return
                 time.sleep(0.05)
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-        killer = threading.Thread(target=kill_a_busy_worker, args=(cluster.scheduler_address,))
-        killer.start()
-        options = SweepOptions(
-            lrs=[0.1, 0.01], epochs=3, batch_size=16, memory_budget=BUDGET, progress=False,
-            scheduler=cluster.scheduler_address,
-        )  # fmt: skip
-        out = tmp_path / "killed"
-        run_sweep(store, out, options)
-        killer.join()
+    killer = threading.Thread(target=kill_a_busy_worker, args=(cluster.scheduler_address,))
+    killer.start()
+    options = SweepOptions(
+        lrs=[0.1, 0.01], epochs=3, batch_size=16, memory_budget=BUDGET, progress=False,
+        scheduler=cluster.scheduler_address,
+    )  # fmt: skip
+    out = tmp_path / "killed"
+    run_sweep(store, out, options)
+    killer.join()
     assert killed, "no worker was busy to kill"
     doc = _assert_same_run(one_process, out)
     # every part finished in a live process: the killed one's part was run again elsewhere
