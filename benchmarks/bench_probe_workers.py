@@ -40,15 +40,28 @@ def case(rows: int, channels: int, classes: int) -> dict[str, Any]:
     return {"size": f"sweep_{rows}", "rows": rows, "classes": classes, "features": features}
 
 
-def run_sweep(store: Path, out: Path, epochs: int, workers: int | None, one_thread: bool) -> float:
+def run_sweep(store: Path, out: Path, epochs: int, workers: int | None, one_thread: bool) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "diffbank", "probe", "sweep", str(store), "--out", str(out), "--epochs", str(epochs)]
     cmd += ["-q"] + (["--workers", str(workers)] if workers else [])
     env = dict(os.environ)
     if one_thread or workers:
         env["OMP_NUM_THREADS"] = "1"
+    load = os.getloadavg()[0]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    doc = json.loads((out / "results.json").read_text())
+    # The run's own stages, and per part on workers, so a slow run shows where its time went.
+    return {
+        "seconds": seconds,
+        "load_average_1min_at_start": load,
+        "timings": doc["timings"],
+        **(
+            {"parts": [{k: p[k] for k in ("data_s", "train_s", "eval_s")} for p in doc["cluster"]["parts"]]}
+            if "cluster" in doc
+            else {}
+        ),
+    }
 
 
 def weights(path: Path) -> bytes:
@@ -87,8 +100,9 @@ def main() -> None:
     try:
         store = work / "store.zarr"
         written = op_write(str(store), case(size["rows"], size["channels"], size["classes"]))
-        one_s = run_sweep(store, work / "one", size["epochs"], None, args.one_thread)
-        many_s = run_sweep(store, work / "many", size["epochs"], args.workers, args.one_thread)
+        one = run_sweep(store, work / "one", size["epochs"], None, args.one_thread)
+        many = run_sweep(store, work / "many", size["epochs"], args.workers, args.one_thread)
+        one_s, many_s = one["seconds"], many["seconds"]
         same = compare(work / "one", work / "many")
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -101,6 +115,8 @@ def main() -> None:
         "one_process_s": round(one_s, 2),
         "workers_s": round(many_s, 2),
         "speedup": round(one_s / many_s, 3),
+        "one_process": one,
+        "on_workers": many,
         "one_process_threads": 1 if args.one_thread else "torch default",
         **same,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},

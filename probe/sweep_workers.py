@@ -75,13 +75,13 @@ def sweep_heads(
 def plan_parts(sizes: dict[str, int], n_parts: int) -> list[list[str]]:
     """Features split into at most `n_parts` parts of about equal bytes (largest first onto the lightest part),
     each part in the sweep's feature order; empty parts are dropped."""
+    order = {n: i for i, n in enumerate(sizes)}
     parts: list[list[str]] = [[] for _ in range(max(1, min(n_parts, len(sizes))))]
     load = [0] * len(parts)
-    for name in sorted(sizes, key=lambda n: (-sizes[n], list(sizes).index(n))):
+    for name in sorted(sizes, key=lambda n: (-sizes[n], order[n])):
         i = load.index(min(load))
         parts[i].append(name)
         load[i] += sizes[name]
-    order = {n: i for i, n in enumerate(sizes)}
     return [sorted(p, key=order.__getitem__) for p in parts if p]
 
 
@@ -164,6 +164,8 @@ def train_on_workers(
     local = options.scheduler is None
     started = time.perf_counter()
     with dask_client(options.workers if local else None, options.scheduler, ProbeConfigError) as (client, n):
+        from dask.distributed import as_completed  # the optional extra `cluster`, there once dask_client started
+
         sizes = {name: int(np.prod(job.data.feature_shapes[name])) for name in job.features}
         parts = plan_parts(sizes, n)
         # Local workers share this machine's memory: each gets its share of the budget.
@@ -187,8 +189,6 @@ def train_on_workers(
             ): i
             for i, part in enumerate(parts)
         }
-        from dask.distributed import as_completed
-
         done: dict[int, PartResult] = {}
         bar = progress_bar(total=len(job.features), desc="sweep", unit="feature", enabled=progress)
         try:
