@@ -1,0 +1,41 @@
+"""The dask client that extraction and probe sweeps share: its refusals come before any cluster starts."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from extract.dask_client import MISSING_DISTRIBUTED, check_shared_url, cluster_label, dask_client, require_distributed
+
+
+class Refused(ValueError):
+    pass
+
+
+def test_a_memory_store_cannot_be_shared_with_worker_processes():
+    with pytest.raises(Refused, match="memory://"):
+        check_shared_url("memory://x.zarr", Refused)
+    assert check_shared_url("s3://b/x.zarr", Refused) == "s3://b/x.zarr"
+
+
+@pytest.mark.parametrize(
+    "workers, scheduler, message",
+    [(2, "tcp://h:8786", "not both"), (0, None, "at least 1"), (None, None, "at least 1")],
+)
+def test_bad_arguments_are_refused_before_a_cluster_starts(workers, scheduler, message):
+    with pytest.raises(Refused, match=message):
+        with dask_client(workers, scheduler, Refused):
+            pass
+
+
+def test_without_distributed_the_error_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "dask.distributed", None)  # as if the extra were not installed
+    with pytest.raises(Refused) as caught:
+        require_distributed(Refused)
+    assert str(caught.value) == MISSING_DISTRIBUTED and "diffbank[cluster]" in MISSING_DISTRIBUTED
+
+
+def test_cluster_label_says_where_the_work_runs():
+    assert cluster_label(3, None) == "a local cluster of 3 process(es)"
+    assert cluster_label(None, "tcp://h:8786") == "tcp://h:8786"
