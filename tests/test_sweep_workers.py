@@ -129,9 +129,11 @@ def test_a_worker_killed_mid_task_is_replaced_and_no_feature_is_lost(store, one_
     from dask.distributed import Client
 
     killed: dict[str, int] = {}
+    watching = threading.Event()
 
     def kill_a_busy_worker(address: str) -> None:
         with Client(address) as client:
+            watching.set()
             deadline = time.time() + 60
             while time.time() < deadline:
                 busy = [w for w, keys in client.processing().items() if keys]
@@ -140,10 +142,11 @@ def test_a_worker_killed_mid_task_is_replaced_and_no_feature_is_lost(store, one_
                     os.kill(pid, signal.SIGKILL)
                     killed["pid"] = pid
                     return
-                time.sleep(0.05)
+                time.sleep(0.01)
 
     killer = threading.Thread(target=kill_a_busy_worker, args=(cluster.scheduler_address,))
     killer.start()
+    assert watching.wait(60)  # the sweep starts once the killer watches the scheduler
     options = SweepOptions(
         lrs=[0.1, 0.01], epochs=3, batch_size=16, memory_budget=BUDGET, progress=False,
         scheduler=cluster.scheduler_address,
