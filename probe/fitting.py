@@ -126,6 +126,7 @@ class TrainedRun:
         self.options = options
         self.seed, self.device, self.progress = options.seed, options.device, options.progress
         self.sizes: HeadSizes = {}
+        self.positions = "none"
         self.weight_decays: tuple[float, ...] | None = None
         settings: dict[str, Any] = {}
         if isinstance(options, LinearOptions):
@@ -137,7 +138,8 @@ class TrainedRun:
                 self.weight_decays = _weight_decays(options.weight_decays)
             preset = options.preset or "small"
             self.sizes = resolve_preset(preset)
-            settings = {"preset": preset, **self.sizes}
+            self.positions = options.positions
+            settings = {"preset": preset, **self.sizes, "positions": self.positions}
             if self.weight_decays is not None:
                 settings["weight_decays"] = list(self.weight_decays)
         draws, eval_draws = options.draws, options.eval_draws

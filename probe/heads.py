@@ -6,7 +6,10 @@ Three heads, as the paper describes them (docs: /work/shared/PAPER.md):
   `LinearGroup` computes H such heads on one feature as one matmul (sweeps train and evaluate them so).
 - `AttentionPoolHead`: LayerNorm over (C, H, W) + Conv1x1 C -> dim turns a block map into H*W tokens; a
   zero-initialised CLS token is prepended; `depth` pre-norm ViT blocks (MLP x4, GELU, no qkv bias, no
-  dropout) run without any positional embedding; a Linear reads the CLS output.
+  dropout) run without any positional embedding (the paper's head); a Linear reads the CLS output.
+  `positions="learned"` adds a learned absolute embedding per token place (ViT's, truncated normal, std 0.02):
+  a U-Net map carries no absolute position of its own beyond its borders, and without one the head is blind
+  to where in the image a token lies, which a linear map over the whole block map is not.
 - `DifFormerHead`: one tokenizer per block (shared across timesteps) and ONE transformer shared across
   timesteps; for each timestep the tokens of all blocks are concatenated behind one CLS token; the per-t CLS
   outputs are concatenated and classified by Linear(n_t * dim -> classes).
@@ -27,6 +30,8 @@ from typing import Any, TypedDict
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from probe.options import POSITIONS
 
 __all__ = [
     "PRESETS",
@@ -120,6 +125,11 @@ def _check_transformer_sizes(dim: int, heads: int, depth: int) -> None:
         raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
 
 
+def _check_positions(positions: str) -> None:
+    if positions not in POSITIONS:
+        raise ValueError(f"positions must be one of {', '.join(map(repr, POSITIONS))}, got {positions!r}")
+
+
 def _check_head_sizes(num_classes: int, dim: int, heads: int, depth: int) -> None:
     """The checks every transformer head makes before building anything."""
     _check_positive("num_classes", num_classes)
@@ -150,14 +160,20 @@ class LinearHead(nn.Module):
 
 
 class BlockTokenizer(nn.Module):
-    """LayerNorm over the whole (C, H, W) map, then Conv1x1 C -> dim: (N, C, H, W) -> (N, H*W, dim)."""
+    """LayerNorm over the whole (C, H, W) map, then Conv1x1 C -> dim: (N, C, H, W) -> (N, H*W, dim); with
+    `positions="learned"`, plus a learned embedding per token place."""
 
-    def __init__(self, in_shape: int | Sequence[int], dim: int) -> None:
+    def __init__(self, in_shape: int | Sequence[int], dim: int, positions: str = "none") -> None:
         super().__init__()
         self.in_shape = _map_shape(in_shape)
         _check_positive("dim", dim)
+        _check_positions(positions)
         self.norm = nn.LayerNorm(self.in_shape)
         self.proj = nn.Conv2d(self.in_shape[0], dim, kernel_size=1)
+        self.pos: nn.Parameter | None = None
+        if positions == "learned":
+            # Drawn after the layers above, so heads without positions keep the initial weights they always had.
+            self.pos = nn.Parameter(nn.init.trunc_normal_(torch.empty(1, self.num_tokens, dim), std=0.02))
 
     @property
     def num_tokens(self) -> int:
@@ -168,7 +184,8 @@ class BlockTokenizer(nn.Module):
             x = x[:, :, None, None]
         if tuple(x.shape[1:]) != self.in_shape:
             raise ValueError(f"tokenizer expects (N, {', '.join(map(str, self.in_shape))}), got {tuple(x.shape)}")
-        return self.proj(self.norm(x)).flatten(2).transpose(1, 2)
+        tokens = self.proj(self.norm(x)).flatten(2).transpose(1, 2)
+        return tokens if self.pos is None else tokens + self.pos
 
 
 class _Attention(nn.Module):
@@ -237,10 +254,11 @@ class AttentionPoolHead(nn.Module):
         depth: int = 2,
         mlp_ratio: float = 4.0,
         final_norm: bool = False,
+        positions: str = "none",
     ) -> None:
         super().__init__()
         _check_head_sizes(num_classes, dim, heads, depth)
-        self.tokenizer = BlockTokenizer(in_shape, dim)
+        self.tokenizer = BlockTokenizer(in_shape, dim, positions)
         self.encoder = ClsTransformer(dim, heads, depth, mlp_ratio, final_norm)
         self.classifier = nn.Linear(dim, num_classes)
 
@@ -276,6 +294,7 @@ class DifFormerHead(nn.Module):
         depth: int = 2,
         mlp_ratio: float = 4.0,
         final_norm: bool = False,
+        positions: str = "none",
     ) -> None:
         super().__init__()
         if not block_shapes:
@@ -288,7 +307,7 @@ class DifFormerHead(nn.Module):
         keys = [_block_key(b) for b in self.blocks]
         if len(set(keys)) != len(keys):
             raise ValueError(f"block names collide after normalisation: {self.blocks!r}")
-        self.tokenizers = nn.ModuleDict({k: BlockTokenizer(block_shapes[b], dim) for k, b in zip(keys, self.blocks)})
+        self.tokenizers = nn.ModuleDict({k: BlockTokenizer(block_shapes[b], dim, positions) for k, b in zip(keys, self.blocks)})
         self.encoder = ClsTransformer(dim, heads, depth, mlp_ratio, final_norm)
         self.classifier = nn.Linear(len(self.timesteps) * dim, num_classes)
         self.dim = dim

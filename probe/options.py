@@ -75,11 +75,13 @@ class LinearOptions(TrainingOptions):
 
 @dataclass(frozen=True, kw_only=True)
 class AttentionOptions(TrainingOptions):
-    """`run_attention`: a size `preset` (tiny | small | paper) and one `lr`, or several `lrs`; with
+    """`run_attention`: a size `preset` (tiny | small | paper), token `positions` (none | learned, see
+    probe.heads) and one `lr`, or several `lrs`; with
     `weight_decays` (instead of `weight_decay`) every lr x weight decay. Several heads train in one pass from the
     same initial weights (each its own parameter group, one summed loss), the one best on validation reported."""
 
     preset: str = "small"
+    positions: str = "none"
     lr: float | None = None
     lrs: Sequence[float] | None = None
     weight_decays: Sequence[float] | None = None
@@ -101,6 +103,8 @@ class SweepOptions(TrainingOptions):
     scheduler: str | None = None
 
 
+# How a transformer head knows where a token lies: "none" (the paper's head) or "learned" (an embedding per place).
+POSITIONS: tuple[str, ...] = ("none", "learned")
 COMPARE_SPLITS: tuple[str, ...] = ("val", "test")  # the splits a run saves per-image scores for
 LOGISTIC_SOLVERS: tuple[str, ...] = ("torch", "sklearn")
 REFIT_CHOICES: tuple[str, ...] = ("train+val", "train")

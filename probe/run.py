@@ -93,7 +93,7 @@ def run_attention(store: StoreLike, out_dir: str | Path, options: AttentionOptio
     trained = TrainedRun("attention", store, out_dir, options or AttentionOptions())
     name = single_feature(trained.job)
     shape, classes = trained.job.data.feature_shapes[name], trained.job.data.num_classes
-    return trained.finish(lambda: AttentionPoolHead(shape, classes, **trained.sizes), name)
+    return trained.finish(lambda: AttentionPoolHead(shape, classes, **trained.sizes, positions=trained.positions), name)
 
 
 def run_fusion(store: StoreLike, out_dir: str | Path, options: FusionOptions | None = None) -> dict[str, Any]:
@@ -105,7 +105,7 @@ def run_fusion(store: StoreLike, out_dir: str | Path, options: FusionOptions | N
     keyed, ts, shapes = fusion_inputs(trained.job.store, trained.job.features)
     trained.job.config["grid"] = {"timesteps": ts, "blocks": list(shapes)}
     classes = trained.job.data.num_classes
-    return trained.finish(lambda: DifFormerHead(shapes, ts, classes, **trained.sizes), keyed)
+    return trained.finish(lambda: DifFormerHead(shapes, ts, classes, **trained.sizes, positions=trained.positions), keyed)
 
 
 def run_logistic(store: StoreLike, out_dir: str | Path, options: LogisticOptions | None = None) -> dict[str, Any]:

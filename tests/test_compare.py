@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from probe.compare import CompareError, compare_runs
 from probe.logits import SplitScores, write_logits
 from probe.options import KnnOptions, LogisticOptions
 from probe.run import run_knn, run_logistic
-from probe.significance import holm, paired_difference_interval
+from probe.significance import holm, mcnemar, paired_difference_interval
 
 N, D, K, N_TRAIN = 240, 12, 3, 160
 FEATURE = "t090_b24_avg1"
@@ -171,3 +172,20 @@ def test_holm_and_the_paired_interval():
     se = math.sqrt(only_a + only_b - (only_a - only_b) ** 2 / n) / n
     low, high = paired_difference_interval(both, only_a, only_b, neither)
     assert low == pytest.approx(d - 1.959964 * se, abs=5e-4) and high == pytest.approx(d + 1.959964 * se, abs=5e-4)
+
+
+def test_the_published_paired_tests_follow_from_the_saved_per_image_results() -> None:
+    # docs/results/reproduction_cpu_full.json's McNemar results, recomputed by the same test probe compare runs
+    # from the per-image correctness that run saved: a figure in the docs that its file does not give fails here.
+    root = Path(__file__).resolve().parents[1] / "docs" / "results"
+    correct = np.load(root / "reproduction_cpu_full_test_correct.npz")
+    published = json.loads((root / "reproduction_cpu_full.json").read_text())["tests"]
+    linear = "final"
+    assert len(published) == 7
+    for pair, figures in published.items():
+        a, b = pair.split("_vs_")
+        b = linear if b == "linear" else b
+        test = mcnemar(correct[a], correct[b])
+        assert (test["only_a"], test["only_b"]) == (figures["only_a"], figures["only_b"]), pair
+        assert test["p_value"] == pytest.approx(figures["p_value"], rel=1e-9), pair
+        assert 100 * (correct[a].mean() - correct[b].mean()) == pytest.approx(figures["diff_points"], abs=1e-9)

@@ -83,6 +83,26 @@ def test_attention_head_is_permutation_invariant_over_tokens() -> None:
     torch.testing.assert_close(head(x), head(shuffled), rtol=1e-5, atol=1e-5)
 
 
+def test_learned_positions_tell_token_places_apart() -> None:
+    # With an embedding per place, the same tokens at other places give other outputs; the embedding belongs
+    # to the tokenizer (one per block in DifFormer), and heads without it keep the weights they had.
+    with seeded_init(0):
+        plain = AttentionPoolHead((5, 3, 3), 4, **PRESETS["tiny"])
+    with seeded_init(0):
+        placed = AttentionPoolHead((5, 3, 3), 4, **PRESETS["tiny"], positions="learned").eval()
+    assert placed.tokenizer.pos is not None and placed.tokenizer.pos.shape == (1, 9, 64)
+    assert 0.01 < float(placed.tokenizer.pos.std()) < 0.03
+    torch.testing.assert_close(plain.tokenizer.proj.weight, placed.tokenizer.proj.weight)
+    x = torch.randn(2, 5, 3, 3)
+    perm = torch.randperm(9, generator=torch.Generator().manual_seed(1))
+    shuffled = x.flatten(2)[:, :, perm].reshape(2, 5, 3, 3)
+    assert (placed(x) - placed(shuffled)).abs().max() > 1e-3
+    fusion = DifFormerHead({10: (5, 3, 3), 12: (5, 2, 2)}, [5, 10], 4, dim=16, heads=2, depth=1, positions="learned")
+    assert [m.pos.shape for m in fusion.tokenizers.values()] == [(1, 9, 16), (1, 4, 16)]
+    with pytest.raises(ValueError, match="positions must be one of 'none', 'learned'"):
+        AttentionPoolHead((5, 3, 3), 4, **PRESETS["tiny"], positions="sinusoidal")
+
+
 def test_presets_and_bad_sizes() -> None:
     assert PRESETS["paper"] == dict(dim=1024, heads=8, depth=2)
     assert resolve_preset("tiny", dim=32) == dict(dim=32, heads=4, depth=1)

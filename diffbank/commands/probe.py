@@ -30,6 +30,7 @@ from diffbank.commands.remote import open_read_only
 from probe.errors import ProbeDataError, RunConflictError, UnknownFeatureError
 from probe.options import (
     LOGISTIC_SOLVERS,
+    POSITIONS,
     REFIT_CHOICES,
     AttentionOptions,
     DataOptions,
@@ -168,9 +169,16 @@ def _training(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _transformer(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Options of the transformer heads (attention, fusion): the paper's lr 5e-2 and a size preset."""
+    """Options of the transformer heads (attention, fusion): the paper's lr 5e-2, a size preset, positions."""
     func = click.option(
         "--preset", type=click.Choice(["tiny", "small", "paper"]), default=AttentionOptions.preset, show_default=True
+    )(func)
+    func = click.option(
+        "--positions",
+        type=click.Choice(list(POSITIONS)),
+        default=AttentionOptions.positions,
+        show_default=True,
+        help="token positions: none (the paper's head) or a learned embedding per place",
     )(func)
     return click.option(
         "--lr",
