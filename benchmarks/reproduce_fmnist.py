@@ -1,6 +1,6 @@
 """README's Fashion-MNIST figures as a sequence of `diffbank` commands, run and collected.
 
-Stages (`--stages`, in this order; each step's command line is printed and recorded in OUT/steps.json):
+Stages (`--stages`, in this order; each step's command line is printed and recorded):
 
 - extract: `diffbank extract` of cache_specs/fmnist_full.yaml (trained) and fmnist_full_random.yaml (random
   control) into --stores (a rerun resumes an interrupted store and leaves a complete one as it is);
@@ -17,6 +17,8 @@ Stages (`--stages`, in this order; each step's command line is printed and recor
   the linear probe on the same block's avg4 map (the paper's comparison), fusion vs attention per seed;
 - collect: one JSON (--results, default OUT/reproduction_product.json) with, per run, its command line,
   protocol, accuracies, L-BFGS iterations and final losses, wall time, and the paired comparisons.
+
+Each step's command line, wall time and exit status go to OUT/steps/NAME.json.
 
 A step whose run directory already holds results.json (or whose compare JSON exists) is skipped, so a rerun
 resumes. Full data on a 2-core CPU (long run: extraction 17 + 7 min, ~35 min of fits per store, heads ~1 h each):
@@ -37,7 +39,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SPECS = {"trained": ROOT / "cache_specs" / "fmnist_full.yaml", "random": ROOT / "cache_specs" / "fmnist_full_random.yaml"}
+SPECS = {
+    "trained": ROOT / "cache_specs" / "fmnist_full.yaml",
+    "random": ROOT / "cache_specs" / "fmnist_full_random.yaml",
+}
 STORE_NAMES = {"trained": "fmnist_full.zarr", "random": "fmnist_full_random.zarr"}
 STAGES = ("extract", "pixels", "logistic", "heads", "compare", "collect")
 # The t=5 linear grid of docs/results.md in the benchmark's order (t, block, pooling sorted): ties on
@@ -51,7 +56,7 @@ SELECTION_RULE = "highest validation top-1 among the store's logistic runs; ties
 
 @dataclass
 class Step:
-    """One command of the reproduction: done when `done` exists; its record goes to steps.json."""
+    """One command of the reproduction, done when `done` exists (None: always run; `diffbank extract` resumes)."""
 
     name: str
     argv: list[str]
@@ -68,24 +73,32 @@ def diffbank(*args: str | Path) -> list[str]:
 
 
 class Runner:
-    """Runs steps in turn, skipping finished ones; records command line, wall time and exit status."""
+    """Runs steps in turn, skipping finished ones; records command line, wall time and exit status.
 
-    def __init__(self, out: Path, threads: int | None, dry_run: bool = False):
-        self.out = out
-        self.record_path = out / "steps.json"
-        self.records: dict[str, dict] = json.loads(self.record_path.read_text()) if self.record_path.is_file() else {}
+    Each step's record is its own file (OUT/steps/NAME.json), so two runs of this script with other --only
+    prefixes (one per core) can work in one OUT.
+    """
+
+    def __init__(self, out: Path, threads: int | None, only: list[str], dry_run: bool = False):
+        self.steps_dir = out / "steps"
         self.env = dict(os.environ)
         self.env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), self.env.get("PYTHONPATH")) if p)
         if threads:
             self.env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        self.only = only
         self.dry_run = dry_run
 
+    def records(self) -> dict[str, dict]:
+        """{step name: record} of every step run in OUT so far."""
+        files = sorted(self.steps_dir.glob("*.json")) if self.steps_dir.is_dir() else []
+        return {(r := json.loads(f.read_text()))["name"]: r for f in files}
+
     def run(self, step: Step) -> None:
+        if self.only and not any(step.name.startswith(prefix) for prefix in self.only):
+            return
         line = shlex.join(step.argv)
         if step.done is not None and step.done.exists():
             log(f"skip {step.name} ({step.done} exists): {line}")
-            self.records.setdefault(step.name, {"command": line, "seconds": None, "returncode": 0})
-            self.records[step.name]["skipped_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             return
         log(f"run  {step.name}: {line}")
         if self.dry_run:
@@ -93,15 +106,18 @@ class Runner:
         t0 = time.perf_counter()
         rc = subprocess.run(step.argv, cwd=ROOT, env={**self.env, **step.env}).returncode
         seconds = round(time.perf_counter() - t0, 1)
-        self.records[step.name] = {"command": line, "seconds": seconds, "returncode": rc}
-        self.save()
+        record = {"name": step.name, "command": line, "seconds": seconds, "returncode": rc}
+        record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self.steps_dir.mkdir(parents=True, exist_ok=True)
+        path = self.steps_dir / (step.name.replace("/", "__") + ".json")
+        earlier = json.loads(path.read_text()) if path.is_file() else None
+        if earlier is not None and earlier["returncode"] == 0:  # a step without a done marker ran again: the
+            earlier.setdefault("reruns", []).append(record)  # first successful run's time is the one that counts
+            record = earlier
+        path.write_text(json.dumps(record, indent=1))
         if rc != 0:
             raise SystemExit(f"{step.name} failed (exit {rc}): {line}")
         log(f"done {step.name} in {seconds} s")
-
-    def save(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.record_path.write_text(json.dumps(self.records, indent=1))
 
 
 def read_results(run_dir: Path) -> dict:
@@ -171,7 +187,7 @@ def run_summary(name: str, run_dir: Path, steps: dict[str, dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, required=True, help="run directories, compare JSONs, steps.json")
+    ap.add_argument("--out", type=Path, required=True, help="run directories, compare JSONs, step records")
     ap.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     ap.add_argument("--stores", type=Path, default=Path("runs/full"), help="folder of the two stores")
     ap.add_argument("--trained-store", default=None, help="trained store path (default: STORES/fmnist_full.zarr)")
@@ -190,6 +206,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--attention-args", default="", help="extra options of probe attention, e.g. '--recipe attentive'")
     ap.add_argument("--fusion-args", default="", help="extra options of probe fusion")
     ap.add_argument("--results", type=Path, default=None, help="collected JSON (default OUT/reproduction_product.json)")
+    ap.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="PREFIX",
+        help="run only steps whose name starts with PREFIX (repeatable), e.g. logistic/random: a second process",
+    )
     ap.add_argument("--dry-run", action="store_true", help="print the command lines without running them")
     args = ap.parse_args(argv)
     stages = args.stages.split(",")
@@ -206,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     specs = {"trained": args.trained_spec, "random": args.random_spec}
     out: Path = args.out
-    runner = Runner(out, args.threads, args.dry_run)
+    runner = Runner(out, args.threads, args.only, args.dry_run)
     logistic_dir = {s: {f: out / "logistic" / s / f for f in features} for s in stores}
     pixels_dir = out / "pixels"
 
@@ -229,7 +252,6 @@ def main(argv: list[str] | None = None) -> None:
                 argv_ = diffbank("probe", "logistic", stores[name], "--out", run_dir, "--refit", "train")
                 argv_ += ["--feature", feature, "-q"] + shlex.split(args.logistic_args)
                 runner.run(Step(f"logistic/{name}/{feature}", argv_, run_dir / RESULTS))
-        runner.save()
 
     def selected(name: str) -> str:
         return select_feature({f: d for f, d in logistic_dir[name].items() if (d / RESULTS).is_file()})
@@ -238,7 +260,9 @@ def main(argv: list[str] | None = None) -> None:
     attention_feature = args.attention_feature
     if "heads" in stages:
         if attention_feature is None and "attention" in kinds:
-            attention_feature = tokens_of(selected("trained"))
+            finished = any((d / RESULTS).is_file() for d in logistic_dir["trained"].values())
+            # a dry run before the logistic runs exist names the map by its rule
+            attention_feature = tokens_of(selected("trained")) if finished or not args.dry_run else "SELECTED_tok8"
         for (kind, seed), run_dir in head_dirs.items():
             feats = [attention_feature] if kind == "attention" else (args.fusion_feature or list(FUSION_FEATURES))
             argv_ = diffbank("probe", kind, stores["trained"], "--out", run_dir, "--seed", str(seed), "-q")
@@ -246,21 +270,20 @@ def main(argv: list[str] | None = None) -> None:
                 argv_ += ["--feature", str(f)]
             argv_ += shlex.split(args.attention_args if kind == "attention" else args.fusion_args)
             runner.run(Step(f"heads/{kind}_s{seed}", argv_, run_dir / RESULTS))
-        runner.save()
 
     compare_dir = out / "compare"
     if "compare" in stages or "collect" in stages:
         pairs = named_pairs(logistic_dir, selected, pixels_dir, head_dirs, seeds)
     if "compare" in stages:
-        compare_dir.mkdir(parents=True, exist_ok=True)
+        if not args.dry_run:
+            compare_dir.mkdir(parents=True, exist_ok=True)
         for name, (a, b) in pairs.items():
             target = compare_dir / f"{name}.json"
             argv_ = diffbank("probe", "compare", a, b, "--json", "--out", target)
             runner.run(Step(f"compare/{name}", argv_, target))
-        runner.save()
 
-    if "collect" in stages:
-        collected = collect(out, stores, logistic_dir, selected, pixels_dir, head_dirs, pairs, runner.records)
+    if "collect" in stages and not args.dry_run:
+        collected = collect(out, stores, logistic_dir, selected, pixels_dir, head_dirs, pairs, runner.records())
         target = args.results or out / "reproduction_product.json"
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(json.dumps(collected, indent=1))
@@ -289,9 +312,14 @@ def named_pairs(logistic_dir, selected, pixels_dir: Path, head_dirs: dict, seeds
                 pairs[f"attention_s{seed}_vs_linear_{avg4_of(feature)}"] = (run_dir, pooled)
     for seed in seeds:
         if ("fusion", seed) in head_dirs and ("attention", seed) in head_dirs:
-            pairs[f"fusion_s{seed}_vs_attention_s{seed}"] = (head_dirs[("fusion", seed)], head_dirs[("attention", seed)])
+            pairs[f"fusion_s{seed}_vs_attention_s{seed}"] = (
+                head_dirs[("fusion", seed)],
+                head_dirs[("attention", seed)],
+            )
     return {
-        name: (a, b) for name, (a, b) in pairs.items() if (Path(a) / RESULTS).is_file() and (Path(b) / RESULTS).is_file()
+        name: (a, b)
+        for name, (a, b) in pairs.items()
+        if (Path(a) / RESULTS).is_file() and (Path(b) / RESULTS).is_file()
     }
 
 

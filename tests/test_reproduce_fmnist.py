@@ -77,9 +77,9 @@ def _run(tmp_path: Path, *extra: str) -> str:
 def test_reproduction_runs_through_diffbank_commands_and_collects_one_json(tmp_path):
     log = _run(tmp_path)
     collected = json.loads((tmp_path / "reproduction_product.json").read_text())
-    steps = json.loads((tmp_path / "out" / "steps.json").read_text())
+    steps = {f.stem: json.loads(f.read_text()) for f in (tmp_path / "out" / "steps").glob("*.json")}
     assert all(s["returncode"] == 0 for s in steps.values())
-    assert "-m diffbank extract" in steps["extract/trained"]["command"]
+    assert "-m diffbank extract" in steps["extract__trained"]["command"]
 
     for store in ("trained", "random"):
         linear = collected["linear"][store]
