@@ -306,10 +306,10 @@ def named_pairs(logistic_dir, selected, pixels_dir: Path, head_dirs: dict, seeds
         if "trained" in linear:
             pairs[f"{kind}_s{seed}_vs_linear"] = (run_dir, linear["trained"])
         if kind == "attention":  # the paper's comparison: linear on the block's avg4 map vs attention on its tokens
-            feature = read_results(run_dir)["features"][0] if (run_dir / RESULTS).is_file() else None
-            pooled = logistic_dir["trained"].get(avg4_of(feature)) if feature else None
+            pooled_feature = avg4_of(read_results(run_dir)["features"][0]) if (run_dir / RESULTS).is_file() else ""
+            pooled = logistic_dir["trained"].get(pooled_feature)
             if pooled is not None and pooled != linear.get("trained"):
-                pairs[f"attention_s{seed}_vs_linear_{avg4_of(feature)}"] = (run_dir, pooled)
+                pairs[f"attention_s{seed}_vs_linear_{pooled_feature}"] = (run_dir, pooled)
     for seed in seeds:
         if ("fusion", seed) in head_dirs and ("attention", seed) in head_dirs:
             pairs[f"fusion_s{seed}_vs_attention_s{seed}"] = (
