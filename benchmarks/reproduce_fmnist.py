@@ -11,7 +11,9 @@ Stages (`--stages`, in this order; each step's command line is printed and recor
   earliest in --features order), and its test accuracy reported;
 - heads: `diffbank probe attention` on the selected trained feature's block and t as 8x8 tokens (or
   --attention-feature), `diffbank probe fusion` on --fusion-feature, once per --seeds (OUT/heads/KIND_sSEED);
-  --attention-args/--fusion-args pass options through (recipe, preset, epochs, lr grid, device);
+  --attention-args/--fusion-args pass options through (recipe, preset, epochs, lr grid, device); a probe's
+  --seed also seeds its validation carve, so seed 1's heads select on other validation images than the
+  linear probes (seed 0), and every run is tested on the same test images;
 - compare: `diffbank probe compare --json --out` for the named pairs (OUT/compare/NAME.json): trained vs
   random, trained vs pixels, random vs pixels, each head vs the exact linear probe, each attention head vs
   the linear probe on the same block's avg4 map (the paper's comparison), fusion vs attention per seed;
@@ -72,6 +74,13 @@ def diffbank(*args: str | Path) -> list[str]:
     return [sys.executable, "-m", "diffbank", *map(str, args)]
 
 
+def shown(argv: list[str]) -> str:
+    """A step's command line as a user types it: `diffbank ...`, `python benchmarks/...` (paths under the repo
+    relative to it)."""
+    words = ["diffbank", *argv[3:]] if argv[1:3] == ["-m", "diffbank"] else ["python", *argv[1:]]
+    return shlex.join(w.removeprefix(f"{ROOT}{os.sep}") for w in words)
+
+
 class Runner:
     """Runs steps in turn, skipping finished ones; records command line, wall time and exit status.
 
@@ -96,7 +105,7 @@ class Runner:
     def run(self, step: Step) -> None:
         if self.only and not any(step.name.startswith(prefix) for prefix in self.only):
             return
-        line = shlex.join(step.argv)
+        line = shown(step.argv)
         if step.done is not None and step.done.exists():
             log(f"skip {step.name} ({step.done} exists): {line}")
             return
@@ -106,7 +115,7 @@ class Runner:
         t0 = time.perf_counter()
         rc = subprocess.run(step.argv, cwd=ROOT, env={**self.env, **step.env}).returncode
         seconds = round(time.perf_counter() - t0, 1)
-        record = {"name": step.name, "command": line, "seconds": seconds, "returncode": rc}
+        record = {"name": step.name, "command": line, "argv": step.argv, "seconds": seconds, "returncode": rc}
         record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self.steps_dir.mkdir(parents=True, exist_ok=True)
         path = self.steps_dir / (step.name.replace("/", "__") + ".json")
@@ -330,6 +339,8 @@ def collect(out: Path, stores, logistic_dir, selected, pixels_dir, head_dirs, pa
         "stores": stores,
         "extract": {k: v for k, v in steps.items() if k.startswith("extract/")},
         "selection": SELECTION_RULE,
+        "validation": "each run carves its own stratified 10% of train with its --seed (linear probes: seed 0); "
+        "protocol.sizes and protocol.split_seed per run",
         "linear": {},
         "heads": {},
         "compare": {},
