@@ -350,11 +350,13 @@ def collect(out: Path, stores, logistic_dir, selected, pixels_dir, head_dirs, pa
         if not done:
             continue
         choice = selected(name)
+        chosen = read_results(done[choice])
+        log(f"{name}: {choice} selected on val ({val_top1(chosen):.4f}), test {chosen['metrics']['test']['top1']:.4f}")
         result["linear"][name] = {
             "candidates": list(runs),
             "selected_feature": choice,
             "selected_on": "val",
-            "test_top1_of_selected": float(read_results(done[choice])["metrics"]["test"]["top1"]),
+            "test_top1_of_selected": float(chosen["metrics"]["test"]["top1"]),
             "runs": {f: run_summary(f"logistic/{name}/{f}", d, steps) for f, d in done.items()},
         }
     if (pixels_dir / RESULTS).is_file():
