@@ -5,11 +5,11 @@
 # Writes to OUTDIR: fmnist32.safetensors + .json (the EMA weights and card), snapshots_{a,b}.tar
 # (EMA snapshots, float16), results.tar (throughput, training state, reproduction.json), log.txt.
 set -uo pipefail
-DATA=.devdata/fmnist OUT=out TRAIN_SECONDS=150 HEAD_SECONDS=60 BATCH=512 DEVICE=cuda REPRO_EXTRA="" ARMS=none:eager,bfloat16:eager,bfloat16:compile
+DATA=.devdata/fmnist OUT=out TRAIN_SECONDS=150 BATCH=512 DEVICE=cuda REPRO_EXTRA="" ARMS=none:eager,bfloat16:eager,bfloat16:compile
 while [ $# -gt 0 ]; do
   case "$1" in
     --data) DATA=$2; shift 2;; --out) OUT=$2; shift 2;;
-    --train-seconds) TRAIN_SECONDS=$2; shift 2;; --head-seconds) HEAD_SECONDS=$2; shift 2;;
+    --train-seconds) TRAIN_SECONDS=$2; shift 2;;
     --device) DEVICE=$2; shift 2;; --batch-size) BATCH=$2; shift 2;;
     --repro-extra) REPRO_EXTRA=$2; shift 2;; --arms) ARMS=$2; shift 2;;  # e.g. "--limit-train 600 --limit-test 200" for a CPU dry run
     *) echo "unknown option $1" >&2; exit 2;;
@@ -62,9 +62,9 @@ set -- $SNAPS
 [ $# -gt 4 ] && (cd "$WORK" && tar cf "$OUT/snapshots_b.tar" ${@:5:4}) || true
 cp "$RUN/state.json" "$WORK/train_state.json" 2>/dev/null
 
-# 4. The reproduction on every snapshot (features for all 70,000 images, exact logistic probes, heads).
+# 4. The reproduction on every snapshot (features for all 70,000 images, exact logistic probes).
 timeout 220 python3 benchmarks/fmnist_reproduction.py --run "$RUN" --out "$WORK/repro" --data "$DATA" \
-  --device $DEVICE --head-seconds "$HEAD_SECONDS" --workers 14 $REPRO_EXTRA
+  --device $DEVICE --workers 14 $REPRO_EXTRA
 
 (cd "$WORK" && tar cf "$OUT/results.tar" bench_train_gpu.json train_state.json repro) || true
 

@@ -5,27 +5,30 @@ and its final EMA weights) the same feature grid is extracted for all 70,000 ima
 project's own pieces: the reference preprocessing, the seeded per-sample noise rule of the store
 (`extract.diffusion.seeded_noise`, keyed by (seed, row, t, draw), rows 0-59,999 train and 60,000-69,999 test,
 as `diffbank extract` numbers them), `ADMUNet.features` and `extract.pooling`. Linear probes are exact
-multinomial logistic regressions (`probe.exact_logistic`, L-BFGS) over an L2 grid on standardised features.
+multinomial logistic regressions (`probe.exact_logistic`, L-BFGS) over an L2 grid on standardised features
+(`probe.stats`, the probes' own standardiser).
 
-Protocol: a seeded, stratified 6,000 of the 60,000 training images are the validation split; every choice
-(t, block, pooling, L2; head epochs are the paper's 28) is made there; the 10,000 test images are scored once
-per selected model. Paired comparisons use the exact McNemar test on the same test images.
+Protocol: a seeded, stratified 10% of the training images (`probe.splits.carve_validation`, seed 0) are the
+validation split; every choice (t, block, pooling, L2) is made there; the test images are scored once per
+selected model. Each run records its own sizes and selections in `protocol` and `sizes`.
 
     python benchmarks/fmnist_reproduction.py --run runs/train-gpu --out runs/repro --device cuda
 
 `--limit-train/--limit-test` shrink the data for a smoke run on the CPU. Writes reproduction.json to --out.
 
+This script keeps what `diffbank` commands cannot do: the training-progress loop over a run's snapshots
+(`progress`), the timestep curve (`curve`) and the raw-pixels arm (`pixels`), which also writes a run
+directory in the probes' format (results.json + logits.npz, with a store's sample ids) so that
+`diffbank probe compare` pairs it with store probes. The README's figures from the cached stores (exact
+linear probes, heads, paired tests) come from `diffbank` commands: benchmarks/reproduce_fmnist.py.
+
 On a CPU the features come from the cache instead: `diffbank extract cache_specs/fmnist_full.yaml` (and
 `fmnist_full_random.yaml`) writes the same grid (float32, the same noise rule and row numbering) into
-stores, and each stage runs as its own process, so two cores work at once:
+stores:
 
     python benchmarks/fmnist_reproduction.py --out runs/full/linear --stages pixels,progress \
         --models random,final --grid-timesteps 5 \
         --store final=runs/full/fmnist_full.zarr --store random=runs/full/fmnist_full_random.zarr
-    python benchmarks/fmnist_reproduction.py --out runs/full/attention --stages heads --head-kinds attention \
-        --attention-input 5,10,tok8 --store final=runs/full/fmnist_full.zarr --head-dim 128 --head-depth 2
-    python benchmarks/fmnist_reproduction.py --out runs/full --stages tests \
-        --merge runs/full/linear --merge runs/full/attention
 """
 
 from __future__ import annotations
@@ -50,19 +53,15 @@ from extract.models.training import load_run
 from extract.pooling import pool
 from extract.preprocess import reference
 from extract.store import open_store
-from probe.evaluation import predict_logits
 from probe.exact_logistic import L2_GRID, logistic_path
-from probe.heads import AttentionPoolHead, DifFormerHead, seeded_init
-from probe.significance import mcnemar
+from probe.logits import LOGITS_FILE, RESULTS_FILE, SplitScores, write_logits
 from probe.splits import carve_validation
 from probe.stats import array_stats
-from probe.stream import ArrayStream
-from probe.trainer import train
 
 NOISE_SEED = 0
 WEIGHTS = Path(__file__).resolve().parents[1] / "extract" / "models" / "weights"
-HEAD_SIZES = {"dim": 256, "heads": 4, "depth": 2}  # ~4x the 64-wide tiny preset; paper: 1024/8/2 on ImageNet
-STAGES = ("pixels", "progress", "curve", "heads", "tests")
+STAGES = ("pixels", "progress", "curve")
+PIXELS_FEATURE = "pixels"  # the pixels run's feature name in its results.json
 
 
 def log(msg: str) -> None:
@@ -161,7 +160,10 @@ def standardised(x: torch.Tensor, train_rows: torch.Tensor) -> torch.Tensor:
 
 
 def probe_grid(feats: dict, y: torch.Tensor, rows: dict[str, torch.Tensor], keys) -> dict:
-    """Exact logistic over every feature in `keys` x L2: selection on val, test scored for the selected only."""
+    """Exact logistic over every feature in `keys` x L2: selection on val, test scored for the selected only.
+
+    Ties on validation go to the earliest (feature, L2) in `keys` order and L2_GRID's order.
+    """
     table = []
     best = None
     for key in keys:
@@ -184,7 +186,8 @@ def probe_grid(feats: dict, y: torch.Tensor, rows: dict[str, torch.Tensor], keys
         log(f"  {key}: best val {max(a for _, a in path) * 100:.2f}")
     val_acc, key, fit, x = best
     with torch.no_grad():
-        correct = (fit.logits(x[rows["test"]]).argmax(1) == y[rows["test"]]).cpu().numpy()
+        logits = {s: fit.logits(x[rows[s]]).cpu().numpy() for s in ("val", "test")}
+    correct = logits["test"].argmax(1) == y[rows["test"]].cpu().numpy()
     return {
         "selected": {
             "t": key[0],
@@ -196,80 +199,60 @@ def probe_grid(feats: dict, y: torch.Tensor, rows: dict[str, torch.Tensor], keys
         },
         "grid": table,
         "_correct": correct,
+        "_logits": logits,
+        "_fit": fit,
     }
 
 
-def head_run(
-    kind: str,
-    feats: Mapping,
-    keys,
-    y: np.ndarray,
-    rows: dict,
-    seed: int,
-    epochs: int,
-    device,
-    sizes: dict = HEAD_SIZES,
-    checkpoint_dir: Path | None = None,
-    momentum: float = 0.0,
-) -> dict:
-    """Attention (one map) or DifFormer (blocks x timesteps) head, the paper's SGD recipe, best epoch on val.
-
-    With `checkpoint_dir` the head checkpoints every epoch and a rerun resumes it (CPU runs take hours).
-    """
-    arrays = {f"t{t}_b{b}_{p}": feats[(t, b, p)].cpu().numpy() for t, b, p in keys}
-    names = list(arrays)
-    split = {s: {n: a[rows[s].cpu().numpy()] for n, a in arrays.items()} for s in ("fit", "val", "test")}
-    ys = {s: y[rows[s].cpu().numpy()] for s in ("fit", "val", "test")}
-    stats = {n: array_stats(n, split["fit"][n], "channel") for n in names}  # per channel, the probes' own rule
-    norm = {s: {n: stats[n].apply(split[s][n].astype(np.float32)) for n in names} for s in split}
-    with seeded_init(seed):
-        if kind == "attention":
-            head = AttentionPoolHead(arrays[names[0]].shape[1:], 10, **sizes)
-            spec = names[0]
-        else:
-            shapes = {b: arrays[f"t{keys[0][0]}_b{b}_{keys[0][2]}"].shape[1:] for b in sorted({k[1] for k in keys})}
-            ts = sorted({k[0] for k in keys})
-            head = DifFormerHead(shapes, ts, 10, **sizes)
-            spec = {(t, b): f"t{t}_b{b}_{p}" for t, b, p in keys}
-    stream = lambda s, shuffle: ArrayStream(norm[s], ys[s], batch_size=128, shuffle=shuffle, seed=seed)  # noqa: E731
-    t0 = time.perf_counter()
-    # The paper's optimiser for these heads: SGD lr 5e-2, no momentum or weight decay, StepLR(7, 0.1), batch 128
-    # (`momentum` > 0 is the one change offered: the demo's heads train with 0.9).
-    res = train(
-        head,
-        stream("fit", True),
-        stream("val", False),
-        None,
-        input=spec,
-        lr=5e-2,
-        epochs=epochs,
-        step_size=7,
-        gamma=0.1,
-        momentum=momentum,
-        progress=False,
-        device=device,
-        checkpoint_dir=checkpoint_dir,
-        resume=checkpoint_dir is not None,
-        on_epoch_end=lambda e, rows_: log(f"  {kind} seed {seed} epoch {e + 1}/{epochs}: {rows_['head']}"),
+def run_protocol(sizes: dict[str, int], n_train: int, choices: str) -> str:
+    """The protocol of this run, from its own sizes: what was fitted, selected on what, and scored once."""
+    return (
+        f"{sizes['fit']:,} fit / {sizes['val']:,} val (seeded stratified 10% of the first {n_train:,} training images, "
+        f"probe.splits.carve_validation seed 0) / {sizes['test']:,} test images; {choices} selected on val; "
+        "test scored once per selected model"
     )
-    logits = predict_logits(head, stream("test", False), spec, device=device)
-    correct = logits.argmax(1).numpy() == ys["test"]
-    return {
-        "kind": kind,
-        "seed": seed,
-        "momentum": momentum,
-        "epochs": epochs,
-        "best_epoch": res.best_epoch,
-        "val": round(100 * res.val_accuracy, 2),
-        "test": round(100 * correct.mean(), 2),
-        "seconds": round(time.perf_counter() - t0, 1),
-        "inputs": [list(k) for k in keys],
-        "sizes": sizes,
-        "parameters": sum(p.numel() for p in head.parameters()),
-        "optimizer": f"SGD lr 5e-2, momentum {momentum:g}, no wd, StepLR(7, 0.1), batch 128; per-channel "
-        "standardised inputs; epoch selected on val",
-        "_correct": correct,
+
+
+def write_pixels_run(
+    out: Path, res: dict, rows: dict[str, np.ndarray], labels: np.ndarray, store_url: str | None, protocol: str
+) -> None:
+    """The pixels arm as a probe run directory (results.json + logits.npz as `probe.logits` writes them).
+
+    Sample ids come from `store_url` (a store of the same images in the same rows, e.g. fmnist_full.zarr), so
+    `diffbank probe compare` pairs this run with that store's probes image by image.
+    """
+    ids = None
+    if store_url is not None:
+        store = open_store(store_url)
+        if len(store.labels) != len(labels) or not np.array_equal(store.labels, labels):
+            raise ValueError(f"{store_url}: its rows are not these {len(labels)} images (other labels or count)")
+        ids = np.asarray(store.sample_ids)
+    out.mkdir(parents=True, exist_ok=True)
+    scores = {
+        s: SplitScores(res["_logits"][s], rows[s], labels[rows[s]], None if ids is None else ids[rows[s]])
+        for s in ("val", "test")
     }
+    record = write_logits(out / LOGITS_FILE, scores, None)
+    fit = res["_fit"]
+    selected = res["selected"]
+    results = {
+        "command": "benchmarks/fmnist_reproduction.py --stages pixels",
+        "features": [PIXELS_FEATURE],
+        "method": "logistic",
+        "solver": "torch-lbfgs (probe.exact_logistic)",
+        "protocol": protocol,
+        "split_definition": {"splits": {s: {"n": int(len(rows[s]))} for s in ("train", "val", "test")}},
+        "sweep": [
+            {"l2": r["l2"], "iterations": r["iterations"], "loss": r["loss"], "val_top1": r["val"] / 100}
+            for r in res["grid"]
+        ],
+        "selected": {"l2": fit.l2, "val_top1": selected["val"] / 100},
+        "refit_on": "train",
+        "metrics": {s: {"n": int(len(rows[s])), "top1": float(sc.correct.mean())} for s, sc in scores.items()},
+        "ids_from": store_url,
+        "logits": record,
+    }
+    (out / RESULTS_FILE).write_text(json.dumps(results, indent=1))
 
 
 def trained_models(run: Path) -> list[tuple[str, object, int]]:
@@ -305,41 +288,6 @@ def _stores(values: list[str]) -> dict[str, str]:
     return out
 
 
-def _key(text: str) -> tuple[int, int, str]:
-    t, b, p = text.split(",")
-    return int(t), int(b), p
-
-
-def head_key(kind: str, seed: int, momentum: float) -> str:
-    """A head run's name in the results, e.g. 'attention0' (the paper's recipe) or 'fusion1_m0.9'."""
-    return f"{kind}{seed}" + (f"_m{momentum:g}" if momentum else "")
-
-
-def merge_runs(dirs: list[Path], result: dict, correct: dict[str, np.ndarray]) -> None:
-    """Earlier stages' results (reproduction.json) and per-image test outcomes (test_correct.npz), merged."""
-    for d in dirs:
-        part = json.loads((d / "reproduction.json").read_text())
-        if "pixels" in part:
-            result["pixels"] = part["pixels"]
-        result.setdefault("store_fingerprints", {}).update(part.get("store_fingerprints", {}))
-        for k in ("progress", "t_curve", "heads"):
-            result.setdefault(k, []).extend(part.get(k, []))
-        with np.load(d / "test_correct.npz") as z:
-            correct.update({k: z[k] for k in z.files})
-
-
-def paired_tests(result: dict, correct: dict[str, np.ndarray]) -> dict:
-    """Exact McNemar tests of each headline comparison whose two arms were scored in these runs."""
-    pairs = [("final_vs_pixels", "final", "pixels"), ("final_vs_random", "final", "random")]
-    for head in result.get("heads", []):
-        run = head_key(head["kind"], head["seed"], head.get("momentum", 0.0))
-        pairs.append((f"{run}_vs_linear", run, "final"))
-        if head["kind"] == "fusion":  # against the attention head of the same seed and recipe
-            twin = head_key("attention", head["seed"], head.get("momentum", 0.0))
-            pairs.append((f"{run}_vs_{twin}", run, twin))
-    return {name: mcnemar(correct[a], correct[b]) for name, a, b in pairs if a in correct and b in correct}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -352,7 +300,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=FASHION_MNIST_DIR)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--stages", default=",".join(STAGES[:-1]), help=f"comma-separated subset of {','.join(STAGES)}")
+    ap.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     ap.add_argument(
         "--store",
         action="append",
@@ -360,30 +308,25 @@ def main() -> None:
         metavar="MODEL=PATH",
         help="take MODEL's grid (random, final, a snapshot) from a diffbank store instead of extracting it",
     )
-    ap.add_argument("--merge", action="append", type=Path, default=[], help="an earlier stage's --out (tests)")
+    ap.add_argument(
+        "--pixels-run",
+        type=Path,
+        default=None,
+        help="where the pixels stage writes its probe run directory (default: OUT/pixels)",
+    )
+    ap.add_argument(
+        "--ids-store",
+        default=None,
+        help="store whose sample ids the pixels run records (same images, same rows; default: --store final=)",
+    )
     ap.add_argument("--grid-timesteps", default="5,10,25")
     ap.add_argument("--curve-timesteps", default="0,2,5,10,25,50,100,150,250,400")
     ap.add_argument("--blocks", default="10,12,13")
-    ap.add_argument("--head-epochs", type=int, default=28)
-    ap.add_argument("--head-seconds", type=float, default=150, help="time box for the heads (seeds run in turn)")
-    ap.add_argument("--head-kinds", default="attention,fusion")
-    ap.add_argument("--head-seeds", default="0,1,2")
-    ap.add_argument("--head-dim", type=int, default=HEAD_SIZES["dim"])
-    ap.add_argument("--head-heads", type=int, default=HEAD_SIZES["heads"])
-    ap.add_argument("--head-depth", type=int, default=HEAD_SIZES["depth"])
-    ap.add_argument("--head-momentum", type=float, default=0.0, help="SGD momentum of the heads (paper: 0)")
-    ap.add_argument(
-        "--attention-input",
-        type=_key,
-        default=None,
-        metavar="T,BLOCK,POOL",
-        help="the attention head's map when this run has no linear selection (default: the selected t and block, tok8)",
-    )
     ap.add_argument("--limit-train", type=int, default=None)
     ap.add_argument("--limit-test", type=int, default=None)
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--pools", default="avg4,tok8")
-    ap.add_argument("--skip-pixels", action="store_true", help="no raw-pixel baseline (and no McNemar against it)")
+    ap.add_argument("--skip-pixels", action="store_true", help="no raw-pixel baseline")
     ap.add_argument("--models", default=None, help="comma-separated subset: random, final, snapshot file names")
     args = ap.parse_args()
     stages = set(args.stages.split(","))
@@ -395,12 +338,8 @@ def main() -> None:
     # Settled before any image is loaded: what a stage needs from the others.
     if "curve" in stages and ("progress" not in stages or "final" in stores):
         raise SystemExit("--stages curve needs the progress stage's final selection, extracted in memory")
-    if {"curve", "heads"} & stages and args.models and "final" not in args.models.split(","):
-        raise SystemExit("--stages curve and heads read the final model: --models must include final")
-    if "heads" in stages and args.attention_input is None and "progress" not in stages:
-        raise SystemExit("--stages heads without the progress stage needs --attention-input T,BLOCK,POOL")
-    if "heads" in stages and "fusion" in args.head_kinds.split(",") and "avg4" not in args.pools.split(","):
-        raise SystemExit("the fusion head reads the avg4 maps, and --pools leaves them out")
+    if "curve" in stages and args.models and "final" not in args.models.split(","):
+        raise SystemExit("--stages curve reads the final model: --models must include final")
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -412,29 +351,18 @@ def main() -> None:
     curve_t = [int(v) for v in args.curve_timesteps.split(",")]
     blocks = [int(v) for v in args.blocks.split(",")]
     pools = args.pools.split(",")
-    sizes = {"dim": args.head_dim, "heads": args.head_heads, "depth": args.head_depth}
     result: dict = {
         "code_commit": _commit(),
-        "protocol": __doc__.split("\n\n")[2].replace("\n", " "),
         "l2_grid": L2_GRID,
         "grid": {"timesteps": grid_t, "blocks": blocks, "pools": pools},
         "device": str(device),
         "threads": torch.get_num_threads(),
         "stages": sorted(stages, key=STAGES.index),
     }
-    correct: dict[str, np.ndarray] = {}
 
     def save() -> None:
         clean = json.loads(json.dumps(result, default=lambda o: None))
         (args.out / "reproduction.json").write_text(json.dumps(clean, indent=1))
-        np.savez_compressed(args.out / "test_correct.npz", **correct)
-
-    if stages == {"tests"}:  # nothing to compute but the paired tests of earlier stages
-        merge_runs(args.merge, result, correct)
-        result["tests"] = paired_tests(result, correct)
-        save()
-        log(json.dumps(result["tests"], indent=1))
-        return
 
     x0, labels, n_train = load_images(args.data, args.limit_train, args.limit_test)
     n = len(labels)
@@ -445,16 +373,15 @@ def main() -> None:
         "val": np.sort(val_rows),
         "test": np.arange(n_train, n),
     }
+    sizes = {k: int(len(rows[k])) for k in ("fit", "val", "test")}
+    result["sizes"] = sizes
+    result["protocol"] = run_protocol(sizes, n_train, "per model: t, block, pooling and L2 (pixels: L2)")
     rows_t = {k: torch.from_numpy(v).to(device) for k, v in rows.items()}
     y = torch.from_numpy(labels).to(device)
     models = [("random", None, 0)] + (trained_models(args.run) if args.run else shipped_models())
     if args.models:
         models = [m for m in models if m[0] in args.models.split(",")]
-    extracts = (
-        ("progress" in stages and any(m[0] not in stores for m in models))
-        or "curve" in stages
-        or ("heads" in stages and "final" not in stores)
-    )
+    extracts = ("progress" in stages and any(m[0] not in stores for m in models)) or "curve" in stages
     need_t = sorted(set(grid_t + (curve_t if "curve" in stages else []))) if extracts else []
     log(f"{n_train} train ({len(val_rows)} val) + {n - n_train} test images; noise for {need_t}")
     noise = {t: all_noise(n, t, args.workers) for t in need_t}
@@ -473,13 +400,16 @@ def main() -> None:
         feats = Features(model, x0, noise, schedule, grid_t, blocks, pools, device)
         return feats.maps, model, time.perf_counter() - t0
 
-    # Pixels: the same exact solver on the raw pixels (32x32 after the reference resize).
+    # Pixels: the same exact solver on the raw pixels (32x32 after the reference resize), also written as a
+    # probe run directory for `diffbank probe compare`.
     if "pixels" in stages:
         pixels = {(0, 0, "pixels"): x0[:, :1].to(device)}
         res = probe_grid(pixels, y, rows_t, list(pixels))
-        correct["pixels"] = res.pop("_correct")
         result["pixels"] = res["selected"]
-        log(f"pixels: test {res['selected']['test']}")
+        run_dir = args.pixels_run or args.out / "pixels"
+        ids_store = args.ids_store or stores.get("final")
+        write_pixels_run(run_dir, res, rows, labels, ids_store, run_protocol(sizes, n_train, "L2"))
+        log(f"pixels: test {res['selected']['test']} (run directory {run_dir}, ids from {ids_store})")
         save()
 
     # Training progress: random init, each snapshot, the final EMA weights; the same grid and selection.
@@ -489,7 +419,6 @@ def main() -> None:
         for name, path, seen in models:
             maps, model, t_extract = features_of(name, path)
             res = probe_grid(maps, y, rows_t, sorted(maps))
-            correct[name] = res.pop("_correct")
             result["progress"].append(
                 {
                     "model": name,
@@ -497,14 +426,14 @@ def main() -> None:
                     "epochs": round(seen / 60000, 3),
                     "source": stores.get(name, "extracted in memory"),
                     "extract_seconds": round(t_extract, 1),
-                    **res,
+                    "selected": res["selected"],
+                    "grid": res["grid"],
                 }
             )
             log(f"{name} ({seen / 60000:.2f} epochs): {res['selected']}")
             if name == "final":
                 final_maps, final_model, final = maps, model, res["selected"]
             save()
-        result["tests"] = paired_tests(result, correct)
         by_model = {p["model"]: p["selected"] for p in result["progress"]}
         if "final" in by_model and "random" in by_model:
             result["summary"] = {
@@ -514,58 +443,24 @@ def main() -> None:
                 "gain_over_random_points": round(by_model["final"]["test"] - by_model["random"]["test"], 2),
             }
         save()
-    if final_maps is None and ({"curve", "heads"} & stages):
-        final_path = next(m[1] for m in models if m[0] == "final")
-        final_maps, final_model, _ = features_of("final", final_path)
 
     # Timestep curve at the final model's selected block, both poolings, every t.
     if "curve" in stages:
+        assert final_model is not None and final_maps is not None and final is not None  # checked before loading
         curve_feats = Features(
             final_model, x0, noise, schedule, [t for t in curve_t if t not in grid_t], [final["block"]], pools, device
         )
         curve_feats.maps.update({k: v for k, v in final_maps.items() if k[1] == final["block"]})
+        result["t_curve_protocol"] = run_protocol(sizes, n_train, f"per t at block {final['block']}: pooling and L2")
         result["t_curve"] = []
         for t in curve_t:
             res = probe_grid(curve_feats.maps, y, rows_t, [(t, final["block"], p) for p in pools])
-            res.pop("_correct")
             result["t_curve"].append({"t": t, **res["selected"]})
             log(f"t={t}: {res['selected']}")
         save()
-
-    # Heads with capacity, the paper's 28 epochs: attention on the selected 8x8 map; DifFormer on
-    # the three blocks x the grid's timesteps (4x4 maps), seeds in turn while the time box lasts.
-    if "heads" in stages:
-        result["heads"] = []
-        att_keys = [args.attention_input or (final["t"], final["block"], "tok8")]
-        fus_keys = [(t, b, "avg4") for t in grid_t for b in blocks]
-        kinds = args.head_kinds.split(",")
-        head_start = time.perf_counter()
-        for seed in [int(v) for v in args.head_seeds.split(",")]:
-            for kind, keys in (("attention", att_keys), ("fusion", fus_keys)):
-                if kind not in kinds or time.perf_counter() - head_start > args.head_seconds:
-                    continue
-                ckpt = args.out / "checkpoints" / head_key(kind, seed, args.head_momentum)
-                res = head_run(
-                    kind,
-                    final_maps,
-                    keys,
-                    labels,
-                    rows_t,
-                    seed,
-                    args.head_epochs,
-                    device,
-                    sizes,
-                    ckpt,
-                    args.head_momentum,
-                )
-                correct[head_key(kind, seed, args.head_momentum)] = res.pop("_correct")
-                result["heads"].append(res)
-                log(f"{kind} seed {seed}: val {res['val']} test {res['test']} ({res['seconds']} s)")
-                result["tests"] = paired_tests(result, correct)
-                save()
     result["wall_seconds"] = round(time.perf_counter() - started, 1)
     save()
-    log(json.dumps(result.get("summary") or result.get("tests"), default=str))
+    log(json.dumps(result.get("summary") or result.get("pixels"), default=str))
 
 
 if __name__ == "__main__":

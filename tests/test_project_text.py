@@ -100,3 +100,25 @@ def test_the_patterns_leave_plain_words_alone(phrase):
 def test_tracked_text_speaks_of_the_project_only():
     hits = [hit for path in tracked_text_files() for hit in offending_lines(path)]
     assert not hits, "wording about how the project was made:\n" + "\n".join(hits)
+
+
+RESULT_PATH = re.compile(r"docs/results/[\w.\-/]*\w")
+
+
+def named_result_files() -> dict[str, list[str]]:
+    """{docs/results path: [where it is named]} over README, docs/*.md and the embedded models' cards."""
+    sources = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    sources += sorted((REPO / "extract" / "models" / "weights").glob("*.json"))
+    named: dict[str, list[str]] = {}
+    for path in sources:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            for match in RESULT_PATH.finditer(line):
+                named.setdefault(match.group(0), []).append(f"{path.relative_to(REPO)}:{number}")
+    return named
+
+
+def test_every_results_file_named_in_docs_and_cards_exists():
+    named = named_result_files()
+    assert "docs/results/reproduction_cpu_full.json" in named  # the scan reads the files it should
+    missing = {p: where for p, where in named.items() if not (REPO / p).exists()}
+    assert not missing, f"docs/results paths named but absent: {missing}"
