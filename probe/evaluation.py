@@ -14,7 +14,8 @@ evaluated on the heads' logits averaged over the draws; any other stream on the 
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import torch
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from probe.heads import LinearGroup, LinearHead
+from probe.logits import ScoreFile
 from probe.stream import BatchStream
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "fusable_groups",
     "evaluate",
     "predict_logits",
+    "predict_logits_to_file",
     "draw_views",
 ]
 
@@ -149,29 +152,57 @@ def evaluate(
     return {k: (float(loss_sum[k]) / count, int(correct[k]) / count) for k in heads}
 
 
-@torch.no_grad()
+def _logit_batches(
+    head: nn.Module, stream: BatchStream, input: InputSpec, device: torch.device
+) -> Iterator[torch.Tensor]:
+    """Logits of `head` batch by batch over one pass of `stream` (in stream order), as CPU float32 tensors."""
+    was_training = head.training
+    head.eval()
+    stream.set_epoch(0)
+    try:
+        with torch.no_grad():
+            for xs, _ in stream:
+                views = draw_views(xs, feature_names(input), stream, device)
+                yield _mean_logits([head(gather(input, feats)) for feats in views]).float().cpu()
+    finally:
+        head.train(was_training)
+
+
 def predict_logits(
     head: nn.Module, stream: BatchStream, input: InputSpec, device: str | torch.device = "cpu"
 ) -> torch.Tensor:
     """Logits of `head` over one pass of `stream` (in stream order), as a CPU float32 tensor."""
-    device = torch.device(device)
-    was_training = head.training
-    head.eval()
-    stream.set_epoch(0)
     # Filled in place: a list of batches joined at the end held the logits twice (2 GB for 243,000 rows x
     # 1,000 classes).
     out: torch.Tensor | None = None
     filled = 0
-    for xs, _ in stream:
-        views = draw_views(xs, feature_names(input), stream, device)
-        logits = _mean_logits([head(gather(input, feats)) for feats in views]).float().cpu()
+    for logits in _logit_batches(head, stream, input, torch.device(device)):
         if out is None:
             out = torch.empty((stream.num_samples, *logits.shape[1:]), dtype=torch.float32)
         if filled + len(logits) > len(out):
             raise ValueError(f"stream yielded more than its {stream.num_samples} samples")
         out[filled : filled + len(logits)] = logits
         filled += len(logits)
-    head.train(was_training)
     if out is None or not filled:
         raise ValueError("stream yielded no samples")
     return out[:filled]
+
+
+def predict_logits_to_file(
+    head: nn.Module, stream: BatchStream, input: InputSpec, path: Path, device: str | torch.device = "cpu"
+) -> ScoreFile:
+    """`predict_logits` written batch by batch to a `ScoreFile` at `path`: memory does not grow with the split."""
+    scores: ScoreFile | None = None
+    try:
+        for logits in _logit_batches(head, stream, input, torch.device(device)):
+            if scores is None:
+                scores = ScoreFile(path, stream.num_samples, logits.shape[1])
+            scores.append(logits.numpy())
+        if scores is None:
+            raise ValueError("stream yielded no samples")
+        scores.close()
+    except BaseException:
+        if scores is not None:
+            scores.remove()
+        raise
+    return scores
