@@ -14,9 +14,9 @@ window into one reused buffer, as a probe or an export reads); one iter_batches 
 probe epoch against np.load of the same data (`epoch`: below); one epoch of `diffbank probe linear
 --memory-budget 1GB` (1,000 classes). Each store is deleted once measured.
 
-`epoch` writes the feature's float16 rows beside the store as a .npy, then times in paired rounds, in one
-process: np.load of the whole .npy (into fresh memory, as a program that loads its features does; skipped when
-the file exceeds half the available memory), the .npy read window by window into one reused buffer (the stricter
+`epoch` writes the feature's float16 rows beside the store as .npy files, then times in paired rounds, in one
+process: np.load of the .npy files (into fresh memory, as a program that loads its features does; files of at
+most 1 GiB, one held at a time), the same files read window by window into one reused buffer (the stricter
 reference: no fresh pages), and one shuffled epoch of the train split streamed as `diffbank probe` reads it
 (`FeatureStream` over `ProbeData`, batch 256, --memory-budget 1GB: read, checked for NaN/inf, standardised,
 shuffled within windows). GB/s counts float16 bytes (the epoch: those of its train rows); the percentages are
@@ -51,6 +51,7 @@ QUICK_SIZES = ["rows_2000", "rows_6000", "tok_600", "width_18"]
 OPS = ["write", "info", "verify", "verify_full", "read", "iter", "epoch", "probe"]
 S3_OPS = ["info", "verify", "read"]
 COUNT_PATH = "/__bench_requests__"
+NPY_PART_BYTES = 1 << 30  # the epoch's np.load reference: .npy files of at most 1 GiB
 
 
 # -- cases --------------------------------------------------------------------------------
@@ -249,13 +250,6 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def available_bytes() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 def op_epoch(url: str, case: dict[str, Any]) -> dict[str, Any]:
     """A streamed shuffled probe epoch of the train split against np.load of the same float16 data."""
     import torch
@@ -267,26 +261,40 @@ def op_epoch(url: str, case: dict[str, Any]) -> dict[str, Any]:
     name = case["features"][0][0]
     fs = open_store(url)
     arr = fs.array(name)
-    npy = Path(tempfile.mkdtemp(prefix="npy_", dir=None if "://" in url else os.path.dirname(url))) / "x.npy"
+    folder = Path(tempfile.mkdtemp(prefix="npy_", dir=None if "://" in url else os.path.dirname(url)))
+    row_bytes = 2 * int(np.prod(arr.shape[1:]))
     try:
-        out = np.lib.format.open_memmap(npy, "w+", np.float16, arr.shape)
-        step = max(1, (64 << 20) // (2 * int(np.prod(arr.shape[1:]))))
-        for lo in range(0, fs.num_samples, step):
-            out[lo : lo + step] = arr[lo : lo + step]
-        out.flush()
-        del out
+        # The rows as .npy files of at most NPY_PART_BYTES each: np.load of one fills fresh memory, as a program
+        # that loads its features does, without holding 10 GB at once.
+        part_rows = max(1, NPY_PART_BYTES // row_bytes)
+        parts = []
+        for start in range(0, fs.num_samples, part_rows):
+            parts.append(folder / f"x{len(parts):03d}.npy")
+            out = np.lib.format.open_memmap(
+                parts[-1], "w+", np.float16, (min(part_rows, fs.num_samples - start), *arr.shape[1:])
+            )
+            step = max(1, (64 << 20) // row_bytes)
+            for lo in range(0, len(out), step):
+                out[lo : lo + step] = arr[start + lo : start + min(len(out), lo + step)]
+            out.flush()
+            del out
         data = ProbeData.from_store(fs, name, in_memory=False, memory_budget="1GB")
         data.stats(name)  # once per feature, not per epoch
         torch.ones(1).sum()  # torch's first use before the clock
-        gb = npy.stat().st_size / 1e9
-        split_gb = len(data.rows("train")) * 2 * int(np.prod(arr.shape[1:])) / 1e9
+        gb = fs.num_samples * row_bytes / 1e9
+        split_gb = len(data.rows("train")) * row_bytes / 1e9
         window = np.empty((data.default_buffer_rows(), *arr.shape[1:]), np.float16)
 
+        def np_load() -> None:
+            for part in parts:
+                np.load(part)
+
         def np_load_windows() -> None:
-            m = np.load(npy, mmap_mode="r")
-            for lo in range(0, len(m), len(window)):
-                part = m[lo : lo + len(window)]
-                window[: len(part)] = part
+            for part in parts:
+                m = np.load(part, mmap_mode="r")
+                for lo in range(0, len(m), len(window)):
+                    piece = m[lo : lo + len(window)]
+                    window[: len(piece)] = piece
 
         def epoch() -> None:
             stream = FeatureStream(data, "train", 256, shuffle=True)
@@ -294,9 +302,7 @@ def op_epoch(url: str, case: dict[str, Any]) -> dict[str, Any]:
             n = sum(len(y) for _, y in stream)
             assert n == len(data.rows("train"))
 
-        arms = {"np.load windows": (np_load_windows, gb), "epoch": (epoch, split_gb)}
-        if 2 * npy.stat().st_size < available_bytes():
-            arms = {"np.load": (lambda: np.load(npy), gb), **arms}
+        arms = {"np.load": (np_load, gb), "np.load windows": (np_load_windows, gb), "epoch": (epoch, split_gb)}
         rounds = int(case.get("epoch_rounds") or max(1, min(3, 1_000_000 // case["rows"])))
         seconds: dict[str, list[float]] = {k: [] for k in arms}
         cpus: dict[str, list[float]] = {k: [] for k in arms}
@@ -307,13 +313,14 @@ def op_epoch(url: str, case: dict[str, Any]) -> dict[str, Any]:
                 seconds[key].append(time.perf_counter() - t0)
                 cpus[key].append(cpu_seconds() - c0)
     finally:
-        shutil.rmtree(npy.parent, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
     rates = {k: np.array([arms[k][1] / t for t in seconds[k]]) for k in arms}
     result: dict[str, Any] = {
         "seconds": float(np.median(seconds["epoch"])),
         "rounds": rounds,
         "train_rows": int(len(data.rows("train"))),
         "window_rows": int(len(window)),
+        "npy_parts": len(parts),
         "arms": {
             k: {
                 "seconds": seconds[k],
@@ -325,10 +332,9 @@ def op_epoch(url: str, case: dict[str, Any]) -> dict[str, Any]:
         },
     }
     for ref in ("np.load", "np.load windows"):
-        if ref in rates:
-            result[f"percent_of_{ref.replace(' ', '_').replace('.', '_')}"] = float(
-                np.median(rates["epoch"] / rates[ref]) * 100
-            )
+        result[f"percent_of_{ref.replace(' ', '_').replace('.', '_')}"] = float(
+            np.median(rates["epoch"] / rates[ref]) * 100
+        )
     return result
 
 
@@ -434,7 +440,9 @@ def measure(size: str, args: argparse.Namespace, base: Path, endpoint: str | Non
     if size.startswith("tok"):
         ops = [o for o in ops if o not in ("probe", "epoch")]
     if size.startswith("width"):
-        ops = [o for o in ops if o != "epoch"]  # the streamed epoch is a question of rows  # a linear head on 32k dims x 1,000 classes: hours of CPU
+        ops = [
+            o for o in ops if o != "epoch"
+        ]  # the streamed epoch is a question of rows  # a linear head on 32k dims x 1,000 classes: hours of CPU
     results: dict[str, Any] = {"rows": case["rows"], "features": len(case["features"]), "local": {}}
     url = str(base / f"{size}.zarr")
     try:
