@@ -10,8 +10,17 @@ real layout, chunk checksums, progress markers and units; no U-Net. Cases:
 
 Each operation runs in a process of its own (this script with --op), so its peak RSS (`os.wait4`) is its own:
 write; open_store + info (`diffbank store info`'s data); verify; verify --full; read -> float32 (window by
-window into one reused buffer, as a probe or an export reads); one iter_batches pass (batch 256); one epoch of
-`diffbank probe linear --memory-budget 1GB` (1,000 classes). Each store is deleted once measured.
+window into one reused buffer, as a probe or an export reads); one iter_batches pass (batch 256); a streamed
+probe epoch against np.load of the same data (`epoch`: below); one epoch of `diffbank probe linear
+--memory-budget 1GB` (1,000 classes). Each store is deleted once measured.
+
+`epoch` writes the feature's float16 rows beside the store as .npy files, then times in paired rounds, in one
+process: np.load of the .npy files (into fresh memory, as a program that loads its features does; files of at
+most 1 GiB, one held at a time), the same files read window by window into one reused buffer (the stricter
+reference: no fresh pages), and one shuffled epoch of the train split streamed as `diffbank probe` reads it
+(`FeatureStream` over `ProbeData`, batch 256, --memory-budget 1GB: read, checked for NaN/inf, standardised,
+shuffled within windows). GB/s counts float16 bytes (the epoch: those of its train rows); the percentages are
+the median over rounds of epoch GB/s / np.load GB/s in the same round.
 
 Times per row (rows cases) or per feature (width) sit side by side; `--json` writes every figure.
 
@@ -39,9 +48,10 @@ TOK_FEATURE = "t090_b24_tok16"
 CLASSES = 1000
 FULL_SIZES = ["rows_10000", "rows_100000", "rows_1280000", "tok_50000", "width"]
 QUICK_SIZES = ["rows_2000", "rows_6000", "tok_600", "width_18"]
-OPS = ["write", "info", "verify", "verify_full", "read", "iter", "probe"]
+OPS = ["write", "info", "verify", "verify_full", "read", "iter", "epoch", "probe"]
 S3_OPS = ["info", "verify", "read"]
 COUNT_PATH = "/__bench_requests__"
+NPY_PART_BYTES = 1 << 30  # the epoch's np.load reference: .npy files of at most 1 GiB
 
 
 # -- cases --------------------------------------------------------------------------------
@@ -232,6 +242,102 @@ def op_iter(url: str, case: dict[str, Any]) -> dict[str, Any]:
     return {"seconds": time.perf_counter() - t0, "warmup_s": warm}
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process, all threads."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def op_epoch(url: str, case: dict[str, Any]) -> dict[str, Any]:
+    """A streamed shuffled probe epoch of the train split against np.load of the same float16 data."""
+    import torch
+
+    from extract.store.reader import open_store
+    from probe.data import ProbeData
+    from probe.stream import FeatureStream
+
+    name = case["features"][0][0]
+    fs = open_store(url)
+    arr = fs.array(name)
+    folder = Path(tempfile.mkdtemp(prefix="npy_", dir=None if "://" in url else os.path.dirname(url)))
+    row_bytes = 2 * int(np.prod(arr.shape[1:]))
+    try:
+        # The rows as .npy files of at most NPY_PART_BYTES each: np.load of one fills fresh memory, as a program
+        # that loads its features does, without holding 10 GB at once.
+        part_rows = max(1, NPY_PART_BYTES // row_bytes)
+        parts = []
+        for start in range(0, fs.num_samples, part_rows):
+            parts.append(folder / f"x{len(parts):03d}.npy")
+            out = np.lib.format.open_memmap(
+                parts[-1], "w+", np.float16, (min(part_rows, fs.num_samples - start), *arr.shape[1:])
+            )
+            step = max(1, (64 << 20) // row_bytes)
+            for lo in range(0, len(out), step):
+                out[lo : lo + step] = arr[start + lo : start + min(len(out), lo + step)]
+            out.flush()
+            del out
+        data = ProbeData.from_store(fs, name, in_memory=False, memory_budget="1GB")
+        data.stats(name)  # once per feature, not per epoch
+        torch.ones(1).sum()  # torch's first use before the clock
+        gb = fs.num_samples * row_bytes / 1e9
+        split_gb = len(data.rows("train")) * row_bytes / 1e9
+        window = np.empty((data.default_buffer_rows(), *arr.shape[1:]), np.float16)
+
+        def np_load() -> None:
+            for part in parts:
+                np.load(part)
+
+        def np_load_windows() -> None:
+            for part in parts:
+                m = np.load(part, mmap_mode="r")
+                for lo in range(0, len(m), len(window)):
+                    piece = m[lo : lo + len(window)]
+                    window[: len(piece)] = piece
+
+        def epoch() -> None:
+            stream = FeatureStream(data, "train", 256, shuffle=True)
+            stream.set_epoch(1)
+            n = sum(len(y) for _, y in stream)
+            assert n == len(data.rows("train"))
+
+        arms = {"np.load": (np_load, gb), "np.load windows": (np_load_windows, gb), "epoch": (epoch, split_gb)}
+        rounds = int(case.get("epoch_rounds") or max(1, min(3, 1_000_000 // case["rows"])))
+        seconds: dict[str, list[float]] = {k: [] for k in arms}
+        cpus: dict[str, list[float]] = {k: [] for k in arms}
+        for _ in range(rounds):
+            for key, (fn, _) in arms.items():
+                c0, t0 = cpu_seconds(), time.perf_counter()
+                fn()
+                seconds[key].append(time.perf_counter() - t0)
+                cpus[key].append(cpu_seconds() - c0)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    rates = {k: np.array([arms[k][1] / t for t in seconds[k]]) for k in arms}
+    result: dict[str, Any] = {
+        "seconds": float(np.median(seconds["epoch"])),
+        "rounds": rounds,
+        "train_rows": int(len(data.rows("train"))),
+        "window_rows": int(len(window)),
+        "npy_parts": len(parts),
+        "arms": {
+            k: {
+                "seconds": seconds[k],
+                "cpu_s": cpus[k],
+                "gb": arms[k][1],
+                "median_gb_per_s": float(np.median(rates[k])),
+            }
+            for k in arms
+        },
+    }
+    for ref in ("np.load", "np.load windows"):
+        result[f"percent_of_{ref.replace(' ', '_').replace('.', '_')}"] = float(
+            np.median(rates["epoch"] / rates[ref]) * 100
+        )
+    return result
+
+
 def op_probe(url: str, case: dict[str, Any]) -> dict[str, Any]:
     """One epoch of the CLI's linear probe (1,000 classes) under a 1 GB memory budget: read, train, evaluate."""
     from click.testing import CliRunner
@@ -277,6 +383,7 @@ def run_op(op: str, url: str, case: dict[str, Any]) -> dict[str, Any]:
         "verify_full": lambda u, c: op_verify(u, c, full=True),
         "read": op_read,
         "iter": op_iter,
+        "epoch": op_epoch,
         "probe": op_probe,
     }[op]
     result = fn(url, case)
@@ -331,7 +438,11 @@ def measure(size: str, args: argparse.Namespace, base: Path, endpoint: str | Non
     case = case_of(size, args.quick, args.tok_channels)
     ops = [o for o in args.ops.split(",") if o]
     if size.startswith("tok"):
-        ops = [o for o in ops if o != "probe"]  # a linear head on 32k dims x 1,000 classes: hours of CPU
+        ops = [o for o in ops if o not in ("probe", "epoch")]
+    if size.startswith("width"):
+        ops = [
+            o for o in ops if o != "epoch"
+        ]  # the streamed epoch is a question of rows  # a linear head on 32k dims x 1,000 classes: hours of CPU
     results: dict[str, Any] = {"rows": case["rows"], "features": len(case["features"]), "local": {}}
     url = str(base / f"{size}.zarr")
     try:
@@ -372,6 +483,9 @@ def _brief(r: dict[str, Any]) -> str:
     if "error" in r:
         return r["error"].splitlines()[0] if r["error"] else "error"
     extra = f", {r['requests']} requests" if "requests" in r else ""
+    for ref in ("np_load", "np_load_windows"):
+        if f"percent_of_{ref}" in r:
+            extra += f", {r[f'percent_of_{ref}']:.0f}% of {ref.replace('np_load', 'np.load').replace('_', ' ')}"
     return f"{r['seconds']:.2f} s, peak RSS {r['peak_rss_mb']:.0f} MB{extra}"
 
 
@@ -408,7 +522,7 @@ def start_s3() -> tuple[str, Any]:
     return endpoint, server
 
 
-TABLE_OPS = ["upload", "write", "info", "verify", "verify_full", "read", "iter", "probe"]
+TABLE_OPS = ["upload", "write", "info", "verify", "verify_full", "read", "iter", "epoch", "probe"]
 
 
 def table(results: dict[str, Any]) -> str:
@@ -431,7 +545,9 @@ def table(results: dict[str, Any]) -> str:
                     cells.append(f"{'error':>28}")
                     continue
                 entry = results["sizes"][s]
-                if s.startswith("width") and op == "probe":  # one feature's probe, whatever the store's width
+                if op == "epoch":
+                    per = f"{r.get('percent_of_np_load', r.get('percent_of_np_load_windows', 0)):.0f}% np.load"
+                elif s.startswith("width") and op == "probe":  # one feature's probe, whatever the store's width
                     per = f"{r['seconds']:.1f} s"
                 elif s.startswith("width"):
                     per = f"{1e3 * r['seconds'] / entry['features']:.2f} ms/f"

@@ -14,7 +14,9 @@ evaluated on the heads' logits averaged over the draws; any other stream on the 
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import torch
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from probe.heads import LinearGroup, LinearHead
+from probe.logits import ScoreFile
 from probe.stream import BatchStream
 
 __all__ = [
@@ -33,6 +36,8 @@ __all__ = [
     "evaluate",
     "predict_logits",
     "predict_many",
+    "predict_logits_to_file",
+    "predict_many_to_files",
     "draw_views",
 ]
 
@@ -150,6 +155,36 @@ def evaluate(
     return {k: (float(loss_sum[k]) / count, int(correct[k]) / count) for k in heads}
 
 
+@contextmanager
+def _evaluating(heads: Iterable[nn.Module]) -> Iterator[None]:
+    """Heads in eval mode without autograd for the block, then back in their own mode (also on error)."""
+    heads = list(heads)
+    was_training = [head.training for head in heads]
+    for head in heads:
+        head.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for head, mode in zip(heads, was_training):
+            head.train(mode)
+
+
+def _logit_batches(
+    heads: Mapping[K, tuple[nn.Module, InputSpec]], stream: BatchStream, device: torch.device
+) -> Iterator[dict[K, torch.Tensor]]:
+    """Every head's logits {key: (batch, classes)} batch by batch over ONE pass of `stream` (in stream order), as
+    CPU float32 tensors; a head's are those it gets alone (same batches, same arithmetic). Run under
+    `_evaluating`."""
+    stream.set_epoch(0)
+    for xs, _ in stream:
+        batch = {}
+        for key, (head, input) in heads.items():
+            views = draw_views(xs, feature_names(input), stream, device)
+            batch[key] = _mean_logits([head(gather(input, feats)) for feats in views]).float().cpu()
+        yield batch
+
+
 def predict_logits(
     head: nn.Module, stream: BatchStream, input: InputSpec, device: str | torch.device = "cpu"
 ) -> torch.Tensor:
@@ -157,35 +192,63 @@ def predict_logits(
     return predict_many({"": (head, input)}, stream, device)[""]
 
 
-@torch.no_grad()
 def predict_many(
     heads: Mapping[K, tuple[nn.Module, InputSpec]], stream: BatchStream, device: str | torch.device = "cpu"
 ) -> dict[K, torch.Tensor]:
     """Logits of every head {key: (head, input)} over ONE pass of `stream` (in stream order), as CPU float32
     tensors: each head's are those `predict_logits` gives it alone (same batches, same arithmetic)."""
-    device = torch.device(device)
-    was_training = {k: head.training for k, (head, _) in heads.items()}
-    for head, _ in heads.values():
-        head.eval()
-    stream.set_epoch(0)
     # Filled in place: a list of batches joined at the end held the logits twice (2 GB for 243,000 rows x
     # 1,000 classes).
     out: dict[K, torch.Tensor] = {}
     filled = 0
-    for xs, _ in stream:
-        size = 0
-        for key, (head, input) in heads.items():
-            views = draw_views(xs, feature_names(input), stream, device)
-            logits = _mean_logits([head(gather(input, feats)) for feats in views]).float().cpu()
-            if key not in out:
-                out[key] = torch.empty((stream.num_samples, *logits.shape[1:]), dtype=torch.float32)
-            if filled + len(logits) > len(out[key]):
-                raise ValueError(f"stream yielded more than its {stream.num_samples} samples")
-            out[key][filled : filled + len(logits)] = logits
-            size = len(logits)
-        filled += size
-    for key, (head, _) in heads.items():
-        head.train(was_training[key])
+    with _evaluating(head for head, _ in heads.values()):
+        for batch in _logit_batches(heads, stream, torch.device(device)):
+            size = 0
+            for key, logits in batch.items():
+                if key not in out:
+                    out[key] = torch.empty((stream.num_samples, *logits.shape[1:]), dtype=torch.float32)
+                if filled + len(logits) > len(out[key]):
+                    raise ValueError(f"stream yielded more than its {stream.num_samples} samples")
+                out[key][filled : filled + len(logits)] = logits
+                size = len(logits)
+            filled += size
     if not out or not filled:
         raise ValueError("stream yielded no samples")
     return {k: v[:filled] for k, v in out.items()}
+
+
+def predict_logits_to_file(
+    head: nn.Module, stream: BatchStream, input: InputSpec, path: Path, device: str | torch.device = "cpu"
+) -> ScoreFile:
+    """`predict_logits` written batch by batch to a `ScoreFile` at `path`: memory does not grow with the split."""
+    return predict_many_to_files({"": (head, input)}, stream, {"": path}, device)[""]
+
+
+def predict_many_to_files(
+    heads: Mapping[K, tuple[nn.Module, InputSpec]],
+    stream: BatchStream,
+    paths: Mapping[K, Path],
+    device: str | torch.device = "cpu",
+) -> dict[K, ScoreFile]:
+    """`predict_many` written batch by batch, one `ScoreFile` per head at `paths[key]`: one pass of `stream`
+    for all heads, and memory that does not grow with the split. On error no file is left behind."""
+    missing = [k for k in heads if k not in paths]
+    if missing:
+        raise ValueError(f"no score file path for heads {missing!r}")
+    scores: dict[K, ScoreFile] = {}
+    try:
+        with _evaluating(head for head, _ in heads.values()):
+            for batch in _logit_batches(heads, stream, torch.device(device)):
+                for key, logits in batch.items():
+                    if key not in scores:
+                        scores[key] = ScoreFile(paths[key], stream.num_samples, logits.shape[1])
+                    scores[key].append(logits.numpy())
+        if not scores:
+            raise ValueError("stream yielded no samples")
+        for file in scores.values():
+            file.close()
+    except BaseException:
+        for file in scores.values():
+            file.remove()
+        raise
+    return scores

@@ -21,13 +21,14 @@ from safetensors.torch import save_file
 from extract.provenance import to_jsonable
 from probe.data import ProbeData
 from probe.errors import ProbeDataError
-from probe.evaluation import InputSpec, predict_many
+from probe.evaluation import InputSpec, predict_many, predict_many_to_files
 from probe.head_results import HeadResult, SweepResult
 from probe.heads import HeadSizes, resolve_preset, seeded_init
 from probe.inputs import StoreLike
 from probe.job import Job
+from probe.logits import ScoreFile
 from probe.metrics import classification_metrics
-from probe.options import AttentionOptions, LinearOptions, SweepOptions, TrainingOptions
+from probe.options import COMPARE_SPLITS, AttentionOptions, LinearOptions, SweepOptions, TrainingOptions
 from probe.recipe import ProbeConfigError, Recipe
 from probe.report import plot_heatmap
 from probe.stream import FeatureStream
@@ -39,6 +40,7 @@ __all__ = [
     "train_heads",
     "evaluate_head",
     "split_logits",
+    "split_score_files",
     "report_logits",
     "save_heads",
     "head_record",
@@ -338,8 +340,14 @@ def train_heads(
 def evaluate_head(job: Job, head: torch.nn.Module, input: InputSpec, device: str) -> dict[str, Any]:
     """Metrics of one head on the validation and test splits (`report_logits`)."""
     t0 = time.perf_counter()
-    logits = split_logits(job.data, {"": (head, input)}, job.recipe, device)[""]
-    metrics = report_logits(job, logits)
+    # The logits go to disk batch by batch and are scored and saved from there: held in memory they grew with
+    # the splits (0.97 GB for ImageNet's val and test at 1,000 classes).
+    scores = split_score_files(job.data, {"": (head, input)}, job.recipe, device, job.out)[""]
+    try:
+        metrics = report_logits(job, scores)
+    finally:
+        for file in scores.values():
+            file.remove()
     job.timings["eval_s"] = time.perf_counter() - t0
     return metrics
 
@@ -350,23 +358,52 @@ def split_logits(
     """Every head's logits on the validation and test splits ({key: {split: (N, classes)}}), one pass per split."""
     assert recipe is not None
     out: dict[K, dict[str, np.ndarray]] = {k: {} for k in heads}
-    for split in ("val", "test"):
+    for split in COMPARE_SPLITS:
         logits = predict_many(heads, FeatureStream(data, split, recipe.batch_size, shuffle=False), device)
         for k, v in logits.items():
             out[k][split] = v.numpy()
     return out
 
 
-def report_logits(job: Job, logits: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    """Metrics of the selected head's {split: logits} on validation and test; the logits (and the store rows they
-    belong to) go to out_dir/logits.npz, so two runs can be compared image by image (e.g. McNemar)."""
+def split_score_files(
+    data: ProbeData,
+    heads: Mapping[K, tuple[torch.nn.Module, InputSpec]],
+    recipe: Recipe | None,
+    device: str,
+    directory: Path,
+) -> dict[K, dict[str, ScoreFile]]:
+    """`split_logits` written batch by batch to `ScoreFile`s in `directory` (one per head and split, hidden
+    names), so memory does not grow with the splits; the caller removes them. On error none is left behind."""
+    assert recipe is not None
+    names = {k: i for i, k in enumerate(heads)}
+    out: dict[K, dict[str, ScoreFile]] = {k: {} for k in heads}
+    try:
+        for split in COMPARE_SPLITS:
+            paths = {k: directory / f".{names[k]}.{split}_logits.npy" for k in heads}
+            files = predict_many_to_files(
+                heads, FeatureStream(data, split, recipe.batch_size, shuffle=False), paths, device
+            )
+            for k, file in files.items():
+                out[k][split] = file
+    except BaseException:
+        for per_split in out.values():
+            for file in per_split.values():
+                file.remove()
+        raise
+    return out
+
+
+def report_logits(job: Job, logits: Mapping[str, np.ndarray | ScoreFile]) -> dict[str, Any]:
+    """Metrics of the selected head's {split: logits} (arrays, or `ScoreFile`s scored a block of rows at a time)
+    on validation and test; the logits (and the store rows they belong to) go to out_dir/logits.npz, so two runs
+    can be compared image by image (e.g. McNemar)."""
     out = {
         split: classification_metrics(
             job.data.labels(split), logits[split], num_classes=job.data.num_classes, class_names=job.data.class_names
         )
-        for split in ("val", "test")
+        for split in COMPARE_SPLITS
     }
-    job.save_logits(dict(logits))
+    job.save_logits(logits)
     return out
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from probe.defaults import default_features, why_default
 from probe.errors import RunConflictError
 from probe.head_results import EPOCHS_COUNTED_FROM
 from probe.inputs import StoreLike, as_store
-from probe.logits import LOGITS_FILE, RESULTS_FILE, SplitScores, write_logits
+from probe.logits import LOGITS_FILE, RESULTS_FILE, ScoreFile, SplitScores, write_logits
 from probe.options import DataOptions
 from probe.order import OrderUnits
 from probe.recipe import Recipe
@@ -139,13 +140,13 @@ class Job:
     def stream(self, split: str, batch_size: int, shuffle: bool) -> FeatureStream:
         return FeatureStream(self.data, split, batch_size, shuffle=shuffle)
 
-    def save_logits(self, logits: dict[str, np.ndarray]) -> None:
+    def save_logits(self, logits: Mapping[str, np.ndarray | ScoreFile]) -> None:
         """The selected model's scores ({split: (N, classes)}, rows in the split's store order) to logits.npz,
         with the rows, labels and sample ids they belong to; results.json records the file under "logits"."""
         ids = optional_attr(self.store, "sample_ids")
         scores = {
             split: SplitScores(
-                logits=np.asarray(x),
+                logits=x if isinstance(x, ScoreFile) else np.asarray(x),
                 rows=self.data.rows(split),
                 labels=self.data.labels(split),
                 ids=None if ids is None else np.asarray(ids)[self.data.rows(split)],

@@ -10,10 +10,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
+
+from probe.logits import ScoreFile
 
 __all__ = ["classification_metrics", "selection_rank", "select_best"]
 
@@ -41,24 +43,27 @@ def select_best(candidates: Iterable[T], rank: Callable[[T], tuple[float, float]
 
 def classification_metrics(
     y_true: np.ndarray | Sequence[int],
-    scores: np.ndarray | None = None,
+    scores: np.ndarray | ScoreFile | None = None,
     *,
     y_pred: np.ndarray | None = None,
     num_classes: int | None = None,
     class_names: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Metrics of one evaluation from class scores (N, K) (logits, probabilities, votes) or predictions.
+    """Metrics of one evaluation from class scores (N, K) (logits, probabilities, votes; an array or a
+    `ScoreFile`, read a block of rows at a time) or predictions.
 
     `top5` needs scores; with fewer than 5 classes it is top-K (then always 1.0) and says so in `top5_k`.
     Per-class accuracy is recall per class; a class without samples gets `None` (JSON null), not 0.
     """
     y_true = np.asarray(y_true, dtype=np.int64)
     if scores is not None:
-        scores = np.asarray(scores)
-        if scores.ndim != 2 or len(scores) != len(y_true):
+        if not isinstance(scores, ScoreFile):
+            scores = np.asarray(scores)
+        if len(scores.shape) != 2 or scores.shape[0] != len(y_true):
             raise ValueError(f"scores must be (N, classes) with N={len(y_true)}, got {scores.shape}")
         num_classes = num_classes or scores.shape[1]
-        y_pred = np.argmax(scores, axis=1)  # ties go to the lowest class index
+        # ties go to the lowest class index
+        y_pred = np.concatenate([np.argmax(b, axis=1) for _, b in _row_blocks(scores)] or [np.empty(0, np.int64)])
     elif y_pred is None:
         raise ValueError("give scores or y_pred")
     y_pred = np.asarray(y_pred, dtype=np.int64)
@@ -98,23 +103,35 @@ def classification_metrics(
 TOP_K_BLOCK_VALUES = 1 << 23  # scores ranked at once by _top_k (64 MiB of int64 ranks)
 
 
-def _top_k(y_true: np.ndarray, scores: np.ndarray, k: int) -> float:
+def _row_blocks(scores: np.ndarray | ScoreFile) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, block) over `scores`, `TOP_K_BLOCK_VALUES` values a block for arrays."""
+    if isinstance(scores, ScoreFile):
+        lo = 0
+        for block in scores.blocks():
+            yield lo, block
+            lo += len(block)
+        return
+    step = max(1, TOP_K_BLOCK_VALUES // max(1, scores.shape[1]))
+    for lo in range(0, len(scores), step):
+        yield lo, scores[lo : lo + step]
+
+
+def _top_k(y_true: np.ndarray, scores: np.ndarray | ScoreFile, k: int) -> float:
     if k >= scores.shape[1]:
         return 1.0  # every class is among the top k
-    # Logistic scores hold -inf for classes absent from train; sklearn wants finite scores, and any finite
-    # value below the smallest real score ranks those classes last, as -inf does.
-    finite = np.isfinite(scores)
-    if not finite.all():
-        floor = float(scores[finite].min()) - 1.0 if finite.any() else 0.0
-        scores = np.where(finite, scores, floor)
     from sklearn.metrics import top_k_accuracy_score  # loaded by classification_metrics already
 
     # sklearn argsorts the scores into int64: 1 GB for 128,000 rows x 1,000 classes. Hits are per row, so
     # counting them a block of rows at a time gives the same figure in bounded memory.
     labels = np.arange(scores.shape[1])
-    step = max(1, TOP_K_BLOCK_VALUES // scores.shape[1])
-    hits = sum(
-        float(top_k_accuracy_score(y_true[lo : lo + step], scores[lo : lo + step], k=k, labels=labels, normalize=False))
-        for lo in range(0, len(y_true), step)
-    )
+    hits = 0.0
+    for lo, block in _row_blocks(scores):
+        # Logistic scores hold -inf for classes absent from train; sklearn wants finite scores, and any finite
+        # value below a row's smallest real score ranks those classes last, as -inf does.
+        finite = np.isfinite(block)
+        if not finite.all():
+            floor = float(block[finite].min()) - 1.0 if finite.any() else 0.0
+            block = np.where(finite, block, floor)
+        y = y_true[lo : lo + len(block)]
+        hits += float(top_k_accuracy_score(y, block, k=k, labels=labels, normalize=False))
     return hits / len(y_true)

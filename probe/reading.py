@@ -36,8 +36,10 @@ def read_rows(
         not_finite: list[bool] = []
 
         def check_and_standardise(block: np.ndarray, stats: FeatureStats = stats, flag: list = not_finite) -> None:
-            flag_not_finite(flag, block)
+            # NaN/inf survive standardising (the statistics are finite), and the sum of standardised values
+            # does not overflow: checked after it.
             stats.apply(block)
+            flag_not_finite(flag, block)
 
         # The window's memory is the reader's: reused by a later window once no batch of it is held.
         x = store.read(array, order, each=check_and_standardise)

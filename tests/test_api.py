@@ -197,6 +197,8 @@ def test_attention_on_rotated_draws_records_the_rotation_and_the_evaluation(tmp_
     assert (rot["config"]["draws"], mean["config"]["eval_draws"]) == (None, "mean")
     logits = {k: np.load(tmp_path / k / "logits.npz") for k in ("k1", "k3", "k3m")}
     assert np.array_equal(logits["k1"]["test_rows"], np.arange(90, 120))
+    assert logits["k1"]["val_logits"].shape[0] == len(logits["k1"]["val_rows"])
+    assert not list((tmp_path / "k1").glob(".*_logits.npy"))  # the logits written batch by batch are removed
     # Epoch 0 reads draw 0 in both runs; from epoch 1 on the rotated run sees other inputs.
     assert one["training"]["history"][0] == rot["training"]["history"][0]
     assert one["training"]["history"][1]["train_loss"] != rot["training"]["history"][1]["train_loss"]

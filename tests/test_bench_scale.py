@@ -18,7 +18,7 @@ def test_quick_run_measures_every_operation(tmp_path):
     pytest.importorskip("s3fs")
     out = tmp_path / "scale.json"
     env = {**os.environ, "PYTHONPATH": str(SCRIPT.parents[1]), "OMP_NUM_THREADS": "1"}
-    ops = "write,info,verify,read"
+    ops = "write,info,verify,read,epoch"
     sizes = "rows_2000,width_18"
     cmd = [
         sys.executable,
@@ -46,6 +46,11 @@ def test_quick_run_measures_every_operation(tmp_path):
             assert "error" not in r, (op, r)
             assert r["seconds"] > 0 and r["peak_rss_mb"] > 0, (op, r)
     assert set(rows["local"]) == set(ops.split(","))
+    assert "epoch" not in width["local"]  # a question of rows
+    epoch = rows["local"]["epoch"]  # the streamed epoch beside np.load of the same data, in the same rounds
+    assert set(epoch["arms"]) == {"np.load", "np.load windows", "epoch"}
+    assert epoch["percent_of_np_load"] > 0 and epoch["percent_of_np_load_windows"] > 0
+    assert all(len(a["seconds"]) == epoch["rounds"] for a in epoch["arms"].values())
     assert set(width["s3"]) == {"upload", "info", "verify", "read"}
     assert all(r["requests"] > 0 for r in width["s3"].values())
     assert "us/row" in done.stdout and "ms/f" in done.stdout  # the side-by-side table

@@ -212,3 +212,25 @@ def test_a_truncated_shard_fails_to_read_with_a_clear_error(stored):
     with pytest.raises(Exception, match="checksum|truncated|shorter"):
         fs.read("t090_b24_avg2")
     np.testing.assert_array_equal(fs.read("t150_b19_tok4", slice(0, 16)).shape, (16, 3, 4, 4))
+
+
+def test_bytes_on_disk_counts_every_file_of_the_store(tmp_path):
+    """One stat per shard the grid names inside feature folders, a walk elsewhere: the same total as a walk of
+    every file, and a file outside the features' grids (here beside the store's groups) still counts."""
+    url = tmp_path / "s.zarr"
+    x = np.random.default_rng(0).standard_normal((200, 3, 2, 2)).astype(np.float16)
+    save_features(
+        url,
+        {"t010_b01_avg2": x, "t020_b01_avg2": x},
+        np.arange(200) % 4,
+        {"train": np.arange(200)},
+        chunk_rows=16,
+        shard_rows=64,
+    )
+    (url / "notes.txt").write_text("kept beside the store")
+
+    def walked() -> int:
+        return sum(p.stat().st_size for p in url.rglob("*") if p.is_file())
+
+    fs = open_store(url)
+    assert fs.nbytes_stored() == walked()

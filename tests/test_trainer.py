@@ -10,7 +10,7 @@ import torch
 from probe_data_fixtures import FEAT, draw_of, write_draws_store
 
 from probe.data import ProbeData
-from probe.evaluation import evaluate, predict_logits
+from probe.evaluation import evaluate, predict_logits, predict_logits_to_file
 from probe.heads import DifFormerHead, LinearHead, seeded_init
 from probe.optimizer import build_optimizer
 from probe.recipe import Recipe
@@ -446,6 +446,11 @@ def test_mean_evaluation_averages_the_logits_over_the_draws(tmp_path) -> None:
     assert {d for _, d in head.seen} == {0, 1, 2}
     per_draw = [predict_logits(head, _draw_stream(path, d), FEAT) for d in range(3)]
     torch.testing.assert_close(averaged, sum(per_draw) / 3)
+    # written batch by batch to disk (what a probe run saves): the same logits, and the head back in train mode
+    head.train()
+    scores = predict_logits_to_file(head, FeatureStream(data, "test", 8, shuffle=False), FEAT, tmp_path / "t.npy")
+    assert head.training and scores.shape == tuple(averaged.shape)
+    assert np.array_equal(np.load(scores.path), averaged.numpy())
     loss, acc = evaluate({"h": head}, {"h": FEAT}, FeatureStream(data, "test", 8, shuffle=False))["h"]
     y = torch.from_numpy(data.labels("test"))
     assert acc == pytest.approx(float((averaged.argmax(1) == y).float().mean()))

@@ -23,13 +23,9 @@ def cast_into(dst: np.ndarray, src: np.ndarray) -> None:
 
 
 def scatter_into(out: np.ndarray, positions: np.ndarray, rows: np.ndarray) -> None:
-    """out[positions] = rows (float32 both)."""
-    try:
-        import torch
-    except ImportError:  # pragma: no cover
-        out[positions] = rows
-        return
-    torch.from_numpy(out).index_copy_(0, torch.from_numpy(positions), torch.from_numpy(rows))
+    """out[positions] = rows (float32 both; `positions` distinct). numpy's row-wise copy: torch's index_copy_
+    measured 3.2x slower (1,075 against 334 us for 256 rows of 16 KiB into a 250 MB window, one core)."""
+    out[positions] = rows
 
 
 class ReusedMemory:

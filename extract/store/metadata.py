@@ -3,6 +3,7 @@ arrays (labels, ids, valid, errors, splits) and the progress markers. Read lazil
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from typing import Any
@@ -29,6 +30,7 @@ from extract.store.layout import (
     group_at,
     is_local,
     local_path,
+    v3_metadata,
 )
 from extract.store.presence import RequiredShards, check_present, read_checked, required_units
 
@@ -223,10 +225,44 @@ class StoreMetadata:
         return {name: done[:, i].astype(bool) for i, name in enumerate(columns)}
 
     def nbytes_stored(self) -> int | None:
-        """Bytes on disk (local stores only; None elsewhere)."""
+        """Bytes on disk (local stores only; None elsewhere): every file, except that inside a feature
+        array's folder only its metadata and the shards its grid names are counted."""
         if not is_local(self.url):
             return None
-        return _tree_bytes(os.fspath(local_path(self.url)))
+        root = os.fspath(local_path(self.url))
+        names = set(self.array_names())
+        total = 0
+        with os.scandir(root) as entries:
+            for entry in entries:
+                if entry.name != FEATURES or not entry.is_dir(follow_symlinks=False):
+                    total += _entry_bytes(entry)
+        with os.scandir(os.path.join(root, FEATURES)) as entries:
+            for entry in entries:
+                if entry.name in names and entry.is_dir(follow_symlinks=False):
+                    total += _array_bytes(entry.path, self.array(entry.name))
+                else:
+                    total += _entry_bytes(entry)
+        return total
+
+
+def _array_bytes(folder: str, arr: zarr.Array) -> int:
+    """Bytes of an array's zarr.json and shard files, one stat per file its shard grid names: walking the
+    folders (26 per feature of 8 units) took 0.65 s for 1,110 features, these stats 0.25 s."""
+    grid = [-(-size // step) for size, step in zip(arr.shape, arr.shards or arr.chunks)]
+    encode = v3_metadata(arr).chunk_key_encoding.encode_chunk_key
+    total = 0
+    for key in itertools.chain(["zarr.json"], map(encode, itertools.product(*map(range, grid)))):
+        try:
+            total += os.stat(os.path.join(folder, key)).st_size
+        except FileNotFoundError:  # an absent shard: verify names it
+            pass
+    return total
+
+
+def _entry_bytes(entry: os.DirEntry) -> int:
+    if entry.is_dir(follow_symlinks=False):
+        return _tree_bytes(entry.path)
+    return entry.stat(follow_symlinks=False).st_size if entry.is_file(follow_symlinks=False) else 0
 
 
 def _tree_bytes(folder: str) -> int:
@@ -235,8 +271,5 @@ def _tree_bytes(folder: str) -> int:
     total = 0
     with os.scandir(folder) as entries:
         for entry in entries:
-            if entry.is_dir(follow_symlinks=False):
-                total += _tree_bytes(entry.path)
-            elif entry.is_file(follow_symlinks=False):
-                total += entry.stat(follow_symlinks=False).st_size
+            total += _entry_bytes(entry)
     return total

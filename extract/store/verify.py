@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 import zarr
-from dask.utils import format_bytes
 
 from extract.provenance import fingerprint as fingerprint_of
 from extract.store.layout import (
@@ -58,6 +57,8 @@ def summary_lines(checked: Mapping[str, Any]) -> list[str]:
     """What a verification covered, as a reader counts it, and what a full scan would add."""
     if "arrays" not in checked:
         return []
+    from dask.utils import format_bytes  # dask's import (0.12 s) is paid by the command that prints, not by open_store
+
     size = format_bytes(checked["bytes"])
     lines = [
         f"  checked: {_count(checked['features'], 'feature array')} and "
