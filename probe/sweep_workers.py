@@ -21,9 +21,11 @@ distributed sweep restarts from its first epoch.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Hashable, Sequence
 from typing import Any
@@ -32,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from extract.dask_client import check_shared_url, cluster_label, dask_client
+from extract.dask_client import StartingClient, check_shared_url, cluster_label
 from extract.progress import progress_bar
 from extract.store import open_store
 from extract.store.layout import is_local, local_path
@@ -44,6 +46,7 @@ from probe.heads import LinearHead, seeded_init
 from probe.job import Job, probe_data
 from probe.options import SweepOptions
 from probe.order import OrderUnits
+from probe.phase_clock import PhaseClock
 from probe.recipe import ProbeConfigError, Recipe
 from probe.stream import FeatureStream
 from probe.trainer import train_many
@@ -53,6 +56,8 @@ __all__ = ["sweep_heads", "plan_parts", "train_part", "train_on_workers", "PartR
 log = logging.getLogger(__name__)
 # Reruns of a task that raised (a lost worker's tasks are rescheduled by the scheduler on its own).
 RETRIES = 2
+# What the client's report loads on first use (scoring: sklearn and scipy; figures: matplotlib), seconds each.
+REPORT_IMPORTS = ("sklearn.metrics", "matplotlib.pyplot")
 
 
 def sweep_heads(
@@ -94,7 +99,7 @@ class PartResult:
     states: dict[str, dict[str, torch.Tensor]]
     logits: dict[str, dict[str, np.ndarray]]
     worker: str
-    seconds: dict[str, float]
+    seconds: dict[str, dict[str, float]]
 
 
 def train_part(
@@ -107,7 +112,8 @@ def train_part(
     memory_budget: int | None,
 ) -> PartResult:
     """A dask task: train every lr of `features` in one pass, as the one-process sweep trains them."""
-    t0 = time.perf_counter()
+    before = _process_record()
+    clock = PhaseClock()
     store = open_store(url, storage_options)
     data = probe_data(
         store,
@@ -120,7 +126,7 @@ def train_part(
         order_units=order,
     )
     data.load()
-    t1 = time.perf_counter()
+    clock.lap("data")
     heads, inputs, lr_of = sweep_heads(data, features, recipe.learning_rates, options.seed)
     batch = recipe.batch_size
     result = train_many(
@@ -134,17 +140,33 @@ def train_part(
         progress=False,
         device=options.device,
     )
-    t2 = time.perf_counter()
+    clock.lap("train")
     chosen = {name: (heads[str(result.best_per_input[name])], name) for name in features}
     logits = split_logits(data, chosen, recipe, options.device)
     states = {k: {n: t.detach().cpu().clone() for n, t in h.state_dict().items()} for k, h in heads.items()}
+    clock.lap("eval")
     return PartResult(
         results={str(k): r for k, r in result.heads.items()},
         states=states,
         logits=logits,
         worker=f"{socket.gethostname()}:{os.getpid()}",
-        seconds={"data_s": t1 - t0, "train_s": t2 - t1, "eval_s": time.perf_counter() - t2},
+        seconds={"before_task": before, **clock.phases},
     )
+
+
+def _process_record() -> dict[str, float]:
+    """This process's age and CPU seconds so far: in a worker, before its task, its start-up and imports."""
+    import psutil  # a dependency of dask.distributed, which runs this
+
+    return {
+        "wall_s": round(time.time() - psutil.Process().create_time(), 4),
+        "cpu_s": round(time.process_time(), 4),
+    }
+
+
+def _import_all(modules: Sequence[str]) -> None:
+    for name in modules:
+        importlib.import_module(name)
 
 
 def _worker_url(url: str) -> str:
@@ -153,19 +175,29 @@ def _worker_url(url: str) -> str:
 
 
 def train_on_workers(
-    job: Job, recipe: Recipe, options: SweepOptions, heads: dict[str, nn.Module], progress: bool
+    job: Job,
+    recipe: Recipe,
+    options: SweepOptions,
+    heads: dict[str, nn.Module],
+    progress: bool,
+    cluster: StartingClient,
 ) -> tuple[SweepResult, dict[str, np.ndarray], dict[str, Any]]:
-    """Train `heads` (the sweep's, from `sweep_heads`) on dask workers; their weights are loaded in place.
+    """Train `heads` (the sweep's, from `sweep_heads`) on the workers of `cluster`; their weights are loaded in
+    place. The cluster is closed in the background once every part is in (the caller waits for it at its end).
 
     Returns the merged result (selection as in one process), the selected head's {split: logits} and a record
-    of the parts (features, worker, seconds)."""
+    of the parts (features, worker, phases) and of the client's phases (wall and CPU seconds)."""
     store = job.store
     url = _worker_url(check_shared_url(store.url, ProbeConfigError))
     local = options.scheduler is None
     started = time.perf_counter()
-    with dask_client(options.workers if local else None, options.scheduler, ProbeConfigError) as (client, n):
-        from dask.distributed import as_completed  # the optional extra `cluster`, there once dask_client started
+    client_before = _process_record()
+    clock = PhaseClock()
+    client, n = cluster.get()
+    clock.lap("cluster_wait")
+    from dask.distributed import as_completed  # the optional extra `cluster`, there once the client started
 
+    try:
         sizes = {name: int(np.prod(job.data.feature_shapes[name])) for name in job.features}
         parts = plan_parts(sizes, n)
         # Local workers share this machine's memory: each gets its share of the budget.
@@ -174,6 +206,7 @@ def train_on_workers(
             "%d feature(s) in %d part(s) on %s", len(job.features), len(parts), cluster_label(n, options.scheduler)
         )
         order = job.data.order_units()
+        clock.lap("plan")
         futures = {
             client.submit(
                 train_part,
@@ -189,6 +222,8 @@ def train_on_workers(
             ): i
             for i, part in enumerate(parts)
         }
+        # The client idles while the parts train: it loads what its report imports meanwhile, not after them.
+        threading.Thread(target=_import_all, args=(REPORT_IMPORTS,), name="report-imports", daemon=True).start()
         done: dict[int, PartResult] = {}
         bar = progress_bar(total=len(job.features), desc="sweep", unit="feature", enabled=progress)
         try:
@@ -198,6 +233,9 @@ def train_on_workers(
                 bar.update(len(parts[futures[fut]]))
         finally:
             bar.close()
+        clock.lap("wait")
+    finally:
+        cluster.close_soon()  # nothing is left on the workers: the merge does not wait for their exit
     results: dict[Hashable, HeadResult] = {}
     by_key = {k: r for p in done.values() for k, r in p.results.items()}
     states = {k: s for p in done.values() for k, s in p.states.items()}
@@ -210,12 +248,15 @@ def train_on_workers(
     # A feature's selected head is chosen among its own heads by the same rule, so the overall best is one of them.
     assert str(merged.best_per_input[feature]) == best
     logits = next(p.logits[feature] for p in done.values() if feature in p.logits)
+    clock.lap("merge")
     record = {
         "workers": n,
         "scheduler": options.scheduler,
-        "parts": [
-            {"features": parts[i], "worker": done[i].worker, **{k: round(v, 4) for k, v in done[i].seconds.items()}}
-            for i in sorted(done)
-        ],
+        "client": {
+            "before": client_before,
+            "cluster_start_thread": {k: round(v, 4) for k, v in cluster.start_seconds.items()},
+            **clock.phases,
+        },
+        "parts": [{"features": parts[i], "worker": done[i].worker, **done[i].seconds} for i in sorted(done)],
     }
     return merged, logits, record

@@ -25,6 +25,7 @@ from diffbank.commands.options import (
     storage_option_option,
 )
 from diffbank.commands.remote import open_read_only
+from extract.dask_client import StartingClient
 
 # Declarations only (no torch): the options, defaults and errors shown in --help come from here.
 from probe.errors import ProbeDataError, RunConflictError, UnknownFeatureError
@@ -43,6 +44,7 @@ from probe.options import (
 )
 from probe.recipe import RECIPES, ProbeConfigError
 from probe.report import format_table, render
+from probe.sweep_cluster import sweep_cluster
 
 SUBSET_HELP = "label subset of train: 1%, 10% (stratified) or K-shot, e.g. 5-shot (seeded)"
 
@@ -223,9 +225,9 @@ _OPTIONS: dict[str, type[DataOptions]] = {
 }
 
 
-def _run(name: str, **kwargs: Any) -> None:
-    """Call `probe.run.run_<name>` with the command's options and print its table; known input problems become
-    clean CLI errors.
+def _run(name: str, cluster: StartingClient | None = None, **kwargs: Any) -> None:
+    """Call `probe.run.run_<name>` with the command's options (and a sweep's starting `cluster`) and print its
+    table; known input problems become clean CLI errors.
 
     The table is the command's output (stdout); status goes through `logging`.
     """
@@ -244,7 +246,8 @@ def _run(name: str, **kwargs: Any) -> None:
     out = Path(out_dir)
     fresh = not out.exists()
     try:
-        results = getattr(run, f"run_{name}")(store, out_dir, _OPTIONS[name](**kwargs))
+        given = {} if cluster is None else {"cluster": cluster}
+        results = getattr(run, f"run_{name}")(store, out_dir, _OPTIONS[name](**kwargs), **given)
     except BaseException as exc:
         # A run that fails before finishing leaves nothing behind in an --out it created, so the next run
         # there does not meet half a run's settings (an interrupted run keeps its checkpoint to resume).
@@ -386,7 +389,16 @@ def sweep(**kwargs: Any) -> None:
         kwargs.pop("lrs")
     else:
         kwargs["lrs"] = list(kwargs["lrs"])
-    _run("sweep", **_one_weight_decay(kwargs))
+    if kwargs["workers"] is None and kwargs["scheduler"] is None:
+        _run("sweep", **_one_weight_decay(kwargs))
+        return
+    # Started before the probes are imported (torch: seconds), so the workers start and import them meanwhile.
+    try:
+        starting = sweep_cluster(kwargs["workers"], kwargs["scheduler"])
+    except ProbeConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    with starting as cluster:
+        _run("sweep", cluster=cluster, **_one_weight_decay(kwargs))
 
 
 def _add_compare() -> None:
