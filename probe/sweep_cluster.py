@@ -13,8 +13,9 @@ from probe.recipe import ProbeConfigError
 
 __all__ = ["PRELOAD", "sweep_cluster"]
 
-# What every part's task imports, loaded by a local cluster's workers as they start.
-PRELOAD = ("probe.sweep_workers",)
+# What every part's task imports, loaded by a local cluster's workers as they start: the probe modules (torch
+# among them), and torch._dynamo, which torch.optim imports when it builds its first optimizer (~2 s of CPU).
+PRELOAD = ("probe.sweep_workers", "torch._dynamo")
 
 
 def sweep_cluster(workers: int | None, scheduler: str | None) -> AbstractContextManager[StartingClient]:
