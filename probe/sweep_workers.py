@@ -223,7 +223,8 @@ def train_on_workers(
             for i, part in enumerate(parts)
         }
         # The client idles while the parts train: it loads what its report imports meanwhile, not after them.
-        threading.Thread(target=_import_all, args=(REPORT_IMPORTS,), name="report-imports", daemon=True).start()
+        importing = threading.Thread(target=_import_all, args=(REPORT_IMPORTS,), name="report-imports", daemon=True)
+        importing.start()
         done: dict[int, PartResult] = {}
         bar = progress_bar(total=len(job.features), desc="sweep", unit="feature", enabled=progress)
         try:
@@ -234,6 +235,9 @@ def train_on_workers(
         finally:
             bar.close()
         clock.lap("wait")
+        # done before the report uses them: matplotlib.use() would meet a half-imported pyplot
+        importing.join()
+        clock.lap("report_imports")
     finally:
         cluster.close_soon()  # nothing is left on the workers: the merge does not wait for their exit
     results: dict[Hashable, HeadResult] = {}
