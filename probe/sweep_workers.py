@@ -16,6 +16,11 @@ Weights are then bit-identical when each process runs torch on one thread (a Loc
 A worker that dies mid-task is replaced and its task rerun (the scheduler reschedules the tasks of a lost
 worker; `retries` reruns a task that raised), so no feature is lost. Parts keep no checkpoint: an interrupted
 distributed sweep restarts from its first epoch.
+
+Fixed costs are kept off the critical path: the cluster starts in the background (`probe.sweep_cluster`, from the
+CLI before the client imports torch), its workers preloading the probe modules; the client imports what its
+report needs while the parts train, and closes the cluster while it writes the report. The client's and each
+part's phases (wall and CPU seconds) are recorded in results.json under "cluster".
 """
 
 from __future__ import annotations
@@ -93,13 +98,13 @@ def plan_parts(sizes: dict[str, int], n_parts: int) -> list[list[str]]:
 @dataclasses.dataclass
 class PartResult:
     """What one task returns: per head its result and weights; per feature the {split: logits} of its selected
-    head; where and how long it ran."""
+    head; where it ran, and the wall and CPU seconds of its phases (its process's start-up before the task too)."""
 
     results: dict[str, HeadResult]
     states: dict[str, dict[str, torch.Tensor]]
     logits: dict[str, dict[str, np.ndarray]]
     worker: str
-    seconds: dict[str, dict[str, float]]
+    phases: dict[str, dict[str, float]]
 
 
 def train_part(
@@ -150,7 +155,7 @@ def train_part(
         states=states,
         logits=logits,
         worker=f"{socket.gethostname()}:{os.getpid()}",
-        seconds={"before_task": before, **clock.phases},
+        phases={"before_task": before, **clock.phases},
     )
 
 
@@ -261,6 +266,6 @@ def train_on_workers(
             "cluster_start_thread": {k: round(v, 4) for k, v in cluster.start_seconds.items()},
             **clock.phases,
         },
-        "parts": [{"features": parts[i], "worker": done[i].worker, **done[i].seconds} for i in sorted(done)],
+        "parts": [{"features": parts[i], "worker": done[i].worker, **done[i].phases} for i in sorted(done)],
     }
     return merged, logits, record
