@@ -101,7 +101,18 @@ def random_float16(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarr
     return out
 
 
-def op_write(url: str, case: dict[str, Any]) -> dict[str, Any]:
+def class_means(rng: np.random.Generator, classes: int, shape: tuple[int, ...], strength: float) -> np.ndarray:
+    """Per-class offsets (classes, *shape) in a random 16-d subspace, each coordinate there `strength` times the
+    noise's standard deviation: a learnable class signal for a probe (noise alone leaves its top-1 at chance)."""
+    dim = int(np.prod(shape))
+    basis = np.linalg.qr(rng.standard_normal((dim, min(16, dim))))[0].T  # orthonormal rows
+    means = rng.standard_normal((classes, len(basis))) * strength
+    return (means @ basis).reshape(classes, *shape).astype(np.float32)
+
+
+def op_write(url: str, case: dict[str, Any], signal: dict[str, float] | None = None) -> dict[str, Any]:
+    """Write `case`'s store: float16 noise per feature, plus class means of strength `signal[name]`
+    (`class_means`) for the features it names."""
     from extract.features import parse_feature_name
     from extract.store.create import NewStore, create_store
     from extract.store.layout import FeatureInfo
@@ -141,6 +152,8 @@ def op_write(url: str, case: dict[str, Any]) -> dict[str, Any]:
     rng = np.random.default_rng(1)
     generate = write = 0.0
     pool: dict[str, np.ndarray] = {}
+    offsets = {name: class_means(rng, case["classes"], tuple(shape), (signal or {}).get(name, 0.0))
+               for name, shape in case["features"] if (signal or {}).get(name)}  # fmt: skip
     try:
         for unit in range(writer.num_units):
             start, stop = writer.unit_rows(unit)
@@ -151,6 +164,8 @@ def op_write(url: str, case: dict[str, Any]) -> dict[str, Any]:
                 if name not in pool:
                     pool[name] = random_float16(rng, (writer.unit_rows(0)[1], *shape))
                 arrays[name] = np.roll(pool[name], unit, axis=0)[: stop - start]
+                if name in offsets:
+                    arrays[name] = (arrays[name] + offsets[name][labels[start:stop]]).astype(np.float16)
             w0 = time.perf_counter()
             generate += w0 - g0
             writer.write_unit(unit, arrays)

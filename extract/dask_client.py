@@ -1,16 +1,19 @@
 """A dask.distributed client for the commands that spread work over processes (`extract --workers/--scheduler`,
 `probe sweep --workers/--scheduler`): a LocalCluster of N single-threaded worker processes, or an existing
-scheduler. Torch-free, so the probes use it without importing the extraction pipeline.
+scheduler, started in a background thread while the caller gets on with its own start-up. Torch-free, so the
+probes (and the CLI, before it imports them) use it without importing the extraction pipeline.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["MISSING_DISTRIBUTED", "dask_client", "require_distributed", "check_shared_url", "cluster_label"]
+__all__ = ["MISSING_DISTRIBUTED", "StartingClient", "starting_client", "dask_client", "require_distributed", "check_shared_url", "cluster_label"]
 
 MISSING_DISTRIBUTED = "running on a dask cluster needs dask.distributed: pip install 'diffbank[cluster]'"
 
@@ -39,6 +42,97 @@ def cluster_label(workers: int | None, scheduler: str | None) -> str:
     return scheduler or f"a local cluster of {workers} process(es)"
 
 
+class StartingClient:
+    """A dask client whose LocalCluster (or connection to `scheduler`) starts in a background thread, so the
+    caller's own start-up (imports, opening the store, planning) runs while the workers start. `get()` waits
+    for it; `close_soon()` closes it in the background (nothing is left to wait for once the results are in),
+    and `close()` waits until it is closed. Workers import the modules in `preload` as they start.
+
+    Bad arguments and a missing `distributed` raise `error` before anything starts."""
+
+    def __init__(
+        self,
+        workers: int | None,
+        scheduler: str | None,
+        error: Callable[[str], Exception],
+        preload: Sequence[str] = (),
+    ) -> None:
+        if workers is not None and scheduler is not None:
+            raise error("give workers or scheduler, not both")
+        if scheduler is None and (workers is None or workers < 1):
+            raise error(f"workers must be at least 1, got {workers}")
+        require_distributed(error)
+        self.workers, self.scheduler, self.preload = workers, scheduler, list(preload)
+        self.start_seconds: dict[str, float] = {}
+        self._client: Any = None
+        self._cluster: Any = None
+        self._n_workers = 0
+        self._failure: BaseException | None = None
+        self._closing: threading.Thread | None = None
+        self._starting = threading.Thread(target=self._start, name="dask-client-start", daemon=True)
+        self._starting.start()
+
+    def _start(self) -> None:
+        from dask.distributed import Client, LocalCluster
+
+        wall, cpu = time.perf_counter(), time.thread_time()
+        try:
+            if self.scheduler is None:
+                self._cluster = LocalCluster(
+                    n_workers=self.workers,
+                    threads_per_worker=1,
+                    processes=True,
+                    dashboard_address=None,
+                    preload=self.preload,
+                )
+                self._client = Client(self._cluster)
+                self._n_workers = int(self.workers or 1)
+            else:
+                self._client = Client(self.scheduler)
+                self._n_workers = max(1, len(self._client.scheduler_info().get("workers", {})))
+        except BaseException as exc:  # raised again by get(), in the caller's thread
+            self._failure = exc
+        self.start_seconds = {"wall_s": time.perf_counter() - wall, "thread_cpu_s": time.thread_time() - cpu}
+
+    def get(self) -> tuple[Any, int]:
+        """(client, number of workers), once started."""
+        self._starting.join()
+        if self._failure is not None:
+            raise self._failure
+        return self._client, self._n_workers
+
+    def close_soon(self) -> None:
+        """Start closing the client and its cluster in the background."""
+        if self._closing is None:
+            self._closing = threading.Thread(target=self._close, name="dask-client-close", daemon=True)
+            self._closing.start()
+
+    def close(self) -> None:
+        """Close the client and its cluster, and wait until they are closed."""
+        self.close_soon()
+        assert self._closing is not None
+        self._closing.join()
+
+    def _close(self) -> None:
+        self._starting.join()
+        if self._client is not None:
+            self._client.close()
+        if self._cluster is not None:
+            self._cluster.close()
+
+
+@contextmanager
+def starting_client(
+    workers: int | None, scheduler: str | None, error: Callable[[str], Exception], preload: Sequence[str] = ()
+) -> Iterator[StartingClient]:
+    """A `StartingClient`, closed (and waited for) on exit."""
+    starting = StartingClient(workers, scheduler, error, preload)
+    try:
+        yield starting
+    finally:
+        starting.close()
+
+
 @contextmanager
 def dask_client(
     workers: int | None, scheduler: str | None, error: Callable[[str], Exception]
@@ -46,25 +140,5 @@ def dask_client(
     """(client, number of workers) for a LocalCluster of `workers` single-threaded processes, or for the
     scheduler at `scheduler`; both closed on exit. `error` builds the caller's exception for bad arguments and a
     missing `distributed`."""
-    if workers is not None and scheduler is not None:
-        raise error("give workers or scheduler, not both")
-    if scheduler is None and (workers is None or workers < 1):
-        raise error(f"workers must be at least 1, got {workers}")
-    require_distributed(error)
-    from dask.distributed import Client, LocalCluster
-
-    cluster = None
-    if scheduler is None:
-        assert workers is not None
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
-        client = Client(cluster)
-        n_workers = workers
-    else:
-        client = Client(scheduler)
-        n_workers = max(1, len(client.scheduler_info().get("workers", {})))
-    try:
-        yield client, n_workers
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
+    with starting_client(workers, scheduler, error) as starting:
+        yield starting.get()

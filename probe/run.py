@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from extract.dask_client import require_distributed
+from extract.dask_client import StartingClient, require_distributed
 from probe.baselines import DINOV2_C_GRID, flatten_features, knn_sweep, logistic_sweep
 from probe.exact_logistic import L2_GRID, MAX_ITER, exact_logistic_sweep
 from probe.fitting import (
@@ -62,8 +63,10 @@ from probe.options import (
     LogisticOptions,
     SweepOptions,
 )
+from probe.phase_clock import PhaseClock
 from probe.recipe import ProbeConfigError
 from probe.report import plot_accuracy_vs_t, plot_heatmap
+from probe.sweep_cluster import sweep_cluster
 from probe.sweep_workers import sweep_heads, train_on_workers
 
 __all__ = ["run_linear", "run_attention", "run_fusion", "run_logistic", "run_knn", "run_sweep"]
@@ -219,35 +222,57 @@ def run_knn(store: StoreLike, out_dir: str | Path, options: KnnOptions | None = 
     return job.finish(out)
 
 
-def run_sweep(store: StoreLike, out_dir: str | Path, options: SweepOptions | None = None) -> dict[str, Any]:
+def run_sweep(
+    store: StoreLike, out_dir: str | Path, options: SweepOptions | None = None, *, cluster: StartingClient | None = None
+) -> dict[str, Any]:
     """Linear heads for every feature x lr in one pass over the data; selection on validation.
 
     Options: `probe.options.SweepOptions` (`lrs` default: the recipe's; diffbank 1e-3, 1e-2, 1e-1; paper 1e-2). Writes heatmap.png (test top-1 of the validation-selected (pooling, lr)
     per (t, block) cell, the validation-selected cell outlined) and accuracy_vs_t.png, and all heads to
     heads.safetensors. With `workers` or `scheduler` the features train on dask workers (`probe.sweep_workers`)
-    and the client writes the same results (no checkpoint: an interrupted run starts again).
+    and the client writes the same results (no checkpoint: an interrupted run starts again). `cluster` is that
+    cluster already starting (`probe.sweep_cluster`, as the CLI starts it before importing the probes); without
+    it the sweep starts its own as it begins, and closes it before it returns.
     """
     options = options or SweepOptions()
     distributed = _check_cluster(options)
-    trained = TrainedRun("sweep", store, out_dir, options, read_data=not distributed)
+    with ExitStack() as stack:
+        if distributed and cluster is None:
+            cluster = stack.enter_context(sweep_cluster(options.workers, options.scheduler))
+        return _sweep(store, out_dir, options, cluster if distributed else None)
+
+
+def _sweep(
+    store: StoreLike, out_dir: str | Path, options: SweepOptions, cluster: StartingClient | None
+) -> dict[str, Any]:
+    # Wall and CPU seconds of each stage (CPU: this process's, so the imports before it and a worker's own
+    # seconds are apart): a busy machine stretches wall time, not CPU time.
+    phases: dict[str, Any] = {"before": {"cpu_s": round(time.process_time(), 4)}}
+    clock = PhaseClock()
+    trained = TrainedRun("sweep", store, out_dir, options, read_data=cluster is None)
     job, rec, seed, device, progress = trained.job, trained.recipe, trained.seed, trained.device, trained.progress
     heads, inputs, lr_of = sweep_heads(job.data, job.features, rec.learning_rates, seed)
+    clock.lap("setup")
     extra: dict[str, Any] = {}
-    if distributed:
+    if cluster is not None:
         t0 = time.perf_counter()
-        result, logits, extra["cluster"] = train_on_workers(job, rec, options, heads, progress)
+        result, logits, extra["cluster"] = train_on_workers(job, rec, options, heads, progress, cluster)
         job.timings["train_s"] = time.perf_counter() - t0
+        clock.lap("train")
         metrics = report_logits(job, logits)
     else:
         result = train_heads(job, heads, inputs, lr_of, device=device, progress=progress)
+        clock.lap("train")
     assert result.best is not None  # a validation split always exists
     best_key = str(result.best)
-    if not distributed:
+    if cluster is None:
         metrics = evaluate_head(job, heads[best_key], inputs[best_key], device)
+    clock.lap("evaluate")
     table = _sweep_table(job, result)
     cells = _best_per_cell(table, result)
     figures = _sweep_figures(job, cells, table, best_key)
     save_heads(job.out / "heads.safetensors", heads, {"command": "sweep", "heads": list(heads)})
+    clock.lap("report")
     return job.finish(
         {
             "metrics": metrics,
@@ -263,6 +288,7 @@ def run_sweep(store: StoreLike, out_dir: str | Path, options: SweepOptions | Non
             "figures": figures,
             "weights": "heads.safetensors",
             "training": {k: head_record(r) for k, r in result.heads.items()},
+            "phases": {**phases, **clock.phases},
             **extra,
         }
     )

@@ -1,4 +1,5 @@
-"""The dask client that extraction and probe sweeps share: its refusals come before any cluster starts."""
+"""The dask client that extraction and probe sweeps share: its refusals come before any cluster starts; a local
+cluster starts in the background, its workers importing what they are told to preload."""
 
 from __future__ import annotations
 
@@ -6,7 +7,14 @@ import sys
 
 import pytest
 
-from extract.dask_client import MISSING_DISTRIBUTED, check_shared_url, cluster_label, dask_client, require_distributed
+from extract.dask_client import (
+    MISSING_DISTRIBUTED,
+    check_shared_url,
+    cluster_label,
+    dask_client,
+    require_distributed,
+    starting_client,
+)
 
 
 class Refused(ValueError):
@@ -39,3 +47,20 @@ def test_without_distributed_the_error_names_the_extra(monkeypatch):
 def test_cluster_label_says_where_the_work_runs():
     assert cluster_label(3, None) == "a local cluster of 3 process(es)"
     assert cluster_label(None, "tcp://h:8786") == "tcp://h:8786"
+
+
+def _loaded(module: str) -> bool:
+    return module in sys.modules
+
+
+def test_a_local_cluster_starts_in_the_background_and_its_workers_preload_modules():
+    pytest.importorskip("dask.distributed")
+    # colorsys: a module neither dask nor a worker imports by itself
+    with starting_client(2, None, Refused, preload=["colorsys"]) as starting:
+        assert not starting.start_seconds  # __init__ returned before the cluster was up
+        client, n = starting.get()
+        assert n == 2 and starting.start_seconds["wall_s"] > 0
+        assert list(client.run(_loaded, "colorsys").values()) == [True, True]
+        starting.close_soon()
+        starting.close()
+        assert client.status == "closed"

@@ -98,6 +98,14 @@ def test_two_workers_write_the_one_process_results(store, one_process, tmp_path)
     assert doc["cluster"]["workers"] == 2 and len(parts) == 2
     assert sorted(f for p in parts for f in p["features"]) == sorted(doc["features"])
     assert len({p["worker"] for p in parts}) == 2  # each part ran in its own process
+    # wall and CPU seconds of each phase: the client's, each part's (its start-up before the task included)
+    client = doc["cluster"]["client"]
+    assert {"before", "cluster_wait", "plan", "wait", "report_imports", "merge"} <= set(client)
+    assert all({"before_task", "data", "train", "eval"} <= set(p) for p in parts)
+    assert all(p[k]["cpu_s"] >= 0 and p[k]["wall_s"] >= 0 for p in parts for k in ("before_task", "train"))
+    one = json.loads((one_process / "results.json").read_text())
+    for run in (one, doc):
+        assert {"before", "setup", "train", "evaluate", "report"} == set(run["phases"])
 
 
 @pytest.fixture(scope="module")

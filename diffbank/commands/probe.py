@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,11 @@ from diffbank.commands.options import (
     storage_option_option,
 )
 from diffbank.commands.remote import open_read_only
+from extract.dask_client import StartingClient
 
 # Declarations only (no torch): the options, defaults and errors shown in --help come from here.
 from probe.errors import ProbeDataError, RunConflictError, UnknownFeatureError
+from probe.inputs import check_features
 from probe.options import (
     LOGISTIC_SOLVERS,
     POSITIONS,
@@ -43,6 +46,7 @@ from probe.options import (
 )
 from probe.recipe import RECIPES, ProbeConfigError
 from probe.report import format_table, render
+from probe.sweep_cluster import sweep_cluster
 
 SUBSET_HELP = "label subset of train: 1%, 10% (stratified) or K-shot, e.g. 5-shot (seeded)"
 
@@ -223,16 +227,13 @@ _OPTIONS: dict[str, type[DataOptions]] = {
 }
 
 
-def _run(name: str, **kwargs: Any) -> None:
+def _run(name: str, cluster: tuple[int | None, str | None] | None = None, **kwargs: Any) -> None:
     """Call `probe.run.run_<name>` with the command's options and print its table; known input problems become
-    clean CLI errors.
+    clean CLI errors. `cluster` (workers, scheduler): a sweep's dask cluster, started before the probes are
+    imported.
 
     The table is the command's output (stdout); status goes through `logging`.
     """
-    # Imported when a probe runs: importing the probes (torch, the store reader) takes ~5 s, which `--help` and
-    # every other command would pay at start-up (`import probe.run` measured 4.7-8.3 s on 2 busy cores).
-    from probe import run
-
     # opened here, before anything is written under --out: a bad URL, option or store fails cleanly first
     store = open_read_only(kwargs.pop("store"), kwargs.pop("storage_option"))
     out_dir = kwargs.pop("out_dir")
@@ -244,7 +245,14 @@ def _run(name: str, **kwargs: Any) -> None:
     out = Path(out_dir)
     fresh = not out.exists()
     try:
-        results = getattr(run, f"run_{name}")(store, out_dir, _OPTIONS[name](**kwargs))
+        with _started_cluster(cluster, store, kwargs["features"]) as started:
+            # Imported when a probe runs: importing the probes (torch, the store reader) takes ~5 s, which
+            # `--help` and every other command would pay at start-up (`import probe.run` measured 4.7-8.3 s on 2
+            # busy cores).
+            from probe import run
+
+            given = {} if started is None else {"cluster": started}
+            results = getattr(run, f"run_{name}")(store, out_dir, _OPTIONS[name](**kwargs), **given)
     except BaseException as exc:
         # A run that fails before finishing leaves nothing behind in an --out it created, so the next run
         # there does not meet half a run's settings (an interrupted run keeps its checkpoint to resume).
@@ -386,7 +394,23 @@ def sweep(**kwargs: Any) -> None:
         kwargs.pop("lrs")
     else:
         kwargs["lrs"] = list(kwargs["lrs"])
-    _run("sweep", **_one_weight_decay(kwargs))
+    where = (kwargs["workers"], kwargs["scheduler"])
+    _run("sweep", cluster=None if where == (None, None) else where, **_one_weight_decay(kwargs))
+
+
+@contextmanager
+def _started_cluster(
+    where: tuple[int | None, str | None] | None, store: Any, features: list[str] | None
+) -> Iterator[StartingClient | None]:
+    """A sweep's dask cluster (None: none asked for), started once the store opened and the features named are
+    in it, and before the probes are imported (torch: seconds), so the workers start and import them meanwhile."""
+    if where is None:
+        yield None
+        return
+    if features:
+        check_features(store, features)
+    with sweep_cluster(*where) as cluster:
+        yield cluster
 
 
 def _add_compare() -> None:
