@@ -46,8 +46,7 @@ def head_table(results: dict[str, Any]) -> dict[tuple[float, float], dict[str, A
     if "lr_sweep" in results:
         return {(r["lr"], r["weight_decay"]): r for r in results["lr_sweep"]}
     sel = results["selected"]
-    rec = results["config"]["recipe"]
-    return {(sel["lr"], rec["weight_decay"]): {"val_accuracy": sel["val_accuracy"], "best_epoch": sel["epoch"]}}
+    return {(sel["lr"], results["config"]["weight_decay"]): {"val_accuracy": sel["val_accuracy"], "best_epoch": sel["epoch"]}}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
