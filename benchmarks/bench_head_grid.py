@@ -117,9 +117,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{one_by_one['peak_rss_mib']:>14.0f}  (peak of the largest)")
     for c in single_costs:
         print(f"{'  one run':<28}{c['wall_s']:>10.1f}{c['cpu_s']:>10.1f}{c['peak_rss_mib']:>14.0f}")
-    print(f"\n{'lr':>8}{'wd':>8}{'val grid':>10}{'val alone':>11}")
+    print(f"\n{'lr':>8}{'wd':>8}{'val % grid':>12}{'val % alone':>13}")
     for h in heads:
-        print(f"{h['lr']:>8g}{h['weight_decay']:>8g}{h['val_grid']:>10.2f}{h['val_alone']:>11.2f}")
+        print(f"{h['lr']:>8g}{h['weight_decay']:>8g}{100 * h['val_grid']:>12.2f}{100 * h['val_alone']:>13.2f}")
     same = all(abs(h["val_grid"] - h["val_alone"]) < 1e-9 for h in heads)
     print(f"\nwall: one by one / grid = {one_by_one['wall_s'] / grid_cost['wall_s']:.2f}x; "
           f"CPU: {one_by_one['cpu_s'] / grid_cost['cpu_s']:.2f}x; every head's validation accuracy equal: {same}")
