@@ -104,6 +104,21 @@ def fusable_groups(items: Sequence[tuple[Any, nn.Module, InputSpec]]) -> tuple[l
     return fused, rest
 
 
+@contextmanager
+def _evaluating(heads: Iterable[nn.Module]) -> Iterator[None]:
+    """Heads in eval mode without autograd for the block, then back in their own mode (also on error)."""
+    heads = list(heads)
+    was_training = [head.training for head in heads]
+    for head in heads:
+        head.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for head, mode in zip(heads, was_training):
+            head.train(mode)
+
+
 @torch.no_grad()
 def evaluate(
     heads: Mapping[K, nn.Module],
@@ -118,9 +133,6 @@ def evaluate(
     With `fuse`, linear heads on the same feature are evaluated together, with one matmul per batch.
     """
     device = torch.device(device)
-    was_training = {k: h.training for k, h in heads.items()}
-    for h in heads.values():
-        h.eval()
     names = sorted({n for k in heads for n in feature_names(inputs_of[k])})
     groups, single = fusable_groups([(k, h, inputs_of[k]) for k, h in heads.items()]) if fuse else ([], list(heads))
     # fusable_groups groups plain LinearHeads that read one feature, named by a string (_fusion_key)
@@ -133,41 +145,25 @@ def evaluate(
     correct = {k: torch.zeros((), dtype=torch.int64, device=device) for k in single}
     count = 0
     stream.set_epoch(0)
-    for xs, y in stream:
-        y = y.to(device)
-        views = draw_views(xs, names, stream, device)
-        for i, (_, bank) in enumerate(banks):
-            logits = _mean_logits([bank.logits(feats[bank.spec]) for feats in views])
-            bank_loss[i] += bank.per_head_ce(logits.float(), y).sum(0).double()
-            bank_correct[i] += bank.correct(logits, y)
-        for k in single:
-            logits = _mean_logits([heads[k](gather(inputs_of[k], feats)) for feats in views])
-            loss_sum[k] += F.cross_entropy(logits.float(), y, reduction="sum").double()
-            correct[k] += (logits.argmax(1) == y).sum()
-        count += int(y.shape[0])
-    for k, h in heads.items():
-        h.train(was_training[k])
+    with _evaluating(heads.values()):
+        for xs, y in stream:
+            y = y.to(device)
+            views = draw_views(xs, names, stream, device)
+            for i, (_, bank) in enumerate(banks):
+                logits = _mean_logits([bank.logits(feats[bank.spec]) for feats in views])
+                bank_loss[i] += bank.per_head_ce(logits.float(), y).sum(0).double()
+                bank_correct[i] += bank.correct(logits, y)
+            for k in single:
+                logits = _mean_logits([heads[k](gather(inputs_of[k], feats)) for feats in views])
+                loss_sum[k] += F.cross_entropy(logits.float(), y, reduction="sum").double()
+                correct[k] += (logits.argmax(1) == y).sum()
+            count += int(y.shape[0])
     if count == 0:
         raise ValueError("evaluation stream yielded no samples")
     for (g, _), ls, cs in zip(banks, bank_loss, bank_correct):
         for j, k in enumerate(g):
             loss_sum[k], correct[k] = ls[j], cs[j]
     return {k: (float(loss_sum[k]) / count, int(correct[k]) / count) for k in heads}
-
-
-@contextmanager
-def _evaluating(heads: Iterable[nn.Module]) -> Iterator[None]:
-    """Heads in eval mode without autograd for the block, then back in their own mode (also on error)."""
-    heads = list(heads)
-    was_training = [head.training for head in heads]
-    for head in heads:
-        head.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for head, mode in zip(heads, was_training):
-            head.train(mode)
 
 
 def _logit_batches(

@@ -102,8 +102,8 @@ def plan_parts(sizes: dict[str, int], n_parts: int) -> list[list[str]]:
 
 @dataclasses.dataclass
 class PartResult:
-    """What one task returns: per head its result and weights; per feature the {split: logits} of its selected
-    head; where it ran, and the wall and CPU seconds of its phases (its process's start-up before the task too)."""
+    """What one task returns: per head its result and weights; the {split: logits} of the part's best head, keyed
+    by its feature; where it ran, and the wall and CPU seconds of its phases (its process's start-up before the task too)."""
 
     results: dict[str, HeadResult]
     states: dict[str, dict[str, torch.Tensor]]
@@ -151,8 +151,12 @@ def train_part(
         device=options.device,
     )
     clock.lap("train")
-    chosen = {name: (heads[str(result.best_per_input[name])], name) for name in features}
-    logits = split_logits(data, chosen, recipe, options.device)
+    # Only the part's best head can be the sweep's best (the same rule over a sub-order of the same heads), so
+    # its logits are all the client needs: a part's val/test logits for every feature grew with its features.
+    assert result.best is not None  # a validation split always exists
+    best = str(result.best)
+    feature = str(result.heads[result.best].input)
+    logits = split_logits(data, {feature: (heads[best], feature)}, recipe, options.device)
     states = {k: {n: t.detach().cpu().clone() for n, t in h.state_dict().items()} for k, h in heads.items()}
     clock.lap("eval")
     return PartResult(
