@@ -17,7 +17,12 @@ the client's wait for the cluster and for the parts, and each part's start-up, d
 copied into the JSON; CPU seconds stay meaningful on a busy machine, where wall times do not. The load
 average is recorded before and after the whole benchmark and at each run's start.
 
-    python benchmarks/bench_probe_workers.py [--workers 2] [--json PATH] [--quick]
+Repeats: the speed of a shared 2-core machine drifts by up to 20% over minutes (the same training measured 38 to
+54 CPU s within half an hour), more than the effect measured. The one-thread process and the workers therefore
+run --repeats times, alternating, so that each pair meets the same conditions; the speed-up is the median of the
+pairs' ratios, with the pairs listed. Results are compared between the first pair's runs.
+
+    python benchmarks/bench_probe_workers.py [--workers 2] [--repeats 3] [--json PATH] [--quick]
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import os
 import platform
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -106,6 +112,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int)
     parser.add_argument("--channels", type=int)
     parser.add_argument("--epochs", type=int)
+    parser.add_argument("--repeats", type=int, default=3, help="alternating pairs of one process and workers")
     parser.add_argument("--quick", action="store_true", help="a small store (seconds), for tests and development")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args()
@@ -119,18 +126,27 @@ def main() -> None:
         store = work / "store.zarr"
         sweep = case(size["rows"], size["channels"], size["classes"])
         written = op_write(str(store), sweep, {name: signal(name) for name, _ in sweep["features"]})
-        runs = {
-            ONE_THREAD: run_sweep(store, work / ONE_THREAD, size["epochs"], None, 1),
-            WORKERS: run_sweep(store, work / WORKERS, size["epochs"], args.workers, 1),
-            TWO_THREADS: run_sweep(store, work / TWO_THREADS, size["epochs"], None, 2),
-        }
-        same = compare(work / ONE_THREAD, work / WORKERS)
+        pairs = []
+        for i in range(max(1, args.repeats)):
+            pairs.append(
+                {
+                    ONE_THREAD: run_sweep(store, work / f"{ONE_THREAD}_{i}", size["epochs"], None, 1),
+                    WORKERS: run_sweep(store, work / f"{WORKERS}_{i}", size["epochs"], args.workers, 1),
+                }
+            )
+        two_run = run_sweep(store, work / TWO_THREADS, size["epochs"], None, 2)
+        same = compare(work / f"{ONE_THREAD}_0", work / f"{WORKERS}_0")
         # two threads sum in another order: the same selection and metrics are expected, not the same bits
-        same_two = {k: v for k, v in compare(work / ONE_THREAD, work / TWO_THREADS).items() if k != "same_weights"}
-        picked = json.loads((work / ONE_THREAD / "results.json").read_text())
+        same_two = {
+            k: v for k, v in compare(work / f"{ONE_THREAD}_0", work / TWO_THREADS).items() if k != "same_weights"
+        }
+        picked = json.loads((work / f"{ONE_THREAD}_0" / "results.json").read_text())
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    one, many, two = (runs[k]["seconds"] for k in (ONE_THREAD, WORKERS, TWO_THREADS))
+    ratios = [p[ONE_THREAD]["seconds"] / p[WORKERS]["seconds"] for p in pairs]
+    one, many = (statistics.median(p[k]["seconds"] for p in pairs) for k in (ONE_THREAD, WORKERS))
+    two = two_run["seconds"]
+    runs = {ONE_THREAD: pairs[0][ONE_THREAD], WORKERS: pairs[0][WORKERS], TWO_THREADS: two_run}
     report = {
         "size": size,
         "features": len(sweep["features"]),
@@ -142,7 +158,10 @@ def main() -> None:
             f"{ONE_THREAD}: one process, OMP_NUM_THREADS=1; {WORKERS}: --workers {args.workers}, one thread each "
             f"(the comparison); {TWO_THREADS}: one process, OMP_NUM_THREADS=2 (a second reference)"
         ),
-        "speedup": round(one / many, 3),
+        "repeats": len(pairs),
+        "speedup": round(statistics.median(ratios), 3),
+        "speedup_pairs": [round(r, 3) for r in ratios],
+        "median_seconds": {ONE_THREAD: one, WORKERS: many},
         "speedup_vs_2_threads": round(two / many, 3),
         **same,
         "two_threads_same": same_two,
@@ -150,6 +169,17 @@ def main() -> None:
         "val_top1": picked["metrics"]["val"]["top1"],
         "test_top1": picked["metrics"]["test"]["top1"],
         "runs": runs,
+        "pairs": [
+            {
+                k: {
+                    "seconds": r["seconds"],
+                    "cpu_s": r["cpu_s"],
+                    "load_average_1min_at_start": r["load_average_1min_at_start"],
+                }
+                for k, r in p.items()
+            }
+            for p in pairs
+        ],
         "load_average_before": load_before,
         "load_average_after": load_average(),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
@@ -157,11 +187,15 @@ def main() -> None:
     }
     print(f"{report['features']} features x 3 lrs, {size['rows']} rows, {size['epochs']} epochs")
     print(f"load average before {load_before['1min']}, after {report['load_average_after']['1min']} (1 min)")
-    for name, label in ((ONE_THREAD, "one process, 1 thread"), (TWO_THREADS, "one process, 2 threads")):
-        print(f"{label:>24}: {runs[name]['seconds']:8.1f} s  cpu {runs[name]['cpu_s']:8.1f} s")
+    for i, p in enumerate(pairs):
+        print(
+            f"pair {i}: one process, 1 thread {p[ONE_THREAD]['seconds']:7.1f} s (cpu {p[ONE_THREAD]['cpu_s']:6.1f}), "
+            f"{args.workers} workers {p[WORKERS]['seconds']:6.1f} s (cpu {p[WORKERS]['cpu_s']:6.1f}): {ratios[i]:.2f}x"
+        )
+    print(f"one process, 2 threads {two:7.1f} s (cpu {two_run['cpu_s']:6.1f})")
     print(
-        f"{f'{args.workers} workers, 1 thread each':>24}: {many:8.1f} s  cpu {runs[WORKERS]['cpu_s']:8.1f} s"
-        f"   speed-up {one / many:.2f}x (vs 2 threads {two / many:.2f}x)"
+        f"speed-up of {args.workers} workers: median {statistics.median(ratios):.2f}x over {len(pairs)} pairs "
+        f"(median times {one:.1f} s vs {many:.1f} s; vs 2 threads {two / many:.2f}x)"
     )
     print(f"same selection {same['same_selection']}, table {same['same_table']}, weights {same['same_weights']}")
     print(f"selected {report['selected']}, test top-1 {report['test_top1']:.3f}")

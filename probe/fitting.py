@@ -26,7 +26,7 @@ from probe.head_results import HeadResult, SweepResult
 from probe.heads import HeadSizes, resolve_preset, seeded_init
 from probe.inputs import StoreLike
 from probe.job import Job
-from probe.logits import ScoreFile
+from probe.logits import ScoreFile, score_file_path
 from probe.metrics import classification_metrics
 from probe.options import COMPARE_SPLITS, AttentionOptions, LinearOptions, SweepOptions, TrainingOptions
 from probe.recipe import ProbeConfigError, Recipe
@@ -379,7 +379,7 @@ def split_score_files(
     out: dict[K, dict[str, ScoreFile]] = {k: {} for k in heads}
     try:
         for split in COMPARE_SPLITS:
-            paths = {k: directory / f".{names[k]}.{split}_logits.npy" for k in heads}
+            paths = {k: score_file_path(directory, names[k], split) for k in heads}
             files = predict_many_to_files(
                 heads, FeatureStream(data, split, recipe.batch_size, shuffle=False), paths, device
             )

@@ -22,7 +22,7 @@ from probe.defaults import default_features, why_default
 from probe.errors import RunConflictError
 from probe.head_results import EPOCHS_COUNTED_FROM
 from probe.inputs import StoreLike, as_store
-from probe.logits import LOGITS_FILE, RESULTS_FILE, ScoreFile, SplitScores, write_logits
+from probe.logits import LOGITS_FILE, RESULTS_FILE, ScoreFile, SplitScores, remove_stale_score_files, write_logits
 from probe.options import DataOptions
 from probe.order import OrderUnits
 from probe.recipe import Recipe
@@ -66,6 +66,8 @@ class Job:
         self.store = as_store(store)
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
+        for path in remove_stale_score_files(self.out):
+            log.info("removed %s, left by a run that was killed while it evaluated", path.name)
         features, seed, subset, val_fraction = options.features, options.seed, options.subset, options.val_fraction
         chosen = [features] if isinstance(features, str) else list(features or [])
         self.features = chosen or default_features(self.store, command)

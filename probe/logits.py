@@ -13,6 +13,7 @@ never holds them in memory. The npz is the same either way (stored members, one 
 from __future__ import annotations
 
 import hashlib
+import re
 import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -21,10 +22,37 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["LOGITS_FILE", "RESULTS_FILE", "SplitScores", "ScoreFile", "write_logits", "read_logits", "ids_digest"]
+__all__ = [
+    "LOGITS_FILE",
+    "RESULTS_FILE",
+    "SplitScores",
+    "ScoreFile",
+    "score_file_path",
+    "remove_stale_score_files",
+    "write_logits",
+    "read_logits",
+    "ids_digest",
+]
 
 LOGITS_FILE = "logits.npz"
 RESULTS_FILE = "results.json"  # the run's report, next to its scores
+
+
+# A run's score files while it evaluates: hidden, one per head (its index) and split, gone once in logits.npz.
+_SCORE_FILE = re.compile(r"\.(\d+)\.(\w+)_logits\.npy")
+
+
+def score_file_path(directory: Path, index: int, split: str) -> Path:
+    return Path(directory) / f".{index}.{split}_logits.npy"
+
+
+def remove_stale_score_files(directory: Path) -> list[Path]:
+    """Remove the score files a killed run left in `directory` (a run removes its own, on error too, but not
+    when killed); returns what it removed. A run calls this as it starts, before it writes any."""
+    stale = [p for p in Path(directory).iterdir() if _SCORE_FILE.fullmatch(p.name) and p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 # Rows of scores a ScoreFile hands out at once (of float32: 32 MiB at 1,000 classes).

@@ -41,7 +41,12 @@ def _weights(out, name="head.safetensors"):
 
 
 def test_default_recipe_is_the_papers_and_recorded(store, tmp_path):
+    # score files a run killed while it evaluated left behind: the next run in the directory removes them
+    (tmp_path / "a").mkdir()
+    for split in ("val", "test"):
+        (tmp_path / "a" / f".0.{split}_logits.npy").write_bytes(b"partial")
     doc = run_linear(store, tmp_path / "a", LinearOptions(**LINEAR))
+    assert not list((tmp_path / "a").glob(".*_logits.npy"))
     cfg = doc["config"]
     assert cfg["optimizer"] == "SGD(momentum=0, weight_decay=0)"  # the strings older runs recorded
     assert cfg["schedule"] == "StepLR(step_size=7, gamma=0.1)"

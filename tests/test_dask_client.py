@@ -1,8 +1,10 @@
 """The dask client that extraction and probe sweeps share: its refusals come before any cluster starts; a local
-cluster starts in the background, its workers importing what they are told to preload."""
+cluster starts in the background, its workers importing what they are told to preload, without the malloc trim
+and profiler settings that slow a busy worker."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
@@ -53,6 +55,13 @@ def _loaded(module: str) -> bool:
     return module in sys.modules
 
 
+def _costly_settings() -> tuple[str | None, bool, str]:
+    import dask
+
+    profile, tick = (dask.config.get(f"distributed.{k}") for k in ("worker.profile.enabled", "admin.tick.interval"))
+    return os.environ.get("MALLOC_TRIM_THRESHOLD_"), bool(profile), tick
+
+
 def test_a_local_cluster_starts_in_the_background_and_its_workers_preload_modules():
     pytest.importorskip("dask.distributed")
     # colorsys: a module neither dask nor a worker imports by itself
@@ -61,6 +70,9 @@ def test_a_local_cluster_starts_in_the_background_and_its_workers_preload_module
         client, n = starting.get()
         assert n == 2 and starting.start_seconds["wall_s"] > 0
         assert list(client.run(_loaded, "colorsys").values()) == [True, True]
+        # LOCAL_CLUSTER_CONFIG reached the workers: no 64 KiB malloc trim, no statistical profiler, slow ticks
+        assert list(client.run(_costly_settings).values()) == [(None, False, "1s")] * 2
+        assert starting._cluster.scheduler._tick_interval == 1.0  # the scheduler, in this process, too
         starting.close_soon()
         starting.close()
         assert client.status == "closed"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from probe import logits as logits_module
-from probe.logits import ScoreFile, SplitScores, read_logits, write_logits
+from probe.logits import ScoreFile, SplitScores, read_logits, remove_stale_score_files, score_file_path, write_logits
 from probe.metrics import classification_metrics
 
 
@@ -68,3 +68,12 @@ def test_logits_npz_from_a_score_file_equals_the_one_from_the_array(tmp_path):
     assert np.array_equal(SplitScores(f, rows, y, None).correct, a["test"].correct)
     with np.load(tmp_path / "b.npz") as z:  # the layout np.savez writes: one .npy member per array
         assert sorted(z.files) == ["store_fingerprint", "test_labels", "test_logits", "test_rows"]
+
+
+def test_stale_score_files_are_removed_and_nothing_else(tmp_path):
+    stale = [score_file_path(tmp_path, i, split) for i in (0, 12) for split in ("val", "test")]
+    kept = [tmp_path / "logits.npz", tmp_path / ".0.val_logits.npy.bak", tmp_path / "0.val_logits.npy"]
+    for path in stale + kept:
+        path.write_bytes(b"x")
+    assert sorted(remove_stale_score_files(tmp_path)) == sorted(stale)
+    assert sorted(tmp_path.iterdir()) == sorted(kept)
