@@ -67,8 +67,19 @@ def cli_process(args: list[str], env: dict[str, str] | None = None, code: str = 
     prog = f"{code}\nfrom diffbank.cli import main\nmain()"
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.Popen(
-        [sys.executable, "-c", prog, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env, text=True
+        [sys.executable, "-c", prog, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=full_env,
+        text=True,
+        # A suite started in the background (`cmd &` without job control) ignores SIGINT, the child would
+        # inherit that, and Python then installs no KeyboardInterrupt handler: Ctrl-C tests need the default.
+        preexec_fn=_default_sigint,
     )
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def files(root: Path, skip_metadata: bool = False) -> dict[str, bytes]:
