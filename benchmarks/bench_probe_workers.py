@@ -144,6 +144,7 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     ratios = [p[ONE_THREAD]["seconds"] / p[WORKERS]["seconds"] for p in pairs]
+    speedup = statistics.median(ratios)
     one, many = (statistics.median(p[k]["seconds"] for p in pairs) for k in (ONE_THREAD, WORKERS))
     two = two_run["seconds"]
     runs = {ONE_THREAD: pairs[0][ONE_THREAD], WORKERS: pairs[0][WORKERS], TWO_THREADS: two_run}
@@ -159,7 +160,7 @@ def main() -> None:
             f"(the comparison); {TWO_THREADS}: one process, OMP_NUM_THREADS=2 (a second reference)"
         ),
         "repeats": len(pairs),
-        "speedup": round(statistics.median(ratios), 3),
+        "speedup": round(speedup, 3),
         "speedup_pairs": [round(r, 3) for r in ratios],
         "median_seconds": {ONE_THREAD: one, WORKERS: many},
         "speedup_vs_2_threads": round(two / many, 3),
@@ -194,7 +195,7 @@ def main() -> None:
         )
     print(f"one process, 2 threads {two:7.1f} s (cpu {two_run['cpu_s']:6.1f})")
     print(
-        f"speed-up of {args.workers} workers: median {statistics.median(ratios):.2f}x over {len(pairs)} pairs "
+        f"speed-up of {args.workers} workers: median {speedup:.2f}x over {len(pairs)} pairs "
         f"(median times {one:.1f} s vs {many:.1f} s; vs 2 threads {two / many:.2f}x)"
     )
     print(f"same selection {same['same_selection']}, table {same['same_table']}, weights {same['same_weights']}")

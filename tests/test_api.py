@@ -9,6 +9,7 @@ from probe_data_fixtures import FEAT, write_draws_store
 from safetensors.torch import load_file
 
 from probe.errors import RunConflictError
+from probe.logits import score_file_path
 from probe.options import AttentionOptions, FusionOptions, LinearOptions, SweepOptions
 from probe.recipe import ProbeConfigError
 from probe.run import run_attention, run_fusion, run_linear, run_sweep
@@ -44,7 +45,7 @@ def test_default_recipe_is_the_papers_and_recorded(store, tmp_path):
     # score files a run killed while it evaluated left behind: the next run in the directory removes them
     (tmp_path / "a").mkdir()
     for split in ("val", "test"):
-        (tmp_path / "a" / f".0.{split}_logits.npy").write_bytes(b"partial")
+        score_file_path(tmp_path / "a", 0, split).write_bytes(b"partial")
     doc = run_linear(store, tmp_path / "a", LinearOptions(**LINEAR))
     assert not list((tmp_path / "a").glob(".*_logits.npy"))
     cfg = doc["config"]
