@@ -384,9 +384,26 @@ class ProbeData:
         `draw_arrays`); default every feature under its own name (`probe.reading.read_rows`).
         """
         sources = arrays or {n: n for n in self.features}
-        return read_rows(self.store, window.order, sources, lambda a: self.stats(self._feature_of[a]), self._sample_ids)
+        # The statistics pass (run before a feature's first window) checked every train row of the feature's own
+        # array for NaN/inf, and every read checks each chunk's crc32c: train rows need no second check there.
+        known_finite = set(self.features) if self._is_train[window.order].all() else set()
+        return read_rows(
+            self.store,
+            window.order,
+            sources,
+            lambda a: self.stats(self._feature_of[a]),
+            self._sample_ids,
+            known_finite,
+        )
 
     # ---- internals
+
+    @cached_property
+    def _is_train(self) -> np.ndarray:
+        """Store row -> whether it is a train row."""
+        mask = np.zeros(self.num_rows, dtype=bool)
+        mask[self.rows("train")] = True
+        return mask
 
     @cached_property
     def _feature_of(self) -> dict[str, str]:

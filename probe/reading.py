@@ -9,7 +9,7 @@ bad one.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Container, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -27,19 +27,25 @@ def read_rows(
     arrays: Mapping[str, str],
     stats_of: Callable[[str], FeatureStats],
     sample_ids: Sequence[Any] | None,
+    known_finite: Container[str] = (),
 ) -> dict[str, np.ndarray]:
     """Rows `order` (in that order) of every store array in `arrays` ({result key: array}), checked and
-    standardised with `stats_of(array)` (float32)."""
+    standardised with `stats_of(array)` (float32). Arrays in `known_finite` are not checked: the caller knows
+    these rows of them finite."""
     out: dict[str, np.ndarray] = {}
     for key, array in arrays.items():
         stats = stats_of(array)
         not_finite: list[bool] = []
+        check = array not in known_finite
 
-        def check_and_standardise(block: np.ndarray, stats: FeatureStats = stats, flag: list = not_finite) -> None:
+        def check_and_standardise(
+            block: np.ndarray, stats: FeatureStats = stats, flag: list = not_finite, check: bool = check
+        ) -> None:
             # NaN/inf survive standardising (the statistics are finite), and the sum of standardised values
             # does not overflow: checked after it.
             stats.apply(block)
-            flag_not_finite(flag, block)
+            if check:
+                flag_not_finite(flag, block)
 
         # The window's memory is the reader's: reused by a later window once no batch of it is held.
         x = store.read(array, order, each=check_and_standardise)

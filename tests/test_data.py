@@ -134,3 +134,34 @@ def test_finite_values_whose_sum_overflows_are_not_reported(tmp_path, in_memory)
     data = ProbeData.from_store(store, [FEAT], in_memory=in_memory, standardize="none")
     rows = np.concatenate([x[FEAT].numpy() for x, _ in FeatureStream(data, "test", 16, shuffle=False)])
     assert np.array_equal(rows, big[data.rows("test")])
+
+
+def test_train_windows_of_a_feature_are_checked_for_nan_once_by_the_statistics_pass(tmp_path, monkeypatch):
+    """The statistics pass checks a feature's train rows; its streamed train windows are not checked again, but
+    windows with other rows, and other noise draws of the feature, are (a NaN there is still named)."""
+    import probe.reading
+
+    checked: list[int] = []
+    check = probe.reading.flag_not_finite
+    monkeypatch.setattr(
+        probe.reading, "flag_not_finite", lambda flags, block: checked.append(len(block)) or check(flags, block)
+    )
+    feats, y = make_features(np.random.default_rng(0))
+    d1 = feats[FEAT] + np.float32(DRAW_OFFSET)
+    d1[40, 0, 1, 1] = np.nan  # a train row of draw 1 only
+    store = save_features(
+        tmp_path / "s.zarr",
+        {FEAT: feats[FEAT], f"{FEAT}_d1": d1},
+        y,
+        {"train": np.arange(90), "test": np.arange(90, N)},
+        info={a: {"draws": 2} for a in (FEAT, f"{FEAT}_d1")},
+        shard_rows=16,
+    )
+    data = ProbeData.from_store(store, [FEAT], in_memory=False, draws=2)
+    train = FeatureStream(data, "train", 16, shuffle=True)
+    assert sum(len(b) for _, b in train) == len(data.rows("train")) and not checked  # draw 0
+    list(FeatureStream(data, "test", 16, shuffle=False))
+    assert sum(checked) == len(data.rows("test"))
+    train.set_epoch(1)  # draw 1
+    with pytest.raises(ProbeDataError, match=rf"'{FEAT}_d1' has NaN or inf values at store row 40\b"):
+        list(train)

@@ -234,3 +234,60 @@ def test_bytes_on_disk_counts_every_file_of_the_store(tmp_path):
 
     fs = open_store(url)
     assert fs.nbytes_stored() == walked()
+
+
+@pytest.mark.parametrize("compression", ["blosc-lz4", "none"])
+def test_chunks_stored_as_they_are_are_read_from_the_fetched_bytes(tmp_path, compression):
+    """Float16 activations rarely compress: blosc then stores a chunk's values as they are, and the reader casts
+    them from the bytes it fetched instead of copying them into a scratch first. Chunks that did compress are
+    decompressed into the scratch; both give the stored values, and a range cut mid-chunk gives its rows only."""
+    from extract.store.shards import direct_codecs, read_shard_blocks, shard_index
+
+    rng = np.random.default_rng(5)
+    noise = rng.standard_normal((40, 64, 2, 2)).astype(np.float16)
+    flat = np.repeat(np.arange(40, dtype=np.float16), 256).reshape(40, 64, 2, 2)
+    path = tmp_path / "s.zarr"
+    save_features(
+        path,
+        {"t010_b01_avg2": noise, "t020_b01_avg2": flat},
+        np.arange(40) % 2,
+        {"train": np.arange(40)},
+        chunk_rows=8,
+        shard_rows=32,
+        compression=compression,
+    )
+    fs = open_store(path)
+    for name, want, as_stored in (("t010_b01_avg2", noise, True), ("t020_b01_avg2", flat, compression == "none")):
+        arr = fs.array(name)
+        codecs = direct_codecs(arr)
+        index = shard_index(arr, codecs, 0)
+        scratch = np.empty((23, 64, 2, 2), np.float16)
+        blocks = read_shard_blocks(arr, codecs, index, 5, 28, scratch)
+        assert [first for first, _ in blocks] == [0, 3, 11, 19]
+        got = np.concatenate([b for _, b in blocks])
+        np.testing.assert_array_equal(got, want[5:28])
+        inner = [b for first, b in blocks if first in (3, 11)]  # whole chunks
+        assert all(np.shares_memory(b, scratch) != as_stored for b in inner)
+        idx = rng.permutation(40)[:17]
+        np.testing.assert_array_equal(fs.read(name, idx), want[idx].astype(np.float32))
+
+
+def test_only_blosc_frames_that_hold_their_values_as_they_are_are_used_as_is():
+    from numcodecs import blosc
+
+    from extract.store.shards import _stored_values
+
+    raw = np.random.default_rng(0).standard_normal(512).astype(np.float16)
+    fetched = np.frombuffer(blosc.compress(raw, b"lz4", 5, blosc.SHUFFLE), np.uint8)  # read-only, as from S3
+    assert _stored_values("blosc", fetched, raw.nbytes, np.dtype(np.float16)) is None
+    frame = fetched.copy()  # a local read's buffer
+    assert frame[2] & 0x02 and len(frame) == 16 + raw.nbytes  # random float16: stored as is
+    values = _stored_values("blosc", frame, raw.nbytes, np.dtype(np.float16))
+    np.testing.assert_array_equal(values.view(np.float16), raw)
+    assert _stored_values("blosc", frame, raw.nbytes + 2, np.dtype(np.float16)) is None  # not the chunk's size
+    assert _stored_values("blosc", frame[:-2], raw.nbytes - 2, np.dtype(np.float16)) is None  # frame sizes disagree
+    unaligned = np.empty(len(frame) + 1, np.uint8)[1:]
+    unaligned[:] = frame
+    assert _stored_values("blosc", unaligned, raw.nbytes, np.dtype(np.float16)) is None
+    packed = np.frombuffer(blosc.compress(np.zeros(512, np.float16), b"lz4", 5, blosc.SHUFFLE), np.uint8).copy()
+    assert _stored_values("blosc", packed, raw.nbytes, np.dtype(np.float16)) is None  # compressed: decoded instead

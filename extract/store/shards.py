@@ -2,7 +2,8 @@
 
 `layout` decides how a store is laid out; this module reads what that layout put in a shard object: the
 index of its inner chunks (at the start or the end), each chunk's crc32c, and blosc/zstd payloads decoded
-straight into the caller's buffer. `verify` uses `shard_state`; the reader uses `read_shard_rows_into`.
+straight into the caller's buffer. `verify` uses `shard_state`; the reader uses `read_shard_blocks` and
+`read_shard_rows_into`.
 """
 
 from __future__ import annotations
@@ -223,10 +224,21 @@ def shard_index(arr: zarr.Array, codecs: DirectCodecs, shard: int) -> np.ndarray
 def read_shard_rows_into(
     arr: zarr.Array, codecs: DirectCodecs, index: np.ndarray | None, lo: int, hi: int, out: np.ndarray
 ) -> None:
-    """Decode rows [lo, hi) of one shard into `out` (shape (hi-lo, ...), the stored dtype, C order).
+    """Decode rows [lo, hi) of one shard into `out` (shape (hi-lo, ...), the stored dtype, C order)."""
+    for start, block in read_shard_blocks(arr, codecs, index, lo, hi, out):
+        if not np.may_share_memory(block, out):
+            out[start : start + len(block)] = block
 
-    One ranged request fetches every inner chunk the rows touch; each chunk is checked and decompressed
-    in place into `out`, or into a chunk-sized scratch only where the range starts or ends mid-chunk.
+
+def read_shard_blocks(
+    arr: zarr.Array, codecs: DirectCodecs, index: np.ndarray | None, lo: int, hi: int, scratch: np.ndarray
+) -> list[tuple[int, np.ndarray]]:
+    """Rows [lo, hi) of one shard as blocks of the stored dtype: (first row - lo, its rows), in row order.
+
+    One ranged request fetches every inner chunk the rows touch, and each chunk's crc32c is checked. A chunk
+    whose payload holds its values as they are (no compressor, or a blosc frame stored uncompressed: float16
+    activations rarely compress) is served as a view of the fetched bytes, valid until this thread's next
+    read; other chunks are decompressed into `scratch` (shape (hi-lo, ...)) at their rows' place.
     """
     shard_rows = int(shard_shape(arr)[0])
     shard = lo // shard_rows
@@ -234,11 +246,12 @@ def read_shard_rows_into(
     c_first = (lo - base) // codecs.chunk_rows
     c_last = (hi - 1 - base) // codecs.chunk_rows
     if index is None:
-        out[...] = arr.metadata.fill_value
-        return
+        scratch[...] = arr.metadata.fill_value
+        return [(0, scratch)]
     table = index[c_first : c_last + 1]
     empty = table[:, 0] == EMPTY_CHUNK
     payload = np.empty(0, dtype=np.uint8)  # stays empty when every chunk the rows touch is empty
+    start = 0
     if not empty.all():
         start = int(table[~empty, 0].min())
         stop = int((table[~empty, 0] + table[~empty, 1]).max())
@@ -252,26 +265,61 @@ def read_shard_rows_into(
                 f"says (truncated)"
             )
         payload = fetched
-    row_bytes = out[0].nbytes if len(out) else 0
-    flat = out.reshape(-1).view(np.uint8)
+    row_shape = scratch.shape[1:]
+    row_bytes = int(np.prod(row_shape, dtype=np.int64)) * scratch.dtype.itemsize
+    flat = scratch.reshape(-1).view(np.uint8)
+    blocks: list[tuple[int, np.ndarray]] = []
     for i, (offset, length) in enumerate(table.tolist()):
         chunk = c_first + i
         c_lo = base + chunk * codecs.chunk_rows
         c_hi = min(c_lo + codecs.chunk_rows, base + shard_rows, arr.shape[0])
         r_lo, r_hi = max(lo, c_lo), min(hi, c_hi)
+        here = scratch[r_lo - lo : r_hi - lo]
+        blocks.append((r_lo - lo, here))
         if empty[i]:
-            out[r_lo - lo : r_hi - lo] = arr.metadata.fill_value
+            here[...] = arr.metadata.fill_value
             continue
         data = payload[offset - start : offset - start + length]
         if codecs.checksum:
             data = _checked(data, f"{arr.path}: inner chunk {chunk} of shard {shard} (rows {c_lo}-{c_hi - 1})")
-        whole = r_lo == c_lo and r_hi == c_hi and c_hi - c_lo == codecs.chunk_rows
-        if whole:
+        # Inner chunks are stored whole: the store's last one is padded to chunk_rows.
+        values = _stored_values(codecs.compressor, data, codecs.chunk_rows * row_bytes, scratch.dtype)
+        if values is not None:
+            rows = values.view(scratch.dtype).reshape(codecs.chunk_rows, *row_shape)
+            blocks[-1] = (r_lo - lo, rows[r_lo - c_lo : r_hi - c_lo])
+        elif r_lo == c_lo and r_hi == c_hi and c_hi - c_lo == codecs.chunk_rows:
             _decompress(codecs.compressor, data, flat[(r_lo - lo) * row_bytes : (r_hi - lo) * row_bytes])
         else:  # the chunk sticks out of the requested rows (or is the store's short last chunk)
-            scratch = np.empty((codecs.chunk_rows, *out.shape[1:]), dtype=out.dtype)
-            _decompress(codecs.compressor, data, scratch.reshape(-1).view(np.uint8))
-            out[r_lo - lo : r_hi - lo] = scratch[r_lo - c_lo : r_hi - c_lo]
+            whole = np.empty((codecs.chunk_rows, *row_shape), dtype=scratch.dtype)
+            _decompress(codecs.compressor, data, whole.reshape(-1).view(np.uint8))
+            here[...] = whole[r_lo - c_lo : r_hi - c_lo]
+    return blocks
+
+
+# c-blosc's frame header: 16 bytes, flags at byte 2, uncompressed and frame sizes at bytes 4 and 12.
+BLOSC_HEADER = 16
+BLOSC_MEMCPYED = 0x02
+
+
+def _stored_values(compressor: str, data: np.ndarray, nbytes: int, dtype: np.dtype) -> np.ndarray | None:
+    """The payload's bytes of values when it holds them as they are, aligned for `dtype`; else None."""
+    if compressor == "none":
+        values = data
+    elif (
+        compressor == "blosc"
+        and len(data) == BLOSC_HEADER + nbytes
+        and data[0] == 2  # c-blosc 1's format version
+        and data[2] & BLOSC_MEMCPYED
+        and int.from_bytes(data[4:8].tobytes(), "little") == nbytes
+        and int.from_bytes(data[12:16].tobytes(), "little") == len(data)
+    ):
+        values = data[BLOSC_HEADER:]
+    else:
+        return None
+    # torch casts from writable memory only (a remote store's bytes are not): those are decompressed instead.
+    if len(values) != nbytes or values.ctypes.data % dtype.itemsize or not values.flags.writeable:
+        return None
+    return values
 
 
 _READ_BUFFER = threading.local()
