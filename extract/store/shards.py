@@ -83,6 +83,11 @@ class ShardIndexFormat:
             raw = _checked(raw, where)
         return raw.view(f"{self.byteorder}u8").astype(np.uint64).reshape(self.chunks, 2)
 
+    def encode(self, table: np.ndarray) -> bytes:
+        """The index's bytes for a (chunks, 2) table of offsets and lengths."""
+        raw = np.ascontiguousarray(table, dtype=f"{self.byteorder}u8").tobytes()
+        return raw + checksum_bytes(raw) if self.checksum else raw
+
 
 def shard_index_format(arr: zarr.Array) -> ShardIndexFormat:
     """The index format of `arr`'s shards; StoreError for index codecs other than bytes [+ crc32c]."""
@@ -347,12 +352,17 @@ def _read_local(store: Any, key: str, start: int, stop: int) -> np.ndarray | Non
     return buf[:got]
 
 
-def _checked(data: np.ndarray, where: str) -> np.ndarray:
-    """`data` without its trailing crc32c (little-endian, as Zarr's crc32c codec writes it), once it matches."""
+def checksum_bytes(data: Any) -> bytes:
+    """The crc32c of `data` as Zarr's crc32c codec appends it (little-endian uint32)."""
     import google_crc32c
 
+    return np.array(google_crc32c.value(data), "<u4").tobytes()
+
+
+def _checked(data: np.ndarray, where: str) -> np.ndarray:
+    """`data` without its trailing crc32c (little-endian, as Zarr's crc32c codec writes it), once it matches."""
     body = data[:-4]
-    if len(data) < 4 or np.array(google_crc32c.value(body), "<u4").tobytes() != bytes(data[-4:]):
+    if len(data) < 4 or checksum_bytes(body) != bytes(data[-4:]):
         raise ChecksumError(f"{where} fails its crc32c checksum (the stored bytes changed)")
     return body
 

@@ -18,6 +18,7 @@ import numpy as np
 import zarr
 
 from extract.provenance import utc_now
+from extract.store.encode import write_rows
 from extract.store.layout import (
     FEATURES,
     FLOAT16_MAX,
@@ -175,7 +176,7 @@ class StoreWriter:
                 data[~valid_rows] = 0
             prepared[name] = cast_with_stats(data, info.dtype)
         for name, (data, _) in prepared.items():
-            self._features[name][start:stop] = data
+            write_rows(self._features[name], start, data)
         cols = [self.columns.index(name) for name in prepared]
         stats_row = np.asarray(self._stats[unit])
         for name, col in zip(prepared, cols):
