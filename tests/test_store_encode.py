@@ -64,11 +64,11 @@ def test_writes_that_do_not_cover_whole_shards_go_through_zarr(written):
     fs = open_store(path)
     arr = zarr.open_array(str(path / "features" / "t090_b24_avg2"), mode="r+", config={"write_empty_chunks": True})
     rows = np.full((5, 6, 2, 2), 7, np.float16)
-    write_rows(arr, 18, rows)  # inside shard 1
+    write_rows(arr, 18, rows, shard_encoder(arr))  # inside shard 1
     want = feats["t090_b24_avg2"].copy()
     want[18:23] = rows
     np.testing.assert_array_equal(fs.read("t090_b24_avg2"), want.astype(np.float32))
-    write_rows(arr, 16, want[16:48])  # shards 1 and 2 (the last, short) whole
+    write_rows(arr, 16, want[16:48], shard_encoder(arr))  # shards 1 and 2 (the last, short) whole
     np.testing.assert_array_equal(fs.read("t090_b24_avg2"), want.astype(np.float32))
 
 

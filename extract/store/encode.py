@@ -19,7 +19,15 @@ from zarr.buffer import default_buffer_prototype
 from zarr.codecs import BloscCodec, ZstdCodec
 
 from extract.store.layout import shard_shape, sharding_codec
-from extract.store.shards import EMPTY_CHUNK, DirectCodecs, checksum_bytes, direct_codecs, shard_key, sync
+from extract.store.shards import (
+    EMPTY_CHUNK,
+    DirectCodecs,
+    checksum_bytes,
+    codec_value,
+    direct_codecs,
+    shard_key,
+    sync,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,9 +77,9 @@ def shard_encoder(arr: zarr.Array) -> ShardEncoder | None:
         blosc = next(c for c in inner if isinstance(c, BloscCodec))
         shuffle = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
         compressor = Blosc(
-            cname=_value(blosc.cname),
+            cname=codec_value(blosc.cname),
             clevel=int(blosc.clevel),
-            shuffle=shuffle[_value(blosc.shuffle)],
+            shuffle=shuffle[codec_value(blosc.shuffle)],
             blocksize=int(blosc.blocksize),
             typesize=int(blosc.typesize),
         )
@@ -90,23 +98,19 @@ def shard_encoder(arr: zarr.Array) -> ShardEncoder | None:
     )
 
 
-def write_rows(arr: zarr.Array, start: int, rows: np.ndarray) -> None:
-    """arr[start:start + len(rows)] = rows: shard by shard through `ShardEncoder` where the rows fill whole
-    shards (the array's last shard may be short) and the array's codecs allow it, else through zarr."""
-    encoder = shard_encoder(arr)
+def write_rows(arr: zarr.Array, start: int, rows: np.ndarray, encoder: ShardEncoder | None) -> None:
+    """arr[start:start + len(rows)] = rows: shard by shard through `encoder` (`shard_encoder(arr)`) where the rows
+    fill whole shards (the array's last shard may be short), else through zarr."""
     stop = start + len(rows)
-    whole = start % (encoder.shard_rows if encoder else 1) == 0 and (
-        stop == arr.shape[0] or (encoder is not None and stop % encoder.shard_rows == 0)
-    )
-    if encoder is None or not whole or len(rows) == 0:
+    if (
+        encoder is None
+        or not len(rows)
+        or start % encoder.shard_rows
+        or (stop % encoder.shard_rows and stop != arr.shape[0])
+    ):
         arr[start:stop] = rows
         return
     store = arr.store_path.store
     for lo in range(start, stop, encoder.shard_rows):
-        shard = lo // encoder.shard_rows
         payload = encoder.encode(rows[lo - start : lo - start + encoder.shard_rows])
-        sync(store.set(shard_key(arr, shard), default_buffer_prototype().buffer.from_bytes(payload)))
-
-
-def _value(x: Any) -> str:
-    return str(getattr(x, "value", x))
+        sync(store.set(shard_key(arr, lo // encoder.shard_rows), default_buffer_prototype().buffer.from_bytes(payload)))

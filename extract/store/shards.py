@@ -36,6 +36,11 @@ def shard_key(arr: zarr.Array, shard: int) -> str:
     return f"{arr.path}/{arr.metadata.encode_chunk_key((shard,) + (0,) * (arr.ndim - 1))}"
 
 
+def codec_value(x: Any) -> str:
+    """A codec setting as its metadata spells it (zarr gives enums, or plain strings)."""
+    return str(getattr(x, "value", x))
+
+
 def object_size(arr: zarr.Array, key: str) -> int | None:
     """Bytes of the stored object `key` of `arr`'s store; None when it is absent."""
     store = arr.store_path.store
@@ -98,9 +103,9 @@ def shard_index_format(arr: zarr.Array) -> ShardIndexFormat:
     checksum = len(chain) == 2 and isinstance(chain[1], Crc32cCodec)
     if not chain or not isinstance(chain[0], BytesCodec) or len(chain) > 1 + checksum:
         raise StoreError(f"{arr.path}: shard index codecs {chain} are not read here (bytes, then optionally crc32c)")
-    endian = str(getattr(chain[0].endian, "value", chain[0].endian))
+    endian = codec_value(chain[0].endian)
     chunks = int(np.prod([s // c for s, c in zip(shard_shape(arr), codec.chunk_shape)], dtype=np.int64))
-    at_start = str(getattr(codec.index_location, "value", codec.index_location)) == "start"
+    at_start = codec_value(codec.index_location) == "start"
     return ShardIndexFormat(chunks, "<" if endian == "little" else ">", checksum, at_start)
 
 
@@ -194,7 +199,7 @@ def direct_codecs(arr: zarr.Array) -> DirectCodecs | None:
     chain = list(codec.codecs)
     if not chain or not isinstance(chain[0], BytesCodec):
         return None
-    if sys.byteorder != "little" or str(getattr(chain[0].endian, "value", chain[0].endian)) != "little":
+    if sys.byteorder != "little" or codec_value(chain[0].endian) != "little":
         return None
     rest = chain[1:]
     checksum = bool(rest) and isinstance(rest[-1], Crc32cCodec)

@@ -18,7 +18,7 @@ import numpy as np
 import zarr
 
 from extract.provenance import utc_now
-from extract.store.encode import write_rows
+from extract.store.encode import shard_encoder, write_rows
 from extract.store.layout import (
     FEATURES,
     FLOAT16_MAX,
@@ -108,6 +108,7 @@ class StoreWriter:
             self._stats = array_at(progress, "stats")
             self._machine = array_at(progress, MACHINE_RECORD) if MACHINE_RECORD in progress else None
             self._features = {name: array_at(root, f"{FEATURES}/{name}") for name in self.columns}
+            self._encoders = {name: shard_encoder(arr) for name, arr in self._features.items()}
             self._valid = array_at(root, f"{SAMPLES}/valid")
             self._error = array_at(root, f"{SAMPLES}/error")
         self.infos = {
@@ -176,7 +177,7 @@ class StoreWriter:
                 data[~valid_rows] = 0
             prepared[name] = cast_with_stats(data, info.dtype)
         for name, (data, _) in prepared.items():
-            write_rows(self._features[name], start, data)
+            write_rows(self._features[name], start, data, self._encoders[name])
         cols = [self.columns.index(name) for name in prepared]
         stats_row = np.asarray(self._stats[unit])
         for name, col in zip(prepared, cols):
